@@ -1,0 +1,180 @@
+"""The ``longshard`` command: train, data, launch, eval, export-hf."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from longshard.errors import ConfigError
+
+log = logging.getLogger("longshard")
+
+
+def _train(args: argparse.Namespace) -> int:
+    from longshard.train.config import load_config
+
+    cfg = load_config(args.recipe, args.overrides)  # validate before starting any process
+    nproc = args.nproc or cfg.train.nproc
+    if nproc == 1 and "WORLD_SIZE" not in os.environ:
+        from longshard.train.main import main as train_main
+
+        return train_main([args.recipe, *args.overrides])
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           "-m", "longshard.train.main", args.recipe, *args.overrides]
+    log.info("launching: %s", " ".join(cmd))
+    return subprocess.call(cmd)
+
+
+def _data_prepare(args: argparse.Namespace) -> int:
+    from longshard.train.data import build_tokenizer, prepare, prepare_default
+    from longshard.train.data.prepare import iter_documents
+
+    if args.default:
+        meta = prepare_default(args.output, args.max_bytes, args.val_fraction)
+    else:
+        if not args.input:
+            raise ConfigError("--input", "no input files given.", "pass --input FILES or --default.")
+        meta = prepare(args.output, iter_documents(args.input, args.text_field), build_tokenizer(args.tokenizer),
+                       args.val_fraction, sources=[str(p) for p in args.input])
+    sys.stdout.write(json.dumps(meta, indent=2) + "\n")
+    return 0
+
+
+def _launch_slurm(args: argparse.Namespace) -> int:
+    from longshard.launch.slurm import render_sbatch, write_sbatch
+    from longshard.train.config import load_config
+
+    load_config(args.recipe, args.overrides)  # reject a bad recipe before it reaches the queue
+    text = render_sbatch(
+        args.recipe, nodes=args.nodes, gpus_per_node=args.gpus_per_node, overrides=args.overrides,
+        job_name=args.job_name, time=args.time, partition=args.partition, account=args.account, port=args.port,
+        max_restarts=args.max_restarts,
+    )
+    if args.dry_run:
+        sys.stdout.write(text)
+        return 0
+    path = write_sbatch(args.output, text)
+    sys.stdout.write(f"wrote {path}; submit with: sbatch {path}\n")
+    return 0
+
+
+def _load_checkpoint_model(ckpt: str, overrides: list[str]):
+    from longshard.models.model import Transformer
+    from longshard.train.checkpoint import CONFIG_FILE, load_model_weights
+    from longshard.train.config import load_config
+
+    cfg_file = Path(ckpt) / CONFIG_FILE
+    if not cfg_file.is_file():
+        raise ConfigError("checkpoint", f"{cfg_file} is missing.", "give a checkpoint folder written by longshard.")
+    cfg = load_config(cfg_file, overrides)
+    model = Transformer(cfg.model)
+    load_model_weights(ckpt, model)
+    return cfg, model
+
+
+def _eval(args: argparse.Namespace) -> int:
+    import torch
+    from longshard.train.data import TokenWindows, build_tokenizer
+    from longshard.train.evaluate import evaluate
+
+    cfg, model = _load_checkpoint_model(args.checkpoint, args.overrides)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device)
+    val = None
+    data = Path(cfg.data.path) if cfg.data.source == "prepared" else Path(cfg.output_dir) / "data" / "default"
+    if cfg.data.source in ("default", "prepared") and (data / "meta.json").is_file():
+        val = TokenWindows(data, "val", cfg.train.seq_len)
+    res = evaluate(
+        model, val_dataset=val, tokenizer=build_tokenizer(cfg.data.tokenizer), seq_len=cfg.train.seq_len,
+        val_batches=cfg.eval.val_batches, batch_size=cfg.train.micro_batch_size,
+        passkey_lengths=list(cfg.eval.passkey_lengths), passkey_samples=cfg.eval.passkey_samples,
+        device=device, autocast_dtype=torch.bfloat16 if cfg.train.dtype == "bf16" else None,
+        doc_mask=cfg.data.doc_mask,
+    )
+    text = json.dumps({"checkpoint": args.checkpoint, **res}, indent=2)
+    if args.output:
+        Path(args.output).write_text(text + "\n")
+    sys.stdout.write(text + "\n")
+    return 0
+
+
+def _export_hf(args: argparse.Namespace) -> int:
+    from longshard.models.hf import export_hf
+
+    _, model = _load_checkpoint_model(args.checkpoint, [])
+    path = export_hf(model, args.output, arch=args.arch, tokenizer_dir=args.tokenizer_dir)
+    sys.stdout.write(f"wrote Hugging Face checkpoint {path}\n")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="longshard", description="Long-context LM training toolkit.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train from a recipe (starts torchrun for train.nproc local processes)")
+    t.add_argument("recipe", help="recipe YAML path or shipped name (e.g. quickstart)")
+    t.add_argument("overrides", nargs="*", help="key=value overrides")
+    t.add_argument("--nproc", type=int, default=None, help="local processes (default: train.nproc)")
+    t.set_defaults(func=_train)
+
+    d = sub.add_parser("data", help="data preparation")
+    dsub = d.add_subparsers(dest="data_command", required=True)
+    dp = dsub.add_parser("prepare", help="text/jsonl files -> packed token memmap + meta.json")
+    dp.add_argument("--input", nargs="*", default=[], help="files or folders (.jsonl: one document per line)")
+    dp.add_argument("--output", required=True, help="output folder")
+    dp.add_argument("--tokenizer", default=None, help="local tokenizer.json (default: byte-level)")
+    dp.add_argument("--text-field", default="text", help="jsonl field holding the text")
+    dp.add_argument("--val-fraction", type=float, default=0.01, help="share of tokens held out (whole documents)")
+    dp.add_argument("--default", action="store_true", help="prepare the embedded default corpus")
+    dp.add_argument("--max-bytes", type=int, default=3_000_000, help="size of the default corpus")
+    dp.set_defaults(func=_data_prepare)
+
+    la = sub.add_parser("launch", help="write launcher scripts")
+    lsub = la.add_subparsers(dest="launch_command", required=True)
+    sl = lsub.add_parser("slurm", help="multi-node Slurm sbatch file (srun + torchrun c10d)")
+    sl.add_argument("recipe")
+    sl.add_argument("overrides", nargs="*")
+    sl.add_argument("--nodes", type=int, required=True)
+    sl.add_argument("--gpus-per-node", type=int, required=True)
+    sl.add_argument("--output", default="longshard.sbatch")
+    sl.add_argument("--job-name", default="longshard")
+    sl.add_argument("--time", default="24:00:00")
+    sl.add_argument("--partition", default=None)
+    sl.add_argument("--account", default=None)
+    sl.add_argument("--port", type=int, default=29500)
+    sl.add_argument("--max-restarts", type=int, default=0)
+    sl.add_argument("--dry-run", action="store_true", help="print the script instead of writing it")
+    sl.set_defaults(func=_launch_slurm)
+
+    e = sub.add_parser("eval", help="held-out loss and passkey accuracy of a checkpoint")
+    e.add_argument("checkpoint", help="checkpoint folder (step_XXXXXXXX)")
+    e.add_argument("overrides", nargs="*", help="key=value overrides, e.g. eval.passkey_lengths=[512,1024]")
+    e.add_argument("--output", default=None, help="also write the JSON here")
+    e.set_defaults(func=_eval)
+
+    x = sub.add_parser("export-hf", help="write a checkpoint as a Hugging Face folder")
+    x.add_argument("checkpoint")
+    x.add_argument("--output", required=True)
+    x.add_argument("--arch", default=None, choices=["llama", "qwen2", "qwen3"])
+    x.add_argument("--tokenizer-dir", default=None)
+    x.set_defaults(func=_export_hf)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as e:
+        log.error("invalid input: %s", e)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

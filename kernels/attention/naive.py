@@ -1,0 +1,76 @@
+"""Plain PyTorch softmax attention: the specification every faster path is tested against."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def causal_doc_mask(
+    q_len: int,
+    k_len: int,
+    doc_ids_BS: torch.Tensor | None = None,
+    device: torch.device | None = None,
+) -> torch.Tensor:
+    """Boolean keep-mask for causal attention, optionally restricted to same-document pairs.
+
+    Queries are the last ``q_len`` positions of the ``k_len`` keys (decode-friendly alignment).
+
+    Args:
+        q_len: number of query positions.
+        k_len: number of key positions (>= q_len).
+        doc_ids_BS: (B, k_len) document id per key position, or None for one document.
+        device: device of the mask when ``doc_ids_BS`` is None.
+
+    Returns:
+        (1 or B, 1, q_len, k_len) bool, True where attention is allowed.
+    """
+    if doc_ids_BS is not None:
+        device = doc_ids_BS.device
+    q_pos = torch.arange(k_len - q_len, k_len, device=device)
+    k_pos = torch.arange(k_len, device=device)
+    mask_QK = q_pos[:, None] >= k_pos[None, :]
+    if doc_ids_BS is None:
+        return mask_QK[None, None]
+    same_BQK = doc_ids_BS[:, k_len - q_len :, None] == doc_ids_BS[:, None, :]
+    return (same_BQK & mask_QK[None])[:, None]
+
+
+def attention_naive(
+    q_BHSD: torch.Tensor,
+    k_BHSD: torch.Tensor,
+    v_BHSD: torch.Tensor,
+    mask_BHQK: torch.Tensor | None = None,
+    scale: float | None = None,
+    return_lse: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Softmax attention computed in fp32 with an explicit score matrix.
+
+    Args:
+        q_BHSD: queries (B, H, Sq, D).
+        k_BHSD: keys (B, Hkv, Sk, D); H must be a multiple of Hkv (GQA/MQA).
+        v_BHSD: values (B, Hkv, Sk, Dv).
+        mask_BHQK: bool keep-mask broadcastable to (B, H, Sq, Sk); None = full attention.
+        scale: softmax scale, default 1/sqrt(D).
+        return_lse: also return the log-sum-exp of the scaled scores (B, H, Sq), fp32.
+
+    Returns:
+        Output (B, H, Sq, Dv) in the dtype of ``q_BHSD`` (and the LSE if asked).
+        Rows whose mask is all False produce zeros (LSE = -inf).
+    """
+    n_heads, n_kv = q_BHSD.shape[1], k_BHSD.shape[1]
+    if n_heads % n_kv != 0:
+        raise ValueError(f"query heads ({n_heads}) must be a multiple of key/value heads ({n_kv})")
+    rep = n_heads // n_kv
+    k = k_BHSD.float().repeat_interleave(rep, dim=1)
+    v = v_BHSD.float().repeat_interleave(rep, dim=1)
+    scale = 1.0 / math.sqrt(q_BHSD.shape[-1]) if scale is None else scale
+    s_BHQK = torch.einsum("bhqd,bhkd->bhqk", q_BHSD.float(), k) * scale
+    if mask_BHQK is not None:
+        s_BHQK = s_BHQK.masked_fill(~mask_BHQK, float("-inf"))
+    lse_BHQ = torch.logsumexp(s_BHQK, dim=-1)
+    safe_lse = torch.where(torch.isfinite(lse_BHQ), lse_BHQ, torch.zeros_like(lse_BHQ))
+    p_BHQK = torch.exp(s_BHQK - safe_lse[..., None])
+    o_BHQD = torch.einsum("bhqk,bhkd->bhqd", p_BHQK, v).to(q_BHSD.dtype)
+    return (o_BHQD, lse_BHQ) if return_lse else o_BHQD

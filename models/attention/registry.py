@@ -1,0 +1,184 @@
+"""One typed registry for attention variants, chosen by name.
+
+Adding a variant is one new module that defines a keyword-only options dataclass and a
+:class:`CoreAttention` subclass, decorated with :func:`register_attention`, plus one import line
+in ``longshard/models/attention/__init__.py``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from longshard.errors import ConfigError
+from torch import nn
+
+
+@dataclass(kw_only=True, frozen=True)
+class AttentionContext:
+    """What a layer tells its core attention about itself.
+
+    Args:
+        layer_idx: index of the layer in the model (0-based).
+        n_layers: number of layers in the model.
+        n_heads: query heads of this layer.
+        n_kv_heads: key/value heads (GQA/MQA when < n_heads).
+        head_dim: per-head dimension.
+    """
+
+    layer_idx: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+
+
+@dataclass(kw_only=True)
+class AttentionBatch:
+    """Per-batch information every core attention receives.
+
+    Args:
+        doc_ids_BS: (B, S) document index of each token for packed sequences; None = one document.
+    """
+
+    doc_ids_BS: torch.Tensor | None = None
+
+
+class CoreAttention(nn.Module):
+    """Base class: attention on projected, rotated heads (Megatron's ``core_attention``).
+
+    ``forward(q_BHSD, k_BHSD, v_BHSD, batch)`` takes queries (B, H, S, D) and keys/values
+    (B, Hkv, S, D) and returns (B, H, S, D). Causal.
+    """
+
+    def __init__(self, ctx: AttentionContext) -> None:
+        super().__init__()
+        self.ctx = ctx
+
+    def forward(  # pragma: no cover - interface
+        self, q_BHSD: torch.Tensor, k_BHSD: torch.Tensor, v_BHSD: torch.Tensor, batch: AttentionBatch
+    ) -> torch.Tensor:
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class AttentionEntry:
+    """A registered variant: its options dataclass and the module that implements it."""
+
+    name: str
+    options_cls: type
+    module_cls: type[CoreAttention]
+    doc: str = ""
+
+
+_REGISTRY: dict[str, AttentionEntry] = {}
+
+
+def register_attention(name: str, options_cls: type) -> Callable[[type[CoreAttention]], type[CoreAttention]]:
+    """Class decorator registering a :class:`CoreAttention` subclass under ``name``.
+
+    Args:
+        name: registry name used in configs (``attention: [{name: ..., options: {...}}]``).
+        options_cls: keyword-only dataclass of the variant's options (validated in ``__post_init__``).
+    """
+    if not dataclasses.is_dataclass(options_cls):
+        raise TypeError(f"options for attention {name!r} must be a dataclass, got {options_cls}")
+
+    def deco(cls: type[CoreAttention]) -> type[CoreAttention]:
+        if name in _REGISTRY and _REGISTRY[name].module_cls is not cls:
+            raise ValueError(f"attention {name!r} is already registered by {_REGISTRY[name].module_cls}")
+        _REGISTRY[name] = AttentionEntry(name, options_cls, cls, (cls.__doc__ or "").strip().split("\n")[0])
+        return cls
+
+    return deco
+
+
+def available_attention() -> list[str]:
+    """Sorted names of the registered attention variants."""
+    return sorted(_REGISTRY)
+
+
+def get_entry(name: str, field_name: str = "attention.name") -> AttentionEntry:
+    """Look up a variant, raising a :class:`ConfigError` that lists the valid names."""
+    if name not in _REGISTRY:
+        raise ConfigError(
+            field_name,
+            f"unknown attention variant {name!r}.",
+            f"use one of: {', '.join(available_attention())}.",
+        )
+    return _REGISTRY[name]
+
+
+def _check_type(value: Any, annotation: Any) -> bool:
+    """Loose runtime type check for option values coming from YAML/CLI."""
+    if annotation is Any:
+        return True
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        return any(_check_type(value, a) for a in typing.get_args(annotation))
+    if annotation is type(None):
+        return value is None
+    if origin in (list, tuple):
+        return isinstance(value, (list, tuple)) and all(
+            _check_type(v, typing.get_args(annotation)[0]) for v in value
+        ) if typing.get_args(annotation) else isinstance(value, (list, tuple))
+    if origin is typing.Literal:
+        return value in typing.get_args(annotation)
+    if annotation is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if isinstance(annotation, type):
+        return isinstance(value, annotation)
+    return True
+
+
+def parse_options(name: str, options: Mapping[str, Any] | None, field_name: str = "attention") -> Any:
+    """Build the typed options dataclass of variant ``name`` from a plain mapping.
+
+    Unknown keys and wrongly typed values raise :class:`ConfigError` naming the option.
+    """
+    entry = get_entry(name, f"{field_name}.name")
+    options = dict(options or {})
+    hints = typing.get_type_hints(entry.options_cls)
+    fields = {f.name for f in dataclasses.fields(entry.options_cls)}
+    for key, value in options.items():
+        if key not in fields:
+            raise ConfigError(
+                f"{field_name}.options.{key}",
+                f"unknown option for attention {name!r}.",
+                f"valid options: {', '.join(sorted(fields)) or '(none)'}.",
+            )
+        if not _check_type(value, hints[key]):
+            raise ConfigError(
+                f"{field_name}.options.{key}",
+                f"expected {hints[key]}, got {value!r} ({type(value).__name__}).",
+            )
+    try:
+        return entry.options_cls(**options)
+    except ConfigError as e:
+        raise ConfigError(f"{field_name}.options.{e.field}", e.problem, e.fix) from None
+
+
+def build_attention(name: str, options: Mapping[str, Any] | None, ctx: AttentionContext) -> CoreAttention:
+    """Instantiate the core attention ``name`` with ``options`` for the layer described by ``ctx``."""
+    entry = get_entry(name)
+    opts = parse_options(name, options, f"model.attention[{ctx.layer_idx}]")
+    return entry.module_cls(ctx, opts)
+
+
+@dataclass(kw_only=True)
+class AttentionSpec:
+    """Name and options of one layer's attention (a model config holds one or one per layer).
+
+    Args:
+        name: registered variant name, e.g. ``dense``.
+        options: variant options; see that variant's options dataclass.
+    """
+
+    name: str = "dense"
+    options: dict[str, Any] = field(default_factory=dict)

@@ -1,0 +1,334 @@
+"""Hugging Face interop: load Llama / Qwen2 / Qwen3 checkpoints from a local folder and export back.
+
+Only local files are read (config.json + safetensors, sharded index included, or
+``pytorch_model.bin`` loaded with ``weights_only=True``); nothing is downloaded and no code from a
+checkpoint is executed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from longshard.errors import ConfigError
+from longshard.models.attention import AttentionSpec
+from longshard.models.config import ModelConfig, RopeConfig
+from longshard.models.model import Transformer
+from safetensors.torch import load_file, save_file
+
+log = logging.getLogger(__name__)
+
+SUPPORTED_ARCHS = ("llama", "qwen2", "qwen3")
+HF_CLASSES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+
+# our parameter name (with {i} for the layer) -> HF name
+_LAYER_MAP = {
+    "attention_norm.weight": "input_layernorm.weight",
+    "attention.wq.weight": "self_attn.q_proj.weight",
+    "attention.wq.bias": "self_attn.q_proj.bias",
+    "attention.wk.weight": "self_attn.k_proj.weight",
+    "attention.wk.bias": "self_attn.k_proj.bias",
+    "attention.wv.weight": "self_attn.v_proj.weight",
+    "attention.wv.bias": "self_attn.v_proj.bias",
+    "attention.wo.weight": "self_attn.o_proj.weight",
+    "attention.q_norm.weight": "self_attn.q_norm.weight",
+    "attention.k_norm.weight": "self_attn.k_norm.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+    "feed_forward.w1.weight": "mlp.gate_proj.weight",
+    "feed_forward.w3.weight": "mlp.up_proj.weight",
+    "feed_forward.w2.weight": "mlp.down_proj.weight",
+}
+_TOP_MAP = {
+    "tok_embeddings.weight": "model.embed_tokens.weight",
+    "norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+_LAYER_RE = re.compile(r"^layers\.(\d+)\.(.+)$")
+_HF_LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+_HF_TO_OURS_LAYER = {v: k for k, v in _LAYER_MAP.items()}
+_HF_TO_OURS_TOP = {v: k for k, v in _TOP_MAP.items()}
+
+
+def to_hf_name(name: str) -> str:
+    """Our parameter name -> HF parameter name."""
+    if name in _TOP_MAP:
+        return _TOP_MAP[name]
+    m = _LAYER_RE.match(name)
+    if m is None or m.group(2) not in _LAYER_MAP:
+        raise KeyError(f"no Hugging Face name for parameter {name!r}")
+    return f"model.layers.{m.group(1)}.{_LAYER_MAP[m.group(2)]}"
+
+
+def from_hf_name(name: str) -> str | None:
+    """HF parameter name -> ours (None for buffers we recompute, e.g. rotary inv_freq)."""
+    if name.endswith("rotary_emb.inv_freq"):
+        return None
+    if name in _HF_TO_OURS_TOP:
+        return _HF_TO_OURS_TOP[name]
+    m = _HF_LAYER_RE.match(name)
+    if m is None or m.group(2) not in _HF_TO_OURS_LAYER:
+        raise ConfigError("init.hf_path", f"checkpoint tensor {name!r} has no counterpart in longshard.")
+    return f"layers.{m.group(1)}.{_HF_TO_OURS_LAYER[m.group(2)]}"
+
+
+def _rope_from_hf(hf: dict[str, Any]) -> RopeConfig:
+    params = dict(hf.get("rope_parameters") or {})
+    scaling = hf.get("rope_scaling") or {}
+    params = {**scaling, **params}
+    theta = float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
+    kind = params.get("rope_type", params.get("type", "default")) or "default"
+    kinds = {"default": "none", "linear": "linear", "yarn": "yarn", "llama3": "llama3"}
+    if kind not in kinds:
+        raise ConfigError(
+            "init.hf_path",
+            f"RoPE type {kind!r} in config.json is not supported.",
+            f"supported: {', '.join(kinds)}.",
+        )
+    kw: dict[str, Any] = {"theta": theta, "scaling": kinds[kind]}
+    if kind != "default":
+        kw["factor"] = float(params["factor"])
+        kw["original_max_seq_len"] = int(
+            params.get("original_max_position_embeddings") or hf.get("max_position_embeddings", 0)
+        )
+    for ours, theirs in (
+        ("beta_fast", "beta_fast"),
+        ("beta_slow", "beta_slow"),
+        ("attention_factor", "attention_factor"),
+        ("low_freq_factor", "low_freq_factor"),
+        ("high_freq_factor", "high_freq_factor"),
+    ):
+        if params.get(theirs) is not None:
+            kw[ours] = float(params[theirs])
+    return RopeConfig(**kw)
+
+
+def config_from_hf(hf: dict[str, Any], attention: list[AttentionSpec] | None = None) -> ModelConfig:
+    """Translate an HF ``config.json`` dict into a :class:`ModelConfig`.
+
+    Args:
+        hf: parsed config.json.
+        attention: attention specs for the loaded model (default dense everywhere).
+    """
+    arch = hf.get("model_type")
+    if arch not in SUPPORTED_ARCHS:
+        raise ConfigError(
+            "init.hf_path",
+            f"unsupported architecture model_type={arch!r}.",
+            f"longshard loads: {', '.join(SUPPORTED_ARCHS)}.",
+        )
+    if hf.get("hidden_act", "silu") != "silu":
+        raise ConfigError("init.hf_path", f"hidden_act={hf['hidden_act']!r}; only silu (SwiGLU) is supported.")
+    if hf.get("mlp_bias"):
+        raise ConfigError("init.hf_path", "mlp_bias=true is not supported.")
+    if arch == "llama" and hf.get("attention_bias"):
+        raise ConfigError("init.hf_path", "Llama with attention_bias=true (o_proj bias) is not supported.")
+    if hf.get("use_sliding_window"):
+        raise ConfigError("init.hf_path", "use_sliding_window=true (Qwen SWA) is not supported.")
+    n_heads = int(hf["num_attention_heads"])
+    return ModelConfig(
+        vocab_size=int(hf["vocab_size"]),
+        dim=int(hf["hidden_size"]),
+        n_layers=int(hf["num_hidden_layers"]),
+        n_heads=n_heads,
+        n_kv_heads=int(hf.get("num_key_value_heads") or n_heads),
+        head_dim=int(hf.get("head_dim") or hf["hidden_size"] // n_heads),
+        ffn_hidden_dim=int(hf["intermediate_size"]),
+        norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+        qkv_bias=arch == "qwen2" or (arch == "qwen3" and bool(hf.get("attention_bias"))),
+        qk_norm=arch == "qwen3",
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        max_seq_len=int(hf.get("max_position_embeddings", 2048)),
+        rope=_rope_from_hf(hf),
+        attention=list(attention) if attention else [AttentionSpec()],
+    )
+
+
+def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        sd: dict[str, torch.Tensor] = {}
+        for f in files:
+            if not (path / f).exists():
+                raise ConfigError("init.hf_path", f"shard {path / f} listed in {index.name} is missing.")
+            sd.update(load_file(str(path / f)))
+        return sd
+    if (path / "model.safetensors").exists():
+        return load_file(str(path / "model.safetensors"))
+    if (path / "pytorch_model.bin").exists():
+        return torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    raise ConfigError(
+        "init.hf_path",
+        f"no weights in {path} (looked for model.safetensors, model.safetensors.index.json, pytorch_model.bin).",
+    )
+
+
+def read_hf_config(path: str | Path) -> dict[str, Any]:
+    """Parsed ``config.json`` of a local HF checkpoint, with clear errors for missing files."""
+    path = Path(path)
+    if not path.is_dir():
+        raise ConfigError("init.hf_path", f"{path} is not a directory.", "give a local HF checkpoint folder.")
+    cfg_file = path / "config.json"
+    if not cfg_file.exists():
+        raise ConfigError("init.hf_path", f"{cfg_file} does not exist.")
+    return json.loads(cfg_file.read_text())
+
+
+def load_hf_state_dict(path: str | Path, cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """Read HF weights and rename them to longshard names, checking every parameter is present."""
+    sd = {}
+    for name, t in _read_state_dict(Path(path)).items():
+        ours = from_hf_name(name)
+        if ours is not None:
+            sd[ours] = t
+    if cfg.tie_embeddings:
+        sd.pop("output.weight", None)
+    return sd
+
+
+def load_hf_model(
+    path: str | Path, attention: list[AttentionSpec] | None = None, dtype: torch.dtype = torch.float32
+) -> Transformer:
+    """Build a :class:`Transformer` from a local HF checkpoint folder.
+
+    Args:
+        path: folder with config.json and weights.
+        attention: attention specs to use instead of dense (new parameters keep their init).
+        dtype: parameter dtype of the returned model.
+    """
+    cfg = config_from_hf(read_hf_config(path), attention)
+    model = Transformer(cfg)
+    sd = load_hf_state_dict(path, cfg)
+    load_into(model, sd, str(path))
+    return model.to(dtype)
+
+
+def load_into(model: Transformer, sd: dict[str, torch.Tensor], source: str) -> None:
+    """Copy ``sd`` into ``model``; all projections/norms must be present, extra tensors are errors.
+
+    Parameters that the checkpoint cannot have (those of sparse/gated attention variants added on
+    conversion) keep their initialisation.
+    """
+    own = dict(model.named_parameters())
+    unexpected = sorted(set(sd) - set(own))
+    if unexpected:
+        raise ConfigError("init.hf_path", f"{source}: tensors {unexpected[:5]} do not fit the model.")
+    missing = sorted(n for n in own if n not in sd and ".core_attention." not in n)
+    if missing:
+        raise ConfigError("init.hf_path", f"{source}: missing tensors {missing[:5]}.")
+    with torch.no_grad():
+        for name, t in sd.items():
+            if own[name].shape != t.shape:
+                raise ConfigError(
+                    "init.hf_path",
+                    f"{source}: {name} has shape {tuple(t.shape)}, model expects {tuple(own[name].shape)}.",
+                )
+            own[name].copy_(t.to(own[name].dtype))
+
+
+def hf_config_dict(cfg: ModelConfig, arch: str | None = None, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
+    """HF ``config.json`` content for ``cfg`` (``arch`` inferred: qk_norm→qwen3, qkv_bias→qwen2, else llama)."""
+    if arch is None:
+        arch = "qwen3" if cfg.qk_norm else ("qwen2" if cfg.qkv_bias else "llama")
+    if arch not in SUPPORTED_ARCHS:
+        raise ConfigError("arch", f"unsupported architecture {arch!r}.", f"use one of {SUPPORTED_ARCHS}.")
+    if arch == "llama" and (cfg.qkv_bias or cfg.qk_norm):
+        raise ConfigError("arch", "Llama has no q/k/v bias and no QK-norm.", "export as qwen2 or qwen3.")
+    if arch == "qwen2" and (cfg.qk_norm or not cfg.qkv_bias):
+        raise ConfigError("arch", "Qwen2 needs q/k/v bias and no QK-norm.", "export as llama or qwen3.")
+    if any(spec.name != "dense" for spec in cfg.attention):
+        log.warning("exporting a model with non-dense attention: HF will run it as dense attention")
+    rope: dict[str, Any] = {"rope_theta": cfg.rope.theta, "rope_type": "default"}
+    r = cfg.rope
+    if r.scaling == "ntk":
+        rope["rope_theta"] = r.theta * r.factor ** (cfg.head_dim / (cfg.head_dim - 2))  # static NTK = new base
+    elif r.scaling == "linear":
+        rope.update(rope_type="linear", factor=r.factor)
+    elif r.scaling == "yarn":
+        rope.update(rope_type="yarn", factor=r.factor, original_max_position_embeddings=r.original_max_seq_len,
+                    beta_fast=r.beta_fast, beta_slow=r.beta_slow)
+        if r.attention_factor is not None:
+            rope["attention_factor"] = r.attention_factor
+    elif r.scaling == "llama3":
+        rope.update(rope_type="llama3", factor=r.factor, original_max_position_embeddings=r.original_max_seq_len,
+                    low_freq_factor=r.low_freq_factor, high_freq_factor=r.high_freq_factor)
+    out = {
+        "architectures": [HF_CLASSES[arch]],
+        "model_type": arch,
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.dim,
+        "intermediate_size": cfg.ffn_hidden_dim,
+        "num_hidden_layers": cfg.n_layers,
+        "num_attention_heads": cfg.n_heads,
+        "num_key_value_heads": cfg.n_kv_heads,
+        "head_dim": cfg.head_dim,
+        "hidden_act": "silu",
+        "rms_norm_eps": cfg.norm_eps,
+        "max_position_embeddings": cfg.max_seq_len,
+        "tie_word_embeddings": cfg.tie_embeddings,
+        "attention_bias": cfg.qkv_bias if arch == "qwen3" else False,
+        "rope_theta": rope["rope_theta"],
+        "rope_parameters": rope,
+        "rope_scaling": None if r.scaling in ("none", "ntk") else {k: v for k, v in rope.items() if k != "rope_theta"},
+        "torch_dtype": str(dtype).removeprefix("torch."),
+    }
+    if arch == "qwen2":
+        out["use_sliding_window"] = False
+    return out
+
+
+def export_hf(
+    model: Transformer,
+    path: str | Path,
+    arch: str | None = None,
+    dtype: torch.dtype | None = None,
+    max_shard_bytes: int = 5 * 1024**3,
+    tokenizer_dir: str | Path | None = None,
+) -> Path:
+    """Write ``model`` as an HF checkpoint folder (config.json + safetensors, sharded when large).
+
+    Args:
+        model: the model to export (unsharded state).
+        path: output folder (created).
+        arch: ``llama``, ``qwen2`` or ``qwen3``; inferred from the config when None.
+        dtype: dtype of the written tensors (default: the model's).
+        max_shard_bytes: shard size above which an index file is written.
+        tokenizer_dir: folder whose tokenizer files are copied beside the weights.
+    """
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    state = {n: p.detach() for n, p in model.named_parameters() if ".core_attention." not in n}
+    dtype = dtype or next(iter(state.values())).dtype
+    tensors = {to_hf_name(n): t.to(dtype).contiguous().cpu() for n, t in state.items()}
+    if model.cfg.tie_embeddings:
+        tensors.pop("lm_head.weight", None)
+    (path / "config.json").write_text(json.dumps(hf_config_dict(model.cfg, arch, dtype), indent=2))
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name in sorted(tensors):
+        nbytes = tensors[name].numel() * tensors[name].element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = tensors[name]
+        size += nbytes
+    if len(shards) == 1:
+        save_file(shards[0], str(path / "model.safetensors"), metadata={"format": "pt"})
+    else:
+        weight_map = {}
+        for i, shard in enumerate(shards):
+            fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            save_file(shard, str(path / fname), metadata={"format": "pt"})
+            weight_map.update({n: fname for n in shard})
+        total = sum(t.numel() * t.element_size() for t in tensors.values())
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    if tokenizer_dir is not None:
+        for f in Path(tokenizer_dir).glob("tokenizer*"):
+            shutil.copy(f, path / f.name)
+    return path

@@ -1,0 +1,209 @@
+"""Llama/Qwen-style decoder-only transformer. Single-device code: parallelism is applied from outside."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from longshard.models.attention import AttentionBatch, AttentionContext, build_attention
+from longshard.models.config import ModelConfig
+from longshard.models.rope import RotaryEmbedding, apply_rope
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+IGNORE_INDEX = -100
+AC_MODES = ("none", "full")
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square layer norm, computed in fp32.
+
+    Args:
+        dim: normalised width.
+        eps: added to the mean square.
+    """
+
+    def __init__(self, dim: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+class Attention(nn.Module):
+    """Projections, QK-norm and RoPE around a registry-chosen core attention.
+
+    Args:
+        cfg: model config.
+        layer_idx: index of this layer.
+    """
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        hd = self.head_dim
+        self.wq = nn.Linear(cfg.dim, self.n_heads * hd, bias=cfg.qkv_bias)
+        self.wk = nn.Linear(cfg.dim, self.n_kv_heads * hd, bias=cfg.qkv_bias)
+        self.wv = nn.Linear(cfg.dim, self.n_kv_heads * hd, bias=cfg.qkv_bias)
+        self.wo = nn.Linear(self.n_heads * hd, cfg.dim, bias=False)
+        self.q_norm = RMSNorm(hd, cfg.norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(hd, cfg.norm_eps) if cfg.qk_norm else None
+        spec = cfg.layer_attention(layer_idx)
+        ctx = AttentionContext(
+            layer_idx=layer_idx,
+            n_layers=cfg.n_layers,
+            n_heads=self.n_heads,
+            n_kv_heads=self.n_kv_heads,
+            head_dim=hd,
+        )
+        self.core_attention = build_attention(spec.name, spec.options, ctx)
+
+    def forward(
+        self, x_BSE: torch.Tensor, cos_BSD: torch.Tensor, sin_BSD: torch.Tensor, batch: AttentionBatch
+    ) -> torch.Tensor:
+        B, S, _ = x_BSE.shape
+        q_BSHD = self.wq(x_BSE).view(B, S, self.n_heads, self.head_dim)
+        k_BSHD = self.wk(x_BSE).view(B, S, self.n_kv_heads, self.head_dim)
+        v_BSHD = self.wv(x_BSE).view(B, S, self.n_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q_BSHD, k_BSHD = self.q_norm(q_BSHD), self.k_norm(k_BSHD)
+        q_BHSD = apply_rope(q_BSHD.transpose(1, 2), cos_BSD, sin_BSD)
+        k_BHSD = apply_rope(k_BSHD.transpose(1, 2), cos_BSD, sin_BSD)
+        o_BHSD = self.core_attention(q_BHSD, k_BHSD, v_BSHD.transpose(1, 2), batch)
+        return self.wo(o_BHSD.transpose(1, 2).reshape(B, S, -1))
+
+
+class FeedForward(nn.Module):
+    """SwiGLU MLP: w2(silu(w1 x) * w3 x)."""
+
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, dim, bias=False)
+        self.w3 = nn.Linear(dim, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attention = Attention(cfg, layer_idx)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.feed_forward = FeedForward(cfg.dim, cfg.ffn_hidden_dim)
+
+    def forward(
+        self, x_BSE: torch.Tensor, cos_BSD: torch.Tensor, sin_BSD: torch.Tensor, batch: AttentionBatch
+    ) -> torch.Tensor:
+        h = x_BSE + self.attention(self.attention_norm(x_BSE), cos_BSD, sin_BSD, batch)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+def positions_from_docs(doc_ids_BS: torch.Tensor) -> torch.Tensor:
+    """Position ids that restart at 0 at every document start.
+
+    Args:
+        doc_ids_BS: (B, S) non-decreasing document index per token.
+    """
+    S = doc_ids_BS.shape[1]
+    idx = torch.arange(S, device=doc_ids_BS.device).expand_as(doc_ids_BS)
+    starts = torch.ones_like(doc_ids_BS, dtype=torch.bool)
+    starts[:, 1:] = doc_ids_BS[:, 1:] != doc_ids_BS[:, :-1]
+    start_idx = torch.where(starts, idx, torch.zeros_like(idx))
+    return idx - torch.cummax(start_idx, dim=1).values
+
+
+class Transformer(nn.Module):
+    """Decoder-only language model.
+
+    Args:
+        cfg: validated :class:`ModelConfig`.
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.rope = RotaryEmbedding(cfg.rope, cfg.head_dim)
+        self.layers = nn.ModuleList(TransformerBlock(cfg, i) for i in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        self.activation_checkpointing = "none"
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Normal(0, init_std) weights, zero biases, unit norms; output layers scaled by depth."""
+        std = self.cfg.init_std
+        for name, p in self.named_parameters():
+            if name.endswith("bias"):
+                nn.init.zeros_(p)
+            elif p.ndim == 1:
+                nn.init.ones_(p)
+            elif name.endswith(("wo.weight", "w2.weight")):
+                nn.init.normal_(p, std=std / (2 * self.cfg.n_layers) ** 0.5)
+            else:
+                nn.init.normal_(p, std=std)
+        self.rope.reset_parameters()
+
+    def set_activation_checkpointing(self, mode: str) -> None:
+        """``none`` or ``full`` (recompute each block in backward)."""
+        if mode not in AC_MODES:
+            raise ValueError(f"activation checkpointing mode {mode!r}: use one of {AC_MODES}")
+        self.activation_checkpointing = mode
+
+    def forward(
+        self,
+        tokens_BS: torch.Tensor,
+        *,
+        position_ids_BS: torch.Tensor | None = None,
+        doc_ids_BS: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Logits (B, S, vocab).
+
+        Args:
+            tokens_BS: token ids.
+            position_ids_BS: RoPE positions; default restarts per document (or 0..S-1).
+            doc_ids_BS: document index per token for packed sequences (None = one document).
+        """
+        B, S = tokens_BS.shape
+        if position_ids_BS is None:
+            if doc_ids_BS is not None:
+                position_ids_BS = positions_from_docs(doc_ids_BS)
+            else:
+                position_ids_BS = torch.arange(S, device=tokens_BS.device).expand(B, S)
+        h = self.tok_embeddings(tokens_BS)
+        cos, sin = self.rope(position_ids_BS, h.dtype)
+        batch = AttentionBatch(doc_ids_BS=doc_ids_BS)
+        for layer in self.layers:
+            if self.activation_checkpointing == "full" and torch.is_grad_enabled():
+                h = checkpoint(layer, h, cos, sin, batch, use_reentrant=False)
+            else:
+                h = layer(h, cos, sin, batch)
+        return self.output(self.norm(h))
+
+
+def cross_entropy_sum(logits_BSV: torch.Tensor, labels_BS: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed next-token cross entropy (fp32) and the number of counted labels.
+
+    Args:
+        logits_BSV: model output.
+        labels_BS: target ids, ``IGNORE_INDEX`` where no loss is taken.
+    """
+    loss = F.cross_entropy(
+        logits_BSV.float().flatten(0, 1), labels_BS.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
+    return loss, (labels_BS != IGNORE_INDEX).sum()

@@ -1,0 +1,63 @@
+"""Data parallelism applied to a single-device model: DDP or FSDP2 (``fully_shard``)."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+from longshard.models.model import Transformer
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.nn.parallel import DistributedDataParallel
+
+
+def parallelize(model: Transformer, mesh: DeviceMesh, dp_mode: str) -> nn.Module:
+    """Wrap ``model`` for data parallel training over ``mesh["dp"]``.
+
+    Args:
+        model: single-device model, already on its device, identical on every rank.
+        mesh: device mesh with a ``dp`` dimension.
+        dp_mode: ``ddp`` (gradient all-reduce) or ``fsdp2`` (each block and the root sharded).
+
+    Returns:
+        The wrapped module; use :func:`unwrap` to reach the :class:`Transformer`.
+    """
+    dp_mesh = mesh["dp"]
+    if dp_mode == "ddp":
+        device_ids = [model.output.weight.device.index] if model.output.weight.is_cuda else None
+        return DistributedDataParallel(model, device_ids=device_ids, process_group=dp_mesh.get_group())
+    if dp_mode == "fsdp2":
+        for block in model.layers:
+            fully_shard(block, mesh=dp_mesh)
+        fully_shard(model, mesh=dp_mesh)
+        return model
+    raise ValueError(f"unknown dp_mode {dp_mode!r}: use ddp or fsdp2")
+
+
+def unwrap(model: nn.Module) -> Transformer:
+    """The :class:`Transformer` inside a DDP wrapper (FSDP2 keeps the module itself)."""
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+@contextlib.contextmanager
+def gradient_sync(model: nn.Module, enabled: bool) -> Iterator[None]:
+    """Skip the gradient all-reduce/reduce-scatter for non-final micro-batches of an accumulation."""
+    if isinstance(model, DistributedDataParallel) and not enabled:
+        with model.no_sync():
+            yield
+    elif isinstance(model, FSDPModule):
+        model.set_requires_gradient_sync(enabled)
+        yield
+    else:
+        yield
+
+
+def clip_grad_norm(model: nn.Module, max_norm: float) -> float:
+    """Clip the global gradient norm (DTensor-aware) and return the norm before clipping."""
+    params = [p for p in model.parameters() if p.grad is not None]
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
+    if hasattr(norm, "full_tensor"):
+        norm = norm.full_tensor()
+    return float(norm)

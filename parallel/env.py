@@ -1,0 +1,88 @@
+"""Process-group set-up: gloo on CPU, NCCL on CUDA, single process without a launcher."""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from longshard.errors import ConfigError
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """Where this process sits.
+
+    Args:
+        rank, world_size, local_rank: from the launcher (0, 1, 0 without one).
+        device: the torch device this rank computes on.
+        backend: process-group backend in use.
+    """
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    backend: str
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def resolve_device(kind: str, local_rank: int) -> torch.device:
+    """``auto`` -> ``cuda:<local_rank>`` when CUDA is available, else ``cpu``."""
+    if kind == "cuda" or (kind == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise ConfigError("train.device", "cuda was requested but no GPU is visible.", "use train.device=auto.")
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def init_distributed(device_kind: str = "auto", timeout_s: float = 600.0) -> DistEnv:
+    """Initialise (or reuse) the default process group from torchrun-style environment variables.
+
+    Without ``WORLD_SIZE`` in the environment a one-process group is created in memory, so the
+    same code path (DDP/FSDP2, DCP) runs under ``python`` and under ``torchrun``.
+
+    Args:
+        device_kind: ``auto``, ``cpu`` or ``cuda``.
+        timeout_s: collective timeout; a hung peer raises instead of waiting forever.
+    """
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    device = resolve_device(device_kind, local_rank)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if not dist.is_initialized():
+        timeout = datetime.timedelta(seconds=timeout_s)
+        if "WORLD_SIZE" in os.environ:
+            dist.init_process_group(backend, timeout=timeout, device_id=device if device.type == "cuda" else None)
+        else:
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+    return DistEnv(dist.get_rank(), dist.get_world_size(), local_rank, device, backend)
+
+
+def build_mesh(env: DistEnv, dp: int | None = None) -> DeviceMesh:
+    """A 1-D data-parallel DeviceMesh (named ``dp``) over all ranks.
+
+    Args:
+        env: this process's :class:`DistEnv`.
+        dp: expected data-parallel degree; must equal the world size when given.
+    """
+    dp = env.world_size if dp is None else dp
+    if dp != env.world_size:
+        raise ConfigError("parallel", f"mesh dp={dp} does not match the world size {env.world_size}.",
+                          "launch as many processes as the mesh needs.")
+    return init_device_mesh(env.device.type, (dp,), mesh_dim_names=("dp",))
+
+
+def destroy_distributed() -> None:
+    """Tear down the default process group if one exists."""
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,41 @@
+"""Test helpers: relative-error checks and gloo process launching."""
+
+from __future__ import annotations
+
+import socket
+import sys
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def rel_err(ref: torch.Tensor, out: torch.Tensor) -> float:
+    """max |out - ref| / max |ref| in fp64; an all-zero reference falls back to max |out| (absolute)."""
+    ref64, out64 = ref.detach().double(), out.detach().double()
+    denom = ref64.abs().max()
+    err = (out64 - ref64).abs().max()
+    return float(err / denom) if denom > 0 else float(err)
+
+
+def assert_rel(name: str, ref: torch.Tensor, out: torch.Tensor, tol: float) -> None:
+    """Named relative-error assertion (max-abs-error over max-abs-reference)."""
+    assert ref.shape == out.shape, f"{name}: shape {tuple(out.shape)} != reference {tuple(ref.shape)}"
+    err = rel_err(ref, out)
+    assert err <= tol, f"{name}: relative error {err:.3e} > {tol:.1e}"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun_cmd(nproc: int, *args: str) -> list[str]:
+    """A ``torchrun`` command line on a free local port."""
+    return [
+        sys.executable, "-m", "torch.distributed.run",
+        f"--nproc-per-node={nproc}", "--master-addr=127.0.0.1", f"--master-port={free_port()}",
+        *args,
+    ]

@@ -1,0 +1,72 @@
+"""Recipe/config validation: each class of bad input is rejected naming the field, before any work."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from longshard.errors import ConfigError
+from longshard.train.config import load_config, recipe_path
+
+RECIPES = sorted(p.stem for p in (Path(__file__).parent.parent / "recipes").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_shipped_recipes_load(recipe, tmp_path):
+    # recipes point at user data / checkpoints; give them stand-in folders
+    (tmp_path / "config.json").write_text("{}")
+    overrides = [f"data.path={tmp_path}"]
+    if recipe.startswith("continue"):
+        with pytest.raises(ConfigError, match="init.hf_path"):  # required, no silent default
+            load_config(recipe, overrides)
+        overrides.append(f"init.hf_path={tmp_path}")
+    cfg = load_config(recipe, overrides)
+    assert cfg.name == recipe  # recipes are named after their file (wandb group)
+
+
+BAD = [
+    (["train.foo=1"], "train.foo", "unknown key"),
+    (["train.steps=abc"], "train.steps", "could not be converted"),
+    (["train.steps=0"], "train.steps", "must be > 0"),
+    (["model.dim=-8"], "model.dim", "must be > 0"),
+    (["train.seq_len=4096"], "train.seq_len", "exceeds model.max_seq_len"),
+    (["model.attention=[{name: nope}]"], "model.attention[0].name", "unknown attention variant 'nope'.*dense"),
+    (["model.attention=[{name: dense, options: {backend: magic}}]"], "backend", "unknown dense backend"),
+    (["model.attention=[{name: dense, options: {blocksize: 3}}]"], "options.blocksize", "unknown option"),
+    (["model.attention=[{name: dense, options: {softmax_scale: fast}}]"], "options.softmax_scale", "expected"),
+    (["model.n_heads=6", "model.n_kv_heads=4", "model.dim=96"], "model.n_kv_heads", "not a multiple"),
+    (["model.attention=[{name: dense},{name: dense}]", "model.n_layers=4"], "model.attention", "2 entries"),
+    (["data.source=prepared", "data.path=/nonexistent/data"], "data.path", "does not exist"),
+    (["data.source=prepared"], "data.path", "is required"),
+    (["train.global_batch_size=6", "train.micro_batch_size=4"], "train.global_batch_size", "not a multiple"),
+    (["optim.schedule=linear-ish"], "optim.schedule", "not a valid choice"),
+    (["parallel.dp_mode=zero9"], "parallel.dp_mode", "not a valid choice"),
+    (["init.hf_path=/nonexistent/ckpt"], "init.hf_path", "not a Hugging Face checkpoint"),
+    (["model.rope.scaling=yarn", "model.rope.factor=4"], "model.rope.original_max_seq_len", "pre-extension"),
+    (["checkpoint.resume=/nonexistent/ckpt"], "checkpoint.resume", "does not exist"),
+    (["train.steps"], "train.steps", "key=value"),
+]
+
+
+@pytest.mark.parametrize("overrides,field,pattern", BAD, ids=[b[1] + ":" + b[2][:20] for b in BAD])
+def test_bad_input_names_field(overrides, field, pattern):
+    with pytest.raises(ConfigError) as info:
+        load_config("quickstart", overrides)
+    msg = str(info.value)
+    assert field in msg, msg
+    assert pytest.importorskip("re").search(pattern, msg), msg
+
+
+def test_unknown_recipe_lists_shipped():
+    with pytest.raises(ConfigError, match="quickstart"):
+        recipe_path("no_such_recipe")
+
+
+def test_overrides_apply_and_roundtrip(tmp_path):
+    from longshard.train.config import dump_config
+
+    cfg = load_config("quickstart", ["train.steps=7", "model.n_layers=2", "model.attention=[{name: dense}]"])
+    assert cfg.train.steps == 7 and cfg.model.n_layers == 2
+    (tmp_path / "c.yaml").write_text(dump_config(cfg))
+    again = load_config(tmp_path / "c.yaml")
+    assert again == cfg

@@ -1,0 +1,181 @@
+"""End-to-end training on gloo/CPU: data parallel equals single process, kill-and-resume is exact."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from helpers import torchrun_cmd
+from longshard.train.data import prepare_default
+
+pytestmark = pytest.mark.dist
+
+TINY = [
+    "model.dim=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2", "model.attention=[{name: dense}]",
+    "train.seq_len=64", "train.micro_batch_size=2", "train.global_batch_size=8", "optim.warmup_steps=2",
+    "logging.wandb=disabled", "logging.progress=false", "eval.passkey_samples=0", "eval.val_batches=2",
+]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("data") / "default"
+    prepare_default(path, 300_000)
+    return path
+
+
+def _run(nproc: int, out: Path, data: Path, extra: list[str], env: dict, check: bool = True, timeout: int = 300):
+    args = ["quickstart", *TINY, "data.source=prepared", f"data.path={data}", f"output_dir={out}", *extra]
+    if nproc == 1:
+        cmd = [sys.executable, "-m", "longshard.train.main", *args]
+    else:
+        cmd = torchrun_cmd(nproc, "-m", "longshard.train.main", *args)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    if check:
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return proc
+
+
+def _losses(out: Path) -> list[float]:
+    return json.loads((out / "report.json").read_text())["losses"]
+
+
+def _kill_all(marker: str) -> None:
+    """SIGKILL the launcher and every worker whose command line contains ``marker``."""
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if marker in cmd and int(d.name) != os.getpid():
+            try:
+                os.kill(int(d.name), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+@pytest.mark.parametrize("dp_mode", ["ddp", "fsdp2"])
+def test_two_ranks_match_one(tmp_path, data_dir, env_cpu, dp_mode):
+    """2 ranks x 2 accumulation steps == 1 rank x 4 (same global batch): fp32 losses within 1e-5."""
+    extra = ["train.steps=3", f"parallel.dp_mode={dp_mode}"]
+    _run(1, tmp_path / "one", data_dir, extra, env_cpu)
+    _run(2, tmp_path / "two", data_dir, extra, env_cpu)
+    one, two = _losses(tmp_path / "one"), _losses(tmp_path / "two")
+    assert len(one) == len(two) == 3
+    assert one[0] != one[2]  # training moved the loss, so step 3 checks two updates
+    for i, (a, b) in enumerate(zip(one, two)):
+        # fp32 all-reduce sums in a different order than one process: ~1e-7 relative.
+        assert abs(a - b) / abs(a) <= 1e-5, f"step {i + 1}: 1 rank {a} vs 2 ranks {b}"
+
+
+def test_kill_and_resume_is_exact(tmp_path, data_dir, env_cpu):
+    """6 steps straight == 3 steps, SIGKILL, resume 3 (losses bit-identical on CPU fp32)."""
+    extra = ["train.steps=6", "checkpoint.every=3", "parallel.dp_mode=ddp"]
+    _run(2, tmp_path / "straight", data_dir, extra, env_cpu)
+    straight = _losses(tmp_path / "straight")
+
+    out = tmp_path / "killed"
+    args = ["quickstart", *TINY, "data.source=prepared", f"data.path={data_dir}", f"output_dir={out}", *extra]
+    proc = subprocess.Popen(torchrun_cmd(2, "-m", "longshard.train.main", *args), env=env_cpu,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    ckpt3 = out / "checkpoints" / "step_00000003"
+    deadline = time.time() + 240
+    while not ckpt3.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    _kill_all(f"output_dir={out}")
+    proc.wait()
+    assert ckpt3.exists(), "the run died before writing its step-3 checkpoint"
+    # whatever got further than step 3 is discarded, so the resume provably starts at step 3
+    for p in (out / "checkpoints").iterdir():
+        if p.name != ckpt3.name:
+            subprocess.run(["rm", "-rf", str(p)], check=True)
+    (out / "report.json").unlink(missing_ok=True)
+
+    _run(2, out, data_dir, [*extra, "checkpoint.resume=auto"], env_cpu)
+    report = json.loads((out / "report.json").read_text())
+    assert report["resumed_from_step"] == 3
+    assert report["losses"] == straight
+
+
+def test_half_written_checkpoint_is_ignored(tmp_path, data_dir, env_cpu):
+    extra = ["train.steps=2", "checkpoint.every=1", "checkpoint.keep_last=5"]
+    _run(1, tmp_path / "r", data_dir, extra, env_cpu)
+    ckpts = tmp_path / "r" / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step_00000001", "step_00000002"]
+    # a crash during writing leaves a .tmp folder: it must not be picked up
+    (ckpts / "step_00000009.tmp").mkdir()
+    _run(1, tmp_path / "r", data_dir, ["train.steps=3", "checkpoint.every=1", "checkpoint.keep_last=2"], env_cpu)
+    report = json.loads((tmp_path / "r" / "report.json").read_text())
+    assert report["resumed_from_step"] == 2 and len(report["losses"]) == 3
+    assert sorted(p.name for p in ckpts.iterdir() if not p.name.endswith(".tmp")) == [
+        "step_00000002", "step_00000003"]  # keep_last=2 pruned the oldest
+
+
+def test_nan_loss_stops_with_clear_error(tmp_path, data_dir, env_cpu):
+    proc = _run(1, tmp_path / "nan", data_dir, ["train.steps=3", "model.init_std=1e30"], env_cpu, check=False)
+    assert proc.returncode != 0
+    assert re.search(r"loss is (nan|inf) at step [123] \(rank 0\); nan_policy=stop", proc.stderr), proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr  # a clear message, not a stack dump
+
+
+def test_layout_error_before_training(tmp_path, data_dir, env_cpu):
+    """global batch 6 cannot split over 2 ranks x micro 3... it can; 2 ranks x micro 2 cannot make 6."""
+    proc = _run(2, tmp_path / "bad", data_dir, ["train.global_batch_size=6"], env_cpu, check=False)
+    assert proc.returncode != 0
+    assert "train.global_batch_size" in proc.stderr and "not divisible" in proc.stderr
+    assert not (tmp_path / "bad" / "checkpoints").exists()
+
+
+def _tiny_hf_llama(path: Path) -> None:
+    transformers = pytest.importorskip("transformers")
+    import torch
+
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(path)
+
+
+def test_continue_from_hf_starts_from_its_weights(tmp_path, data_dir, env_cpu):
+    """Step-1 loss of a continue-train run equals the HF model's own loss on the same batch."""
+    import torch
+    from longshard.train.data import DistributedLoader, TokenWindows
+
+    _tiny_hf_llama(tmp_path / "hf")
+    extra = ["train.steps=1", f"init.hf_path={tmp_path / 'hf'}", "data.doc_mask=false", "eval.at_end=false"]
+    _run(1, tmp_path / "cont", data_dir, extra, env_cpu)
+    got = _losses(tmp_path / "cont")[0]
+
+    import transformers
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    loader = DistributedLoader(TokenWindows(data_dir, "train", 64), micro_batch_size=2, grad_accum=4, dp_rank=0,
+                               dp_size=1, seed=0)
+    total, n = 0.0, 0
+    with torch.no_grad():
+        for b in loader.next_step():
+            logits = hf(b["tokens"]).logits
+            ce = torch.nn.functional.cross_entropy(logits.flatten(0, 1), b["labels"].flatten(), reduction="sum")
+            total += float(ce)
+            n += b["labels"].numel()
+    assert abs(got - total / n) / (total / n) < 1e-5  # fp32, same weights and batch
+
+
+def test_continue_with_yarn_extends_context(tmp_path, data_dir, env_cpu):
+    """seq_len 4x the checkpoint's context trains with YaRN; without scaling it is rejected up front."""
+    _tiny_hf_llama(tmp_path / "hf")
+    base = ["train.steps=2", f"init.hf_path={tmp_path / 'hf'}", "train.seq_len=256", "eval.at_end=false"]
+    bad = _run(1, tmp_path / "bad", data_dir, base, env_cpu, check=False)
+    assert bad.returncode == 2 and "exceeds the checkpoint's context 64" in bad.stderr
+    _run(1, tmp_path / "yarn", data_dir, [*base, "init.rope_scaling=yarn", "init.rope_factor=4"], env_cpu)
+    saved = (tmp_path / "yarn" / "config.yaml").read_text()
+    assert "scaling: yarn" in saved and "original_max_seq_len: 64" in saved and "max_seq_len: 256" in saved

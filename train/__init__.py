@@ -1,0 +1,1 @@
+"""Training: typed configs, data, the trainer loop, checkpoints, metrics and evaluation."""

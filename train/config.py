@@ -1,0 +1,363 @@
+"""Typed run configuration. Recipes (YAML) and command-line overrides only fill these dataclasses."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from longshard.errors import ConfigError, require, require_positive
+from longshard.models.config import ModelConfig
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+DATA_SOURCES = ("default", "prepared", "passkey", "mqar")
+DTYPES = ("fp32", "bf16")
+SCHEDULES = ("cosine", "wsd", "constant")
+DP_MODES = ("ddp", "fsdp2")
+WANDB_MODES = ("offline", "online", "disabled")
+NAN_POLICIES = ("stop", "skip")
+DEVICES = ("auto", "cpu", "cuda")
+INIT_ROPE = ("keep", "linear", "ntk", "yarn", "llama3")
+
+
+def _choice(value: str, choices: tuple[str, ...], name: str) -> None:
+    require(value in choices, name, f"{value!r} is not a valid choice.", f"use one of: {', '.join(choices)}.")
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    """Training data.
+
+    Args:
+        source: ``default`` (embedded stdlib corpus, prepared on first use), ``prepared`` (a folder
+            made by ``longshard data prepare``), ``passkey`` or ``mqar`` (synthetic tasks).
+        path: prepared folder for ``source=prepared``.
+        tokenizer: local tokenizer.json for synthetic tasks and evaluation; byte-level when unset.
+        default_corpus_bytes: how much of the default corpus to prepare.
+        doc_mask: give the model document ids so packed documents never attend to each other.
+        shuffle: reshuffle every epoch (deterministic from ``train.seed``).
+        mqar_num_kv_pairs: key/value pairs per MQAR sequence.
+        synthetic_samples: size of a synthetic dataset.
+    """
+
+    source: str = "default"
+    path: str | None = None
+    tokenizer: str | None = None
+    default_corpus_bytes: int = 3_000_000
+    doc_mask: bool = True
+    shuffle: bool = True
+    mqar_num_kv_pairs: int = 8
+    synthetic_samples: int = 100_000
+
+    def __post_init__(self) -> None:
+        _choice(self.source, DATA_SOURCES, "data.source")
+        require_positive(self.default_corpus_bytes, "data.default_corpus_bytes")
+        require_positive(self.mqar_num_kv_pairs, "data.mqar_num_kv_pairs")
+        require_positive(self.synthetic_samples, "data.synthetic_samples")
+        if self.source == "prepared":
+            require(bool(self.path), "data.path", "is required with data.source=prepared.",
+                    "set data.path to a folder made by `longshard data prepare`.")
+            require(Path(self.path).is_dir(), "data.path", f"{self.path} does not exist.",
+                    "run `longshard data prepare --input FILES --output DIR` first.")
+        if self.tokenizer:
+            require(Path(self.tokenizer).exists(), "data.tokenizer", f"{self.tokenizer} does not exist.")
+
+
+@dataclass(kw_only=True)
+class OptimConfig:
+    """AdamW and the learning-rate schedule.
+
+    Args:
+        lr: peak learning rate.
+        min_lr_ratio: final lr as a fraction of ``lr`` (cosine and WSD).
+        weight_decay: decoupled decay (not applied to norms and biases).
+        beta1, beta2, eps: Adam constants.
+        schedule: ``cosine`` (warmup then cosine), ``wsd`` (warmup-stable-decay) or ``constant``.
+        warmup_steps: linear warmup length.
+        decay_fraction: share of the steps spent decaying in WSD.
+    """
+
+    lr: float = 3e-4
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    schedule: str = "cosine"
+    warmup_steps: int = 10
+    decay_fraction: float = 0.2
+
+    def __post_init__(self) -> None:
+        require_positive(self.lr, "optim.lr")
+        require(0 <= self.min_lr_ratio <= 1, "optim.min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}.")
+        require(self.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {self.weight_decay}.")
+        require(self.warmup_steps >= 0, "optim.warmup_steps", f"must be >= 0, got {self.warmup_steps}.")
+        require(0 < self.decay_fraction <= 1, "optim.decay_fraction", f"must be in (0, 1], got {self.decay_fraction}.")
+        _choice(self.schedule, SCHEDULES, "optim.schedule")
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    """The training loop.
+
+    Args:
+        steps: optimizer steps.
+        seq_len: tokens per sequence.
+        micro_batch_size: sequences per forward pass per rank.
+        global_batch_size: sequences per optimizer step over all data-parallel ranks
+            (= micro_batch_size x grad accumulation x dp size).
+        dtype: ``fp32`` or ``bf16`` (autocast; master weights stay fp32).
+        grad_clip: max global gradient norm (0 disables).
+        activation_checkpointing: ``none`` or ``full`` (recompute each block).
+        seed: seed for init, data order and dropout-free RNG state.
+        nan_policy: on a non-finite loss, ``stop`` with an error or ``skip`` the step.
+        max_skipped_steps: with ``skip``, stop after this many consecutive skipped steps.
+        device: ``auto`` (CUDA when present), ``cpu`` or ``cuda``.
+        nproc: processes ``longshard train`` starts on this node (torchrun --nproc-per-node).
+        peak_tflops: accelerator peak for MFU; detected for known GPUs when unset.
+        deterministic: request deterministic algorithms (GPU) for bit-reproducible runs.
+        log_every: steps between log lines.
+    """
+
+    steps: int = 100
+    seq_len: int = 512
+    micro_batch_size: int = 1
+    global_batch_size: int = 8
+    dtype: str = "fp32"
+    grad_clip: float = 1.0
+    activation_checkpointing: str = "none"
+    seed: int = 0
+    nan_policy: str = "stop"
+    max_skipped_steps: int = 10
+    device: str = "auto"
+    nproc: int = 1
+    peak_tflops: float | None = None
+    deterministic: bool = False
+    log_every: int = 1
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "seq_len", "micro_batch_size", "global_batch_size", "nproc", "log_every",
+                     "max_skipped_steps"):
+            require_positive(getattr(self, name), f"train.{name}")
+        require(self.grad_clip >= 0, "train.grad_clip", f"must be >= 0, got {self.grad_clip}.")
+        require(self.global_batch_size % self.micro_batch_size == 0, "train.global_batch_size",
+                f"{self.global_batch_size} is not a multiple of micro_batch_size={self.micro_batch_size}.")
+        _choice(self.dtype, DTYPES, "train.dtype")
+        _choice(self.activation_checkpointing, ("none", "full"), "train.activation_checkpointing")
+        _choice(self.nan_policy, NAN_POLICIES, "train.nan_policy")
+        _choice(self.device, DEVICES, "train.device")
+
+
+@dataclass(kw_only=True)
+class ParallelConfig:
+    """How the model is distributed.
+
+    Args:
+        dp_mode: ``ddp`` (replicated) or ``fsdp2`` (``fully_shard`` per block).
+    """
+
+    dp_mode: str = "ddp"
+
+    def __post_init__(self) -> None:
+        _choice(self.dp_mode, DP_MODES, "parallel.dp_mode")
+
+
+@dataclass(kw_only=True)
+class CheckpointConfig:
+    """Checkpoints (torch.distributed.checkpoint, written atomically).
+
+    Args:
+        dir: folder; default ``<output_dir>/checkpoints``.
+        every: steps between checkpoints (0 = only the final one).
+        keep_last: complete checkpoints kept (older ones are deleted).
+        resume: ``auto`` (newest complete checkpoint in ``dir``, if any), ``none``, or a path.
+        save_final: write a checkpoint after the last step.
+    """
+
+    dir: str | None = None
+    every: int = 0
+    keep_last: int = 2
+    resume: str = "auto"
+    save_final: bool = True
+
+    def __post_init__(self) -> None:
+        require(self.every >= 0, "checkpoint.every", f"must be >= 0, got {self.every}.")
+        require_positive(self.keep_last, "checkpoint.keep_last")
+        if self.resume not in ("auto", "none"):
+            require(Path(self.resume).is_dir(), "checkpoint.resume", f"{self.resume} does not exist.",
+                    "use auto, none, or an existing checkpoint folder.")
+
+
+@dataclass(kw_only=True)
+class LoggingConfig:
+    """Metrics: rank-0 progress bar, JSONL file, wandb.
+
+    Args:
+        wandb: ``offline`` (default; sync later with `wandb sync`), ``online`` or ``disabled``.
+        project: wandb project.
+        run_name: wandb run name; default the recipe name.
+        progress: show the rank-0 progress bar.
+    """
+
+    wandb: str = "offline"
+    project: str = "longshard"
+    run_name: str | None = None
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        _choice(self.wandb, WANDB_MODES, "logging.wandb")
+
+
+@dataclass(kw_only=True)
+class EvalConfig:
+    """Evaluation hook (held-out loss, passkey accuracy).
+
+    Args:
+        every: steps between evaluations (0 = only at the end).
+        at_end: evaluate after the last step.
+        val_batches: held-out micro-batches for the validation loss.
+        passkey_samples: passkey prompts per length (depths spread over the context).
+        passkey_lengths: lengths to test; default [seq_len, 2 x seq_len].
+    """
+
+    every: int = 0
+    at_end: bool = True
+    val_batches: int = 4
+    passkey_samples: int = 8
+    passkey_lengths: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        require(self.every >= 0, "eval.every", f"must be >= 0, got {self.every}.")
+        require(self.val_batches >= 0, "eval.val_batches", f"must be >= 0, got {self.val_batches}.")
+        require(self.passkey_samples >= 0, "eval.passkey_samples", f"must be >= 0, got {self.passkey_samples}.")
+        for n in self.passkey_lengths:
+            require_positive(n, "eval.passkey_lengths")
+
+
+@dataclass(kw_only=True)
+class InitConfig:
+    """Where initial weights come from.
+
+    Args:
+        hf_path: local Hugging Face checkpoint folder (Llama/Qwen2/Qwen3) to continue training from;
+            its config.json defines the architecture (``model.attention`` still applies).
+        rope_scaling: ``keep`` the checkpoint's RoPE, or extend the context with ``linear``, ``ntk``,
+            ``yarn`` or ``llama3`` scaling by ``rope_factor`` (original length = the checkpoint's).
+        rope_factor: context extension factor.
+    """
+
+    hf_path: str | None = None
+    rope_scaling: str = "keep"
+    rope_factor: float = 1.0
+
+    def __post_init__(self) -> None:
+        _choice(self.rope_scaling, INIT_ROPE, "init.rope_scaling")
+        require_positive(self.rope_factor, "init.rope_factor")
+        if self.hf_path is not None:
+            require(Path(self.hf_path, "config.json").is_file(), "init.hf_path",
+                    f"{self.hf_path} is not a Hugging Face checkpoint folder (no config.json).",
+                    "point it at a local folder with config.json and *.safetensors.")
+
+
+@dataclass(kw_only=True)
+class Config:
+    """A whole run. Build with :func:`load_config`.
+
+    Args:
+        name: run name (wandb group, default output folder).
+        output_dir: where checkpoints, metrics and reports go; default ``runs/<name>``.
+    """
+
+    name: str = "run"
+    output_dir: str | None = None
+    model: ModelConfig = field(default_factory=ModelConfig)
+    init: InitConfig = field(default_factory=InitConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def __post_init__(self) -> None:
+        require(bool(self.name), "name", "must not be empty.")
+        if self.output_dir is None:
+            self.output_dir = str(Path("runs") / self.name)
+        if self.checkpoint.dir is None:
+            self.checkpoint.dir = str(Path(self.output_dir) / "checkpoints")
+        if self.init.hf_path is None:
+            limit = self.model.max_seq_len
+            require(
+                self.train.seq_len <= limit,
+                "train.seq_len",
+                f"{self.train.seq_len} exceeds model.max_seq_len={limit}.",
+                "train shorter, raise model.max_seq_len, or extend RoPE (model.rope.scaling) for longer context.",
+            )
+        if self.data.source == "mqar":
+            require(4 * self.data.mqar_num_kv_pairs <= self.train.seq_len, "data.mqar_num_kv_pairs",
+                    f"{self.data.mqar_num_kv_pairs} pairs need seq_len >= {4 * self.data.mqar_num_kv_pairs}.")
+            require(self.data.mqar_num_kv_pairs < self.model.vocab_size // 2 - 1, "data.mqar_num_kv_pairs",
+                    f"too many pairs for vocab_size={self.model.vocab_size}.")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain nested dict (for logging and saving)."""
+        return dataclasses.asdict(self)
+
+
+def recipe_path(recipe: str | Path) -> Path:
+    """Resolve a recipe: an existing file, or the name of one shipped in ``longshard/recipes``."""
+    p = Path(recipe)
+    if p.is_file():
+        return p
+    shipped = resources.files("longshard") / "recipes"
+    name = p.name if p.suffix in (".yaml", ".yml") else f"{p.name}.yaml"
+    candidate = Path(str(shipped / name))
+    if candidate.is_file():
+        return candidate
+    known = sorted(f.name.removesuffix(".yaml") for f in shipped.iterdir() if f.name.endswith(".yaml"))
+    raise ConfigError("recipe", f"{recipe} is neither a file nor a shipped recipe.", f"shipped: {', '.join(known)}.")
+
+
+def _wrap(e: OmegaConfBaseException) -> ConfigError:
+    key = getattr(e, "full_key", None) or "config"
+    msg = str(e).split("\n")[0]
+    if "not in" in msg:
+        return ConfigError(key, f"unknown key ({msg}).", "remove it or fix its spelling; see the dataclass docs.")
+    return ConfigError(key, f"{msg}.", "give a value of the declared type.")
+
+
+def load_config(recipe: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Build a validated :class:`Config` from a recipe YAML and ``key=value`` overrides.
+
+    Args:
+        recipe: path or shipped recipe name; None = all defaults.
+        overrides: dotted overrides such as ``train.steps=100``.
+    """
+    schema = OmegaConf.structured(Config)
+    layers = [schema]
+    try:
+        if recipe is not None:
+            layers.append(OmegaConf.load(recipe_path(recipe)))
+        for o in overrides or []:
+            if "=" not in o:
+                raise ConfigError(o, "override must look like key=value.", "e.g. train.steps=100.")
+        if overrides:
+            layers.append(OmegaConf.from_dotlist(list(overrides)))
+        merged = OmegaConf.merge(*layers)
+        # `???` in a recipe marks a required value; merging onto the schema would keep the default.
+        missing = sorted(OmegaConf.missing_keys(OmegaConf.merge(*layers[1:]))) if len(layers) > 1 else []
+        if missing:
+            raise ConfigError(missing[0], "is required (the recipe leaves it as ???).",
+                              f"set it on the command line, e.g. {missing[0]}=VALUE.")
+        return OmegaConf.to_object(merged)
+    except OmegaConfBaseException as e:
+        raise _wrap(e) from None
+
+
+def dump_config(cfg: Config) -> str:
+    """YAML text of a config (round-trips through :func:`load_config`)."""
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))

@@ -1,0 +1,132 @@
+"""``longshard data prepare``: text/jsonl files -> packed token memmaps plus a metadata file.
+
+Layout of a prepared folder::
+
+    meta.json    {"version", "tokenizer", "vocab_size", "bos_id", "eos_id", "dtype",
+                  "splits": {"train": {"file", "n_tokens", "n_docs"}, "val": {...}}, "sources"}
+    train.bin    token ids (uint16 or uint32), documents as BOS + text + EOS back to back
+    val.bin      the held-out documents, same format
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import numpy as np
+from longshard.errors import ConfigError
+from longshard.train.data.corpus import default_documents
+from longshard.train.data.tokenizer import Tokenizer, build_tokenizer
+
+log = logging.getLogger(__name__)
+META = "meta.json"
+FORMAT_VERSION = 1
+
+
+def iter_documents(inputs: Iterable[str | Path], text_field: str = "text") -> Iterator[str]:
+    """Documents from files: ``.jsonl`` gives one per line (``text_field``), anything else one per file.
+
+    Folders are walked recursively in sorted order.
+    """
+    for inp in inputs:
+        p = Path(inp)
+        if not p.exists():
+            raise ConfigError("data prepare --input", f"{p} does not exist.")
+        files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
+        for f in files:
+            if f.suffix == ".jsonl":
+                with f.open(encoding="utf-8") as fh:
+                    for n, line in enumerate(fh, 1):
+                        if not line.strip():
+                            continue
+                        rec = json.loads(line)
+                        if text_field not in rec:
+                            raise ConfigError("data prepare --text-field", f"{f}:{n} has no field {text_field!r}.")
+                        yield rec[text_field]
+            else:
+                yield f.read_text(encoding="utf-8", errors="replace")
+
+
+def prepare(
+    output: str | Path,
+    documents: Iterable[str],
+    tokenizer: Tokenizer,
+    val_fraction: float = 0.01,
+    sources: list[str] | None = None,
+) -> dict:
+    """Tokenize ``documents`` into ``output``/{train,val}.bin and meta.json; atomic (tmp + rename).
+
+    Args:
+        output: folder to create.
+        documents: iterable of raw texts.
+        tokenizer: tokenizer to apply.
+        val_fraction: share of tokens held out for validation (whole documents, deterministic).
+        sources: description of where the documents came from, stored in the metadata.
+
+    Returns:
+        The metadata dict.
+    """
+    out = Path(output)
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    tmp.mkdir(parents=True, exist_ok=True)
+    dtype = np.uint16 if tokenizer.vocab_size <= 65535 else np.uint32
+    counts = {"train": [0, 0], "val": [0, 0]}
+    with open(tmp / "train.bin", "wb") as ftrain, open(tmp / "val.bin", "wb") as fval:
+        for i, text in enumerate(documents):
+            ids = np.asarray([tokenizer.bos_id, *tokenizer.encode(text), tokenizer.eos_id], dtype=dtype)
+            # Hold out whole documents, keeping val at ~val_fraction of all tokens (deterministic).
+            seen = counts["train"][0] + counts["val"][0]
+            split = "val" if i > 0 and counts["val"][0] < val_fraction * seen else "train"
+            (fval if split == "val" else ftrain).write(ids.tobytes())
+            counts[split][0] += ids.size
+            counts[split][1] += 1
+    if counts["train"][0] == 0:
+        raise ConfigError("data prepare --input", "no documents were found: the prepared data would be empty.")
+    meta = {
+        "version": FORMAT_VERSION,
+        "tokenizer": tokenizer.name,
+        "vocab_size": tokenizer.vocab_size,
+        "bos_id": tokenizer.bos_id,
+        "eos_id": tokenizer.eos_id,
+        "dtype": np.dtype(dtype).name,
+        "splits": {s: {"file": f"{s}.bin", "n_tokens": c[0], "n_docs": c[1]} for s, c in counts.items()},
+        "sources": sources or [],
+    }
+    (tmp / META).write_text(json.dumps(meta, indent=2))
+    if out.exists():
+        import shutil
+
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    log.info("prepared %s: %d train / %d val tokens", out, counts["train"][0], counts["val"][0])
+    return meta
+
+
+def prepare_default(output: str | Path, max_bytes: int, val_fraction: float = 0.05) -> dict:
+    """Prepare the embedded default corpus (stdlib sources, byte-level tokens) into ``output``."""
+    return prepare(output, default_documents(max_bytes), build_tokenizer(None), val_fraction,
+                   sources=[f"python-stdlib (first {max_bytes} bytes)"])
+
+
+def read_meta(path: str | Path) -> dict:
+    """Metadata of a prepared folder, with clear errors for missing or empty data."""
+    p = Path(path)
+    meta_file = p / META
+    if not meta_file.is_file():
+        raise ConfigError("data.path", f"{meta_file} does not exist.",
+                          "run `longshard data prepare --input FILES --output DIR` first.")
+    meta = json.loads(meta_file.read_text())
+    for split, info in meta["splits"].items():
+        f = p / info["file"]
+        if not f.is_file():
+            raise ConfigError("data.path", f"{f} listed in {META} is missing.")
+        expect = info["n_tokens"] * np.dtype(meta["dtype"]).itemsize
+        if f.stat().st_size != expect:
+            raise ConfigError("data.path", f"{f} has {f.stat().st_size} bytes, {META} says {expect} ({split}).",
+                              "re-run data prepare; the file is truncated or from another run.")
+    if meta["splits"]["train"]["n_tokens"] == 0:
+        raise ConfigError("data.path", f"{p} holds no training tokens.")
+    return meta

@@ -1,0 +1,50 @@
+"""Entry point run by torchrun / deepspeed / srun: ``python -m longshard.train.main RECIPE [key=value ...]``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+from longshard.errors import ConfigError
+from longshard.parallel import destroy_distributed
+from longshard.train.config import load_config
+from longshard.train.trainer import CheckpointError, NonFiniteLossError, train
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="longshard.train.main", description=__doc__)
+    parser.add_argument("recipe", help="recipe YAML path or shipped recipe name")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.steps=100")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    rank = int(os.environ.get("RANK", 0))
+    logging.basicConfig(
+        level=logging.INFO if rank == 0 else logging.WARNING,
+        format=f"[rank{rank}] %(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        cfg = load_config(args.recipe, args.overrides)
+    except ConfigError as e:
+        logging.getLogger("longshard").error("invalid configuration: %s", e)
+        return 2
+    try:
+        report = train(cfg)
+    except ConfigError as e:
+        logging.getLogger("longshard").error("invalid configuration: %s", e)
+        return 2
+    except (NonFiniteLossError, CheckpointError) as e:
+        logging.getLogger("longshard").error("%s: %s", type(e).__name__, e)
+        return 3
+    finally:
+        destroy_distributed()
+    if rank == 0:
+        summary = {k: v for k, v in report.items() if k != "losses"}
+        logging.getLogger("longshard").info("final report: %s", json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,282 @@
+"""The training loop: one function, :func:`train`, run on every rank (torchrun or plain python)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from longshard.errors import ConfigError, require
+from longshard.models.config import ModelConfig, RopeConfig
+from longshard.models.hf import config_from_hf, load_hf_state_dict, load_into, read_hf_config
+from longshard.models.model import Transformer, cross_entropy_sum
+from longshard.parallel import (
+    DistEnv,
+    build_mesh,
+    clip_grad_norm,
+    gradient_sync,
+    init_distributed,
+    parallelize,
+)
+from longshard.train.checkpoint import Checkpointer, CheckpointError
+from longshard.train.config import Config, dump_config
+from longshard.train.data import (
+    DistributedLoader,
+    MQARDataset,
+    PasskeyDataset,
+    TokenWindows,
+    build_tokenizer,
+    prepare_default,
+    read_meta,
+)
+from longshard.train.data.synthetic import passkey_sample
+from longshard.train.evaluate import evaluate
+from longshard.train.metrics import MetricsLogger, flops_per_token, peak_memory_bytes, peak_tflops
+from longshard.train.schedule import build_scheduler
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN/Inf (with ``train.nan_policy=stop``, or too many skipped steps)."""
+
+
+def resolve_model_config(cfg: Config) -> ModelConfig:
+    """The model config: the recipe's, or the HF checkpoint's with the recipe's attention and RoPE extension."""
+    if cfg.init.hf_path is None:
+        return cfg.model
+    hf = read_hf_config(cfg.init.hf_path)
+    mcfg = config_from_hf(hf, cfg.model.attention)
+    if cfg.init.rope_scaling != "keep":
+        if mcfg.rope.scaling != "none":
+            raise ConfigError("init.rope_scaling", f"the checkpoint already uses {mcfg.rope.scaling} RoPE scaling.",
+                              "use init.rope_scaling=keep, or start from an unscaled checkpoint.")
+        rope = RopeConfig(theta=mcfg.rope.theta, scaling=cfg.init.rope_scaling, factor=cfg.init.rope_factor,
+                          original_max_seq_len=mcfg.max_seq_len)
+        mcfg = replace(mcfg, rope=rope, max_seq_len=int(mcfg.max_seq_len * cfg.init.rope_factor))
+    require(cfg.train.seq_len <= mcfg.max_seq_len, "train.seq_len",
+            f"{cfg.train.seq_len} exceeds the checkpoint's context {mcfg.max_seq_len}.",
+            "extend RoPE with init.rope_scaling=yarn and init.rope_factor, or train shorter.")
+    return mcfg
+
+
+def build_datasets(cfg: Config, env: DistEnv, mcfg: ModelConfig):
+    """Training and validation datasets plus the tokenizer; rank 0 prepares the default corpus."""
+    tokenizer = build_tokenizer(cfg.data.tokenizer)
+    S = cfg.train.seq_len
+    if cfg.data.source in ("default", "prepared"):
+        path = Path(cfg.data.path) if cfg.data.source == "prepared" else Path(cfg.output_dir) / "data" / "default"
+        if cfg.data.source == "default" and env.is_main and not (path / "meta.json").is_file():
+            prepare_default(path, cfg.data.default_corpus_bytes)
+        dist.barrier()
+        meta = read_meta(path)
+        if meta["tokenizer"] != tokenizer.name and cfg.data.source == "prepared" and cfg.data.tokenizer:
+            log.warning("data was prepared with tokenizer %s, evaluation uses %s", meta["tokenizer"], tokenizer.name)
+        if cfg.data.source == "prepared" and not cfg.data.tokenizer and meta["tokenizer"] != "bytes":
+            tokenizer = build_tokenizer(meta["tokenizer"])
+        require(meta["vocab_size"] <= mcfg.vocab_size, "model.vocab_size",
+                f"{mcfg.vocab_size} is smaller than the data's tokenizer vocabulary ({meta['vocab_size']}).",
+                "raise model.vocab_size or prepare the data with the model's tokenizer.")
+        return TokenWindows(path, "train", S), TokenWindows(path, "val", S), tokenizer
+    require(tokenizer.vocab_size <= mcfg.vocab_size, "model.vocab_size",
+            f"{mcfg.vocab_size} is smaller than the tokenizer vocabulary ({tokenizer.vocab_size}).")
+    n = cfg.data.synthetic_samples
+    if cfg.data.source == "passkey":
+        return (PasskeyDataset(tokenizer, S, n, cfg.train.seed), PasskeyDataset(tokenizer, S, 64, cfg.train.seed + 1),
+                tokenizer)
+    k = cfg.data.mqar_num_kv_pairs
+    return (MQARDataset(S, mcfg.vocab_size, k, n, cfg.train.seed),
+            MQARDataset(S, mcfg.vocab_size, k, 64, cfg.train.seed + 1), tokenizer)
+
+
+def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimizer:
+    """AdamW; no weight decay on 1-D parameters (norms, biases)."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+    o = cfg.optim
+    groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, foreach=False)
+
+
+def check_layout(cfg: Config, env: DistEnv) -> int:
+    """Validate the batch layout against the world size before any collective; return grad accumulation."""
+    t = cfg.train
+    per_step = t.micro_batch_size * env.world_size
+    require(t.global_batch_size % per_step == 0, "train.global_batch_size",
+            f"{t.global_batch_size} is not divisible by micro_batch_size x data-parallel size "
+            f"= {t.micro_batch_size} x {env.world_size}.",
+            "choose global_batch_size as a multiple of micro_batch_size x number of processes.")
+    return t.global_batch_size // per_step
+
+
+def check_passkey_lengths(tokenizer, lengths: list[int]) -> None:
+    """Fail before training when a passkey evaluation length cannot hold the prompt."""
+    for n in lengths:
+        try:
+            passkey_sample(tokenizer, n, 0.5, torch.Generator().manual_seed(0))
+        except ValueError as e:
+            raise ConfigError("eval.passkey_lengths", f"{e}.",
+                              "set eval.passkey_lengths to longer lengths or eval.passkey_samples=0.") from None
+
+
+def train(cfg: Config) -> dict[str, Any]:
+    """Run training as described by ``cfg`` on this rank; returns the final report (all ranks).
+
+    Call once per process (torchrun starts one per device). Works without a launcher too.
+    """
+    t0 = time.time()
+    env = init_distributed(cfg.train.device)
+    grad_accum = check_layout(cfg, env)
+    mcfg = resolve_model_config(cfg)
+    out_dir = Path(cfg.output_dir)
+    resolved_yaml = dump_config(replace(cfg, model=mcfg, init=replace(cfg.init, hf_path=None)))
+    if env.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "config.yaml").write_text(resolved_yaml)
+    if cfg.train.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.manual_seed(cfg.train.seed)
+
+    train_ds, val_ds, tokenizer = build_datasets(cfg, env, mcfg)
+    passkey_lengths = list(cfg.eval.passkey_lengths) or [cfg.train.seq_len, 2 * cfg.train.seq_len]
+    check_passkey_lengths(tokenizer, passkey_lengths if cfg.eval.passkey_samples else [])
+    model = Transformer(mcfg)
+    if cfg.init.hf_path is not None:
+        load_into(model, load_hf_state_dict(cfg.init.hf_path, mcfg), cfg.init.hf_path)
+    model.set_activation_checkpointing(cfg.train.activation_checkpointing)
+    model.to(env.device)
+    mesh = build_mesh(env)
+    dmodel = parallelize(model, mesh, cfg.parallel.dp_mode)
+    optimizer = build_optimizer(dmodel, cfg)
+    scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.steps)
+    loader = DistributedLoader(
+        train_ds, micro_batch_size=cfg.train.micro_batch_size, grad_accum=grad_accum, dp_rank=env.rank,
+        dp_size=env.world_size, seed=cfg.train.seed, shuffle=cfg.data.shuffle,
+    )
+    ckpt = Checkpointer(cfg.checkpoint.dir, cfg.checkpoint.keep_last, env.rank, resolved_yaml)
+    start_step, history = 0, []
+    resume_from = None
+    if cfg.checkpoint.resume == "auto":
+        resume_from = ckpt.latest()
+    elif cfg.checkpoint.resume != "none":
+        resume_from = Path(cfg.checkpoint.resume)
+    if resume_from is not None:
+        state = ckpt.load(resume_from, dmodel, optimizer, scheduler)
+        start_step = state["step"]
+        loader.load_state_dict(state["loader"])
+        history = state.get("losses", [])
+
+    autocast = torch.bfloat16 if cfg.train.dtype == "bf16" else None
+    fpt = flops_per_token(mcfg, cfg.train.seq_len)
+    peak = peak_tflops(env.device, cfg.train.peak_tflops)
+    metrics = MetricsLogger(
+        out_dir, enabled=env.is_main, total_steps=cfg.train.steps, start_step=start_step,
+        wandb_mode=cfg.logging.wandb, project=cfg.logging.project, run_name=cfg.logging.run_name or cfg.name,
+        group=cfg.name, config=cfg.to_dict(), progress=cfg.logging.progress,
+    )
+    tokens_per_step = cfg.train.global_batch_size * cfg.train.seq_len
+    skipped_in_row = 0
+    eval_results: dict[str, Any] = {}
+    last_ckpt = resume_from
+
+    def run_eval() -> dict[str, Any]:
+        return evaluate(
+            dmodel, val_dataset=val_ds, tokenizer=tokenizer, seq_len=cfg.train.seq_len,
+            val_batches=cfg.eval.val_batches, batch_size=cfg.train.micro_batch_size,
+            passkey_lengths=passkey_lengths, passkey_samples=cfg.eval.passkey_samples,
+            device=env.device, autocast_dtype=autocast, doc_mask=cfg.data.doc_mask,
+        )
+
+    def save(step: int) -> Path:
+        state = {"loader": loader.state_dict(), "losses": history, "world_size": env.world_size}
+        return ckpt.save(step, dmodel, optimizer, scheduler, state)
+
+    dmodel.train()
+    for step in range(start_step + 1, cfg.train.steps + 1):
+        step_t0 = time.time()
+        micro = loader.next_step()
+        n_local = sum(int((b["labels"] != -100).sum()) for b in micro)
+        counts = torch.tensor([float(n_local)], device=env.device)
+        dist.all_reduce(counts)
+        n_global = max(float(counts[0]), 1.0)
+        loss_sum = torch.zeros((), device=env.device)
+        for i, b in enumerate(micro):
+            tokens, labels = b["tokens"].to(env.device), b["labels"].to(env.device)
+            doc = b["doc_ids"].to(env.device) if (cfg.data.doc_mask and b["doc_ids"] is not None) else None
+            with gradient_sync(dmodel, enabled=i == len(micro) - 1):
+                with torch.autocast(env.device.type, dtype=autocast, enabled=autocast is not None):
+                    logits = dmodel(tokens, doc_ids_BS=doc)
+                ce, _ = cross_entropy_sum(logits, labels)
+                # Gradient of the global token-mean loss: data parallel averages over ranks, so scale back up.
+                (ce * (env.world_size / n_global)).backward()
+            loss_sum += ce.detach()
+        dist.all_reduce(loss_sum)
+        loss = float(loss_sum) / n_global
+        if not math.isfinite(loss):
+            skipped_in_row += 1
+            if cfg.train.nan_policy == "stop" or skipped_in_row > cfg.train.max_skipped_steps:
+                metrics.close()
+                raise NonFiniteLossError(
+                    f"loss is {loss} at step {step} (rank {env.rank}); nan_policy={cfg.train.nan_policy}. "
+                    "Lower optim.lr, enable train.grad_clip, or use train.dtype=fp32 to investigate.")
+            log.warning("non-finite loss at step %d: skipping the update (%d in a row)", step, skipped_in_row)
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            continue
+        skipped_in_row = 0
+        grad_norm = clip_grad_norm(dmodel, cfg.train.grad_clip)
+        lr = scheduler.get_last_lr()[0]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        history.append(loss)
+        dt = max(time.time() - step_t0, 1e-9)
+        tps = tokens_per_step / dt
+        rec: dict[str, Any] = {
+            "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tps,
+            "tflops_per_device": fpt * tps / env.world_size / 1e12,
+            "mfu": (fpt * tps / env.world_size / 1e12 / peak) if peak else None,
+            "peak_mem_gb": peak_memory_bytes(env.device) / 1e9, "step_time_s": dt,
+            "tokens_seen": step * tokens_per_step,
+        }
+        if cfg.eval.every and step % cfg.eval.every == 0 and step != cfg.train.steps:
+            rec.update(run_eval())
+        if step % cfg.train.log_every == 0 or step == cfg.train.steps:
+            metrics.log(step, rec)
+        if cfg.checkpoint.every and step % cfg.checkpoint.every == 0:
+            last_ckpt = save(step)
+
+    if cfg.checkpoint.save_final and (last_ckpt is None or not str(last_ckpt).endswith(f"{cfg.train.steps:08d}")):
+        last_ckpt = save(cfg.train.steps)
+    if cfg.eval.at_end:
+        eval_results = run_eval()
+        metrics.log(cfg.train.steps, eval_results)
+    report = {
+        "name": cfg.name,
+        "steps": cfg.train.steps,
+        "resumed_from_step": start_step,
+        "losses": history,
+        "final_loss": history[-1] if history else None,
+        **eval_results,
+        "world_size": env.world_size,
+        "dp_mode": cfg.parallel.dp_mode,
+        "device": str(env.device),
+        "wall_s": time.time() - t0,
+        "checkpoint": str(last_ckpt) if last_ckpt else None,
+        "metrics_file": str(metrics.path),
+        "wandb_dir": metrics.wandb_dir,
+    }
+    metrics.summary(report)
+    metrics.close()
+    if env.is_main:
+        (out_dir / "report.json").write_text(json.dumps(report, indent=2))
+    return report
+
+
+__all__ = ["CheckpointError", "NonFiniteLossError", "train"]
