@@ -159,6 +159,20 @@ class Transformer(nn.Module):
                 nn.init.normal_(p, std=std)
         self.rope.reset_parameters()
 
+    def aux_loss(self) -> torch.Tensor | None:
+        """Sum of auxiliary losses (e.g. gate L1 penalties) recorded by the last forward, then cleared.
+
+        Attention modules set ``last_aux_loss`` during their forward (so the parameters it uses
+        are materialised even under FSDP2); the trainer adds this to the language-model loss.
+        """
+        found = []
+        for m in self.modules():
+            value = getattr(m, "last_aux_loss", None)
+            if value is not None:
+                found.append(value)
+                m.last_aux_loss = None
+        return torch.stack(found).sum() if found else None
+
     def set_activation_checkpointing(self, mode: str) -> None:
         """``none`` or ``full`` (recompute each block in backward)."""
         if mode not in AC_MODES:

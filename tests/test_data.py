@@ -131,3 +131,22 @@ def test_mqar_sample():
     assert len(q) == 6
     for p in q.tolist():
         assert kv[int(s.tokens[p])] == int(s.labels[p])
+
+
+def test_hf_tokenizer_from_local_file(tmp_path):
+    tokenizers = pytest.importorskip("tokenizers")
+    from longshard.train.data import HFTokenizer
+
+    tok = tokenizers.Tokenizer(tokenizers.models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel()
+    trainer = tokenizers.trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"])
+    tok.train_from_iterator(["the pass key is 12345", "hello world"] * 50, trainer)
+    tok.save(str(tmp_path / "tokenizer.json"))
+    hf = HFTokenizer(tmp_path)
+    assert (hf.bos_id, hf.eos_id) == (1, 2)
+    meta = prepare(tmp_path / "d", ["hello world", "the pass key"], hf, val_fraction=0.0)
+    assert meta["vocab_size"] == hf.vocab_size and meta["tokenizer"].endswith("tokenizer.json")
+    ds = TokenWindows(tmp_path / "d", "train", 4)
+    assert int(ds[0].tokens[0]) == 1
+    with pytest.raises(ConfigError, match="does not exist"):
+        HFTokenizer(tmp_path / "nope.json")

@@ -23,6 +23,7 @@ from longshard.parallel import (
     gradient_sync,
     init_distributed,
     parallelize,
+    unwrap,
 )
 from longshard.train.checkpoint import Checkpointer, CheckpointError
 from longshard.train.config import Config, dump_config
@@ -206,6 +207,7 @@ def train(cfg: Config) -> dict[str, Any]:
         dist.all_reduce(counts)
         n_global = max(float(counts[0]), 1.0)
         loss_sum = torch.zeros((), device=env.device)
+        aux_sum = 0.0
         for i, b in enumerate(micro):
             tokens, labels = b["tokens"].to(env.device), b["labels"].to(env.device)
             doc = b["doc_ids"].to(env.device) if (cfg.data.doc_mask and b["doc_ids"] is not None) else None
@@ -214,7 +216,12 @@ def train(cfg: Config) -> dict[str, Any]:
                     logits = dmodel(tokens, doc_ids_BS=doc)
                 ce, _ = cross_entropy_sum(logits, labels)
                 # Gradient of the global token-mean loss: data parallel averages over ranks, so scale back up.
-                (ce * (env.world_size / n_global)).backward()
+                objective = ce * (env.world_size / n_global)
+                aux = unwrap(dmodel).aux_loss()
+                if aux is not None:  # parameter penalties: same on every rank, once per optimizer step
+                    objective = objective + aux / len(micro)
+                    aux_sum += float(aux.detach()) / len(micro)
+                objective.backward()
             loss_sum += ce.detach()
         dist.all_reduce(loss_sum)
         loss = float(loss_sum) / n_global
@@ -239,7 +246,7 @@ def train(cfg: Config) -> dict[str, Any]:
         dt = max(time.time() - step_t0, 1e-9)
         tps = tokens_per_step / dt
         rec: dict[str, Any] = {
-            "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tps,
+            "loss": loss, "aux_loss": aux_sum, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tps,
             "tflops_per_device": fpt * tps / env.world_size / 1e12,
             "mfu": (fpt * tps / env.world_size / 1e12 / peak) if peak else None,
             "peak_mem_gb": peak_memory_bytes(env.device) / 1e9, "step_time_s": dt,

@@ -28,6 +28,8 @@ class AttentionContext:
         n_heads: query heads of this layer.
         n_kv_heads: key/value heads (GQA/MQA when < n_heads).
         head_dim: per-head dimension.
+        context_covered_elsewhere: other heads of the same layer attend to the whole context
+            (a sparse head group then need not cover it on its own).
     """
 
     layer_idx: int
@@ -35,6 +37,7 @@ class AttentionContext:
     n_heads: int
     n_kv_heads: int
     head_dim: int
+    context_covered_elsewhere: bool = False
 
 
 @dataclass(kw_only=True)
@@ -51,9 +54,14 @@ class AttentionBatch:
 class CoreAttention(nn.Module):
     """Base class: attention on projected, rotated heads (Megatron's ``core_attention``).
 
-    ``forward(q_BHSD, k_BHSD, v_BHSD, batch)`` takes queries (B, H, S, D) and keys/values
-    (B, Hkv, S, D) and returns (B, H, S, D). Causal.
+    ``forward(q_BHSD, k_BHSD, v_BHSD, batch)`` takes queries (B, H, Sq, D) and keys/values
+    (B, Hkv, Sk, D) with the queries being the last Sq of the Sk positions (Sq < Sk when decoding
+    with a KV cache) and returns (B, H, Sq, D). Causal.
+
+    Class attribute ``covers_context``: every query can reach every earlier token (dense-like).
     """
+
+    covers_context = True
 
     def __init__(self, ctx: AttentionContext) -> None:
         super().__init__()

@@ -1,0 +1,80 @@
+"""Per-head heterogeneity: one layer whose query heads are split into groups, each its own variant.
+
+E.g. 2 dense heads + 6 S2 heads, or 4 streaming + 4 retrieval heads, computed as one layer with
+one output projection. KV heads are split in the same proportion as query heads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+from longshard.errors import ConfigError, require
+from longshard.models.attention.registry import (
+    AttentionBatch,
+    AttentionContext,
+    CoreAttention,
+    build_attention,
+    register_attention,
+)
+from torch import nn
+
+
+@dataclass(kw_only=True)
+class MixedOptions:
+    """Options of ``mixed``.
+
+    Args:
+        groups: list of ``{name: VARIANT, heads: N, options: {...}}``; head counts sum to the
+            layer's query heads and each group's share of KV heads must be a whole number.
+    """
+
+    groups: list[dict[str, Any]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        require(len(self.groups) >= 1, "groups", "needs at least one group.", "e.g. [{name: dense, heads: 2}, ...].")
+        for i, g in enumerate(self.groups):
+            unknown = set(g) - {"name", "heads", "options"}
+            require(not unknown, f"groups[{i}]", f"unknown keys {sorted(unknown)}.", "use name, heads, options.")
+            require("name" in g and "heads" in g, f"groups[{i}]", "needs name and heads.")
+            require(g["name"] != "mixed", f"groups[{i}].name", "groups cannot nest 'mixed'.")
+            require(isinstance(g["heads"], int) and g["heads"] > 0, f"groups[{i}].heads", "must be a positive integer.")
+
+
+@register_attention("mixed", MixedOptions)
+class MixedAttention(CoreAttention):
+    """Head groups with different attention variants inside one layer."""
+
+    def __init__(self, ctx: AttentionContext, opts: MixedOptions) -> None:
+        super().__init__(ctx)
+        field_name = f"model.attention[{ctx.layer_idx}].options.groups"
+        total = sum(g["heads"] for g in opts.groups)
+        if total != ctx.n_heads:
+            raise ConfigError(field_name, f"group heads sum to {total}, the layer has {ctx.n_heads} query heads.")
+        kv_sizes = []
+        for i, g in enumerate(opts.groups):
+            kv = g["heads"] * ctx.n_kv_heads / ctx.n_heads
+            if kv != int(kv) or kv < 1:
+                raise ConfigError(f"{field_name}[{i}].heads",
+                                  f"{g['heads']} query heads get {kv:g} of the {ctx.n_kv_heads} KV heads.",
+                                  "choose group sizes that are multiples of the GQA group size.")
+            kv_sizes.append(int(kv))
+        self.heads = [g["heads"] for g in opts.groups]
+        self.kv_heads = kv_sizes
+        sub_ctx = [replace(ctx, n_heads=g["heads"], n_kv_heads=kv, context_covered_elsewhere=True)
+                   for g, kv in zip(opts.groups, kv_sizes)]
+        self.groups = nn.ModuleList(
+            build_attention(g["name"], g.get("options") or {}, c) for g, c in zip(opts.groups, sub_ctx)
+        )
+        self.covers_context = any(m.covers_context for m in self.groups)
+        if not self.covers_context:  # no group reaches all of the context: let each group judge itself
+            for g, c in zip(opts.groups, sub_ctx):
+                build_attention(g["name"], g.get("options") or {}, replace(c, context_covered_elsewhere=False))
+
+    def forward(self, q_BHSD: torch.Tensor, k_BHSD: torch.Tensor, v_BHSD: torch.Tensor, batch: AttentionBatch):
+        qs = q_BHSD.split(self.heads, dim=1)
+        ks = k_BHSD.split(self.kv_heads, dim=1)
+        vs = v_BHSD.split(self.kv_heads, dim=1)
+        return torch.cat([m(q, k, v, batch) for m, q, k, v in zip(self.groups, qs, ks, vs)], dim=1)
+

@@ -1,0 +1,158 @@
+"""Streaming / retrieval heads (DuoAttention layout) and plain sliding-window attention.
+
+Retrieval KV heads keep full causal attention; streaming KV heads read ``sink`` leading tokens
+plus the ``window`` most recent ones. The split comes from the config (``retrieval_heads``) or,
+with ``learned_gates``, from a trainable mixing value alpha per KV head:
+``out = alpha * full + (1 - alpha) * streaming`` with an L1 penalty pulling alpha to 0; heads
+whose alpha stays above a threshold are exported as retrieval heads
+(:func:`retrieval_assignment`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from longshard.errors import require, require_positive
+from longshard.kernels.attention.naive import causal_doc_mask
+from longshard.kernels.block_sparse import SparsePattern
+from longshard.models.attention.registry import AttentionBatch, AttentionContext, register_attention
+from longshard.models.attention.sparse_base import BlockSparseAttention, check_path
+from torch import nn
+
+
+@dataclass(kw_only=True)
+class StreamingOptions:
+    """Options of ``streaming``.
+
+    Args:
+        sink: attention-sink tokens at the start every streaming head reads.
+        window: most recent tokens a streaming head reads (its own position included).
+        retrieval_heads: KV-head indices that keep full attention.
+        learned_gates: learn alpha per KV head between full and streaming attention (identification).
+        gate_l1: weight of the L1 penalty on alpha (added to the training loss).
+        block: block size of the sparse computation.
+        path: ``auto``, ``naive``, ``gather`` or ``flex``.
+    """
+
+    sink: int = 128
+    window: int = 256
+    retrieval_heads: list[int] = field(default_factory=list)
+    learned_gates: bool = False
+    gate_l1: float = 0.05
+    block: int = 64
+    path: str = "auto"
+
+    def __post_init__(self) -> None:
+        require(self.sink >= 0, "sink", f"must be >= 0, got {self.sink}.")
+        require_positive(self.window, "window")
+        require_positive(self.block, "block")
+        require(self.gate_l1 >= 0, "gate_l1", "must be >= 0.")
+        check_path(self.path)
+
+
+def streaming_pattern(
+    n_blocks: int, block: int, n_heads: int, streaming_H: torch.Tensor, sink: int, window: int
+) -> SparsePattern:
+    """Pattern where heads with ``streaming_H[h]`` read sink + window, the others everything."""
+    i = torch.arange(n_blocks)[:, None]
+    j = torch.arange(n_blocks)[None, :]
+    causal = j <= i
+    near = (i - j) * block < window + block  # blocks that can hold a key within the window
+    sinks = j * block < sink
+    stream_blocks = causal & (near | sinks)
+    mask = torch.where(streaming_H[:, None, None], stream_blocks[None], causal[None].expand(n_heads, -1, -1))
+    window_H = torch.where(streaming_H, window, 0).long()
+    sink_H = torch.where(streaming_H, sink, 0).long()
+    return SparsePattern(block, mask, window_H, sink_H)
+
+
+@register_attention("streaming", StreamingOptions)
+class StreamingAttention(BlockSparseAttention):
+    """DuoAttention-style retrieval (full) and streaming (sink + window) heads."""
+
+    def __init__(self, ctx: AttentionContext, opts: StreamingOptions) -> None:
+        super().__init__(ctx, opts.block, opts.path)
+        self.opts = opts
+        for h in opts.retrieval_heads:
+            require(0 <= h < ctx.n_kv_heads, f"model.attention[{ctx.layer_idx}].options.retrieval_heads",
+                    f"KV head {h} does not exist (the layer has {ctx.n_kv_heads}).")
+        group = ctx.n_heads // ctx.n_kv_heads
+        stream_kv = torch.tensor([h not in opts.retrieval_heads for h in range(ctx.n_kv_heads)])
+        self.register_buffer("streaming_H", stream_kv.repeat_interleave(group), persistent=False)
+        self.covers_context = len(opts.retrieval_heads) > 0 or opts.learned_gates  # union over heads
+        self.alpha = nn.Parameter(torch.ones(ctx.n_kv_heads)) if opts.learned_gates else None
+
+    def build_pattern(self, n_blocks: int) -> SparsePattern:
+        streaming = self.streaming_H.cpu()
+        if self.alpha is not None:  # identification mode: the streaming branch of every head
+            streaming = torch.ones_like(streaming)
+        return streaming_pattern(n_blocks, self.block, self.ctx.n_heads, streaming, self.opts.sink, self.opts.window)
+
+    def forward(self, q_BHSD, k_BHSD, v_BHSD, batch: AttentionBatch):
+        streamed = super().forward(q_BHSD, k_BHSD, v_BHSD, batch)
+        if self.alpha is None:
+            return streamed
+        full = self._full(q_BHSD, k_BHSD, v_BHSD, batch)
+        alpha = self.alpha.clamp(0, 1)
+        self.last_aux_loss = self.opts.gate_l1 * alpha.sum()  # read by Transformer.aux_loss()
+        a = alpha.repeat_interleave(self.ctx.n_heads // self.ctx.n_kv_heads)[:, None, None]
+        return a * full + (1 - a) * streamed
+
+    def _full(self, q_BHSD, k_BHSD, v_BHSD, batch):
+        mask = causal_doc_mask(q_BHSD.shape[2], k_BHSD.shape[2], batch.doc_ids_BS, q_BHSD.device)
+        return F.scaled_dot_product_attention(q_BHSD, k_BHSD, v_BHSD, attn_mask=mask, enable_gqa=True)
+
+
+
+@dataclass(kw_only=True)
+class SlidingWindowOptions:
+    """Options of ``sliding_window``.
+
+    Args:
+        window: most recent tokens every head reads (its own position included).
+        sink: leading tokens every head also reads (0 = none).
+        block: block size of the sparse computation.
+        path: ``auto``, ``naive``, ``gather`` or ``flex``.
+    """
+
+    window: int = 512
+    sink: int = 0
+    block: int = 64
+    path: str = "auto"
+
+    def __post_init__(self) -> None:
+        require_positive(self.window, "window")
+        require(self.sink >= 0, "sink", "must be >= 0.")
+        require_positive(self.block, "block")
+        check_path(self.path)
+
+
+@register_attention("sliding_window", SlidingWindowOptions)
+class SlidingWindowAttention(BlockSparseAttention):
+    """Causal sliding-window softmax attention (optionally with sinks) on every head."""
+
+    covers_context = False
+
+    def __init__(self, ctx: AttentionContext, opts: SlidingWindowOptions) -> None:
+        super().__init__(ctx, opts.block, opts.path)
+        self.opts = opts
+
+    def build_pattern(self, n_blocks: int) -> SparsePattern:
+        every = torch.ones(self.ctx.n_heads, dtype=torch.bool)
+        return streaming_pattern(n_blocks, self.block, self.ctx.n_heads, every, self.opts.sink, self.opts.window)
+
+
+def retrieval_assignment(model: nn.Module, threshold: float = 0.5) -> dict[int, list[int]]:
+    """Per layer, the KV heads whose learned alpha exceeds ``threshold`` (the retrieval heads).
+
+    Feed the result back as ``retrieval_heads`` of a ``streaming`` layer with ``learned_gates=false``.
+    """
+    out: dict[int, list[int]] = {}
+    for mod in model.modules():
+        if isinstance(mod, StreamingAttention) and mod.alpha is not None:
+            alpha = mod.alpha.detach().clamp(0, 1)
+            out[mod.ctx.layer_idx] = [int(h) for h in torch.nonzero(alpha > threshold).flatten()]
+    return out
+

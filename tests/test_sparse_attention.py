@@ -1,0 +1,222 @@
+"""Block-sparse variants: S2, streaming/retrieval heads, sliding window, mixed head groups."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import assert_rel
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from longshard.errors import ConfigError
+from longshard.kernels.attention.naive import attention_naive
+from longshard.kernels.block_sparse import (
+    SparsePattern,
+    block_sparse_attention_gather,
+    block_sparse_attention_naive,
+)
+from longshard.models import ModelConfig, Transformer
+from longshard.models.attention import AttentionBatch, AttentionContext, build_attention
+from longshard.models.attention.s2 import S2Options, check_coverage, s2_kept_blocks, s2_uncovered_residues
+from longshard.models.attention.streaming import retrieval_assignment
+
+# gather vs naive: the same fp32 softmax over the same kept keys, summed in another order -> ~1e-6.
+TOL = 1e-5
+
+
+def _ctx(h, kv, d=8, layer=0):
+    return AttentionContext(layer_idx=layer, n_layers=2, n_heads=h, n_kv_heads=kv, head_dim=d)
+
+
+def _qkv(B, H, kv, S, D, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    mk = lambda h: torch.randn(B, h, S, D, generator=g).requires_grad_()
+    return mk(H), mk(kv), mk(kv)
+
+
+def _grads(fn, q, k, v, extra=()):
+    o = fn(q, k, v)
+    go = torch.randn_like(o, generator=torch.Generator().manual_seed(9))
+    return (o, *torch.autograd.grad(o, (q, k, v, *extra), go))
+
+
+VARIANTS = [
+    ("s2", {"block": 4, "local_blocks": 2, "vert_stride": 4}, 8, 4),
+    ("s2", {"block": 4, "local_blocks": 1, "vert_stride": 2, "sink_blocks": 1}, 4, 2),
+    ("streaming", {"block": 4, "sink": 3, "window": 6, "retrieval_heads": [1]}, 4, 2),
+    ("sliding_window", {"block": 8, "window": 5}, 4, 1),
+    ("mixed", {"groups": [{"name": "dense", "heads": 2}, {"name": "s2", "heads": 6,
+                                                           "options": {"block": 4, "local_blocks": 1}}]}, 8, 4),
+]
+
+
+@pytest.mark.parametrize("name,opts,H,kv", VARIANTS, ids=[f"{v[0]}-{i}" for i, v in enumerate(VARIANTS)])
+@pytest.mark.parametrize("S", [1, 13, 37])
+@pytest.mark.parametrize("packed", [False, True])
+def test_gather_path_matches_naive(name, opts, H, kv, S, packed):
+    D = 8
+    q, k, v = _qkv(2, H, kv, S, D, seed=S)
+    starts = torch.rand(2, S, generator=torch.Generator().manual_seed(1)) < 0.1
+    doc = torch.cumsum(starts.long(), 1) if packed else None
+    batch = AttentionBatch(doc_ids_BS=doc)
+    mods = {}
+    for path in ("naive", "gather"):
+        o = dict(opts)
+        if name == "mixed":
+            o = {"groups": [dict(g, options=dict(g.get("options", {}), **({"path": path} if g["name"] != "dense"
+                                                                              else {"backend": "naive"})))
+                            for g in opts["groups"]]}
+        else:
+            o["path"] = path
+        mods[path] = build_attention(name, o, _ctx(H, kv, D))
+    ref = _grads(lambda a, b, c: mods["naive"](a, b, c, batch), q, k, v)
+    out = _grads(lambda a, b, c: mods["gather"](a, b, c, batch), q, k, v)
+    for label, r, o in zip(["o", "dq", "dk", "dv"], ref, out):
+        assert_rel(f"{name} {label}", r, o, TOL)
+
+
+def _explicit_s2_mask(S, blk, H, kv, opts: S2Options):
+    """Token mask written from the definition, with Python loops (independent of the tensor code)."""
+    step = max(1, opts.vert_stride // kv)
+    m = torch.zeros(H, S, S, dtype=torch.bool)
+    for h in range(H):
+        hk = h // (H // kv)
+        for t in range(S):
+            for s in range(t + 1):
+                i, j = t // blk, s // blk
+                keep = i - j < opts.local_blocks or j < opts.sink_blocks
+                keep = keep or (j + hk * step + opts.offset) % opts.vert_stride == 0
+                m[h, t, s] = keep
+    return m
+
+
+def test_s2_matches_definition():
+    H, kv, S, blk = 4, 4, 29, 3
+    opts = S2Options(block=blk, local_blocks=2, vert_stride=4, sink_blocks=1, offset=1)
+    q, k, v = _qkv(1, H, kv, S, 8)
+    mod = build_attention("s2", {"block": blk, "local_blocks": 2, "vert_stride": 4, "sink_blocks": 1, "offset": 1,
+                                 "path": "gather"}, _ctx(H, kv))
+    ref = attention_naive(q, k, v, _explicit_s2_mask(S, blk, H, kv, opts)[None])
+    assert_rel("s2 vs definition", ref, mod(q, k, v, AttentionBatch()), TOL)
+
+
+def test_streaming_matches_definition():
+    H, S, sink, window = 2, 23, 2, 5
+    q, k, v = _qkv(1, H, H, S, 8)
+    mod = build_attention("streaming", {"block": 4, "sink": sink, "window": window, "retrieval_heads": [0],
+                                        "path": "gather"}, _ctx(H, H))
+    m = torch.zeros(H, S, S, dtype=torch.bool)
+    for t in range(S):
+        for s in range(t + 1):
+            m[0, t, s] = True
+            m[1, t, s] = s < sink or t - s < window
+    assert_rel("streaming vs definition", attention_naive(q, k, v, m[None]), mod(q, k, v, AttentionBatch()), TOL)
+
+
+@settings(max_examples=60, deadline=None)
+@given(kv=st.integers(1, 10), stride=st.integers(1, 9), local=st.integers(1, 4), sink=st.integers(0, 2),
+       n=st.integers(1, 24), het=st.booleans())
+def test_s2_coverage_property(kv, stride, local, sink, n, het):
+    opts = S2Options(block=16, local_blocks=local, vert_stride=stride, sink_blocks=sink, heterogeneous=het)
+    missing = set(s2_uncovered_residues(kv, opts))
+    # a block j is lost iff its residue is missing, it is not a sink, and some query is > local blocks past it
+    expect = not any(j % stride in missing for j in range(sink, n - local))
+    assert check_coverage(n, kv, opts) == expect
+    kept = s2_kept_blocks(n, kv, opts)
+    assert not kept.triu(1).any()  # causal: never a future block
+    assert kept.diagonal(dim1=1, dim2=2).all()  # every head keeps its own block
+
+
+def test_s2_rejects_uncovering_heads_and_names_the_field():
+    cfg = dict(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=4, max_seq_len=256)
+    with pytest.raises(ConfigError, match=r"model.attention\[0\].options.vert_stride.*\[1, 3, 5, 7\]"):
+        Transformer(ModelConfig(**cfg, attention=[{"name": "s2", "options": {"vert_stride": 8}}]))
+    Transformer(ModelConfig(**cfg, attention=[{"name": "s2", "options": {"vert_stride": 8,
+                                                                          "allow_incomplete_coverage": True}}]))
+    # dense heads in the same layer cover the context, so the S2 group need not
+    Transformer(ModelConfig(**cfg, attention=[{"name": "mixed", "options": {"groups": [
+        {"name": "dense", "heads": 1}, {"name": "s2", "heads": 3, "options": {"vert_stride": 8}}]}}]))
+    with pytest.raises(ConfigError, match="vert_stride"):
+        Transformer(ModelConfig(**cfg, attention=[{"name": "mixed", "options": {"groups": [
+            {"name": "sliding_window", "heads": 1}, {"name": "s2", "heads": 3, "options": {"vert_stride": 8}}]}}]))
+
+
+def test_s2_dense_every_n_layers():
+    cfg = ModelConfig(vocab_size=64, dim=32, n_layers=4, n_heads=4, max_seq_len=256,
+                      attention=[{"name": "s2", "options": {"vert_stride": 4, "dense_every_n_layers": 2}}])
+    model = Transformer(cfg)
+    assert [m.attention.core_attention.dense is not None for m in model.layers] == [False, True, False, True]
+
+
+def test_mixed_equals_groups_run_separately():
+    H, kv, S = 8, 4, 21
+    q, k, v = _qkv(1, H, kv, S, 8)
+    groups = [{"name": "dense", "heads": 2, "options": {"backend": "naive"}},
+              {"name": "sliding_window", "heads": 6, "options": {"window": 4, "block": 4}}]
+    mixed = build_attention("mixed", {"groups": groups}, _ctx(H, kv))
+    dense = build_attention("dense", {"backend": "naive"}, _ctx(2, 1))
+    swa = build_attention("sliding_window", {"window": 4, "block": 4}, _ctx(6, 3))
+    b = AttentionBatch()
+    ref = torch.cat([dense(q[:, :2], k[:, :1], v[:, :1], b), swa(q[:, 2:], k[:, 1:], v[:, 1:], b)], 1)
+    assert_rel("mixed", ref, mixed(q, k, v, b), 1e-6)
+    with pytest.raises(ConfigError, match="KV heads"):
+        build_attention("mixed", {"groups": [{"name": "dense", "heads": 1}, {"name": "dense", "heads": 7}]},
+                        _ctx(H, kv))
+    with pytest.raises(ConfigError, match="sum to 6"):
+        build_attention("mixed", {"groups": [{"name": "dense", "heads": 6}]}, _ctx(H, kv))
+
+
+def test_learned_gates_mix_full_and_streaming():
+    H, S = 4, 19
+    q, k, v = _qkv(1, H, 2, S, 8)
+    mod = build_attention("streaming", {"block": 4, "sink": 1, "window": 3, "learned_gates": True}, _ctx(H, 2))
+    full = attention_naive(q, k, v, torch.ones(S, S, dtype=torch.bool).tril()[None, None])
+    b = AttentionBatch()
+    assert_rel("alpha=1 -> full", full, mod(q, k, v, b), TOL)
+    with torch.no_grad():
+        mod.alpha.zero_()
+    stream = build_attention("streaming", {"block": 4, "sink": 1, "window": 3}, _ctx(H, 2))
+    assert_rel("alpha=0 -> streaming", stream(q, k, v, b), mod(q, k, v, b), TOL)
+    with torch.no_grad():
+        mod.alpha.copy_(torch.tensor([0.9, 0.2]))
+    out = mod(q, k, v, b)
+    (out.square().sum() + mod.last_aux_loss).backward()
+    assert mod.alpha.grad is not None and mod.alpha.grad.abs().min() > 0
+
+    cfg = ModelConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=128,
+                      attention=[{"name": "streaming", "options": {"learned_gates": True, "block": 4, "window": 4}}])
+    model = Transformer(cfg)
+    with torch.no_grad():
+        model.layers[1].attention.core_attention.alpha.copy_(torch.tensor([0.3, 0.7]))
+    model(torch.randint(0, 64, (1, 9)))
+    aux = model.aux_loss()
+    assert aux is not None and float(aux.detach()) == pytest.approx(0.05 * (2 + 1.0))
+    assert model.aux_loss() is None  # cleared after reading
+    assert retrieval_assignment(model) == {0: [0, 1], 1: [1]}
+
+
+@pytest.mark.parametrize("name,opts", [
+    ("s2", {"block": 4, "local_blocks": 1, "vert_stride": 2}),
+    ("streaming", {"block": 4, "sink": 2, "window": 4, "retrieval_heads": [0]}),
+])
+def test_model_paths_agree_and_train(name, opts):
+    torch.manual_seed(0)
+    base = dict(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=128)
+    models = {}
+    for path in ("naive", "gather"):
+        torch.manual_seed(0)
+        models[path] = Transformer(ModelConfig(**base, attention=[{"name": name, "options": dict(opts, path=path)}]))
+    tokens = torch.randint(0, 64, (2, 31))
+    doc = torch.tensor([[0] * 10 + [1] * 21, [0] * 31])
+    outs = {p: m(tokens, doc_ids_BS=doc) for p, m in models.items()}
+    assert_rel("logits", outs["naive"], outs["gather"], TOL)
+    for p in outs:
+        outs[p].square().mean().backward()
+    for (n, a), b in zip(models["naive"].named_parameters(), models["gather"].parameters()):
+        assert_rel(n, a.grad, b.grad, 1e-4)  # through 2 layers; fp32 reorderings compound ~1e-6 -> 1e-5
+
+
+def test_pattern_kept_fraction():
+    pat = SparsePattern(4, s2_kept_blocks(32, 8, S2Options(block=4, local_blocks=4, vert_stride=8)))
+    assert 0.0 < pat.kept_fraction() < 0.5
+    q, k, v = _qkv(1, 8, 8, 64, 8)
+    assert block_sparse_attention_gather(q, k, v, pat).shape == block_sparse_attention_naive(q, k, v, pat).shape
