@@ -2,10 +2,17 @@
 
 from longshard.models.attention import AttentionSpec, available_attention, register_attention
 from longshard.models.config import ModelConfig, RopeConfig
-from longshard.models.model import IGNORE_INDEX, Transformer, cross_entropy_sum, positions_from_docs
+from longshard.models.model import (
+    IGNORE_INDEX,
+    InferenceCache,
+    Transformer,
+    cross_entropy_sum,
+    positions_from_docs,
+)
 
 __all__ = [
     "IGNORE_INDEX",
+    "InferenceCache",
     "AttentionSpec",
     "ModelConfig",
     "RopeConfig",

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from longshard.errors import ConfigError, require, require_positive
-from longshard.models.attention.registry import AttentionSpec, parse_options
+from longshard.models.attention.registry import GATES, AttentionSpec, parse_options
 
 ROPE_SCALINGS = ("none", "linear", "ntk", "yarn", "llama3")
 
@@ -67,7 +67,9 @@ class ModelConfig:
         vocab_size: embedding rows (>= tokenizer vocabulary).
         dim: model (hidden) width.
         n_layers: transformer blocks.
-        n_heads: query heads.
+        n_heads: nominal attention heads (sets the default head_dim = dim // n_heads).
+        n_query_heads: query heads actually computed (SQA: fewer than n_heads, projected back
+            to ``dim`` by the output projection); default n_heads.
         n_kv_heads: key/value heads (GQA when < n_heads, MQA when 1); default n_heads.
         head_dim: per-head width; default dim // n_heads.
         ffn_hidden_dim: SwiGLU inner width; default 8/3·dim rounded up to ``ffn_multiple_of``.
@@ -86,6 +88,7 @@ class ModelConfig:
     dim: int = 256
     n_layers: int = 4
     n_heads: int = 4
+    n_query_heads: int | None = None
     n_kv_heads: int | None = None
     head_dim: int | None = None
     ffn_hidden_dim: int | None = None
@@ -102,14 +105,19 @@ class ModelConfig:
     def __post_init__(self) -> None:
         for name in ("vocab_size", "dim", "n_layers", "n_heads", "max_seq_len", "norm_eps", "init_std"):
             require_positive(getattr(self, name), f"model.{name}")
+        if self.n_query_heads is None:
+            self.n_query_heads = self.n_heads
+        require_positive(self.n_query_heads, "model.n_query_heads")
+        require(self.n_query_heads <= self.n_heads, "model.n_query_heads",
+                f"{self.n_query_heads} exceeds n_heads={self.n_heads}.", "SQA uses fewer query heads, not more.")
         if self.n_kv_heads is None:
-            self.n_kv_heads = self.n_heads
+            self.n_kv_heads = self.n_query_heads
         require_positive(self.n_kv_heads, "model.n_kv_heads")
         require(
-            self.n_heads % self.n_kv_heads == 0,
+            self.n_query_heads % self.n_kv_heads == 0,
             "model.n_kv_heads",
-            f"n_heads ({self.n_heads}) is not a multiple of n_kv_heads ({self.n_kv_heads}).",
-            "choose n_kv_heads that divides n_heads (GQA groups must be equal).",
+            f"query heads ({self.n_query_heads}) are not a multiple of n_kv_heads ({self.n_kv_heads}).",
+            "choose n_kv_heads that divides the query heads (GQA groups must be equal).",
         )
         if self.head_dim is None:
             require(
@@ -137,6 +145,8 @@ class ModelConfig:
                 spec = AttentionSpec(**spec)
                 self.attention[i] = spec
             parse_options(spec.name, spec.options, f"model.attention[{i}]")
+            require(spec.gate in GATES, f"model.attention[{i}].gate", f"unknown gate {spec.gate!r}.",
+                    f"use one of: {', '.join(GATES)}.")
 
     def layer_attention(self, layer_idx: int) -> AttentionSpec:
         """The attention spec of layer ``layer_idx``."""
@@ -145,8 +155,9 @@ class ModelConfig:
         return self.attention[0] if len(self.attention) == 1 else self.attention[layer_idx]
 
     def num_params(self, include_embedding: bool = True) -> int:
-        """Parameter count implied by the config (matches the built model)."""
-        hd, h, kv = self.head_dim, self.n_heads, self.n_kv_heads
+        """Parameter count implied by the config (attention-variant parameters such as gates alpha or NSA
+        compression are not included)."""
+        hd, h, kv = self.head_dim, self.n_query_heads, self.n_kv_heads
         attn = self.dim * hd * (h + 2 * kv) + h * hd * self.dim
         if self.qkv_bias:
             attn += hd * (h + 2 * kv)
@@ -154,8 +165,10 @@ class ModelConfig:
             attn += 2 * hd
         mlp = 3 * self.dim * self.ffn_hidden_dim
         per_layer = attn + mlp + 2 * self.dim
+        gates = sum({"none": 0, "headwise": h, "elementwise": h * hd}[self.layer_attention(i).gate]
+                    for i in range(self.n_layers)) * self.dim
         emb = self.vocab_size * self.dim
-        total = self.n_layers * per_layer + self.dim
+        total = self.n_layers * per_layer + gates + self.dim
         if include_embedding:
             total += emb if self.tie_embeddings else 2 * emb
         else:

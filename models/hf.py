@@ -211,14 +211,15 @@ def load_hf_model(
 def load_into(model: Transformer, sd: dict[str, torch.Tensor], source: str) -> None:
     """Copy ``sd`` into ``model``; all projections/norms must be present, extra tensors are errors.
 
-    Parameters that the checkpoint cannot have (those of sparse/gated attention variants added on
-    conversion) keep their initialisation.
+    Parameters that the checkpoint cannot have (attention-variant parameters and output gates
+    added on conversion) keep their initialisation.
     """
     own = dict(model.named_parameters())
     unexpected = sorted(set(sd) - set(own))
     if unexpected:
         raise ConfigError("init.hf_path", f"{source}: tensors {unexpected[:5]} do not fit the model.")
-    missing = sorted(n for n in own if n not in sd and ".core_attention." not in n)
+    new_params = (".core_attention.", ".attention.wg.")  # added on conversion: keep their init
+    missing = sorted(n for n in own if n not in sd and not any(p in n for p in new_params))
     if missing:
         raise ConfigError("init.hf_path", f"{source}: missing tensors {missing[:5]}.")
     with torch.no_grad():
@@ -241,6 +242,9 @@ def hf_config_dict(cfg: ModelConfig, arch: str | None = None, dtype: torch.dtype
         raise ConfigError("arch", "Llama has no q/k/v bias and no QK-norm.", "export as qwen2 or qwen3.")
     if arch == "qwen2" and (cfg.qk_norm or not cfg.qkv_bias):
         raise ConfigError("arch", "Qwen2 needs q/k/v bias and no QK-norm.", "export as llama or qwen3.")
+    if cfg.n_query_heads != cfg.n_heads or any(spec.gate != "none" for spec in cfg.attention):
+        raise ConfigError("arch", "SQA query-head reduction and attention output gates have no HF Llama/Qwen "
+                          "equivalent.", "export a model without them.")
     if any(spec.name != "dense" for spec in cfg.attention):
         log.warning("exporting a model with non-dense attention: HF will run it as dense attention")
     rope: dict[str, Any] = {"rope_theta": cfg.rope.theta, "rope_type": "default"}

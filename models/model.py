@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from longshard.models.attention import AttentionBatch, AttentionContext, build_attention
@@ -36,8 +39,23 @@ class RMSNorm(nn.Module):
         return self.weight * x32.to(x.dtype)
 
 
+class InferenceCache:
+    """Decoding state of a model: past keys/values (or recurrent state) per layer.
+
+    Create one per generated batch and pass it to every forward call; positions continue from
+    the number of tokens already seen.
+    """
+
+    def __init__(self) -> None:
+        self.slots: dict[int, dict[str, Any]] = {}
+        self.seen = 0
+
+    def slot(self, layer_idx: int) -> dict[str, Any]:
+        return self.slots.setdefault(layer_idx, {})
+
+
 class Attention(nn.Module):
-    """Projections, QK-norm and RoPE around a registry-chosen core attention.
+    """Projections, QK-norm, RoPE and the optional output gate around a registry-chosen core attention.
 
     Args:
         cfg: model config.
@@ -46,7 +64,8 @@ class Attention(nn.Module):
 
     def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
         super().__init__()
-        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.layer_idx = layer_idx
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_query_heads, cfg.n_kv_heads, cfg.head_dim
         hd = self.head_dim
         self.wq = nn.Linear(cfg.dim, self.n_heads * hd, bias=cfg.qkv_bias)
         self.wk = nn.Linear(cfg.dim, self.n_kv_heads * hd, bias=cfg.qkv_bias)
@@ -55,6 +74,9 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(hd, cfg.norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(hd, cfg.norm_eps) if cfg.qk_norm else None
         spec = cfg.layer_attention(layer_idx)
+        self.gate_kind = spec.gate
+        gate_out = {"none": 0, "headwise": self.n_heads, "elementwise": self.n_heads * hd}[spec.gate]
+        self.wg = nn.Linear(cfg.dim, gate_out, bias=False) if gate_out else None
         ctx = AttentionContext(
             layer_idx=layer_idx,
             n_layers=cfg.n_layers,
@@ -65,7 +87,12 @@ class Attention(nn.Module):
         self.core_attention = build_attention(spec.name, spec.options, ctx)
 
     def forward(
-        self, x_BSE: torch.Tensor, cos_BSD: torch.Tensor, sin_BSD: torch.Tensor, batch: AttentionBatch
+        self,
+        x_BSE: torch.Tensor,
+        cos_BSD: torch.Tensor,
+        sin_BSD: torch.Tensor,
+        batch: AttentionBatch,
+        cache: InferenceCache | None = None,
     ) -> torch.Tensor:
         B, S, _ = x_BSE.shape
         q_BSHD = self.wq(x_BSE).view(B, S, self.n_heads, self.head_dim)
@@ -75,7 +102,21 @@ class Attention(nn.Module):
             q_BSHD, k_BSHD = self.q_norm(q_BSHD), self.k_norm(k_BSHD)
         q_BHSD = apply_rope(q_BSHD.transpose(1, 2), cos_BSD, sin_BSD)
         k_BHSD = apply_rope(k_BSHD.transpose(1, 2), cos_BSD, sin_BSD)
-        o_BHSD = self.core_attention(q_BHSD, k_BHSD, v_BSHD.transpose(1, 2), batch)
+        v_BHSD = v_BSHD.transpose(1, 2)
+        if cache is not None:
+            slot = cache.slot(self.layer_idx)
+            if self.core_attention.uses_kv_cache:
+                if "k" in slot:
+                    k_BHSD = torch.cat([slot["k"], k_BHSD], dim=2)
+                    v_BHSD = torch.cat([slot["v"], v_BHSD], dim=2)
+                slot["k"], slot["v"] = k_BHSD, v_BHSD
+            else:
+                batch = replace(batch, cache_slot=slot)
+        o_BHSD = self.core_attention(q_BHSD, k_BHSD, v_BHSD, batch)
+        if self.wg is not None:  # sigmoid output gate from the layer input (Gated Attention, G1)
+            g = torch.sigmoid(self.wg(x_BSE).float()).to(o_BHSD.dtype)
+            g_BHSX = g.view(B, S, self.n_heads, -1).transpose(1, 2)  # X = 1 (headwise) or D (elementwise)
+            o_BHSD = o_BHSD * g_BHSX
         return self.wo(o_BHSD.transpose(1, 2).reshape(B, S, -1))
 
 
@@ -104,9 +145,14 @@ class TransformerBlock(nn.Module):
         self.feed_forward = FeedForward(cfg.dim, cfg.ffn_hidden_dim)
 
     def forward(
-        self, x_BSE: torch.Tensor, cos_BSD: torch.Tensor, sin_BSD: torch.Tensor, batch: AttentionBatch
+        self,
+        x_BSE: torch.Tensor,
+        cos_BSD: torch.Tensor,
+        sin_BSD: torch.Tensor,
+        batch: AttentionBatch,
+        cache: InferenceCache | None = None,
     ) -> torch.Tensor:
-        h = x_BSE + self.attention(self.attention_norm(x_BSE), cos_BSD, sin_BSD, batch)
+        h = x_BSE + self.attention(self.attention_norm(x_BSE), cos_BSD, sin_BSD, batch, cache)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -185,28 +231,35 @@ class Transformer(nn.Module):
         *,
         position_ids_BS: torch.Tensor | None = None,
         doc_ids_BS: torch.Tensor | None = None,
+        cache: InferenceCache | None = None,
     ) -> torch.Tensor:
         """Logits (B, S, vocab).
 
         Args:
             tokens_BS: token ids.
-            position_ids_BS: RoPE positions; default restarts per document (or 0..S-1).
+            position_ids_BS: RoPE positions; default restarts per document (or continues the cache).
             doc_ids_BS: document index per token for packed sequences (None = one document).
+            cache: decoding state; the tokens continue the sequence held by the cache.
         """
         B, S = tokens_BS.shape
+        if cache is not None and doc_ids_BS is not None:
+            raise ValueError("decoding with a cache handles one document per row; drop doc_ids_BS")
         if position_ids_BS is None:
             if doc_ids_BS is not None:
                 position_ids_BS = positions_from_docs(doc_ids_BS)
             else:
-                position_ids_BS = torch.arange(S, device=tokens_BS.device).expand(B, S)
+                start = cache.seen if cache is not None else 0
+                position_ids_BS = torch.arange(start, start + S, device=tokens_BS.device).expand(B, S)
         h = self.tok_embeddings(tokens_BS)
         cos, sin = self.rope(position_ids_BS, h.dtype)
         batch = AttentionBatch(doc_ids_BS=doc_ids_BS)
         for layer in self.layers:
-            if self.activation_checkpointing == "full" and torch.is_grad_enabled():
+            if self.activation_checkpointing == "full" and torch.is_grad_enabled() and cache is None:
                 h = checkpoint(layer, h, cos, sin, batch, use_reentrant=False)
             else:
-                h = layer(h, cos, sin, batch)
+                h = layer(h, cos, sin, batch, cache)
+        if cache is not None:
+            cache.seen += S
         return self.output(self.norm(h))
 
 

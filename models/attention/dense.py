@@ -87,7 +87,7 @@ class DenseAttention(CoreAttention):
             return attention_naive(q_BHSD, k_BHSD, v_BHSD, mask, self.scale)
         if backend == "flash":
             return self._flash(q_BHSD, k_BHSD, v_BHSD, doc)
-        if doc is None:
+        if doc is None and q_BHSD.shape[2] == k_BHSD.shape[2]:
             return F.scaled_dot_product_attention(
                 q_BHSD, k_BHSD, v_BHSD, is_causal=True, scale=self.scale, enable_gqa=True
             )
@@ -102,8 +102,10 @@ class DenseAttention(CoreAttention):
         from flash_attn import flash_attn_func, flash_attn_varlen_func  # GPU-only optional dependency
 
         B, H, S, D = q_BHSD.shape
+        if doc is not None and k_BHSD.shape[2] != S:
+            raise ValueError("packed documents are not supported while decoding")
         q, k, v = (t.transpose(1, 2) for t in (q_BHSD, k_BHSD, v_BHSD))  # (B, S, H, D)
-        if doc is None:
+        if doc is None:  # flash-attn aligns causal masks bottom-right, as decoding needs
             o = flash_attn_func(q, k, v, softmax_scale=self.scale, causal=True)
             return o.transpose(1, 2)
         cu, max_len = _doc_cu_seqlens(doc)

@@ -46,9 +46,12 @@ class AttentionBatch:
 
     Args:
         doc_ids_BS: (B, S) document index of each token for packed sequences; None = one document.
+        cache_slot: per-layer decoding state (dict) for variants that keep their own state
+            instead of past keys/values (``uses_kv_cache = False``); None when not decoding.
     """
 
     doc_ids_BS: torch.Tensor | None = None
+    cache_slot: dict[str, Any] | None = None
 
 
 class CoreAttention(nn.Module):
@@ -58,10 +61,13 @@ class CoreAttention(nn.Module):
     (B, Hkv, Sk, D) with the queries being the last Sq of the Sk positions (Sq < Sk when decoding
     with a KV cache) and returns (B, H, Sq, D). Causal.
 
-    Class attribute ``covers_context``: every query can reach every earlier token (dense-like).
+    Class attributes: ``covers_context`` (the union over heads reaches every earlier token) and
+    ``uses_kv_cache`` (decoding appends keys/values to a cache and passes all of them; False for
+    recurrent variants, which keep their own state in ``batch.cache_slot``).
     """
 
     covers_context = True
+    uses_kv_cache = True
 
     def __init__(self, ctx: AttentionContext) -> None:
         super().__init__()
@@ -186,7 +192,13 @@ class AttentionSpec:
     Args:
         name: registered variant name, e.g. ``dense``.
         options: variant options; see that variant's options dataclass.
+        gate: output gate applied before the output projection, computed from the layer input:
+            ``none``, ``headwise`` (one sigmoid per head) or ``elementwise`` (one per channel).
     """
 
     name: str = "dense"
     options: dict[str, Any] = field(default_factory=dict)
+    gate: str = "none"
+
+
+GATES = ("none", "headwise", "elementwise")
