@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from longshard.errors import ConfigError, require, require_positive
 from longshard.models.attention.registry import GATES, AttentionSpec, parse_options
@@ -101,6 +102,9 @@ class ModelConfig:
     rope: RopeConfig = field(default_factory=RopeConfig)
     attention: list[AttentionSpec] = field(default_factory=lambda: [AttentionSpec()])
     init_std: float = 0.02
+
+    # Filled from other fields when left unset; a config schema must keep them unset (None).
+    DERIVED: ClassVar[tuple[str, ...]] = ("n_query_heads", "n_kv_heads", "head_dim", "ffn_hidden_dim")
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "dim", "n_layers", "n_heads", "max_seq_len", "norm_eps", "init_std"):

@@ -70,3 +70,13 @@ def test_overrides_apply_and_roundtrip(tmp_path):
     (tmp_path / "c.yaml").write_text(dump_config(cfg))
     again = load_config(tmp_path / "c.yaml")
     assert again == cfg
+
+
+def test_derived_model_fields_follow_overrides():
+    """head_dim, ffn width, KV/query heads are derived from the *final* sizes, not the defaults."""
+    cfg = load_config("quickstart", ["model.dim=96", "model.n_heads=3", "model.n_kv_heads=null"])
+    m = cfg.model
+    assert (m.head_dim, m.n_query_heads, m.n_kv_heads) == (32, 3, 3)
+    assert m.ffn_hidden_dim == 256  # 8/3 * 96 = 256, already a multiple of 64
+    q = load_config("quickstart").model
+    assert (q.dim, q.n_heads, q.head_dim, q.n_kv_heads) == (192, 6, 32, 2)

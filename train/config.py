@@ -338,6 +338,8 @@ def load_config(recipe: str | Path | None = None, overrides: list[str] | None = 
         overrides: dotted overrides such as ``train.steps=100``.
     """
     schema = OmegaConf.structured(Config)
+    for name in ModelConfig.DERIVED:  # the default ModelConfig() resolved them for *its* sizes
+        schema.model[name] = None
     layers = [schema]
     try:
         if recipe is not None:
