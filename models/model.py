@@ -8,6 +8,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from longshard.models.attention import AttentionBatch, AttentionContext, build_attention
+from longshard.models.attention.registry import append_kv
 from longshard.models.config import ModelConfig
 from longshard.models.rope import RotaryEmbedding, apply_rope
 from torch import nn
@@ -106,10 +107,7 @@ class Attention(nn.Module):
         if cache is not None:
             slot = cache.slot(self.layer_idx)
             if self.core_attention.uses_kv_cache:
-                if "k" in slot:
-                    k_BHSD = torch.cat([slot["k"], k_BHSD], dim=2)
-                    v_BHSD = torch.cat([slot["v"], v_BHSD], dim=2)
-                slot["k"], slot["v"] = k_BHSD, v_BHSD
+                k_BHSD, v_BHSD = append_kv(slot, k_BHSD, v_BHSD)
             else:
                 batch = replace(batch, cache_slot=slot)
         o_BHSD = self.core_attention(q_BHSD, k_BHSD, v_BHSD, batch)

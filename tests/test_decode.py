@@ -19,6 +19,10 @@ VARIANTS = {
     "streaming-learned": [{"name": "streaming", "options": {"block": 4, "sink": 1, "window": 3,
                                                             "learned_gates": True}}],
     "sliding_window": [{"name": "sliding_window", "options": {"block": 4, "window": 6}}],
+    "linear": [{"name": "linear", "options": {"chunk": 4}}],
+    "based-hybrid": [{"name": "mixed", "options": {"groups": [
+        {"name": "linear", "heads": 2, "options": {"chunk": 8, "feature_map": "elu1"}},
+        {"name": "sliding_window", "heads": 2, "options": {"block": 4, "window": 4}}]}}],
     "mixed-per-layer": [{"name": "mixed", "options": {"groups": [
         {"name": "dense", "heads": 2}, {"name": "s2", "heads": 2, "options": {"block": 4, "local_blocks": 1}}]}},
         {"name": "sliding_window", "options": {"block": 4, "window": 4}}],

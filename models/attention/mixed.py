@@ -15,6 +15,7 @@ from longshard.models.attention.registry import (
     AttentionBatch,
     AttentionContext,
     CoreAttention,
+    append_kv,
     build_attention,
     register_attention,
 )
@@ -44,7 +45,13 @@ class MixedOptions:
 
 @register_attention("mixed", MixedOptions)
 class MixedAttention(CoreAttention):
-    """Head groups with different attention variants inside one layer."""
+    """Head groups with different attention variants inside one layer.
+
+    When decoding it keeps a cache per group (past keys/values, or the group's own state), so
+    recurrent and softmax groups can share a layer.
+    """
+
+    uses_kv_cache = False
 
     def __init__(self, ctx: AttentionContext, opts: MixedOptions) -> None:
         super().__init__(ctx)
@@ -76,5 +83,16 @@ class MixedAttention(CoreAttention):
         qs = q_BHSD.split(self.heads, dim=1)
         ks = k_BHSD.split(self.kv_heads, dim=1)
         vs = v_BHSD.split(self.kv_heads, dim=1)
-        return torch.cat([m(q, k, v, batch) for m, q, k, v in zip(self.groups, qs, ks, vs)], dim=1)
+        outs = []
+        for i, (m, q, k, v) in enumerate(zip(self.groups, qs, ks, vs)):
+            sub = batch
+            if batch.cache_slot is not None:
+                slot = batch.cache_slot.setdefault(f"group{i}", {})
+                if m.uses_kv_cache:
+                    k, v = append_kv(slot, k, v)
+                    sub = replace(batch, cache_slot=None)
+                else:
+                    sub = replace(batch, cache_slot=slot)
+            outs.append(m(q, k, v, sub))
+        return torch.cat(outs, dim=1)
 

@@ -79,6 +79,17 @@ class CoreAttention(nn.Module):
         raise NotImplementedError
 
 
+def append_kv(
+    slot: dict[str, Any], k_BHSD: torch.Tensor, v_BHSD: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Append new keys/values to a decoding cache slot and return all of them."""
+    if "k" in slot:
+        k_BHSD = torch.cat([slot["k"], k_BHSD], dim=2)
+        v_BHSD = torch.cat([slot["v"], v_BHSD], dim=2)
+    slot["k"], slot["v"] = k_BHSD, v_BHSD
+    return k_BHSD, v_BHSD
+
+
 @dataclass(frozen=True)
 class AttentionEntry:
     """A registered variant: its options dataclass and the module that implements it."""
