@@ -84,6 +84,7 @@ class Attention(nn.Module):
             n_heads=self.n_heads,
             n_kv_heads=self.n_kv_heads,
             head_dim=hd,
+            model_dim=cfg.dim,
         )
         self.core_attention = build_attention(spec.name, spec.options, ctx)
 
@@ -110,7 +111,7 @@ class Attention(nn.Module):
                 k_BHSD, v_BHSD = append_kv(slot, k_BHSD, v_BHSD)
             else:
                 batch = replace(batch, cache_slot=slot)
-        o_BHSD = self.core_attention(q_BHSD, k_BHSD, v_BHSD, batch)
+        o_BHSD = self.core_attention(q_BHSD, k_BHSD, v_BHSD, replace(batch, x_BSE=x_BSE))
         if self.wg is not None:  # sigmoid output gate from the layer input (Gated Attention, G1)
             g = torch.sigmoid(self.wg(x_BSE).float()).to(o_BHSD.dtype)
             g_BHSX = g.view(B, S, self.n_heads, -1).transpose(1, 2)  # X = 1 (headwise) or D (elementwise)
@@ -201,6 +202,9 @@ class Transformer(nn.Module):
                 nn.init.normal_(p, std=std / (2 * self.cfg.n_layers) ** 0.5)
             else:
                 nn.init.normal_(p, std=std)
+        for m in self.modules():  # variant parameters with a meaningful initialisation of their own
+            if hasattr(m, "reset_variant_parameters"):
+                m.reset_variant_parameters()
         self.rope.reset_parameters()
 
     def aux_loss(self) -> torch.Tensor | None:

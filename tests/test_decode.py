@@ -20,6 +20,8 @@ VARIANTS = {
                                                             "learned_gates": True}}],
     "sliding_window": [{"name": "sliding_window", "options": {"block": 4, "window": 6}}],
     "linear": [{"name": "linear", "options": {"chunk": 4}}],
+    "nsa": [{"name": "nsa", "options": {"compress_block": 4, "compress_stride": 2, "select_block": 4,
+                                        "n_select": 3, "n_local": 1, "window": 5}}],
     "based-hybrid": [{"name": "mixed", "options": {"groups": [
         {"name": "linear", "heads": 2, "options": {"chunk": 8, "feature_map": "elu1"}},
         {"name": "sliding_window", "heads": 2, "options": {"block": 4, "window": 4}}]}}],

@@ -78,3 +78,19 @@ def dense_mask(
         same = doc_ids_BS[:, k_len - q_len :, None] == doc_ids_BS[:, None, :]
         keep = keep & same[:, None]
     return keep
+
+
+def sink_window_pattern(
+    n_blocks: int, block: int, n_heads: int, streaming_H: torch.Tensor, sink: int, window: int
+) -> SparsePattern:
+    """Pattern where heads with ``streaming_H[h]`` read sink + window, the others everything."""
+    i = torch.arange(n_blocks)[:, None]
+    j = torch.arange(n_blocks)[None, :]
+    causal = j <= i
+    near = (i - j) * block < window + block  # blocks that can hold a key within the window
+    sinks = j * block < sink
+    stream_blocks = causal & (near | sinks)
+    mask = torch.where(streaming_H[:, None, None], stream_blocks[None], causal[None].expand(n_heads, -1, -1))
+    window_H = torch.where(streaming_H, window, 0).long()
+    sink_H = torch.where(streaming_H, sink, 0).long()
+    return SparsePattern(block, mask, window_H, sink_H)

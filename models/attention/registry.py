@@ -30,6 +30,7 @@ class AttentionContext:
         head_dim: per-head dimension.
         context_covered_elsewhere: other heads of the same layer attend to the whole context
             (a sparse head group then need not cover it on its own).
+        model_dim: width of the layer input (for variants with input-dependent gates).
     """
 
     layer_idx: int
@@ -38,6 +39,7 @@ class AttentionContext:
     n_kv_heads: int
     head_dim: int
     context_covered_elsewhere: bool = False
+    model_dim: int = 0
 
 
 @dataclass(kw_only=True)
@@ -48,10 +50,12 @@ class AttentionBatch:
         doc_ids_BS: (B, S) document index of each token for packed sequences; None = one document.
         cache_slot: per-layer decoding state (dict) for variants that keep their own state
             instead of past keys/values (``uses_kv_cache = False``); None when not decoding.
+        x_BSE: the (normed) layer input of the current query positions, for input-dependent gates.
     """
 
     doc_ids_BS: torch.Tensor | None = None
     cache_slot: dict[str, Any] | None = None
+    x_BSE: torch.Tensor | None = None
 
 
 class CoreAttention(nn.Module):

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from longshard.errors import require, require_positive
 from longshard.kernels.attention.naive import causal_doc_mask
 from longshard.kernels.block_sparse import SparsePattern
+from longshard.kernels.block_sparse.pattern import sink_window_pattern
 from longshard.models.attention.registry import AttentionBatch, AttentionContext, register_attention
 from longshard.models.attention.sparse_base import BlockSparseAttention, check_path
 from torch import nn
@@ -52,22 +53,6 @@ class StreamingOptions:
         check_path(self.path)
 
 
-def streaming_pattern(
-    n_blocks: int, block: int, n_heads: int, streaming_H: torch.Tensor, sink: int, window: int
-) -> SparsePattern:
-    """Pattern where heads with ``streaming_H[h]`` read sink + window, the others everything."""
-    i = torch.arange(n_blocks)[:, None]
-    j = torch.arange(n_blocks)[None, :]
-    causal = j <= i
-    near = (i - j) * block < window + block  # blocks that can hold a key within the window
-    sinks = j * block < sink
-    stream_blocks = causal & (near | sinks)
-    mask = torch.where(streaming_H[:, None, None], stream_blocks[None], causal[None].expand(n_heads, -1, -1))
-    window_H = torch.where(streaming_H, window, 0).long()
-    sink_H = torch.where(streaming_H, sink, 0).long()
-    return SparsePattern(block, mask, window_H, sink_H)
-
-
 @register_attention("streaming", StreamingOptions)
 class StreamingAttention(BlockSparseAttention):
     """DuoAttention-style retrieval (full) and streaming (sink + window) heads."""
@@ -88,7 +73,7 @@ class StreamingAttention(BlockSparseAttention):
         streaming = self.streaming_H.cpu()
         if self.alpha is not None:  # identification mode: the streaming branch of every head
             streaming = torch.ones_like(streaming)
-        return streaming_pattern(n_blocks, self.block, self.ctx.n_heads, streaming, self.opts.sink, self.opts.window)
+        return sink_window_pattern(n_blocks, self.block, self.ctx.n_heads, streaming, self.opts.sink, self.opts.window)
 
     def forward(self, q_BHSD, k_BHSD, v_BHSD, batch: AttentionBatch):
         streamed = super().forward(q_BHSD, k_BHSD, v_BHSD, batch)
@@ -141,7 +126,7 @@ class SlidingWindowAttention(BlockSparseAttention):
 
     def build_pattern(self, n_blocks: int) -> SparsePattern:
         every = torch.ones(self.ctx.n_heads, dtype=torch.bool)
-        return streaming_pattern(n_blocks, self.block, self.ctx.n_heads, every, self.opts.sink, self.opts.window)
+        return sink_window_pattern(n_blocks, self.block, self.ctx.n_heads, every, self.opts.sink, self.opts.window)
 
 
 def retrieval_assignment(model: nn.Module, threshold: float = 0.5) -> dict[int, list[int]]:

@@ -1,0 +1,109 @@
+"""Native sparse attention (NSA-style): compressed, selected and sliding-window branches, gated.
+
+Per query: (1) attention over learned summaries of key/value blocks (length ``compress_block``,
+stride ``compress_stride``; a linear map of the block plus an intra-block position embedding,
+initialised to mean pooling); (2) exact attention over the ``n_select`` selection blocks with the
+highest importance, derived from branch (1)'s probabilities and shared by the heads of a GQA group
+(the first block and the ``n_local`` most recent blocks are always kept); (3) a sliding window.
+The branches are mixed by sigmoid gates computed from the layer input: out = sum_b g_b * o_b.
+Selection is per query token and carries no gradient (as in the paper).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from longshard.errors import require, require_positive
+from longshard.kernels.nsa import NSAGeometry, nsa_branches_gather, nsa_branches_naive
+from longshard.models.attention.registry import AttentionBatch, AttentionContext, CoreAttention, register_attention
+from torch import nn
+
+
+@dataclass(kw_only=True)
+class NSAOptions:
+    """Options of ``nsa`` (defaults: the NSA paper's).
+
+    Args:
+        compress_block: l, tokens per compressed summary.
+        compress_stride: d, stride of the summaries (divides l).
+        select_block: l', tokens per selection block (a multiple of d).
+        n_select: selected blocks per query (initial and local blocks included).
+        n_local: most recent blocks always selected (the query's own included).
+        window: sliding-window branch length.
+        path: ``auto`` (= gather), ``gather`` or ``naive``.
+    """
+
+    compress_block: int = 32
+    compress_stride: int = 16
+    select_block: int = 64
+    n_select: int = 16
+    n_local: int = 2
+    window: int = 512
+    path: str = "auto"
+
+    def __post_init__(self) -> None:
+        for name in ("compress_block", "compress_stride", "select_block", "n_select", "n_local", "window"):
+            require_positive(getattr(self, name), name)
+        require(self.compress_block % self.compress_stride == 0, "compress_stride",
+                f"{self.compress_stride} does not divide compress_block={self.compress_block}.")
+        require(self.select_block % self.compress_stride == 0, "select_block",
+                f"{self.select_block} is not a multiple of compress_stride={self.compress_stride}.")
+        require(self.n_select >= self.n_local + 1, "n_select",
+                f"{self.n_select} cannot hold the initial block and {self.n_local} local blocks.")
+        require(self.path in ("auto", "gather", "naive"), "path", f"unknown path {self.path!r}.",
+                "use auto, gather or naive.")
+
+
+@register_attention("nsa", NSAOptions)
+class NSAAttention(CoreAttention):
+    """Native sparse attention with learned compression and gated branches."""
+
+    def __init__(self, ctx: AttentionContext, opts: NSAOptions) -> None:
+        super().__init__(ctx)
+        require(ctx.model_dim > 0, "model_dim", "NSA gates need the layer input width.")
+        self.opts = opts
+        self.geo = NSAGeometry(opts.compress_block, opts.compress_stride, opts.select_block, opts.n_select,
+                               opts.n_local, opts.window)
+        Hkv, D, L = ctx.n_kv_heads, ctx.head_dim, opts.compress_block
+        self.scale = 1.0 / math.sqrt(D)
+        self.compress_k = nn.Parameter(torch.empty(Hkv, L * D, D))
+        self.compress_v = nn.Parameter(torch.empty(Hkv, L * D, D))
+        self.pos_k = nn.Parameter(torch.empty(Hkv, L, D))
+        self.pos_v = nn.Parameter(torch.empty(Hkv, L, D))
+        self.gate = nn.Linear(ctx.model_dim, 3 * ctx.n_heads)
+        self.reset_variant_parameters()
+
+    @torch.no_grad()
+    def reset_variant_parameters(self) -> None:
+        """Compression = mean pooling, no position offsets, gates at sigmoid(0) = 0.5."""
+        Hkv, D, L = self.ctx.n_kv_heads, self.ctx.head_dim, self.opts.compress_block
+        pool = torch.eye(D).repeat(L, 1) / L  # (L*D, D): averages the L token vectors
+        self.compress_k.copy_(pool.expand(Hkv, -1, -1))
+        self.compress_v.copy_(pool.expand(Hkv, -1, -1))
+        self.pos_k.zero_()
+        self.pos_v.zero_()
+        nn.init.zeros_(self.gate.weight)
+        nn.init.zeros_(self.gate.bias)
+
+    def compress(self, x_BKSD: torch.Tensor, weight: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """(B, Hkv, S, D) -> (B, Hkv, nC, D) learned block summaries."""
+        B, Hkv, S, D = x_BKSD.shape
+        n_c = self.geo.n_compressed(S)
+        if n_c == 0:
+            return x_BKSD.new_zeros(B, Hkv, 0, D)
+        blocks = x_BKSD.unfold(2, self.opts.compress_block, self.opts.compress_stride)  # (B, Hkv, nC, D, L)
+        blocks = blocks.transpose(-1, -2) + pos[None, :, None]  # (B, Hkv, nC, L, D)
+        return torch.einsum("bkcx,kxd->bkcd", blocks.flatten(-2), weight)
+
+    def forward(self, q_BHSD: torch.Tensor, k_BHSD: torch.Tensor, v_BHSD: torch.Tensor, batch: AttentionBatch):
+        if batch.x_BSE is None:
+            raise ValueError("nsa needs the layer input (AttentionBatch.x_BSE) for its gates")
+        k_cmp = self.compress(k_BHSD, self.compress_k, self.pos_k)
+        v_cmp = self.compress(v_BHSD, self.compress_v, self.pos_v)
+        fn = nsa_branches_naive if self.opts.path == "naive" else nsa_branches_gather
+        o_cmp, o_slc, o_win = fn(q_BHSD, k_BHSD, v_BHSD, k_cmp, v_cmp, self.geo, self.scale, batch.doc_ids_BS)
+        B, H, S, _ = q_BHSD.shape
+        g = torch.sigmoid(self.gate(batch.x_BSE).float()).view(B, S, H, 3).permute(3, 0, 2, 1)[..., None]
+        return (g[0] * o_cmp + g[1] * o_slc + g[2] * o_win).to(q_BHSD.dtype)
