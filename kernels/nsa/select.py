@@ -28,8 +28,8 @@ class NSAGeometry:
     window: int
 
     def n_compressed(self, k_len: int) -> int:
-        l, d = self.compress_block, self.compress_stride
-        return 0 if k_len < l else (k_len - l) // d + 1
+        block, stride = self.compress_block, self.compress_stride
+        return 0 if k_len < block else (k_len - block) // stride + 1
 
 
 def query_positions(q_len: int, k_len: int, device: torch.device) -> torch.Tensor:
