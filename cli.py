@@ -1,4 +1,4 @@
-"""The ``longshard`` command: train, data, launch, eval, export-hf."""
+"""The ``longshard`` command: train, data, launch, eval, heads, export-hf."""
 
 from __future__ import annotations
 
@@ -112,6 +112,30 @@ def _export_hf(args: argparse.Namespace) -> int:
     return 0
 
 
+def _heads(args: argparse.Namespace) -> int:
+    import yaml
+    from longshard.models.attention.streaming import retrieval_assignment
+
+    cfg, model = _load_checkpoint_model(args.checkpoint, [])
+    assignment = retrieval_assignment(model, args.threshold)
+    if not assignment:
+        raise ConfigError("checkpoint", "the model has no streaming layers with learned_gates=true.")
+    attention = []
+    for i in range(cfg.model.n_layers):
+        spec = cfg.model.layer_attention(i)
+        if i in assignment:
+            opts = {k: v for k, v in spec.options.items() if k not in ("learned_gates", "gate_l1")}
+            attention.append({"name": "streaming", "options": {**opts, "retrieval_heads": assignment[i]},
+                              "gate": spec.gate})
+        else:
+            attention.append({"name": spec.name, "options": dict(spec.options), "gate": spec.gate})
+    text = yaml.safe_dump({"retrieval_heads": assignment, "model": {"attention": attention}}, sort_keys=False)
+    if args.output:
+        Path(args.output).write_text(text)
+    sys.stdout.write(text)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="longshard", description="Long-context LM training toolkit.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -156,6 +180,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("overrides", nargs="*", help="key=value overrides, e.g. eval.passkey_lengths=[512,1024]")
     e.add_argument("--output", default=None, help="also write the JSON here")
     e.set_defaults(func=_eval)
+
+    hd = sub.add_parser("heads", help="export retrieval/streaming head assignment from learned gates (DuoAttention)")
+    hd.add_argument("checkpoint")
+    hd.add_argument("--threshold", type=float, default=0.5, help="alpha above this -> retrieval (full) head")
+    hd.add_argument("--output", default=None, help="also write the YAML here (merge into a recipe)")
+    hd.set_defaults(func=_heads)
 
     x = sub.add_parser("export-hf", help="write a checkpoint as a Hugging Face folder")
     x.add_argument("checkpoint")

@@ -52,14 +52,14 @@ VARIANTS = [
 @pytest.mark.parametrize("name,opts,H,kv", VARIANTS, ids=[f"{v[0]}-{i}" for i, v in enumerate(VARIANTS)])
 @pytest.mark.parametrize("S", [1, 13, 37])
 @pytest.mark.parametrize("packed", [False, True])
-def test_gather_path_matches_naive(name, opts, H, kv, S, packed):
+def test_fast_paths_match_naive(name, opts, H, kv, S, packed):
     D = 8
     q, k, v = _qkv(2, H, kv, S, D, seed=S)
     starts = torch.rand(2, S, generator=torch.Generator().manual_seed(1)) < 0.1
     doc = torch.cumsum(starts.long(), 1) if packed else None
     batch = AttentionBatch(doc_ids_BS=doc)
     mods = {}
-    for path in ("naive", "gather"):
+    for path in ("naive", "gather", "banded"):
         o = dict(opts)
         if name == "mixed":
             o = {"groups": [dict(g, options=dict(g.get("options", {}), **({"path": path} if g["name"] != "dense"
@@ -69,9 +69,10 @@ def test_gather_path_matches_naive(name, opts, H, kv, S, packed):
             o["path"] = path
         mods[path] = build_attention(name, o, _ctx(H, kv, D))
     ref = _grads(lambda a, b, c: mods["naive"](a, b, c, batch), q, k, v)
-    out = _grads(lambda a, b, c: mods["gather"](a, b, c, batch), q, k, v)
-    for label, r, o in zip(["o", "dq", "dk", "dv"], ref, out):
-        assert_rel(f"{name} {label}", r, o, TOL)
+    for path in ("gather", "banded"):
+        out = _grads(lambda a, b, c, m=mods[path]: m(a, b, c, batch), q, k, v)
+        for label, r, o in zip(["o", "dq", "dk", "dv"], ref, out):
+            assert_rel(f"{name} {path} {label}", r, o, TOL)
 
 
 def _explicit_s2_mask(S, blk, H, kv, opts: S2Options):

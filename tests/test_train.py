@@ -191,3 +191,22 @@ def test_bf16_and_activation_checkpointing(tmp_path, data_dir, env_cpu):
     bf16 = _losses(tmp_path / "bf16")
     # bf16 matmuls (8-bit mantissa) move the loss by ~1e-2 relative, not more
     assert all(abs(a - b) / a < 0.05 for a, b in zip(bf16, _losses(tmp_path / "plain")))
+
+
+def test_learned_gates_train_and_export_assignment(tmp_path, data_dir, env_cpu):
+    """Identification run: alpha gets the L1 penalty in the loss; `longshard heads` exports the split."""
+    att = ("model.attention=[{name: streaming, options: {learned_gates: true, gate_l1: 0.05, block: 16, "
+           "sink: 4, window: 16}}]")
+    _run(1, tmp_path / "duo", data_dir, ["train.steps=3", att, "eval.at_end=false", "train.log_every=1"], env_cpu)
+    lines = [json.loads(x) for x in (tmp_path / "duo" / "metrics.jsonl").read_text().splitlines()]
+    assert lines[0]["step"] == 1 and lines[0]["aux_loss"] == pytest.approx(0.05 * 2 * 2, rel=1e-3)  # 2 layers x 2 KV heads, alpha = 1
+    ckpt = tmp_path / "duo" / "checkpoints" / "step_00000003"
+    out = subprocess.run([sys.executable, "-m", "longshard.cli", "heads", str(ckpt), "--threshold", "0.5"],
+                         capture_output=True, text=True, env=env_cpu)
+    assert out.returncode == 0, out.stderr[-2000:]
+    import yaml
+
+    doc = yaml.safe_load(out.stdout)
+    assert set(doc["retrieval_heads"]) == {0, 1}
+    assert doc["model"]["attention"][0]["name"] == "streaming"
+    assert "learned_gates" not in doc["model"]["attention"][0]["options"]

@@ -13,30 +13,49 @@ from longshard.kernels.nsa.select import (
     query_positions,
     select_blocks,
 )
+from torch.utils.checkpoint import checkpoint
 
 
-def _selected_gather(q, k, v, idx, ok, geo: NSAGeometry, scale: float, doc_ids_BS) -> torch.Tensor:
-    """Each query attends to the tokens of its own n selected blocks (gathered, not masked)."""
-    B, H, Sq, D = q.shape
+def _selected_gather(q, k, v, idx, ok, geo: NSAGeometry, scale: float, doc_ids_BS, q_chunk: int = 256):
+    """Each query attends to the tokens of its own n selected blocks (gathered, not masked).
+
+    Queries are processed in chunks, each under activation checkpointing when training, so the
+    gathered keys/values of only one chunk are alive at a time.
+    """
+    Sq = q.shape[2]
+    outs = []
+    for start in range(0, Sq, q_chunk):
+        sl = slice(start, min(start + q_chunk, Sq))
+        args = (q[:, :, sl], k, v, idx[:, :, sl], ok[:, :, sl], start, Sq)
+        if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+            outs.append(checkpoint(_selected_chunk, *args, geo, scale, doc_ids_BS, use_reentrant=False))
+        else:
+            outs.append(_selected_chunk(*args, geo, scale, doc_ids_BS))
+    return torch.cat(outs, dim=2)
+
+
+def _selected_chunk(q, k, v, idx, ok, start: int, q_total: int, geo: NSAGeometry, scale: float, doc_ids_BS):
+    B, H, Sc, D = q.shape
     Hkv, Sk = k.shape[1], k.shape[2]
     G, ls, n = H // Hkv, geo.select_block, idx.shape[-1]
-    pos = (idx[..., None] * ls + torch.arange(ls, device=q.device)).reshape(B, Hkv, Sq, n * ls)
+    pos = (idx[..., None] * ls + torch.arange(ls, device=q.device)).reshape(B, Hkv, Sc, n * ls)
     tok_ok = ok.repeat_interleave(ls, dim=-1) & (pos < Sk)
-    t = query_positions(Sq, Sk, q.device)
+    t = query_positions(q_total, Sk, q.device)[start : start + Sc]
     tok_ok = tok_ok & (pos <= t[None, None, :, None])
     pos = pos.clamp_max(Sk - 1)
     if doc_ids_BS is not None:
         d_key = torch.gather(doc_ids_BS[:, None].expand(B, Hkv, Sk), 2, pos.flatten(2)).view_as(pos)
-        tok_ok = tok_ok & (d_key == doc_ids_BS[:, None, Sk - Sq :, None])
-    flat = pos.flatten(2)[..., None].expand(B, Hkv, Sq * n * ls, D)
-    kg = torch.gather(k, 2, flat).view(B, Hkv, Sq, n * ls, D)
-    vg = torch.gather(v, 2, flat).view(B, Hkv, Sq, n * ls, D)
-    qg = q.view(B, Hkv, G, Sq, D)
+        d_q = doc_ids_BS[:, Sk - q_total + start : Sk - q_total + start + Sc]
+        tok_ok = tok_ok & (d_key == d_q[:, None, :, None])
+    flat = pos.flatten(2)[..., None].expand(B, Hkv, Sc * n * ls, D)
+    kg = torch.gather(k, 2, flat).view(B, Hkv, Sc, n * ls, D)
+    vg = torch.gather(v, 2, flat).view(B, Hkv, Sc, n * ls, D)
+    qg = q.reshape(B, Hkv, G, Sc, D)
     s = torch.einsum("bkgtd,bktnd->bkgtn", qg.float(), kg.float()) * scale
     s = s.masked_fill(~tok_ok[:, :, None], float("-inf"))
     p = torch.softmax(s, dim=-1)  # the query's own block is always selected: no empty row
     o = torch.einsum("bkgtn,bktnd->bkgtd", p, vg.float())
-    return o.reshape(B, H, Sq, D).to(q.dtype)
+    return o.reshape(B, H, Sc, D).to(q.dtype)
 
 
 def nsa_branches_gather(

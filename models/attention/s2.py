@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from longshard.errors import ConfigError, require, require_positive
 from longshard.kernels.block_sparse import SparsePattern
+from longshard.kernels.block_sparse.banded import BandFarSpec
 from longshard.models.attention.dense import DenseAttention, DenseOptions
 from longshard.models.attention.registry import AttentionContext, register_attention
 from longshard.models.attention.sparse_base import BlockSparseAttention, check_path
@@ -107,6 +108,17 @@ class S2Attention(BlockSparseAttention):
                 "use at least vert_stride KV heads, lower vert_stride, add dense heads (mixed), "
                 "or set allow_incomplete_coverage=true.",
             )
+
+    def band_spec(self, n_blocks: int) -> BandFarSpec:
+        o, kv = self.opts, self.ctx.n_kv_heads
+        j = torch.arange(n_blocks)
+        far = []
+        for h in range(kv):
+            sel = j[((j % o.vert_stride) == s2_phase(h, kv, o)) | (j < o.sink_blocks)]
+            far.append(sel)
+        width = max(len(f) for f in far)
+        far_KF = torch.stack([torch.cat([f, f.new_full((width - len(f),), -1)]) for f in far])
+        return BandFarSpec(self.block, o.local_blocks, far_KF.repeat_interleave(self.ctx.n_heads // kv, dim=0))
 
     def build_pattern(self, n_blocks: int) -> SparsePattern:
         kv = s2_kept_blocks(n_blocks, self.ctx.n_kv_heads, self.opts)

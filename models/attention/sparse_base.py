@@ -11,10 +11,11 @@ from longshard.kernels.block_sparse import (
     block_sparse_attention_gather,
     block_sparse_attention_naive,
 )
+from longshard.kernels.block_sparse.banded import BandFarSpec, band_far_attention
 from longshard.kernels.block_sparse.flex import block_sparse_attention_flex, flex_available
 from longshard.models.attention.registry import AttentionBatch, AttentionContext, CoreAttention
 
-SPARSE_PATHS = ("auto", "naive", "gather", "flex")
+SPARSE_PATHS = ("auto", "naive", "gather", "banded", "flex")
 
 
 def check_path(path: str) -> None:
@@ -26,8 +27,9 @@ class BlockSparseAttention(CoreAttention):
     """Base of block-sparse variants: subclasses implement :meth:`build_pattern`.
 
     Paths: ``naive`` (full masked score matrix, the reference), ``gather`` (kept K/V blocks only,
-    trainable on CPU), ``flex`` (flex_attention BlockMask; CUDA forward+backward), ``auto``
-    (flex on CUDA, gather for training/prefill on CPU, naive for decoding steps).
+    any pattern), ``banded`` (band + far blocks, for variants that define :meth:`band_spec`;
+    the fastest CPU training path), ``flex`` (flex_attention BlockMask; CUDA forward+backward),
+    ``auto`` (flex on CUDA; banded, else gather, for training/prefill on CPU; naive when decoding).
     """
 
     def __init__(self, ctx: AttentionContext, block: int, path: str) -> None:
@@ -37,6 +39,10 @@ class BlockSparseAttention(CoreAttention):
 
     def build_pattern(self, n_blocks: int) -> SparsePattern:  # pragma: no cover - interface
         raise NotImplementedError
+
+    def band_spec(self, n_blocks: int) -> BandFarSpec | None:
+        """The pattern as band + far blocks, when it has that shape (None = use gather)."""
+        return None
 
     def pattern(self, n_blocks: int, device: torch.device) -> SparsePattern:
         """The (cached) pattern over ``n_blocks`` blocks on ``device``."""
@@ -52,17 +58,27 @@ class BlockSparseAttention(CoreAttention):
             return "naive"
         if q_BHSD.is_cuda and flex_available():
             return "flex"
-        return "gather"
+        return "banded" if self.band_spec(1) is not None else "gather"
 
     def forward(
         self, q_BHSD: torch.Tensor, k_BHSD: torch.Tensor, v_BHSD: torch.Tensor, batch: AttentionBatch
     ) -> torch.Tensor:
         k_len = k_BHSD.shape[2]
-        pat = self.pattern(math.ceil(k_len / self.block), q_BHSD.device)
         path = self.resolve_path(q_BHSD, k_len)
+        if path == "banded":
+            return self.banded_forward(q_BHSD, k_BHSD, v_BHSD, batch)
+        pat = self.pattern(math.ceil(k_len / self.block), q_BHSD.device)
         fn = {
             "naive": block_sparse_attention_naive,
             "gather": block_sparse_attention_gather,
             "flex": block_sparse_attention_flex,
         }[path]
         return fn(q_BHSD, k_BHSD, v_BHSD, pat, batch.doc_ids_BS)
+
+    def banded_forward(
+        self, q_BHSD: torch.Tensor, k_BHSD: torch.Tensor, v_BHSD: torch.Tensor, batch: AttentionBatch
+    ) -> torch.Tensor:
+        spec = self.band_spec(math.ceil(k_BHSD.shape[2] / self.block))
+        if spec is None:
+            raise ValueError(f"{type(self).__name__} has no band + far form: use path gather")
+        return band_far_attention(q_BHSD, k_BHSD, v_BHSD, spec, batch.doc_ids_BS)

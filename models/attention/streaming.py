@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from longshard.errors import require, require_positive
 from longshard.kernels.attention.naive import causal_doc_mask
 from longshard.kernels.block_sparse import SparsePattern
+from longshard.kernels.block_sparse.banded import BandFarSpec, band_far_attention
 from longshard.kernels.block_sparse.pattern import sink_window_pattern
 from longshard.models.attention.registry import AttentionBatch, AttentionContext, register_attention
 from longshard.models.attention.sparse_base import BlockSparseAttention, check_path
@@ -85,6 +86,27 @@ class StreamingAttention(BlockSparseAttention):
         a = alpha.repeat_interleave(self.ctx.n_heads // self.ctx.n_kv_heads)[:, None, None]
         return a * full + (1 - a) * streamed
 
+    def band_spec(self, n_blocks: int) -> BandFarSpec:
+        """Sink + window for the streaming heads (retrieval heads run dense, see banded_forward)."""
+        n_stream = self.ctx.n_heads if self.alpha is not None else int(self.streaming_H.sum())
+        return sink_window_band_spec(self.block, n_stream, self.opts.sink, self.opts.window)
+
+    def banded_forward(self, q_BHSD, k_BHSD, v_BHSD, batch: AttentionBatch):
+        spec = self.band_spec(0)
+        if self.alpha is not None or bool(self.streaming_H.all()):
+            return band_far_attention(q_BHSD, k_BHSD, v_BHSD, spec, batch.doc_ids_BS)
+        group = self.ctx.n_heads // self.ctx.n_kv_heads
+        stream_q = self.streaming_H
+        stream_kv = stream_q[::group]
+        parts = {}
+        if stream_q.any():
+            parts[True] = band_far_attention(q_BHSD[:, stream_q], k_BHSD[:, stream_kv], v_BHSD[:, stream_kv], spec,
+                                             batch.doc_ids_BS)
+        parts[False] = self._full(q_BHSD[:, ~stream_q], k_BHSD[:, ~stream_kv], v_BHSD[:, ~stream_kv], batch)
+        order = torch.cat([torch.nonzero(~stream_q).flatten(), torch.nonzero(stream_q).flatten()])
+        merged = torch.cat([parts[False], *([parts[True]] if True in parts else [])], dim=1)
+        return merged[:, torch.argsort(order)]
+
     def _full(self, q_BHSD, k_BHSD, v_BHSD, batch):
         mask = causal_doc_mask(q_BHSD.shape[2], k_BHSD.shape[2], batch.doc_ids_BS, q_BHSD.device)
         return F.scaled_dot_product_attention(q_BHSD, k_BHSD, v_BHSD, attn_mask=mask, enable_gqa=True)
@@ -124,9 +146,20 @@ class SlidingWindowAttention(BlockSparseAttention):
         super().__init__(ctx, opts.block, opts.path)
         self.opts = opts
 
+    def band_spec(self, n_blocks: int) -> BandFarSpec:
+        return sink_window_band_spec(self.block, self.ctx.n_heads, self.opts.sink, self.opts.window)
+
     def build_pattern(self, n_blocks: int) -> SparsePattern:
         every = torch.ones(self.ctx.n_heads, dtype=torch.bool)
         return sink_window_pattern(n_blocks, self.block, self.ctx.n_heads, every, self.opts.sink, self.opts.window)
+
+
+def sink_window_band_spec(block: int, n_heads: int, sink: int, window: int) -> BandFarSpec:
+    """Band + far form of sink + window attention on ``n_heads`` heads."""
+    n_sink_blocks = -(-sink // block)
+    far = torch.arange(n_sink_blocks)[None].expand(n_heads, -1)
+    full = lambda v: torch.full((n_heads,), v, dtype=torch.long)
+    return BandFarSpec(block, (window - 1) // block + 2, far, full(window), full(sink), full(sink))
 
 
 def retrieval_assignment(model: nn.Module, threshold: float = 0.5) -> dict[int, list[int]]:

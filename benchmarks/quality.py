@@ -1,0 +1,81 @@
+"""Model quality per attention variant: the quickstart model trained with each, same data and steps.
+
+Reports final training loss, held-out loss relative to dense, and passkey accuracy at the trained
+length. Each variant is one `longshard.train.main quickstart ...` run (2 processes).
+
+    python benchmarks/quality.py --quick --json quality.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+S2 = {"block": 16, "local_blocks": 4, "vert_stride": 2}
+VARIANTS: dict[str, list[str]] = {
+    "dense": ["model.attention=[{name: dense}]"],
+    "s2": [f"model.attention=[{{name: s2, options: {json.dumps(S2)}}}]"],
+    "s2_hybrid": [f"model.attention=[{{name: s2, options: {json.dumps(dict(S2, dense_every_n_layers=2))}}}]"],
+    "streaming": ["model.attention=[{name: streaming, options: {sink: 16, window: 64, retrieval_heads: [0]}}]"],
+    "sliding_window": ["model.attention=[{name: sliding_window, options: {window: 64}}]"],
+    "nsa": ["model.attention=[{name: nsa, options: {compress_block: 16, compress_stride: 8, select_block: 32, "
+            "n_select: 4, n_local: 2, window: 64}}]"],
+    "linear": ["model.attention=[{name: linear}]"],
+    "linear_hybrid": ["model.attention=[{name: linear},{name: dense},{name: linear},{name: dense}]"],
+    "gated": ["model.attention=[{name: dense, gate: elementwise}]"],
+    "mixed_dense_s2": ["model.attention=[{name: mixed, options: {groups: [{name: dense, heads: 3}, "
+                       f"{{name: s2, heads: 3, options: {json.dumps(S2)}}}]}}}}]"],
+    "sqa": ["model.attention=[{name: dense}]", "model.n_query_heads=3", "model.n_kv_heads=1"],
+}
+
+
+def run(name: str, overrides: list[str], steps: int, out: Path) -> dict:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+           "-m", "longshard.train.main", "quickstart", *overrides, f"train.steps={steps}",
+           f"output_dir={out / name}", "logging.wandb=disabled", "logging.progress=false",
+           "checkpoint.save_final=false", "eval.passkey_lengths=[256]", "eval.passkey_samples=8",
+           f"data.path={out / 'data'}", "data.source=prepared"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{name} failed:\n{proc.stderr[-3000:]}")
+    return json.loads((out / name / "report.json").read_text())
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--quick", action="store_true", help="60 steps per variant (about 8 minutes on 2 cores)")
+    ap.add_argument("--steps", type=int, default=None)
+    ap.add_argument("--variants", nargs="*", default=list(VARIANTS))
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args(argv)
+    steps = args.steps or (60 if args.quick else 300)
+    from longshard.train.data import prepare_default
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp)
+        prepare_default(out / "data", 3_000_000)
+        names = ["dense", *[v for v in args.variants if v != "dense"]]
+        reports = {name: run(name, VARIANTS[name], steps, out) for name in names}
+    dense = reports["dense"]
+    records = []
+    sys.stdout.write(f"{'variant':16s} {'train loss':>10s} {'val loss':>9s} {'vs dense':>9s} {'passkey@256':>11s}\n")
+    for name in args.variants:
+        r = reports[name]
+        rec = {"variant": name, "steps": steps, "final_loss": r["final_loss"], "val_loss": r.get("val_loss"),
+               "val_loss_vs_dense": r["val_loss"] / dense["val_loss"] - 1, "passkey_acc": r.get("passkey_acc@256")}
+        records.append(rec)
+        sys.stdout.write(f"{name:16s} {rec['final_loss']:10.4f} {rec['val_loss']:9.4f} "
+                         f"{100 * rec['val_loss_vs_dense']:+8.2f}% {rec['passkey_acc']:11.2f}\n")
+    if args.json:
+        Path(args.json).write_text(json.dumps(records, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
