@@ -199,7 +199,8 @@ def test_learned_gates_train_and_export_assignment(tmp_path, data_dir, env_cpu):
            "sink: 4, window: 16}}]")
     _run(1, tmp_path / "duo", data_dir, ["train.steps=3", att, "eval.at_end=false", "train.log_every=1"], env_cpu)
     lines = [json.loads(x) for x in (tmp_path / "duo" / "metrics.jsonl").read_text().splitlines()]
-    assert lines[0]["step"] == 1 and lines[0]["aux_loss"] == pytest.approx(0.05 * 2 * 2, rel=1e-3)  # 2 layers x 2 KV heads, alpha = 1
+    # 2 layers x 2 KV heads with alpha = 1 at step 1
+    assert lines[0]["step"] == 1 and lines[0]["aux_loss"] == pytest.approx(0.05 * 2 * 2, rel=1e-3)
     ckpt = tmp_path / "duo" / "checkpoints" / "step_00000003"
     out = subprocess.run([sys.executable, "-m", "longshard.cli", "heads", str(ckpt), "--threshold", "0.5"],
                          capture_output=True, text=True, env=env_cpu)
