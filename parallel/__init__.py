@@ -1,7 +1,7 @@
 """Parallelism applied from outside the model: process groups, meshes, data parallel wrappers."""
 
 from longshard.parallel.data_parallel import clip_grad_norm, gradient_sync, parallelize, unwrap
-from longshard.parallel.env import DistEnv, build_mesh, destroy_distributed, init_distributed
+from longshard.parallel.env import DistEnv, build_mesh, destroy_distributed, init_distributed, mesh_shape
 
 __all__ = [
     "DistEnv",
@@ -10,6 +10,7 @@ __all__ = [
     "destroy_distributed",
     "gradient_sync",
     "init_distributed",
+    "mesh_shape",
     "parallelize",
     "unwrap",
 ]

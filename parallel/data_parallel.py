@@ -16,22 +16,26 @@ from torch.nn.parallel import DistributedDataParallel
 def parallelize(model: Transformer, mesh: DeviceMesh, dp_mode: str) -> nn.Module:
     """Wrap ``model`` for data parallel training over ``mesh["dp"]``.
 
+    Gradients are reduced over the whole (dp, sp) mesh: sequence-parallel ranks hold different
+    tokens of the same samples, so their parameter gradients add up like those of data-parallel
+    ranks (the trainer scales the loss by the world size over the global token count).
+
     Args:
         model: single-device model, already on its device, identical on every rank.
-        mesh: device mesh with a ``dp`` dimension.
+        mesh: device mesh with ``dp`` and ``sp`` dimensions.
         dp_mode: ``ddp`` (gradient all-reduce) or ``fsdp2`` (each block and the root sharded).
 
     Returns:
         The wrapped module; use :func:`unwrap` to reach the :class:`Transformer`.
     """
-    dp_mesh = mesh["dp"]
     if dp_mode == "ddp":
         device_ids = [model.output.weight.device.index] if model.output.weight.is_cuda else None
-        return DistributedDataParallel(model, device_ids=device_ids, process_group=dp_mesh.get_group())
+        return DistributedDataParallel(model, device_ids=device_ids)  # default group = every rank
     if dp_mode == "fsdp2":
+        shard_mesh = mesh if mesh["sp"].size() > 1 else mesh["dp"]  # 2-D: replicate over dp, shard over sp
         for block in model.layers:
-            fully_shard(block, mesh=dp_mesh)
-        fully_shard(model, mesh=dp_mesh)
+            fully_shard(block, mesh=shard_mesh)
+        fully_shard(model, mesh=shard_mesh)
         return model
     raise ValueError(f"unknown dp_mode {dp_mode!r}: use ddp or fsdp2")
 

@@ -68,18 +68,23 @@ def init_distributed(device_kind: str = "auto", timeout_s: float = 600.0) -> Dis
     return DistEnv(dist.get_rank(), dist.get_world_size(), local_rank, device, backend)
 
 
-def build_mesh(env: DistEnv, dp: int | None = None) -> DeviceMesh:
-    """A 1-D data-parallel DeviceMesh (named ``dp``) over all ranks.
+def mesh_shape(world_size: int, sp: int = 1) -> tuple[int, int]:
+    """(dp, sp) for ``world_size`` ranks; raises before any collective when sp does not divide it."""
+    if sp < 1 or world_size % sp != 0:
+        raise ConfigError("parallel.sp_degree", f"sp_degree={sp} does not divide the world size {world_size}.",
+                          "launch a multiple of sp_degree processes.")
+    return world_size // sp, sp
+
+
+def build_mesh(env: DistEnv, sp: int = 1) -> DeviceMesh:
+    """A 2-D DeviceMesh (``dp``, ``sp``) over all ranks; consecutive ranks share a sequence group.
 
     Args:
         env: this process's :class:`DistEnv`.
-        dp: expected data-parallel degree; must equal the world size when given.
+        sp: sequence-parallel degree (1 = pure data parallel).
     """
-    dp = env.world_size if dp is None else dp
-    if dp != env.world_size:
-        raise ConfigError("parallel", f"mesh dp={dp} does not match the world size {env.world_size}.",
-                          "launch as many processes as the mesh needs.")
-    return init_device_mesh(env.device.type, (dp,), mesh_dim_names=("dp",))
+    dp, sp = mesh_shape(env.world_size, sp)
+    return init_device_mesh(env.device.type, (dp, sp), mesh_dim_names=("dp", "sp"))
 
 
 def destroy_distributed() -> None:

@@ -17,6 +17,7 @@ DATA_SOURCES = ("default", "prepared", "passkey", "mqar")
 DTYPES = ("fp32", "bf16")
 SCHEDULES = ("cosine", "wsd", "constant")
 DP_MODES = ("ddp", "fsdp2")
+SP_MODES = ("ulysses",)
 WANDB_MODES = ("offline", "online", "disabled")
 NAN_POLICIES = ("stop", "skip")
 DEVICES = ("auto", "cpu", "cuda")
@@ -157,12 +158,18 @@ class ParallelConfig:
 
     Args:
         dp_mode: ``ddp`` (replicated) or ``fsdp2`` (``fully_shard`` per block).
+        sp_degree: sequence-parallel degree; the data-parallel degree is world size / sp_degree.
+        sp_mode: ``ulysses`` (all-to-all head sharding around the attention).
     """
 
     dp_mode: str = "ddp"
+    sp_degree: int = 1
+    sp_mode: str = "ulysses"
 
     def __post_init__(self) -> None:
         _choice(self.dp_mode, DP_MODES, "parallel.dp_mode")
+        require_positive(self.sp_degree, "parallel.sp_degree")
+        _choice(self.sp_mode, SP_MODES, "parallel.sp_mode")
 
 
 @dataclass(kw_only=True)
@@ -297,6 +304,12 @@ class Config:
                 f"{self.train.seq_len} exceeds model.max_seq_len={limit}.",
                 "train shorter, raise model.max_seq_len, or extend RoPE (model.rope.scaling) for longer context.",
             )
+        sp = self.parallel.sp_degree
+        require(self.train.seq_len % sp == 0, "train.seq_len",
+                f"{self.train.seq_len} is not divisible by parallel.sp_degree={sp}.",
+                "choose seq_len as a multiple of the sequence-parallel degree.")
+        for n in self.eval.passkey_lengths:
+            require(n % sp == 0, "eval.passkey_lengths", f"{n} is not divisible by parallel.sp_degree={sp}.")
         if self.data.source == "mqar":
             require(4 * self.data.mqar_num_kv_pairs <= self.train.seq_len, "data.mqar_num_kv_pairs",
                     f"{self.data.mqar_num_kv_pairs} pairs need seq_len >= {4 * self.data.mqar_num_kv_pairs}.")

@@ -6,7 +6,9 @@ import math
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from longshard.models.model import IGNORE_INDEX, cross_entropy_sum
+from longshard.parallel.sequence import SeqShard
 from longshard.train.data.loader import PasskeyDataset, collate
 from longshard.train.data.tokenizer import Tokenizer
 from torch import nn
@@ -15,7 +17,7 @@ from torch import nn
 @torch.no_grad()
 def heldout_loss(
     model: nn.Module, dataset, n_batches: int, batch_size: int, device: torch.device,
-    autocast_dtype: torch.dtype | None, doc_mask: bool = True,
+    autocast_dtype: torch.dtype | None, doc_mask: bool = True, sp: SeqShard | None = None,
 ) -> float | None:
     """Mean token loss over the first ``n_batches x batch_size`` held-out windows (None if empty)."""
     n = min(len(dataset), n_batches * batch_size)
@@ -24,42 +26,52 @@ def heldout_loss(
     total, count = 0.0, 0
     for start in range(0, n, batch_size):
         b = collate([dataset[i] for i in range(start, min(start + batch_size, n))])
-        loss, cnt = _forward_loss(model, b, device, autocast_dtype, doc_mask)
-        total += float(loss)
-        count += int(cnt)
+        logits, labels = forward_batch(model, b, device, autocast_dtype, doc_mask, sp)
+        loss, cnt = cross_entropy_sum(logits, labels)
+        sums = torch.stack([loss.detach().float(), cnt.float()])
+        if sp is not None:
+            dist.all_reduce(sums, group=sp.group)
+        total += float(sums[0])
+        count += int(sums[1])
     return total / max(count, 1)
 
 
-def _forward_loss(model, batch, device, autocast_dtype, doc_mask):
+def forward_batch(model, batch, device, autocast_dtype, doc_mask: bool, sp: SeqShard | None):
+    """Logits and labels of this rank for a collated batch (its sequence shard when ``sp`` is set)."""
+    doc = batch["doc_ids"] if doc_mask else None
+    pos = None
+    if sp is not None:
+        batch = sp.shard(batch["tokens"], batch["labels"], doc)
+        doc, pos = batch["doc_ids"], batch["position_ids"].to(device)
     tokens = batch["tokens"].to(device)
-    doc = batch["doc_ids"].to(device) if (doc_mask and batch["doc_ids"] is not None) else None
+    doc = doc.to(device) if doc is not None else None
     with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-        logits = model(tokens, doc_ids_BS=doc)
-    return cross_entropy_sum(logits, batch["labels"].to(device))
+        logits = model(tokens, doc_ids_BS=doc, position_ids_BS=pos)
+    return logits, batch["labels"].to(device)
 
 
 @torch.no_grad()
 def passkey_accuracy(
     model: nn.Module, tokenizer: Tokenizer, length: int, n_samples: int, device: torch.device,
-    autocast_dtype: torch.dtype | None, seed: int = 1234,
+    autocast_dtype: torch.dtype | None, seed: int = 1234, sp: SeqShard | None = None,
 ) -> float:
     """Share of prompts whose every answer token is the argmax prediction (= greedy exact match)."""
     ds = PasskeyDataset(tokenizer, length, n_samples, seed)
     correct = 0
     for i in range(n_samples):
-        b = collate([ds[i]])
-        tokens, labels = b["tokens"].to(device), b["labels"].to(device)
-        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            logits = model(tokens)
+        logits, labels = forward_batch(model, collate([ds[i]]), device, autocast_dtype, False, sp)
         sel = labels != IGNORE_INDEX
-        correct += int(bool((logits.argmax(-1)[sel] == labels[sel]).all()))
+        wrong = (logits.argmax(-1)[sel] != labels[sel]).sum().reshape(1).float()
+        if sp is not None:  # the answer may straddle sequence shards
+            dist.all_reduce(wrong, group=sp.group)
+        correct += int(wrong.item() == 0)
     return correct / max(n_samples, 1)
 
 
 def evaluate(
     model: nn.Module, *, val_dataset, tokenizer: Tokenizer, seq_len: int, val_batches: int, batch_size: int,
     passkey_lengths: list[int], passkey_samples: int, device: torch.device, autocast_dtype: torch.dtype | None,
-    doc_mask: bool = True,
+    doc_mask: bool = True, sp: SeqShard | None = None,
 ) -> dict[str, Any]:
     """Run every evaluation and return flat metrics (``val_loss``, ``val_ppl``, ``passkey_acc@N``).
 
@@ -69,12 +81,13 @@ def evaluate(
     model.eval()
     out: dict[str, Any] = {}
     if val_dataset is not None and val_batches > 0:
-        loss = heldout_loss(model, val_dataset, val_batches, batch_size, device, autocast_dtype, doc_mask)
+        loss = heldout_loss(model, val_dataset, val_batches, batch_size, device, autocast_dtype, doc_mask, sp)
         if loss is not None:
             out["val_loss"] = loss
             out["val_ppl"] = math.exp(min(loss, 50.0))
     if passkey_samples > 0:
         for n in passkey_lengths or [seq_len, 2 * seq_len]:
-            out[f"passkey_acc@{n}"] = passkey_accuracy(model, tokenizer, n, passkey_samples, device, autocast_dtype)
+            out[f"passkey_acc@{n}"] = passkey_accuracy(model, tokenizer, n, passkey_samples, device, autocast_dtype,
+                                                       sp=sp)
     model.train(was_training)
     return out

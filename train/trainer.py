@@ -22,9 +22,11 @@ from longshard.parallel import (
     clip_grad_norm,
     gradient_sync,
     init_distributed,
+    mesh_shape,
     parallelize,
     unwrap,
 )
+from longshard.parallel.sequence import CommCounter, SeqShard, apply_ulysses
 from longshard.train.checkpoint import Checkpointer, CheckpointError
 from longshard.train.config import Config, dump_config
 from longshard.train.data import (
@@ -105,15 +107,16 @@ def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimize
     return torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, foreach=False)
 
 
-def check_layout(cfg: Config, env: DistEnv) -> int:
-    """Validate the batch layout against the world size before any collective; return grad accumulation."""
+def check_layout(cfg: Config, env: DistEnv) -> tuple[int, int]:
+    """Validate the layout against the world size before any collective; return (dp, grad accumulation)."""
     t = cfg.train
-    per_step = t.micro_batch_size * env.world_size
+    dp, _ = mesh_shape(env.world_size, cfg.parallel.sp_degree)
+    per_step = t.micro_batch_size * dp
     require(t.global_batch_size % per_step == 0, "train.global_batch_size",
             f"{t.global_batch_size} is not divisible by micro_batch_size x data-parallel size "
-            f"= {t.micro_batch_size} x {env.world_size}.",
-            "choose global_batch_size as a multiple of micro_batch_size x number of processes.")
-    return t.global_batch_size // per_step
+            f"= {t.micro_batch_size} x {dp}.",
+            "choose global_batch_size as a multiple of micro_batch_size x (processes / sp_degree).")
+    return dp, t.global_batch_size // per_step
 
 
 def check_passkey_lengths(tokenizer, lengths: list[int]) -> None:
@@ -133,7 +136,8 @@ def train(cfg: Config) -> dict[str, Any]:
     """
     t0 = time.time()
     env = init_distributed(cfg.train.device)
-    grad_accum = check_layout(cfg, env)
+    dp_size, grad_accum = check_layout(cfg, env)
+    sp_size = cfg.parallel.sp_degree
     mcfg = resolve_model_config(cfg)
     out_dir = Path(cfg.output_dir)
     resolved_yaml = dump_config(replace(cfg, model=mcfg, init=replace(cfg.init, hf_path=None)))
@@ -152,13 +156,18 @@ def train(cfg: Config) -> dict[str, Any]:
         load_into(model, load_hf_state_dict(cfg.init.hf_path, mcfg), cfg.init.hf_path)
     model.set_activation_checkpointing(cfg.train.activation_checkpointing)
     model.to(env.device)
-    mesh = build_mesh(env)
+    mesh = build_mesh(env, sp_size)
+    comm = CommCounter()
+    sp = None
+    if sp_size > 1:
+        sp = SeqShard(mesh["sp"].get_group(), mesh["sp"].get_local_rank(), sp_size)
+        apply_ulysses(model, sp.group, comm)
     dmodel = parallelize(model, mesh, cfg.parallel.dp_mode)
     optimizer = build_optimizer(dmodel, cfg)
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.steps)
     loader = DistributedLoader(
-        train_ds, micro_batch_size=cfg.train.micro_batch_size, grad_accum=grad_accum, dp_rank=env.rank,
-        dp_size=env.world_size, seed=cfg.train.seed, shuffle=cfg.data.shuffle,
+        train_ds, micro_batch_size=cfg.train.micro_batch_size, grad_accum=grad_accum,
+        dp_rank=mesh["dp"].get_local_rank(), dp_size=dp_size, seed=cfg.train.seed, shuffle=cfg.data.shuffle,
     )
     ckpt = Checkpointer(cfg.checkpoint.dir, cfg.checkpoint.keep_last, env.rank, resolved_yaml)
     start_step, history = 0, []
@@ -191,7 +200,7 @@ def train(cfg: Config) -> dict[str, Any]:
             dmodel, val_dataset=val_ds, tokenizer=tokenizer, seq_len=cfg.train.seq_len,
             val_batches=cfg.eval.val_batches, batch_size=cfg.train.micro_batch_size,
             passkey_lengths=passkey_lengths, passkey_samples=cfg.eval.passkey_samples,
-            device=env.device, autocast_dtype=autocast, doc_mask=cfg.data.doc_mask,
+            device=env.device, autocast_dtype=autocast, doc_mask=cfg.data.doc_mask, sp=sp,
         )
 
     def save(step: int) -> Path:
@@ -202,6 +211,8 @@ def train(cfg: Config) -> dict[str, Any]:
     for step in range(start_step + 1, cfg.train.steps + 1):
         step_t0 = time.time()
         micro = loader.next_step()
+        if sp is not None:  # every rank of a sequence group got the same samples: keep its shard
+            micro = [sp.shard(b["tokens"], b["labels"], b["doc_ids"] if cfg.data.doc_mask else None) for b in micro]
         n_local = sum(int((b["labels"] != -100).sum()) for b in micro)
         counts = torch.tensor([float(n_local)], device=env.device)
         dist.all_reduce(counts)
@@ -211,9 +222,10 @@ def train(cfg: Config) -> dict[str, Any]:
         for i, b in enumerate(micro):
             tokens, labels = b["tokens"].to(env.device), b["labels"].to(env.device)
             doc = b["doc_ids"].to(env.device) if (cfg.data.doc_mask and b["doc_ids"] is not None) else None
+            pos = b["position_ids"].to(env.device) if "position_ids" in b else None
             with gradient_sync(dmodel, enabled=i == len(micro) - 1):
                 with torch.autocast(env.device.type, dtype=autocast, enabled=autocast is not None):
-                    logits = dmodel(tokens, doc_ids_BS=doc)
+                    logits = dmodel(tokens, doc_ids_BS=doc, position_ids_BS=pos)
                 ce, _ = cross_entropy_sum(logits, labels)
                 # Gradient of the global token-mean loss: data parallel averages over ranks, so scale back up.
                 objective = ce * (env.world_size / n_global)
@@ -251,6 +263,7 @@ def train(cfg: Config) -> dict[str, Any]:
             "mfu": (fpt * tps / env.world_size / 1e12 / peak) if peak else None,
             "peak_mem_gb": peak_memory_bytes(env.device) / 1e9, "step_time_s": dt,
             "tokens_seen": step * tokens_per_step,
+            **{f"comm/{k}": v for k, v in comm.reset().items()},
         }
         if cfg.eval.every and step % cfg.eval.every == 0 and step != cfg.train.steps:
             rec.update(run_eval())
@@ -273,6 +286,7 @@ def train(cfg: Config) -> dict[str, Any]:
         **eval_results,
         "world_size": env.world_size,
         "dp_mode": cfg.parallel.dp_mode,
+        "sp_degree": sp_size,
         "device": str(env.device),
         "wall_s": time.time() - t0,
         "checkpoint": str(last_ckpt) if last_ckpt else None,

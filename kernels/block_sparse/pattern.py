@@ -36,6 +36,11 @@ class SparsePattern:
         mv = lambda t: None if t is None else t.to(device)
         return SparsePattern(self.block, self.block_mask_HQK.to(device), mv(self.window_H), mv(self.sink_H))
 
+    def head_slice(self, start: int, stop: int) -> SparsePattern:
+        """The pattern of query heads [start, stop)."""
+        cut = lambda t: None if t is None else t[start:stop]
+        return SparsePattern(self.block, self.block_mask_HQK[start:stop], cut(self.window_H), cut(self.sink_H))
+
     def kept_fraction(self) -> float:
         """Kept (query-block, key-block) pairs over the causal lower triangle, averaged over heads."""
         n = self.block_mask_HQK.shape[-1]

@@ -69,6 +69,9 @@ class DenseAttention(CoreAttention):
         self.opts = opts
         self.scale = opts.softmax_scale or 1.0 / math.sqrt(ctx.head_dim)
 
+    def set_head_slice(self, start: int, stop: int) -> None:
+        """Dense attention treats every head alike: nothing to restrict."""
+
     def resolve_backend(self, q_BHSD: torch.Tensor) -> str:
         """The backend this call uses (``auto`` resolved for the given input)."""
         if self.opts.backend != "auto":

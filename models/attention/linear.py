@@ -79,6 +79,9 @@ class LinearAttention(CoreAttention):
         self.register_buffer("log_decay", decay_rates(ctx.n_heads, ctx.layer_idx, ctx.n_layers, opts.decay),
                              persistent=False)
 
+    def set_head_slice(self, start: int, stop: int) -> None:
+        self.log_decay = self.log_decay[start:stop]
+
     def phi(self, x: torch.Tensor) -> torch.Tensor:
         if self.opts.feature_map == "silu":
             return F.silu(x)
@@ -87,7 +90,7 @@ class LinearAttention(CoreAttention):
         return x
 
     def forward(self, q_BHSD: torch.Tensor, k_BHSD: torch.Tensor, v_BHSD: torch.Tensor, batch: AttentionBatch):
-        rep = self.ctx.n_heads // self.ctx.n_kv_heads
+        rep = q_BHSD.shape[1] // k_BHSD.shape[1]
         q, k = self.phi(q_BHSD), self.phi(k_BHSD).repeat_interleave(rep, dim=1)
         v = v_BHSD.repeat_interleave(rep, dim=1)
         slot = batch.cache_slot

@@ -77,6 +77,14 @@ class CoreAttention(nn.Module):
         super().__init__()
         self.ctx = ctx
 
+    def set_head_slice(self, start: int, stop: int) -> None:
+        """Compute only query heads [start, stop) from now on (head-parallel execution, e.g. Ulysses).
+
+        Variants whose heads differ (patterns, decays) restrict their per-head state; variants with
+        per-head parameters cannot be split this way and raise.
+        """
+        raise NotImplementedError(f"attention {type(self).__name__} cannot run on a slice of its heads")
+
     def forward(  # pragma: no cover - interface
         self, q_BHSD: torch.Tensor, k_BHSD: torch.Tensor, v_BHSD: torch.Tensor, batch: AttentionBatch
     ) -> torch.Tensor:

@@ -23,6 +23,13 @@ def check_path(path: str) -> None:
             f"use one of: {', '.join(SPARSE_PATHS)}.")
 
 
+def slice_band_spec(spec: BandFarSpec, start: int, stop: int) -> BandFarSpec:
+    """The band + far spec of query heads [start, stop)."""
+    cut = lambda t: None if t is None else t[start:stop]
+    return BandFarSpec(spec.block, spec.band_blocks, cut(spec.far_HF), cut(spec.window_H), cut(spec.sink_H),
+                       cut(spec.far_token_limit_H))
+
+
 class BlockSparseAttention(CoreAttention):
     """Base of block-sparse variants: subclasses implement :meth:`build_pattern`.
 
@@ -36,6 +43,11 @@ class BlockSparseAttention(CoreAttention):
         super().__init__(ctx)
         self.block, self.path = block, path
         self._cache: dict[tuple[int, str], SparsePattern] = {}
+        self.head_slice: tuple[int, int] | None = None
+
+    def set_head_slice(self, start: int, stop: int) -> None:
+        self.head_slice = (start, stop)
+        self._cache.clear()
 
     def build_pattern(self, n_blocks: int) -> SparsePattern:  # pragma: no cover - interface
         raise NotImplementedError
@@ -48,7 +60,10 @@ class BlockSparseAttention(CoreAttention):
         """The (cached) pattern over ``n_blocks`` blocks on ``device``."""
         key = (n_blocks, str(device))
         if key not in self._cache:
-            self._cache[key] = self.build_pattern(n_blocks).to(device)
+            pat = self.build_pattern(n_blocks)
+            if self.head_slice is not None:
+                pat = pat.head_slice(*self.head_slice)
+            self._cache[key] = pat.to(device)
         return self._cache[key]
 
     def resolve_path(self, q_BHSD: torch.Tensor, k_len: int) -> str:
@@ -79,6 +94,8 @@ class BlockSparseAttention(CoreAttention):
         self, q_BHSD: torch.Tensor, k_BHSD: torch.Tensor, v_BHSD: torch.Tensor, batch: AttentionBatch
     ) -> torch.Tensor:
         spec = self.band_spec(math.ceil(k_BHSD.shape[2] / self.block))
+        if spec is not None and self.head_slice is not None:
+            spec = slice_band_spec(spec, *self.head_slice)
         if spec is None:
             raise ValueError(f"{type(self).__name__} has no band + far form: use path gather")
         return band_far_attention(q_BHSD, k_BHSD, v_BHSD, spec, batch.doc_ids_BS)

@@ -86,17 +86,26 @@ class StreamingAttention(BlockSparseAttention):
         a = alpha.repeat_interleave(self.ctx.n_heads // self.ctx.n_kv_heads)[:, None, None]
         return a * full + (1 - a) * streamed
 
+    def set_head_slice(self, start: int, stop: int) -> None:
+        if self.alpha is not None:
+            raise NotImplementedError("streaming with learned_gates has per-KV-head parameters: no head slicing")
+        super().set_head_slice(start, stop)
+
+    def _local_streaming(self) -> torch.Tensor:
+        hs = self.head_slice or (0, self.ctx.n_heads)
+        return self.streaming_H[hs[0] : hs[1]]
+
     def band_spec(self, n_blocks: int) -> BandFarSpec:
         """Sink + window for the streaming heads (retrieval heads run dense, see banded_forward)."""
         n_stream = self.ctx.n_heads if self.alpha is not None else int(self.streaming_H.sum())
         return sink_window_band_spec(self.block, n_stream, self.opts.sink, self.opts.window)
 
     def banded_forward(self, q_BHSD, k_BHSD, v_BHSD, batch: AttentionBatch):
-        spec = self.band_spec(0)
-        if self.alpha is not None or bool(self.streaming_H.all()):
+        stream_q = self._local_streaming() if self.alpha is None else torch.ones(q_BHSD.shape[1], dtype=torch.bool)
+        spec = sink_window_band_spec(self.block, int(stream_q.sum()), self.opts.sink, self.opts.window)
+        if bool(stream_q.all()):
             return band_far_attention(q_BHSD, k_BHSD, v_BHSD, spec, batch.doc_ids_BS)
-        group = self.ctx.n_heads // self.ctx.n_kv_heads
-        stream_q = self.streaming_H
+        group = q_BHSD.shape[1] // k_BHSD.shape[1]
         stream_kv = stream_q[::group]
         parts = {}
         if stream_q.any():

@@ -1,0 +1,148 @@
+"""Sequence (context) parallelism applied to a single-device model from outside.
+
+``ulysses`` (DeepSpeed-Ulysses): each rank holds S/P tokens; around the core attention an
+all-to-all turns the sequence shard into a head shard (all S tokens, H/P heads), the unchanged
+core attention runs on its heads, and a second all-to-all turns the result back. KV heads fewer
+than P are replicated so each rank gets the KV head of its query heads.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field, replace
+
+import torch
+import torch.distributed as dist
+from longshard.errors import ConfigError, require
+from longshard.models.attention import AttentionBatch, CoreAttention
+from longshard.models.model import Transformer, positions_from_docs
+from torch import nn
+from torch.distributed.nn.functional import all_to_all
+
+SP_MODES = ("ulysses",)
+
+
+@dataclass
+class CommCounter:
+    """Bytes and calls per collective, counted by the sequence-parallel layers of this rank."""
+
+    bytes: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    calls: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+
+    def add(self, op: str, nbytes: int) -> None:
+        self.bytes[op] += nbytes
+        self.calls[op] += 1
+
+    def reset(self) -> dict[str, int]:
+        """Return {op_bytes, op_calls} so far and start again."""
+        out = {f"{k}_bytes": v for k, v in self.bytes.items()} | {f"{k}_calls": v for k, v in self.calls.items()}
+        self.bytes.clear()
+        self.calls.clear()
+        return out
+
+
+def _a2a(x: torch.Tensor, scatter_dim: int, gather_dim: int, group: dist.ProcessGroup,
+         counter: CommCounter | None) -> torch.Tensor:
+    """Differentiable all-to-all: split ``scatter_dim`` in P parts, part p to rank p, concat on ``gather_dim``."""
+    P = dist.get_world_size(group)
+    parts = [t.contiguous() for t in x.chunk(P, dim=scatter_dim)]
+    out = [torch.empty_like(parts[0]) for _ in range(P)]
+    if counter is not None:  # bytes leaving this rank (its own part stays)
+        counter.add("all_to_all", (P - 1) * parts[0].numel() * parts[0].element_size())
+    return torch.cat(all_to_all(out, parts, group=group), dim=gather_dim)
+
+
+class UlyssesAttention(nn.Module):
+    """Wraps a core attention: sequence shard -> head shard -> attention -> back.
+
+    Args:
+        inner: the layer's core attention, restricted to this rank's heads.
+        group: the sequence-parallel process group.
+        kv_repeat: how many times each KV head is replicated so KV heads split over P ranks.
+        counter: optional communication counter.
+    """
+
+    def __init__(self, inner: CoreAttention, group: dist.ProcessGroup, kv_repeat: int,
+                 counter: CommCounter | None = None) -> None:
+        super().__init__()
+        self.inner, self.group, self.kv_repeat, self.counter = inner, group, kv_repeat, counter
+        self.uses_kv_cache = inner.uses_kv_cache
+
+    def forward(self, q_BHSD: torch.Tensor, k_BHSD: torch.Tensor, v_BHSD: torch.Tensor, batch: AttentionBatch):
+        if batch.cache_slot is not None:
+            raise ValueError("sequence-parallel attention is for training; decode on one device")
+        if self.kv_repeat > 1:
+            k_BHSD = k_BHSD.repeat_interleave(self.kv_repeat, dim=1)
+            v_BHSD = v_BHSD.repeat_interleave(self.kv_repeat, dim=1)
+        q, k, v = (_a2a(t, 1, 2, self.group, self.counter) for t in (q_BHSD, k_BHSD, v_BHSD))
+        doc = batch.doc_ids_BS
+        if doc is not None:  # no gradient: a plain all-gather of the (small) document ids
+            P = dist.get_world_size(self.group)
+            parts = [torch.empty_like(doc) for _ in range(P)]
+            dist.all_gather(parts, doc.contiguous(), group=self.group)
+            doc = torch.cat(parts, dim=1)
+        o = self.inner(q, k, v, replace(batch, doc_ids_BS=doc, x_BSE=None))
+        return _a2a(o, 2, 1, self.group, self.counter)
+
+
+def apply_ulysses(model: Transformer, group: dist.ProcessGroup, counter: CommCounter | None = None) -> Transformer:
+    """Put every layer's core attention behind an all-to-all over ``group`` (in place).
+
+    Raises:
+        ConfigError: query heads not divisible by P, or KV heads neither divisible by P nor
+            dividing it, or a variant that cannot run on a slice of its heads.
+    """
+    P, r = dist.get_world_size(group), dist.get_rank(group)
+    for layer in model.layers:
+        attn = layer.attention
+        H, Hkv = attn.n_heads, attn.n_kv_heads
+        require(H % P == 0, "parallel.sp_degree",
+                f"{H} query heads do not split over sp_degree={P} (Ulysses shards heads).",
+                "choose sp_degree dividing the query heads.")
+        if Hkv % P == 0:
+            kv_repeat = 1
+        elif P % Hkv == 0:
+            kv_repeat = P // Hkv
+        else:
+            raise ConfigError("parallel.sp_degree", f"{Hkv} KV heads can neither be split over nor replicated to "
+                              f"sp_degree={P}.", "choose sp_degree dividing or divisible by n_kv_heads.")
+        core = attn.core_attention
+        try:
+            core.set_head_slice(r * H // P, (r + 1) * H // P)
+        except NotImplementedError as e:
+            raise ConfigError("parallel.sp_mode", f"ulysses: {e}.", "use another variant or sp_degree=1.") from None
+        attn.core_attention = UlyssesAttention(core, group, kv_repeat, counter)
+    return model
+
+
+@dataclass(frozen=True)
+class SeqShard:
+    """This rank's place in its sequence-parallel group, for sharding inputs and reducing metrics."""
+
+    group: dist.ProcessGroup
+    rank: int
+    degree: int
+
+    def shard(self, tokens_BS, labels_BS, doc_ids_BS):
+        return shard_batch(tokens_BS, labels_BS, doc_ids_BS, self.rank, self.degree)
+
+
+def shard_batch(
+    tokens_BS: torch.Tensor, labels_BS: torch.Tensor, doc_ids_BS: torch.Tensor | None, rank: int, degree: int
+) -> dict[str, torch.Tensor | None]:
+    """This rank's contiguous sequence shard, with positions computed on the whole sequence first.
+
+    Raises:
+        ConfigError: the sequence length is not divisible by ``degree``.
+    """
+    S = tokens_BS.shape[1]
+    require(S % degree == 0, "train.seq_len", f"{S} is not divisible by parallel.sp_degree={degree}.",
+            "choose seq_len as a multiple of the sequence-parallel degree.")
+    pos = positions_from_docs(doc_ids_BS) if doc_ids_BS is not None else torch.arange(S).expand_as(tokens_BS)
+    sl = slice(rank * S // degree, (rank + 1) * S // degree)
+    return {
+        "tokens": tokens_BS[:, sl],
+        "labels": labels_BS[:, sl],
+        "doc_ids": None if doc_ids_BS is None else doc_ids_BS[:, sl],
+        "position_ids": pos[:, sl].contiguous(),
+    }

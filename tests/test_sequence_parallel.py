@@ -1,0 +1,55 @@
+"""Sequence parallelism (Ulysses) on gloo: sharded == unsharded, and training losses equal sp=1."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from helpers import REPO, torchrun_cmd
+from longshard.errors import ConfigError
+from longshard.train.config import load_config
+
+pytestmark = pytest.mark.dist
+
+
+@pytest.mark.parametrize("nproc", [2, 3, 4])
+def test_ulysses_matches_single_process(nproc, env_cpu):
+    proc = subprocess.run(torchrun_cmd(nproc, str(REPO / "tests" / "dist" / "ulysses_check.py")), env=env_cpu,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+
+def test_sp_training_equals_sp1(tmp_path, env_cpu):
+    from longshard.train.data import prepare_default
+
+    prepare_default(tmp_path / "data", 200_000)
+    common = ["model.dim=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2",
+              "model.attention=[{name: dense}]", "train.seq_len=64", "train.micro_batch_size=2",
+              "train.global_batch_size=4", "train.steps=3", "logging.wandb=disabled", "logging.progress=false",
+              "eval.passkey_samples=1", "eval.passkey_lengths=[128]", "eval.val_batches=2",
+              "data.source=prepared", f"data.path={tmp_path / 'data'}"]
+    one = subprocess.run([sys.executable, "-m", "longshard.train.main", "quickstart", *common,
+                          f"output_dir={tmp_path / 'sp1'}"], env=env_cpu, capture_output=True, text=True)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = subprocess.run(torchrun_cmd(2, "-m", "longshard.train.main", "quickstart", *common,
+                                      "parallel.sp_degree=2", f"output_dir={tmp_path / 'sp2'}"),
+                         env=env_cpu, capture_output=True, text=True)
+    assert two.returncode == 0, two.stderr[-3000:]
+    a = json.loads((tmp_path / "sp1" / "report.json").read_text())
+    b = json.loads((tmp_path / "sp2" / "report.json").read_text())
+    assert b["sp_degree"] == 2
+    for x, y in zip(a["losses"], b["losses"]):
+        assert abs(x - y) / x <= 1e-5, (a["losses"], b["losses"])
+    assert abs(a["val_loss"] - b["val_loss"]) / a["val_loss"] <= 1e-5
+    assert a["passkey_acc@128"] == b["passkey_acc@128"]
+    metrics = [json.loads(x) for x in (tmp_path / "sp2" / "metrics.jsonl").read_text().splitlines()]
+    assert metrics[0]["comm/all_to_all_calls"] > 0
+
+
+def test_sp_layout_errors():
+    with pytest.raises(ConfigError, match="train.seq_len.*sp_degree=3"):
+        load_config("quickstart", ["parallel.sp_degree=3"])  # 256 tokens
+    with pytest.raises(ConfigError, match="parallel.sp_mode"):
+        load_config("quickstart", ["parallel.sp_mode=ring9"])
