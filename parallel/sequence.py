@@ -19,7 +19,7 @@ from longshard.models.model import Transformer, positions_from_docs
 from torch import nn
 from torch.distributed.nn.functional import all_to_all
 
-SP_MODES = ("ulysses",)
+SP_MODES = ("ulysses", "ring")
 
 
 @dataclass
@@ -115,6 +115,15 @@ def apply_ulysses(model: Transformer, group: dist.ProcessGroup, counter: CommCou
     return model
 
 
+def zigzag_positions(rank: int, degree: int, local_len: int, device=None) -> torch.Tensor:
+    """Global positions of the ``local_len`` tokens rank ``rank`` holds under zigzag sharding
+    (chunks ``rank`` and ``2*degree-1-rank`` of 2*degree equal chunks)."""
+    c = local_len // 2
+    first = torch.arange(rank * c, (rank + 1) * c, device=device)
+    second = torch.arange((2 * degree - 1 - rank) * c, (2 * degree - rank) * c, device=device)
+    return torch.cat([first, second])
+
+
 @dataclass(frozen=True)
 class SeqShard:
     """This rank's place in its sequence-parallel group, for sharding inputs and reducing metrics."""
@@ -122,24 +131,32 @@ class SeqShard:
     group: dist.ProcessGroup
     rank: int
     degree: int
+    zigzag: bool = False
 
     def shard(self, tokens_BS, labels_BS, doc_ids_BS):
-        return shard_batch(tokens_BS, labels_BS, doc_ids_BS, self.rank, self.degree)
+        return shard_batch(tokens_BS, labels_BS, doc_ids_BS, self.rank, self.degree, self.zigzag)
 
 
 def shard_batch(
-    tokens_BS: torch.Tensor, labels_BS: torch.Tensor, doc_ids_BS: torch.Tensor | None, rank: int, degree: int
+    tokens_BS: torch.Tensor, labels_BS: torch.Tensor, doc_ids_BS: torch.Tensor | None, rank: int, degree: int,
+    zigzag: bool = False,
 ) -> dict[str, torch.Tensor | None]:
-    """This rank's contiguous sequence shard, with positions computed on the whole sequence first.
+    """This rank's sequence shard, with positions computed on the whole sequence first.
+
+    Contiguous (Ulysses) or zigzag (ring: chunks ``rank`` and ``2*degree-1-rank`` of 2*degree).
 
     Raises:
-        ConfigError: the sequence length is not divisible by ``degree``.
+        ConfigError: the sequence length is not divisible by ``degree`` (``2*degree`` for zigzag).
     """
     S = tokens_BS.shape[1]
-    require(S % degree == 0, "train.seq_len", f"{S} is not divisible by parallel.sp_degree={degree}.",
-            "choose seq_len as a multiple of the sequence-parallel degree.")
+    need = 2 * degree if zigzag else degree
+    require(S % need == 0, "train.seq_len", f"{S} is not divisible by {need} (parallel.sp_degree={degree}"
+            f"{', zigzag' if zigzag else ''}).", f"choose seq_len as a multiple of {need}.")
     pos = positions_from_docs(doc_ids_BS) if doc_ids_BS is not None else torch.arange(S).expand_as(tokens_BS)
-    sl = slice(rank * S // degree, (rank + 1) * S // degree)
+    if zigzag:
+        sl = zigzag_positions(rank, degree, S // degree)
+    else:
+        sl = slice(rank * S // degree, (rank + 1) * S // degree)
     return {
         "tokens": tokens_BS[:, sl],
         "labels": labels_BS[:, sl],

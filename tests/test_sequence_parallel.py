@@ -14,14 +14,16 @@ from longshard.train.config import load_config
 pytestmark = pytest.mark.dist
 
 
+@pytest.mark.parametrize("mode", ["ulysses", "ring"])
 @pytest.mark.parametrize("nproc", [2, 3, 4])
-def test_ulysses_matches_single_process(nproc, env_cpu):
-    proc = subprocess.run(torchrun_cmd(nproc, str(REPO / "tests" / "dist" / "ulysses_check.py")), env=env_cpu,
+def test_sharded_matches_single_process(mode, nproc, env_cpu):
+    proc = subprocess.run(torchrun_cmd(nproc, str(REPO / "tests" / "dist" / f"{mode}_check.py")), env=env_cpu,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
 
 
-def test_sp_training_equals_sp1(tmp_path, env_cpu):
+@pytest.mark.parametrize("mode", ["ulysses", "ring"])
+def test_sp_training_equals_sp1(tmp_path, env_cpu, mode):
     from longshard.train.data import prepare_default
 
     prepare_default(tmp_path / "data", 200_000)
@@ -34,7 +36,8 @@ def test_sp_training_equals_sp1(tmp_path, env_cpu):
                           f"output_dir={tmp_path / 'sp1'}"], env=env_cpu, capture_output=True, text=True)
     assert one.returncode == 0, one.stderr[-3000:]
     two = subprocess.run(torchrun_cmd(2, "-m", "longshard.train.main", "quickstart", *common,
-                                      "parallel.sp_degree=2", f"output_dir={tmp_path / 'sp2'}"),
+                                      "parallel.sp_degree=2", f"parallel.sp_mode={mode}",
+                                      f"output_dir={tmp_path / 'sp2'}"),
                          env=env_cpu, capture_output=True, text=True)
     assert two.returncode == 0, two.stderr[-3000:]
     a = json.loads((tmp_path / "sp1" / "report.json").read_text())
@@ -45,11 +48,14 @@ def test_sp_training_equals_sp1(tmp_path, env_cpu):
     assert abs(a["val_loss"] - b["val_loss"]) / a["val_loss"] <= 1e-5
     assert a["passkey_acc@128"] == b["passkey_acc@128"]
     metrics = [json.loads(x) for x in (tmp_path / "sp2" / "metrics.jsonl").read_text().splitlines()]
-    assert metrics[0]["comm/all_to_all_calls"] > 0
+    assert metrics[0]["comm/all_to_all_calls" if mode == "ulysses" else "comm/ring_p2p_calls"] > 0
 
 
 def test_sp_layout_errors():
     with pytest.raises(ConfigError, match="train.seq_len.*sp_degree=3"):
         load_config("quickstart", ["parallel.sp_degree=3"])  # 256 tokens
+    with pytest.raises(ConfigError, match="train.seq_len.*divisible by 8.*ring"):
+        load_config("quickstart", ["parallel.sp_degree=4", "parallel.sp_mode=ring", "train.seq_len=260",
+                                   "eval.passkey_lengths=[512]"])
     with pytest.raises(ConfigError, match="parallel.sp_mode"):
         load_config("quickstart", ["parallel.sp_mode=ring9"])

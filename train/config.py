@@ -17,7 +17,7 @@ DATA_SOURCES = ("default", "prepared", "passkey", "mqar")
 DTYPES = ("fp32", "bf16")
 SCHEDULES = ("cosine", "wsd", "constant")
 DP_MODES = ("ddp", "fsdp2")
-SP_MODES = ("ulysses",)
+SP_MODES = ("ulysses", "ring")
 WANDB_MODES = ("offline", "online", "disabled")
 NAN_POLICIES = ("stop", "skip")
 DEVICES = ("auto", "cpu", "cuda")
@@ -159,7 +159,8 @@ class ParallelConfig:
     Args:
         dp_mode: ``ddp`` (replicated) or ``fsdp2`` (``fully_shard`` per block).
         sp_degree: sequence-parallel degree; the data-parallel degree is world size / sp_degree.
-        sp_mode: ``ulysses`` (all-to-all head sharding around the attention).
+        sp_mode: ``ulysses`` (all-to-all head sharding around the attention; every variant whose
+            heads can be split) or ``ring`` (zigzag-sharded K/V ring with overlap; dense only).
     """
 
     dp_mode: str = "ddp"
@@ -305,11 +306,12 @@ class Config:
                 "train shorter, raise model.max_seq_len, or extend RoPE (model.rope.scaling) for longer context.",
             )
         sp = self.parallel.sp_degree
-        require(self.train.seq_len % sp == 0, "train.seq_len",
-                f"{self.train.seq_len} is not divisible by parallel.sp_degree={sp}.",
-                "choose seq_len as a multiple of the sequence-parallel degree.")
+        need = 2 * sp if (self.parallel.sp_mode == "ring" and sp > 1) else sp  # zigzag: 2 chunks per rank
+        require(self.train.seq_len % need == 0, "train.seq_len",
+                f"{self.train.seq_len} is not divisible by {need} (parallel.sp_degree={sp}, "
+                f"sp_mode={self.parallel.sp_mode}).", f"choose seq_len as a multiple of {need}.")
         for n in self.eval.passkey_lengths:
-            require(n % sp == 0, "eval.passkey_lengths", f"{n} is not divisible by parallel.sp_degree={sp}.")
+            require(n % need == 0, "eval.passkey_lengths", f"{n} is not divisible by {need} (sequence parallel).")
         if self.data.source == "mqar":
             require(4 * self.data.mqar_num_kv_pairs <= self.train.seq_len, "data.mqar_num_kv_pairs",
                     f"{self.data.mqar_num_kv_pairs} pairs need seq_len >= {4 * self.data.mqar_num_kv_pairs}.")

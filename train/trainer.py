@@ -26,6 +26,7 @@ from longshard.parallel import (
     parallelize,
     unwrap,
 )
+from longshard.parallel.ring import apply_ring
 from longshard.parallel.sequence import CommCounter, SeqShard, apply_ulysses
 from longshard.train.checkpoint import Checkpointer, CheckpointError
 from longshard.train.config import Config, dump_config
@@ -160,8 +161,9 @@ def train(cfg: Config) -> dict[str, Any]:
     comm = CommCounter()
     sp = None
     if sp_size > 1:
-        sp = SeqShard(mesh["sp"].get_group(), mesh["sp"].get_local_rank(), sp_size)
-        apply_ulysses(model, sp.group, comm)
+        ring = cfg.parallel.sp_mode == "ring"
+        sp = SeqShard(mesh["sp"].get_group(), mesh["sp"].get_local_rank(), sp_size, zigzag=ring)
+        (apply_ring if ring else apply_ulysses)(model, sp.group, comm)
     dmodel = parallelize(model, mesh, cfg.parallel.dp_mode)
     optimizer = build_optimizer(dmodel, cfg)
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.steps)

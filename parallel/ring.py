@@ -1,0 +1,167 @@
+"""Ring (context-parallel) attention with zigzag load balance, for dense causal attention.
+
+Each of P ranks holds two of 2P sequence chunks (rank r: chunks r and 2P-1-r, so every rank has
+the same causal work). Keys/values travel around the ring with ``batch_isend_irecv``; the next
+block is in flight while the current one is computed. Partial outputs are merged exactly through
+their log-sum-exp. The backward pass rotates K/V again together with their gradient
+accumulators, which return to their owner after P hops.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+from longshard.errors import require
+from longshard.kernels.attention.naive import attention_naive
+from longshard.models.attention import AttentionBatch, CoreAttention
+from longshard.parallel.sequence import CommCounter, zigzag_positions
+
+
+class _Ring:
+    """Rotates tensors one hop around the ring (send to rank+1, receive from rank-1)."""
+
+    def __init__(self, group: dist.ProcessGroup, counter: CommCounter | None) -> None:
+        self.group, self.counter = group, counter
+        self.P, self.r = dist.get_world_size(group), dist.get_rank(group)
+        self.next = dist.get_global_rank(group, (self.r + 1) % self.P)
+        self.prev = dist.get_global_rank(group, (self.r - 1) % self.P)
+
+    def start(self, tensors: list[torch.Tensor]):
+        tensors = [t.contiguous() for t in tensors]
+        recv = [torch.empty_like(t) for t in tensors]
+        ops = [dist.P2POp(dist.isend, t, self.next, self.group) for t in tensors]
+        ops += [dist.P2POp(dist.irecv, t, self.prev, self.group) for t in recv]
+        if self.counter is not None:
+            for t in tensors:
+                self.counter.add("ring_p2p", t.numel() * t.element_size())
+        return dist.batch_isend_irecv(ops), recv
+
+    @staticmethod
+    def wait(handle) -> None:
+        for w in handle[0]:
+            w.wait()
+
+
+def _block_backward(q, k, v, o_grad, lse, delta, mask, scale):
+    """Gradients of one (query block, key block) pair given the merged softmax statistics (fp32)."""
+    s = torch.einsum("bhqd,bhkd->bhqk", q, k) * scale
+    p = torch.exp(s - lse[..., None]).masked_fill(~mask, 0.0)
+    dv = torch.einsum("bhqk,bhqd->bhkd", p, o_grad)
+    dp = torch.einsum("bhqd,bhkd->bhqk", o_grad, v)
+    ds = p * (dp - delta[..., None])
+    dq = torch.einsum("bhqk,bhkd->bhqd", ds, k) * scale
+    dk = torch.einsum("bhqk,bhqd->bhkd", ds, q) * scale
+    return dq, dk, dv
+
+
+class _RingAttnFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, doc_all, ring: _Ring, scale: float):
+        P, r = ring.P, ring.r
+        B, H, L, D = q.shape
+        rep = H // k.shape[1]
+        q_pos = zigzag_positions(r, P, L, q.device)
+        doc_q = doc_all[r] if doc_all is not None else None
+        qf = q.float()
+        o = torch.zeros(B, H, L, D, dtype=torch.float32, device=q.device)
+        lse = torch.full((B, H, L), float("-inf"), device=q.device)
+        kv = [k, v]
+        for step in range(P):
+            src = (r - step) % P
+            pending = ring.start(kv) if step < P - 1 else None  # next block in flight during compute
+            k_pos = zigzag_positions(src, P, L, q.device)
+            mask = (k_pos[None, :] <= q_pos[:, None])[None, None]
+            if doc_q is not None:
+                mask = mask & (doc_q[:, :, None] == doc_all[src][:, None, :])[:, None]
+            if bool(mask.any()):
+                kb = kv[0].float().repeat_interleave(rep, 1)
+                vb = kv[1].float().repeat_interleave(rep, 1)
+                ob, lb = attention_naive(qf, kb, vb, mask, scale, return_lse=True)
+                new = torch.logaddexp(lse, lb)
+                w_old = torch.exp(lse - new).nan_to_num(0.0)
+                w_new = torch.exp(lb - new).nan_to_num(0.0)
+                o = o * w_old[..., None] + ob.float() * w_new[..., None]
+                lse = new
+            if pending is not None:
+                ring.wait(pending)
+                kv = pending[1]
+        ctx.save_for_backward(q, k, v, o, lse, *([] if doc_all is None else [doc_all]))
+        ctx.ring, ctx.scale, ctx.has_doc = ring, scale, doc_all is not None
+        return o.to(q.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_o):
+        q, k, v, o, lse, *rest = ctx.saved_tensors
+        doc_all = rest[0] if ctx.has_doc else None
+        ring, scale = ctx.ring, ctx.scale
+        P, r = ring.P, ring.r
+        B, H, L, D = q.shape
+        Hkv = k.shape[1]
+        rep = H // Hkv
+        q_pos = zigzag_positions(r, P, L, q.device)
+        qf, go = q.float(), grad_o.float()
+        delta = (go * o).sum(-1)
+        safe_lse = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
+        dq = torch.zeros_like(qf)
+        state = [k, v, torch.zeros_like(k, dtype=torch.float32), torch.zeros_like(v, dtype=torch.float32)]
+        for step in range(P):
+            src = (r - step) % P
+            kb, vb, dk_acc, dv_acc = state
+            k_pos = zigzag_positions(src, P, L, q.device)
+            mask = (k_pos[None, :] <= q_pos[:, None])[None, None]
+            if doc_all is not None:
+                mask = mask & (doc_all[r][:, :, None] == doc_all[src][:, None, :])[:, None]
+            if bool(mask.any()):
+                dqb, dkb, dvb = _block_backward(qf, kb.float().repeat_interleave(rep, 1),
+                                                vb.float().repeat_interleave(rep, 1), go, safe_lse, delta, mask,
+                                                scale)
+                dq += dqb
+                dk_acc = dk_acc + dkb.view(B, Hkv, rep, L, D).sum(2)
+                dv_acc = dv_acc + dvb.view(B, Hkv, rep, L, D).sum(2)
+            # K/V move on for the next step; their gradient accumulators follow them home (P hops in all)
+            handle = ring.start([kb, vb, dk_acc, dv_acc] if step < P - 1 else [dk_acc, dv_acc])
+            ring.wait(handle)
+            state = handle[1] if step < P - 1 else [None, None, *handle[1]]
+        dk, dv = state[2], state[3]
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None
+
+
+class RingAttention(CoreAttention):
+    """Dense causal attention over a zigzag-sharded sequence (wraps the layer's dense core).
+
+    Args:
+        inner: the layer's ``dense`` core attention (its softmax scale is reused).
+        group: the sequence-parallel process group.
+        counter: optional communication counter.
+    """
+
+    def __init__(self, inner: CoreAttention, group: dist.ProcessGroup, counter: CommCounter | None = None) -> None:
+        super().__init__(inner.ctx)
+        self.scale = getattr(inner, "scale", 1.0 / math.sqrt(inner.ctx.head_dim))
+        self.ring = _Ring(group, counter)
+        self.group = group
+
+    def forward(self, q_BHSD, k_BHSD, v_BHSD, batch: AttentionBatch):
+        if batch.cache_slot is not None:
+            raise ValueError("sequence-parallel attention is for training; decode on one device")
+        doc_all = None
+        if batch.doc_ids_BS is not None:
+            parts = [torch.empty_like(batch.doc_ids_BS) for _ in range(self.ring.P)]
+            dist.all_gather(parts, batch.doc_ids_BS.contiguous(), group=self.group)
+            doc_all = torch.stack(parts)  # (P, B, L): each rank's zigzag document ids
+        return _RingAttnFn.apply(q_BHSD, k_BHSD, v_BHSD, doc_all, self.ring, self.scale)
+
+
+def apply_ring(model, group: dist.ProcessGroup, counter: CommCounter | None = None):
+    """Replace every layer's dense core attention by :class:`RingAttention` (in place)."""
+    from longshard.models.attention.dense import DenseAttention
+
+    for i, layer in enumerate(model.layers):
+        core = layer.attention.core_attention
+        require(isinstance(core, DenseAttention), "parallel.sp_mode",
+                f"ring supports dense attention only so far; layer {i} uses {type(core).__name__}.",
+                "use sp_mode=ulysses for sparse and linear variants.")
+        layer.attention.core_attention = RingAttention(core, group, counter)
+    return model
