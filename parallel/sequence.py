@@ -1,4 +1,4 @@
-"""Sequence (context) parallelism applied to a single-device model from outside.
+"""Sequence (context) parallelism applied to a single-device model from outside (see also ``ring.py``).
 
 ``ulysses`` (DeepSpeed-Ulysses): each rank holds S/P tokens; around the core attention an
 all-to-all turns the sequence shard into a head shard (all S tokens, H/P heads), the unchanged
@@ -88,6 +88,8 @@ class UlyssesAttention(nn.Module):
 def apply_ulysses(model: Transformer, group: dist.ProcessGroup, counter: CommCounter | None = None) -> Transformer:
     """Put every layer's core attention behind an all-to-all over ``group`` (in place).
 
+    ``linear`` layers instead exchange their recurrent states (:mod:`longshard.parallel.linear_state`).
+
     Raises:
         ConfigError: query heads not divisible by P, or KV heads neither divisible by P nor
             dividing it, or a variant that cannot run on a slice of its heads.
@@ -107,6 +109,11 @@ def apply_ulysses(model: Transformer, group: dist.ProcessGroup, counter: CommCou
             raise ConfigError("parallel.sp_degree", f"{Hkv} KV heads can neither be split over nor replicated to "
                               f"sp_degree={P}.", "choose sp_degree dividing or divisible by n_kv_heads.")
         core = attn.core_attention
+        if type(core).__name__ == "LinearAttention":  # recurrent: pass D x D states, not activations
+            from longshard.parallel.linear_state import LinearStateParallel
+
+            attn.core_attention = LinearStateParallel(core, group, counter)
+            continue
         try:
             core.set_head_slice(r * H // P, (r + 1) * H // P)
         except NotImplementedError as e:

@@ -86,18 +86,36 @@ def lightning_attention_chunk(
         state = carry * state + kv_new
     o = torch.stack(outs, dim=2).reshape(B, H, n * chunk, E)[:, :, pad:]
     if initial_state_BHDE is not None:  # tokens before position 0: exact decays lambda^{t+1}, no padding shift
-        s0 = initial_state_BHDE.float()
-        t = torch.arange(S, device=q.device, dtype=torch.float32)
-        q_dec = q_BHSD.float() * torch.exp(-a * (t + 1))[None, :, :, None]
-        extra = torch.einsum("bhtd,bhde->bhte", q_dec, s0)
-        carry = torch.exp(-a[:, 0] * S)[None, :, None, None]
-        if doc_ids_BS is not None:
-            d0 = doc_ids_BS[:, 0] if initial_doc_B is None else initial_doc_B.to(doc_ids_BS.device)
-            extra = extra * (doc_ids_BS == d0[:, None])[:, None, :, None]
-            carry = carry * (doc_ids_BS[:, -1] == d0)[:, None, None, None]
+        extra, carried = initial_state_contribution(q_BHSD, log_decay_H, initial_state_BHDE, doc_ids_BS, initial_doc_B)
         o = o + extra
-        state = state + carry * s0
+        state = state + carried
     return o.to(q_BHSD.dtype), state
+
+
+def initial_state_contribution(
+    q_BHSD: torch.Tensor,
+    log_decay_H: torch.Tensor,
+    initial_state_BHDE: torch.Tensor,
+    doc_ids_BS: torch.Tensor | None = None,
+    initial_doc_B: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """What a state from before position 0 adds: to each output (lambda^{t+1} q_t S0) and to the final
+    state (lambda^S S0), restricted to the document it belongs to (fp32).
+
+    Returns:
+        ``(extra_o_BHSE, extra_state_BHDE)``.
+    """
+    S = q_BHSD.shape[2]
+    a = log_decay_H.float().to(q_BHSD.device)[:, None]
+    s0 = initial_state_BHDE.float()
+    t = torch.arange(S, device=q_BHSD.device, dtype=torch.float32)
+    extra = torch.einsum("bhtd,bhde->bhte", q_BHSD.float() * torch.exp(-a * (t + 1))[None, :, :, None], s0)
+    carry = torch.exp(-a[:, 0] * S)[None, :, None, None]
+    if doc_ids_BS is not None:
+        d0 = doc_ids_BS[:, 0] if initial_doc_B is None else initial_doc_B.to(doc_ids_BS.device)
+        extra = extra * (doc_ids_BS == d0[:, None])[:, None, :, None]
+        carry = carry * (doc_ids_BS[:, -1] == d0)[:, None, None, None]
+    return extra, carry * s0
 
 
 def lightning_attention_recurrent(

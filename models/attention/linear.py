@@ -89,10 +89,20 @@ class LinearAttention(CoreAttention):
             return F.elu(x) + 1
         return x
 
-    def forward(self, q_BHSD: torch.Tensor, k_BHSD: torch.Tensor, v_BHSD: torch.Tensor, batch: AttentionBatch):
+    def features(self, q_BHSD: torch.Tensor, k_BHSD: torch.Tensor, v_BHSD: torch.Tensor):
+        """Feature-mapped q, k and values, with KV heads repeated to the query heads."""
         rep = q_BHSD.shape[1] // k_BHSD.shape[1]
-        q, k = self.phi(q_BHSD), self.phi(k_BHSD).repeat_interleave(rep, dim=1)
-        v = v_BHSD.repeat_interleave(rep, dim=1)
+        return self.phi(q_BHSD), self.phi(k_BHSD).repeat_interleave(rep, dim=1), v_BHSD.repeat_interleave(rep, dim=1)
+
+    def finish(self, o: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Output normalisation (per-head RMS, no weight) when enabled."""
+        if self.opts.normalize:
+            o32 = o.float()
+            o = o32 * torch.rsqrt(o32.pow(2).mean(-1, keepdim=True) + 1e-6)
+        return o.to(dtype)
+
+    def forward(self, q_BHSD: torch.Tensor, k_BHSD: torch.Tensor, v_BHSD: torch.Tensor, batch: AttentionBatch):
+        q, k, v = self.features(q_BHSD, k_BHSD, v_BHSD)
         slot = batch.cache_slot
         if slot is not None:  # decoding: continue the recurrent state (blocked form for a prefill)
             if q.shape[2] == 1:
@@ -104,7 +114,4 @@ class LinearAttention(CoreAttention):
             o = lightning_attention_naive(q, k, v, self.log_decay, batch.doc_ids_BS)
         else:
             o, _ = lightning_attention_chunk(q, k, v, self.log_decay, batch.doc_ids_BS, self.opts.chunk)
-        if self.opts.normalize:
-            o32 = o.float()
-            o = (o32 * torch.rsqrt(o32.pow(2).mean(-1, keepdim=True) + 1e-6)).to(q_BHSD.dtype)
-        return o
+        return self.finish(o, q_BHSD.dtype)
