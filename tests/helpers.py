@@ -39,3 +39,18 @@ def torchrun_cmd(nproc: int, *args: str) -> list[str]:
         f"--nproc-per-node={nproc}", "--master-addr=127.0.0.1", f"--master-port={free_port()}",
         *args,
     ]
+
+
+def train_tiny(model: torch.nn.Module, steps: int = 5, vocab: int = 64, lr: float = 1e-2) -> list[float]:
+    """A few AdamW steps of next-token prediction on one fixed random batch; returns the losses."""
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    tokens = torch.randint(0, vocab, (4, 33), generator=torch.Generator().manual_seed(0))
+    losses = []
+    for _ in range(steps):
+        logits = model(tokens[:, :-1])
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    return losses

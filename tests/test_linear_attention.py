@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import assert_rel
+from helpers import assert_rel, train_tiny
 from longshard.errors import ConfigError
 from longshard.kernels.lightning import (
     lightning_attention_chunk,
@@ -94,14 +94,5 @@ def test_linear_model_trains():
     cfg = ModelConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, max_seq_len=128,
                       attention=[{"name": "linear", "options": {"chunk": 8}}, {"name": "dense"}])
     model = Transformer(cfg)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    tokens = torch.randint(0, 64, (4, 33))
-    losses = []
-    for _ in range(5):
-        logits = model(tokens[:, :-1])
-        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(float(loss.detach()))
+    losses = train_tiny(model)
     assert losses[-1] < losses[0]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import assert_rel
+from helpers import assert_rel, train_tiny
 from longshard.errors import ConfigError
 from longshard.kernels.nsa import NSAGeometry, select_blocks
 from longshard.models import ModelConfig, Transformer
@@ -84,15 +84,6 @@ def test_nsa_model_trains_and_starts_as_mean_pooling():
     model = Transformer(cfg)
     core = model.layers[0].attention.core_attention
     assert torch.all(core.gate.weight == 0) and torch.allclose(core.compress_k[0, :8], torch.eye(8) / 4)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    tokens = torch.randint(0, 64, (4, 33))
-    losses = []
-    for _ in range(5):
-        logits = model(tokens[:, :-1])
-        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(float(loss.detach()))
+    losses = train_tiny(model)
     assert losses[-1] < losses[0]
     assert core.compress_k.grad is not None and core.gate.weight.grad.abs().max() > 0
