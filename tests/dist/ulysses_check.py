@@ -1,0 +1,94 @@
+"""Run under torchrun: Ulysses sequence parallel vs the unsharded model (logits and all grads).
+
+Every rank builds the same model and computes the single-process reference itself; then a copy
+runs with its attention behind all-to-alls on this rank's sequence shard. Exits 1 on a mismatch.
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+
+import torch
+import torch.distributed as dist
+
+from longshard.errors import ConfigError
+from longshard.models import ModelConfig, Transformer
+from longshard.parallel.sequence import CommCounter, apply_ulysses, shard_batch
+
+TOL = 1e-5  # fp32; the same attention math split over heads/ranks reorders sums only (~1e-7)
+
+S2 = {"name": "s2", "options": {"block": 4, "local_blocks": 1, "vert_stride": 2}}
+CASES = {
+    2: dict(n_heads=4, n_kv_heads=2, attn=[{"name": "dense"}, S2,
+                                          {"name": "streaming", "options": {"block": 4, "sink": 2, "window": 5,
+                                                                            "retrieval_heads": [1]}},
+                                          {"name": "sliding_window", "options": {"block": 4, "window": 6}},
+                                          {"name": "linear", "options": {"chunk": 4}}]),
+    3: dict(n_heads=6, n_kv_heads=3, attn=[{"name": "dense"}, S2, {"name": "linear", "options": {"chunk": 8}}]),
+    4: dict(n_heads=8, n_kv_heads=2, attn=[{"name": "dense"}, S2]),  # KV heads replicated 2x
+}
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).abs().max() / a.double().abs().max().clamp_min(1e-30))
+
+
+def main() -> int:
+    dist.init_process_group("gloo")
+    P, r = dist.get_world_size(), dist.get_rank()
+    case = CASES[P]
+    S = 12 * P  # each rank holds 12 tokens
+    failures = []
+    for packed in (False, True):
+        for spec in case["attn"]:
+            torch.manual_seed(0)
+            cfg = ModelConfig(vocab_size=64, dim=16 * case["n_heads"], n_layers=2, n_heads=case["n_heads"],
+                              n_kv_heads=case["n_kv_heads"], max_seq_len=256, attention=[spec])
+            ref = Transformer(cfg)
+            par = apply_ulysses(copy.deepcopy(ref), dist.group.WORLD, counter := CommCounter())
+            g = torch.Generator().manual_seed(1)
+            tokens = torch.randint(0, 64, (2, S), generator=g)
+            labels = torch.randint(0, 64, (2, S), generator=g)
+            doc = torch.cumsum((torch.rand(2, S, generator=g) < 0.1).long(), 1) if packed else None
+            logits = ref(tokens, doc_ids_BS=doc)
+            torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="sum").backward()
+            sh = shard_batch(tokens, labels, doc, r, P)
+            out = par(sh["tokens"], doc_ids_BS=sh["doc_ids"], position_ids_BS=sh["position_ids"])
+            torch.nn.functional.cross_entropy(out.flatten(0, 1), sh["labels"].flatten(), reduction="sum").backward()
+            name = f"P={P} {spec['name']} packed={packed}"
+            e = rel(logits[:, r * 12 : (r + 1) * 12], out)
+            if e > TOL:
+                failures.append(f"{name} logits {e:.2e}")
+            for (n, p_ref), p_par in zip(ref.named_parameters(), par.parameters()):
+                grad = p_par.grad.clone()
+                dist.all_reduce(grad)  # each rank's grads cover its tokens; the sum is the full gradient
+                if rel(p_ref.grad, grad) > TOL:
+                    failures.append(f"{name} grad {n} {rel(p_ref.grad, grad):.2e}")
+            # 2 layers x 3 (q, k, v) + 2 x 1 (o) all-to-alls forward, each sending (P-1)/P of the local tensor
+            B, D = 2, 16
+            kv_local = max(case["n_kv_heads"], P)
+            per_layer = (P - 1) / P * 4 * B * 12 * D * (2 * case["n_heads"] + 2 * kv_local)
+            if spec["name"] == "linear":  # state passing: one all-gather of (B, H, D, D) fp32 states per layer
+                expect = {"all_gather": 2 * (P - 1) * B * case["n_heads"] * D * D * 4}
+                calls = {"all_gather": 2}
+            else:
+                expect, calls = {"all_to_all": int(2 * per_layer)}, {"all_to_all": 8}
+            if dict(counter.bytes) != expect or dict(counter.calls) != calls:
+                failures.append(f"{name} comm {dict(counter.bytes)} {dict(counter.calls)} != {expect} {calls}")
+    if P == 3:  # 2 KV heads can neither be split over nor replicated to 3 ranks
+        cfg = ModelConfig(vocab_size=64, dim=96, n_layers=1, n_heads=6, n_kv_heads=2, max_seq_len=64)
+        try:
+            apply_ulysses(Transformer(cfg), dist.group.WORLD)
+            failures.append("P=3 with 2 KV heads was accepted")
+        except ConfigError as err:
+            if "parallel.sp_degree" not in str(err):
+                failures.append(f"unclear error: {err}")
+    for f in failures:
+        sys.stderr.write(f"rank {r}: {f}\n")
+    dist.destroy_process_group()
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
