@@ -36,7 +36,6 @@ def analytic(mode: str, P: int, S: int) -> int:
 def worker(mode: str, S: int, out: str) -> None:
     import torch
     import torch.distributed as dist
-
     from longshard.models.attention import AttentionBatch, AttentionContext, build_attention
     from longshard.parallel.ring import RingAttention
     from longshard.parallel.sequence import CommCounter, UlyssesAttention

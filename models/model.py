@@ -15,7 +15,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 IGNORE_INDEX = -100
-AC_MODES = ("none", "full")
+AC_MODES = ("none", "full", "attention_boundary")
 
 
 class RMSNorm(nn.Module):
@@ -88,14 +88,10 @@ class Attention(nn.Module):
         )
         self.core_attention = build_attention(spec.name, spec.options, ctx)
 
-    def forward(
-        self,
-        x_BSE: torch.Tensor,
-        cos_BSD: torch.Tensor,
-        sin_BSD: torch.Tensor,
-        batch: AttentionBatch,
-        cache: InferenceCache | None = None,
-    ) -> torch.Tensor:
+    def project(
+        self, x_BSE: torch.Tensor, cos_BSD: torch.Tensor, sin_BSD: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k, v as (B, H, S, D) / (B, Hkv, S, D): projections, QK-norm, RoPE."""
         B, S, _ = x_BSE.shape
         q_BSHD = self.wq(x_BSE).view(B, S, self.n_heads, self.head_dim)
         k_BSHD = self.wk(x_BSE).view(B, S, self.n_kv_heads, self.head_dim)
@@ -104,7 +100,26 @@ class Attention(nn.Module):
             q_BSHD, k_BSHD = self.q_norm(q_BSHD), self.k_norm(k_BSHD)
         q_BHSD = apply_rope(q_BSHD.transpose(1, 2), cos_BSD, sin_BSD)
         k_BHSD = apply_rope(k_BSHD.transpose(1, 2), cos_BSD, sin_BSD)
-        v_BHSD = v_BSHD.transpose(1, 2)
+        return q_BHSD, k_BHSD, v_BSHD.transpose(1, 2)
+
+    def output(self, o_BHSD: torch.Tensor, x_BSE: torch.Tensor) -> torch.Tensor:
+        """Optional sigmoid output gate from the layer input (Gated Attention, G1), then wo."""
+        B, S, _ = x_BSE.shape
+        if self.wg is not None:
+            g = torch.sigmoid(self.wg(x_BSE).float()).to(o_BHSD.dtype)
+            g_BHSX = g.view(B, S, self.n_heads, -1).transpose(1, 2)  # X = 1 (headwise) or D (elementwise)
+            o_BHSD = o_BHSD * g_BHSX
+        return self.wo(o_BHSD.transpose(1, 2).reshape(B, S, -1))
+
+    def forward(
+        self,
+        x_BSE: torch.Tensor,
+        cos_BSD: torch.Tensor,
+        sin_BSD: torch.Tensor,
+        batch: AttentionBatch,
+        cache: InferenceCache | None = None,
+    ) -> torch.Tensor:
+        q_BHSD, k_BHSD, v_BHSD = self.project(x_BSE, cos_BSD, sin_BSD)
         if cache is not None:
             slot = cache.slot(self.layer_idx)
             if self.core_attention.uses_kv_cache:
@@ -112,11 +127,7 @@ class Attention(nn.Module):
             else:
                 batch = replace(batch, cache_slot=slot)
         o_BHSD = self.core_attention(q_BHSD, k_BHSD, v_BHSD, replace(batch, x_BSE=x_BSE))
-        if self.wg is not None:  # sigmoid output gate from the layer input (Gated Attention, G1)
-            g = torch.sigmoid(self.wg(x_BSE).float()).to(o_BHSD.dtype)
-            g_BHSX = g.view(B, S, self.n_heads, -1).transpose(1, 2)  # X = 1 (headwise) or D (elementwise)
-            o_BHSD = o_BHSD * g_BHSX
-        return self.wo(o_BHSD.transpose(1, 2).reshape(B, S, -1))
+        return self.output(o_BHSD, x_BSE)
 
 
 class FeedForward(nn.Module):
@@ -153,6 +164,24 @@ class TransformerBlock(nn.Module):
     ) -> torch.Tensor:
         h = x_BSE + self.attention(self.attention_norm(x_BSE), cos_BSD, sin_BSD, batch, cache)
         return h + self.feed_forward(self.ffn_norm(h))
+
+    def _pre_attention(self, x_BSE, cos_BSD, sin_BSD):
+        xn = self.attention_norm(x_BSE)
+        return (*self.attention.project(xn, cos_BSD, sin_BSD), xn)
+
+    def _post_attention(self, o_BHSD, x_BSE):
+        h = x_BSE + self.attention.output(o_BHSD, self.attention_norm(x_BSE))
+        return h + self.feed_forward(self.ffn_norm(h))
+
+    def forward_attention_boundary(
+        self, x_BSE: torch.Tensor, cos_BSD: torch.Tensor, sin_BSD: torch.Tensor, batch: AttentionBatch
+    ) -> torch.Tensor:
+        """Rematerialisation-aware checkpointing (LightSeq): everything but the core attention is
+        recomputed in backward; the core attention's output (and what it saved) is kept, so a
+        distributed attention forward never runs twice."""
+        q, k, v, xn = checkpoint(self._pre_attention, x_BSE, cos_BSD, sin_BSD, use_reentrant=False)
+        o = self.attention.core_attention(q, k, v, replace(batch, x_BSE=xn))
+        return checkpoint(self._post_attention, o, x_BSE, use_reentrant=False)
 
 
 def positions_from_docs(doc_ids_BS: torch.Tensor) -> torch.Tensor:
@@ -222,7 +251,8 @@ class Transformer(nn.Module):
         return torch.stack(found).sum() if found else None
 
     def set_activation_checkpointing(self, mode: str) -> None:
-        """``none`` or ``full`` (recompute each block in backward)."""
+        """``none``, ``full`` (recompute each block in backward) or ``attention_boundary``
+        (recompute all but the core attention: no distributed attention is ever recomputed)."""
         if mode not in AC_MODES:
             raise ValueError(f"activation checkpointing mode {mode!r}: use one of {AC_MODES}")
         self.activation_checkpointing = mode
@@ -256,8 +286,11 @@ class Transformer(nn.Module):
         cos, sin = self.rope(position_ids_BS, h.dtype)
         batch = AttentionBatch(doc_ids_BS=doc_ids_BS)
         for layer in self.layers:
-            if self.activation_checkpointing == "full" and torch.is_grad_enabled() and cache is None:
+            training = torch.is_grad_enabled() and cache is None
+            if self.activation_checkpointing == "full" and training:
                 h = checkpoint(layer, h, cos, sin, batch, use_reentrant=False)
+            elif self.activation_checkpointing == "attention_boundary" and training:
+                h = layer.forward_attention_boundary(h, cos, sin, batch)
             else:
                 h = layer(h, cos, sin, batch, cache)
         if cache is not None:

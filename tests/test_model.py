@@ -132,17 +132,40 @@ def test_new_variant_is_one_registration_and_mixes_per_layer():
     assert model.layers[1].attention.wo.weight.grad.abs().max() == 0  # factor 0 -> no signal through layer 1
 
 
-def test_activation_checkpointing_same_grads():
+@pytest.mark.parametrize("mode", ["full", "attention_boundary"])
+def test_activation_checkpointing_same_grads(mode):
     torch.manual_seed(4)
-    cfg = _tiny()
+    cfg = _tiny(attention=[{"name": "dense", "gate": "headwise"}])
     a, b = Transformer(cfg), Transformer(cfg)
     b.load_state_dict(a.state_dict())
-    b.set_activation_checkpointing("full")
+    b.set_activation_checkpointing(mode)
     tokens = torch.randint(0, 64, (2, 13))
     a(tokens).square().mean().backward()
     b(tokens).square().mean().backward()
     for (n, pa), pb in zip(a.named_parameters(), b.parameters()):
         assert_rel(n, pa.grad, pb.grad, 1e-6)  # recomputation repeats identical fp32 ops
+
+
+def test_attention_boundary_never_recomputes_core_attention():
+    calls = {"n": 0}
+
+    class Counting(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, *args):
+            calls["n"] += 1
+            return self.inner(*args)
+
+    for mode, expect in (("full", 4), ("attention_boundary", 2)):  # 2 layers; full recomputes each
+        model = Transformer(_tiny())
+        for layer in model.layers:
+            layer.attention.core_attention = Counting(layer.attention.core_attention)
+        model.set_activation_checkpointing(mode)
+        calls["n"] = 0
+        model(torch.randint(0, 64, (1, 9))).sum().backward()
+        assert calls["n"] == expect, (mode, calls["n"])
 
 
 def test_rope_scalings_extend_wavelengths():

@@ -37,6 +37,8 @@ def test_sp_training_equals_sp1(tmp_path, env_cpu, mode):
     assert one.returncode == 0, one.stderr[-3000:]
     two = subprocess.run(torchrun_cmd(2, "-m", "longshard.train.main", "quickstart", *common,
                                       "parallel.sp_degree=2", f"parallel.sp_mode={mode}",
+                                      # remat-aware checkpointing: same numerics, attention not recomputed
+                                      "train.activation_checkpointing=attention_boundary",
                                       f"output_dir={tmp_path / 'sp2'}"),
                          env=env_cpu, capture_output=True, text=True)
     assert two.returncode == 0, two.stderr[-3000:]

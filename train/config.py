@@ -112,7 +112,8 @@ class TrainConfig:
             (= micro_batch_size x grad accumulation x dp size).
         dtype: ``fp32`` or ``bf16`` (autocast; master weights stay fp32).
         grad_clip: max global gradient norm (0 disables).
-        activation_checkpointing: ``none`` or ``full`` (recompute each block).
+        activation_checkpointing: ``none``, ``full`` (recompute each block) or ``attention_boundary``
+            (recompute all but the core attention; LightSeq's rematerialisation-aware placement).
         seed: seed for init, data order and dropout-free RNG state.
         nan_policy: on a non-finite loss, ``stop`` with an error or ``skip`` the step.
         max_skipped_steps: with ``skip``, stop after this many consecutive skipped steps.
@@ -147,7 +148,8 @@ class TrainConfig:
         require(self.global_batch_size % self.micro_batch_size == 0, "train.global_batch_size",
                 f"{self.global_batch_size} is not a multiple of micro_batch_size={self.micro_batch_size}.")
         _choice(self.dtype, DTYPES, "train.dtype")
-        _choice(self.activation_checkpointing, ("none", "full"), "train.activation_checkpointing")
+        _choice(self.activation_checkpointing, ("none", "full", "attention_boundary"),
+                "train.activation_checkpointing")
         _choice(self.nan_policy, NAN_POLICIES, "train.nan_policy")
         _choice(self.device, DEVICES, "train.device")
 
