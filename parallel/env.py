@@ -76,15 +76,23 @@ def mesh_shape(world_size: int, sp: int = 1) -> tuple[int, int]:
     return world_size // sp, sp
 
 
-def build_mesh(env: DistEnv, sp: int = 1) -> DeviceMesh:
-    """A 2-D DeviceMesh (``dp``, ``sp``) over all ranks; consecutive ranks share a sequence group.
+def build_mesh(env: DistEnv, sp: int = 1, ulysses: int = 1) -> DeviceMesh:
+    """A DeviceMesh (``dp``, ``sp``) over all ranks; consecutive ranks share a sequence group.
+
+    With ``ulysses > 1`` (hybrid) the mesh is (``dp``, ``ring``, ``uly``) and ``sp`` is the
+    flattened (ring, uly) dimension.
 
     Args:
         env: this process's :class:`DistEnv`.
         sp: sequence-parallel degree (1 = pure data parallel).
+        ulysses: Ulysses group size inside the sequence-parallel group (hybrid 2-D).
     """
     dp, sp = mesh_shape(env.world_size, sp)
-    return init_device_mesh(env.device.type, (dp, sp), mesh_dim_names=("dp", "sp"))
+    if ulysses <= 1:
+        return init_device_mesh(env.device.type, (dp, sp), mesh_dim_names=("dp", "sp"))
+    mesh = init_device_mesh(env.device.type, (dp, sp // ulysses, ulysses), mesh_dim_names=("dp", "ring", "uly"))
+    mesh["ring", "uly"]._flatten("sp")
+    return mesh
 
 
 def destroy_distributed() -> None:

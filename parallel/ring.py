@@ -154,14 +154,25 @@ class RingAttention(CoreAttention):
         return _RingAttnFn.apply(q_BHSD, k_BHSD, v_BHSD, doc_all, self.ring, self.scale)
 
 
-def apply_ring(model, group: dist.ProcessGroup, counter: CommCounter | None = None):
-    """Replace every layer's dense core attention by :class:`RingAttention` (in place)."""
+def apply_ring(model, group: dist.ProcessGroup, counter: CommCounter | None = None,
+               ulysses_group: dist.ProcessGroup | None = None):
+    """Replace every layer's dense core attention by :class:`RingAttention` (in place).
+
+    With ``ulysses_group`` (hybrid 2-D, USP-style): Ulysses all-to-alls inside that group around
+    a ring over ``group``; inputs are sharded zigzag over the ring, then contiguously inside it.
+    """
     from longshard.models.attention.dense import DenseAttention
+    from longshard.parallel.sequence import UlyssesAttention, kv_replication
 
     for i, layer in enumerate(model.layers):
         core = layer.attention.core_attention
         require(isinstance(core, DenseAttention), "parallel.sp_mode",
                 f"ring supports dense attention only so far; layer {i} uses {type(core).__name__}.",
                 "use sp_mode=ulysses for sparse and linear variants.")
-        layer.attention.core_attention = RingAttention(core, group, counter)
+        wrapped = RingAttention(core, group, counter)
+        if ulysses_group is not None:
+            kv_repeat = kv_replication(layer.attention.n_heads, layer.attention.n_kv_heads,
+                                       dist.get_world_size(ulysses_group))
+            wrapped = UlyssesAttention(wrapped, ulysses_group, kv_repeat, counter)
+        layer.attention.core_attention = wrapped
     return model

@@ -17,9 +17,8 @@ from longshard.errors import ConfigError, require
 from longshard.models.attention import AttentionBatch, CoreAttention
 from longshard.models.model import Transformer, positions_from_docs
 from torch import nn
-from torch.distributed.nn.functional import all_to_all
 
-SP_MODES = ("ulysses", "ring")
+SP_MODES = ("ulysses", "ring", "hybrid")
 
 
 @dataclass
@@ -41,15 +40,35 @@ class CommCounter:
         return out
 
 
+def _exchange(x: torch.Tensor, scatter_dim: int, gather_dim: int, group: dist.ProcessGroup) -> torch.Tensor:
+    P = dist.get_world_size(group)
+    parts = [t.contiguous() for t in x.chunk(P, dim=scatter_dim)]
+    out = [torch.empty_like(parts[0]) for _ in range(P)]
+    dist.all_to_all(out, parts, group=group)
+    return torch.cat(out, dim=gather_dim)
+
+
+class _AllToAll(torch.autograd.Function):
+    """All-to-all whose backward is the inverse all-to-all (works on gloo subgroups)."""
+
+    @staticmethod
+    def forward(ctx, x, scatter_dim: int, gather_dim: int, group: dist.ProcessGroup):
+        ctx.dims, ctx.group = (scatter_dim, gather_dim), group
+        return _exchange(x, scatter_dim, gather_dim, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        scatter_dim, gather_dim = ctx.dims
+        return _exchange(grad.contiguous(), gather_dim, scatter_dim, ctx.group), None, None, None
+
+
 def _a2a(x: torch.Tensor, scatter_dim: int, gather_dim: int, group: dist.ProcessGroup,
          counter: CommCounter | None) -> torch.Tensor:
     """Differentiable all-to-all: split ``scatter_dim`` in P parts, part p to rank p, concat on ``gather_dim``."""
     P = dist.get_world_size(group)
-    parts = [t.contiguous() for t in x.chunk(P, dim=scatter_dim)]
-    out = [torch.empty_like(parts[0]) for _ in range(P)]
     if counter is not None:  # bytes leaving this rank (its own part stays)
-        counter.add("all_to_all", (P - 1) * parts[0].numel() * parts[0].element_size())
-    return torch.cat(all_to_all(out, parts, group=group), dim=gather_dim)
+        counter.add("all_to_all", (P - 1) * (x.numel() // P) * x.element_size())
+    return _AllToAll.apply(x, scatter_dim, gather_dim, group)
 
 
 class UlyssesAttention(nn.Module):
@@ -85,6 +104,23 @@ class UlyssesAttention(nn.Module):
         return _a2a(o, 2, 1, self.group, self.counter)
 
 
+def kv_replication(n_heads: int, n_kv_heads: int, P: int) -> int:
+    """How often each KV head is repeated so query and KV heads both split over P ranks.
+
+    Raises:
+        ConfigError: query heads not divisible by P, or KV heads neither divisible by P nor dividing it.
+    """
+    require(n_heads % P == 0, "parallel.sp_degree",
+            f"{n_heads} query heads do not split over {P} Ulysses ranks (Ulysses shards heads).",
+            "choose a Ulysses degree dividing the query heads.")
+    if n_kv_heads % P == 0:
+        return 1
+    if P % n_kv_heads == 0:
+        return P // n_kv_heads
+    raise ConfigError("parallel.sp_degree", f"{n_kv_heads} KV heads can neither be split over nor replicated "
+                      f"to {P} Ulysses ranks.", "choose a Ulysses degree dividing or divisible by n_kv_heads.")
+
+
 def apply_ulysses(model: Transformer, group: dist.ProcessGroup, counter: CommCounter | None = None) -> Transformer:
     """Put every layer's core attention behind an all-to-all over ``group`` (in place).
 
@@ -97,17 +133,8 @@ def apply_ulysses(model: Transformer, group: dist.ProcessGroup, counter: CommCou
     P, r = dist.get_world_size(group), dist.get_rank(group)
     for layer in model.layers:
         attn = layer.attention
-        H, Hkv = attn.n_heads, attn.n_kv_heads
-        require(H % P == 0, "parallel.sp_degree",
-                f"{H} query heads do not split over sp_degree={P} (Ulysses shards heads).",
-                "choose sp_degree dividing the query heads.")
-        if Hkv % P == 0:
-            kv_repeat = 1
-        elif P % Hkv == 0:
-            kv_repeat = P // Hkv
-        else:
-            raise ConfigError("parallel.sp_degree", f"{Hkv} KV heads can neither be split over nor replicated to "
-                              f"sp_degree={P}.", "choose sp_degree dividing or divisible by n_kv_heads.")
+        kv_repeat = kv_replication(attn.n_heads, attn.n_kv_heads, P)
+        H = attn.n_heads
         core = attn.core_attention
         if type(core).__name__ == "LinearAttention":  # recurrent: pass D x D states, not activations
             from longshard.parallel.linear_state import LinearStateParallel
@@ -139,18 +166,22 @@ class SeqShard:
     rank: int
     degree: int
     zigzag: bool = False
+    inner: int = 1
 
     def shard(self, tokens_BS, labels_BS, doc_ids_BS):
-        return shard_batch(tokens_BS, labels_BS, doc_ids_BS, self.rank, self.degree, self.zigzag)
+        return shard_batch(tokens_BS, labels_BS, doc_ids_BS, self.rank, self.degree, self.zigzag, self.inner)
 
 
 def shard_batch(
     tokens_BS: torch.Tensor, labels_BS: torch.Tensor, doc_ids_BS: torch.Tensor | None, rank: int, degree: int,
     zigzag: bool = False,
+    inner: int = 1,
 ) -> dict[str, torch.Tensor | None]:
     """This rank's sequence shard, with positions computed on the whole sequence first.
 
     Contiguous (Ulysses) or zigzag (ring: chunks ``rank`` and ``2*degree-1-rank`` of 2*degree).
+    With ``inner > 1`` (hybrid): zigzag over the ``degree // inner`` ring ranks, then contiguous
+    pieces of each ring shard over the ``inner`` Ulysses ranks (``rank = ring_rank * inner + i``).
 
     Raises:
         ConfigError: the sequence length is not divisible by ``degree`` (``2*degree`` for zigzag).
@@ -161,7 +192,10 @@ def shard_batch(
             f"{', zigzag' if zigzag else ''}).", f"choose seq_len as a multiple of {need}.")
     pos = positions_from_docs(doc_ids_BS) if doc_ids_BS is not None else torch.arange(S).expand_as(tokens_BS)
     if zigzag:
-        sl = zigzag_positions(rank, degree, S // degree)
+        ring = degree // inner
+        shard = zigzag_positions(rank // inner, ring, S // ring)
+        piece = len(shard) // inner
+        sl = shard[(rank % inner) * piece : (rank % inner + 1) * piece]
     else:
         sl = slice(rank * S // degree, (rank + 1) * S // degree)
     return {

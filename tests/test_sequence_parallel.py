@@ -22,7 +22,13 @@ def test_sharded_matches_single_process(mode, nproc, env_cpu):
     assert proc.returncode == 0, proc.stderr[-4000:]
 
 
-@pytest.mark.parametrize("mode", ["ulysses", "ring"])
+def test_hybrid_matches_single_process(env_cpu):
+    proc = subprocess.run(torchrun_cmd(4, str(REPO / "tests" / "dist" / "hybrid_check.py")), env=env_cpu,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+
+@pytest.mark.parametrize("mode", ["ulysses", "ring", "hybrid"])
 def test_sp_training_equals_sp1(tmp_path, env_cpu, mode):
     from longshard.train.data import prepare_default
 
@@ -35,8 +41,10 @@ def test_sp_training_equals_sp1(tmp_path, env_cpu, mode):
     one = subprocess.run([sys.executable, "-m", "longshard.train.main", "quickstart", *common,
                           f"output_dir={tmp_path / 'sp1'}"], env=env_cpu, capture_output=True, text=True)
     assert one.returncode == 0, one.stderr[-3000:]
-    two = subprocess.run(torchrun_cmd(2, "-m", "longshard.train.main", "quickstart", *common,
-                                      "parallel.sp_degree=2", f"parallel.sp_mode={mode}",
+    layout = ["parallel.sp_degree=4", "parallel.sp_ulysses_degree=2"] if mode == "hybrid" else \
+        ["parallel.sp_degree=2"]
+    two = subprocess.run(torchrun_cmd(4 if mode == "hybrid" else 2, "-m", "longshard.train.main", "quickstart",
+                                      *common, *layout, f"parallel.sp_mode={mode}",
                                       # remat-aware checkpointing: same numerics, attention not recomputed
                                       "train.activation_checkpointing=attention_boundary",
                                       f"output_dir={tmp_path / 'sp2'}"),
@@ -44,13 +52,15 @@ def test_sp_training_equals_sp1(tmp_path, env_cpu, mode):
     assert two.returncode == 0, two.stderr[-3000:]
     a = json.loads((tmp_path / "sp1" / "report.json").read_text())
     b = json.loads((tmp_path / "sp2" / "report.json").read_text())
-    assert b["sp_degree"] == 2
+    assert b["sp_degree"] == (4 if mode == "hybrid" else 2)
     for x, y in zip(a["losses"], b["losses"]):
         assert abs(x - y) / x <= 1e-5, (a["losses"], b["losses"])
     assert abs(a["val_loss"] - b["val_loss"]) / a["val_loss"] <= 1e-5
     assert a["passkey_acc@128"] == b["passkey_acc@128"]
     metrics = [json.loads(x) for x in (tmp_path / "sp2" / "metrics.jsonl").read_text().splitlines()]
-    assert metrics[0]["comm/all_to_all_calls" if mode == "ulysses" else "comm/ring_p2p_calls"] > 0
+    assert metrics[0]["comm/ring_p2p_calls" if mode != "ulysses" else "comm/all_to_all_calls"] > 0
+    if mode == "hybrid":
+        assert metrics[0]["comm/all_to_all_calls"] > 0
 
 
 def test_sp_layout_errors():
@@ -61,3 +71,5 @@ def test_sp_layout_errors():
                                    "eval.passkey_lengths=[512]"])
     with pytest.raises(ConfigError, match="parallel.sp_mode"):
         load_config("quickstart", ["parallel.sp_mode=ring9"])
+    with pytest.raises(ConfigError, match="parallel.sp_ulysses_degree"):
+        load_config("quickstart", ["parallel.sp_mode=hybrid", "parallel.sp_degree=4", "parallel.sp_ulysses_degree=3"])

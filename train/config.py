@@ -17,7 +17,7 @@ DATA_SOURCES = ("default", "prepared", "passkey", "mqar")
 DTYPES = ("fp32", "bf16")
 SCHEDULES = ("cosine", "wsd", "constant")
 DP_MODES = ("ddp", "fsdp2")
-SP_MODES = ("ulysses", "ring")
+SP_MODES = ("ulysses", "ring", "hybrid")
 WANDB_MODES = ("offline", "online", "disabled")
 NAN_POLICIES = ("stop", "skip")
 DEVICES = ("auto", "cpu", "cuda")
@@ -162,17 +162,26 @@ class ParallelConfig:
         dp_mode: ``ddp`` (replicated) or ``fsdp2`` (``fully_shard`` per block).
         sp_degree: sequence-parallel degree; the data-parallel degree is world size / sp_degree.
         sp_mode: ``ulysses`` (all-to-all head sharding around the attention; every variant whose
-            heads can be split) or ``ring`` (zigzag-sharded K/V ring with overlap; dense only).
+            heads can be split), ``ring`` (zigzag-sharded K/V ring with overlap; dense only) or
+            ``hybrid`` (Ulysses inside groups of ``sp_ulysses_degree`` ranks x ring across them).
+        sp_ulysses_degree: Ulysses group size of ``hybrid`` (divides sp_degree).
     """
 
     dp_mode: str = "ddp"
     sp_degree: int = 1
     sp_mode: str = "ulysses"
+    sp_ulysses_degree: int = 1
 
     def __post_init__(self) -> None:
         _choice(self.dp_mode, DP_MODES, "parallel.dp_mode")
         require_positive(self.sp_degree, "parallel.sp_degree")
         _choice(self.sp_mode, SP_MODES, "parallel.sp_mode")
+        if self.sp_mode == "hybrid":
+            u = self.sp_ulysses_degree
+            require(1 < u < self.sp_degree and self.sp_degree % u == 0, "parallel.sp_ulysses_degree",
+                    f"{u} must divide sp_degree={self.sp_degree} and lie strictly between 1 and it.",
+                    "e.g. sp_degree=8 sp_ulysses_degree=4 (Ulysses inside a node, ring across nodes).")
+            require(self.dp_mode == "ddp", "parallel.dp_mode", "hybrid sequence parallel runs with ddp only so far.")
 
 
 @dataclass(kw_only=True)
@@ -308,7 +317,7 @@ class Config:
                 "train shorter, raise model.max_seq_len, or extend RoPE (model.rope.scaling) for longer context.",
             )
         sp = self.parallel.sp_degree
-        need = 2 * sp if (self.parallel.sp_mode == "ring" and sp > 1) else sp  # zigzag: 2 chunks per rank
+        need = 2 * sp if (self.parallel.sp_mode in ("ring", "hybrid") and sp > 1) else sp  # zigzag: 2 chunks/rank
         require(self.train.seq_len % need == 0, "train.seq_len",
                 f"{self.train.seq_len} is not divisible by {need} (parallel.sp_degree={sp}, "
                 f"sp_mode={self.parallel.sp_mode}).", f"choose seq_len as a multiple of {need}.")

@@ -157,13 +157,21 @@ def train(cfg: Config) -> dict[str, Any]:
         load_into(model, load_hf_state_dict(cfg.init.hf_path, mcfg), cfg.init.hf_path)
     model.set_activation_checkpointing(cfg.train.activation_checkpointing)
     model.to(env.device)
-    mesh = build_mesh(env, sp_size)
+    mode = cfg.parallel.sp_mode
+    uly = cfg.parallel.sp_ulysses_degree if mode == "hybrid" else 1
+    mesh = build_mesh(env, sp_size, uly)
     comm = CommCounter()
     sp = None
     if sp_size > 1:
-        ring = cfg.parallel.sp_mode == "ring"
-        sp = SeqShard(mesh["sp"].get_group(), mesh["sp"].get_local_rank(), sp_size, zigzag=ring)
-        (apply_ring if ring else apply_ulysses)(model, sp.group, comm)
+        sp_rank = mesh["ring"].get_local_rank() * uly + mesh["uly"].get_local_rank() if uly > 1 else \
+            mesh["sp"].get_local_rank()
+        sp = SeqShard(mesh["sp"].get_group(), sp_rank, sp_size, zigzag=mode != "ulysses", inner=uly)
+        if mode == "ulysses":
+            apply_ulysses(model, sp.group, comm)
+        elif mode == "ring":
+            apply_ring(model, sp.group, comm)
+        else:
+            apply_ring(model, mesh["ring"].get_group(), comm, ulysses_group=mesh["uly"].get_group())
     dmodel = parallelize(model, mesh, cfg.parallel.dp_mode)
     optimizer = build_optimizer(dmodel, cfg)
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.steps)
