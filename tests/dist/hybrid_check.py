@@ -7,17 +7,11 @@ import sys
 
 import torch
 import torch.distributed as dist
-from torch.distributed.device_mesh import init_device_mesh
-
+from common import run_and_compare
 from longshard.models import ModelConfig, Transformer
 from longshard.parallel.ring import apply_ring
 from longshard.parallel.sequence import CommCounter, shard_batch
-
-TOL = 1e-5  # fp32; sums regrouped over heads and ring blocks only
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.double() - b.double()).abs().max() / a.double().abs().max().clamp_min(1e-30))
+from torch.distributed.device_mesh import init_device_mesh
 
 
 def main() -> int:
@@ -38,20 +32,9 @@ def main() -> int:
             tokens = torch.randint(0, 64, (2, S), generator=g)
             labels = torch.randint(0, 64, (2, S), generator=g)
             doc = torch.cumsum((torch.rand(2, S, generator=g) < 0.1).long(), 1) if packed else None
-            logits = ref(tokens, doc_ids_BS=doc)
-            torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="sum").backward()
             sh = shard_batch(tokens, labels, doc, r, 4, zigzag=True, inner=2)
-            out = par(sh["tokens"], doc_ids_BS=sh["doc_ids"], position_ids_BS=sh["position_ids"])
-            torch.nn.functional.cross_entropy(out.flatten(0, 1), sh["labels"].flatten(), reduction="sum").backward()
-            name = f"hybrid H={n_heads}/{n_kv} packed={packed}"
-            e = rel(logits[:, _index(r)], out)
-            if e > TOL:
-                failures.append(f"{name} logits {e:.2e}")
-            for (n, p_ref), p_par in zip(ref.named_parameters(), par.parameters()):
-                grad = p_par.grad.clone()
-                dist.all_reduce(grad)
-                if rel(p_ref.grad, grad) > TOL:
-                    failures.append(f"{name} grad {n} {rel(p_ref.grad, grad):.2e}")
+            failures += run_and_compare(ref, par, tokens, labels, doc, sh, _index(r),
+                                        f"hybrid H={n_heads}/{n_kv} packed={packed}")
     for f in failures:
         sys.stderr.write(f"rank {r}: {f}\n")
     dist.destroy_process_group()

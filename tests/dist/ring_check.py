@@ -7,16 +7,10 @@ import sys
 
 import torch
 import torch.distributed as dist
-
+from common import run_and_compare
 from longshard.models import ModelConfig, Transformer
 from longshard.parallel.ring import apply_ring
 from longshard.parallel.sequence import CommCounter, shard_batch, zigzag_positions
-
-TOL = 1e-5  # fp32; blockwise softmax merged through log-sum-exp reorders sums only
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.double() - b.double()).abs().max() / a.double().abs().max().clamp_min(1e-30))
 
 
 def main() -> int:
@@ -36,20 +30,9 @@ def main() -> int:
             tokens = torch.randint(0, 64, (2, S), generator=g)
             labels = torch.randint(0, 64, (2, S), generator=g)
             doc = torch.cumsum((torch.rand(2, S, generator=g) < 0.1).long(), 1) if packed else None
-            logits = ref(tokens, doc_ids_BS=doc)
-            torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="sum").backward()
             sh = shard_batch(tokens, labels, doc, r, P, zigzag=True)
-            out = par(sh["tokens"], doc_ids_BS=sh["doc_ids"], position_ids_BS=sh["position_ids"])
-            torch.nn.functional.cross_entropy(out.flatten(0, 1), sh["labels"].flatten(), reduction="sum").backward()
             name = f"P={P} H={n_heads}/{n_kv} packed={packed}"
-            e = rel(logits[:, zigzag_positions(r, P, L)], out)
-            if e > TOL:
-                failures.append(f"{name} logits {e:.2e}")
-            for (n, p_ref), p_par in zip(ref.named_parameters(), par.parameters()):
-                grad = p_par.grad.clone()
-                dist.all_reduce(grad)
-                if rel(p_ref.grad, grad) > TOL:
-                    failures.append(f"{name} grad {n} {rel(p_ref.grad, grad):.2e}")
+            failures += run_and_compare(ref, par, tokens, labels, doc, sh, zigzag_positions(r, P, L), name)
             # per layer: forward K and V each hop P-1 times; backward K, V (P-1 hops) + dK, dV (P hops)
             kv_bytes = 2 * n_kv * L * 8 * 4  # B=2, head_dim 8, fp32
             expect = 2 * (2 * (P - 1) * kv_bytes + 2 * (P - 1) * kv_bytes + 2 * P * kv_bytes)

@@ -11,12 +11,10 @@ import sys
 
 import torch
 import torch.distributed as dist
-
+from common import run_and_compare
 from longshard.errors import ConfigError
 from longshard.models import ModelConfig, Transformer
 from longshard.parallel.sequence import CommCounter, apply_ulysses, shard_batch
-
-TOL = 1e-5  # fp32; the same attention math split over heads/ranks reorders sums only (~1e-7)
 
 S2 = {"name": "s2", "options": {"block": 4, "local_blocks": 1, "vert_stride": 2}}
 CASES = {
@@ -28,10 +26,6 @@ CASES = {
     3: dict(n_heads=6, n_kv_heads=3, attn=[{"name": "dense"}, S2, {"name": "linear", "options": {"chunk": 8}}]),
     4: dict(n_heads=8, n_kv_heads=2, attn=[{"name": "dense"}, S2]),  # KV heads replicated 2x
 }
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.double() - b.double()).abs().max() / a.double().abs().max().clamp_min(1e-30))
 
 
 def main() -> int:
@@ -51,20 +45,9 @@ def main() -> int:
             tokens = torch.randint(0, 64, (2, S), generator=g)
             labels = torch.randint(0, 64, (2, S), generator=g)
             doc = torch.cumsum((torch.rand(2, S, generator=g) < 0.1).long(), 1) if packed else None
-            logits = ref(tokens, doc_ids_BS=doc)
-            torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="sum").backward()
             sh = shard_batch(tokens, labels, doc, r, P)
-            out = par(sh["tokens"], doc_ids_BS=sh["doc_ids"], position_ids_BS=sh["position_ids"])
-            torch.nn.functional.cross_entropy(out.flatten(0, 1), sh["labels"].flatten(), reduction="sum").backward()
             name = f"P={P} {spec['name']} packed={packed}"
-            e = rel(logits[:, r * 12 : (r + 1) * 12], out)
-            if e > TOL:
-                failures.append(f"{name} logits {e:.2e}")
-            for (n, p_ref), p_par in zip(ref.named_parameters(), par.parameters()):
-                grad = p_par.grad.clone()
-                dist.all_reduce(grad)  # each rank's grads cover its tokens; the sum is the full gradient
-                if rel(p_ref.grad, grad) > TOL:
-                    failures.append(f"{name} grad {n} {rel(p_ref.grad, grad):.2e}")
+            failures += run_and_compare(ref, par, tokens, labels, doc, sh, torch.arange(r * 12, (r + 1) * 12), name)
             # 2 layers x 3 (q, k, v) + 2 x 1 (o) all-to-alls forward, each sending (P-1)/P of the local tensor
             B, D = 2, 16
             kv_local = max(case["n_kv_heads"], P)
