@@ -86,8 +86,8 @@ def _eval(args: argparse.Namespace) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
     val = None
-    data = Path(cfg.data.path) if cfg.data.source == "prepared" else Path(cfg.output_dir) / "data" / "default"
-    if cfg.data.source in ("default", "prepared") and (data / "meta.json").is_file():
+    data = cfg.data_dir
+    if data is not None and (data / "meta.json").is_file():
         val = TokenWindows(data, "val", cfg.train.seq_len)
     res = evaluate(
         model, val_dataset=val, tokenizer=build_tokenizer(cfg.data.tokenizer), seq_len=cfg.train.seq_len,

@@ -329,6 +329,15 @@ class Config:
             require(self.data.mqar_num_kv_pairs < self.model.vocab_size // 2 - 1, "data.mqar_num_kv_pairs",
                     f"too many pairs for vocab_size={self.model.vocab_size}.")
 
+    @property
+    def data_dir(self) -> Path | None:
+        """Folder of the prepared token data (the embedded corpus is prepared under output_dir)."""
+        if self.data.source == "prepared":
+            return Path(self.data.path)
+        if self.data.source == "default":
+            return Path(self.output_dir) / "data" / "default"
+        return None
+
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict (for logging and saving)."""
         return dataclasses.asdict(self)

@@ -36,18 +36,19 @@ def heldout_loss(
     return total / max(count, 1)
 
 
-def forward_batch(model, batch, device, autocast_dtype, doc_mask: bool, sp: SeqShard | None):
-    """Logits and labels of this rank for a collated batch (its sequence shard when ``sp`` is set)."""
-    doc = batch["doc_ids"] if doc_mask else None
-    pos = None
+def forward_batch(model, batch, device, autocast_dtype, doc_mask: bool, sp: SeqShard | None = None):
+    """Logits and labels of this rank for a collated batch.
+
+    With ``sp`` the batch is first cut to this rank's sequence shard; a batch that already is a
+    shard carries its ``position_ids``. Used by training and evaluation alike.
+    """
     if sp is not None:
-        batch = sp.shard(batch["tokens"], batch["labels"], doc)
-        doc, pos = batch["doc_ids"], batch["position_ids"].to(device)
-    tokens = batch["tokens"].to(device)
-    doc = doc.to(device) if doc is not None else None
+        batch = sp.shard(batch["tokens"], batch["labels"], batch["doc_ids"] if doc_mask else None)
+    to = lambda t: None if t is None else t.to(device)
+    doc = batch["doc_ids"] if doc_mask else None
     with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-        logits = model(tokens, doc_ids_BS=doc, position_ids_BS=pos)
-    return logits, batch["labels"].to(device)
+        logits = model(to(batch["tokens"]), doc_ids_BS=to(doc), position_ids_BS=to(batch.get("position_ids")))
+    return logits, to(batch["labels"])
 
 
 @torch.no_grad()

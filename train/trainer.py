@@ -40,7 +40,7 @@ from longshard.train.data import (
     read_meta,
 )
 from longshard.train.data.synthetic import passkey_sample
-from longshard.train.evaluate import evaluate
+from longshard.train.evaluate import evaluate, forward_batch
 from longshard.train.metrics import MetricsLogger, flops_per_token, peak_memory_bytes, peak_tflops
 from longshard.train.schedule import build_scheduler
 
@@ -75,7 +75,7 @@ def build_datasets(cfg: Config, env: DistEnv, mcfg: ModelConfig):
     tokenizer = build_tokenizer(cfg.data.tokenizer)
     S = cfg.train.seq_len
     if cfg.data.source in ("default", "prepared"):
-        path = Path(cfg.data.path) if cfg.data.source == "prepared" else Path(cfg.output_dir) / "data" / "default"
+        path = cfg.data_dir
         if cfg.data.source == "default" and env.is_main and not (path / "meta.json").is_file():
             prepare_default(path, cfg.data.default_corpus_bytes)
         dist.barrier()
@@ -230,12 +230,8 @@ def train(cfg: Config) -> dict[str, Any]:
         loss_sum = torch.zeros((), device=env.device)
         aux_sum = 0.0
         for i, b in enumerate(micro):
-            tokens, labels = b["tokens"].to(env.device), b["labels"].to(env.device)
-            doc = b["doc_ids"].to(env.device) if (cfg.data.doc_mask and b["doc_ids"] is not None) else None
-            pos = b["position_ids"].to(env.device) if "position_ids" in b else None
             with gradient_sync(dmodel, enabled=i == len(micro) - 1):
-                with torch.autocast(env.device.type, dtype=autocast, enabled=autocast is not None):
-                    logits = dmodel(tokens, doc_ids_BS=doc, position_ids_BS=pos)
+                logits, labels = forward_batch(dmodel, b, env.device, autocast, cfg.data.doc_mask)
                 ce, _ = cross_entropy_sum(logits, labels)
                 # Gradient of the global token-mean loss: data parallel averages over ranks, so scale back up.
                 objective = ce * (env.world_size / n_global)

@@ -8,6 +8,7 @@ in ``longshard/models/attention/__init__.py``.
 from __future__ import annotations
 
 import dataclasses
+import types
 import typing
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -155,7 +156,7 @@ def _check_type(value: Any, annotation: Any) -> bool:
     if annotation is Any:
         return True
     origin = typing.get_origin(annotation)
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+    if origin in (typing.Union, types.UnionType):
         return any(_check_type(value, a) for a in typing.get_args(annotation))
     if annotation is type(None):
         return value is None

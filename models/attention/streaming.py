@@ -13,12 +13,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from longshard.errors import require, require_positive
-from longshard.kernels.attention.naive import causal_doc_mask
 from longshard.kernels.block_sparse import SparsePattern
 from longshard.kernels.block_sparse.banded import BandFarSpec, band_far_attention
 from longshard.kernels.block_sparse.pattern import sink_window_pattern
+from longshard.models.attention.dense import DenseAttention, DenseOptions
 from longshard.models.attention.registry import AttentionBatch, AttentionContext, register_attention
 from longshard.models.attention.sparse_base import BlockSparseAttention, check_path
 from torch import nn
@@ -69,6 +68,7 @@ class StreamingAttention(BlockSparseAttention):
         self.register_buffer("streaming_H", stream_kv.repeat_interleave(group), persistent=False)
         self.covers_context = len(opts.retrieval_heads) > 0 or opts.learned_gates  # union over heads
         self.alpha = nn.Parameter(torch.ones(ctx.n_kv_heads)) if opts.learned_gates else None
+        self.full = DenseAttention(ctx, DenseOptions())  # retrieval heads / the full branch of the gates
 
     def build_pattern(self, n_blocks: int) -> SparsePattern:
         streaming = self.streaming_H.cpu()
@@ -80,7 +80,7 @@ class StreamingAttention(BlockSparseAttention):
         streamed = super().forward(q_BHSD, k_BHSD, v_BHSD, batch)
         if self.alpha is None:
             return streamed
-        full = self._full(q_BHSD, k_BHSD, v_BHSD, batch)
+        full = self.full(q_BHSD, k_BHSD, v_BHSD, batch)
         alpha = self.alpha.clamp(0, 1)
         self.last_aux_loss = self.opts.gate_l1 * alpha.sum()  # read by Transformer.aux_loss()
         a = alpha.repeat_interleave(self.ctx.n_heads // self.ctx.n_kv_heads)[:, None, None]
@@ -111,14 +111,10 @@ class StreamingAttention(BlockSparseAttention):
         if stream_q.any():
             parts[True] = band_far_attention(q_BHSD[:, stream_q], k_BHSD[:, stream_kv], v_BHSD[:, stream_kv], spec,
                                              batch.doc_ids_BS)
-        parts[False] = self._full(q_BHSD[:, ~stream_q], k_BHSD[:, ~stream_kv], v_BHSD[:, ~stream_kv], batch)
+        parts[False] = self.full(q_BHSD[:, ~stream_q], k_BHSD[:, ~stream_kv], v_BHSD[:, ~stream_kv], batch)
         order = torch.cat([torch.nonzero(~stream_q).flatten(), torch.nonzero(stream_q).flatten()])
         merged = torch.cat([parts[False], *([parts[True]] if True in parts else [])], dim=1)
         return merged[:, torch.argsort(order)]
-
-    def _full(self, q_BHSD, k_BHSD, v_BHSD, batch):
-        mask = causal_doc_mask(q_BHSD.shape[2], k_BHSD.shape[2], batch.doc_ids_BS, q_BHSD.device)
-        return F.scaled_dot_product_attention(q_BHSD, k_BHSD, v_BHSD, attn_mask=mask, enable_gqa=True)
 
 
 

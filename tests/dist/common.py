@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import torch
 import torch.distributed as dist
 
@@ -30,3 +32,20 @@ def run_and_compare(ref, par, tokens, labels, doc, shard: dict, index: torch.Ten
         if rel(p_ref.grad, grad) > TOL:
             failures.append(f"{name} grad {n} {rel(p_ref.grad, grad):.2e}")
     return failures
+
+
+def random_batch(S: int, packed: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(tokens, labels, doc_ids or None) of batch 2, the same on every rank (fixed seed)."""
+    g = torch.Generator().manual_seed(1)
+    tokens = torch.randint(0, 64, (2, S), generator=g)
+    labels = torch.randint(0, 64, (2, S), generator=g)
+    doc = torch.cumsum((torch.rand(2, S, generator=g) < 0.1).long(), 1) if packed else None
+    return tokens, labels, doc
+
+
+def finish(failures: list[str]) -> int:
+    """Report this rank's failures, leave the process group, and give the exit code."""
+    for f in failures:
+        sys.stderr.write(f"rank {dist.get_rank()}: {f}\n")
+    dist.destroy_process_group()
+    return 1 if failures else 0

@@ -7,7 +7,7 @@ import sys
 
 import torch
 import torch.distributed as dist
-from common import run_and_compare
+from common import finish, random_batch, run_and_compare
 from longshard.models import ModelConfig, Transformer
 from longshard.parallel.ring import apply_ring
 from longshard.parallel.sequence import CommCounter, shard_batch
@@ -28,17 +28,11 @@ def main() -> int:
             ref = Transformer(cfg)
             par = apply_ring(copy.deepcopy(ref), mesh["ring"].get_group(), CommCounter(),
                              ulysses_group=mesh["uly"].get_group())
-            g = torch.Generator().manual_seed(1)
-            tokens = torch.randint(0, 64, (2, S), generator=g)
-            labels = torch.randint(0, 64, (2, S), generator=g)
-            doc = torch.cumsum((torch.rand(2, S, generator=g) < 0.1).long(), 1) if packed else None
+            tokens, labels, doc = random_batch(S, packed)
             sh = shard_batch(tokens, labels, doc, r, 4, zigzag=True, inner=2)
             failures += run_and_compare(ref, par, tokens, labels, doc, sh, _index(r),
                                         f"hybrid H={n_heads}/{n_kv} packed={packed}")
-    for f in failures:
-        sys.stderr.write(f"rank {r}: {f}\n")
-    dist.destroy_process_group()
-    return 1 if failures else 0
+    return finish(failures)
 
 
 def _index(rank: int) -> torch.Tensor:

@@ -7,7 +7,7 @@ import sys
 
 import torch
 import torch.distributed as dist
-from common import run_and_compare
+from common import finish, random_batch, run_and_compare
 from longshard.models import ModelConfig, Transformer
 from longshard.parallel.ring import apply_ring
 from longshard.parallel.sequence import CommCounter, shard_batch, zigzag_positions
@@ -26,10 +26,7 @@ def main() -> int:
                               max_seq_len=256)
             ref = Transformer(cfg)
             par = apply_ring(copy.deepcopy(ref), dist.group.WORLD, counter := CommCounter())
-            g = torch.Generator().manual_seed(1)
-            tokens = torch.randint(0, 64, (2, S), generator=g)
-            labels = torch.randint(0, 64, (2, S), generator=g)
-            doc = torch.cumsum((torch.rand(2, S, generator=g) < 0.1).long(), 1) if packed else None
+            tokens, labels, doc = random_batch(S, packed)
             sh = shard_batch(tokens, labels, doc, r, P, zigzag=True)
             name = f"P={P} H={n_heads}/{n_kv} packed={packed}"
             failures += run_and_compare(ref, par, tokens, labels, doc, sh, zigzag_positions(r, P, L), name)
@@ -38,10 +35,7 @@ def main() -> int:
             expect = 2 * (2 * (P - 1) * kv_bytes + 2 * (P - 1) * kv_bytes + 2 * P * kv_bytes)
             if counter.bytes["ring_p2p"] != expect:
                 failures.append(f"{name} ring bytes {counter.bytes['ring_p2p']} != analytic {expect}")
-    for f in failures:
-        sys.stderr.write(f"rank {r}: {f}\n")
-    dist.destroy_process_group()
-    return 1 if failures else 0
+    return finish(failures)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ import sys
 
 import torch
 import torch.distributed as dist
-from common import run_and_compare
+from common import finish, random_batch, run_and_compare
 from longshard.errors import ConfigError
 from longshard.models import ModelConfig, Transformer
 from longshard.parallel.sequence import CommCounter, apply_ulysses, shard_batch
@@ -41,10 +41,7 @@ def main() -> int:
                               n_kv_heads=case["n_kv_heads"], max_seq_len=256, attention=[spec])
             ref = Transformer(cfg)
             par = apply_ulysses(copy.deepcopy(ref), dist.group.WORLD, counter := CommCounter())
-            g = torch.Generator().manual_seed(1)
-            tokens = torch.randint(0, 64, (2, S), generator=g)
-            labels = torch.randint(0, 64, (2, S), generator=g)
-            doc = torch.cumsum((torch.rand(2, S, generator=g) < 0.1).long(), 1) if packed else None
+            tokens, labels, doc = random_batch(S, packed)
             sh = shard_batch(tokens, labels, doc, r, P)
             name = f"P={P} {spec['name']} packed={packed}"
             failures += run_and_compare(ref, par, tokens, labels, doc, sh, torch.arange(r * 12, (r + 1) * 12), name)
@@ -67,10 +64,7 @@ def main() -> int:
         except ConfigError as err:
             if "parallel.sp_degree" not in str(err):
                 failures.append(f"unclear error: {err}")
-    for f in failures:
-        sys.stderr.write(f"rank {r}: {f}\n")
-    dist.destroy_process_group()
-    return 1 if failures else 0
+    return finish(failures)
 
 
 if __name__ == "__main__":
