@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -21,12 +21,14 @@ class SparsePattern:
         block_mask_HQK: (H, nQ, nK) bool over query/key blocks; must keep each diagonal block.
         window_H: (H,) long token window per head, 0 = no token-level window.
         sink_H: (H,) long number of leading sink tokens per head (used with a window).
+        cache: derived index structures of fast paths (e.g. the Triton kernel's block lists).
     """
 
     block: int
     block_mask_HQK: torch.Tensor
     window_H: torch.Tensor | None = None
     sink_H: torch.Tensor | None = None
+    cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def n_heads(self) -> int:

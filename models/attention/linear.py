@@ -23,11 +23,13 @@ from longshard.kernels.lightning import (
     lightning_attention_naive,
     lightning_attention_recurrent,
 )
+from longshard.kernels.lightning.triton import TRITON_CHUNKS, lightning_attention_triton
+from longshard.kernels.triton_support import triton_installed
 from longshard.models.attention.registry import AttentionBatch, AttentionContext, CoreAttention, register_attention
 
 DECAYS = ("alibi", "alibi_layer", "none")
 FEATURE_MAPS = ("silu", "elu1", "identity")
-LINEAR_PATHS = ("auto", "naive", "chunk")
+LINEAR_PATHS = ("auto", "naive", "chunk", "triton")
 
 
 @dataclass(kw_only=True)
@@ -39,7 +41,9 @@ class LinearOptions:
         decay: ``alibi``, ``alibi_layer`` or ``none`` (see the module docstring).
         feature_map: phi applied to q and k: ``silu`` (TransNormerLLM), ``elu1`` (elu + 1) or ``identity``.
         normalize: RMS-normalise each head's output (TransNormerLLM's SRMSNorm, no weight).
-        path: ``auto`` (= chunk), ``chunk`` or ``naive`` (quadratic reference).
+        path: ``auto`` (triton on CUDA when installed and ``chunk`` is a kernel tile size, else
+            chunk), ``chunk`` (PyTorch blocked form), ``triton`` (Triton kernels; CUDA or the CPU
+            interpreter) or ``naive`` (quadratic reference).
     """
 
     chunk: int = 64
@@ -55,6 +59,9 @@ class LinearOptions:
                 f"use one of: {', '.join(FEATURE_MAPS)}.")
         require(self.path in LINEAR_PATHS, "path", f"unknown path {self.path!r}.",
                 f"use one of: {', '.join(LINEAR_PATHS)}.")
+        require(self.path != "triton" or self.chunk in TRITON_CHUNKS, "chunk",
+                f"path triton needs chunk in {TRITON_CHUNKS}, got {self.chunk}.",
+                "set chunk to one of those or use path chunk.")
 
 
 def decay_rates(n_heads: int, layer_idx: int, n_layers: int, kind: str) -> torch.Tensor:
@@ -112,6 +119,10 @@ class LinearAttention(CoreAttention):
                     q, k, v, self.log_decay, None, self.opts.chunk, initial_state_BHDE=slot.get("state"))
         elif self.opts.path == "naive":
             o = lightning_attention_naive(q, k, v, self.log_decay, batch.doc_ids_BS)
+        elif self.opts.path == "triton" or (
+            self.opts.path == "auto" and q.is_cuda and triton_installed() and self.opts.chunk in TRITON_CHUNKS
+        ):
+            o, _ = lightning_attention_triton(q, k, v, self.log_decay, batch.doc_ids_BS, self.opts.chunk)
         else:
             o, _ = lightning_attention_chunk(q, k, v, self.log_decay, batch.doc_ids_BS, self.opts.chunk)
         return self.finish(o, q_BHSD.dtype)

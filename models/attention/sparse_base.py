@@ -13,9 +13,15 @@ from longshard.kernels.block_sparse import (
 )
 from longshard.kernels.block_sparse.banded import BandFarSpec, band_far_attention
 from longshard.kernels.block_sparse.flex import block_sparse_attention_flex, flex_available
+from longshard.kernels.block_sparse.triton import (
+    TRITON_BLOCKS,
+    block_sparse_attention_triton,
+    triton_block_ok,
+)
+from longshard.kernels.triton_support import triton_installed
 from longshard.models.attention.registry import AttentionBatch, AttentionContext, CoreAttention
 
-SPARSE_PATHS = ("auto", "naive", "gather", "banded", "flex")
+SPARSE_PATHS = ("auto", "naive", "gather", "banded", "flex", "triton")
 
 
 def check_path(path: str) -> None:
@@ -36,11 +42,16 @@ class BlockSparseAttention(CoreAttention):
     Paths: ``naive`` (full masked score matrix, the reference), ``gather`` (kept K/V blocks only,
     any pattern), ``banded`` (band + far blocks, for variants that define :meth:`band_spec`;
     the fastest CPU training path), ``flex`` (flex_attention BlockMask; CUDA forward+backward),
-    ``auto`` (flex on CUDA; banded, else gather, for training/prefill on CPU; naive when decoding).
+    ``triton`` (our per-head block-list kernel, forward+backward; CUDA, or the CPU interpreter),
+    ``auto`` (on CUDA: triton when installed and the block is a kernel tile size, else flex; on
+    CPU: banded, else gather, for training/prefill; naive when decoding).
     """
 
     def __init__(self, ctx: AttentionContext, block: int, path: str) -> None:
         super().__init__(ctx)
+        require(path != "triton" or triton_block_ok(block), "block",
+                f"path triton needs a block in {TRITON_BLOCKS} (the kernel tile), got {block}.",
+                "change block or use path auto/gather.")
         self.block, self.path = block, path
         self._cache: dict[tuple[int, str], SparsePattern] = {}
         self.head_slice: tuple[int, int] | None = None
@@ -71,6 +82,8 @@ class BlockSparseAttention(CoreAttention):
             return self.path
         if q_BHSD.shape[2] != k_len:
             return "naive"
+        if q_BHSD.is_cuda and triton_installed() and triton_block_ok(self.block):
+            return "triton"
         if q_BHSD.is_cuda and flex_available():
             return "flex"
         return "banded" if self.band_spec(1) is not None else "gather"
@@ -87,6 +100,7 @@ class BlockSparseAttention(CoreAttention):
             "naive": block_sparse_attention_naive,
             "gather": block_sparse_attention_gather,
             "flex": block_sparse_attention_flex,
+            "triton": block_sparse_attention_triton,
         }[path]
         return fn(q_BHSD, k_BHSD, v_BHSD, pat, batch.doc_ids_BS)
 

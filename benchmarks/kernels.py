@@ -1,0 +1,169 @@
+"""Triton kernels vs the trusted baselines, measured in the same run (CUDA).
+
+* block-sparse kernel with a dense causal mask, an S2 mask and a sink + sliding-window mask, vs
+  flash-attn dense causal (or SDPA's flash backend when flash-attn is absent) and vs
+  ``flex_attention`` (compiled) with the same per-head mask;
+* lightning kernel vs our PyTorch blocked form.
+
+Forward and forward+backward times are medians over repetitions after warm-up (CUDA events).
+``flop_ratio`` = dense causal FLOPs / the mask's FLOPs at block granularity (what the kernel
+computes), the ideal speed-up; ``speedup_vs_baseline`` = baseline / kernel forward+backward time.
+
+    python benchmarks/kernels.py --json kernels.json            # GPU: 8K..128K
+    python benchmarks/kernels.py --quick                        # GPU: 8K and 32K
+    TRITON_INTERPRET=1 python benchmarks/kernels.py --smoke     # CPU: tiny shapes, checks the script only
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+
+H, KV, D, BLOCK = 16, 16, 128, 64
+
+
+def masks(S: int, block: int, heads: int) -> dict:
+    from longshard.kernels.block_sparse import SparsePattern
+    from longshard.kernels.block_sparse.pattern import sink_window_pattern
+    from longshard.models.attention.s2 import S2Options, s2_kept_blocks
+
+    n = math.ceil(S / block)
+    s2 = s2_kept_blocks(n, heads, S2Options(block=block, local_blocks=16, vert_stride=8))
+    return {
+        "dense": SparsePattern(block, torch.ones(heads, n, n, dtype=torch.bool).tril()),
+        "s2": SparsePattern(block, s2),
+        "sliding_window": sink_window_pattern(n, block, heads, torch.ones(heads, dtype=torch.bool), 128, 4096),
+    }
+
+
+def flop_ratio(pattern) -> float:
+    """Dense causal blocks over kept causal blocks (diagonal blocks count half)."""
+    n = pattern.block_mask_HQK.shape[-1]
+    causal = torch.ones(n, n, dtype=torch.bool).tril()
+    kept = pattern.block_mask_HQK.cpu() & causal
+    diag = kept.diagonal(dim1=1, dim2=2).sum()
+    dense = pattern.n_heads * (n * (n - 1) / 2 + n / 2)
+    return float(dense / (kept.sum() - diag + diag / 2))
+
+
+def timed(fn: Callable[[], object], reps: int, backward: bool) -> float:
+    """Median milliseconds of ``fn`` (plus backward of its output when asked)."""
+    def step():
+        out = fn()
+        out = out[0] if isinstance(out, tuple) else out
+        if backward:
+            out.backward(torch.ones_like(out))
+
+    step()  # warm-up / compile
+    times = []
+    for _ in range(reps):
+        if torch.cuda.is_available():
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            step()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            step()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def dense_baseline(q, k, v) -> tuple[str, Callable]:
+    """flash-attn when installed, else SDPA (flash backend on CUDA); layout (B, H, S, D) in and out."""
+    try:
+        from flash_attn import flash_attn_func
+
+        return "flash_attn", lambda: flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                     causal=True).transpose(1, 2)
+    except ImportError:
+        import torch.nn.functional as F
+
+        gqa = k.shape[1] != q.shape[1]
+        return "sdpa", lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+
+
+def measure_length(S: int, dtype: torch.dtype, reps: int, heads: int, head_dim: int, block: int) -> list[dict]:
+    """All records at one sequence length."""
+    from longshard.kernels.block_sparse.flex import block_sparse_attention_flex
+    from longshard.kernels.block_sparse.triton import block_sparse_attention_triton
+    from longshard.kernels.lightning import lightning_attention_chunk
+    from longshard.kernels.lightning.triton import lightning_attention_triton
+
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    common = {"seq_len": S, "dtype": str(dtype).split(".")[-1],
+              "device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu-interpreter"}
+    g = torch.Generator(device=dev).manual_seed(0)
+    q, k, v = (torch.randn(1, heads, S, head_dim, device=dev, dtype=dtype, generator=g).requires_grad_()
+               for _ in range(3))
+    records = []
+    base_name, base = dense_baseline(q, k, v)
+    base_fwd, base_fb = timed(base, reps, False), timed(base, reps, True)
+    for mask_name, pat in masks(S, block, heads).items():
+        pat = pat.to(dev)
+        fn = lambda p=pat: block_sparse_attention_triton(q, k, v, p)
+        rec = {"kernel": "block_sparse", "mask": mask_name, **common,
+               "fwd_ms": timed(fn, reps, False), "fwd_bwd_ms": timed(fn, reps, True),
+               "baseline": base_name, "baseline_fwd_ms": base_fwd, "baseline_fwd_bwd_ms": base_fb,
+               "flop_ratio": flop_ratio(pat)}
+        rec["speedup_vs_baseline"] = base_fb / rec["fwd_bwd_ms"]
+        if dev.type == "cuda":
+            try:
+                flex = lambda p=pat: block_sparse_attention_flex(q, k, v, p)
+                rec["flex_fwd_ms"], rec["flex_fwd_bwd_ms"] = timed(flex, reps, False), timed(flex, reps, True)
+            except Exception as e:  # noqa: BLE001 - report, do not hide, a baseline that fails
+                rec["flex_error"] = f"{type(e).__name__}: {e}"[:200]
+        records.append(rec)
+        print(json.dumps(rec), flush=True)
+    # lightning: feature dim = value dim = head_dim, per-head decays as in our linear attention
+    log_decay = torch.linspace(0.5, 0.01, heads, device=dev)
+    tri = lambda: lightning_attention_triton(q, k, v, log_decay, None, 64)[0]
+    ref = lambda: lightning_attention_chunk(q, k, v, log_decay, None, 64)[0]
+    rec = {"kernel": "lightning", "mask": "causal_decay", **common,
+           "fwd_ms": timed(tri, reps, False), "fwd_bwd_ms": timed(tri, reps, True),
+           "baseline": "lightning_chunk_pytorch", "baseline_fwd_ms": timed(ref, reps, False),
+           "baseline_fwd_bwd_ms": timed(ref, reps, True), "flop_ratio": 1.0}
+    rec["speedup_vs_baseline"] = rec["baseline_fwd_bwd_ms"] / rec["fwd_bwd_ms"]
+    records.append(rec)
+    print(json.dumps(rec), flush=True)
+    return records
+
+
+def run(lengths: list[int], dtype: torch.dtype, reps: int, heads: int, head_dim: int, block: int) -> list[dict]:
+    return [r for S in lengths for r in measure_length(S, dtype, reps, heads, head_dim, block)]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--json", help="write the records to this file")
+    ap.add_argument("--quick", action="store_true", help="8K and 32K only")
+    ap.add_argument("--smoke", action="store_true", help="tiny CPU run under TRITON_INTERPRET=1 (checks the script)")
+    ap.add_argument("--lengths", type=int, nargs="*", help="sequence lengths (default 8K..128K)")
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    args = ap.parse_args(argv)
+    if args.smoke:
+        records = run(args.lengths or [96], torch.float32, 1, heads=2, head_dim=16, block=16)
+    elif not torch.cuda.is_available():
+        print("benchmarks/kernels.py measures CUDA kernels; no GPU here (use --smoke to check the script)",
+              file=sys.stderr)
+        return 2
+    else:
+        lengths = args.lengths or ([8192, 32768] if args.quick else [8192, 16384, 32768, 65536, 131072])
+        records = run(lengths, getattr(torch, args.dtype), 5, H, D, BLOCK)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(records, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

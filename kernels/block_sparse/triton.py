@@ -1,0 +1,423 @@
+"""Block-sparse attention in Triton: forward and backward, one kernel for every per-head pattern.
+
+Each (batch, query head, query block) reads its own CSR-style list of kept key blocks, so S2
+strided shards, sink + sliding window and dense causal all run through the same kernels; masks
+inside a block (causal diagonal, token-level window/sink, packed documents, ragged tail) are
+applied per tile. FlashAttention-2 scheme: online softmax in fp32, log-sum-exp kept for the
+backward (and returned, for ring merging); the backward recomputes probabilities from it.
+
+* ``dQ`` kernel: one program per (query block, batch x head), walking the same list as the forward.
+* ``dK/dV`` kernel: one program per (key block, batch x KV head), walking the transposed list of
+  (query head of its GQA group, query block) pairs that read the block, so a group's heads are
+  reduced inside the program (no atomics).
+
+Tile size = the pattern's block (a power of two in 16..128). Inputs of any float dtype; on CUDA
+fp16/bf16 tiles go to tensor cores with fp32 accumulation; fp32 inputs (and everything under the
+CPU interpreter, whose ``tl.dot`` is wrong for bf16) are computed in fp32 (IEEE dot).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from longshard.kernels.block_sparse.pattern import SparsePattern
+from longshard.kernels.triton_support import interpreting, next_pow2, require_triton
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - exercised where triton is absent
+    triton = None
+
+LOG2E = 1.4426950408889634
+TRITON_BLOCKS = (16, 32, 64, 128)
+
+
+def triton_block_ok(block: int) -> bool:
+    """Whether ``block`` can be this kernel's tile size."""
+    return block in TRITON_BLOCKS
+
+
+def block_csr(block_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Kept indices along the last dim, ascending and padded: ``(idx int32 (..., M), count int32 (...))``."""
+    count = block_mask.sum(-1)
+    m = max(int(count.max()) if count.numel() else 0, 1)
+    n = block_mask.shape[-1]
+    order = torch.arange(n, device=block_mask.device)
+    idx = torch.where(block_mask, order, order + n).argsort(-1)[..., :m]
+    return idx.to(torch.int32).contiguous(), count.to(torch.int32).contiguous()
+
+
+def transposed_mask(block_mask_BHQK: torch.Tensor, n_kv_heads: int) -> torch.Tensor:
+    """(Bi, Hkv, nK, G*nQ): for each KV head and key block, which (group head r, query block) read it."""
+    Bi, H, nQ, nK = block_mask_BHQK.shape
+    G = H // n_kv_heads
+    return block_mask_BHQK.view(Bi, n_kv_heads, G, nQ, nK).permute(0, 1, 4, 2, 3).reshape(Bi, n_kv_heads, nK, G * nQ)
+
+
+def csr_indices(block_mask_BHQK: torch.Tensor, n_blocks: int, n_kv_heads: int) -> tuple[torch.Tensor, ...]:
+    """Forward (per query block) and backward (per key block) kept-block lists of a causal block mask.
+
+    Returns:
+        ``(idx, cnt, idx_t, cnt_t)``: ``idx`` (Bi, H, nQ, M) key blocks per query block, ``idx_t``
+        (Bi, Hkv, nK, M') entries ``r * nQ + query_block`` (r = head inside the GQA group) per key block.
+    """
+    causal = torch.ones(n_blocks, n_blocks, dtype=torch.bool, device=block_mask_BHQK.device).tril()
+    bm = block_mask_BHQK[..., :n_blocks, :n_blocks] & causal
+    return (*block_csr(bm), *block_csr(transposed_mask(bm.contiguous(), n_kv_heads)))
+
+
+if triton is not None:
+
+    @triton.jit
+    def _keep_tile(offs_m, offs_n, S, win, sink, dq_doc, dk_doc, HAS_WIN: tl.constexpr, HAS_DOC: tl.constexpr):
+        keep = (offs_n[None, :] <= offs_m[:, None]) & (offs_n[None, :] < S) & (offs_m[:, None] < S)
+        if HAS_WIN:
+            near = (offs_m[:, None] - offs_n[None, :]) < win
+            keep = keep & ((win <= 0) | near | (offs_n[None, :] < sink))
+        if HAS_DOC:
+            keep = keep & (dq_doc[:, None] == dk_doc[None, :])
+        return keep
+
+    @triton.jit
+    def _bs_fwd(
+        Q, K, V, OUT, LSE, IDX, CNT, WIN, SINK, DOC,
+        si_b, si_h, si_q, sc_b, sc_h,
+        H, S, D, GROUP, KV_H, qk_scale,
+        BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, HAS_WIN: tl.constexpr, HAS_DOC: tl.constexpr,
+        F32: tl.constexpr,
+    ):
+        qb = tl.program_id(0)
+        bh = tl.program_id(1)
+        b = bh // H
+        h = bh % H
+        kvh = b * KV_H + h // GROUP
+        offs_m = qb * BLOCK + tl.arange(0, BLOCK)
+        offs_n0 = tl.arange(0, BLOCK)
+        offs_d = tl.arange(0, BLOCK_D)
+        m_ok = offs_m < S
+        d_ok = offs_d < D
+        qd_mask = m_ok[:, None] & d_ok[None, :]
+        q = tl.load(Q + bh * S * D + offs_m[:, None] * D + offs_d[None, :], mask=qd_mask, other=0.0)
+        if F32:
+            q = q.to(tl.float32)
+        win = 0
+        sink = 0
+        if HAS_WIN:
+            win = tl.load(WIN + h)
+            sink = tl.load(SINK + h)
+        dq_doc = offs_m
+        if HAS_DOC:
+            dq_doc = tl.load(DOC + b * S + offs_m, mask=m_ok, other=-1)
+        m_i = tl.full([BLOCK], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK], tl.float32)
+        acc = tl.zeros([BLOCK, BLOCK_D], tl.float32)
+        cnt = tl.load(CNT + b * sc_b + h * sc_h + qb)
+        for t in range(0, cnt):
+            kb = tl.load(IDX + b * si_b + h * si_h + qb * si_q + t)
+            offs_n = kb * BLOCK + offs_n0
+            n_ok = offs_n < S
+            kv_mask = n_ok[:, None] & d_ok[None, :]
+            k = tl.load(K + kvh * S * D + offs_n[:, None] * D + offs_d[None, :], mask=kv_mask, other=0.0)
+            v = tl.load(V + kvh * S * D + offs_n[:, None] * D + offs_d[None, :], mask=kv_mask, other=0.0)
+            if F32:
+                k = k.to(tl.float32)
+                v = v.to(tl.float32)
+            dk_doc = offs_n
+            if HAS_DOC:
+                dk_doc = tl.load(DOC + b * S + offs_n, mask=n_ok, other=-2)
+            keep = _keep_tile(offs_m, offs_n, S, win, sink, dq_doc, dk_doc, HAS_WIN, HAS_DOC)
+            if F32:
+                s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale
+            else:
+                s = tl.dot(q, tl.trans(k)) * qk_scale
+            s = tl.where(keep, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.exp2(s - m_safe[:, None])
+            alpha = tl.exp2(m_i - m_safe)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            if F32:
+                pv = tl.dot(p, v, input_precision="ieee")
+            else:
+                pv = tl.dot(p.to(v.dtype), v)
+            acc = acc * alpha[:, None] + pv
+            m_i = m_new
+        l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+        out = acc / l_safe[:, None]
+        lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.log2(l_safe)) / 1.4426950408889634)
+        tl.store(OUT + bh * S * D + offs_m[:, None] * D + offs_d[None, :], out.to(OUT.dtype.element_ty),
+                 mask=m_ok[:, None] & d_ok[None, :])
+        tl.store(LSE + bh * S + offs_m, lse, mask=m_ok)
+
+    @triton.jit
+    def _bs_bwd_dq(
+        Q, K, V, DO, LSE, DELTA, DQ, IDX, CNT, WIN, SINK, DOC,
+        si_b, si_h, si_q, sc_b, sc_h,
+        H, S, D, GROUP, KV_H, qk_scale, scale,
+        BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, HAS_WIN: tl.constexpr, HAS_DOC: tl.constexpr,
+        F32: tl.constexpr,
+    ):
+        qb = tl.program_id(0)
+        bh = tl.program_id(1)
+        b = bh // H
+        h = bh % H
+        kvh = b * KV_H + h // GROUP
+        offs_m = qb * BLOCK + tl.arange(0, BLOCK)
+        offs_n0 = tl.arange(0, BLOCK)
+        offs_d = tl.arange(0, BLOCK_D)
+        m_ok = offs_m < S
+        d_ok = offs_d < D
+        qd_mask = m_ok[:, None] & d_ok[None, :]
+        q = tl.load(Q + bh * S * D + offs_m[:, None] * D + offs_d[None, :], mask=qd_mask, other=0.0)
+        do = tl.load(DO + bh * S * D + offs_m[:, None] * D + offs_d[None, :], mask=qd_mask, other=0.0)
+        if F32:
+            q = q.to(tl.float32)
+            do = do.to(tl.float32)
+        lse = tl.load(LSE + bh * S + offs_m, mask=m_ok, other=0.0) * 1.4426950408889634
+        delta = tl.load(DELTA + bh * S + offs_m, mask=m_ok, other=0.0)
+        win = 0
+        sink = 0
+        if HAS_WIN:
+            win = tl.load(WIN + h)
+            sink = tl.load(SINK + h)
+        dq_doc = offs_m
+        if HAS_DOC:
+            dq_doc = tl.load(DOC + b * S + offs_m, mask=m_ok, other=-1)
+        dq = tl.zeros([BLOCK, BLOCK_D], tl.float32)
+        cnt = tl.load(CNT + b * sc_b + h * sc_h + qb)
+        for t in range(0, cnt):
+            kb = tl.load(IDX + b * si_b + h * si_h + qb * si_q + t)
+            offs_n = kb * BLOCK + offs_n0
+            n_ok = offs_n < S
+            kv_mask = n_ok[:, None] & d_ok[None, :]
+            k = tl.load(K + kvh * S * D + offs_n[:, None] * D + offs_d[None, :], mask=kv_mask, other=0.0)
+            v = tl.load(V + kvh * S * D + offs_n[:, None] * D + offs_d[None, :], mask=kv_mask, other=0.0)
+            if F32:
+                k = k.to(tl.float32)
+                v = v.to(tl.float32)
+            dk_doc = offs_n
+            if HAS_DOC:
+                dk_doc = tl.load(DOC + b * S + offs_n, mask=n_ok, other=-2)
+            keep = _keep_tile(offs_m, offs_n, S, win, sink, dq_doc, dk_doc, HAS_WIN, HAS_DOC)
+            if F32:
+                s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale
+                dp = tl.dot(do, tl.trans(v), input_precision="ieee")
+            else:
+                s = tl.dot(q, tl.trans(k)) * qk_scale
+                dp = tl.dot(do, tl.trans(v))
+            p = tl.where(keep, tl.exp2(s - lse[:, None]), 0.0)
+            ds = p * (dp - delta[:, None])
+            if F32:
+                dq += tl.dot(ds, k, input_precision="ieee")
+            else:
+                dq += tl.dot(ds.to(k.dtype), k)
+        tl.store(DQ + bh * S * D + offs_m[:, None] * D + offs_d[None, :], (dq * scale).to(DQ.dtype.element_ty),
+                 mask=qd_mask)
+
+    @triton.jit
+    def _bs_bwd_dkdv(
+        Q, K, V, DO, LSE, DELTA, DK, DV, IDXT, CNTT, WIN, SINK, DOC,
+        si_b, si_h, si_k, sc_b, sc_h,
+        H, S, D, GROUP, KV_H, N_QB, qk_scale, scale,
+        BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, HAS_WIN: tl.constexpr, HAS_DOC: tl.constexpr,
+        F32: tl.constexpr,
+    ):
+        kb = tl.program_id(0)
+        bg = tl.program_id(1)
+        b = bg // KV_H
+        g = bg % KV_H
+        offs_n = kb * BLOCK + tl.arange(0, BLOCK)
+        offs_m0 = tl.arange(0, BLOCK)
+        offs_d = tl.arange(0, BLOCK_D)
+        n_ok = offs_n < S
+        d_ok = offs_d < D
+        kv_mask = n_ok[:, None] & d_ok[None, :]
+        k = tl.load(K + bg * S * D + offs_n[:, None] * D + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(V + bg * S * D + offs_n[:, None] * D + offs_d[None, :], mask=kv_mask, other=0.0)
+        if F32:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        dk_doc = offs_n
+        if HAS_DOC:
+            dk_doc = tl.load(DOC + b * S + offs_n, mask=n_ok, other=-2)
+        dk = tl.zeros([BLOCK, BLOCK_D], tl.float32)
+        dv = tl.zeros([BLOCK, BLOCK_D], tl.float32)
+        cnt = tl.load(CNTT + b * sc_b + g * sc_h + kb)
+        for t in range(0, cnt):
+            c = tl.load(IDXT + b * si_b + g * si_h + kb * si_k + t)
+            r = c // N_QB
+            qb = c % N_QB
+            h = g * GROUP + r
+            bh = b * H + h
+            offs_m = qb * BLOCK + offs_m0
+            m_ok = offs_m < S
+            qd_mask = m_ok[:, None] & d_ok[None, :]
+            q = tl.load(Q + bh * S * D + offs_m[:, None] * D + offs_d[None, :], mask=qd_mask, other=0.0)
+            do = tl.load(DO + bh * S * D + offs_m[:, None] * D + offs_d[None, :], mask=qd_mask, other=0.0)
+            if F32:
+                q = q.to(tl.float32)
+                do = do.to(tl.float32)
+            lse = tl.load(LSE + bh * S + offs_m, mask=m_ok, other=0.0) * 1.4426950408889634
+            delta = tl.load(DELTA + bh * S + offs_m, mask=m_ok, other=0.0)
+            win = 0
+            sink = 0
+            if HAS_WIN:
+                win = tl.load(WIN + h)
+                sink = tl.load(SINK + h)
+            dq_doc = offs_m
+            if HAS_DOC:
+                dq_doc = tl.load(DOC + b * S + offs_m, mask=m_ok, other=-1)
+            keep = _keep_tile(offs_m, offs_n, S, win, sink, dq_doc, dk_doc, HAS_WIN, HAS_DOC)
+            if F32:
+                s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale
+                dp = tl.dot(do, tl.trans(v), input_precision="ieee")
+            else:
+                s = tl.dot(q, tl.trans(k)) * qk_scale
+                dp = tl.dot(do, tl.trans(v))
+            p = tl.where(keep, tl.exp2(s - lse[:, None]), 0.0)
+            ds = p * (dp - delta[:, None])
+            if F32:
+                dv += tl.dot(tl.trans(p), do, input_precision="ieee")
+                dk += tl.dot(tl.trans(ds), q, input_precision="ieee")
+            else:
+                dv += tl.dot(tl.trans(p.to(do.dtype)), do)
+                dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
+        tl.store(DK + bg * S * D + offs_n[:, None] * D + offs_d[None, :], (dk * scale).to(DK.dtype.element_ty),
+                 mask=kv_mask)
+        tl.store(DV + bg * S * D + offs_n[:, None] * D + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+
+def _batch_strides(t: torch.Tensor) -> tuple[int, int, int]:
+    """(batch, head, row) strides of a (Bi, H, R, M) index tensor; batch stride 0 when shared (Bi == 1)."""
+    return (0 if t.shape[0] == 1 else t.stride(0)), t.stride(1), t.stride(2)
+
+
+class _BlockSparseTriton(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, csr, block, window_H, sink_H, doc_ids_BS, scale):
+        B, H, S, D = q.shape
+        Hkv = k.shape[1]
+        n = math.ceil(S / block)
+        idx, cnt, idx_t, cnt_t = csr
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        o = torch.empty_like(q)
+        lse = torch.empty(B, H, S, device=q.device, dtype=torch.float32)
+        has_win = window_H is not None
+        zeros_H = torch.zeros(H, dtype=torch.long)
+        win = (window_H if has_win else zeros_H).to(q.device, torch.int32).contiguous()
+        sink = (sink_H if sink_H is not None else zeros_H).to(q.device, torch.int32).contiguous()
+        doc = doc_ids_BS.to(torch.int32).contiguous() if doc_ids_BS is not None else q.new_zeros(1, dtype=torch.int32)
+        f32 = q.dtype == torch.float32 or interpreting()
+        block_d = next_pow2(D)
+        si = _batch_strides(idx)
+        sc = _batch_strides(cnt[..., None])[:2]
+        _bs_fwd[(n, B * H)](
+            q, k, v, o, lse, idx, cnt, win, sink, doc,
+            *si, *sc, H, S, D, H // Hkv, Hkv, scale * LOG2E,
+            BLOCK=block, BLOCK_D=block_d, HAS_WIN=has_win, HAS_DOC=doc_ids_BS is not None, F32=f32,
+        )
+        ctx.save_for_backward(q, k, v, o, lse, idx, cnt, idx_t, cnt_t, win, sink, doc)
+        ctx.meta = (block, scale, has_win, doc_ids_BS is not None, f32, block_d)
+        return o, lse
+
+    @staticmethod
+    def backward(ctx, grad_o, grad_lse):
+        q, k, v, o, lse, idx, cnt, idx_t, cnt_t, win, sink, doc = ctx.saved_tensors
+        block, scale, has_win, has_doc, f32, block_d = ctx.meta
+        B, H, S, D = q.shape
+        Hkv = k.shape[1]
+        n = math.ceil(S / block)
+        do = grad_o.contiguous()
+        delta = (o.float() * do.float()).sum(-1).contiguous()  # (B, H, S)
+        if grad_lse is not None:  # d lse / d s = p: folds into delta with the opposite sign
+            delta = (delta - grad_lse.float()).contiguous()
+        dq = torch.empty_like(q)
+        dk = torch.empty_like(k)
+        dv = torch.empty_like(v)
+        si = _batch_strides(idx)
+        sc = _batch_strides(cnt[..., None])[:2]
+        flags = dict(BLOCK=block, BLOCK_D=block_d, HAS_WIN=has_win, HAS_DOC=has_doc, F32=f32)
+        _bs_bwd_dq[(n, B * H)](
+            q, k, v, do, lse, delta, dq, idx, cnt, win, sink, doc,
+            *si, *sc, H, S, D, H // Hkv, Hkv, scale * LOG2E, scale, **flags,
+        )
+        _bs_bwd_dkdv[(n, B * Hkv)](
+            q, k, v, do, lse, delta, dk, dv, idx_t, cnt_t, win, sink, doc,
+            *_batch_strides(idx_t), *_batch_strides(cnt_t[..., None])[:2],
+            H, S, D, H // Hkv, Hkv, n, scale * LOG2E, scale, **flags,
+        )
+        return dq, dk, dv, None, None, None, None, None, None
+
+
+def block_sparse_attention_triton_mask(
+    q_BHSD: torch.Tensor,
+    k_BHSD: torch.Tensor,
+    v_BHSD: torch.Tensor,
+    block_mask_BHQK: torch.Tensor,
+    block: int,
+    window_H: torch.Tensor | None = None,
+    sink_H: torch.Tensor | None = None,
+    doc_ids_BS: torch.Tensor | None = None,
+    scale: float | None = None,
+    csr: tuple[torch.Tensor, ...] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block-sparse causal attention (Sq == Sk) from a block mask that may differ per batch element.
+
+    Args:
+        q_BHSD: (B, H, S, D) queries.
+        k_BHSD, v_BHSD: (B, Hkv, S, D) keys/values, H a multiple of Hkv.
+        block_mask_BHQK: (1 or B, H, nQ, nK) bool kept key blocks per query block (upper blocks ignored).
+        block: block size = kernel tile (16, 32, 64 or 128).
+        window_H, sink_H: (H,) token-level sliding window / sink sizes (0 = no window), or None.
+        doc_ids_BS: (B, S) document ids of packed sequences, or None.
+        scale: softmax scale (default 1/sqrt(D)).
+        csr: precomputed :func:`csr_indices` of this mask, shape and KV-head count (a cache), or None.
+
+    Returns:
+        ``(o_BHSD, lse_BHS)``: output in the input dtype and the natural-log log-sum-exp (fp32,
+        -inf for rows with no kept key), both differentiable.
+    """
+    require_triton(q_BHSD, "block-sparse Triton attention")
+    if not triton_block_ok(block):
+        raise ValueError(f"Triton block-sparse tile must be one of {TRITON_BLOCKS}, got block={block}")
+    if k_BHSD.shape[2] != q_BHSD.shape[2]:
+        raise ValueError("the Triton block-sparse kernel needs as many queries as keys (training / prefill)")
+    H, Hkv = q_BHSD.shape[1], k_BHSD.shape[1]
+    if H % Hkv:
+        raise ValueError(f"query heads ({H}) must be a multiple of key/value heads ({Hkv})")
+    if k_BHSD.shape[-1] != v_BHSD.shape[-1]:
+        raise ValueError("the Triton block-sparse kernel needs equal key and value head dims")
+    if block_mask_BHQK.dim() == 3:
+        block_mask_BHQK = block_mask_BHQK[None]
+    scale = 1.0 / math.sqrt(q_BHSD.shape[-1]) if scale is None else scale
+    if csr is None:
+        csr = csr_indices(block_mask_BHQK.to(q_BHSD.device), math.ceil(q_BHSD.shape[2] / block), Hkv)
+    return _BlockSparseTriton.apply(q_BHSD, k_BHSD, v_BHSD, csr, block,
+                                    window_H, sink_H, doc_ids_BS, scale)
+
+
+def block_sparse_attention_triton(
+    q_BHSD: torch.Tensor,
+    k_BHSD: torch.Tensor,
+    v_BHSD: torch.Tensor,
+    pattern: SparsePattern,
+    doc_ids_BS: torch.Tensor | None = None,
+    scale: float | None = None,
+    return_lse: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Block-sparse attention with a :class:`SparsePattern` (Sq == Sk), Triton forward and backward.
+
+    Args: as :func:`longshard.kernels.block_sparse.naive.block_sparse_attention_naive`, plus
+        ``return_lse`` to also return the (B, H, S) log-sum-exp for merging partial results.
+    """
+    n, n_kv = math.ceil(q_BHSD.shape[2] / pattern.block), k_BHSD.shape[1]
+    key = ("triton_csr", n, n_kv, str(q_BHSD.device))
+    if key not in pattern.cache:  # patterns are cached per layer: build the block lists once
+        pattern.cache[key] = csr_indices(pattern.block_mask_HQK.to(q_BHSD.device)[None], n, n_kv)
+    o, lse = block_sparse_attention_triton_mask(
+        q_BHSD, k_BHSD, v_BHSD, pattern.block_mask_HQK, pattern.block, pattern.window_H, pattern.sink_H,
+        doc_ids_BS, scale, csr=pattern.cache[key],
+    )
+    return (o, lse) if return_lse else o

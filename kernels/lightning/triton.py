@@ -1,0 +1,278 @@
+"""Lightning attention in Triton: blocked decayed linear attention, forward and backward.
+
+Same algebra as :mod:`longshard.kernels.lightning.chunk`. For chunk i (start s, L valid tokens,
+positions j = 0..C-1 inside it), with lambda = exp(-a_h):
+
+    O_j   = sum_{l <= j} lambda^{j-l} [doc_j = doc_l] (q_j . k_l) v_l + lambda^{j+1} [doc_j = prev] q_j S
+    S'    = lambda^L [end = prev] S + sum_l lambda^{L-1-l} [doc_l = end] k_l v_l^T
+
+where ``prev`` is the document of the token before the chunk (the initial state's document for
+chunk 0) and ``end`` the document of its last token. Backward (dS = gradient of the state after a
+chunk, swept from the last chunk to the first):
+
+    dq_j = sum_l W_jl (dO_j . v_l) k_l + lambda^{j+1} [doc_j = prev] dO_j S^T
+    dk_l = sum_j W_jl (dO_j . v_l) q_j + lambda^{L-1-l} [doc_l = end] dS v_l
+    dv_l = sum_j W_jl (q_j . k_l) dO_j + lambda^{L-1-l} [doc_l = end] dS^T k_l
+    dS  <- lambda^L [end = prev] dS + sum_j lambda^{j+1} [doc_j = prev] q_j dO_j^T
+
+Programs: one per (batch x head, value-dim block of BLOCK_E columns); the state tile is
+D x BLOCK_E in registers. dQ and dK get one partial per value block (they contract over the
+value dim), summed afterwards; dV, the final state and d(initial state) are exact per block.
+The dQ kernel re-runs the forward recurrence (no per-chunk states stored: memory stays O(S)).
+Computed in fp32 (IEEE dot under fp32 inputs; TF32 allowed for fp16/bf16 inputs on CUDA).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from longshard.kernels.triton_support import interpreting, next_pow2, require_triton
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - exercised where triton is absent
+    triton = None
+
+
+if triton is not None:
+
+    @triton.jit
+    def _chunk_terms(A, DOC, b, h, i, S, prev_doc, CHUNK: tl.constexpr, HAS_DOC: tl.constexpr):
+        """Per-chunk masks and decays: (offs, ok, W, q_decay*[doc=prev], k_weight, carry, end_doc)."""
+        a = tl.load(A + h)
+        offs_c = tl.arange(0, CHUNK)
+        start = i * CHUNK
+        offs = start + offs_c
+        ok = offs < S
+        L = tl.minimum(CHUNK, S - start)
+        j = offs_c.to(tl.float32)
+        diff = j[:, None] - j[None, :]
+        w = tl.where(diff >= 0, tl.exp(-a * tl.maximum(diff, 0.0)), 0.0)
+        q_dec = tl.exp(-a * (j + 1.0))
+        k_arg = tl.maximum((L - 1 - offs_c).to(tl.float32), 0.0)
+        k_w = tl.where(ok, tl.exp(-a * k_arg), 0.0)
+        carry = tl.exp(-a * L.to(tl.float32))
+        end_doc = prev_doc
+        if HAS_DOC:
+            doc = tl.load(DOC + b * (S + 1) + 1 + offs, mask=ok, other=-1)
+            end_doc = tl.load(DOC + b * (S + 1) + start + L)
+            w = tl.where(doc[:, None] == doc[None, :], w, 0.0)
+            q_dec = tl.where(doc == prev_doc, q_dec, 0.0)
+            k_w = tl.where(doc == end_doc, k_w, 0.0)
+            carry = tl.where(end_doc == prev_doc, carry, 0.0)
+        return offs, ok, w, q_dec, k_w, carry, end_doc
+
+    @triton.jit
+    def _prev_doc(DOC, b, i, S, CHUNK: tl.constexpr, HAS_DOC: tl.constexpr):
+        """Document of the token before chunk i (DOC row = [initial doc, doc_0 .. doc_{S-1}])."""
+        prev = 0
+        if HAS_DOC:
+            prev = tl.load(DOC + b * (S + 1) + i * CHUNK)
+        return prev
+
+    @triton.jit
+    def _dot(a, b, IEEE: tl.constexpr):
+        if IEEE:
+            return tl.dot(a, b, input_precision="ieee")
+        return tl.dot(a, b)
+
+    @triton.jit
+    def _lightning_fwd(
+        Q, K, V, A, DOC, S0, OUT, SF,
+        H, S, D, E, N_CHUNKS,
+        CHUNK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,
+        HAS_DOC: tl.constexpr, HAS_INIT: tl.constexpr, IEEE: tl.constexpr,
+    ):
+        bh = tl.program_id(0)
+        eb = tl.program_id(1)
+        b = bh // H
+        h = bh % H
+        offs_d = tl.arange(0, BLOCK_D)
+        offs_e = eb * BLOCK_E + tl.arange(0, BLOCK_E)
+        d_ok = offs_d < D
+        e_ok = offs_e < E
+        de_mask = d_ok[:, None] & e_ok[None, :]
+        state = tl.zeros([BLOCK_D, BLOCK_E], tl.float32)
+        if HAS_INIT:
+            state = tl.load(S0 + bh * D * E + offs_d[:, None] * E + offs_e[None, :], mask=de_mask, other=0.0)
+        prev_doc = _prev_doc(DOC, b, 0, S, CHUNK, HAS_DOC)
+        for i in range(0, N_CHUNKS):
+            offs, ok, w, q_dec, k_w, carry, prev_doc = _chunk_terms(A, DOC, b, h, i, S, prev_doc, CHUNK, HAS_DOC)
+            qk_mask = ok[:, None] & d_ok[None, :]
+            v_mask = ok[:, None] & e_ok[None, :]
+            q = tl.load(Q + bh * S * D + offs[:, None] * D + offs_d[None, :], mask=qk_mask, other=0.0).to(tl.float32)
+            k = tl.load(K + bh * S * D + offs[:, None] * D + offs_d[None, :], mask=qk_mask, other=0.0).to(tl.float32)
+            v = tl.load(V + bh * S * E + offs[:, None] * E + offs_e[None, :], mask=v_mask, other=0.0).to(tl.float32)
+            att = _dot(q, tl.trans(k), IEEE) * w
+            o = _dot(att, v, IEEE) + _dot(q * q_dec[:, None], state, IEEE)
+            tl.store(OUT + bh * S * E + offs[:, None] * E + offs_e[None, :], o.to(OUT.dtype.element_ty), mask=v_mask)
+            state = state * carry + _dot(tl.trans(k * k_w[:, None]), v, IEEE)
+        tl.store(SF + bh * D * E + offs_d[:, None] * E + offs_e[None, :], state, mask=de_mask)
+
+    @triton.jit
+    def _lightning_bwd_dq(
+        Q, K, V, A, DOC, S0, DO, DQP,
+        H, S, D, E, N_CHUNKS,
+        CHUNK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,
+        HAS_DOC: tl.constexpr, HAS_INIT: tl.constexpr, IEEE: tl.constexpr,
+    ):
+        bh = tl.program_id(0)
+        eb = tl.program_id(1)
+        n_bh = tl.num_programs(0)
+        b = bh // H
+        h = bh % H
+        offs_d = tl.arange(0, BLOCK_D)
+        offs_e = eb * BLOCK_E + tl.arange(0, BLOCK_E)
+        d_ok = offs_d < D
+        e_ok = offs_e < E
+        state = tl.zeros([BLOCK_D, BLOCK_E], tl.float32)
+        if HAS_INIT:
+            state = tl.load(S0 + bh * D * E + offs_d[:, None] * E + offs_e[None, :],
+                            mask=d_ok[:, None] & e_ok[None, :], other=0.0)
+        prev_doc = _prev_doc(DOC, b, 0, S, CHUNK, HAS_DOC)
+        for i in range(0, N_CHUNKS):
+            offs, ok, w, q_dec, k_w, carry, prev_doc = _chunk_terms(A, DOC, b, h, i, S, prev_doc, CHUNK, HAS_DOC)
+            qk_mask = ok[:, None] & d_ok[None, :]
+            v_mask = ok[:, None] & e_ok[None, :]
+            k = tl.load(K + bh * S * D + offs[:, None] * D + offs_d[None, :], mask=qk_mask, other=0.0).to(tl.float32)
+            v = tl.load(V + bh * S * E + offs[:, None] * E + offs_e[None, :], mask=v_mask, other=0.0).to(tl.float32)
+            do = tl.load(DO + bh * S * E + offs[:, None] * E + offs_e[None, :], mask=v_mask, other=0.0).to(tl.float32)
+            d_att = _dot(do, tl.trans(v), IEEE) * w
+            dq = _dot(d_att, k, IEEE) + _dot(do, tl.trans(state), IEEE) * q_dec[:, None]
+            tl.store(DQP + (eb * n_bh + bh) * S * D + offs[:, None] * D + offs_d[None, :], dq, mask=qk_mask)
+            state = state * carry + _dot(tl.trans(k * k_w[:, None]), v, IEEE)
+
+    @triton.jit
+    def _lightning_bwd_dkdv(
+        Q, K, V, A, DOC, DO, DSF, DKP, DV, DS0,
+        H, S, D, E, N_CHUNKS,
+        CHUNK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,
+        HAS_DOC: tl.constexpr, HAS_DSF: tl.constexpr, IEEE: tl.constexpr,
+    ):
+        bh = tl.program_id(0)
+        eb = tl.program_id(1)
+        n_bh = tl.num_programs(0)
+        b = bh // H
+        h = bh % H
+        offs_d = tl.arange(0, BLOCK_D)
+        offs_e = eb * BLOCK_E + tl.arange(0, BLOCK_E)
+        d_ok = offs_d < D
+        e_ok = offs_e < E
+        de_mask = d_ok[:, None] & e_ok[None, :]
+        d_state = tl.zeros([BLOCK_D, BLOCK_E], tl.float32)
+        if HAS_DSF:
+            d_state = tl.load(DSF + bh * D * E + offs_d[:, None] * E + offs_e[None, :], mask=de_mask, other=0.0)
+        for t in range(0, N_CHUNKS):
+            i = N_CHUNKS - 1 - t
+            prev_doc = _prev_doc(DOC, b, i, S, CHUNK, HAS_DOC)
+            offs, ok, w, q_dec, k_w, carry, _ = _chunk_terms(A, DOC, b, h, i, S, prev_doc, CHUNK, HAS_DOC)
+            qk_mask = ok[:, None] & d_ok[None, :]
+            v_mask = ok[:, None] & e_ok[None, :]
+            q = tl.load(Q + bh * S * D + offs[:, None] * D + offs_d[None, :], mask=qk_mask, other=0.0).to(tl.float32)
+            k = tl.load(K + bh * S * D + offs[:, None] * D + offs_d[None, :], mask=qk_mask, other=0.0).to(tl.float32)
+            v = tl.load(V + bh * S * E + offs[:, None] * E + offs_e[None, :], mask=v_mask, other=0.0).to(tl.float32)
+            do = tl.load(DO + bh * S * E + offs[:, None] * E + offs_e[None, :], mask=v_mask, other=0.0).to(tl.float32)
+            att = _dot(q, tl.trans(k), IEEE) * w  # (C, C): [j, l]
+            d_att = _dot(do, tl.trans(v), IEEE) * w
+            dv = _dot(tl.trans(att), do, IEEE) + _dot(k, d_state, IEEE) * k_w[:, None]
+            dk = _dot(tl.trans(d_att), q, IEEE) + _dot(v, tl.trans(d_state), IEEE) * k_w[:, None]
+            tl.store(DV + bh * S * E + offs[:, None] * E + offs_e[None, :], dv.to(DV.dtype.element_ty), mask=v_mask)
+            tl.store(DKP + (eb * n_bh + bh) * S * D + offs[:, None] * D + offs_d[None, :], dk, mask=qk_mask)
+            d_state = d_state * carry + _dot(tl.trans(q * q_dec[:, None]), do, IEEE)
+        tl.store(DS0 + bh * D * E + offs_d[:, None] * E + offs_e[None, :], d_state, mask=de_mask)
+
+
+TRITON_CHUNKS = (16, 32, 64, 128)
+
+
+def _launch_shape(D: int, E: int, chunk: int) -> tuple[int, int, int]:
+    if chunk not in TRITON_CHUNKS:
+        raise ValueError(f"Triton lightning attention needs chunk in (16, 32, 64, 128), got {chunk}")
+    block_d = next_pow2(D)
+    if block_d > 256:
+        raise ValueError(f"Triton lightning attention supports key dims up to 256, got {D}")
+    block_e = min(next_pow2(E), 64)
+    return block_d, block_e, math.ceil(E / block_e)
+
+
+class _LightningTriton(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, log_decay, doc, init_doc, s0, chunk):
+        B, H, S, D = q.shape
+        E = v.shape[-1]
+        block_d, block_e, n_e = _launch_shape(D, E, chunk)
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        a = log_decay.float().to(q.device).contiguous()
+        o = torch.empty(B, H, S, E, device=q.device, dtype=q.dtype)
+        sf = torch.empty(B, H, D, E, device=q.device, dtype=torch.float32)
+        n_chunks = math.ceil(S / chunk)
+        has_doc, has_init = doc is not None, s0 is not None
+        # documents as one (B, S + 1) row per sequence: the initial state's document, then each token's
+        doc_t = (torch.cat([init_doc[:, None], doc], 1).to(torch.int32).contiguous() if has_doc
+                 else q.new_zeros(1, dtype=torch.int32))
+        s0_t = s0.float().contiguous() if has_init else sf
+        ieee = q.dtype == torch.float32 or interpreting()
+        meta = dict(CHUNK=chunk, BLOCK_D=block_d, BLOCK_E=block_e, HAS_DOC=has_doc, IEEE=ieee)
+        _lightning_fwd[(B * H, n_e)](q, k, v, a, doc_t, s0_t, o, sf, H, S, D, E, n_chunks,
+                                     HAS_INIT=has_init, **meta)
+        ctx.save_for_backward(q, k, v, a, doc_t, s0_t)
+        ctx.meta = meta
+        ctx.launch = (n_e, n_chunks, has_init, s0.dtype if has_init else None)
+        return o, sf
+
+    @staticmethod
+    def backward(ctx, grad_o, grad_sf):
+        q, k, v, a, doc_t, s0_t = ctx.saved_tensors
+        n_e, n_chunks, has_init, s0_dtype = ctx.launch
+        meta = ctx.meta
+        B, H, S, D = q.shape
+        E = v.shape[-1]
+        do = grad_o.contiguous() if grad_o is not None else torch.zeros(B, H, S, E, device=q.device, dtype=q.dtype)
+        dq_part = torch.empty(n_e, B, H, S, D, device=q.device, dtype=torch.float32)
+        dk_part = torch.empty_like(dq_part)
+        dv = torch.empty_like(v)
+        ds0 = torch.empty(B, H, D, E, device=q.device, dtype=torch.float32)
+        has_dsf = grad_sf is not None
+        dsf = grad_sf.float().contiguous() if has_dsf else ds0
+        _lightning_bwd_dq[(B * H, n_e)](q, k, v, a, doc_t, s0_t, do, dq_part, H, S, D, E, n_chunks,
+                                        HAS_INIT=has_init, **meta)
+        _lightning_bwd_dkdv[(B * H, n_e)](q, k, v, a, doc_t, do, dsf, dk_part, dv, ds0, H, S, D, E, n_chunks,
+                                          HAS_DSF=has_dsf, **meta)
+        dq = dq_part.sum(0).to(q.dtype)
+        dk = dk_part.sum(0).to(k.dtype)
+        return dq, dk, dv, None, None, None, (ds0.to(s0_dtype) if has_init else None), None
+
+
+def lightning_attention_triton(
+    q_BHSD: torch.Tensor,
+    k_BHSD: torch.Tensor,
+    v_BHSD: torch.Tensor,
+    log_decay_H: torch.Tensor,
+    doc_ids_BS: torch.Tensor | None = None,
+    chunk: int = 64,
+    initial_state_BHDE: torch.Tensor | None = None,
+    initial_doc_B: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Blocked decayed linear attention in Triton; same contract as
+    :func:`longshard.kernels.lightning.chunk.lightning_attention_chunk`.
+
+    Args:
+        q_BHSD, k_BHSD: (B, H, S, D) feature-mapped queries/keys (D <= 256).
+        v_BHSD: (B, H, S, E) values.
+        log_decay_H: (H,) a_h >= 0 (not differentiated: a fixed buffer in our models).
+        doc_ids_BS: (B, S) non-decreasing document ids, or None.
+        chunk: block size C (16, 32, 64 or 128).
+        initial_state_BHDE: state before position 0 (differentiable), or None.
+        initial_doc_B: (B,) document of the initial state (default: that of position 0).
+
+    Returns:
+        ``(o_BHSE, final_state_BHDE)``; both differentiable (the final state's gradient flows back
+        to q/k/v and the initial state, as sequence-parallel state passing needs).
+    """
+    require_triton(q_BHSD, "Triton lightning attention")
+    if doc_ids_BS is not None and initial_doc_B is None:
+        initial_doc_B = doc_ids_BS[:, 0]
+    return _LightningTriton.apply(q_BHSD, k_BHSD, v_BHSD, log_decay_H, doc_ids_BS, initial_doc_B,
+                                  initial_state_BHDE, chunk)
