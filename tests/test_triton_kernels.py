@@ -65,6 +65,9 @@ def _patterns(S: int, blk: int, H: int, Hkv: int) -> dict[str, SparsePattern]:
         "random": SparsePattern(blk, rand),
         "s2": SparsePattern(blk, s2.repeat_interleave(H // Hkv, dim=0)),
         "sink_window": sink_window_pattern(n, blk, H, stream, sink=5, window=blk + 3),
+        # equal block lists (heads stacked in one program) but a different token window per head
+        "stacked_windows": SparsePattern(blk, torch.ones(H, n, n, dtype=torch.bool),
+                                         torch.tensor([0, blk + 3, 7, 0] * H)[:H], torch.tensor([0, 2, 1, 0] * H)[:H]),
     }
 
 
@@ -85,7 +88,7 @@ def _check_grads(name, ref_fn, fn, inputs, tol, extra_out=False):
         assert_rel(f"{name} grad{i}", a.float(), b.float(), tol)
 
 
-@pytest.mark.parametrize("mask", ["dense", "random", "s2", "sink_window"])
+@pytest.mark.parametrize("mask", ["dense", "random", "s2", "sink_window", "stacked_windows"])
 @pytest.mark.parametrize("H,Hkv", [(4, 2), (4, 1), (2, 2)])
 @pytest.mark.parametrize("packed", [False, True])
 def test_block_sparse_matches_naive(mask, H, Hkv, packed):
@@ -126,10 +129,25 @@ def test_block_sparse_per_batch_masks():
 
 def test_block_sparse_csr_skips_upper_and_dropped_blocks():
     mask = torch.tensor([[[1, 1, 1], [0, 1, 1], [1, 0, 1]]], dtype=torch.bool)[None]  # (1, 1, 3, 3)
-    idx, cnt, idx_t, cnt_t = csr_indices(mask, 3, 1)
+    share, idx, cnt, idx_t, cnt_t = csr_indices(mask, 3, 1, 16)
+    assert share == 1
     assert cnt.tolist() == [[[1, 1, 2]]]  # upper blocks dropped by causality
     assert idx[0, 0, 2, :2].tolist() == [0, 2]
     assert cnt_t.tolist() == [[[2, 1, 1]]]  # key block 0 read by query blocks 0 and 2
+
+
+def test_gqa_heads_with_equal_lists_share_a_program():
+    """Heads of a GQA group with the same block lists are stacked (K/V loaded once), up to MAX_ROWS rows."""
+    n, H, kv = 4, 8, 2
+    same = torch.ones(H, n, n, dtype=torch.bool)[None]
+    assert csr_indices(same, n, kv, 16)[0] == 4  # group of 4, 4 x 16 rows <= 128
+    assert csr_indices(same, n, kv, 64)[0] == 2  # 2 x 64 rows
+    assert csr_indices(same, n, kv, 128)[0] == 1
+    differ = same.clone()
+    differ[0, 2:4, 3, 0] = False  # heads 2, 3 drop a block that heads 0, 1 keep: pairs still match
+    assert csr_indices(differ, n, kv, 16)[0] == 2
+    differ[0, 3, 3, 1] = False  # now heads 2 and 3 differ too
+    assert csr_indices(differ, n, kv, 16)[0] == 1
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

@@ -32,6 +32,7 @@ except ImportError:  # pragma: no cover - exercised where triton is absent
 
 LOG2E = 1.4426950408889634
 TRITON_BLOCKS = (16, 32, 64, 128)
+MAX_ROWS = 128  # query rows per program (stacked GQA heads x block): bounds registers per program
 
 
 def triton_block_ok(block: int) -> bool:
@@ -56,66 +57,107 @@ def transposed_mask(block_mask_BHQK: torch.Tensor, n_kv_heads: int) -> torch.Ten
     return block_mask_BHQK.view(Bi, n_kv_heads, G, nQ, nK).permute(0, 1, 4, 2, 3).reshape(Bi, n_kv_heads, nK, G * nQ)
 
 
-def csr_indices(block_mask_BHQK: torch.Tensor, n_blocks: int, n_kv_heads: int) -> tuple[torch.Tensor, ...]:
+def group_shared(block_mask_BHQK: torch.Tensor, n_kv_heads: int, max_share: int) -> int:
+    """How many query heads one program stacks: the largest power of two <= ``max_share`` dividing the
+    GQA group size such that the heads of each stacked set have the same block lists (S2, dense, ...)."""
+    Bi, H, nQ, nK = block_mask_BHQK.shape
+    G = H // n_kv_heads
+    share = 1
+    while share * 2 <= max_share and G % (share * 2) == 0:
+        share *= 2
+    while share > 1:
+        sets = block_mask_BHQK.view(Bi, H // share, share, nQ, nK)
+        if bool((sets == sets[:, :, :1]).all()):
+            return share
+        share //= 2
+    return 1
+
+
+def csr_indices(block_mask_BHQK: torch.Tensor, n_blocks: int, n_kv_heads: int, block: int) -> tuple:
     """Forward (per query block) and backward (per key block) kept-block lists of a causal block mask.
 
+    Query heads of a GQA group that share their lists are stacked into one program (``share``
+    heads, at most MAX_ROWS query rows per tile), so each K/V tile is loaded once for them.
+
     Returns:
-        ``(idx, cnt, idx_t, cnt_t)``: ``idx`` (Bi, H, nQ, M) key blocks per query block, ``idx_t``
-        (Bi, Hkv, nK, M') entries ``r * nQ + query_block`` (r = head inside the GQA group) per key block.
+        ``(share, idx, cnt, idx_t, cnt_t)``: ``idx`` (Bi, H / share, nQ, M) key blocks per (stacked)
+        query block; ``idx_t`` (Bi, Hkv, nK, M') entries ``rr * nQ + query_block`` per key block, with
+        rr the stacked head set inside the GQA group.
     """
     causal = torch.ones(n_blocks, n_blocks, dtype=torch.bool, device=block_mask_BHQK.device).tril()
-    bm = block_mask_BHQK[..., :n_blocks, :n_blocks] & causal
-    return (*block_csr(bm), *block_csr(transposed_mask(bm.contiguous(), n_kv_heads)))
+    bm = (block_mask_BHQK[..., :n_blocks, :n_blocks] & causal).contiguous()
+    share = group_shared(bm, n_kv_heads, max(MAX_ROWS // block, 1))
+    bm = bm[:, ::share].contiguous()
+    return (share, *block_csr(bm), *block_csr(transposed_mask(bm, n_kv_heads)))
 
 
 if triton is not None:
 
     @triton.jit
-    def _keep_tile(offs_m, offs_n, S, win, sink, dq_doc, dk_doc, HAS_WIN: tl.constexpr, HAS_DOC: tl.constexpr):
-        keep = (offs_n[None, :] <= offs_m[:, None]) & (offs_n[None, :] < S) & (offs_m[:, None] < S)
+    def _rows(first_head, qb, H, b, BLOCK: tl.constexpr, SHARE: tl.constexpr):
+        """Rows of a stacked tile: SHARE heads x BLOCK positions -> (head index, position)."""
+        i = tl.arange(0, SHARE * BLOCK)
+        return first_head + i // BLOCK, qb * BLOCK + i % BLOCK
+
+    @triton.jit
+    def _keep_tile(pos_m, offs_n, S, win, sink, dq_doc, dk_doc, HAS_WIN: tl.constexpr, HAS_DOC: tl.constexpr):
+        keep = (offs_n[None, :] <= pos_m[:, None]) & (offs_n[None, :] < S) & (pos_m[:, None] < S)
         if HAS_WIN:
-            near = (offs_m[:, None] - offs_n[None, :]) < win
-            keep = keep & ((win <= 0) | near | (offs_n[None, :] < sink))
+            near = (pos_m[:, None] - offs_n[None, :]) < win[:, None]
+            keep = keep & ((win[:, None] <= 0) | near | (offs_n[None, :] < sink[:, None]))
         if HAS_DOC:
             keep = keep & (dq_doc[:, None] == dk_doc[None, :])
         return keep
+
+    @triton.jit
+    def _row_meta(WIN, SINK, DOC, b, head, pos, m_ok, S, HAS_WIN: tl.constexpr, HAS_DOC: tl.constexpr):
+        win = head
+        sink = head
+        if HAS_WIN:
+            win = tl.load(WIN + head)
+            sink = tl.load(SINK + head)
+        doc = pos
+        if HAS_DOC:
+            doc = tl.load(DOC + b * S + pos, mask=m_ok, other=-1)
+        return win, sink, doc
+
+    @triton.jit
+    def _mm(a, b, F32: tl.constexpr):
+        if F32:
+            return tl.dot(a, b, input_precision="ieee")
+        return tl.dot(a.to(b.dtype), b)
 
     @triton.jit
     def _bs_fwd(
         Q, K, V, OUT, LSE, IDX, CNT, WIN, SINK, DOC,
         si_b, si_h, si_q, sc_b, sc_h,
         H, S, D, GROUP, KV_H, qk_scale,
-        BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, HAS_WIN: tl.constexpr, HAS_DOC: tl.constexpr,
-        F32: tl.constexpr,
+        BLOCK: tl.constexpr, SHARE: tl.constexpr, BLOCK_D: tl.constexpr, HAS_WIN: tl.constexpr,
+        HAS_DOC: tl.constexpr, F32: tl.constexpr,
     ):
         qb = tl.program_id(0)
-        bh = tl.program_id(1)
-        b = bh // H
-        h = bh % H
-        kvh = b * KV_H + h // GROUP
-        offs_m = qb * BLOCK + tl.arange(0, BLOCK)
+        bp = tl.program_id(1)  # batch x stacked head set
+        HP = H // SHARE
+        b = bp // HP
+        hp = bp % HP
+        kvh = b * KV_H + (hp * SHARE) // GROUP
+        head, pos = _rows(hp * SHARE, qb, H, b, BLOCK, SHARE)
         offs_n0 = tl.arange(0, BLOCK)
         offs_d = tl.arange(0, BLOCK_D)
-        m_ok = offs_m < S
+        m_ok = pos < S
         d_ok = offs_d < D
+        row_ptr = ((b * H + head) * S + pos) * D
         qd_mask = m_ok[:, None] & d_ok[None, :]
-        q = tl.load(Q + bh * S * D + offs_m[:, None] * D + offs_d[None, :], mask=qd_mask, other=0.0)
+        q = tl.load(Q + row_ptr[:, None] + offs_d[None, :], mask=qd_mask, other=0.0)
         if F32:
             q = q.to(tl.float32)
-        win = 0
-        sink = 0
-        if HAS_WIN:
-            win = tl.load(WIN + h)
-            sink = tl.load(SINK + h)
-        dq_doc = offs_m
-        if HAS_DOC:
-            dq_doc = tl.load(DOC + b * S + offs_m, mask=m_ok, other=-1)
-        m_i = tl.full([BLOCK], float("-inf"), tl.float32)
-        l_i = tl.zeros([BLOCK], tl.float32)
-        acc = tl.zeros([BLOCK, BLOCK_D], tl.float32)
-        cnt = tl.load(CNT + b * sc_b + h * sc_h + qb)
+        win, sink, dq_doc = _row_meta(WIN, SINK, DOC, b, head, pos, m_ok, S, HAS_WIN, HAS_DOC)
+        m_i = tl.full([SHARE * BLOCK], float("-inf"), tl.float32)
+        l_i = tl.zeros([SHARE * BLOCK], tl.float32)
+        acc = tl.zeros([SHARE * BLOCK, BLOCK_D], tl.float32)
+        cnt = tl.load(CNT + b * sc_b + hp * sc_h + qb)
         for t in range(0, cnt):
-            kb = tl.load(IDX + b * si_b + h * si_h + qb * si_q + t)
+            kb = tl.load(IDX + b * si_b + hp * si_h + qb * si_q + t)
             offs_n = kb * BLOCK + offs_n0
             n_ok = offs_n < S
             kv_mask = n_ok[:, None] & d_ok[None, :]
@@ -127,68 +169,54 @@ if triton is not None:
             dk_doc = offs_n
             if HAS_DOC:
                 dk_doc = tl.load(DOC + b * S + offs_n, mask=n_ok, other=-2)
-            keep = _keep_tile(offs_m, offs_n, S, win, sink, dq_doc, dk_doc, HAS_WIN, HAS_DOC)
-            if F32:
-                s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale
-            else:
-                s = tl.dot(q, tl.trans(k)) * qk_scale
-            s = tl.where(keep, s, float("-inf"))
+            keep = _keep_tile(pos, offs_n, S, win, sink, dq_doc, dk_doc, HAS_WIN, HAS_DOC)
+            s = tl.where(keep, _mm(q, tl.trans(k), F32) * qk_scale, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
             p = tl.exp2(s - m_safe[:, None])
             alpha = tl.exp2(m_i - m_safe)
             l_i = l_i * alpha + tl.sum(p, 1)
-            if F32:
-                pv = tl.dot(p, v, input_precision="ieee")
-            else:
-                pv = tl.dot(p.to(v.dtype), v)
-            acc = acc * alpha[:, None] + pv
+            acc = acc * alpha[:, None] + _mm(p, v, F32)
             m_i = m_new
         l_safe = tl.where(l_i == 0.0, 1.0, l_i)
         out = acc / l_safe[:, None]
         lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.log2(l_safe)) / 1.4426950408889634)
-        tl.store(OUT + bh * S * D + offs_m[:, None] * D + offs_d[None, :], out.to(OUT.dtype.element_ty),
-                 mask=m_ok[:, None] & d_ok[None, :])
-        tl.store(LSE + bh * S + offs_m, lse, mask=m_ok)
+        tl.store(OUT + row_ptr[:, None] + offs_d[None, :], out.to(OUT.dtype.element_ty), mask=qd_mask)
+        tl.store(LSE + (b * H + head) * S + pos, lse, mask=m_ok)
 
     @triton.jit
     def _bs_bwd_dq(
         Q, K, V, DO, LSE, DELTA, DQ, IDX, CNT, WIN, SINK, DOC,
         si_b, si_h, si_q, sc_b, sc_h,
         H, S, D, GROUP, KV_H, qk_scale, scale,
-        BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, HAS_WIN: tl.constexpr, HAS_DOC: tl.constexpr,
-        F32: tl.constexpr,
+        BLOCK: tl.constexpr, SHARE: tl.constexpr, BLOCK_D: tl.constexpr, HAS_WIN: tl.constexpr,
+        HAS_DOC: tl.constexpr, F32: tl.constexpr,
     ):
         qb = tl.program_id(0)
-        bh = tl.program_id(1)
-        b = bh // H
-        h = bh % H
-        kvh = b * KV_H + h // GROUP
-        offs_m = qb * BLOCK + tl.arange(0, BLOCK)
+        bp = tl.program_id(1)
+        HP = H // SHARE
+        b = bp // HP
+        hp = bp % HP
+        kvh = b * KV_H + (hp * SHARE) // GROUP
+        head, pos = _rows(hp * SHARE, qb, H, b, BLOCK, SHARE)
         offs_n0 = tl.arange(0, BLOCK)
         offs_d = tl.arange(0, BLOCK_D)
-        m_ok = offs_m < S
+        m_ok = pos < S
         d_ok = offs_d < D
+        row_ptr = ((b * H + head) * S + pos) * D
         qd_mask = m_ok[:, None] & d_ok[None, :]
-        q = tl.load(Q + bh * S * D + offs_m[:, None] * D + offs_d[None, :], mask=qd_mask, other=0.0)
-        do = tl.load(DO + bh * S * D + offs_m[:, None] * D + offs_d[None, :], mask=qd_mask, other=0.0)
+        q = tl.load(Q + row_ptr[:, None] + offs_d[None, :], mask=qd_mask, other=0.0)
+        do = tl.load(DO + row_ptr[:, None] + offs_d[None, :], mask=qd_mask, other=0.0)
         if F32:
             q = q.to(tl.float32)
             do = do.to(tl.float32)
-        lse = tl.load(LSE + bh * S + offs_m, mask=m_ok, other=0.0) * 1.4426950408889634
-        delta = tl.load(DELTA + bh * S + offs_m, mask=m_ok, other=0.0)
-        win = 0
-        sink = 0
-        if HAS_WIN:
-            win = tl.load(WIN + h)
-            sink = tl.load(SINK + h)
-        dq_doc = offs_m
-        if HAS_DOC:
-            dq_doc = tl.load(DOC + b * S + offs_m, mask=m_ok, other=-1)
-        dq = tl.zeros([BLOCK, BLOCK_D], tl.float32)
-        cnt = tl.load(CNT + b * sc_b + h * sc_h + qb)
+        lse = tl.load(LSE + (b * H + head) * S + pos, mask=m_ok, other=0.0) * 1.4426950408889634
+        delta = tl.load(DELTA + (b * H + head) * S + pos, mask=m_ok, other=0.0)
+        win, sink, dq_doc = _row_meta(WIN, SINK, DOC, b, head, pos, m_ok, S, HAS_WIN, HAS_DOC)
+        dq = tl.zeros([SHARE * BLOCK, BLOCK_D], tl.float32)
+        cnt = tl.load(CNT + b * sc_b + hp * sc_h + qb)
         for t in range(0, cnt):
-            kb = tl.load(IDX + b * si_b + h * si_h + qb * si_q + t)
+            kb = tl.load(IDX + b * si_b + hp * si_h + qb * si_q + t)
             offs_n = kb * BLOCK + offs_n0
             n_ok = offs_n < S
             kv_mask = n_ok[:, None] & d_ok[None, :]
@@ -200,36 +228,25 @@ if triton is not None:
             dk_doc = offs_n
             if HAS_DOC:
                 dk_doc = tl.load(DOC + b * S + offs_n, mask=n_ok, other=-2)
-            keep = _keep_tile(offs_m, offs_n, S, win, sink, dq_doc, dk_doc, HAS_WIN, HAS_DOC)
-            if F32:
-                s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale
-                dp = tl.dot(do, tl.trans(v), input_precision="ieee")
-            else:
-                s = tl.dot(q, tl.trans(k)) * qk_scale
-                dp = tl.dot(do, tl.trans(v))
-            p = tl.where(keep, tl.exp2(s - lse[:, None]), 0.0)
-            ds = p * (dp - delta[:, None])
-            if F32:
-                dq += tl.dot(ds, k, input_precision="ieee")
-            else:
-                dq += tl.dot(ds.to(k.dtype), k)
-        tl.store(DQ + bh * S * D + offs_m[:, None] * D + offs_d[None, :], (dq * scale).to(DQ.dtype.element_ty),
-                 mask=qd_mask)
+            keep = _keep_tile(pos, offs_n, S, win, sink, dq_doc, dk_doc, HAS_WIN, HAS_DOC)
+            p = tl.where(keep, tl.exp2(_mm(q, tl.trans(k), F32) * qk_scale - lse[:, None]), 0.0)
+            ds = p * (_mm(do, tl.trans(v), F32) - delta[:, None])
+            dq += _mm(ds, k, F32)
+        tl.store(DQ + row_ptr[:, None] + offs_d[None, :], (dq * scale).to(DQ.dtype.element_ty), mask=qd_mask)
 
     @triton.jit
     def _bs_bwd_dkdv(
         Q, K, V, DO, LSE, DELTA, DK, DV, IDXT, CNTT, WIN, SINK, DOC,
         si_b, si_h, si_k, sc_b, sc_h,
         H, S, D, GROUP, KV_H, N_QB, qk_scale, scale,
-        BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, HAS_WIN: tl.constexpr, HAS_DOC: tl.constexpr,
-        F32: tl.constexpr,
+        BLOCK: tl.constexpr, SHARE: tl.constexpr, BLOCK_D: tl.constexpr, HAS_WIN: tl.constexpr,
+        HAS_DOC: tl.constexpr, F32: tl.constexpr,
     ):
         kb = tl.program_id(0)
         bg = tl.program_id(1)
         b = bg // KV_H
         g = bg % KV_H
         offs_n = kb * BLOCK + tl.arange(0, BLOCK)
-        offs_m0 = tl.arange(0, BLOCK)
         offs_d = tl.arange(0, BLOCK_D)
         n_ok = offs_n < S
         d_ok = offs_d < D
@@ -247,43 +264,23 @@ if triton is not None:
         cnt = tl.load(CNTT + b * sc_b + g * sc_h + kb)
         for t in range(0, cnt):
             c = tl.load(IDXT + b * si_b + g * si_h + kb * si_k + t)
-            r = c // N_QB
-            qb = c % N_QB
-            h = g * GROUP + r
-            bh = b * H + h
-            offs_m = qb * BLOCK + offs_m0
-            m_ok = offs_m < S
+            head, pos = _rows(g * GROUP + (c // N_QB) * SHARE, c % N_QB, H, b, BLOCK, SHARE)
+            m_ok = pos < S
+            row_ptr = ((b * H + head) * S + pos) * D
             qd_mask = m_ok[:, None] & d_ok[None, :]
-            q = tl.load(Q + bh * S * D + offs_m[:, None] * D + offs_d[None, :], mask=qd_mask, other=0.0)
-            do = tl.load(DO + bh * S * D + offs_m[:, None] * D + offs_d[None, :], mask=qd_mask, other=0.0)
+            q = tl.load(Q + row_ptr[:, None] + offs_d[None, :], mask=qd_mask, other=0.0)
+            do = tl.load(DO + row_ptr[:, None] + offs_d[None, :], mask=qd_mask, other=0.0)
             if F32:
                 q = q.to(tl.float32)
                 do = do.to(tl.float32)
-            lse = tl.load(LSE + bh * S + offs_m, mask=m_ok, other=0.0) * 1.4426950408889634
-            delta = tl.load(DELTA + bh * S + offs_m, mask=m_ok, other=0.0)
-            win = 0
-            sink = 0
-            if HAS_WIN:
-                win = tl.load(WIN + h)
-                sink = tl.load(SINK + h)
-            dq_doc = offs_m
-            if HAS_DOC:
-                dq_doc = tl.load(DOC + b * S + offs_m, mask=m_ok, other=-1)
-            keep = _keep_tile(offs_m, offs_n, S, win, sink, dq_doc, dk_doc, HAS_WIN, HAS_DOC)
-            if F32:
-                s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale
-                dp = tl.dot(do, tl.trans(v), input_precision="ieee")
-            else:
-                s = tl.dot(q, tl.trans(k)) * qk_scale
-                dp = tl.dot(do, tl.trans(v))
-            p = tl.where(keep, tl.exp2(s - lse[:, None]), 0.0)
-            ds = p * (dp - delta[:, None])
-            if F32:
-                dv += tl.dot(tl.trans(p), do, input_precision="ieee")
-                dk += tl.dot(tl.trans(ds), q, input_precision="ieee")
-            else:
-                dv += tl.dot(tl.trans(p.to(do.dtype)), do)
-                dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
+            lse = tl.load(LSE + (b * H + head) * S + pos, mask=m_ok, other=0.0) * 1.4426950408889634
+            delta = tl.load(DELTA + (b * H + head) * S + pos, mask=m_ok, other=0.0)
+            win, sink, dq_doc = _row_meta(WIN, SINK, DOC, b, head, pos, m_ok, S, HAS_WIN, HAS_DOC)
+            keep = _keep_tile(pos, offs_n, S, win, sink, dq_doc, dk_doc, HAS_WIN, HAS_DOC)
+            p = tl.where(keep, tl.exp2(_mm(q, tl.trans(k), F32) * qk_scale - lse[:, None]), 0.0)
+            ds = p * (_mm(do, tl.trans(v), F32) - delta[:, None])
+            dv += _mm(tl.trans(p), do, F32)
+            dk += _mm(tl.trans(ds), q, F32)
         tl.store(DK + bg * S * D + offs_n[:, None] * D + offs_d[None, :], (dk * scale).to(DK.dtype.element_ty),
                  mask=kv_mask)
         tl.store(DV + bg * S * D + offs_n[:, None] * D + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=kv_mask)
@@ -294,13 +291,17 @@ def _batch_strides(t: torch.Tensor) -> tuple[int, int, int]:
     return (0 if t.shape[0] == 1 else t.stride(0)), t.stride(1), t.stride(2)
 
 
+def _num_warps(rows: int) -> int:
+    return 4 if rows <= 64 else 8
+
+
 class _BlockSparseTriton(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, csr, block, window_H, sink_H, doc_ids_BS, scale):
         B, H, S, D = q.shape
         Hkv = k.shape[1]
         n = math.ceil(S / block)
-        idx, cnt, idx_t, cnt_t = csr
+        share, idx, cnt, idx_t, cnt_t = csr
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         o = torch.empty_like(q)
         lse = torch.empty(B, H, S, device=q.device, dtype=torch.float32)
@@ -313,19 +314,20 @@ class _BlockSparseTriton(torch.autograd.Function):
         block_d = next_pow2(D)
         si = _batch_strides(idx)
         sc = _batch_strides(cnt[..., None])[:2]
-        _bs_fwd[(n, B * H)](
+        _bs_fwd[(n, B * H // share)](
             q, k, v, o, lse, idx, cnt, win, sink, doc,
             *si, *sc, H, S, D, H // Hkv, Hkv, scale * LOG2E,
-            BLOCK=block, BLOCK_D=block_d, HAS_WIN=has_win, HAS_DOC=doc_ids_BS is not None, F32=f32,
+            BLOCK=block, SHARE=share, BLOCK_D=block_d, HAS_WIN=has_win, HAS_DOC=doc_ids_BS is not None, F32=f32,
+            num_warps=_num_warps(share * block),
         )
         ctx.save_for_backward(q, k, v, o, lse, idx, cnt, idx_t, cnt_t, win, sink, doc)
-        ctx.meta = (block, scale, has_win, doc_ids_BS is not None, f32, block_d)
+        ctx.meta = (block, share, scale, has_win, doc_ids_BS is not None, f32, block_d)
         return o, lse
 
     @staticmethod
     def backward(ctx, grad_o, grad_lse):
         q, k, v, o, lse, idx, cnt, idx_t, cnt_t, win, sink, doc = ctx.saved_tensors
-        block, scale, has_win, has_doc, f32, block_d = ctx.meta
+        block, share, scale, has_win, has_doc, f32, block_d = ctx.meta
         B, H, S, D = q.shape
         Hkv = k.shape[1]
         n = math.ceil(S / block)
@@ -338,8 +340,9 @@ class _BlockSparseTriton(torch.autograd.Function):
         dv = torch.empty_like(v)
         si = _batch_strides(idx)
         sc = _batch_strides(cnt[..., None])[:2]
-        flags = dict(BLOCK=block, BLOCK_D=block_d, HAS_WIN=has_win, HAS_DOC=has_doc, F32=f32)
-        _bs_bwd_dq[(n, B * H)](
+        flags = dict(BLOCK=block, SHARE=share, BLOCK_D=block_d, HAS_WIN=has_win, HAS_DOC=has_doc, F32=f32,
+                     num_warps=_num_warps(share * block))
+        _bs_bwd_dq[(n, B * H // share)](
             q, k, v, do, lse, delta, dq, idx, cnt, win, sink, doc,
             *si, *sc, H, S, D, H // Hkv, Hkv, scale * LOG2E, scale, **flags,
         )
@@ -393,7 +396,7 @@ def block_sparse_attention_triton_mask(
         block_mask_BHQK = block_mask_BHQK[None]
     scale = 1.0 / math.sqrt(q_BHSD.shape[-1]) if scale is None else scale
     if csr is None:
-        csr = csr_indices(block_mask_BHQK.to(q_BHSD.device), math.ceil(q_BHSD.shape[2] / block), Hkv)
+        csr = csr_indices(block_mask_BHQK.to(q_BHSD.device), math.ceil(q_BHSD.shape[2] / block), Hkv, block)
     return _BlockSparseTriton.apply(q_BHSD, k_BHSD, v_BHSD, csr, block,
                                     window_H, sink_H, doc_ids_BS, scale)
 
@@ -415,7 +418,7 @@ def block_sparse_attention_triton(
     n, n_kv = math.ceil(q_BHSD.shape[2] / pattern.block), k_BHSD.shape[1]
     key = ("triton_csr", n, n_kv, str(q_BHSD.device))
     if key not in pattern.cache:  # patterns are cached per layer: build the block lists once
-        pattern.cache[key] = csr_indices(pattern.block_mask_HQK.to(q_BHSD.device)[None], n, n_kv)
+        pattern.cache[key] = csr_indices(pattern.block_mask_HQK.to(q_BHSD.device)[None], n, n_kv, pattern.block)
     o, lse = block_sparse_attention_triton_mask(
         q_BHSD, k_BHSD, v_BHSD, pattern.block_mask_HQK, pattern.block, pattern.window_H, pattern.sink_H,
         doc_ids_BS, scale, csr=pattern.cache[key],
