@@ -45,6 +45,7 @@ BAD = [
     (["model.rope.scaling=yarn", "model.rope.factor=4"], "model.rope.original_max_seq_len", "pre-extension"),
     (["checkpoint.resume=/nonexistent/ckpt"], "checkpoint.resume", "does not exist"),
     (["train.steps"], "train.steps", "key=value"),
+    (["parallel.collective_timeout_s=0"], "parallel.collective_timeout_s", "must be > 0"),
 ]
 
 

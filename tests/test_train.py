@@ -106,6 +106,70 @@ def test_kill_and_resume_is_exact(tmp_path, data_dir, env_cpu):
     assert report["losses"] == straight
 
 
+def test_killed_rank_then_resume_is_exact(tmp_path, data_dir, env_cpu):
+    """Rank 1 SIGKILLs itself at the start of step 4 (drill hook): rank 0 reports the failed collective
+    and the job fails; a second launch with resume=auto continues from the step-3 checkpoint and its
+    losses equal an uninterrupted run bit for bit."""
+    extra = ["train.steps=6", "checkpoint.every=3", "parallel.dp_mode=ddp", "checkpoint.resume=auto"]
+    _run(2, tmp_path / "straight", data_dir, extra, env_cpu)
+    out = tmp_path / "drill"
+    env = dict(env_cpu, LONGSHARD_INJECT_FAULT="kill:rank=1:step=4")
+    proc = _run(2, out, data_dir, extra, env, check=False)
+    assert proc.returncode != 0
+    assert "fault drill: kill on rank 1 at step 4" in proc.stderr
+    # rank 0 was blocked in a collective when its peer died: it says where instead of hanging
+    assert re.search(r"rank 0: a collective failed during the training step of step 4", proc.stderr), \
+        proc.stderr[-4000:]
+    assert not (out / "report.json").exists()
+    _run(2, out, data_dir, extra, env_cpu)
+    report = json.loads((out / "report.json").read_text())
+    assert report["resumed_from_step"] == 3
+    assert report["losses"] == _losses(tmp_path / "straight")
+
+
+def test_sigterm_writes_checkpoint_and_resume_is_exact(tmp_path, data_dir, env_cpu):
+    """SIGTERM to the launcher (what Slurm pre-emption does): every rank finishes its step, writes one
+    checkpoint and exits cleanly; resuming continues with exactly the losses of an uninterrupted run."""
+    extra = ["checkpoint.every=0", "optim.schedule=constant", "parallel.dp_mode=ddp", "eval.at_end=false"]
+    out = tmp_path / "pre"
+    args = ["quickstart", *TINY, "data.source=prepared", f"data.path={data_dir}", f"output_dir={out}", *extra,
+            "train.steps=500", "checkpoint.save_final=false"]
+    proc = subprocess.Popen(torchrun_cmd(2, "-m", "longshard.train.main", *args), env=env_cpu, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None and (
+            not metrics.exists() or len(metrics.read_text().splitlines()) < 2):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert "pre-empted (SIGTERM): wrote the checkpoint of step" in err, err[-4000:]
+    report = json.loads((out / "report.json").read_text())
+    k = report["preempted_at_step"]
+    assert k is not None and 2 <= k < 500 and len(report["losses"]) == k
+    assert [p.name for p in (out / "checkpoints").iterdir()] == [f"step_{k:08d}"]
+
+    _run(2, out, data_dir, [*extra, f"train.steps={k + 2}", "checkpoint.resume=auto"], env_cpu)
+    resumed = json.loads((out / "report.json").read_text())
+    assert resumed["resumed_from_step"] == k and resumed["preempted_at_step"] is None
+    _run(2, tmp_path / "straight", data_dir, [*extra, f"train.steps={k + 2}"], env_cpu)
+    assert resumed["losses"] == _losses(tmp_path / "straight")
+
+
+def test_hung_rank_times_out_with_an_error_naming_it(tmp_path, data_dir, env_cpu):
+    """Rank 1 hangs at step 2: rank 0's collective times out after parallel.collective_timeout_s with an
+    error naming rank, step and phase (no endless hang, no bare backend trace)."""
+    env = dict(env_cpu, LONGSHARD_INJECT_FAULT="hang:rank=1:step=2")
+    t0 = time.time()
+    proc = _run(2, tmp_path / "hang", data_dir, ["train.steps=4", "parallel.collective_timeout_s=5"], env,
+                check=False, timeout=180)
+    assert proc.returncode != 0
+    assert time.time() - t0 < 150
+    assert re.search(r"CollectiveError: rank 0: a collective failed during the training step of step 2 "
+                     r"\(.*[Tt]imed out", proc.stderr), proc.stderr[-4000:]
+    assert "parallel.collective_timeout_s=5" in proc.stderr
+
+
 def test_half_written_checkpoint_is_ignored(tmp_path, data_dir, env_cpu):
     extra = ["train.steps=2", "checkpoint.every=1", "checkpoint.keep_last=5"]
     _run(1, tmp_path / "r", data_dir, extra, env_cpu)

@@ -165,16 +165,21 @@ class ParallelConfig:
             heads can be split), ``ring`` (zigzag-sharded K/V ring with overlap; dense only) or
             ``hybrid`` (Ulysses inside groups of ``sp_ulysses_degree`` ranks x ring across them).
         sp_ulysses_degree: Ulysses group size of ``hybrid`` (divides sp_degree).
+        collective_timeout_s: seconds a collective may wait for its peers before it fails with an
+            error naming the rank, step and phase (instead of hanging).
     """
 
     dp_mode: str = "ddp"
     sp_degree: int = 1
     sp_mode: str = "ulysses"
     sp_ulysses_degree: int = 1
+    collective_timeout_s: float = 600.0
 
     def __post_init__(self) -> None:
         _choice(self.dp_mode, DP_MODES, "parallel.dp_mode")
         require_positive(self.sp_degree, "parallel.sp_degree")
+        require(self.collective_timeout_s > 0, "parallel.collective_timeout_s",
+                f"must be > 0 seconds, got {self.collective_timeout_s}.")
         _choice(self.sp_mode, SP_MODES, "parallel.sp_mode")
         if self.sp_mode == "hybrid":
             u = self.sp_ulysses_degree

@@ -11,7 +11,7 @@ import sys
 from longshard.errors import ConfigError
 from longshard.parallel import destroy_distributed
 from longshard.train.config import load_config
-from longshard.train.trainer import CheckpointError, NonFiniteLossError, train
+from longshard.train.trainer import CheckpointError, CollectiveError, NonFiniteLossError, train
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,6 +38,9 @@ def main(argv: list[str] | None = None) -> int:
     except (NonFiniteLossError, CheckpointError) as e:
         logging.getLogger("longshard").error("%s: %s", type(e).__name__, e)
         return 3
+    except CollectiveError as e:
+        logging.getLogger("longshard").error("CollectiveError: %s", e)
+        return 4
     finally:
         destroy_distributed()
     if rank == 0:

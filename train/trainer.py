@@ -41,6 +41,13 @@ from longshard.train.data import (
 )
 from longshard.train.data.synthetic import passkey_sample
 from longshard.train.evaluate import evaluate, forward_batch
+from longshard.train.faults import (
+    CollectiveError,
+    PreemptionWatch,
+    collective_failure,
+    is_collective_error,
+    maybe_inject_fault,
+)
 from longshard.train.metrics import MetricsLogger, flops_per_token, peak_memory_bytes, peak_tflops
 from longshard.train.schedule import build_scheduler
 
@@ -136,7 +143,7 @@ def train(cfg: Config) -> dict[str, Any]:
     Call once per process (torchrun starts one per device). Works without a launcher too.
     """
     t0 = time.time()
-    env = init_distributed(cfg.train.device)
+    env = init_distributed(cfg.train.device, cfg.parallel.collective_timeout_s)
     dp_size, grad_accum = check_layout(cfg, env)
     sp_size = cfg.parallel.sp_degree
     mcfg = resolve_model_config(cfg)
@@ -217,8 +224,9 @@ def train(cfg: Config) -> dict[str, Any]:
         state = {"loader": loader.state_dict(), "losses": history, "world_size": env.world_size}
         return ckpt.save(step, dmodel, optimizer, scheduler, state)
 
-    dmodel.train()
-    for step in range(start_step + 1, cfg.train.steps + 1):
+    def train_step(step: int) -> tuple[dict[str, Any] | None, Path | None]:
+        """One optimizer step; returns its metrics (None when the update was skipped) and its checkpoint."""
+        nonlocal skipped_in_row
         step_t0 = time.time()
         micro = loader.next_step()
         if sp is not None:  # every rank of a sequence group got the same samples: keep its shard
@@ -253,7 +261,7 @@ def train(cfg: Config) -> dict[str, Any]:
             log.warning("non-finite loss at step %d: skipping the update (%d in a row)", step, skipped_in_row)
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
-            continue
+            return None, None
         skipped_in_row = 0
         grad_norm = clip_grad_norm(dmodel, cfg.train.grad_clip)
         lr = scheduler.get_last_lr()[0]
@@ -275,18 +283,46 @@ def train(cfg: Config) -> dict[str, Any]:
             rec.update(run_eval())
         if step % cfg.train.log_every == 0 or step == cfg.train.steps:
             metrics.log(step, rec)
-        if cfg.checkpoint.every and step % cfg.checkpoint.every == 0:
-            last_ckpt = save(step)
+        saved = save(step) if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 else None
+        return rec, saved
 
-    if cfg.checkpoint.save_final and (last_ckpt is None or not str(last_ckpt).endswith(f"{cfg.train.steps:08d}")):
+    def guarded(fn, step: int, phase: str):
+        """Run ``fn``; a backend failure becomes a CollectiveError naming rank, step and phase."""
+        try:
+            return fn()
+        except Exception as e:
+            if is_collective_error(e):
+                metrics.close()
+                raise collective_failure(e, env.rank, step, phase, cfg.parallel.collective_timeout_s) from e
+            raise
+
+    watch = PreemptionWatch()
+    preempted_at = None
+    dmodel.train()
+    for step in range(start_step + 1, cfg.train.steps + 1):
+        maybe_inject_fault(step, env.rank)
+        rec, saved = guarded(lambda s=step: train_step(s), step, "training step")
+        last_ckpt = saved or last_ckpt
+        if rec is not None and guarded(lambda: watch.agreed(env.device), step, "pre-emption check"):
+            if saved is None:
+                last_ckpt = save(step)
+            preempted_at = step
+            log.warning("pre-empted (%s): wrote the checkpoint of step %d and stopped; resume with "
+                        "checkpoint.resume=auto", watch.signal_name or "signal on another rank", step)
+            break
+    watch.restore()
+
+    if preempted_at is None and cfg.checkpoint.save_final and (
+            last_ckpt is None or not str(last_ckpt).endswith(f"{cfg.train.steps:08d}")):
         last_ckpt = save(cfg.train.steps)
-    if cfg.eval.at_end:
+    if cfg.eval.at_end and preempted_at is None:
         eval_results = run_eval()
         metrics.log(cfg.train.steps, eval_results)
     report = {
         "name": cfg.name,
         "steps": cfg.train.steps,
         "resumed_from_step": start_step,
+        "preempted_at_step": preempted_at,
         "losses": history,
         "final_loss": history[-1] if history else None,
         **eval_results,
@@ -306,4 +342,4 @@ def train(cfg: Config) -> dict[str, Any]:
     return report
 
 
-__all__ = ["CheckpointError", "NonFiniteLossError", "train"]
+__all__ = ["CheckpointError", "CollectiveError", "NonFiniteLossError", "train"]

@@ -1,0 +1,53 @@
+"""Fault-handling building blocks: pre-emption flag, drill spec parsing, collective error detection."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+
+import pytest
+from longshard.train.faults import PreemptionWatch, collective_failure, is_collective_error, parse_fault
+
+
+def test_parse_fault_spec():
+    assert parse_fault("kill:rank=1:step=4") == ("kill", 1, 4)
+    assert parse_fault("hang:step=2:rank=0") == ("hang", 0, 2)
+    for bad in ("explode:rank=1:step=2", "kill:rank=1", "kill:rank=1:step=2:when=now"):
+        with pytest.raises(ValueError, match="LONGSHARD_INJECT_FAULT"):
+            parse_fault(bad)
+
+
+def test_collective_errors_are_recognised_and_named():
+    gloo = RuntimeError("[gloo/transport/tcp/unbound_buffer.cc:78] Timed out waiting 5000ms for recv operation")
+    assert is_collective_error(gloo)
+    assert not is_collective_error(ValueError("shape mismatch"))
+    assert not is_collective_error(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
+    err = collective_failure(gloo, rank=3, step=17, phase="training step", timeout_s=30)
+    assert "rank 3" in str(err) and "step 17" in str(err) and "collective_timeout_s=30" in str(err)
+
+
+def test_sigterm_sets_the_flag_and_a_second_one_terminates():
+    code = (
+        "import os, signal, time\n"
+        "from longshard.train.faults import PreemptionWatch\n"
+        "w = PreemptionWatch()\n"
+        "os.kill(os.getpid(), signal.SIGTERM)\n"
+        "time.sleep(0.2)\n"
+        "print('flag', w.requested, w.signal_name, flush=True)\n"
+        "os.kill(os.getpid(), signal.SIGTERM)\n"
+        "time.sleep(5)\n"
+        "print('survived', flush=True)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert "flag True SIGTERM" in proc.stdout
+    assert "survived" not in proc.stdout
+    assert proc.returncode == -signal.SIGTERM
+
+
+def test_restore_puts_back_the_previous_handler():
+    before = signal.getsignal(signal.SIGTERM)
+    w = PreemptionWatch()
+    assert signal.getsignal(signal.SIGTERM) != before
+    w.restore()
+    assert signal.getsignal(signal.SIGTERM) == before
