@@ -8,7 +8,10 @@ and the wall time. Analytic volumes per rank (fp32, local length L = S/P, B = 1)
   -> (P-1)/P * L * D * (2H + 2Hkv') * 4 bytes (Hkv' = max(Hkv, P)); autograd's backward
   all-to-alls are not counted by the counter.
 - ring, forward + backward: K and V hop P-1 times forward and P-1 times backward, dK and dV
-  P times -> (4(P-1) + 2P) * L * Hkv * D * 4 bytes ("dense ring" reference for later sparse modes).
+  P times -> (4(P-1) + 2P) * L * Hkv * D * 4 bytes (the "dense ring" reference).
+- sparse_ring (s2, sliding_window): each rank sends the (KV head, key block) pairs its peers read
+  and, in the backward, the gradients of the pairs it read; the analytic count comes from the
+  exchange plan (``SparseExchangeAttention.analytic_bytes``), reported for rank 0.
 
     python benchmarks/sp_comm.py --quick --json sp_comm.json
 """
@@ -33,20 +36,31 @@ def analytic(mode: str, P: int, S: int) -> int:
     return (4 * (P - 1) + 2 * P) * L * HKV * D * 4
 
 
-def worker(mode: str, S: int, out: str) -> None:
+SPARSE = {
+    "s2": {"block": 64, "local_blocks": 4, "vert_stride": 8, "path": "naive"},
+    "sliding_window": {"block": 64, "window": 256, "path": "naive"},
+}
+
+
+def worker(mode: str, S: int, out: str, variant: str = "dense") -> None:
     import torch
     import torch.distributed as dist
     from longshard.models.attention import AttentionBatch, AttentionContext, build_attention
     from longshard.parallel.ring import RingAttention
     from longshard.parallel.sequence import CommCounter, UlyssesAttention
+    from longshard.parallel.sparse_exchange import SparseExchangeAttention
 
     dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     P, r = dist.get_world_size(), dist.get_rank()
     dev = torch.device("cuda", r) if torch.cuda.is_available() else torch.device("cpu")
     ctx = AttentionContext(layer_idx=0, n_layers=1, n_heads=H, n_kv_heads=HKV, head_dim=D)
-    core = build_attention("dense", {"backend": "sdpa"}, ctx)
+    core = build_attention(variant, SPARSE[variant] if variant != "dense" else {"backend": "sdpa"}, ctx)
     counter = CommCounter()
-    if mode == "ulysses":
+    analytic_bytes = None
+    if mode == "sparse_ring":
+        layer = SparseExchangeAttention(core, dist.group.WORLD, counter)
+        analytic_bytes = layer.analytic_bytes(1, S, 4)
+    elif mode == "ulysses":
         core.set_head_slice(r * H // P, (r + 1) * H // P)
         layer = UlyssesAttention(core, dist.group.WORLD, 1, counter)
     else:
@@ -62,7 +76,7 @@ def worker(mode: str, S: int, out: str) -> None:
     wall = time.perf_counter() - t0
     if r == 0:
         with open(out, "w") as f:
-            json.dump({"bytes": sum(counter.bytes.values()), "wall_s": wall}, f)
+            json.dump({"bytes": sum(counter.bytes.values()), "wall_s": wall, "analytic": analytic_bytes}, f)
     dist.destroy_process_group()
 
 
@@ -70,32 +84,35 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--quick", action="store_true", help="P in {2, 4}, S in {1024, 4096} (a few minutes)")
     ap.add_argument("--json", default=None)
-    ap.add_argument("--worker", nargs=3, help=argparse.SUPPRESS)
+    ap.add_argument("--worker", nargs=4, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
-        worker(args.worker[0], int(args.worker[1]), args.worker[2])
+        worker(args.worker[0], int(args.worker[1]), args.worker[2], args.worker[3])
         return 0
     sps = [2, 4]
     lengths = [1024, 4096] if args.quick else [1024, 4096, 16384]
     records = []
-    sys.stdout.write(f"{'mode':8s} {'sp':>3s} {'S':>6s} {'bytes/rank':>12s} {'analytic':>12s} "
+    sys.stdout.write(f"{'mode':12s} {'variant':15s} {'sp':>3s} {'S':>6s} {'bytes/rank':>12s} {'analytic':>12s} "
                      f"{'dense ring':>12s} {'wall s':>8s}\n")
     for P in sps:
         for S in lengths:
-            for mode in ("ulysses", "ring"):
+            runs = [("ulysses", "dense"), ("ring", "dense")]
+            if S <= 8192:  # the sparse exchange attends with the naive masked softmax on CPU
+                runs += [("sparse_ring", "s2"), ("sparse_ring", "sliding_window")]
+            for mode, variant in runs:
                 with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as tmp:
                     path = tmp.name
                 cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={P}",
-                       __file__, "--worker", mode, str(S), path]
+                       __file__, "--worker", mode, str(S), path, variant]
                 subprocess.run(cmd, check=True, capture_output=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
                 with open(path) as f:
                     res = json.load(f)
                 os.unlink(path)
-                rec = {"mode": mode, "variant": "dense", "sp": P, "seq_len": S, "bytes_per_rank": res["bytes"],
-                       "analytic_bytes_per_rank": analytic(mode, P, S),
+                rec = {"mode": mode, "variant": variant, "sp": P, "seq_len": S, "bytes_per_rank": res["bytes"],
+                       "analytic_bytes_per_rank": res["analytic"] if mode == "sparse_ring" else analytic(mode, P, S),
                        "dense_ring_bytes_per_rank": analytic("ring", P, S), "wall_s": res["wall_s"]}
                 records.append(rec)
-                sys.stdout.write(f"{mode:8s} {P:3d} {S:6d} {rec['bytes_per_rank']:12d} "
+                sys.stdout.write(f"{mode:12s} {variant:15s} {P:3d} {S:6d} {rec['bytes_per_rank']:12d} "
                                  f"{rec['analytic_bytes_per_rank']:12d} {rec['dense_ring_bytes_per_rank']:12d} "
                                  f"{rec['wall_s']:8.3f}\n")
                 sys.stdout.flush()

@@ -4,7 +4,8 @@ Each of P ranks holds two of 2P sequence chunks (rank r: chunks r and 2P-1-r, so
 the same causal work). Keys/values travel around the ring with ``batch_isend_irecv``; the next
 block is in flight while the current one is computed. Partial outputs are merged exactly through
 their log-sum-exp. The backward pass rotates K/V again together with their gradient
-accumulators, which return to their owner after P hops.
+accumulators, which return to their owner after P hops. Block-sparse variants use the
+sparsity-aware exchange of :mod:`longshard.parallel.sparse_exchange` instead.
 """
 
 from __future__ import annotations
@@ -156,20 +157,35 @@ class RingAttention(CoreAttention):
 
 def apply_ring(model, group: dist.ProcessGroup, counter: CommCounter | None = None,
                ulysses_group: dist.ProcessGroup | None = None):
-    """Replace every layer's dense core attention by :class:`RingAttention` (in place).
+    """Make every layer's core attention context-parallel over ``group`` (in place).
 
-    With ``ulysses_group`` (hybrid 2-D, USP-style): Ulysses all-to-alls inside that group around
-    a ring over ``group``; inputs are sharded zigzag over the ring, then contiguously inside it.
+    Dense cores get :class:`RingAttention`; block-sparse cores (``s2``, ``streaming`` without
+    learned gates, ``sliding_window``) get the sparsity-aware exchange
+    (:class:`~longshard.parallel.sparse_exchange.SparseExchangeAttention`), which moves only the
+    K/V blocks the pattern reads. With ``ulysses_group`` (hybrid 2-D, USP-style): Ulysses
+    all-to-alls inside that group around a ring over ``group`` (dense only).
     """
     from longshard.models.attention.dense import DenseAttention
+    from longshard.models.attention.s2 import S2Attention
+    from longshard.models.attention.sparse_base import BlockSparseAttention
+    from longshard.models.attention.streaming import StreamingAttention
     from longshard.parallel.sequence import UlyssesAttention, kv_replication
+    from longshard.parallel.sparse_exchange import SparseExchangeAttention
 
     for i, layer in enumerate(model.layers):
         core = layer.attention.core_attention
-        require(isinstance(core, DenseAttention), "parallel.sp_mode",
-                f"ring supports dense attention only so far; layer {i} uses {type(core).__name__}.",
-                "use sp_mode=ulysses for sparse and linear variants.")
-        wrapped = RingAttention(core, group, counter)
+        if isinstance(core, S2Attention) and core.dense is not None:  # dense_every_n_layers: a dense layer
+            core = core.dense
+        if isinstance(core, DenseAttention):
+            wrapped = RingAttention(core, group, counter)
+        else:
+            sparse_ok = isinstance(core, BlockSparseAttention) and ulysses_group is None and not (
+                isinstance(core, StreamingAttention) and core.alpha is not None)
+            require(sparse_ok, "parallel.sp_mode",
+                    f"ring supports dense and block-sparse attention (s2, streaming without learned gates, "
+                    f"sliding_window; hybrid: dense only); layer {i} uses {type(core).__name__}.",
+                    "use sp_mode=ulysses for this variant.")
+            wrapped = SparseExchangeAttention(core, group, counter)
         if ulysses_group is not None:
             kv_repeat = kv_replication(layer.attention.n_heads, layer.attention.n_kv_heads,
                                        dist.get_world_size(ulysses_group))

@@ -51,3 +51,29 @@ def test_restore_puts_back_the_previous_handler():
     assert signal.getsignal(signal.SIGTERM) != before
     w.restore()
     assert signal.getsignal(signal.SIGTERM) == before
+
+
+class _Payload:
+    def __reduce__(self):
+        import os
+
+        return (os.system, ("touch PWNED_BY_CHECKPOINT",))
+
+
+def test_checkpoint_metadata_never_executes_code(tmp_path, monkeypatch):
+    import pickle
+
+    import torch
+    import torch.distributed.checkpoint as dcp
+    from longshard.train.checkpoint import CheckpointError, check_metadata_safe
+
+    good = tmp_path / "good"
+    dcp.save({"w": torch.randn(3, 2), "n": 3}, checkpoint_id=str(good))  # a genuine DCP metadata file
+    check_metadata_safe(good)
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / ".metadata").write_bytes(pickle.dumps(_Payload()))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(CheckpointError, match=r"\.metadata.*refusing to load global (posix|os)\.system"):
+        check_metadata_safe(bad)
+    assert not (tmp_path / "PWNED_BY_CHECKPOINT").exists()

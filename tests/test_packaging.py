@@ -18,3 +18,31 @@ def test_pyproject_lists_every_package():
         if rel.parts:
             found.add("longshard." + ".".join(rel.parts))
     assert found == listed, f"missing from pyproject: {sorted(found - listed)}; stale: {sorted(listed - found)}"
+
+
+def test_no_network_at_import_or_when_building_the_default_recipe():
+    """Every module imports and the quickstart config and model build with sockets disabled."""
+    import subprocess
+    import sys
+
+    code = (
+        "import socket\n"
+        "def _no(*a, **k):\n"
+        "    raise RuntimeError('network access attempted')\n"
+        "socket.socket.connect = _no\n"
+        "socket.create_connection = _no\n"
+        "socket.getaddrinfo = _no\n"
+        "import importlib, pkgutil, longshard\n"
+        "for m in pkgutil.walk_packages(longshard.__path__, 'longshard.'):\n"
+        "    if m.name.split('.')[1] not in ('tests', 'benchmarks', 'build'):\n"
+        "        importlib.import_module(m.name)\n"
+        "from longshard.train.config import load_config\n"
+        "from longshard.train.trainer import resolve_model_config\n"
+        "from longshard.models import Transformer\n"
+        "cfg = load_config('quickstart', [])\n"
+        "Transformer(resolve_model_config(cfg))\n"
+        "print('ok')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env={**__import__("os").environ, "WANDB_MODE": "offline"})
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]

@@ -14,7 +14,7 @@ from longshard.train.config import load_config
 pytestmark = pytest.mark.dist
 
 
-@pytest.mark.parametrize("mode", ["ulysses", "ring"])
+@pytest.mark.parametrize("mode", ["ulysses", "ring", "sparse_ring"])
 @pytest.mark.parametrize("nproc", [2, 3, 4])
 def test_sharded_matches_single_process(mode, nproc, env_cpu):
     proc = subprocess.run(torchrun_cmd(nproc, str(REPO / "tests" / "dist" / f"{mode}_check.py")), env=env_cpu,
@@ -28,13 +28,14 @@ def test_hybrid_matches_single_process(env_cpu):
     assert proc.returncode == 0, proc.stderr[-4000:]
 
 
-@pytest.mark.parametrize("mode", ["ulysses", "ring", "hybrid"])
+@pytest.mark.parametrize("mode", ["ulysses", "ring", "hybrid", "ring_s2"])
 def test_sp_training_equals_sp1(tmp_path, env_cpu, mode):
     from longshard.train.data import prepare_default
 
     prepare_default(tmp_path / "data", 200_000)
     common = ["model.dim=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2",
-              "model.attention=[{name: dense}]", "train.seq_len=64", "train.micro_batch_size=2",
+              "model.attention=[{name: s2, options: {block: 8, local_blocks: 2, vert_stride: 2}}]" if mode == "ring_s2"
+              else "model.attention=[{name: dense}]", "train.seq_len=64", "train.micro_batch_size=2",
               "train.global_batch_size=4", "train.steps=3", "logging.wandb=disabled", "logging.progress=false",
               "eval.passkey_samples=1", "eval.passkey_lengths=[128]", "eval.val_batches=2",
               "data.source=prepared", f"data.path={tmp_path / 'data'}"]
@@ -44,7 +45,7 @@ def test_sp_training_equals_sp1(tmp_path, env_cpu, mode):
     layout = ["parallel.sp_degree=4", "parallel.sp_ulysses_degree=2"] if mode == "hybrid" else \
         ["parallel.sp_degree=2"]
     two = subprocess.run(torchrun_cmd(4 if mode == "hybrid" else 2, "-m", "longshard.train.main", "quickstart",
-                                      *common, *layout, f"parallel.sp_mode={mode}",
+                                      *common, *layout, f"parallel.sp_mode={mode.removesuffix('_s2')}",
                                       # remat-aware checkpointing: same numerics, attention not recomputed
                                       "train.activation_checkpointing=attention_boundary",
                                       f"output_dir={tmp_path / 'sp2'}"),
@@ -58,7 +59,8 @@ def test_sp_training_equals_sp1(tmp_path, env_cpu, mode):
     assert abs(a["val_loss"] - b["val_loss"]) / a["val_loss"] <= 1e-5
     assert a["passkey_acc@128"] == b["passkey_acc@128"]
     metrics = [json.loads(x) for x in (tmp_path / "sp2" / "metrics.jsonl").read_text().splitlines()]
-    assert metrics[0]["comm/ring_p2p_calls" if mode != "ulysses" else "comm/all_to_all_calls"] > 0
+    key = {"ulysses": "all_to_all", "ring_s2": "sparse_kv"}.get(mode, "ring_p2p")
+    assert metrics[0][f"comm/{key}_calls"] > 0
     if mode == "hybrid":
         assert metrics[0]["comm/all_to_all_calls"] > 0
 
@@ -71,5 +73,14 @@ def test_sp_layout_errors():
                                    "eval.passkey_lengths=[512]"])
     with pytest.raises(ConfigError, match="parallel.sp_mode"):
         load_config("quickstart", ["parallel.sp_mode=ring9"])
+    # sparsity-aware ring: whole blocks in each of the 2 x sp zigzag chunks; unsupported variants named
+    with pytest.raises(ConfigError, match="train.seq_len.*divisible by 192"):
+        load_config("quickstart", ["parallel.sp_degree=2", "parallel.sp_mode=ring",
+                                   "model.attention=[{name: s2, options: {block: 48}}]"])
+    with pytest.raises(ConfigError, match="parallel.sp_mode.*'linear'.*ulysses"):
+        load_config("quickstart", ["parallel.sp_degree=2", "parallel.sp_mode=ring", "model.attention=[{name: linear}]"])
+    with pytest.raises(ConfigError, match="parallel.sp_mode.*learned_gates"):
+        load_config("quickstart", ["parallel.sp_degree=2", "parallel.sp_mode=ring",
+                                   "model.attention=[{name: streaming, options: {learned_gates: true}}]"])
     with pytest.raises(ConfigError, match="parallel.sp_ulysses_degree"):
         load_config("quickstart", ["parallel.sp_mode=hybrid", "parallel.sp_degree=4", "parallel.sp_ulysses_degree=3"])

@@ -170,6 +170,34 @@ def test_hung_rank_times_out_with_an_error_naming_it(tmp_path, data_dir, env_cpu
     assert "parallel.collective_timeout_s=5" in proc.stderr
 
 
+def test_damaged_newest_checkpoint_falls_back_to_the_previous(tmp_path, data_dir, env_cpu):
+    """A truncated shard in the newest checkpoint is named and skipped; resume takes the previous one.
+    When no checkpoint loads, the run stops with an error instead of silently starting over."""
+    out = tmp_path / "r"
+    _run(1, out, data_dir, ["train.steps=4", "checkpoint.every=2", "checkpoint.keep_last=5"], env_cpu)
+    ckpts = out / "checkpoints"
+    shard = next((ckpts / "step_00000004").glob("*.distcp"))
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    proc = _run(1, out, data_dir, ["train.steps=5", "checkpoint.every=0"], env_cpu)
+    assert f"{shard} is truncated or altered" in proc.stderr, proc.stderr[-3000:]
+    assert json.loads((out / "report.json").read_text())["resumed_from_step"] == 2
+
+    for ck in ckpts.glob("step_*"):
+        (ck / "trainer_state.json").write_text("{not json")
+    proc = _run(1, out, data_dir, ["train.steps=6"], env_cpu, check=False)
+    assert proc.returncode == 3
+    assert "no checkpoint under" in proc.stderr and "trainer_state.json is corrupt" in proc.stderr
+
+
+def test_same_seed_and_layout_give_bit_identical_losses(tmp_path, data_dir, env_cpu):
+    extra = ["train.steps=3", "parallel.dp_mode=fsdp2", "train.seed=7"]
+    _run(2, tmp_path / "a", data_dir, extra, env_cpu)
+    _run(2, tmp_path / "b", data_dir, extra, env_cpu)
+    assert _losses(tmp_path / "a") == _losses(tmp_path / "b")  # exact equality, not a tolerance
+    _run(2, tmp_path / "c", data_dir, ["train.steps=3", "parallel.dp_mode=fsdp2", "train.seed=8"], env_cpu)
+    assert _losses(tmp_path / "c") != _losses(tmp_path / "a")  # the seed matters: the check can fail
+
+
 def test_half_written_checkpoint_is_ignored(tmp_path, data_dir, env_cpu):
     extra = ["train.steps=2", "checkpoint.every=1", "checkpoint.keep_last=5"]
     _run(1, tmp_path / "r", data_dir, extra, env_cpu)

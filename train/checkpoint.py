@@ -5,12 +5,18 @@ only after every rank finished writing, so a half-written checkpoint is never pi
 Contents: DCP shards of the model and optimizer (any DDP/FSDP2 layout, reshardable),
 ``trainer_state.json`` (step, data-loader position, metrics so far) and ``rank_<r>.pt`` with the
 scheduler and per-rank RNG states (loaded with ``weights_only=True``).
+
+Loading never executes code from a checkpoint: DCP's ``.metadata`` pickle is first read with an
+unpickler that only admits DCP's own metadata classes, torch sizes/dtypes and paths. The state
+file lists every file with its size, so a truncated or missing file is named before loading, and
+``resume: auto`` falls back to the previous complete checkpoint when the newest is damaged.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import pickle
 import random
 import re
 import shutil
@@ -31,6 +37,47 @@ CONFIG_FILE = "config.yaml"
 
 class CheckpointError(RuntimeError):
     """A checkpoint is missing, incomplete or corrupt (the message names the file)."""
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Unpickler for DCP ``.metadata`` that refuses every global outside an allow-list."""
+
+    def find_class(self, module: str, name: str):
+        allowed = (
+            module.startswith("torch.distributed.checkpoint.")
+            or (module == "torch" and (name == "Size" or isinstance(getattr(torch, name, None), torch.dtype)))
+            or (module == "torch.serialization" and name == "_get_layout")
+            or (module == "pathlib" and name in ("PosixPath", "WindowsPath", "PurePosixPath", "PureWindowsPath"))
+            or (module == "collections" and name == "OrderedDict")
+        )
+        if not allowed:
+            raise pickle.UnpicklingError(f"refusing to load global {module}.{name}")
+        return super().find_class(module, name)
+
+
+def check_metadata_safe(path: Path) -> None:
+    """Read ``path/.metadata`` with the restricted unpickler (raises CheckpointError naming the file)."""
+    meta = path / ".metadata"
+    try:
+        with open(meta, "rb") as f:
+            _MetadataUnpickler(f).load()
+    except Exception as e:
+        raise CheckpointError(f"{meta} is corrupt or not a plain DCP metadata file ({e}); not loading it.") from e
+
+
+def file_manifest(folder: Path) -> dict[str, int]:
+    """Name -> size of every file in a checkpoint folder (the state file excepted)."""
+    return {p.name: p.stat().st_size for p in sorted(folder.iterdir()) if p.is_file() and p.name != STATE_FILE}
+
+
+def check_manifest(path: Path, manifest: dict[str, int]) -> None:
+    """Every file listed at save time is present with its size (raises CheckpointError naming it)."""
+    for name, size in manifest.items():
+        f = path / name
+        if not f.is_file():
+            raise CheckpointError(f"{f} is missing from the checkpoint.")
+        if f.stat().st_size != size:
+            raise CheckpointError(f"{f} is truncated or altered: {f.stat().st_size} bytes, {size} when saved.")
 
 
 def complete_checkpoints(root: str | Path) -> list[Path]:
@@ -87,7 +134,8 @@ class Checkpointer:
         dist.barrier()
         if self.rank == 0:
             (tmp / CONFIG_FILE).write_text(self.config_yaml)
-            (tmp / STATE_FILE).write_text(json.dumps({"step": step, **trainer_state}, indent=2))
+            state = {"step": step, **trainer_state, "files": file_manifest(tmp)}
+            (tmp / STATE_FILE).write_text(json.dumps(state, indent=2))
             if final.exists():
                 shutil.rmtree(final)
             tmp.rename(final)
@@ -101,6 +149,24 @@ class Checkpointer:
         """Newest complete checkpoint, or None."""
         found = complete_checkpoints(self.root)
         return found[-1] if found else None
+
+    def load_latest(
+        self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any
+    ) -> tuple[Path | None, dict | None]:
+        """Load the newest checkpoint that loads; damaged ones are reported and skipped.
+
+        Every rank checks the same files, so all ranks agree on the checkpoint they take.
+        """
+        errors = []
+        for path in reversed(complete_checkpoints(self.root)):
+            try:
+                return path, self.load(path, model, optimizer, scheduler)
+            except CheckpointError as e:
+                log.warning("skipping damaged checkpoint: %s", e)
+                errors.append(str(e))
+        if errors:  # checkpoints exist but none loads: never restart from scratch silently
+            raise CheckpointError("no checkpoint under " f"{self.root} loads: " + " | ".join(errors))
+        return None, None
 
     def load(
         self, path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any
@@ -116,6 +182,8 @@ class Checkpointer:
             trainer_state = json.loads(state_file.read_text())
         except json.JSONDecodeError as e:
             raise CheckpointError(f"{state_file} is corrupt: {e}") from e
+        check_manifest(path, trainer_state.get("files", {}))
+        check_metadata_safe(path)
         model_sd, optim_sd = get_state_dict(model, optimizer)
         state = {"model": model_sd, "optim": optim_sd}
         try:
@@ -141,6 +209,13 @@ def load_model_weights(path: str | Path, model: nn.Module) -> None:
     path = Path(path)
     if not (path / ".metadata").is_file():
         raise CheckpointError(f"{path / '.metadata'} is missing: {path} is not a complete DCP checkpoint.")
+    state_file = path / STATE_FILE
+    if state_file.is_file():
+        try:
+            check_manifest(path, json.loads(state_file.read_text()).get("files", {}))
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{state_file} is corrupt: {e}") from e
+    check_metadata_safe(path)
     state = {"model": model.state_dict()}
     try:
         dcp.load(state, checkpoint_id=str(path))

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from longshard.errors import ConfigError, require, require_positive
+from longshard.models.attention.registry import parse_options
 from longshard.models.config import ModelConfig
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -162,7 +164,8 @@ class ParallelConfig:
         dp_mode: ``ddp`` (replicated) or ``fsdp2`` (``fully_shard`` per block).
         sp_degree: sequence-parallel degree; the data-parallel degree is world size / sp_degree.
         sp_mode: ``ulysses`` (all-to-all head sharding around the attention; every variant whose
-            heads can be split), ``ring`` (zigzag-sharded K/V ring with overlap; dense only) or
+            heads can be split), ``ring`` (zigzag shards; dense layers rotate K/V around a ring
+            with overlap, block-sparse layers exchange only the K/V blocks their pattern reads) or
             ``hybrid`` (Ulysses inside groups of ``sp_ulysses_degree`` ranks x ring across them).
         sp_ulysses_degree: Ulysses group size of ``hybrid`` (divides sp_degree).
         collective_timeout_s: seconds a collective may wait for its peers before it fails with an
@@ -323,6 +326,8 @@ class Config:
             )
         sp = self.parallel.sp_degree
         need = 2 * sp if (self.parallel.sp_mode in ("ring", "hybrid") and sp > 1) else sp  # zigzag: 2 chunks/rank
+        if self.parallel.sp_mode in ("ring", "hybrid") and sp > 1:
+            need = self._ring_granularity(need)
         require(self.train.seq_len % need == 0, "train.seq_len",
                 f"{self.train.seq_len} is not divisible by {need} (parallel.sp_degree={sp}, "
                 f"sp_mode={self.parallel.sp_mode}).", f"choose seq_len as a multiple of {need}.")
@@ -333,6 +338,22 @@ class Config:
                     f"{self.data.mqar_num_kv_pairs} pairs need seq_len >= {4 * self.data.mqar_num_kv_pairs}.")
             require(self.data.mqar_num_kv_pairs < self.model.vocab_size // 2 - 1, "data.mqar_num_kv_pairs",
                     f"too many pairs for vocab_size={self.model.vocab_size}.")
+
+    def _ring_granularity(self, need: int) -> int:
+        """Check every layer can run under ring/hybrid; block-sparse layers (sparsity-aware exchange)
+        need whole blocks in each of the 2 x sp zigzag chunks. Returns the sequence-length multiple."""
+        mode, sp = self.parallel.sp_mode, self.parallel.sp_degree
+        for i, spec in enumerate(self.model.attention):
+            opts = parse_options(spec.name, spec.options, f"model.attention[{i}]")
+            sparse = spec.name in ("s2", "streaming", "sliding_window") and not getattr(opts, "learned_gates", False)
+            require(spec.name == "dense" or (mode == "ring" and sparse), "parallel.sp_mode",
+                    f"sp_mode={mode} runs dense attention{' and s2/streaming/sliding_window' if mode == 'ring' else ''}"
+                    f" layers; model.attention[{i}] is {spec.name!r}"
+                    f"{' with learned_gates' if getattr(opts, 'learned_gates', False) else ''}.",
+                    "use sp_mode=ulysses for this variant.")
+            if sparse:
+                need = math.lcm(need, 2 * sp * opts.block)
+        return need
 
     @property
     def data_dir(self) -> Path | None:

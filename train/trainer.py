@@ -188,13 +188,13 @@ def train(cfg: Config) -> dict[str, Any]:
     )
     ckpt = Checkpointer(cfg.checkpoint.dir, cfg.checkpoint.keep_last, env.rank, resolved_yaml)
     start_step, history = 0, []
-    resume_from = None
+    resume_from, state = None, None
     if cfg.checkpoint.resume == "auto":
-        resume_from = ckpt.latest()
+        resume_from, state = ckpt.load_latest(dmodel, optimizer, scheduler)
     elif cfg.checkpoint.resume != "none":
         resume_from = Path(cfg.checkpoint.resume)
-    if resume_from is not None:
         state = ckpt.load(resume_from, dmodel, optimizer, scheduler)
+    if state is not None:
         start_step = state["step"]
         loader.load_state_dict(state["loader"])
         history = state.get("losses", [])

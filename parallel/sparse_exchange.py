@@ -1,0 +1,224 @@
+"""Sparsity-aware context parallelism for block-sparse attention (S2, streaming heads, sliding window).
+
+A dense ring moves every rank's K/V to every other rank. With a block-sparse pattern most of
+those blocks are never read: a sliding window needs only the neighbouring blocks, an S2 head
+only its strided shard. Here every rank works out, from the pattern alone (no communication),
+exactly which (KV head, key block) pairs each peer's local queries read from it, and sends only
+those with one ``batch_isend_irecv`` exchange; the backward sends their gradients back to the
+owners. Sharding is the ring's zigzag (rank r holds chunks r and 2P-1-r), so causal work stays
+balanced. Each rank then attends its local queries to its own tokens plus the received blocks,
+with the pattern's token-level mask on global positions (exact, fp32 softmax).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+from longshard.errors import ConfigError
+from longshard.kernels.attention.naive import attention_naive
+from longshard.kernels.block_sparse.pattern import SparsePattern, token_keep
+from longshard.models.attention import AttentionBatch, CoreAttention
+from longshard.parallel.sequence import CommCounter, zigzag_positions
+
+
+def owned_blocks(rank: int, degree: int, n_blocks: int) -> torch.Tensor:
+    """Global block indices rank ``rank`` holds under zigzag sharding, in its local order."""
+    per_chunk = n_blocks // (2 * degree)
+    first = torch.arange(rank * per_chunk, (rank + 1) * per_chunk)
+    second = torch.arange((2 * degree - 1 - rank) * per_chunk, (2 * degree - rank) * per_chunk)
+    return torch.cat([first, second])
+
+
+def exchange_plan(pattern: SparsePattern, n_kv_heads: int, degree: int) -> list[list[torch.Tensor]]:
+    """``plan[q][s]``: (n, 2) long rows (KV head, global key block) that rank q's queries read from
+    rank s (s != q), sorted; empty for s == q. Derived from the pattern only, so every rank agrees.
+
+    A pair is needed when some query head of that KV group keeps the key block for some query
+    block rank q holds (causal blocks only).
+    """
+    H, n, _ = pattern.block_mask_HQK.shape
+    G = H // n_kv_heads
+    causal = torch.ones(n, n, dtype=torch.bool).tril()
+    kv_mask = (pattern.block_mask_HQK.cpu() & causal).view(n_kv_heads, G, n, n).any(1)  # (Hkv, nQ, nK)
+    owned = [owned_blocks(r, degree, n) for r in range(degree)]
+    plan = []
+    for q in range(degree):
+        reads = kv_mask[:, owned[q]].any(1)  # (Hkv, nK): key blocks any local query block reads
+        row = []
+        for s in range(degree):
+            if s == q:
+                row.append(torch.empty(0, 2, dtype=torch.long))
+                continue
+            sel = torch.zeros(n, dtype=torch.bool)
+            sel[owned[s]] = True
+            g, j = (reads & sel).nonzero(as_tuple=True)
+            row.append(torch.stack([g, j], 1))
+        plan.append(row)
+    return plan
+
+
+class _Exchange(torch.autograd.Function):
+    """Send the planned K/V blocks to the ranks that read them; backward returns their gradients."""
+
+    @staticmethod
+    def forward(ctx, k_blocks, v_blocks, send_idx, recv_counts, group, counter):
+        # k_blocks, v_blocks: (B, Hkv, nb_local, block, D); send_idx[s]: (n, 2) (KV head, local block)
+        P, me = dist.get_world_size(group), dist.get_rank(group)
+        B, _, _, blk, D = k_blocks.shape
+        kv = torch.stack([k_blocks, v_blocks])  # (2, B, Hkv, nb, blk, D)
+        ops, recv = [], []
+        for s in range(P):
+            if s == me:
+                recv.append(kv.new_empty(2, B, 0, blk, D))
+                continue
+            idx = send_idx[s]
+            if len(idx):
+                out = kv[:, :, idx[:, 0], idx[:, 1]].contiguous()  # (2, B, n, blk, D)
+                ops.append(dist.P2POp(dist.isend, out, dist.get_global_rank(group, s), group))
+                if counter is not None:
+                    counter.add("sparse_kv", out.numel() * out.element_size())
+            buf = kv.new_empty(2, B, recv_counts[s], blk, D)
+            if recv_counts[s]:
+                ops.append(dist.P2POp(dist.irecv, buf, dist.get_global_rank(group, s), group))
+            recv.append(buf)
+        if ops:
+            for w in dist.batch_isend_irecv(ops):
+                w.wait()
+        ctx.meta = (send_idx, recv_counts, group, counter, kv.shape)
+        got = torch.cat(recv, dim=2)  # (2, B, n_recv, blk, D) in source-rank order
+        return got[0], got[1]
+
+    @staticmethod
+    def backward(ctx, grad_k, grad_v):
+        send_idx, recv_counts, group, counter, kv_shape = ctx.meta
+        P, me = dist.get_world_size(group), dist.get_rank(group)
+        grads = torch.stack([grad_k, grad_v]).contiguous()
+        offsets = [0]
+        for c in recv_counts:
+            offsets.append(offsets[-1] + c)
+        ops, back = [], {}
+        for s in range(P):
+            if s == me:
+                continue
+            if recv_counts[s]:
+                part = grads[:, :, offsets[s] : offsets[s + 1]].contiguous()
+                ops.append(dist.P2POp(dist.isend, part, dist.get_global_rank(group, s), group))
+                if counter is not None:
+                    counter.add("sparse_kv", part.numel() * part.element_size())
+            if len(send_idx[s]):
+                back[s] = grads.new_empty(2, kv_shape[1], len(send_idx[s]), *kv_shape[4:])
+                ops.append(dist.P2POp(dist.irecv, back[s], dist.get_global_rank(group, s), group))
+        if ops:
+            for w in dist.batch_isend_irecv(ops):
+                w.wait()
+        d_kv = grads.new_zeros(kv_shape)
+        for s, g in back.items():
+            idx = send_idx[s]
+            d_kv[:, :, idx[:, 0], idx[:, 1]] += g  # pairs are unique per peer; peers may overlap
+        return d_kv[0], d_kv[1], None, None, None, None
+
+
+class SparseExchangeAttention(CoreAttention):
+    """Context-parallel block-sparse attention that moves only the K/V blocks the pattern reads.
+
+    Args:
+        inner: a block-sparse core (``s2``, ``streaming`` without learned gates, ``sliding_window``)
+            holding the pattern.
+        group: the sequence-parallel process group (zigzag-sharded inputs, as for ``ring``).
+        counter: optional communication counter (``sparse_kv`` bytes and calls).
+    """
+
+    def __init__(self, inner: CoreAttention, group: dist.ProcessGroup, counter: CommCounter | None = None) -> None:
+        super().__init__(inner.ctx)
+        self.inner = inner
+        self.group, self.counter = group, counter
+        self.P, self.rank = dist.get_world_size(group), dist.get_rank(group)
+        self.scale = 1.0 / math.sqrt(inner.ctx.head_dim)
+        self._plans: dict[int, tuple] = {}
+
+    def _plan(self, n_blocks: int):
+        if n_blocks not in self._plans:
+            self._plans[n_blocks] = self._build_plan(n_blocks)
+        return self._plans[n_blocks]
+
+    def _build_plan(self, n_blocks: int):
+        pattern = self.inner.pattern(n_blocks, torch.device("cpu"))
+        plan = exchange_plan(pattern, self.ctx.n_kv_heads, self.P)
+        owned = [owned_blocks(r, self.P, n_blocks) for r in range(self.P)]
+        local_of = torch.full((n_blocks,), -1, dtype=torch.long)
+        local_of[owned[self.rank]] = torch.arange(len(owned[self.rank]))
+        # what I send to s: plan[s][me] in my local block numbering; what I receive from s: plan[me][s]
+        send = [plan[s][self.rank].clone() for s in range(self.P)]
+        for idx in send:
+            if len(idx):
+                idx[:, 1] = local_of[idx[:, 1]]
+        recv = [plan[self.rank][s] for s in range(self.P)]
+        return pattern, send, recv
+
+    def analytic_bytes(self, batch: int, seq_len: int, element_size: int) -> int:
+        """Bytes this rank sends per forward + backward: the K/V blocks its peers read, then the
+        gradients of the blocks it read back to their owners."""
+        _, send, recv = self._plan(seq_len // self.inner.block)
+        pairs = sum(len(s) for s in send) + sum(len(r) for r in recv)
+        return 2 * batch * pairs * self.inner.block * self.ctx.head_dim * element_size
+
+    def forward(self, q_BHSD, k_BHSD, v_BHSD, batch: AttentionBatch):
+        if batch.cache_slot is not None:
+            raise ValueError("sequence-parallel attention is for training; decode on one device")
+        B, H, L, D = q_BHSD.shape
+        Hkv, blk, P = k_BHSD.shape[1], self.inner.block, self.P
+        S = L * P
+        if S % (2 * P * blk):
+            raise ConfigError("train.seq_len", f"{S} is not divisible by 2 x sp_degree x block = {2 * P * blk} "
+                              "(sparsity-aware ring keeps whole blocks in each zigzag chunk).",
+                              f"use a multiple of {2 * P * blk}.")
+        n = S // blk
+        pattern, send, recv = self._plan(n)
+        pattern = pattern.to(q_BHSD.device)
+        doc_all = None
+        if batch.doc_ids_BS is not None:  # document ids of every global position (small: one int per token)
+            parts = [torch.empty_like(batch.doc_ids_BS) for _ in range(P)]
+            dist.all_gather(parts, batch.doc_ids_BS.contiguous(), group=self.group)
+            doc_all = torch.empty(B, S, dtype=batch.doc_ids_BS.dtype, device=q_BHSD.device)
+            for r, part in enumerate(parts):
+                doc_all[:, zigzag_positions(r, P, L, q_BHSD.device)] = part
+
+        nb = L // blk
+        kb = k_BHSD.reshape(B, Hkv, nb, blk, D)
+        vb = v_BHSD.reshape(B, Hkv, nb, blk, D)
+        k_got, v_got = _Exchange.apply(kb, vb, send, [len(r) for r in recv], self.group, self.counter)
+        recv_idx = torch.cat(recv).to(q_BHSD.device)  # (n_recv, 2): KV head, global block
+        # per KV head: own L tokens, then its received blocks (padded to the largest count)
+        counts = torch.bincount(recv_idx[:, 0], minlength=Hkv) if len(recv_idx) else torch.zeros(Hkv, dtype=torch.long)
+        R = int(counts.max()) if len(recv_idx) else 0
+        slot = torch.zeros(len(recv_idx), dtype=torch.long, device=q_BHSD.device)
+        for g in range(Hkv):  # rank of each pair among those of its head
+            sel = (recv_idx[:, 0] == g).nonzero(as_tuple=True)[0]
+            slot[sel] = torch.arange(len(sel), device=q_BHSD.device)
+        k_extra = k_got.new_zeros(B, Hkv, R, blk, D)
+        v_extra = v_got.new_zeros(B, Hkv, R, blk, D)
+        if R:  # differentiable scatter into fresh buffers
+            k_extra[:, recv_idx[:, 0], slot] = k_got
+            v_extra[:, recv_idx[:, 0], slot] = v_got
+        k_all = torch.cat([k_BHSD, k_extra.reshape(B, Hkv, R * blk, D)], dim=2)
+        v_all = torch.cat([v_BHSD, v_extra.reshape(B, Hkv, R * blk, D)], dim=2)
+
+        dev = q_BHSD.device
+        q_pos = zigzag_positions(self.rank, P, L, dev)  # (L,)
+        extra_pos = torch.full((Hkv, R, blk), -1, dtype=torch.long, device=dev)
+        if R:
+            extra_pos[recv_idx[:, 0], slot] = recv_idx[:, 1:2] * blk + torch.arange(blk, device=dev)
+        k_pos = torch.cat([q_pos.expand(Hkv, L), extra_pos.reshape(Hkv, R * blk)], dim=1)  # (Hkv, Nk)
+        valid = k_pos >= 0
+        kp = k_pos.clamp_min(0)
+        heads = torch.arange(H, device=dev)
+        kp_h = kp[heads // (H // Hkv)]  # (H, Nk)
+        keep = token_keep(pattern, q_pos[None, :, None], kp_h[:, None, :], heads[:, None, None])
+        keep = (keep & valid[heads // (H // Hkv)][:, None, :])[None]  # (1, H, L, Nk)
+        if doc_all is not None:
+            d_q = doc_all[:, q_pos]  # (B, L)
+            d_k = doc_all[:, kp_h]  # (B, H, Nk)
+            keep = keep & (d_q[:, None, :, None] == d_k[:, :, None, :])
+        return attention_naive(q_BHSD, k_all, v_all, keep, self.scale)
