@@ -41,8 +41,10 @@ def parallelize(model: Transformer, mesh: DeviceMesh, dp_mode: str) -> nn.Module
 
 
 def unwrap(model: nn.Module) -> Transformer:
-    """The :class:`Transformer` inside a DDP wrapper (FSDP2 keeps the module itself)."""
-    return model.module if isinstance(model, DistributedDataParallel) else model
+    """The :class:`Transformer` inside a DDP wrapper or DeepSpeed engine (FSDP2 keeps the module itself)."""
+    if isinstance(model, DistributedDataParallel) or type(model).__name__ == "DeepSpeedEngine":
+        return model.module
+    return model
 
 
 @contextlib.contextmanager

@@ -66,8 +66,16 @@ def check_metadata_safe(path: Path) -> None:
 
 
 def file_manifest(folder: Path) -> dict[str, int]:
-    """Name -> size of every file in a checkpoint folder (the state file excepted)."""
-    return {p.name: p.stat().st_size for p in sorted(folder.iterdir()) if p.is_file() and p.name != STATE_FILE}
+    """Relative path -> size of every file in a checkpoint folder (the state file excepted)."""
+    return {str(p.relative_to(folder)): p.stat().st_size for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.name != STATE_FILE}
+
+
+def _is_deepspeed(model: nn.Module) -> bool:
+    return type(model).__name__ == "DeepSpeedEngine"
+
+
+DS_TAG = "deepspeed"  # subfolder of a checkpoint holding DeepSpeed's own files
 
 
 def check_manifest(path: Path, manifest: dict[str, int]) -> None:
@@ -127,8 +135,11 @@ class Checkpointer:
                 shutil.rmtree(tmp)
             tmp.mkdir(parents=True)
         dist.barrier()
-        model_sd, optim_sd = get_state_dict(model, optimizer)
-        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
+        if _is_deepspeed(model):  # ZeRO-partitioned states: DeepSpeed's own (collective) format
+            model.save_checkpoint(str(tmp), tag=DS_TAG, save_latest=False)
+        else:
+            model_sd, optim_sd = get_state_dict(model, optimizer)
+            dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
         extra = {"scheduler": scheduler.state_dict(), "rng": rng_state()}
         torch.save(extra, tmp / f"rank_{self.rank}.pt")
         dist.barrier()
@@ -176,21 +187,30 @@ class Checkpointer:
         state_file = path / STATE_FILE
         if not state_file.is_file():
             raise CheckpointError(f"{state_file} is missing: {path} is not a complete checkpoint.")
-        if not (path / ".metadata").is_file():
-            raise CheckpointError(f"{path / '.metadata'} is missing: the DCP checkpoint is incomplete.")
         try:
             trainer_state = json.loads(state_file.read_text())
         except json.JSONDecodeError as e:
             raise CheckpointError(f"{state_file} is corrupt: {e}") from e
         check_manifest(path, trainer_state.get("files", {}))
-        check_metadata_safe(path)
-        model_sd, optim_sd = get_state_dict(model, optimizer)
-        state = {"model": model_sd, "optim": optim_sd}
-        try:
-            dcp.load(state, checkpoint_id=str(path))
-        except Exception as e:  # DCP raises several types for bad files; name the folder
-            raise CheckpointError(f"failed to read DCP checkpoint {path}: {e}") from e
-        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        if _is_deepspeed(model):
+            if not (path / DS_TAG).is_dir():
+                raise CheckpointError(f"{path / DS_TAG} is missing: {path} was not written by the deepspeed engine.")
+            try:  # files checked against the manifest written with them
+                model.load_checkpoint(str(path), tag=DS_TAG, load_optimizer_states=True,
+                                      load_lr_scheduler_states=False)
+            except Exception as e:
+                raise CheckpointError(f"failed to read DeepSpeed checkpoint {path / DS_TAG}: {e}") from e
+        else:
+            if not (path / ".metadata").is_file():
+                raise CheckpointError(f"{path / '.metadata'} is missing: the DCP checkpoint is incomplete.")
+            check_metadata_safe(path)
+            model_sd, optim_sd = get_state_dict(model, optimizer)
+            state = {"model": model_sd, "optim": optim_sd}
+            try:
+                dcp.load(state, checkpoint_id=str(path))
+            except Exception as e:  # DCP raises several types for bad files; name the folder
+                raise CheckpointError(f"failed to read DCP checkpoint {path}: {e}") from e
+            set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
         extra_file = path / f"rank_{self.rank}.pt"
         if not extra_file.is_file():  # resumed with more ranks than saved: take rank 0's schedule
             extra_file = path / "rank_0.pt"

@@ -118,6 +118,9 @@ class TrainConfig:
             (recompute all but the core attention; LightSeq's rematerialisation-aware placement).
         seed: seed for init, data order and dropout-free RNG state.
         nan_policy: on a non-finite loss, ``stop`` with an error or ``skip`` the step.
+        engine: ``native`` (our DDP/FSDP2 loop) or ``deepspeed`` (``deepspeed.initialize`` with the
+            ``deepspeed`` section: ZeRO 0-3, optimizer offload; same model, data, sequence
+            parallelism, schedule and metrics).
         max_skipped_steps: with ``skip``, stop after this many consecutive skipped steps.
         device: ``auto`` (CUDA when present), ``cpu`` or ``cuda``.
         nproc: processes ``longshard train`` starts on this node (torchrun --nproc-per-node).
@@ -135,6 +138,7 @@ class TrainConfig:
     activation_checkpointing: str = "none"
     seed: int = 0
     nan_policy: str = "stop"
+    engine: str = "native"
     max_skipped_steps: int = 10
     device: str = "auto"
     nproc: int = 1
@@ -153,6 +157,7 @@ class TrainConfig:
         _choice(self.activation_checkpointing, ("none", "full", "attention_boundary"),
                 "train.activation_checkpointing")
         _choice(self.nan_policy, NAN_POLICIES, "train.nan_policy")
+        _choice(self.engine, ("native", "deepspeed"), "train.engine")
         _choice(self.device, DEVICES, "train.device")
 
 
@@ -190,6 +195,31 @@ class ParallelConfig:
                     f"{u} must divide sp_degree={self.sp_degree} and lie strictly between 1 and it.",
                     "e.g. sp_degree=8 sp_ulysses_degree=4 (Ulysses inside a node, ring across nodes).")
             require(self.dp_mode == "ddp", "parallel.dp_mode", "hybrid sequence parallel runs with ddp only so far.")
+
+
+@dataclass(kw_only=True)
+class DeepSpeedConfig:
+    """DeepSpeed engine settings, used when ``train.engine: deepspeed``.
+
+    Args:
+        zero_stage: ZeRO stage 0-3 (optimizer states / + gradients / + parameters partitioned).
+        offload_optimizer: keep optimizer states on host memory (ZeRO-Offload; stage >= 1).
+        config_file: a DeepSpeed JSON config merged under ours; it may add any DeepSpeed key, but
+            the keys longshard derives from the recipe (batch sizes, clipping, ZeRO stage) must
+            agree with the recipe when it sets them.
+    """
+
+    zero_stage: int = 1
+    offload_optimizer: bool = False
+    config_file: str | None = None
+
+    def __post_init__(self) -> None:
+        require(self.zero_stage in (0, 1, 2, 3), "deepspeed.zero_stage", f"must be 0-3, got {self.zero_stage}.")
+        require(not self.offload_optimizer or self.zero_stage >= 1, "deepspeed.offload_optimizer",
+                "needs zero_stage >= 1.", "set deepspeed.zero_stage=1 (or higher).")
+        if self.config_file is not None:
+            require(Path(self.config_file).is_file(), "deepspeed.config_file", f"{self.config_file} does not exist.",
+                    "give the path of a DeepSpeed JSON config.")
 
 
 @dataclass(kw_only=True)
@@ -307,6 +337,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
@@ -324,6 +355,13 @@ class Config:
                 f"{self.train.seq_len} exceeds model.max_seq_len={limit}.",
                 "train shorter, raise model.max_seq_len, or extend RoPE (model.rope.scaling) for longer context.",
             )
+        if self.train.engine == "deepspeed":
+            require(self.parallel.dp_mode == "ddp", "parallel.dp_mode",
+                    f"{self.parallel.dp_mode} does not apply under train.engine=deepspeed (ZeRO shards instead).",
+                    "leave parallel.dp_mode=ddp and set deepspeed.zero_stage.")
+            require(self.train.nan_policy == "stop", "train.nan_policy",
+                    "skip is not available with train.engine=deepspeed (its step runs before the loss is known).",
+                    "use train.nan_policy=stop.")
         sp = self.parallel.sp_degree
         need = 2 * sp if (self.parallel.sp_mode in ("ring", "hybrid") and sp > 1) else sp  # zigzag: 2 chunks/rank
         if self.parallel.sp_mode in ("ring", "hybrid") and sp > 1:

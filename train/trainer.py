@@ -26,6 +26,8 @@ from longshard.parallel import (
     parallelize,
     unwrap,
 )
+from longshard.parallel.deepspeed_engine import deepspeed_config, import_deepspeed
+from longshard.parallel.deepspeed_engine import initialize as ds_initialize
 from longshard.parallel.ring import apply_ring
 from longshard.parallel.sequence import CommCounter, SeqShard, apply_ulysses
 from longshard.train.checkpoint import Checkpointer, CheckpointError
@@ -143,6 +145,9 @@ def train(cfg: Config) -> dict[str, Any]:
     Call once per process (torchrun starts one per device). Works without a launcher too.
     """
     t0 = time.time()
+    use_ds = cfg.train.engine == "deepspeed"
+    if use_ds:
+        import_deepspeed()  # a missing install is a config error, raised before any process group work
     env = init_distributed(cfg.train.device, cfg.parallel.collective_timeout_s)
     dp_size, grad_accum = check_layout(cfg, env)
     sp_size = cfg.parallel.sp_degree
@@ -179,9 +184,16 @@ def train(cfg: Config) -> dict[str, Any]:
             apply_ring(model, sp.group, comm)
         else:
             apply_ring(model, mesh["ring"].get_group(), comm, ulysses_group=mesh["uly"].get_group())
-    dmodel = parallelize(model, mesh, cfg.parallel.dp_mode)
-    optimizer = build_optimizer(dmodel, cfg)
-    scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.steps)
+    if use_ds:  # ZeRO over every rank replaces DDP/FSDP2; the schedule stays ours
+        optimizer = build_optimizer(model, cfg)
+        scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.steps)
+        dmodel = ds_initialize(model, optimizer, deepspeed_config(
+            cfg.train.micro_batch_size, grad_accum, env.world_size, cfg.train.grad_clip, cfg.deepspeed.zero_stage,
+            cfg.deepspeed.offload_optimizer, cfg.deepspeed.config_file))
+    else:
+        dmodel = parallelize(model, mesh, cfg.parallel.dp_mode)
+        optimizer = build_optimizer(dmodel, cfg)
+        scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.steps)
     loader = DistributedLoader(
         train_ds, micro_batch_size=cfg.train.micro_batch_size, grad_accum=grad_accum,
         dp_rank=mesh["dp"].get_local_rank(), dp_size=dp_size, seed=cfg.train.seed, shuffle=cfg.data.shuffle,
@@ -247,7 +259,12 @@ def train(cfg: Config) -> dict[str, Any]:
                 if aux is not None:  # parameter penalties: same on every rank, once per optimizer step
                     objective = objective + aux / len(micro)
                     aux_sum += float(aux.detach()) / len(micro)
-                objective.backward()
+                if use_ds:  # our objective already carries the accumulation scaling
+                    dmodel.backward(objective, scale_wrt_gas=False)
+                    if i < len(micro) - 1:
+                        dmodel.step()  # a non-boundary micro step: DeepSpeed only counts it
+                else:
+                    objective.backward()
             loss_sum += ce.detach()
         dist.all_reduce(loss_sum)
         loss = float(loss_sum) / n_global
@@ -263,11 +280,16 @@ def train(cfg: Config) -> dict[str, Any]:
             scheduler.step()
             return None, None
         skipped_in_row = 0
-        grad_norm = clip_grad_norm(dmodel, cfg.train.grad_clip)
         lr = scheduler.get_last_lr()[0]
-        optimizer.step()
+        if use_ds:
+            dmodel.step()  # the boundary: clip, optimizer step, zero grads
+            norm = dmodel.get_global_grad_norm()
+            grad_norm = float(norm) if norm is not None else float("nan")
+        else:
+            grad_norm = clip_grad_norm(dmodel, cfg.train.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
         scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
         history.append(loss)
         dt = max(time.time() - step_t0, 1e-9)
         tps = tokens_per_step / dt

@@ -122,6 +122,28 @@ if triton is not None:
         return win, sink, doc
 
     @triton.jit
+    def _load_rows(PTR, row_ptr, offs_d, mask, F32: tl.constexpr):
+        x = tl.load(PTR + row_ptr[:, None] + offs_d[None, :], mask=mask, other=0.0)
+        if F32:
+            x = x.to(tl.float32)
+        return x
+
+    @triton.jit
+    def _load_kv(K, V, DOC, kvh, b, kb, S, D, offs_d, d_ok, BLOCK: tl.constexpr, HAS_DOC: tl.constexpr,
+                 F32: tl.constexpr):
+        """Key block ``kb`` of flat KV head ``kvh``: (k, v, positions, document ids)."""
+        offs_n = kb * BLOCK + tl.arange(0, BLOCK)
+        n_ok = offs_n < S
+        row_ptr = (kvh * S + offs_n) * D
+        kv_mask = n_ok[:, None] & d_ok[None, :]
+        k = _load_rows(K, row_ptr, offs_d, kv_mask, F32)
+        v = _load_rows(V, row_ptr, offs_d, kv_mask, F32)
+        dk_doc = offs_n
+        if HAS_DOC:
+            dk_doc = tl.load(DOC + b * S + offs_n, mask=n_ok, other=-2)
+        return k, v, offs_n, dk_doc
+
+    @triton.jit
     def _mm(a, b, F32: tl.constexpr):
         if F32:
             return tl.dot(a, b, input_precision="ieee")
@@ -142,15 +164,12 @@ if triton is not None:
         hp = bp % HP
         kvh = b * KV_H + (hp * SHARE) // GROUP
         head, pos = _rows(hp * SHARE, qb, H, b, BLOCK, SHARE)
-        offs_n0 = tl.arange(0, BLOCK)
         offs_d = tl.arange(0, BLOCK_D)
         m_ok = pos < S
         d_ok = offs_d < D
         row_ptr = ((b * H + head) * S + pos) * D
         qd_mask = m_ok[:, None] & d_ok[None, :]
-        q = tl.load(Q + row_ptr[:, None] + offs_d[None, :], mask=qd_mask, other=0.0)
-        if F32:
-            q = q.to(tl.float32)
+        q = _load_rows(Q, row_ptr, offs_d, qd_mask, F32)
         win, sink, dq_doc = _row_meta(WIN, SINK, DOC, b, head, pos, m_ok, S, HAS_WIN, HAS_DOC)
         m_i = tl.full([SHARE * BLOCK], float("-inf"), tl.float32)
         l_i = tl.zeros([SHARE * BLOCK], tl.float32)
@@ -158,17 +177,7 @@ if triton is not None:
         cnt = tl.load(CNT + b * sc_b + hp * sc_h + qb)
         for t in range(0, cnt):
             kb = tl.load(IDX + b * si_b + hp * si_h + qb * si_q + t)
-            offs_n = kb * BLOCK + offs_n0
-            n_ok = offs_n < S
-            kv_mask = n_ok[:, None] & d_ok[None, :]
-            k = tl.load(K + kvh * S * D + offs_n[:, None] * D + offs_d[None, :], mask=kv_mask, other=0.0)
-            v = tl.load(V + kvh * S * D + offs_n[:, None] * D + offs_d[None, :], mask=kv_mask, other=0.0)
-            if F32:
-                k = k.to(tl.float32)
-                v = v.to(tl.float32)
-            dk_doc = offs_n
-            if HAS_DOC:
-                dk_doc = tl.load(DOC + b * S + offs_n, mask=n_ok, other=-2)
+            k, v, offs_n, dk_doc = _load_kv(K, V, DOC, kvh, b, kb, S, D, offs_d, d_ok, BLOCK, HAS_DOC, F32)
             keep = _keep_tile(pos, offs_n, S, win, sink, dq_doc, dk_doc, HAS_WIN, HAS_DOC)
             s = tl.where(keep, _mm(q, tl.trans(k), F32) * qk_scale, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -199,17 +208,13 @@ if triton is not None:
         hp = bp % HP
         kvh = b * KV_H + (hp * SHARE) // GROUP
         head, pos = _rows(hp * SHARE, qb, H, b, BLOCK, SHARE)
-        offs_n0 = tl.arange(0, BLOCK)
         offs_d = tl.arange(0, BLOCK_D)
         m_ok = pos < S
         d_ok = offs_d < D
         row_ptr = ((b * H + head) * S + pos) * D
         qd_mask = m_ok[:, None] & d_ok[None, :]
-        q = tl.load(Q + row_ptr[:, None] + offs_d[None, :], mask=qd_mask, other=0.0)
-        do = tl.load(DO + row_ptr[:, None] + offs_d[None, :], mask=qd_mask, other=0.0)
-        if F32:
-            q = q.to(tl.float32)
-            do = do.to(tl.float32)
+        q = _load_rows(Q, row_ptr, offs_d, qd_mask, F32)
+        do = _load_rows(DO, row_ptr, offs_d, qd_mask, F32)
         lse = tl.load(LSE + (b * H + head) * S + pos, mask=m_ok, other=0.0) * 1.4426950408889634
         delta = tl.load(DELTA + (b * H + head) * S + pos, mask=m_ok, other=0.0)
         win, sink, dq_doc = _row_meta(WIN, SINK, DOC, b, head, pos, m_ok, S, HAS_WIN, HAS_DOC)
@@ -217,17 +222,7 @@ if triton is not None:
         cnt = tl.load(CNT + b * sc_b + hp * sc_h + qb)
         for t in range(0, cnt):
             kb = tl.load(IDX + b * si_b + hp * si_h + qb * si_q + t)
-            offs_n = kb * BLOCK + offs_n0
-            n_ok = offs_n < S
-            kv_mask = n_ok[:, None] & d_ok[None, :]
-            k = tl.load(K + kvh * S * D + offs_n[:, None] * D + offs_d[None, :], mask=kv_mask, other=0.0)
-            v = tl.load(V + kvh * S * D + offs_n[:, None] * D + offs_d[None, :], mask=kv_mask, other=0.0)
-            if F32:
-                k = k.to(tl.float32)
-                v = v.to(tl.float32)
-            dk_doc = offs_n
-            if HAS_DOC:
-                dk_doc = tl.load(DOC + b * S + offs_n, mask=n_ok, other=-2)
+            k, v, offs_n, dk_doc = _load_kv(K, V, DOC, kvh, b, kb, S, D, offs_d, d_ok, BLOCK, HAS_DOC, F32)
             keep = _keep_tile(pos, offs_n, S, win, sink, dq_doc, dk_doc, HAS_WIN, HAS_DOC)
             p = tl.where(keep, tl.exp2(_mm(q, tl.trans(k), F32) * qk_scale - lse[:, None]), 0.0)
             ds = p * (_mm(do, tl.trans(v), F32) - delta[:, None])
@@ -246,19 +241,10 @@ if triton is not None:
         bg = tl.program_id(1)
         b = bg // KV_H
         g = bg % KV_H
-        offs_n = kb * BLOCK + tl.arange(0, BLOCK)
         offs_d = tl.arange(0, BLOCK_D)
-        n_ok = offs_n < S
         d_ok = offs_d < D
-        kv_mask = n_ok[:, None] & d_ok[None, :]
-        k = tl.load(K + bg * S * D + offs_n[:, None] * D + offs_d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(V + bg * S * D + offs_n[:, None] * D + offs_d[None, :], mask=kv_mask, other=0.0)
-        if F32:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
-        dk_doc = offs_n
-        if HAS_DOC:
-            dk_doc = tl.load(DOC + b * S + offs_n, mask=n_ok, other=-2)
+        k, v, offs_n, dk_doc = _load_kv(K, V, DOC, bg, b, kb, S, D, offs_d, d_ok, BLOCK, HAS_DOC, F32)
+        kv_mask = (offs_n < S)[:, None] & d_ok[None, :]
         dk = tl.zeros([BLOCK, BLOCK_D], tl.float32)
         dv = tl.zeros([BLOCK, BLOCK_D], tl.float32)
         cnt = tl.load(CNTT + b * sc_b + g * sc_h + kb)
@@ -268,11 +254,8 @@ if triton is not None:
             m_ok = pos < S
             row_ptr = ((b * H + head) * S + pos) * D
             qd_mask = m_ok[:, None] & d_ok[None, :]
-            q = tl.load(Q + row_ptr[:, None] + offs_d[None, :], mask=qd_mask, other=0.0)
-            do = tl.load(DO + row_ptr[:, None] + offs_d[None, :], mask=qd_mask, other=0.0)
-            if F32:
-                q = q.to(tl.float32)
-                do = do.to(tl.float32)
+            q = _load_rows(Q, row_ptr, offs_d, qd_mask, F32)
+            do = _load_rows(DO, row_ptr, offs_d, qd_mask, F32)
             lse = tl.load(LSE + (b * H + head) * S + pos, mask=m_ok, other=0.0) * 1.4426950408889634
             delta = tl.load(DELTA + (b * H + head) * S + pos, mask=m_ok, other=0.0)
             win, sink, dq_doc = _row_meta(WIN, SINK, DOC, b, head, pos, m_ok, S, HAS_WIN, HAS_DOC)

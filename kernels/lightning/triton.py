@@ -73,6 +73,11 @@ if triton is not None:
         return prev
 
     @triton.jit
+    def _tile(PTR, bh, S, W, offs, cols, mask):
+        """Rows ``offs`` x columns ``cols`` of the (B*H, S, W) tensor at PTR, as fp32."""
+        return tl.load(PTR + (bh * S + offs[:, None]) * W + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+
+    @triton.jit
     def _dot(a, b, IEEE: tl.constexpr):
         if IEEE:
             return tl.dot(a, b, input_precision="ieee")
@@ -102,9 +107,9 @@ if triton is not None:
             offs, ok, w, q_dec, k_w, carry, prev_doc = _chunk_terms(A, DOC, b, h, i, S, prev_doc, CHUNK, HAS_DOC)
             qk_mask = ok[:, None] & d_ok[None, :]
             v_mask = ok[:, None] & e_ok[None, :]
-            q = tl.load(Q + bh * S * D + offs[:, None] * D + offs_d[None, :], mask=qk_mask, other=0.0).to(tl.float32)
-            k = tl.load(K + bh * S * D + offs[:, None] * D + offs_d[None, :], mask=qk_mask, other=0.0).to(tl.float32)
-            v = tl.load(V + bh * S * E + offs[:, None] * E + offs_e[None, :], mask=v_mask, other=0.0).to(tl.float32)
+            q = _tile(Q, bh, S, D, offs, offs_d, qk_mask)
+            k = _tile(K, bh, S, D, offs, offs_d, qk_mask)
+            v = _tile(V, bh, S, E, offs, offs_e, v_mask)
             att = _dot(q, tl.trans(k), IEEE) * w
             o = _dot(att, v, IEEE) + _dot(q * q_dec[:, None], state, IEEE)
             tl.store(OUT + bh * S * E + offs[:, None] * E + offs_e[None, :], o.to(OUT.dtype.element_ty), mask=v_mask)
@@ -136,9 +141,9 @@ if triton is not None:
             offs, ok, w, q_dec, k_w, carry, prev_doc = _chunk_terms(A, DOC, b, h, i, S, prev_doc, CHUNK, HAS_DOC)
             qk_mask = ok[:, None] & d_ok[None, :]
             v_mask = ok[:, None] & e_ok[None, :]
-            k = tl.load(K + bh * S * D + offs[:, None] * D + offs_d[None, :], mask=qk_mask, other=0.0).to(tl.float32)
-            v = tl.load(V + bh * S * E + offs[:, None] * E + offs_e[None, :], mask=v_mask, other=0.0).to(tl.float32)
-            do = tl.load(DO + bh * S * E + offs[:, None] * E + offs_e[None, :], mask=v_mask, other=0.0).to(tl.float32)
+            k = _tile(K, bh, S, D, offs, offs_d, qk_mask)
+            v = _tile(V, bh, S, E, offs, offs_e, v_mask)
+            do = _tile(DO, bh, S, E, offs, offs_e, v_mask)
             d_att = _dot(do, tl.trans(v), IEEE) * w
             dq = _dot(d_att, k, IEEE) + _dot(do, tl.trans(state), IEEE) * q_dec[:, None]
             tl.store(DQP + (eb * n_bh + bh) * S * D + offs[:, None] * D + offs_d[None, :], dq, mask=qk_mask)
@@ -170,10 +175,10 @@ if triton is not None:
             offs, ok, w, q_dec, k_w, carry, _ = _chunk_terms(A, DOC, b, h, i, S, prev_doc, CHUNK, HAS_DOC)
             qk_mask = ok[:, None] & d_ok[None, :]
             v_mask = ok[:, None] & e_ok[None, :]
-            q = tl.load(Q + bh * S * D + offs[:, None] * D + offs_d[None, :], mask=qk_mask, other=0.0).to(tl.float32)
-            k = tl.load(K + bh * S * D + offs[:, None] * D + offs_d[None, :], mask=qk_mask, other=0.0).to(tl.float32)
-            v = tl.load(V + bh * S * E + offs[:, None] * E + offs_e[None, :], mask=v_mask, other=0.0).to(tl.float32)
-            do = tl.load(DO + bh * S * E + offs[:, None] * E + offs_e[None, :], mask=v_mask, other=0.0).to(tl.float32)
+            q = _tile(Q, bh, S, D, offs, offs_d, qk_mask)
+            k = _tile(K, bh, S, D, offs, offs_d, qk_mask)
+            v = _tile(V, bh, S, E, offs, offs_e, v_mask)
+            do = _tile(DO, bh, S, E, offs, offs_e, v_mask)
             att = _dot(q, tl.trans(k), IEEE) * w  # (C, C): [j, l]
             d_att = _dot(do, tl.trans(v), IEEE) * w
             dv = _dot(tl.trans(att), do, IEEE) + _dot(k, d_state, IEEE) * k_w[:, None]

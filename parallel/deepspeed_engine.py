@@ -1,0 +1,100 @@
+"""DeepSpeed as the training engine: ZeRO 0-3 (and optimizer offload) around the same model.
+
+The model keeps its sequence-parallel wrappers; DeepSpeed's data-parallel group is every rank
+(like our DDP), so sequence-parallel ranks' gradients add up as with the native engine. Our
+torch AdamW is handed to DeepSpeed (no compiled DeepSpeed ops needed), the learning-rate schedule
+stays ours, parameters stay fp32 (bf16 runs use the same autocast as the native engine), and
+gradient clipping is DeepSpeed's (``gradient_clipping``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import torch
+from longshard.errors import ConfigError
+from torch import nn
+
+ENGINE_KEYS = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size",
+               "gradient_clipping")
+
+
+def import_deepspeed():
+    """Import deepspeed (CPU accelerator when no GPU), or raise a ConfigError naming the fix."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    try:
+        import deepspeed
+    except ImportError as e:
+        raise ConfigError("train.engine", f"deepspeed is not installed ({e}).",
+                          "pip install 'longshard[deepspeed]' or set train.engine=native.") from None
+    return deepspeed
+
+
+def is_deepspeed_engine(model: Any) -> bool:
+    """Whether ``model`` is a DeepSpeedEngine (checked without importing deepspeed)."""
+    return type(model).__name__ == "DeepSpeedEngine" and hasattr(model, "save_checkpoint")
+
+
+def deepspeed_config(
+    micro_batch_size: int,
+    grad_accum: int,
+    world_size: int,
+    grad_clip: float,
+    zero_stage: int,
+    offload_optimizer: bool,
+    config_file: str | None = None,
+) -> dict[str, Any]:
+    """The DeepSpeed config dict: a user's JSON (if any) under the values derived from the recipe.
+
+    Raises:
+        ConfigError: the user's file sets a derived key to a different value.
+    """
+    user: dict[str, Any] = {}
+    if config_file is not None:
+        try:
+            user = json.loads(open(config_file).read())
+        except json.JSONDecodeError as e:
+            raise ConfigError("deepspeed.config_file", f"{config_file} is not valid JSON: {e}") from None
+    ours: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": micro_batch_size,
+        "gradient_accumulation_steps": grad_accum,
+        # DeepSpeed counts every rank as data parallel (sequence-parallel ranks included)
+        "train_batch_size": micro_batch_size * grad_accum * world_size,
+        "gradient_clipping": grad_clip,
+    }
+    for key, value in ours.items():
+        if key in user and user[key] != value:
+            raise ConfigError("deepspeed.config_file", f"{key}={user[key]!r} contradicts the recipe ({value!r}).",
+                              "remove it from the JSON (longshard derives it) or change the recipe.")
+    zero = dict(user.get("zero_optimization", {}))
+    if "stage" in zero and zero["stage"] != zero_stage:
+        raise ConfigError("deepspeed.config_file", f"zero_optimization.stage={zero['stage']} contradicts "
+                          f"deepspeed.zero_stage={zero_stage}.", "set the stage in one place.")
+    zero["stage"] = zero_stage
+    if offload_optimizer:
+        zero.setdefault("offload_optimizer", {"device": "cpu", "pin_memory": torch.cuda.is_available()})
+    cfg = {
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+        "zero_allow_untested_optimizer": True,  # our torch AdamW
+        "zero_force_ds_cpu_optimizer": False,
+        **user,
+        **ours,
+        "zero_optimization": zero,
+    }
+    for precision in ("fp16", "bf16"):  # parameters stay fp32; the trainer's autocast handles bf16
+        if cfg.get(precision, {}).get("enabled"):
+            raise ConfigError("deepspeed.config_file", f"{precision}.enabled is not supported: parameters stay fp32.",
+                              "use train.dtype=bf16 (autocast) instead.")
+    return cfg
+
+
+def initialize(model: nn.Module, optimizer: torch.optim.Optimizer, config: dict[str, Any]) -> nn.Module:
+    """``deepspeed.initialize`` on an already initialised process group; returns the engine."""
+    deepspeed = import_deepspeed()
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config,
+                                           dist_init_required=False)
+    return engine
