@@ -38,9 +38,10 @@ def test_zero_stages_give_the_ddp_losses(tmp_path, data_dir, env_ds):
     extra = ["train.steps=3", "checkpoint.save_final=false"]
     _run(2, tmp_path / "ddp", data_dir, extra, env_ds)
     ref = _losses(tmp_path / "ddp")
-    for stage in (1, 2, 3):
-        out = tmp_path / f"zero{stage}"
-        _run(2, out, data_dir, [*extra, *DS, f"deepspeed.zero_stage={stage}"], env_ds)
+    for stage, offload in ((1, False), (2, False), (3, False), (2, True)):
+        out = tmp_path / f"zero{stage}{'_offload' if offload else ''}"
+        _run(2, out, data_dir, [*extra, *DS, f"deepspeed.zero_stage={stage}", f"deepspeed.offload_optimizer={offload}"],
+             env_ds)
         for i, (a, b) in enumerate(zip(ref, _losses(out))):
             # ZeRO reduce-scatters instead of all-reducing: same sums, possibly another order (~1e-7)
             assert abs(a - b) / abs(a) <= 1e-5, f"ZeRO-{stage} step {i + 1}: {b} vs DDP {a}"
