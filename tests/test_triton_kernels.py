@@ -260,3 +260,23 @@ def test_kernels_benchmark_smoke_writes_records(tmp_path):
     assert {(r["kernel"], r["mask"]) for r in records} >= {("block_sparse", "s2"), ("lightning", "causal_decay")}
     for r in records:
         assert keys <= r.keys() and r["fwd_bwd_ms"] > 0 and r["flop_ratio"] >= 1.0
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_nsa_selected_branch_through_the_kernel(packed):
+    """NSA's per-token selected blocks (shared by a GQA group) through the block-sparse kernel equal
+    the gathered PyTorch branch: outputs and dq/dk/dv."""
+    from longshard.kernels.nsa.gather import _selected_gather, _selected_triton
+    from longshard.kernels.nsa.select import NSAGeometry, select_blocks
+
+    B, H, Hkv, S, D = 2, 4, 2, _seq(70, 700), 16
+    geo = NSAGeometry(8, 8, 16, 3, 1, 16)  # compress block/stride 8, select block 16, top-3, 1 local, window 16
+    g = torch.Generator().manual_seed(5)
+    n_cmp = S // 8
+    p_cmp = torch.softmax(torch.randn(B, H, S, n_cmp, generator=g), -1).to(DEV)  # stand-in compressed scores
+    idx, ok = select_blocks(geo, p_cmp, Hkv, S, S)
+    q, k, v = _rand(B, H, S, D, seed=6), _rand(B, Hkv, S, D, seed=7), _rand(B, Hkv, S, D, seed=8)
+    doc = _packed_docs(B, S, seed=9) if packed else None
+    scale = D**-0.5
+    _check_grads("nsa selected", lambda a, b, c: _selected_gather(a, b, c, idx, ok, geo, scale, doc),
+                 lambda a, b, c: _selected_triton(a, b, c, idx, ok, geo, scale, doc), (q, k, v), TOL)

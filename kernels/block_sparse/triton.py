@@ -100,8 +100,12 @@ if triton is not None:
         return first_head + i // BLOCK, qb * BLOCK + i % BLOCK
 
     @triton.jit
-    def _keep_tile(pos_m, offs_n, S, win, sink, dq_doc, dk_doc, HAS_WIN: tl.constexpr, HAS_DOC: tl.constexpr):
+    def _keep_tile(pos_m, offs_n, S, win, sink, dq_doc, dk_doc, sel, kb, HAS_WIN: tl.constexpr,
+                   HAS_DOC: tl.constexpr, HAS_SEL: tl.constexpr):
         keep = (offs_n[None, :] <= pos_m[:, None]) & (offs_n[None, :] < S) & (pos_m[:, None] < S)
+        if HAS_SEL:  # per-row block selection (NSA): the row keeps key block kb only if it selected it
+            hit = tl.max((sel == kb).to(tl.int32), 1) > 0
+            keep = keep & hit[:, None]
         if HAS_WIN:
             near = (pos_m[:, None] - offs_n[None, :]) < win[:, None]
             keep = keep & ((win[:, None] <= 0) | near | (offs_n[None, :] < sink[:, None]))
@@ -120,6 +124,15 @@ if triton is not None:
         if HAS_DOC:
             doc = tl.load(DOC + b * S + pos, mask=m_ok, other=-1)
         return win, sink, doc
+
+    @triton.jit
+    def _row_selection(SEL, b, kvh_local, pos, m_ok, S, KV_H, N_SEL: tl.constexpr, HAS_SEL: tl.constexpr):
+        """(rows, N_SEL) selected key blocks of each row (-1 = none), or a dummy when not selecting."""
+        sel = pos
+        if HAS_SEL:
+            base = ((b * KV_H + kvh_local) * S + pos) * N_SEL
+            sel = tl.load(SEL + base[:, None] + tl.arange(0, N_SEL)[None, :], mask=m_ok[:, None], other=-1)
+        return sel
 
     @triton.jit
     def _load_rows(PTR, row_ptr, offs_d, mask, F32: tl.constexpr):
@@ -151,11 +164,11 @@ if triton is not None:
 
     @triton.jit
     def _bs_fwd(
-        Q, K, V, OUT, LSE, IDX, CNT, WIN, SINK, DOC,
+        Q, K, V, OUT, LSE, IDX, CNT, WIN, SINK, DOC, SEL,
         si_b, si_h, si_q, sc_b, sc_h,
         H, S, D, GROUP, KV_H, qk_scale,
         BLOCK: tl.constexpr, SHARE: tl.constexpr, BLOCK_D: tl.constexpr, HAS_WIN: tl.constexpr,
-        HAS_DOC: tl.constexpr, F32: tl.constexpr,
+        HAS_DOC: tl.constexpr, F32: tl.constexpr, N_SEL: tl.constexpr, HAS_SEL: tl.constexpr,
     ):
         qb = tl.program_id(0)
         bp = tl.program_id(1)  # batch x stacked head set
@@ -171,6 +184,7 @@ if triton is not None:
         qd_mask = m_ok[:, None] & d_ok[None, :]
         q = _load_rows(Q, row_ptr, offs_d, qd_mask, F32)
         win, sink, dq_doc = _row_meta(WIN, SINK, DOC, b, head, pos, m_ok, S, HAS_WIN, HAS_DOC)
+        sel = _row_selection(SEL, b, (hp * SHARE) // GROUP, pos, m_ok, S, KV_H, N_SEL, HAS_SEL)
         m_i = tl.full([SHARE * BLOCK], float("-inf"), tl.float32)
         l_i = tl.zeros([SHARE * BLOCK], tl.float32)
         acc = tl.zeros([SHARE * BLOCK, BLOCK_D], tl.float32)
@@ -178,7 +192,7 @@ if triton is not None:
         for t in range(0, cnt):
             kb = tl.load(IDX + b * si_b + hp * si_h + qb * si_q + t)
             k, v, offs_n, dk_doc = _load_kv(K, V, DOC, kvh, b, kb, S, D, offs_d, d_ok, BLOCK, HAS_DOC, F32)
-            keep = _keep_tile(pos, offs_n, S, win, sink, dq_doc, dk_doc, HAS_WIN, HAS_DOC)
+            keep = _keep_tile(pos, offs_n, S, win, sink, dq_doc, dk_doc, sel, kb, HAS_WIN, HAS_DOC, HAS_SEL)
             s = tl.where(keep, _mm(q, tl.trans(k), F32) * qk_scale, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -195,11 +209,11 @@ if triton is not None:
 
     @triton.jit
     def _bs_bwd_dq(
-        Q, K, V, DO, LSE, DELTA, DQ, IDX, CNT, WIN, SINK, DOC,
+        Q, K, V, DO, LSE, DELTA, DQ, IDX, CNT, WIN, SINK, DOC, SEL,
         si_b, si_h, si_q, sc_b, sc_h,
         H, S, D, GROUP, KV_H, qk_scale, scale,
         BLOCK: tl.constexpr, SHARE: tl.constexpr, BLOCK_D: tl.constexpr, HAS_WIN: tl.constexpr,
-        HAS_DOC: tl.constexpr, F32: tl.constexpr,
+        HAS_DOC: tl.constexpr, F32: tl.constexpr, N_SEL: tl.constexpr, HAS_SEL: tl.constexpr,
     ):
         qb = tl.program_id(0)
         bp = tl.program_id(1)
@@ -218,12 +232,13 @@ if triton is not None:
         lse = tl.load(LSE + (b * H + head) * S + pos, mask=m_ok, other=0.0) * 1.4426950408889634
         delta = tl.load(DELTA + (b * H + head) * S + pos, mask=m_ok, other=0.0)
         win, sink, dq_doc = _row_meta(WIN, SINK, DOC, b, head, pos, m_ok, S, HAS_WIN, HAS_DOC)
+        sel = _row_selection(SEL, b, (hp * SHARE) // GROUP, pos, m_ok, S, KV_H, N_SEL, HAS_SEL)
         dq = tl.zeros([SHARE * BLOCK, BLOCK_D], tl.float32)
         cnt = tl.load(CNT + b * sc_b + hp * sc_h + qb)
         for t in range(0, cnt):
             kb = tl.load(IDX + b * si_b + hp * si_h + qb * si_q + t)
             k, v, offs_n, dk_doc = _load_kv(K, V, DOC, kvh, b, kb, S, D, offs_d, d_ok, BLOCK, HAS_DOC, F32)
-            keep = _keep_tile(pos, offs_n, S, win, sink, dq_doc, dk_doc, HAS_WIN, HAS_DOC)
+            keep = _keep_tile(pos, offs_n, S, win, sink, dq_doc, dk_doc, sel, kb, HAS_WIN, HAS_DOC, HAS_SEL)
             p = tl.where(keep, tl.exp2(_mm(q, tl.trans(k), F32) * qk_scale - lse[:, None]), 0.0)
             ds = p * (_mm(do, tl.trans(v), F32) - delta[:, None])
             dq += _mm(ds, k, F32)
@@ -231,11 +246,11 @@ if triton is not None:
 
     @triton.jit
     def _bs_bwd_dkdv(
-        Q, K, V, DO, LSE, DELTA, DK, DV, IDXT, CNTT, WIN, SINK, DOC,
+        Q, K, V, DO, LSE, DELTA, DK, DV, IDXT, CNTT, WIN, SINK, DOC, SEL,
         si_b, si_h, si_k, sc_b, sc_h,
         H, S, D, GROUP, KV_H, N_QB, qk_scale, scale,
         BLOCK: tl.constexpr, SHARE: tl.constexpr, BLOCK_D: tl.constexpr, HAS_WIN: tl.constexpr,
-        HAS_DOC: tl.constexpr, F32: tl.constexpr,
+        HAS_DOC: tl.constexpr, F32: tl.constexpr, N_SEL: tl.constexpr, HAS_SEL: tl.constexpr,
     ):
         kb = tl.program_id(0)
         bg = tl.program_id(1)
@@ -259,7 +274,8 @@ if triton is not None:
             lse = tl.load(LSE + (b * H + head) * S + pos, mask=m_ok, other=0.0) * 1.4426950408889634
             delta = tl.load(DELTA + (b * H + head) * S + pos, mask=m_ok, other=0.0)
             win, sink, dq_doc = _row_meta(WIN, SINK, DOC, b, head, pos, m_ok, S, HAS_WIN, HAS_DOC)
-            keep = _keep_tile(pos, offs_n, S, win, sink, dq_doc, dk_doc, HAS_WIN, HAS_DOC)
+            sel = _row_selection(SEL, b, g, pos, m_ok, S, KV_H, N_SEL, HAS_SEL)
+            keep = _keep_tile(pos, offs_n, S, win, sink, dq_doc, dk_doc, sel, kb, HAS_WIN, HAS_DOC, HAS_SEL)
             p = tl.where(keep, tl.exp2(_mm(q, tl.trans(k), F32) * qk_scale - lse[:, None]), 0.0)
             ds = p * (_mm(do, tl.trans(v), F32) - delta[:, None])
             dv += _mm(tl.trans(p), do, F32)
@@ -280,7 +296,7 @@ def _num_warps(rows: int) -> int:
 
 class _BlockSparseTriton(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, csr, block, window_H, sink_H, doc_ids_BS, scale):
+    def forward(ctx, q, k, v, csr, block, window_H, sink_H, doc_ids_BS, scale, select):
         B, H, S, D = q.shape
         Hkv = k.shape[1]
         n = math.ceil(S / block)
@@ -297,20 +313,23 @@ class _BlockSparseTriton(torch.autograd.Function):
         block_d = next_pow2(D)
         si = _batch_strides(idx)
         sc = _batch_strides(cnt[..., None])[:2]
+        has_sel = select is not None
+        sel = select if has_sel else q.new_zeros(1, dtype=torch.int32)
+        sel_flags = dict(N_SEL=sel.shape[-1] if has_sel else 1, HAS_SEL=has_sel)
         _bs_fwd[(n, B * H // share)](
-            q, k, v, o, lse, idx, cnt, win, sink, doc,
+            q, k, v, o, lse, idx, cnt, win, sink, doc, sel,
             *si, *sc, H, S, D, H // Hkv, Hkv, scale * LOG2E,
             BLOCK=block, SHARE=share, BLOCK_D=block_d, HAS_WIN=has_win, HAS_DOC=doc_ids_BS is not None, F32=f32,
-            num_warps=_num_warps(share * block),
+            num_warps=_num_warps(share * block), **sel_flags,
         )
-        ctx.save_for_backward(q, k, v, o, lse, idx, cnt, idx_t, cnt_t, win, sink, doc)
-        ctx.meta = (block, share, scale, has_win, doc_ids_BS is not None, f32, block_d)
+        ctx.save_for_backward(q, k, v, o, lse, idx, cnt, idx_t, cnt_t, win, sink, doc, sel)
+        ctx.meta = (block, share, scale, has_win, doc_ids_BS is not None, f32, block_d, sel_flags)
         return o, lse
 
     @staticmethod
     def backward(ctx, grad_o, grad_lse):
-        q, k, v, o, lse, idx, cnt, idx_t, cnt_t, win, sink, doc = ctx.saved_tensors
-        block, share, scale, has_win, has_doc, f32, block_d = ctx.meta
+        q, k, v, o, lse, idx, cnt, idx_t, cnt_t, win, sink, doc, sel = ctx.saved_tensors
+        block, share, scale, has_win, has_doc, f32, block_d, sel_flags = ctx.meta
         B, H, S, D = q.shape
         Hkv = k.shape[1]
         n = math.ceil(S / block)
@@ -324,17 +343,17 @@ class _BlockSparseTriton(torch.autograd.Function):
         si = _batch_strides(idx)
         sc = _batch_strides(cnt[..., None])[:2]
         flags = dict(BLOCK=block, SHARE=share, BLOCK_D=block_d, HAS_WIN=has_win, HAS_DOC=has_doc, F32=f32,
-                     num_warps=_num_warps(share * block))
+                     num_warps=_num_warps(share * block), **sel_flags)
         _bs_bwd_dq[(n, B * H // share)](
-            q, k, v, do, lse, delta, dq, idx, cnt, win, sink, doc,
+            q, k, v, do, lse, delta, dq, idx, cnt, win, sink, doc, sel,
             *si, *sc, H, S, D, H // Hkv, Hkv, scale * LOG2E, scale, **flags,
         )
         _bs_bwd_dkdv[(n, B * Hkv)](
-            q, k, v, do, lse, delta, dk, dv, idx_t, cnt_t, win, sink, doc,
+            q, k, v, do, lse, delta, dk, dv, idx_t, cnt_t, win, sink, doc, sel,
             *_batch_strides(idx_t), *_batch_strides(cnt_t[..., None])[:2],
             H, S, D, H // Hkv, Hkv, n, scale * LOG2E, scale, **flags,
         )
-        return dq, dk, dv, None, None, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None, None, None
 
 
 def block_sparse_attention_triton_mask(
@@ -348,6 +367,7 @@ def block_sparse_attention_triton_mask(
     doc_ids_BS: torch.Tensor | None = None,
     scale: float | None = None,
     csr: tuple[torch.Tensor, ...] | None = None,
+    select_BKSN: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Block-sparse causal attention (Sq == Sk) from a block mask that may differ per batch element.
 
@@ -360,6 +380,10 @@ def block_sparse_attention_triton_mask(
         doc_ids_BS: (B, S) document ids of packed sequences, or None.
         scale: softmax scale (default 1/sqrt(D)).
         csr: precomputed :func:`csr_indices` of this mask, shape and KV-head count (a cache), or None.
+        select_BKSN: (B, Hkv, S, n) key blocks each query token selected for its KV group (-1 = none;
+            NSA-style selection): a token reads a kept block only if it selected it. The block mask
+            must contain, per query block, the union of its tokens' selections (see
+            :func:`selection_block_mask`).
 
     Returns:
         ``(o_BHSD, lse_BHS)``: output in the input dtype and the natural-log log-sum-exp (fp32,
@@ -380,8 +404,32 @@ def block_sparse_attention_triton_mask(
     scale = 1.0 / math.sqrt(q_BHSD.shape[-1]) if scale is None else scale
     if csr is None:
         csr = csr_indices(block_mask_BHQK.to(q_BHSD.device), math.ceil(q_BHSD.shape[2] / block), Hkv, block)
+    if select_BKSN is not None:  # pad the per-token lists to a power of two (tl.arange) with -1
+        n_sel = select_BKSN.shape[-1]
+        width = max(triton.next_power_of_2(n_sel), 2) if triton is not None else n_sel
+        select_BKSN = torch.nn.functional.pad(select_BKSN.to(torch.int32), (0, width - n_sel), value=-1).contiguous()
     return _BlockSparseTriton.apply(q_BHSD, k_BHSD, v_BHSD, csr, block,
-                                    window_H, sink_H, doc_ids_BS, scale)
+                                    window_H, sink_H, doc_ids_BS, scale, select_BKSN)
+
+
+def selection_block_mask(select_BKSN: torch.Tensor, n_heads: int, block: int, n_blocks: int) -> torch.Tensor:
+    """(B, H, nQ, nK) block mask = per query block, the union of its tokens' selected key blocks.
+
+    Args:
+        select_BKSN: (B, Hkv, S, n) selected key-block indices per token (-1 = none).
+        n_heads: query heads H (each KV group's union is repeated over its heads).
+        block: query block size (the kernel tile).
+        n_blocks: number of key blocks.
+    """
+    B, Hkv, S, n = select_BKSN.shape
+    nq = math.ceil(S / block)
+    qb = (torch.arange(S, device=select_BKSN.device) // block)[None, None, :, None]
+    valid = select_BKSN >= 0
+    flat = torch.where(valid, qb * (n_blocks + 1) + select_BKSN, qb * (n_blocks + 1) + n_blocks)  # spare column
+    mask = torch.zeros(B, Hkv, nq * (n_blocks + 1), dtype=torch.bool, device=select_BKSN.device)
+    mask.scatter_(2, flat.reshape(B, Hkv, -1), True)
+    mask = mask.view(B, Hkv, nq, n_blocks + 1)[..., :n_blocks]
+    return mask.repeat_interleave(n_heads // Hkv, dim=1)
 
 
 def block_sparse_attention_triton(

@@ -5,6 +5,11 @@ from __future__ import annotations
 import torch
 from longshard.kernels.block_sparse import block_sparse_attention_gather
 from longshard.kernels.block_sparse.pattern import sink_window_pattern
+from longshard.kernels.block_sparse.triton import (
+    TRITON_BLOCKS,
+    block_sparse_attention_triton_mask,
+    selection_block_mask,
+)
 from longshard.kernels.nsa.naive import nsa_branches_naive
 from longshard.kernels.nsa.select import (
     NSAGeometry,
@@ -13,6 +18,7 @@ from longshard.kernels.nsa.select import (
     query_positions,
     select_blocks,
 )
+from longshard.kernels.triton_support import triton_installed
 from torch.utils.checkpoint import checkpoint
 
 
@@ -32,6 +38,17 @@ def _selected_gather(q, k, v, idx, ok, geo: NSAGeometry, scale: float, doc_ids_B
         else:
             outs.append(_selected_chunk(*args, geo, scale, doc_ids_BS))
     return torch.cat(outs, dim=2)
+
+
+def _selected_triton(q, k, v, idx, ok, geo: NSAGeometry, scale: float, doc_ids_BS):
+    """The selected branch through the Triton block-sparse kernel: each query block walks the union of
+    its tokens' selected blocks, and each token keeps only the blocks it selected (exact)."""
+    sel = torch.where(ok, idx, torch.full_like(idx, -1))
+    n_blocks = -(-k.shape[2] // geo.select_block)
+    mask = selection_block_mask(sel, q.shape[1], geo.select_block, n_blocks)
+    o, _ = block_sparse_attention_triton_mask(q, k, v, mask, geo.select_block, doc_ids_BS=doc_ids_BS, scale=scale,
+                                              select_BKSN=sel)
+    return o
 
 
 def _selected_chunk(q, k, v, idx, ok, start: int, q_total: int, geo: NSAGeometry, scale: float, doc_ids_BS):
@@ -67,11 +84,14 @@ def nsa_branches_gather(
     geo: NSAGeometry,
     scale: float,
     doc_ids_BS: torch.Tensor | None = None,
+    triton: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Same outputs as :func:`longshard.kernels.nsa.naive.nsa_branches_naive`, without S x S masks.
 
     The compressed branch costs S x S/d; the selected branch S x n x l'; the window S x w
     (through the block-sparse gather kernel). Decoding steps (Sq < Sk) use the naive branches.
+    ``triton`` (default: on CUDA when installed and l' is a kernel tile size) runs the selected
+    branch through the Triton block-sparse kernel with per-token selection.
     """
     Sq, Sk, Hkv = q_BHSD.shape[2], k_BHSD.shape[2], k_BHSD.shape[1]
     if Sq != Sk:
@@ -79,7 +99,10 @@ def nsa_branches_gather(
     valid = compressed_valid(geo, Sq, Sk, doc_ids_BS, q_BHSD.device)
     o_cmp, p_cmp = compressed_attention(q_BHSD, k_cmp_BKCD, v_cmp_BKCD, valid, scale)
     idx, ok = select_blocks(geo, p_cmp, Hkv, Sq, Sk)
-    o_slc = _selected_gather(q_BHSD, k_BHSD, v_BHSD, idx, ok, geo, scale, doc_ids_BS)
+    if triton is None:
+        triton = q_BHSD.is_cuda and triton_installed() and geo.select_block in TRITON_BLOCKS
+    selected = _selected_triton if triton else _selected_gather
+    o_slc = selected(q_BHSD, k_BHSD, v_BHSD, idx, ok, geo, scale, doc_ids_BS)
     H = q_BHSD.shape[1]
     blk = min(geo.select_block, 64)
     pattern = sink_window_pattern(-(-Sk // blk), blk, H, torch.ones(H, dtype=torch.bool), 0, geo.window)

@@ -32,7 +32,8 @@ class NSAOptions:
         n_select: selected blocks per query (initial and local blocks included).
         n_local: most recent blocks always selected (the query's own included).
         window: sliding-window branch length.
-        path: ``auto`` (= gather), ``gather`` or ``naive``.
+        path: ``auto`` (= gather; on CUDA its selected branch runs through the Triton block-sparse
+            kernel with per-token selection when ``select_block`` is 16..128), ``gather`` or ``naive``.
     """
 
     compress_block: int = 32
