@@ -1,4 +1,4 @@
-"""The ``longshard`` command: train, data, launch, eval, heads, export-hf."""
+"""The ``longshard`` command: train, data, launch, eval, generate, heads, export-hf."""
 
 from __future__ import annotations
 
@@ -103,6 +103,48 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _generate(args: argparse.Namespace) -> int:
+    import time
+
+    import torch
+    from longshard.models.model import InferenceCache
+    from longshard.models.offload import OffloadedCache, generate_steps
+    from longshard.train.data import build_tokenizer
+
+    if args.max_new_tokens < 1:
+        raise ConfigError("--max-new-tokens", f"must be >= 1, got {args.max_new_tokens}.")
+    if args.prompt is None and args.prompt_file is None:
+        raise ConfigError("--prompt", "no prompt given.", "pass --prompt TEXT or --prompt-file PATH.")
+    if args.prompt_file is not None and not Path(args.prompt_file).is_file():
+        raise ConfigError("--prompt-file", f"{args.prompt_file} does not exist.")
+    cfg, model = _load_checkpoint_model(args.checkpoint, args.overrides)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model.to(device).eval()
+    tok = build_tokenizer(cfg.data.tokenizer)
+    text = args.prompt if args.prompt is not None else Path(args.prompt_file).read_text()
+    ids = tok.encode(text)
+    if not ids:
+        raise ConfigError("--prompt", "the prompt encodes to no tokens.")
+    cache = OffloadedCache(args.offload_cache_blocks) if args.offload_cache_blocks else InferenceCache()
+    gen = torch.Generator(device=device).manual_seed(args.seed)
+    start = time.perf_counter()
+    new = [int(t) for t in torch.cat(list(generate_steps(
+        model, torch.tensor([ids], device=device), args.max_new_tokens, cache, args.temperature, gen)), 1)[0]]
+    elapsed = time.perf_counter() - start
+    result = {"checkpoint": args.checkpoint, "prompt_tokens": len(ids), "new_tokens": len(new),
+              "text": tok.decode(new), "seconds": round(elapsed, 3), "tokens_per_s": round(len(new) / elapsed, 2)}
+    if isinstance(cache, OffloadedCache):
+        steps = max(cache.stats.decode_steps, 1)
+        result["offload"] = {**cache.stats.snapshot(), "bytes_per_step": cache.stats.h2d_bytes / steps,
+                             "host_kv_bytes": cache.host_bytes(), "device_kv_bytes": cache.device_kv_bytes(),
+                             "full_kv_layers": sorted(cache.stats.full_kv_layers)}
+    out = json.dumps(result, indent=2)
+    if args.output:
+        Path(args.output).write_text(out + "\n")
+    sys.stdout.write(out + "\n")
+    return 0
+
+
 def _export_hf(args: argparse.Namespace) -> int:
     from longshard.models.hf import export_hf
 
@@ -180,6 +222,21 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("overrides", nargs="*", help="key=value overrides, e.g. eval.passkey_lengths=[512,1024]")
     e.add_argument("--output", default=None, help="also write the JSON here")
     e.set_defaults(func=_eval)
+
+    g = sub.add_parser("generate", help="generate text from a checkpoint (optionally with the KV cache in host memory)")
+    g.add_argument("checkpoint", help="checkpoint folder (step_XXXXXXXX)")
+    g.add_argument("overrides", nargs="*", help="key=value overrides of the saved config")
+    g.add_argument("--prompt", default=None, help="prompt text")
+    g.add_argument("--prompt-file", default=None, help="read the prompt from this file")
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    g.add_argument("--seed", type=int, default=0, help="sampling seed")
+    g.add_argument("--offload-cache-blocks", type=int, default=0,
+                   help="keep the KV cache in host memory with this many device blocks per KV head "
+                        "(layers whose attention reads every block keep their KV on the device); 0 = off")
+    g.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    g.add_argument("--output", default=None, help="also write the JSON result here")
+    g.set_defaults(func=_generate)
 
     hd = sub.add_parser("heads", help="export retrieval/streaming head assignment from learned gates (DuoAttention)")
     hd.add_argument("checkpoint")

@@ -144,6 +144,7 @@ class ModelConfig:
             f"has {len(self.attention)} entries for {self.n_layers} layers.",
             "give one entry (used by every layer) or exactly one per layer.",
         )
+        self.attention = list(self.attention)  # never rewrite the caller's list
         for i, spec in enumerate(self.attention):
             if isinstance(spec, dict):  # built from Python with plain dicts
                 spec = AttentionSpec(**spec)

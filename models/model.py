@@ -54,6 +54,22 @@ class InferenceCache:
     def slot(self, layer_idx: int) -> dict[str, Any]:
         return self.slots.setdefault(layer_idx, {})
 
+    def attend(
+        self, layer_idx: int, core: nn.Module, q_BHSD: torch.Tensor, k_BHSD: torch.Tensor, v_BHSD: torch.Tensor,
+        batch: AttentionBatch,
+    ) -> torch.Tensor:
+        """Run layer ``layer_idx``'s core attention for new positions, keeping its decoding state here.
+
+        This cache keeps every past key/value on the compute device (subclasses, e.g.
+        :class:`longshard.models.offload.OffloadedCache`, keep them elsewhere).
+        """
+        slot = self.slot(layer_idx)
+        if core.uses_kv_cache:
+            k_BHSD, v_BHSD = append_kv(slot, k_BHSD, v_BHSD)
+        else:
+            batch = replace(batch, cache_slot=slot)
+        return core(q_BHSD, k_BHSD, v_BHSD, batch)
+
 
 class Attention(nn.Module):
     """Projections, QK-norm, RoPE and the optional output gate around a registry-chosen core attention.
@@ -87,6 +103,14 @@ class Attention(nn.Module):
             model_dim=cfg.dim,
         )
         self.core_attention = build_attention(spec.name, spec.options, ctx)
+        self.activation_offload = None  # an ActivationOffload shared by the model's layers, set by the model
+
+    def core(self, q_BHSD: torch.Tensor, k_BHSD: torch.Tensor, v_BHSD: torch.Tensor, batch: AttentionBatch):
+        """The core attention, with its saved activations in host memory when offload is on and training."""
+        if self.activation_offload is not None and torch.is_grad_enabled():
+            with self.activation_offload.region(k_BHSD, v_BHSD):
+                return self.core_attention(q_BHSD, k_BHSD, v_BHSD, batch)
+        return self.core_attention(q_BHSD, k_BHSD, v_BHSD, batch)
 
     def project(
         self, x_BSE: torch.Tensor, cos_BSD: torch.Tensor, sin_BSD: torch.Tensor
@@ -120,13 +144,11 @@ class Attention(nn.Module):
         cache: InferenceCache | None = None,
     ) -> torch.Tensor:
         q_BHSD, k_BHSD, v_BHSD = self.project(x_BSE, cos_BSD, sin_BSD)
+        batch = replace(batch, x_BSE=x_BSE)
         if cache is not None:
-            slot = cache.slot(self.layer_idx)
-            if self.core_attention.uses_kv_cache:
-                k_BHSD, v_BHSD = append_kv(slot, k_BHSD, v_BHSD)
-            else:
-                batch = replace(batch, cache_slot=slot)
-        o_BHSD = self.core_attention(q_BHSD, k_BHSD, v_BHSD, replace(batch, x_BSE=x_BSE))
+            o_BHSD = cache.attend(self.layer_idx, self.core_attention, q_BHSD, k_BHSD, v_BHSD, batch)
+        else:
+            o_BHSD = self.core(q_BHSD, k_BHSD, v_BHSD, batch)
         return self.output(o_BHSD, x_BSE)
 
 
@@ -180,7 +202,7 @@ class TransformerBlock(nn.Module):
         recomputed in backward; the core attention's output (and what it saved) is kept, so a
         distributed attention forward never runs twice."""
         q, k, v, xn = checkpoint(self._pre_attention, x_BSE, cos_BSD, sin_BSD, use_reentrant=False)
-        o = self.attention.core_attention(q, k, v, replace(batch, x_BSE=xn))
+        o = self.attention.core(q, k, v, replace(batch, x_BSE=xn))
         return checkpoint(self._post_attention, o, x_BSE, use_reentrant=False)
 
 
@@ -216,6 +238,7 @@ class Transformer(nn.Module):
         if cfg.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
         self.activation_checkpointing = "none"
+        self.activation_offload = None
         self.init_weights()
 
     @torch.no_grad()
@@ -257,6 +280,15 @@ class Transformer(nn.Module):
             raise ValueError(f"activation checkpointing mode {mode!r}: use one of {AC_MODES}")
         self.activation_checkpointing = mode
 
+    def set_activation_offload(self, mode: str) -> None:
+        """``none``, ``kv`` (saved keys/values of every core attention in host memory) or ``attention``
+        (everything the core attentions save); see :class:`longshard.models.offload.ActivationOffload`."""
+        from longshard.models.offload import ActivationOffload
+
+        self.activation_offload = None if mode == "none" else ActivationOffload(mode)
+        for layer in self.layers:
+            layer.attention.activation_offload = self.activation_offload
+
     def forward(
         self,
         tokens_BS: torch.Tensor,
@@ -285,6 +317,8 @@ class Transformer(nn.Module):
         h = self.tok_embeddings(tokens_BS)
         cos, sin = self.rope(position_ids_BS, h.dtype)
         batch = AttentionBatch(doc_ids_BS=doc_ids_BS)
+        if self.activation_offload is not None and torch.is_grad_enabled():
+            self.activation_offload.reset()
         for layer in self.layers:
             training = torch.is_grad_enabled() and cache is None
             if self.activation_checkpointing == "full" and training:
@@ -295,6 +329,8 @@ class Transformer(nn.Module):
                 h = layer(h, cos, sin, batch, cache)
         if cache is not None:
             cache.seen += S
+        if self.activation_offload is not None and torch.is_grad_enabled():
+            self.activation_offload.check_moved()
         return self.output(self.norm(h))
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -39,7 +40,16 @@ def test_quickstart_leaves_artifacts(quickstart_run):
     ckpts = sorted(p.name for p in (out / "checkpoints").iterdir())
     assert ckpts == ["step_00000010", "step_00000020"]
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    assert {"loss", "lr", "grad_norm", "tokens_per_s", "peak_mem_gb"} <= set(lines[0])
+    assert {"loss", "lr", "grad_norm", "tokens_per_s", "peak_mem_gb", "attn_kept_fraction"} <= set(lines[0])
+    # every logged name is documented in the README's metrics table (comm/<op>_* and passkey_acc@<L> by pattern)
+    readme = (REPO / "README.md").read_text()
+    table = readme[readme.index("## Metrics"):readme.index("## DeepSpeed engine")]
+    documented = set(re.findall(r"`([A-Za-z_@/<>]+)`", table))
+    for line in lines:
+        for key in set(line) - {"step"}:
+            generic = re.sub(r"^comm/[a-z_]+_(bytes|calls)$", r"comm/<op>_\1", re.sub(r"@\d+$", "@<L>", key))
+            assert generic in documented, f"metric {key!r} is not documented in README ## Metrics"
+    assert lines[0]["attn_kept_fraction"] == 1.0  # quickstart is dense
     assert list((out / "wandb").glob("offline-run-*")), "no offline wandb run was written"
 
 

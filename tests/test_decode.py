@@ -22,6 +22,8 @@ VARIANTS = {
     "linear": [{"name": "linear", "options": {"chunk": 4}}],
     "nsa": [{"name": "nsa", "options": {"compress_block": 4, "compress_stride": 2, "select_block": 4,
                                         "n_select": 3, "n_local": 1, "window": 5}}],
+    "nosa": [{"name": "nosa", "options": {"block": 4, "sink_blocks": 1, "local_blocks": 1, "query_blocks": 1,
+                                          "static_blocks": 2}}],
     "based-hybrid": [{"name": "mixed", "options": {"groups": [
         {"name": "linear", "heads": 2, "options": {"chunk": 8, "feature_map": "elu1"}},
         {"name": "sliding_window", "heads": 2, "options": {"block": 4, "window": 4}}]}}],

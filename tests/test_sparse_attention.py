@@ -221,3 +221,21 @@ def test_pattern_kept_fraction():
     assert 0.0 < pat.kept_fraction() < 0.5
     q, k, v = _qkv(1, 8, 8, 64, 8)
     assert block_sparse_attention_gather(q, k, v, pat).shape == block_sparse_attention_naive(q, k, v, pat).shape
+
+
+def test_attention_kept_fraction_metric():
+    """The logged sparsity: 1 for dense layers, the pattern's kept fraction for block-sparse ones,
+    head-weighted for mixed layers (mean over layers)."""
+    from longshard.train.trainer import attention_kept_fraction
+
+    base = dict(vocab_size=64, dim=32, n_heads=4, n_kv_heads=2, max_seq_len=512)
+    s2 = {"name": "s2", "options": {"block": 16, "local_blocks": 2, "vert_stride": 2}}
+    model = Transformer(ModelConfig(**base, n_layers=2, attention=[{"name": "dense"}, s2]))
+    core = model.layers[1].attention.core_attention
+    expect = core.pattern(512 // 16, torch.device("cpu")).kept_fraction()
+    assert 0 < expect < 1
+    assert attention_kept_fraction(model, 512) == pytest.approx((1 + expect) / 2)
+    mixed = {"name": "mixed", "options": {"groups": [{"name": "dense", "heads": 2}, dict(s2, heads=2)]}}
+    model = Transformer(ModelConfig(**base, n_layers=1, attention=[mixed]))
+    sub = model.layers[0].attention.core_attention.groups[1].pattern(32, torch.device("cpu")).kept_fraction()
+    assert attention_kept_fraction(model, 512) == pytest.approx((2 * 1 + 2 * sub) / 4)

@@ -274,11 +274,20 @@ def test_continue_with_yarn_extends_context(tmp_path, data_dir, env_cpu):
 
 
 def test_bf16_and_activation_checkpointing(tmp_path, data_dir, env_cpu):
-    """Full activation checkpointing recomputes the same fp32 ops: identical losses; bf16 autocast trains."""
+    """Full activation checkpointing and activation offload keep the same fp32 ops: identical losses;
+    bf16 autocast trains."""
     base = ["train.steps=3"]
     _run(1, tmp_path / "plain", data_dir, base, env_cpu)
     _run(1, tmp_path / "ac", data_dir, [*base, "train.activation_checkpointing=full"], env_cpu)
     assert _losses(tmp_path / "plain") == _losses(tmp_path / "ac")
+    # saved attention activations in host memory (accounted on CPU), with LightSeq-style checkpointing:
+    # the same fp32 ops, so the same losses
+    off = [*base, "train.activation_offload=attention", "train.activation_checkpointing=attention_boundary"]
+    _run(1, tmp_path / "off", data_dir, off, env_cpu)
+    assert _losses(tmp_path / "plain") == _losses(tmp_path / "off")
+    logged = [json.loads(x) for x in (tmp_path / "off" / "metrics.jsonl").read_text().splitlines()]
+    steps = [rec for rec in logged if "loss" in rec]
+    assert steps and all(rec["offloaded_act_gb"] > 0 for rec in steps)
     _run(1, tmp_path / "bf16", data_dir, [*base, "train.dtype=bf16"], env_cpu)
     bf16 = _losses(tmp_path / "bf16")
     # bf16 matmuls (8-bit mantissa) move the loss by ~1e-2 relative, not more

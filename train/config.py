@@ -116,6 +116,8 @@ class TrainConfig:
         grad_clip: max global gradient norm (0 disables).
         activation_checkpointing: ``none``, ``full`` (recompute each block) or ``attention_boundary``
             (recompute all but the core attention; LightSeq's rematerialisation-aware placement).
+        activation_offload: ``none``, ``kv`` (the keys/values the core attentions save for backward
+            go to host memory, prefetched in backward) or ``attention`` (everything they save).
         seed: seed for init, data order and dropout-free RNG state.
         nan_policy: on a non-finite loss, ``stop`` with an error or ``skip`` the step.
         engine: ``native`` (our DDP/FSDP2 loop) or ``deepspeed`` (``deepspeed.initialize`` with the
@@ -136,6 +138,7 @@ class TrainConfig:
     dtype: str = "fp32"
     grad_clip: float = 1.0
     activation_checkpointing: str = "none"
+    activation_offload: str = "none"
     seed: int = 0
     nan_policy: str = "stop"
     engine: str = "native"
@@ -156,6 +159,11 @@ class TrainConfig:
         _choice(self.dtype, DTYPES, "train.dtype")
         _choice(self.activation_checkpointing, ("none", "full", "attention_boundary"),
                 "train.activation_checkpointing")
+        _choice(self.activation_offload, ("none", "kv", "attention"), "train.activation_offload")
+        require(not (self.activation_offload != "none" and self.activation_checkpointing == "full"),
+                "train.activation_offload",
+                "activation_checkpointing=full recomputes the attention in backward, so nothing is saved to offload.",
+                "use activation_checkpointing=attention_boundary or none with activation_offload.")
         _choice(self.nan_policy, NAN_POLICIES, "train.nan_policy")
         _choice(self.engine, ("native", "deepspeed"), "train.engine")
         _choice(self.device, DEVICES, "train.device")

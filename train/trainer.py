@@ -117,6 +117,24 @@ def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimize
     return torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, foreach=False)
 
 
+def attention_kept_fraction(model: Transformer, seq_len: int) -> float:
+    """Mean over layers of the fraction of causal (query block, key block) pairs the attention keeps
+    at ``seq_len`` (1.0 for dense and linear layers; block-sparse layers from their pattern)."""
+    from longshard.models.attention.mixed import MixedAttention
+    from longshard.models.attention.sparse_base import BlockSparseAttention
+
+    def kept(core, heads: int) -> float:
+        if isinstance(core, MixedAttention):
+            return sum(kept(m, h) * h for m, h in zip(core.groups, core.heads)) / heads
+        full_too = getattr(core, "dense", None) is not None or getattr(core, "alpha", None) is not None
+        if isinstance(core, BlockSparseAttention) and not full_too:  # (dense layer / learned gates: full)
+            return core.pattern(math.ceil(seq_len / core.block), torch.device("cpu")).kept_fraction()
+        return 1.0
+
+    fracs = [kept(layer.attention.core_attention, layer.attention.n_heads) for layer in model.layers]
+    return sum(fracs) / len(fracs)
+
+
 def check_layout(cfg: Config, env: DistEnv) -> tuple[int, int]:
     """Validate the layout against the world size before any collective; return (dp, grad accumulation)."""
     t = cfg.train
@@ -165,9 +183,11 @@ def train(cfg: Config) -> dict[str, Any]:
     passkey_lengths = list(cfg.eval.passkey_lengths) or [cfg.train.seq_len, 2 * cfg.train.seq_len]
     check_passkey_lengths(tokenizer, passkey_lengths if cfg.eval.passkey_samples else [])
     model = Transformer(mcfg)
+    kept_fraction = attention_kept_fraction(model, cfg.train.seq_len)  # before any parallel wrapper
     if cfg.init.hf_path is not None:
         load_into(model, load_hf_state_dict(cfg.init.hf_path, mcfg), cfg.init.hf_path)
     model.set_activation_checkpointing(cfg.train.activation_checkpointing)
+    model.set_activation_offload(cfg.train.activation_offload)
     model.to(env.device)
     mode = cfg.parallel.sp_mode
     uly = cfg.parallel.sp_ulysses_degree if mode == "hybrid" else 1
@@ -298,7 +318,8 @@ def train(cfg: Config) -> dict[str, Any]:
             "tflops_per_device": fpt * tps / env.world_size / 1e12,
             "mfu": (fpt * tps / env.world_size / 1e12 / peak) if peak else None,
             "peak_mem_gb": peak_memory_bytes(env.device) / 1e9, "step_time_s": dt,
-            "tokens_seen": step * tokens_per_step,
+            "tokens_seen": step * tokens_per_step, "attn_kept_fraction": kept_fraction,
+            "offloaded_act_gb": model.activation_offload.offloaded_bytes / 1e9 if model.activation_offload else 0.0,
             **{f"comm/{k}": v for k, v in comm.reset().items()},
         }
         if cfg.eval.every and step % cfg.eval.every == 0 and step != cfg.train.steps:

@@ -74,3 +74,27 @@ def attention_naive(
     p_BHQK = torch.exp(s_BHQK - safe_lse[..., None])
     o_BHQD = torch.einsum("bhqk,bhkd->bhqd", p_BHQK, v).to(q_BHSD.dtype)
     return (o_BHQD, lse_BHQ) if return_lse else o_BHQD
+
+
+def attention_gathered(q_BH1D: torch.Tensor, k_BKLD: torch.Tensor, v_BKLD: torch.Tensor, keep_BHL: torch.Tensor,
+                       bias_BKL: torch.Tensor | None, scale: float) -> torch.Tensor:
+    """Softmax attention of one query per head over gathered keys, fp32 like the naive paths.
+
+    Args:
+        q_BH1D: (B, H, 1, D) queries.
+        k_BKLD, v_BKLD: (B, Hkv, L, D) gathered keys/values.
+        keep_BHL: (B, H or Hkv, L) bool keep-mask (Hkv = shared by the group).
+        bias_BKL: (B, Hkv, L) additive logit bias or None.
+        scale: softmax scale.
+    """
+    B, H, _, D = q_BH1D.shape
+    Hkv, L = k_BKLD.shape[1], k_BKLD.shape[2]
+    G = H // Hkv
+    s = torch.einsum("bkgd,bkld->bkgl", q_BH1D.float().view(B, Hkv, G, D), k_BKLD.float()) * scale
+    if bias_BKL is not None:
+        s = s + bias_BKL.float()[:, :, None]
+    keep = keep_BHL.view(B, Hkv, -1, L)
+    s = s.masked_fill(~keep, float("-inf"))
+    p = torch.softmax(s, dim=-1)
+    o = torch.einsum("bkgl,bkld->bkgd", p, v_BKLD.float())
+    return o.reshape(B, H, 1, D).to(q_BH1D.dtype)

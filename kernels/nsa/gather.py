@@ -22,21 +22,25 @@ from longshard.kernels.triton_support import triton_installed
 from torch.utils.checkpoint import checkpoint
 
 
-def _selected_gather(q, k, v, idx, ok, geo: NSAGeometry, scale: float, doc_ids_BS, q_chunk: int = 256):
+def _selected_gather(q, k, v, idx, ok, geo: NSAGeometry, scale: float, doc_ids_BS, q_chunk: int = 256,
+                     bias_BKSN: torch.Tensor | None = None):
     """Each query attends to the tokens of its own n selected blocks (gathered, not masked).
 
     Queries are processed in chunks, each under activation checkpointing when training, so the
-    gathered keys/values of only one chunk are alive at a time.
+    gathered keys/values of only one chunk are alive at a time. ``bias_BKSN`` (optional, same shape
+    as ``idx``) is added to the logits of every token of the corresponding selected block.
     """
     Sq = q.shape[2]
     outs = []
     for start in range(0, Sq, q_chunk):
         sl = slice(start, min(start + q_chunk, Sq))
+        bias = None if bias_BKSN is None else bias_BKSN[:, :, sl]
         args = (q[:, :, sl], k, v, idx[:, :, sl], ok[:, :, sl], start, Sq)
-        if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-            outs.append(checkpoint(_selected_chunk, *args, geo, scale, doc_ids_BS, use_reentrant=False))
+        needs_grad = any(t is not None and t.requires_grad for t in (q, k, v, bias))
+        if torch.is_grad_enabled() and needs_grad:
+            outs.append(checkpoint(_selected_chunk, *args, geo, scale, doc_ids_BS, bias, use_reentrant=False))
         else:
-            outs.append(_selected_chunk(*args, geo, scale, doc_ids_BS))
+            outs.append(_selected_chunk(*args, geo, scale, doc_ids_BS, bias))
     return torch.cat(outs, dim=2)
 
 
@@ -51,7 +55,8 @@ def _selected_triton(q, k, v, idx, ok, geo: NSAGeometry, scale: float, doc_ids_B
     return o
 
 
-def _selected_chunk(q, k, v, idx, ok, start: int, q_total: int, geo: NSAGeometry, scale: float, doc_ids_BS):
+def _selected_chunk(q, k, v, idx, ok, start: int, q_total: int, geo: NSAGeometry, scale: float, doc_ids_BS,
+                    bias_BKSN: torch.Tensor | None = None):
     B, H, Sc, D = q.shape
     Hkv, Sk = k.shape[1], k.shape[2]
     G, ls, n = H // Hkv, geo.select_block, idx.shape[-1]
@@ -69,6 +74,8 @@ def _selected_chunk(q, k, v, idx, ok, start: int, q_total: int, geo: NSAGeometry
     vg = torch.gather(v, 2, flat).view(B, Hkv, Sc, n * ls, D)
     qg = q.reshape(B, Hkv, G, Sc, D)
     s = torch.einsum("bkgtd,bktnd->bkgtn", qg.float(), kg.float()) * scale
+    if bias_BKSN is not None:
+        s = s + bias_BKSN.float().repeat_interleave(ls, dim=-1)[:, :, None]
     s = s.masked_fill(~tok_ok[:, :, None], float("-inf"))
     p = torch.softmax(s, dim=-1)  # the query's own block is always selected: no empty row
     o = torch.einsum("bkgtn,bktnd->bkgtd", p, vg.float())

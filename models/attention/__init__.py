@@ -5,7 +5,7 @@ To add a variant: write ``models/attention/<name>.py`` with an options dataclass
 below.
 """
 
-from longshard.models.attention import dense, linear, mixed, nsa, s2, streaming  # noqa: F401  (registrations)
+from longshard.models.attention import dense, linear, mixed, nosa, nsa, s2, streaming  # noqa: F401  (registrations)
 from longshard.models.attention.registry import (
     AttentionBatch,
     AttentionContext,

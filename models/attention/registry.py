@@ -66,13 +66,17 @@ class CoreAttention(nn.Module):
     (B, Hkv, Sk, D) with the queries being the last Sq of the Sk positions (Sq < Sk when decoding
     with a KV cache) and returns (B, H, Sq, D). Causal.
 
-    Class attributes: ``covers_context`` (the union over heads reaches every earlier token) and
+    Class attributes: ``covers_context`` (the union over heads reaches every earlier token),
     ``uses_kv_cache`` (decoding appends keys/values to a cache and passes all of them; False for
-    recurrent variants, which keep their own state in ``batch.cache_slot``).
+    recurrent variants, which keep their own state in ``batch.cache_slot``) and
+    ``supports_offload`` (the variant exposes its block selection for decoding with the KV cache in
+    host memory: ``block``, ``decode_plan(q, kbar, k_len)`` and ``attend_blocks(...)``, see
+    :mod:`longshard.models.offload`).
     """
 
     covers_context = True
     uses_kv_cache = True
+    supports_offload = False  # implements decode_plan/attend_blocks (KV cache in host memory)
 
     def __init__(self, ctx: AttentionContext) -> None:
         super().__init__()
@@ -90,6 +94,20 @@ class CoreAttention(nn.Module):
         self, q_BHSD: torch.Tensor, k_BHSD: torch.Tensor, v_BHSD: torch.Tensor, batch: AttentionBatch
     ) -> torch.Tensor:
         raise NotImplementedError
+
+
+@dataclass
+class DecodePlan:
+    """The complete key blocks one decoding step of an offloadable variant reads.
+
+    Args:
+        blocks_BKN: (B, Hkv, N) block indices per KV head, -1 = unused slot. The current,
+            incomplete block is not listed: it is always on the device.
+        bias_BKN: (B, Hkv, N) additive logit bias of each listed block's keys, or None.
+    """
+
+    blocks_BKN: torch.Tensor
+    bias_BKN: torch.Tensor | None = None
 
 
 def append_kv(

@@ -99,6 +99,7 @@ class S2Attention(BlockSparseAttention):
         self.opts = opts
         self.dense = DenseAttention(ctx, DenseOptions()) if s2_is_dense_layer(ctx.layer_idx, opts) else None
         self.covers_context = self.dense is not None or not s2_uncovered_residues(ctx.n_kv_heads, opts)
+        self.supports_offload = self.dense is None  # hybrid schedule's dense layers keep their full KV
         if not self.covers_context and not (opts.allow_incomplete_coverage or ctx.context_covered_elsewhere):
             missing = s2_uncovered_residues(ctx.n_kv_heads, opts)
             raise ConfigError(

@@ -6,6 +6,7 @@ import math
 
 import torch
 from longshard.errors import require
+from longshard.kernels.attention.naive import attention_gathered
 from longshard.kernels.block_sparse import (
     SparsePattern,
     block_sparse_attention_gather,
@@ -13,13 +14,14 @@ from longshard.kernels.block_sparse import (
 )
 from longshard.kernels.block_sparse.banded import BandFarSpec, band_far_attention
 from longshard.kernels.block_sparse.flex import block_sparse_attention_flex, flex_available
+from longshard.kernels.block_sparse.pattern import token_keep
 from longshard.kernels.block_sparse.triton import (
     TRITON_BLOCKS,
     block_sparse_attention_triton,
     triton_block_ok,
 )
 from longshard.kernels.triton_support import triton_installed
-from longshard.models.attention.registry import AttentionBatch, AttentionContext, CoreAttention
+from longshard.models.attention.registry import AttentionBatch, AttentionContext, CoreAttention, DecodePlan
 
 SPARSE_PATHS = ("auto", "naive", "gather", "banded", "flex", "triton")
 
@@ -46,6 +48,8 @@ class BlockSparseAttention(CoreAttention):
     ``auto`` (on CUDA: triton when installed and the block is a kernel tile size, else flex; on
     CPU: banded, else gather, for training/prefill; naive when decoding).
     """
+
+    supports_offload = True
 
     def __init__(self, ctx: AttentionContext, block: int, path: str) -> None:
         super().__init__(ctx)
@@ -113,3 +117,40 @@ class BlockSparseAttention(CoreAttention):
         if spec is None:
             raise ValueError(f"{type(self).__name__} has no band + far form: use path gather")
         return band_far_attention(q_BHSD, k_BHSD, v_BHSD, spec, batch.doc_ids_BS)
+
+    # --- offloaded decoding (see longshard.models.offload) ------------------------------------
+    def _decode_pattern(self, k_len: int, device: torch.device) -> SparsePattern:
+        """The pattern covering ``k_len`` keys, rebuilt only when the block count changes."""
+        n_all = math.ceil(k_len / self.block)
+        held = getattr(self, "_decode_pat", None)
+        if held is None or held[0] != (n_all, str(device)):
+            pat = self.build_pattern(n_all)
+            if self.head_slice is not None:
+                pat = pat.head_slice(*self.head_slice)
+            self._decode_pat = ((n_all, str(device)), pat.to(device))
+        return self._decode_pat[1]
+
+    @torch.no_grad()
+    def decode_plan(self, q_BH1D: torch.Tensor, kbar_BKND: torch.Tensor, k_len: int) -> DecodePlan:
+        """Complete key blocks the query block of position ``k_len - 1`` reads (union over a GQA group)."""
+        B, H = q_BH1D.shape[:2]
+        Hkv, n_complete = kbar_BKND.shape[1], kbar_BKND.shape[2]
+        pat = self._decode_pattern(k_len, q_BH1D.device)
+        row_HN = pat.block_mask_HQK[:, (k_len - 1) // self.block, :n_complete]
+        row_KN = row_HN.view(Hkv, H // Hkv, n_complete).any(1)
+        j = torch.arange(n_complete, device=q_BH1D.device)
+        key = torch.where(row_KN, j, j + n_complete)  # listed blocks first, ascending
+        idx = key.sort(-1).values
+        width = max(int(row_KN.sum(-1).max()) if n_complete else 0, 1)
+        blocks = torch.where(idx[:, :width] < n_complete, idx[:, :width], -1)
+        return DecodePlan(blocks[None].expand(B, -1, -1))
+
+    def attend_blocks(self, q_BH1D: torch.Tensor, k_BKLD: torch.Tensor, v_BKLD: torch.Tensor,
+                      kpos_BKL: torch.Tensor, bias_BKL: torch.Tensor | None, k_len: int) -> torch.Tensor:
+        """Attention of one decoding query over gathered keys (positions ``kpos``, -1 = padding)."""
+        H, Hkv = q_BH1D.shape[1], k_BKLD.shape[1]
+        pat = self._decode_pattern(k_len, q_BH1D.device)
+        kpos = kpos_BKL.repeat_interleave(H // Hkv, dim=1)  # (B, H, L)
+        heads = torch.arange(H, device=kpos.device)[None, :, None]
+        keep = token_keep(pat, torch.full_like(kpos, k_len - 1), kpos.clamp_min(0), heads) & (kpos >= 0)
+        return attention_gathered(q_BH1D, k_BKLD, v_BKLD, keep, bias_BKL, 1.0 / math.sqrt(q_BH1D.shape[-1]))

@@ -69,6 +69,8 @@ class StreamingAttention(BlockSparseAttention):
         self.covers_context = len(opts.retrieval_heads) > 0 or opts.learned_gates  # union over heads
         self.alpha = nn.Parameter(torch.ones(ctx.n_kv_heads)) if opts.learned_gates else None
         self.full = DenseAttention(ctx, DenseOptions())  # retrieval heads / the full branch of the gates
+        # retrieval heads and the gates' full branch read every block: those layers keep their full KV
+        self.supports_offload = not opts.retrieval_heads and not opts.learned_gates
 
     def build_pattern(self, n_blocks: int) -> SparsePattern:
         streaming = self.streaming_H.cpu()
