@@ -21,11 +21,14 @@ import torch
 
 H, KV, D = 8, 8, 64
 
+NOSA = {"block": 64, "sink_blocks": 1, "local_blocks": 2, "query_blocks": 4, "static_blocks": 4}
 VARIANTS = {
-    "s2": ("s2", {"block": 64, "local_blocks": 16, "vert_stride": 8, "path": "banded"}),
+    "s2": ("s2", {"block": 64, "local_blocks": 16, "vert_stride": 8, "path": "chunked"}),
+    "s2_banded": ("s2", {"block": 64, "local_blocks": 16, "vert_stride": 8, "path": "banded"}),
     "s2_gather": ("s2", {"block": 64, "local_blocks": 16, "vert_stride": 8, "path": "gather"}),
-    "streaming": ("streaming", {"sink": 128, "window": 256, "retrieval_heads": [0, 1], "path": "banded"}),
-    "sliding_window": ("sliding_window", {"window": 512, "path": "banded"}),
+    "streaming": ("streaming", {"sink": 128, "window": 256, "retrieval_heads": [0, 1], "path": "chunked"}),
+    "sliding_window": ("sliding_window", {"window": 512, "path": "chunked"}),
+    "nosa": ("nosa", dict(NOSA, path="gather")),
     "nsa": ("nsa", {"path": "gather"}),
     "linear": ("linear", {"chunk": 64}),
 }
@@ -34,7 +37,7 @@ VARIANTS = {
 def variant_pairs(name: str, opts: dict, S: int) -> float:
     """Query-key pairs (summed over heads) the variant needs; dense causal = H * S(S+1)/2."""
     t = torch.arange(S, dtype=torch.float64)
-    if name in ("s2", "s2_gather"):
+    if name.startswith("s2"):
         from longshard.models.attention.s2 import S2Options, s2_kept_blocks
 
         o = S2Options(**{k: v for k, v in opts.items() if k != "path"})
@@ -53,6 +56,9 @@ def variant_pairs(name: str, opts: dict, S: int) -> float:
         sel = torch.minimum(t + 1, torch.full_like(t, 16 * 64))
         win = torch.minimum(t + 1, torch.full_like(t, 512))
         return float(H * (cmp_ + sel + win).sum())
+    if name == "nosa":  # sinks + local + far blocks, causal
+        n_blocks = opts["sink_blocks"] + opts["local_blocks"] + opts["query_blocks"] + opts["static_blocks"]
+        return float(H * torch.minimum(t + 1, torch.full_like(t, n_blocks * opts["block"])).sum())
     if name == "linear":  # chunk form: C x C intra + D x D inter and state update per chunk, in pair units
         C = opts["chunk"]
         return float(H * S * (C / 2 + 2 * D))
@@ -111,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     reps = 1 if args.quick else 3
     records = []
     if args.quick and args.variants == list(VARIANTS):
-        args.variants = [v for v in VARIANTS if v != "s2_gather"]
+        args.variants = [v for v in VARIANTS if v not in ("s2_gather", "s2_banded")]
     sys.stdout.write(f"{'variant':15s} {'S':>6s} {'fwd+bwd s':>10s} {'sdpa s':>8s} {'speedup':>8s} "
                      f"{'flop ratio':>10s} {'eff.':>5s} {'peak MB':>8s}\n")
     for S in lengths:

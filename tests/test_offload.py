@@ -145,7 +145,8 @@ def test_generate_cli_with_offload(tmp_path):
 TRAIN_VARIANTS = {
     "dense": [{"name": "dense"}],
     "nosa": [{"name": "nosa", "options": dict(NOSA, block=8)}],
-    "s2-banded": [{"name": "s2", "options": {"block": 8, "local_blocks": 2, "vert_stride": 2}}],
+    "s2": [{"name": "s2", "options": {"block": 8, "local_blocks": 2, "vert_stride": 2}}],
+    "s2-banded": [{"name": "s2", "options": {"block": 8, "local_blocks": 2, "vert_stride": 2, "path": "banded"}}],
 }
 
 

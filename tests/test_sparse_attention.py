@@ -59,7 +59,7 @@ def test_fast_paths_match_naive(name, opts, H, kv, S, packed):
     doc = torch.cumsum(starts.long(), 1) if packed else None
     batch = AttentionBatch(doc_ids_BS=doc)
     mods = {}
-    for path in ("naive", "gather", "banded"):
+    for path in ("naive", "gather", "banded", "chunked"):
         o = dict(opts)
         if name == "mixed":
             o = {"groups": [dict(g, options=dict(g.get("options", {}), **({"path": path} if g["name"] != "dense"
@@ -69,7 +69,7 @@ def test_fast_paths_match_naive(name, opts, H, kv, S, packed):
             o["path"] = path
         mods[path] = build_attention(name, o, _ctx(H, kv, D))
     ref = _grads(lambda a, b, c: mods["naive"](a, b, c, batch), q, k, v)
-    for path in ("gather", "banded"):
+    for path in ("gather", "banded", "chunked"):
         out = _grads(lambda a, b, c, m=mods[path]: m(a, b, c, batch), q, k, v)
         for label, r, o in zip(["o", "dq", "dk", "dv"], ref, out):
             assert_rel(f"{name} {path} {label}", r, o, TOL)

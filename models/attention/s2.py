@@ -33,7 +33,8 @@ class S2Options:
         offset: global phase offset.
         dense_every_n_layers: >0 makes layers with ``(layer_idx + 1) % n == 0`` dense (hybrid).
         allow_incomplete_coverage: accept heads whose union misses blocks.
-        path: ``auto``, ``naive``, ``gather`` or ``flex``.
+        path: ``auto``, ``naive``, ``gather``, ``banded``, ``chunked``, ``flex`` or ``triton``
+            (see :class:`~longshard.models.attention.sparse_base.BlockSparseAttention`).
     """
 
     block: int = 64

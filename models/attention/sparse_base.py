@@ -13,6 +13,7 @@ from longshard.kernels.block_sparse import (
     block_sparse_attention_naive,
 )
 from longshard.kernels.block_sparse.banded import BandFarSpec, band_far_attention
+from longshard.kernels.block_sparse.chunked import band_far_attention_chunked
 from longshard.kernels.block_sparse.flex import block_sparse_attention_flex, flex_available
 from longshard.kernels.block_sparse.pattern import token_keep
 from longshard.kernels.block_sparse.triton import (
@@ -23,7 +24,8 @@ from longshard.kernels.block_sparse.triton import (
 from longshard.kernels.triton_support import triton_installed
 from longshard.models.attention.registry import AttentionBatch, AttentionContext, CoreAttention, DecodePlan
 
-SPARSE_PATHS = ("auto", "naive", "gather", "banded", "flex", "triton")
+SPARSE_PATHS = ("auto", "naive", "gather", "banded", "chunked", "flex", "triton")
+BAND_PATHS = {"banded": band_far_attention, "chunked": band_far_attention_chunked}
 
 
 def check_path(path: str) -> None:
@@ -42,11 +44,12 @@ class BlockSparseAttention(CoreAttention):
     """Base of block-sparse variants: subclasses implement :meth:`build_pattern`.
 
     Paths: ``naive`` (full masked score matrix, the reference), ``gather`` (kept K/V blocks only,
-    any pattern), ``banded`` (band + far blocks, for variants that define :meth:`band_spec`;
-    the fastest CPU training path), ``flex`` (flex_attention BlockMask; CUDA forward+backward),
-    ``triton`` (our per-head block-list kernel, forward+backward; CUDA, or the CPU interpreter),
-    ``auto`` (on CUDA: triton when installed and the block is a kernel tile size, else flex; on
-    CPU: banded, else gather, for training/prefill; naive when decoding).
+    any pattern), ``banded`` (band + far blocks as block matmuls, for variants that define
+    :meth:`band_spec`), ``chunked`` (band + far blocks as one fused SDPA call per chunk of query
+    blocks; the fastest CPU training path), ``flex`` (flex_attention BlockMask; CUDA
+    forward+backward), ``triton`` (our per-head block-list kernel, forward+backward; CUDA, or the
+    CPU interpreter), ``auto`` (on CUDA: triton when installed and the block is a kernel tile
+    size, else flex; on CPU: chunked, else gather, for training/prefill; naive when decoding).
     """
 
     supports_offload = True
@@ -90,15 +93,15 @@ class BlockSparseAttention(CoreAttention):
             return "triton"
         if q_BHSD.is_cuda and flex_available():
             return "flex"
-        return "banded" if self.band_spec(1) is not None else "gather"
+        return "chunked" if self.band_spec(1) is not None else "gather"
 
     def forward(
         self, q_BHSD: torch.Tensor, k_BHSD: torch.Tensor, v_BHSD: torch.Tensor, batch: AttentionBatch
     ) -> torch.Tensor:
         k_len = k_BHSD.shape[2]
         path = self.resolve_path(q_BHSD, k_len)
-        if path == "banded":
-            return self.banded_forward(q_BHSD, k_BHSD, v_BHSD, batch)
+        if path in BAND_PATHS:
+            return self.banded_forward(q_BHSD, k_BHSD, v_BHSD, batch, BAND_PATHS[path])
         pat = self.pattern(math.ceil(k_len / self.block), q_BHSD.device)
         fn = {
             "naive": block_sparse_attention_naive,
@@ -109,14 +112,16 @@ class BlockSparseAttention(CoreAttention):
         return fn(q_BHSD, k_BHSD, v_BHSD, pat, batch.doc_ids_BS)
 
     def banded_forward(
-        self, q_BHSD: torch.Tensor, k_BHSD: torch.Tensor, v_BHSD: torch.Tensor, batch: AttentionBatch
+        self, q_BHSD: torch.Tensor, k_BHSD: torch.Tensor, v_BHSD: torch.Tensor, batch: AttentionBatch,
+        fn=band_far_attention,
     ) -> torch.Tensor:
+        """The band + far form through ``fn`` (:func:`band_far_attention` or the chunked SDPA form)."""
         spec = self.band_spec(math.ceil(k_BHSD.shape[2] / self.block))
         if spec is not None and self.head_slice is not None:
             spec = slice_band_spec(spec, *self.head_slice)
         if spec is None:
             raise ValueError(f"{type(self).__name__} has no band + far form: use path gather")
-        return band_far_attention(q_BHSD, k_BHSD, v_BHSD, spec, batch.doc_ids_BS)
+        return fn(q_BHSD, k_BHSD, v_BHSD, spec, batch.doc_ids_BS)
 
     # --- offloaded decoding (see longshard.models.offload) ------------------------------------
     def _decode_pattern(self, k_len: int, device: torch.device) -> SparsePattern:

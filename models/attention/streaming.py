@@ -34,7 +34,8 @@ class StreamingOptions:
         learned_gates: learn alpha per KV head between full and streaming attention (identification).
         gate_l1: weight of the L1 penalty on alpha (added to the training loss).
         block: block size of the sparse computation.
-        path: ``auto``, ``naive``, ``gather`` or ``flex``.
+        path: ``auto``, ``naive``, ``gather``, ``banded``, ``chunked``, ``flex`` or ``triton``
+            (see :class:`~longshard.models.attention.sparse_base.BlockSparseAttention`).
     """
 
     sink: int = 128
@@ -102,17 +103,17 @@ class StreamingAttention(BlockSparseAttention):
         n_stream = self.ctx.n_heads if self.alpha is not None else int(self.streaming_H.sum())
         return sink_window_band_spec(self.block, n_stream, self.opts.sink, self.opts.window)
 
-    def banded_forward(self, q_BHSD, k_BHSD, v_BHSD, batch: AttentionBatch):
+    def banded_forward(self, q_BHSD, k_BHSD, v_BHSD, batch: AttentionBatch, fn=band_far_attention):
         stream_q = self._local_streaming() if self.alpha is None else torch.ones(q_BHSD.shape[1], dtype=torch.bool)
         spec = sink_window_band_spec(self.block, int(stream_q.sum()), self.opts.sink, self.opts.window)
         if bool(stream_q.all()):
-            return band_far_attention(q_BHSD, k_BHSD, v_BHSD, spec, batch.doc_ids_BS)
+            return fn(q_BHSD, k_BHSD, v_BHSD, spec, batch.doc_ids_BS)
         group = q_BHSD.shape[1] // k_BHSD.shape[1]
         stream_kv = stream_q[::group]
         parts = {}
         if stream_q.any():
-            parts[True] = band_far_attention(q_BHSD[:, stream_q], k_BHSD[:, stream_kv], v_BHSD[:, stream_kv], spec,
-                                             batch.doc_ids_BS)
+            parts[True] = fn(q_BHSD[:, stream_q], k_BHSD[:, stream_kv], v_BHSD[:, stream_kv], spec,
+                             batch.doc_ids_BS)
         parts[False] = self.full(q_BHSD[:, ~stream_q], k_BHSD[:, ~stream_kv], v_BHSD[:, ~stream_kv], batch)
         order = torch.cat([torch.nonzero(~stream_q).flatten(), torch.nonzero(stream_q).flatten()])
         merged = torch.cat([parts[False], *([parts[True]] if True in parts else [])], dim=1)
@@ -128,7 +129,8 @@ class SlidingWindowOptions:
         window: most recent tokens every head reads (its own position included).
         sink: leading tokens every head also reads (0 = none).
         block: block size of the sparse computation.
-        path: ``auto``, ``naive``, ``gather`` or ``flex``.
+        path: ``auto``, ``naive``, ``gather``, ``banded``, ``chunked``, ``flex`` or ``triton``
+            (see :class:`~longshard.models.attention.sparse_base.BlockSparseAttention`).
     """
 
     window: int = 512
