@@ -80,27 +80,62 @@ def _load_checkpoint_model(ckpt: str, overrides: list[str]):
 def _eval(args: argparse.Namespace) -> int:
     import torch
     from longshard.train.data import TokenWindows, build_tokenizer
-    from longshard.train.evaluate import evaluate
+    from longshard.train.evaluate import evaluate, passkey_grid, plot_results
 
     cfg, model = _load_checkpoint_model(args.checkpoint, args.overrides)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
     val = None
     data = cfg.data_dir
-    if data is not None and (data / "meta.json").is_file():
+    has_data = data is not None and (data / "meta.json").is_file()
+    if has_data:
         val = TokenWindows(data, "val", cfg.train.seq_len)
+    autocast = torch.bfloat16 if cfg.train.dtype == "bf16" else None
+    tokenizer = build_tokenizer(cfg.data.tokenizer)
+    lengths = list(cfg.eval.passkey_lengths) or [cfg.train.seq_len, 2 * cfg.train.seq_len]
     res = evaluate(
-        model, val_dataset=val, tokenizer=build_tokenizer(cfg.data.tokenizer), seq_len=cfg.train.seq_len,
+        model, val_dataset=val, tokenizer=tokenizer, seq_len=cfg.train.seq_len,
         val_batches=cfg.eval.val_batches, batch_size=cfg.train.micro_batch_size,
-        passkey_lengths=list(cfg.eval.passkey_lengths), passkey_samples=cfg.eval.passkey_samples,
-        device=device, autocast_dtype=torch.bfloat16 if cfg.train.dtype == "bf16" else None,
-        doc_mask=cfg.data.doc_mask,
+        passkey_lengths=lengths, passkey_samples=0 if args.grid else cfg.eval.passkey_samples,
+        device=device, autocast_dtype=autocast, doc_mask=cfg.data.doc_mask,
+        ppl_lengths=list(cfg.eval.ppl_lengths),
+        windows_for_length=(lambda n: TokenWindows(data, "val", n)) if has_data else None,
+        ppl_windows=cfg.eval.ppl_windows, mqar_samples=cfg.eval.mqar_samples,
+        mqar_num_kv_pairs=cfg.eval.mqar_num_kv_pairs,
     )
+    if args.grid and cfg.eval.passkey_samples:
+        model.eval()
+        grid = passkey_grid(model, tokenizer, lengths, list(cfg.eval.passkey_depths), cfg.eval.passkey_samples,
+                            device, autocast)
+        res["passkey_grid"] = grid
+        for n, row in grid.items():
+            res[f"passkey_acc@{n}"] = sum(row.values()) / len(row)
+    if args.plot:
+        res["plot"] = plot_results(res, args.plot)
+    if cfg.logging.wandb != "disabled":
+        _eval_to_wandb(cfg, args.checkpoint, res)
     text = json.dumps({"checkpoint": args.checkpoint, **res}, indent=2)
     if args.output:
         Path(args.output).write_text(text + "\n")
     sys.stdout.write(text + "\n")
     return 0
+
+
+def _eval_to_wandb(cfg, checkpoint: str, res: dict) -> None:
+    """One wandb run (grouped with the training runs of the recipe) with the scalars, the passkey grid
+    as a table and the plot as an image."""
+    import wandb
+
+    run = wandb.init(mode=cfg.logging.wandb, dir=str(cfg.output_dir), project=cfg.logging.project,
+                     name=f"eval-{Path(checkpoint).name}", group=cfg.name, job_type="eval")
+    run.log({f"eval/{k}": v for k, v in res.items() if isinstance(v, (int, float))})
+    grid = res.get("passkey_grid")
+    if grid:
+        rows = [[int(n), float(d), acc] for n, row in grid.items() for d, acc in row.items()]
+        run.log({"eval/passkey_grid": wandb.Table(columns=["length", "depth", "accuracy"], data=rows)})
+    if res.get("plot"):
+        run.log({"eval/plot": wandb.Image(res["plot"])})
+    run.finish()
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -149,7 +184,7 @@ def _export_hf(args: argparse.Namespace) -> int:
     from longshard.models.hf import export_hf
 
     _, model = _load_checkpoint_model(args.checkpoint, [])
-    path = export_hf(model, args.output, arch=args.arch, tokenizer_dir=args.tokenizer_dir)
+    path = export_hf(model, args.output, arch=args.arch, tokenizer_dir=args.tokenizer_dir, drop_gates=args.drop_gates)
     sys.stdout.write(f"wrote Hugging Face checkpoint {path}\n")
     return 0
 
@@ -217,10 +252,13 @@ def build_parser() -> argparse.ArgumentParser:
     sl.add_argument("--dry-run", action="store_true", help="print the script instead of writing it")
     sl.set_defaults(func=_launch_slurm)
 
-    e = sub.add_parser("eval", help="held-out loss and passkey accuracy of a checkpoint")
+    e = sub.add_parser("eval", help="held-out loss, perplexity vs length, passkey grid, MQAR of a checkpoint")
     e.add_argument("checkpoint", help="checkpoint folder (step_XXXXXXXX)")
     e.add_argument("overrides", nargs="*", help="key=value overrides, e.g. eval.passkey_lengths=[512,1024]")
     e.add_argument("--output", default=None, help="also write the JSON here")
+    e.add_argument("--grid", action="store_true",
+                   help="passkey accuracy over eval.passkey_lengths x eval.passkey_depths (passkey_grid in the JSON)")
+    e.add_argument("--plot", default=None, help="write a PNG: passkey heatmap and perplexity vs context length")
     e.set_defaults(func=_eval)
 
     g = sub.add_parser("generate", help="generate text from a checkpoint (optionally with the KV cache in host memory)")
@@ -249,6 +287,8 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--output", required=True)
     x.add_argument("--arch", default=None, choices=["llama", "qwen2", "qwen3"])
     x.add_argument("--tokenizer-dir", default=None)
+    x.add_argument("--drop-gates", action="store_true",
+                   help="export a gated model without its output gates (transformers has none; changes the model)")
     x.set_defaults(func=_export_hf)
     return p
 

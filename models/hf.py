@@ -11,6 +11,8 @@ import json
 import logging
 import re
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -232,7 +234,9 @@ def load_into(model: Transformer, sd: dict[str, torch.Tensor], source: str) -> N
             own[name].copy_(t.to(own[name].dtype))
 
 
-def hf_config_dict(cfg: ModelConfig, arch: str | None = None, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
+def hf_config_dict(
+    cfg: ModelConfig, arch: str | None = None, dtype: torch.dtype = torch.float32, drop_gates: bool = False
+) -> dict[str, Any]:
     """HF ``config.json`` content for ``cfg`` (``arch`` inferred: qk_norm→qwen3, qkv_bias→qwen2, else llama)."""
     if arch is None:
         arch = "qwen3" if cfg.qk_norm else ("qwen2" if cfg.qkv_bias else "llama")
@@ -242,9 +246,12 @@ def hf_config_dict(cfg: ModelConfig, arch: str | None = None, dtype: torch.dtype
         raise ConfigError("arch", "Llama has no q/k/v bias and no QK-norm.", "export as qwen2 or qwen3.")
     if arch == "qwen2" and (cfg.qk_norm or not cfg.qkv_bias):
         raise ConfigError("arch", "Qwen2 needs q/k/v bias and no QK-norm.", "export as llama or qwen3.")
-    if cfg.n_query_heads != cfg.n_heads or any(spec.gate != "none" for spec in cfg.attention):
-        raise ConfigError("arch", "SQA query-head reduction and attention output gates have no HF Llama/Qwen "
-                          "equivalent.", "export a model without them.")
+    if cfg.n_query_heads != cfg.n_heads:
+        raise ConfigError("arch", "SQA query-head reduction has no HF Llama/Qwen equivalent.",
+                          "export a model without it.")
+    if any(spec.gate != "none" for spec in cfg.attention) and not drop_gates:
+        raise ConfigError("arch", "attention output gates have no HF Llama/Qwen equivalent.",
+                          "export without them (drop_gates) or keep longshard checkpoints.")
     if any(spec.name != "dense" for spec in cfg.attention):
         log.warning("exporting a model with non-dense attention: HF will run it as dense attention")
     rope: dict[str, Any] = {"rope_theta": cfg.rope.theta, "rope_type": "default"}
@@ -293,6 +300,7 @@ def export_hf(
     dtype: torch.dtype | None = None,
     max_shard_bytes: int = 5 * 1024**3,
     tokenizer_dir: str | Path | None = None,
+    drop_gates: bool = False,
 ) -> Path:
     """Write ``model`` as an HF checkpoint folder (config.json + safetensors, sharded when large).
 
@@ -303,15 +311,26 @@ def export_hf(
         dtype: dtype of the written tensors (default: the model's).
         max_shard_bytes: shard size above which an index file is written.
         tokenizer_dir: folder whose tokenizer files are copied beside the weights.
+        drop_gates: leave out output gates (transformers has none; the exported model then computes
+            something else). Without it a gated model is refused.
+
+    Sparse variants are exported with their projections only: transformers runs them as dense
+    attention (their own parameters, e.g. NOSA's importance score, stay in longshard checkpoints).
     """
+    gated = [i for i in range(model.cfg.n_layers) if model.cfg.layer_attention(i).gate != "none"]
+    if gated and not drop_gates:
+        raise ConfigError("export-hf", f"layers {gated} have output gates, which transformers models cannot run.",
+                          "keep using longshard checkpoints, or pass --drop-gates to export without them "
+                          "(the exported model then computes a different function).")
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    state = {n: p.detach() for n, p in model.named_parameters() if ".core_attention." not in n}
+    state = {n: p.detach() for n, p in model.named_parameters()
+             if ".core_attention." not in n and ".attention.wg." not in n}
     dtype = dtype or next(iter(state.values())).dtype
     tensors = {to_hf_name(n): t.to(dtype).contiguous().cpu() for n, t in state.items()}
     if model.cfg.tie_embeddings:
         tensors.pop("lm_head.weight", None)
-    (path / "config.json").write_text(json.dumps(hf_config_dict(model.cfg, arch, dtype), indent=2))
+    (path / "config.json").write_text(json.dumps(hf_config_dict(model.cfg, arch, dtype, drop_gates), indent=2))
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
     for name in sorted(tensors):
@@ -336,3 +355,47 @@ def export_hf(
         for f in Path(tokenizer_dir).glob("tokenizer*"):
             shutil.copy(f, path / f.name)
     return path
+
+
+def is_conversion(cfg: ModelConfig) -> bool:
+    """True when some layer's attention is not what a Hugging Face checkpoint holds (plain dense, no gate)."""
+    return any(cfg.layer_attention(i).name != "dense" or cfg.layer_attention(i).gate != "none"
+               for i in range(cfg.n_layers))
+
+
+@contextmanager
+def dense_reference(model: Transformer) -> Iterator[Transformer]:
+    """Temporarily run every layer as the original checkpoint did: dense attention, no output gate.
+
+    Used to measure the loss gap a conversion introduces; the model is restored on exit.
+    """
+    from longshard.models.attention.dense import DenseAttention, DenseOptions
+
+    saved = []
+    for layer in model.layers:
+        attn = layer.attention
+        saved.append((attn, attn.core_attention, attn.wg))
+        attn.core_attention = DenseAttention(attn.core_attention.ctx, DenseOptions())
+        attn.wg = None
+    try:
+        yield model
+    finally:
+        for attn, core, wg in saved:
+            attn.core_attention, attn.wg = core, wg
+
+
+@torch.no_grad()
+def init_converted(model: Transformer) -> None:
+    """Initialise what a conversion added so the converted model starts as close to the original as it can.
+
+    Output gates become exact: ``wg = 0`` gives sigmoid(0) = 1/2 on every channel and ``wo`` is
+    doubled, so gate x output x wo equals the original output projection (training then moves
+    the gates). Variant parameters keep their own conversion-friendly initialisation (NOSA's
+    importance bias starts near 0; NSA's compression starts as mean pooling); what remains of the
+    gap is the sparsity pattern itself.
+    """
+    for layer in model.layers:
+        attn = layer.attention
+        if attn.wg is not None:
+            attn.wg.weight.zero_()
+            attn.wo.weight.mul_(2.0)

@@ -183,7 +183,12 @@ class TransformerBlock(nn.Module):
         sin_BSD: torch.Tensor,
         batch: AttentionBatch,
         cache: InferenceCache | None = None,
+        attention_boundary: bool = False,
     ) -> torch.Tensor:
+        """One block; ``attention_boundary`` selects :meth:`forward_attention_boundary` (through
+        ``__call__``, so wrappers such as FSDP2 see the call and gather the block's parameters)."""
+        if attention_boundary:
+            return self.forward_attention_boundary(x_BSE, cos_BSD, sin_BSD, batch)
         h = x_BSE + self.attention(self.attention_norm(x_BSE), cos_BSD, sin_BSD, batch, cache)
         return h + self.feed_forward(self.ffn_norm(h))
 
@@ -324,7 +329,7 @@ class Transformer(nn.Module):
             if self.activation_checkpointing == "full" and training:
                 h = checkpoint(layer, h, cos, sin, batch, use_reentrant=False)
             elif self.activation_checkpointing == "attention_boundary" and training:
-                h = layer.forward_attention_boundary(h, cos, sin, batch)
+                h = layer(h, cos, sin, batch, attention_boundary=True)
             else:
                 h = layer(h, cos, sin, batch, cache)
         if cache is not None:

@@ -65,6 +65,18 @@ def test_eval_and_export(quickstart_run, tmp_path):
     assert abs(res["val_loss"] - report["val_loss"]) / report["val_loss"] < 1e-5
     assert "passkey_acc@300" in res
 
+    # lengths x depths grid, perplexity vs context length, MQAR, a PNG and an offline wandb eval run
+    plot = tmp_path / "eval.png"
+    proc = _cli("eval", str(ckpt), "eval.passkey_samples=1", "eval.passkey_lengths=[300,400]",
+                "eval.passkey_depths=[0,1]", "eval.ppl_lengths=[64,256]", "eval.ppl_windows=2",
+                "eval.mqar_samples=2", "eval.mqar_num_kv_pairs=4", "--grid", "--plot", str(plot), env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(proc.stdout)
+    assert set(res["passkey_grid"]) == {"300", "400"} and set(res["passkey_grid"]["300"]) == {"0", "1"}
+    assert res["ppl@64"] > 1 and res["ppl@256"] > 1 and 0 <= res["mqar_acc"] <= 1
+    assert plot.read_bytes()[:4] == b"\x89PNG"
+    assert any((out / "wandb").glob("offline-run-*")), "no offline wandb eval run"
+
     proc = _cli("export-hf", str(ckpt), "--output", str(tmp_path / "hf"), env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     transformers = pytest.importorskip("transformers")

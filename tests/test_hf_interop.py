@@ -91,3 +91,31 @@ def test_hf_errors(tmp_path):
     (tmp_path / "noweights" / "model.safetensors").unlink()
     with pytest.raises(ConfigError, match="no weights"):
         load_hf_model(tmp_path / "noweights")
+
+
+def test_gated_conversion_is_exact_and_export_refuses_gates(tmp_path):
+    """Converting to gated attention with init_converted keeps the logits (bitwise: x0.5, x2); transformers
+    has no gates, so export refuses them unless told to drop them; sparse variants export their projections."""
+    from longshard.models.attention import AttentionSpec
+    from longshard.models.hf import dense_reference, init_converted
+
+    torch.manual_seed(0)
+    _tiny_hf("llama").save_pretrained(tmp_path / "hf", safe_serialization=True)
+    plain = load_hf_model(tmp_path / "hf").eval()
+    gated = load_hf_model(tmp_path / "hf", [AttentionSpec(name="dense", gate="headwise")]).eval()
+    tokens = torch.randint(0, 97, (2, 37))
+    with torch.no_grad():
+        ref = plain(tokens)
+        with dense_reference(gated):
+            assert torch.equal(gated(tokens), ref)  # the original computation, gates bypassed
+        assert not torch.equal(gated(tokens), ref)  # random gate init: not the original
+        init_converted(gated)
+        assert torch.equal(gated(tokens), ref)
+    with pytest.raises(ConfigError, match="export-hf.*gates.*--drop-gates"):
+        export_hf(gated, tmp_path / "out")
+    export_hf(gated, tmp_path / "out", drop_gates=True)
+    nosa = load_hf_model(tmp_path / "hf", [AttentionSpec(name="nosa", options={"block": 8})]).eval()
+    export_hf(nosa, tmp_path / "nosa_out")
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "nosa_out").eval()
+    with torch.no_grad():
+        assert _rel(ref, back(tokens).logits) <= TOL  # same projections, run dense by transformers

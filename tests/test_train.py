@@ -312,3 +312,35 @@ def test_learned_gates_train_and_export_assignment(tmp_path, data_dir, env_cpu):
     assert set(doc["retrieval_heads"]) == {0, 1}
     assert doc["model"]["attention"][0]["name"] == "streaming"
     assert "learned_gates" not in doc["model"]["attention"][0]["options"]
+
+
+@pytest.mark.parametrize("recipe,nproc,extra", [
+    ("continue_hf_gated", 2, []),
+    ("continue_hf_s2", 2, ["parallel.sp_degree=2"]),
+    # small blocks so 256 tokens have far blocks: the importance bias and the budget change the loss a little
+    ("continue_hf_nosa", 1, ["model.attention=[{name: nosa, options: {block: 16, local_blocks: 2, query_blocks: 2, "
+                             "static_blocks: 2}}]"]),
+])
+def test_continue_recipes_convert_measure_the_gap_and_train(tmp_path, data_dir, env_cpu, recipe, nproc, extra):
+    """Each shipped continue-training recipe converts a tiny HF Llama, reports the initial loss gap
+    against the unconverted model on held-out data, and trains under its parallel layout."""
+    _tiny_hf_llama(tmp_path / "hf")
+    out = tmp_path / recipe
+    args = [recipe, f"init.hf_path={tmp_path / 'hf'}", "data.source=prepared", f"data.path={data_dir}",
+            f"output_dir={out}", "train.steps=2", "train.seq_len=256", "train.micro_batch_size=1",
+            "train.global_batch_size=2", "train.dtype=fp32", "eval.passkey_samples=0", "eval.val_batches=1",
+            "eval.every=0", "checkpoint.every=0", "logging.wandb=disabled", "logging.progress=false", *extra]
+    cmd = torchrun_cmd(nproc, "-m", "longshard.train.main", *args) if nproc > 1 else \
+        [sys.executable, "-m", "longshard.train.main", *args]
+    proc = subprocess.run(cmd, env=env_cpu, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    report = json.loads((out / "report.json").read_text())
+    gap = report["conversion"]
+    assert gap is not None and len(report["losses"]) == 2
+    assert gap["loss_gap"] == gap["converted_loss"] - gap["original_loss"]
+    if recipe == "continue_hf_gated":
+        assert gap["loss_gap"] == 0.0  # gates at sigmoid(0) = 1/2 with wo doubled: exact in fp32
+    elif recipe == "continue_hf_s2":  # 256 tokens lie inside S2's 16 local blocks: the same attention
+        assert abs(gap["loss_gap"]) < 1e-5 * gap["original_loss"]
+    else:  # NOSA reads 6 of 16 blocks: a real but small gap for this random tiny model
+        assert gap["loss_gap"] != 0.0 and abs(gap["loss_gap"]) < 0.05 * gap["original_loss"]

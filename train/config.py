@@ -286,6 +286,12 @@ class EvalConfig:
         val_batches: held-out micro-batches for the validation loss.
         passkey_samples: passkey prompts per length (depths spread over the context).
         passkey_lengths: lengths to test; default [seq_len, 2 x seq_len].
+        passkey_depths: key depths of the ``longshard eval`` grid (lengths x depths heatmap).
+        ppl_lengths: context lengths for ``ppl@L`` (held-out windows of L tokens, loss on their
+            second half); needs prepared held-out data.
+        ppl_windows: windows per length.
+        mqar_samples: MQAR sequences (of train.seq_len tokens) for ``mqar_acc``; 0 = skip.
+        mqar_num_kv_pairs: key/value pairs per MQAR sequence.
     """
 
     every: int = 0
@@ -293,6 +299,11 @@ class EvalConfig:
     val_batches: int = 4
     passkey_samples: int = 8
     passkey_lengths: list[int] = field(default_factory=list)
+    passkey_depths: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
+    ppl_lengths: list[int] = field(default_factory=list)
+    ppl_windows: int = 4
+    mqar_samples: int = 0
+    mqar_num_kv_pairs: int = 16
 
     def __post_init__(self) -> None:
         require(self.every >= 0, "eval.every", f"must be >= 0, got {self.every}.")
@@ -300,6 +311,13 @@ class EvalConfig:
         require(self.passkey_samples >= 0, "eval.passkey_samples", f"must be >= 0, got {self.passkey_samples}.")
         for n in self.passkey_lengths:
             require_positive(n, "eval.passkey_lengths")
+        for d in self.passkey_depths:
+            require(0.0 <= d <= 1.0, "eval.passkey_depths", f"{d} is outside [0, 1] (0 = start, 1 = end).")
+        for n in self.ppl_lengths:
+            require(n >= 2 and n % 2 == 0, "eval.ppl_lengths", f"{n}: use even lengths >= 2 (loss on the second half).")
+        require_positive(self.ppl_windows, "eval.ppl_windows")
+        require(self.mqar_samples >= 0, "eval.mqar_samples", f"must be >= 0, got {self.mqar_samples}.")
+        require_positive(self.mqar_num_kv_pairs, "eval.mqar_num_kv_pairs")
 
 
 @dataclass(kw_only=True)
@@ -312,15 +330,21 @@ class InitConfig:
         rope_scaling: ``keep`` the checkpoint's RoPE, or extend the context with ``linear``, ``ntk``,
             ``yarn`` or ``llama3`` scaling by ``rope_factor`` (original length = the checkpoint's).
         rope_factor: context extension factor.
+        conversion_eval_batches: when ``model.attention`` converts the checkpoint (a sparse variant,
+            gates), held-out micro-batches on which the loss of the original (dense, ungated) and the
+            converted model are measured before training (report.json ``conversion``); 0 = skip.
     """
 
     hf_path: str | None = None
     rope_scaling: str = "keep"
     rope_factor: float = 1.0
+    conversion_eval_batches: int = 2
 
     def __post_init__(self) -> None:
         _choice(self.rope_scaling, INIT_ROPE, "init.rope_scaling")
         require_positive(self.rope_factor, "init.rope_factor")
+        require(self.conversion_eval_batches >= 0, "init.conversion_eval_batches",
+                f"must be >= 0, got {self.conversion_eval_batches}.")
         if self.hf_path is not None:
             require(Path(self.hf_path, "config.json").is_file(), "init.hf_path",
                     f"{self.hf_path} is not a Hugging Face checkpoint folder (no config.json).",
@@ -379,6 +403,16 @@ class Config:
                 f"sp_mode={self.parallel.sp_mode}).", f"choose seq_len as a multiple of {need}.")
         for n in self.eval.passkey_lengths:
             require(n % need == 0, "eval.passkey_lengths", f"{n} is not divisible by {need} (sequence parallel).")
+        for n in self.eval.ppl_lengths:
+            require(n % need == 0, "eval.ppl_lengths", f"{n} is not divisible by {need} (sequence parallel).")
+            if self.init.hf_path is None:  # an HF checkpoint's context is checked once its config is read
+                require(n <= self.model.max_seq_len, "eval.ppl_lengths",
+                        f"{n} exceeds model.max_seq_len={self.model.max_seq_len}.", "lower it or extend RoPE.")
+        if self.eval.mqar_samples:
+            require(4 * self.eval.mqar_num_kv_pairs <= self.train.seq_len, "eval.mqar_num_kv_pairs",
+                    f"{self.eval.mqar_num_kv_pairs} pairs need seq_len >= {4 * self.eval.mqar_num_kv_pairs}.")
+            require(self.eval.mqar_num_kv_pairs < self.model.vocab_size // 2 - 1, "eval.mqar_num_kv_pairs",
+                    f"too many pairs for vocab_size={self.model.vocab_size}.")
         if self.data.source == "mqar":
             require(4 * self.data.mqar_num_kv_pairs <= self.train.seq_len, "data.mqar_num_kv_pairs",
                     f"{self.data.mqar_num_kv_pairs} pairs need seq_len >= {4 * self.data.mqar_num_kv_pairs}.")

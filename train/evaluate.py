@@ -1,4 +1,4 @@
-"""Evaluation: held-out loss and passkey-retrieval accuracy (teacher-forced exact match)."""
+"""Evaluation: held-out loss, perplexity vs context length, passkey retrieval over lengths x depths, MQAR."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import torch
 import torch.distributed as dist
 from longshard.models.model import IGNORE_INDEX, cross_entropy_sum
 from longshard.parallel.sequence import SeqShard
-from longshard.train.data.loader import PasskeyDataset, collate
+from longshard.train.data.loader import MQARDataset, PasskeyDataset, Sample, collate
+from longshard.train.data.synthetic import passkey_sample
 from longshard.train.data.tokenizer import Tokenizer
 from torch import nn
 
@@ -69,12 +70,94 @@ def passkey_accuracy(
     return correct / max(n_samples, 1)
 
 
+@torch.no_grad()
+def passkey_grid(
+    model: nn.Module, tokenizer: Tokenizer, lengths: list[int], depths: list[float], samples: int,
+    device: torch.device, autocast_dtype: torch.dtype | None, seed: int = 1234, sp: SeqShard | None = None,
+) -> dict[str, dict[str, float]]:
+    """Passkey accuracy per (length, depth): ``{str(length): {f"{depth:g}": accuracy}}``.
+
+    Each cell holds ``samples`` prompts with the key at that relative depth (0 = start, 1 = end).
+    """
+    grid: dict[str, dict[str, float]] = {}
+    for length in lengths:
+        row = {}
+        for d_i, depth in enumerate(depths):
+            correct = 0
+            for i in range(samples):
+                g = torch.Generator().manual_seed(seed * 1_000_003 + length * 1009 + d_i * 101 + i)
+                tokens, labels = passkey_sample(tokenizer, length, depth, g)
+                logits, lab = forward_batch(model, collate([Sample(tokens, labels)]), device, autocast_dtype, False, sp)
+                sel = lab != IGNORE_INDEX
+                wrong = (logits.argmax(-1)[sel] != lab[sel]).sum().reshape(1).float()
+                if sp is not None:
+                    dist.all_reduce(wrong, group=sp.group)
+                correct += int(wrong.item() == 0)
+            row[f"{depth:g}"] = correct / max(samples, 1)
+        grid[str(length)] = row
+    return grid
+
+
+@torch.no_grad()
+def perplexity_by_length(
+    model: nn.Module, windows_for_length, lengths: list[int], n_windows: int, device: torch.device,
+    autocast_dtype: torch.dtype | None, sp: SeqShard | None = None,
+) -> dict[str, float]:
+    """Perplexity at each context length L: ``n_windows`` held-out windows of L tokens, loss on their
+    second half (every scored token sees between L/2 and L tokens of context).
+
+    Args:
+        windows_for_length: ``L -> dataset`` of L-token held-out windows (e.g. ``TokenWindows``).
+    """
+    out = {}
+    for length in lengths:
+        ds = windows_for_length(length)
+        n = min(len(ds), n_windows)
+        if n == 0:
+            continue
+        total, count = 0.0, 0
+        for i in range(n):
+            smp = ds[i]
+            labels = smp.labels.clone()
+            labels[: length // 2] = IGNORE_INDEX
+            b = collate([Sample(smp.tokens, labels, None)])  # one document: the context may cross boundaries
+            logits, lab = forward_batch(model, b, device, autocast_dtype, False, sp)
+            loss, cnt = cross_entropy_sum(logits, lab)
+            sums = torch.stack([loss.float(), cnt.float()])
+            if sp is not None:
+                dist.all_reduce(sums, group=sp.group)
+            total += float(sums[0])
+            count += int(sums[1])
+        out[str(length)] = math.exp(min(total / max(count, 1), 50.0))
+    return out
+
+
+@torch.no_grad()
+def mqar_accuracy(
+    model: nn.Module, seq_len: int, vocab_size: int, num_kv_pairs: int, samples: int, device: torch.device,
+    autocast_dtype: torch.dtype | None, seed: int = 4321, sp: SeqShard | None = None,
+) -> float:
+    """Share of MQAR queries whose value is the argmax prediction (Zoology's accuracy)."""
+    ds = MQARDataset(seq_len, vocab_size, num_kv_pairs, samples, seed)
+    right = torch.zeros(2)
+    for i in range(samples):
+        logits, lab = forward_batch(model, collate([ds[i]]), device, autocast_dtype, False, sp)
+        sel = lab != IGNORE_INDEX
+        counts = torch.stack([(logits.argmax(-1)[sel] == lab[sel]).sum().float(), sel.sum().float()])
+        if sp is not None:
+            dist.all_reduce(counts, group=sp.group)
+        right += counts.cpu()
+    return float(right[0] / right[1].clamp_min(1))
+
+
 def evaluate(
     model: nn.Module, *, val_dataset, tokenizer: Tokenizer, seq_len: int, val_batches: int, batch_size: int,
     passkey_lengths: list[int], passkey_samples: int, device: torch.device, autocast_dtype: torch.dtype | None,
-    doc_mask: bool = True, sp: SeqShard | None = None,
+    doc_mask: bool = True, sp: SeqShard | None = None, ppl_lengths: list[int] | None = None,
+    windows_for_length=None, ppl_windows: int = 4, mqar_samples: int = 0, mqar_num_kv_pairs: int = 16,
 ) -> dict[str, Any]:
-    """Run every evaluation and return flat metrics (``val_loss``, ``val_ppl``, ``passkey_acc@N``).
+    """Run every evaluation and return flat metrics (``val_loss``, ``val_ppl``, ``passkey_acc@N``,
+    ``ppl@L`` for ``ppl_lengths`` when ``windows_for_length`` gives held-out windows, ``mqar_acc``).
 
     Every rank runs the same evaluation (the model may be sharded, so all must take part).
     """
@@ -90,5 +173,64 @@ def evaluate(
         for n in passkey_lengths or [seq_len, 2 * seq_len]:
             out[f"passkey_acc@{n}"] = passkey_accuracy(model, tokenizer, n, passkey_samples, device, autocast_dtype,
                                                        sp=sp)
+    if ppl_lengths and windows_for_length is not None:
+        for n, ppl in perplexity_by_length(model, windows_for_length, ppl_lengths, ppl_windows, device,
+                                           autocast_dtype, sp).items():
+            out[f"ppl@{n}"] = ppl
+    if mqar_samples > 0:
+        vocab = model.module.cfg.vocab_size if hasattr(model, "module") else model.cfg.vocab_size
+        out["mqar_acc"] = mqar_accuracy(model, seq_len, vocab, mqar_num_kv_pairs, mqar_samples, device,
+                                        autocast_dtype, sp=sp)
     model.train(was_training)
     return out
+
+
+def plot_results(results: dict[str, Any], path: str) -> str:
+    """PNG with the passkey grid as a heatmap (lengths x depths) and perplexity vs context length.
+
+    Needs matplotlib (``pip install longshard[eval]``).
+    """
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as e:
+        from longshard.errors import ConfigError
+
+        raise ConfigError("--plot", "matplotlib is not installed.", "pip install 'longshard[eval]'.") from e
+    grid = results.get("passkey_grid") or {}
+    ppl = {int(k.split("@")[1]): v for k, v in results.items() if k.startswith("ppl@")}
+    panels = int(bool(grid)) + int(bool(ppl))
+    if panels == 0:
+        raise ValueError("nothing to plot: no passkey grid and no ppl@L results")
+    fig, axes = plt.subplots(1, panels, figsize=(6 * panels, 4.5), squeeze=False)
+    ax_i = 0
+    if grid:
+        lengths = sorted(grid, key=int)
+        depths = list(grid[lengths[0]])
+        acc = [[grid[n][d] for n in lengths] for d in depths]  # rows: depth, columns: length
+        ax = axes[0][ax_i]
+        im = ax.imshow(acc, vmin=0.0, vmax=1.0, cmap="RdYlGn", aspect="auto", origin="upper")
+        ax.set_xticks(range(len(lengths)), lengths)
+        ax.set_yticks(range(len(depths)), depths)
+        ax.set_xlabel("context length (tokens)")
+        ax.set_ylabel("key depth (0 = start)")
+        ax.set_title("passkey retrieval accuracy")
+        for r, row in enumerate(acc):
+            for c, v in enumerate(row):
+                ax.text(c, r, f"{v:.2f}", ha="center", va="center", fontsize=8)
+        fig.colorbar(im, ax=ax)
+        ax_i += 1
+    if ppl:
+        ax = axes[0][ax_i]
+        xs = sorted(ppl)
+        ax.plot(xs, [ppl[x] for x in xs], marker="o")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("context length (tokens)")
+        ax.set_ylabel("perplexity (second half of each window)")
+        ax.set_title("perplexity vs context length")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

@@ -14,7 +14,15 @@ import torch
 import torch.distributed as dist
 from longshard.errors import ConfigError, require
 from longshard.models.config import ModelConfig, RopeConfig
-from longshard.models.hf import config_from_hf, load_hf_state_dict, load_into, read_hf_config
+from longshard.models.hf import (
+    config_from_hf,
+    dense_reference,
+    init_converted,
+    is_conversion,
+    load_hf_state_dict,
+    load_into,
+    read_hf_config,
+)
 from longshard.models.model import Transformer, cross_entropy_sum
 from longshard.parallel import (
     DistEnv,
@@ -42,7 +50,7 @@ from longshard.train.data import (
     read_meta,
 )
 from longshard.train.data.synthetic import passkey_sample
-from longshard.train.evaluate import evaluate, forward_batch
+from longshard.train.evaluate import evaluate, forward_batch, heldout_loss
 from longshard.train.faults import (
     CollectiveError,
     PreemptionWatch,
@@ -77,6 +85,14 @@ def resolve_model_config(cfg: Config) -> ModelConfig:
             f"{cfg.train.seq_len} exceeds the checkpoint's context {mcfg.max_seq_len}.",
             "extend RoPE with init.rope_scaling=yarn and init.rope_factor, or train shorter.")
     return mcfg
+
+
+def windows_for_length(cfg: Config):
+    """``L -> held-out windows of L tokens`` when prepared held-out data exists, else None."""
+    data = cfg.data_dir
+    if data is None or not (data / "meta.json").is_file():
+        return None
+    return lambda length: TokenWindows(data, "val", length)
 
 
 def build_datasets(cfg: Config, env: DistEnv, mcfg: ModelConfig):
@@ -157,6 +173,37 @@ def check_passkey_lengths(tokenizer, lengths: list[int]) -> None:
                               "set eval.passkey_lengths to longer lengths or eval.passkey_samples=0.") from None
 
 
+def convert_from_hf(model: Transformer, cfg: Config, val_ds, device: torch.device) -> dict[str, float] | None:
+    """Initialise what converting an HF checkpoint added (gates, variant parameters) and measure the gap.
+
+    Returns ``{"original_loss", "converted_loss", "loss_gap"}`` on ``init.conversion_eval_batches``
+    held-out batches (the original = the same weights with dense attention and no gates), or None
+    when the model is not a conversion or there is no held-out data.
+    """
+    if not is_conversion(model.cfg):
+        return None
+    autocast = torch.bfloat16 if cfg.train.dtype == "bf16" else None
+    n = cfg.init.conversion_eval_batches
+    loss = lambda: heldout_loss(model, val_ds, n, cfg.train.micro_batch_size, device, autocast, cfg.data.doc_mask)
+    measure = val_ds is not None and n > 0 and len(val_ds) > 0
+    was_training = model.training
+    model.eval()
+    original = None
+    if measure:
+        with dense_reference(model):
+            original = loss()
+    init_converted(model)
+    converted = loss() if measure else None
+    model.train(was_training)
+    if original is None or converted is None:
+        log.info("converted %s; no held-out data to measure the initial loss gap", cfg.init.hf_path)
+        return None
+    gap = {"original_loss": original, "converted_loss": converted, "loss_gap": converted - original}
+    log.info("converted %s: held-out loss %.4f with its own attention, %.4f converted (gap %+.4f)",
+             cfg.init.hf_path, original, converted, converted - original)
+    return gap
+
+
 def train(cfg: Config) -> dict[str, Any]:
     """Run training as described by ``cfg`` on this rank; returns the final report (all ranks).
 
@@ -189,6 +236,7 @@ def train(cfg: Config) -> dict[str, Any]:
     model.set_activation_checkpointing(cfg.train.activation_checkpointing)
     model.set_activation_offload(cfg.train.activation_offload)
     model.to(env.device)
+    conversion = convert_from_hf(model, cfg, val_ds, env.device) if cfg.init.hf_path is not None else None
     mode = cfg.parallel.sp_mode
     uly = cfg.parallel.sp_ulysses_degree if mode == "hybrid" else 1
     mesh = build_mesh(env, sp_size, uly)
@@ -250,6 +298,9 @@ def train(cfg: Config) -> dict[str, Any]:
             val_batches=cfg.eval.val_batches, batch_size=cfg.train.micro_batch_size,
             passkey_lengths=passkey_lengths, passkey_samples=cfg.eval.passkey_samples,
             device=env.device, autocast_dtype=autocast, doc_mask=cfg.data.doc_mask, sp=sp,
+            ppl_lengths=list(cfg.eval.ppl_lengths), windows_for_length=windows_for_length(cfg),
+            ppl_windows=cfg.eval.ppl_windows, mqar_samples=cfg.eval.mqar_samples,
+            mqar_num_kv_pairs=cfg.eval.mqar_num_kv_pairs,
         )
 
     def save(step: int) -> Path:
@@ -368,6 +419,7 @@ def train(cfg: Config) -> dict[str, Any]:
         "preempted_at_step": preempted_at,
         "losses": history,
         "final_loss": history[-1] if history else None,
+        "conversion": conversion,
         **eval_results,
         "world_size": env.world_size,
         "dp_mode": cfg.parallel.dp_mode,
