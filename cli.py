@@ -180,6 +180,19 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _plan(args: argparse.Namespace) -> int:
+    from longshard.train.plan import as_records, format_plan, parse_bytes, plan
+
+    mem = parse_bytes(args.gpu_mem)
+    rows, best = plan(args.recipe, args.overrides, args.gpus, mem, headroom=args.headroom)
+    if args.json:
+        sys.stdout.write(json.dumps({"gpus": args.gpus, "gpu_mem_bytes": mem, "layouts": as_records(rows),
+                                     "recommended": as_records([best])[0] if best else None}, indent=2) + "\n")
+    else:
+        sys.stdout.write(format_plan(rows, best, mem, show_invalid=args.all) + "\n")
+    return 0 if best is not None else 1
+
+
 def _export_hf(args: argparse.Namespace) -> int:
     from longshard.models.hf import export_hf
 
@@ -275,6 +288,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     g.add_argument("--output", default=None, help="also write the JSON result here")
     g.set_defaults(func=_generate)
+
+    pl = sub.add_parser("plan", help="per-GPU memory and communication of each parallel layout for a recipe")
+    pl.add_argument("recipe")
+    pl.add_argument("overrides", nargs="*", help="key=value overrides (e.g. train.seq_len=131072)")
+    pl.add_argument("--gpus", type=int, required=True, help="total GPUs")
+    pl.add_argument("--gpu-mem", default="80GB", help="memory per GPU, e.g. 80GB")
+    pl.add_argument("--headroom", type=float, default=0.9, help="share of gpu-mem the estimate may use")
+    pl.add_argument("--all", action="store_true", help="also list layouts the config rejects, with the reason")
+    pl.add_argument("--json", action="store_true", help="machine-readable output")
+    pl.set_defaults(func=_plan)
 
     hd = sub.add_parser("heads", help="export retrieval/streaming head assignment from learned gates (DuoAttention)")
     hd.add_argument("checkpoint")

@@ -12,6 +12,9 @@ and the wall time. Analytic volumes per rank (fp32, local length L = S/P, B = 1)
 - sparse_ring (s2, sliding_window): each rank sends the (KV head, key block) pairs its peers read
   and, in the backward, the gradients of the pairs it read; the analytic count comes from the
   exchange plan (``SparseExchangeAttention.analytic_bytes``), reported for rank 0.
+- linear (state passing, LASP-style), forward: one all-gather of each rank's final D x D state per
+  head and segment (1 contiguous segment under ulysses, 2 zigzag chunks under ring)
+  -> (P-1) * segments * H * D * D * 4 bytes, independent of S.
 
     python benchmarks/sp_comm.py --quick --json sp_comm.json
 """
@@ -29,8 +32,10 @@ import time
 H, HKV, D = 8, 8, 64
 
 
-def analytic(mode: str, P: int, S: int) -> int:
+def analytic(mode: str, P: int, S: int, variant: str = "dense") -> int:
     L = S // P
+    if variant == "linear":
+        return (P - 1) * (2 if mode == "ring" else 1) * H * D * D * 4
     if mode == "ulysses":
         return int((P - 1) / P * L * D * (2 * H + 2 * max(HKV, P)) * 4)
     return (4 * (P - 1) + 2 * P) * L * HKV * D * 4
@@ -46,6 +51,7 @@ def worker(mode: str, S: int, out: str, variant: str = "dense") -> None:
     import torch
     import torch.distributed as dist
     from longshard.models.attention import AttentionBatch, AttentionContext, build_attention
+    from longshard.parallel.linear_state import LinearStateParallel
     from longshard.parallel.ring import RingAttention
     from longshard.parallel.sequence import CommCounter, UlyssesAttention
     from longshard.parallel.sparse_exchange import SparseExchangeAttention
@@ -54,10 +60,13 @@ def worker(mode: str, S: int, out: str, variant: str = "dense") -> None:
     P, r = dist.get_world_size(), dist.get_rank()
     dev = torch.device("cuda", r) if torch.cuda.is_available() else torch.device("cpu")
     ctx = AttentionContext(layer_idx=0, n_layers=1, n_heads=H, n_kv_heads=HKV, head_dim=D)
-    core = build_attention(variant, SPARSE[variant] if variant != "dense" else {"backend": "sdpa"}, ctx)
+    opts = SPARSE.get(variant, {"backend": "sdpa"} if variant == "dense" else {"chunk": 64})
+    core = build_attention(variant, opts, ctx)
     counter = CommCounter()
     analytic_bytes = None
-    if mode == "sparse_ring":
+    if variant == "linear":
+        layer = LinearStateParallel(core, dist.group.WORLD, counter, zigzag=mode == "ring")
+    elif mode == "sparse_ring":
         layer = SparseExchangeAttention(core, dist.group.WORLD, counter)
         analytic_bytes = layer.analytic_bytes(1, S, 4)
     elif mode == "ulysses":
@@ -96,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
                      f"{'dense ring':>12s} {'wall s':>8s}\n")
     for P in sps:
         for S in lengths:
-            runs = [("ulysses", "dense"), ("ring", "dense")]
+            runs = [("ulysses", "dense"), ("ring", "dense"), ("ulysses", "linear"), ("ring", "linear")]
             if S <= 8192:  # the sparse exchange attends with the naive masked softmax on CPU
                 runs += [("sparse_ring", "s2"), ("sparse_ring", "sliding_window")]
             for mode, variant in runs:
@@ -109,7 +118,8 @@ def main(argv: list[str] | None = None) -> int:
                     res = json.load(f)
                 os.unlink(path)
                 rec = {"mode": mode, "variant": variant, "sp": P, "seq_len": S, "bytes_per_rank": res["bytes"],
-                       "analytic_bytes_per_rank": res["analytic"] if mode == "sparse_ring" else analytic(mode, P, S),
+                       "analytic_bytes_per_rank": res["analytic"] if mode == "sparse_ring"
+                       else analytic(mode, P, S, variant),
                        "dense_ring_bytes_per_rank": analytic("ring", P, S), "wall_s": res["wall_s"]}
                 records.append(rec)
                 sys.stdout.write(f"{mode:12s} {variant:15s} {P:3d} {S:6d} {rec['bytes_per_rank']:12d} "

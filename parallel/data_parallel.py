@@ -32,7 +32,8 @@ def parallelize(model: Transformer, mesh: DeviceMesh, dp_mode: str) -> nn.Module
         device_ids = [model.output.weight.device.index] if model.output.weight.is_cuda else None
         return DistributedDataParallel(model, device_ids=device_ids)  # default group = every rank
     if dp_mode == "fsdp2":
-        shard_mesh = mesh if mesh["sp"].size() > 1 else mesh["dp"]  # 2-D: replicate over dp, shard over sp
+        # 2-D (HSDP): replicate over dp, shard over the sequence group (hybrid: its flattened ring x uly)
+        shard_mesh = mesh["dp", "sp"] if mesh["sp"].size() > 1 else mesh["dp"]
         for block in model.layers:
             fully_shard(block, mesh=shard_mesh)
         fully_shard(model, mesh=shard_mesh)

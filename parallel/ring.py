@@ -162,13 +162,21 @@ def apply_ring(model, group: dist.ProcessGroup, counter: CommCounter | None = No
     Dense cores get :class:`RingAttention`; block-sparse cores (``s2``, ``streaming`` without
     learned gates, ``sliding_window``) get the sparsity-aware exchange
     (:class:`~longshard.parallel.sparse_exchange.SparseExchangeAttention`), which moves only the
-    K/V blocks the pattern reads. With ``ulysses_group`` (hybrid 2-D, USP-style): Ulysses
-    all-to-alls inside that group around a ring over ``group`` (dense only).
+    K/V blocks the pattern reads; ``linear`` cores pass their recurrent states along the zigzag
+    order (:class:`~longshard.parallel.linear_state.LinearStateParallel`). With ``ulysses_group``
+    (hybrid 2-D, USP-style): Ulysses all-to-alls inside that group, each rank running its slice of
+    the heads, around the ring over ``group``.
+
+    Raises:
+        ConfigError: a variant with no ring form (``nsa``, ``nosa``, ``mixed``, ``streaming`` with
+            learned gates: their selection or gates need every key of a head; use ``ulysses``).
     """
     from longshard.models.attention.dense import DenseAttention
+    from longshard.models.attention.linear import LinearAttention
     from longshard.models.attention.s2 import S2Attention
     from longshard.models.attention.sparse_base import BlockSparseAttention
     from longshard.models.attention.streaming import StreamingAttention
+    from longshard.parallel.linear_state import LinearStateParallel
     from longshard.parallel.sequence import UlyssesAttention, kv_replication
     from longshard.parallel.sparse_exchange import SparseExchangeAttention
 
@@ -176,19 +184,24 @@ def apply_ring(model, group: dist.ProcessGroup, counter: CommCounter | None = No
         core = layer.attention.core_attention
         if isinstance(core, S2Attention) and core.dense is not None:  # dense_every_n_layers: a dense layer
             core = core.dense
+        sparse_ok = isinstance(core, BlockSparseAttention) and not (
+            isinstance(core, StreamingAttention) and core.alpha is not None)
+        require(isinstance(core, DenseAttention | LinearAttention) or sparse_ok, "parallel.sp_mode",
+                f"ring and hybrid support dense, linear and block-sparse attention (s2, streaming without "
+                f"learned gates, sliding_window); layer {i} uses {type(core).__name__}, whose block selection "
+                f"or gates need all of a head's keys.", "use sp_mode=ulysses for this variant.")
+        if ulysses_group is not None:
+            U, u = dist.get_world_size(ulysses_group), dist.get_rank(ulysses_group)
+            H = layer.attention.n_heads
+            kv_repeat = kv_replication(H, layer.attention.n_kv_heads, U)
+            core.set_head_slice(u * H // U, (u + 1) * H // U)
         if isinstance(core, DenseAttention):
             wrapped = RingAttention(core, group, counter)
+        elif isinstance(core, LinearAttention):
+            wrapped = LinearStateParallel(core, group, counter, zigzag=True)
         else:
-            sparse_ok = isinstance(core, BlockSparseAttention) and ulysses_group is None and not (
-                isinstance(core, StreamingAttention) and core.alpha is not None)
-            require(sparse_ok, "parallel.sp_mode",
-                    f"ring supports dense and block-sparse attention (s2, streaming without learned gates, "
-                    f"sliding_window; hybrid: dense only); layer {i} uses {type(core).__name__}.",
-                    "use sp_mode=ulysses for this variant.")
             wrapped = SparseExchangeAttention(core, group, counter)
         if ulysses_group is not None:
-            kv_repeat = kv_replication(layer.attention.n_heads, layer.attention.n_kv_heads,
-                                       dist.get_world_size(ulysses_group))
             wrapped = UlyssesAttention(wrapped, ulysses_group, kv_repeat, counter)
         layer.attention.core_attention = wrapped
     return model

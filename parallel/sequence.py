@@ -94,13 +94,20 @@ class UlyssesAttention(nn.Module):
             k_BHSD = k_BHSD.repeat_interleave(self.kv_repeat, dim=1)
             v_BHSD = v_BHSD.repeat_interleave(self.kv_repeat, dim=1)
         q, k, v = (_a2a(t, 1, 2, self.group, self.counter) for t in (q_BHSD, k_BHSD, v_BHSD))
+        feats = None
+        if batch.x_BSE is not None:  # input-dependent gates: computed on this shard, exchanged like q
+            f_BSHF = self.inner.head_features(batch.x_BSE)
+            if f_BSHF is not None:
+                feats = _a2a(f_BSHF.transpose(1, 2), 1, 2, self.group, self.counter)
         doc = batch.doc_ids_BS
         if doc is not None:  # no gradient: a plain all-gather of the (small) document ids
             P = dist.get_world_size(self.group)
             parts = [torch.empty_like(doc) for _ in range(P)]
             dist.all_gather(parts, doc.contiguous(), group=self.group)
             doc = torch.cat(parts, dim=1)
-        o = self.inner(q, k, v, replace(batch, doc_ids_BS=doc, x_BSE=None))
+        o = self.inner(q, k, v, replace(batch, doc_ids_BS=doc, x_BSE=None, head_feats_BHSF=feats))
+        if feats is not None:  # every rank must run the features' all-to-all backward, even if its heads
+            o = o + 0.0 * feats.sum()  # ignore them (a mixed layer whose gated group lives on other ranks)
         return _a2a(o, 2, 1, self.group, self.counter)
 
 

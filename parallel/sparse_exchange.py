@@ -138,14 +138,17 @@ class SparseExchangeAttention(CoreAttention):
         self.scale = 1.0 / math.sqrt(inner.ctx.head_dim)
         self._plans: dict[int, tuple] = {}
 
-    def _plan(self, n_blocks: int):
-        if n_blocks not in self._plans:
-            self._plans[n_blocks] = self._build_plan(n_blocks)
-        return self._plans[n_blocks]
+    def _plan(self, n_blocks: int, n_kv_heads: int | None = None):
+        """Pattern and send/receive lists for ``n_blocks`` blocks and the KV heads this rank runs
+        (fewer than the layer's under hybrid, where Ulysses gave it a slice of the heads)."""
+        key = (n_blocks, n_kv_heads or self.ctx.n_kv_heads)
+        if key not in self._plans:
+            self._plans[key] = self._build_plan(*key)
+        return self._plans[key]
 
-    def _build_plan(self, n_blocks: int):
+    def _build_plan(self, n_blocks: int, n_kv_heads: int):
         pattern = self.inner.pattern(n_blocks, torch.device("cpu"))
-        plan = exchange_plan(pattern, self.ctx.n_kv_heads, self.P)
+        plan = exchange_plan(pattern, n_kv_heads, self.P)
         owned = [owned_blocks(r, self.P, n_blocks) for r in range(self.P)]
         local_of = torch.full((n_blocks,), -1, dtype=torch.long)
         local_of[owned[self.rank]] = torch.arange(len(owned[self.rank]))
@@ -175,7 +178,7 @@ class SparseExchangeAttention(CoreAttention):
                               "(sparsity-aware ring keeps whole blocks in each zigzag chunk).",
                               f"use a multiple of {2 * P * blk}.")
         n = S // blk
-        pattern, send, recv = self._plan(n)
+        pattern, send, recv = self._plan(n, Hkv)
         pattern = pattern.to(q_BHSD.device)
         doc_all = None
         if batch.doc_ids_BS is not None:  # document ids of every global position (small: one int per token)

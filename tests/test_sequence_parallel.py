@@ -28,24 +28,30 @@ def test_hybrid_matches_single_process(env_cpu):
     assert proc.returncode == 0, proc.stderr[-4000:]
 
 
-@pytest.mark.parametrize("mode", ["ulysses", "ring", "hybrid", "ring_s2"])
+ATTENTION = {"ring_s2": "[{name: s2, options: {block: 8, local_blocks: 2, vert_stride: 2}}]",
+             "ring_linear": "[{name: linear, options: {chunk: 8}}, {name: dense}]",
+             "hybrid": "[{name: s2, options: {block: 8, local_blocks: 2, vert_stride: 2}}, {name: dense}]"}
+
+
+@pytest.mark.parametrize("mode", ["ulysses", "ring", "hybrid", "ring_s2", "ring_linear"])
 def test_sp_training_equals_sp1(tmp_path, env_cpu, mode):
     from longshard.train.data import prepare_default
 
     prepare_default(tmp_path / "data", 200_000)
     common = ["model.dim=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2",
-              "model.attention=[{name: s2, options: {block: 8, local_blocks: 2, vert_stride: 2}}]" if mode == "ring_s2"
-              else "model.attention=[{name: dense}]", "train.seq_len=64", "train.micro_batch_size=2",
+              f"model.attention={ATTENTION.get(mode, '[{name: dense}]')}", "train.seq_len=64",
+              "train.micro_batch_size=2",
               "train.global_batch_size=4", "train.steps=3", "logging.wandb=disabled", "logging.progress=false",
               "eval.passkey_samples=1", "eval.passkey_lengths=[128]", "eval.val_batches=2",
               "data.source=prepared", f"data.path={tmp_path / 'data'}"]
     one = subprocess.run([sys.executable, "-m", "longshard.train.main", "quickstart", *common,
                           f"output_dir={tmp_path / 'sp1'}"], env=env_cpu, capture_output=True, text=True)
     assert one.returncode == 0, one.stderr[-3000:]
-    layout = ["parallel.sp_degree=4", "parallel.sp_ulysses_degree=2"] if mode == "hybrid" else \
-        ["parallel.sp_degree=2"]
+    # hybrid also shards parameters (FSDP2 over the flattened ring x Ulysses group)
+    layout = ["parallel.sp_degree=4", "parallel.sp_ulysses_degree=2", "parallel.dp_mode=fsdp2"] \
+        if mode == "hybrid" else ["parallel.sp_degree=2"]
     two = subprocess.run(torchrun_cmd(4 if mode == "hybrid" else 2, "-m", "longshard.train.main", "quickstart",
-                                      *common, *layout, f"parallel.sp_mode={mode.removesuffix('_s2')}",
+                                      *common, *layout, f"parallel.sp_mode={mode.split('_')[0]}",
                                       # remat-aware checkpointing: same numerics, attention not recomputed
                                       "train.activation_checkpointing=attention_boundary",
                                       f"output_dir={tmp_path / 'sp2'}"),
@@ -59,7 +65,7 @@ def test_sp_training_equals_sp1(tmp_path, env_cpu, mode):
     assert abs(a["val_loss"] - b["val_loss"]) / a["val_loss"] <= 1e-5
     assert a["passkey_acc@128"] == b["passkey_acc@128"]
     metrics = [json.loads(x) for x in (tmp_path / "sp2" / "metrics.jsonl").read_text().splitlines()]
-    key = {"ulysses": "all_to_all", "ring_s2": "sparse_kv"}.get(mode, "ring_p2p")
+    key = {"ulysses": "all_to_all", "ring_s2": "sparse_kv", "ring_linear": "all_gather"}.get(mode, "ring_p2p")
     assert metrics[0][f"comm/{key}_calls"] > 0
     if mode == "hybrid":
         assert metrics[0]["comm/all_to_all_calls"] > 0
@@ -77,8 +83,15 @@ def test_sp_layout_errors():
     with pytest.raises(ConfigError, match="train.seq_len.*divisible by 192"):
         load_config("quickstart", ["parallel.sp_degree=2", "parallel.sp_mode=ring",
                                    "model.attention=[{name: s2, options: {block: 48}}]"])
-    with pytest.raises(ConfigError, match="parallel.sp_mode.*'linear'.*ulysses"):
-        load_config("quickstart", ["parallel.sp_degree=2", "parallel.sp_mode=ring", "model.attention=[{name: linear}]"])
+    with pytest.raises(ConfigError, match="parallel.sp_mode.*'nsa'.*ulysses"):
+        load_config("quickstart", ["parallel.sp_degree=2", "parallel.sp_mode=ring", "model.attention=[{name: nsa}]"])
+    with pytest.raises(ConfigError, match="parallel.sp_mode.*'mixed'.*ulysses"):
+        load_config("quickstart", ["parallel.sp_degree=4", "parallel.sp_mode=hybrid", "parallel.sp_ulysses_degree=2",
+                                   "model.attention=[{name: mixed, options: {groups: [{name: dense, heads: 6}]}}]"])
+    # hybrid: block-sparse layers need whole blocks in the 2 x (sp / ulysses) zigzag chunks of the ring
+    with pytest.raises(ConfigError, match="train.seq_len.*divisible by 384"):
+        load_config("quickstart", ["parallel.sp_degree=4", "parallel.sp_mode=hybrid", "parallel.sp_ulysses_degree=2",
+                                   "model.attention=[{name: s2, options: {block: 96}}]"])
     with pytest.raises(ConfigError, match="parallel.sp_mode.*learned_gates"):
         load_config("quickstart", ["parallel.sp_degree=2", "parallel.sp_mode=ring",
                                    "model.attention=[{name: streaming, options: {learned_gates: true}}]"])

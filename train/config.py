@@ -176,10 +176,12 @@ class ParallelConfig:
     Args:
         dp_mode: ``ddp`` (replicated) or ``fsdp2`` (``fully_shard`` per block).
         sp_degree: sequence-parallel degree; the data-parallel degree is world size / sp_degree.
-        sp_mode: ``ulysses`` (all-to-all head sharding around the attention; every variant whose
-            heads can be split), ``ring`` (zigzag shards; dense layers rotate K/V around a ring
-            with overlap, block-sparse layers exchange only the K/V blocks their pattern reads) or
-            ``hybrid`` (Ulysses inside groups of ``sp_ulysses_degree`` ranks x ring across them).
+        sp_mode: ``ulysses`` (all-to-all head sharding around the attention; every variant, with
+            selection-based ones (nsa, nosa) needing whole GQA groups per rank), ``ring`` (zigzag
+            shards; dense layers rotate K/V around a ring with overlap, block-sparse layers exchange
+            only the K/V blocks their pattern reads, linear layers pass their recurrent states) or
+            ``hybrid`` (Ulysses inside groups of ``sp_ulysses_degree`` ranks x ring across them;
+            the same variants as ring).
         sp_ulysses_degree: Ulysses group size of ``hybrid`` (divides sp_degree).
         collective_timeout_s: seconds a collective may wait for its peers before it fails with an
             error naming the rank, step and phase (instead of hanging).
@@ -202,7 +204,6 @@ class ParallelConfig:
             require(1 < u < self.sp_degree and self.sp_degree % u == 0, "parallel.sp_ulysses_degree",
                     f"{u} must divide sp_degree={self.sp_degree} and lie strictly between 1 and it.",
                     "e.g. sp_degree=8 sp_ulysses_degree=4 (Ulysses inside a node, ring across nodes).")
-            require(self.dp_mode == "ddp", "parallel.dp_mode", "hybrid sequence parallel runs with ddp only so far.")
 
 
 @dataclass(kw_only=True)
@@ -423,16 +424,17 @@ class Config:
         """Check every layer can run under ring/hybrid; block-sparse layers (sparsity-aware exchange)
         need whole blocks in each of the 2 x sp zigzag chunks. Returns the sequence-length multiple."""
         mode, sp = self.parallel.sp_mode, self.parallel.sp_degree
+        ring = sp // self.parallel.sp_ulysses_degree if mode == "hybrid" else sp  # ranks along the ring
         for i, spec in enumerate(self.model.attention):
             opts = parse_options(spec.name, spec.options, f"model.attention[{i}]")
-            sparse = spec.name in ("s2", "streaming", "sliding_window") and not getattr(opts, "learned_gates", False)
-            require(spec.name == "dense" or (mode == "ring" and sparse), "parallel.sp_mode",
-                    f"sp_mode={mode} runs dense attention{' and s2/streaming/sliding_window' if mode == 'ring' else ''}"
-                    f" layers; model.attention[{i}] is {spec.name!r}"
-                    f"{' with learned_gates' if getattr(opts, 'learned_gates', False) else ''}.",
-                    "use sp_mode=ulysses for this variant.")
+            gated = getattr(opts, "learned_gates", False)
+            sparse = spec.name in ("s2", "streaming", "sliding_window") and not gated
+            require(spec.name in ("dense", "linear") or sparse, "parallel.sp_mode",
+                    f"sp_mode={mode} runs dense, linear and s2/streaming/sliding_window layers; model.attention[{i}] "
+                    f"is {spec.name!r}{' with learned_gates' if gated else ''} (its block selection or gates need "
+                    "all of a head's keys).", "use sp_mode=ulysses for this variant.")
             if sparse:
-                need = math.lcm(need, 2 * sp * opts.block)
+                need = math.lcm(need, 2 * ring * opts.block)
         return need
 
     @property

@@ -79,20 +79,66 @@ class MixedAttention(CoreAttention):
             for g, c in zip(opts.groups, sub_ctx):
                 build_attention(g["name"], g.get("options") or {}, replace(c, context_covered_elsewhere=False))
 
+        self.local: list[tuple[int, int]] | None = None  # per group: query heads this rank runs [a, b)
+
+    def set_head_slice(self, start: int, stop: int) -> None:
+        """Run query heads [start, stop) (Ulysses): each group runs its part of the slice.
+
+        Raises:
+            NotImplementedError: a group cannot run a slice of its heads.
+        """
+        self.local, first = [], 0
+        for m, h in zip(self.groups, self.heads):
+            a, b = max(start - first, 0), min(stop - first, h)
+            if b > a:
+                if (a, b) != (0, h):
+                    m.set_head_slice(a, b)
+                self.local.append((a, b))
+            else:
+                self.local.append((0, 0))
+            first += h
+
+    def head_features(self, x_BSE: torch.Tensor) -> torch.Tensor | None:
+        """(B, S, H, F): the groups' features side by side on their heads (zeros for groups without).
+
+        Raises:
+            ValueError: two groups have features of different widths.
+        """
+        feats = [m.head_features(x_BSE) for m in self.groups]
+        widths = {f.shape[-1] for f in feats if f is not None}
+        if not widths:
+            return None
+        if len(widths) > 1:
+            raise ValueError(f"mixed: groups with head features of different widths {sorted(widths)}")
+        B, S, _ = x_BSE.shape
+        F = widths.pop()
+        return torch.cat([x_BSE.new_zeros(B, S, h, F) if f is None else f for f, h in zip(feats, self.heads)], dim=2)
+
     def forward(self, q_BHSD: torch.Tensor, k_BHSD: torch.Tensor, v_BHSD: torch.Tensor, batch: AttentionBatch):
-        qs = q_BHSD.split(self.heads, dim=1)
-        ks = k_BHSD.split(self.kv_heads, dim=1)
-        vs = v_BHSD.split(self.kv_heads, dim=1)
+        heads = self.heads if self.local is None else [b - a for a, b in self.local]
+        # KV heads in proportion to query heads (Ulysses may have replicated KV heads)
+        kv_heads = [h * k_BHSD.shape[1] // q_BHSD.shape[1] for h in heads]
+        qs = q_BHSD.split(heads, dim=1)
+        ks = k_BHSD.split(kv_heads, dim=1)
+        vs = v_BHSD.split(kv_heads, dim=1)
+        feats = batch.head_feats_BHSF  # exchanged by a head-parallel wrapper; else groups use x_BSE
+        fs = feats.split(heads, dim=1) if feats is not None else [None] * len(heads)
         outs = []
-        for i, (m, q, k, v) in enumerate(zip(self.groups, qs, ks, vs)):
-            sub = batch
+        for i, (m, q, k, v, f) in enumerate(zip(self.groups, qs, ks, vs, fs)):
+            if q.shape[1] == 0:
+                continue
+            sub = batch if f is None else replace(batch, head_feats_BHSF=f)
             if batch.cache_slot is not None:
                 slot = batch.cache_slot.setdefault(f"group{i}", {})
                 if m.uses_kv_cache:
                     k, v = append_kv(slot, k, v)
-                    sub = replace(batch, cache_slot=None)
+                    sub = replace(sub, cache_slot=None)
                 else:
-                    sub = replace(batch, cache_slot=slot)
+                    sub = replace(sub, cache_slot=slot)
             outs.append(m(q, k, v, sub))
-        return torch.cat(outs, dim=1)
+        out = torch.cat(outs, dim=1)
+        idle = [p for m, q in zip(self.groups, qs) if q.shape[1] == 0 for p in m.parameters()]
+        if idle:  # groups with no head on this rank: zero gradients, so data parallel sees every parameter
+            out = out + 0.0 * sum(p.flatten()[0] for p in idle)
+        return out
 

@@ -30,6 +30,7 @@ from longshard.models.attention.registry import (
     AttentionContext,
     CoreAttention,
     DecodePlan,
+    gqa_kv_slice,
     register_attention,
 )
 from torch import nn
@@ -96,10 +97,20 @@ class NOSAAttention(CoreAttention):
         self.importance_w.zero_()
         self.importance_b.fill_(self.opts.importance_init)
 
+    def set_head_slice(self, start: int, stop: int) -> None:
+        """Run query heads [start, stop) (Ulysses); the importance score of their KV heads is used."""
+        self.kv_slice = gqa_kv_slice(self.ctx, start, stop, "nosa's query-aware block selection")
+
+    def _importance(self) -> tuple[torch.Tensor, torch.Tensor]:
+        kv = getattr(self, "kv_slice", None)
+        if kv is None:
+            return self.importance_w, self.importance_b
+        return self.importance_w[kv[0] : kv[1]], self.importance_b[kv[0] : kv[1]]
+
     def forward(self, q_BHSD: torch.Tensor, k_BHSD: torch.Tensor, v_BHSD: torch.Tensor, batch: AttentionBatch):
         fn = nosa_attention_naive if self.opts.path == "naive" else nosa_attention_gather
-        return fn(q_BHSD, k_BHSD, v_BHSD, self.importance_w, self.importance_b, self.geo, self.scale,
-                  batch.doc_ids_BS)
+        w, b = self._importance()
+        return fn(q_BHSD, k_BHSD, v_BHSD, w, b, self.geo, self.scale, batch.doc_ids_BS)
 
     # --- offloaded decoding -------------------------------------------------------------------
     @property
@@ -113,7 +124,7 @@ class NOSAAttention(CoreAttention):
     @torch.no_grad()
     def decode_plan(self, q_BH1D: torch.Tensor, kbar_BKND: torch.Tensor, k_len: int) -> DecodePlan:
         """Blocks (complete ones) one decoding query reads, with their logit bias."""
-        score, far_bias = importance_bias(kbar_BKND, self.importance_w, self.importance_b)
+        score, far_bias = importance_bias(kbar_BKND, *self._importance())
         far_idx, far_ok = select_far_blocks(self.geo, q_BH1D, kbar_BKND, score, k_len)
         idx, ok, bias = read_slots(self.geo, far_idx, far_ok, far_bias, 1, k_len)
         n_complete = kbar_BKND.shape[2]

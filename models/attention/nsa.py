@@ -17,7 +17,13 @@ from dataclasses import dataclass
 import torch
 from longshard.errors import require, require_positive
 from longshard.kernels.nsa import NSAGeometry, nsa_branches_gather, nsa_branches_naive
-from longshard.models.attention.registry import AttentionBatch, AttentionContext, CoreAttention, register_attention
+from longshard.models.attention.registry import (
+    AttentionBatch,
+    AttentionContext,
+    CoreAttention,
+    gqa_kv_slice,
+    register_attention,
+)
 from torch import nn
 
 
@@ -98,13 +104,30 @@ class NSAAttention(CoreAttention):
         blocks = blocks.transpose(-1, -2) + pos[None, :, None]  # (B, Hkv, nC, L, D)
         return torch.einsum("bkcx,kxd->bkcd", blocks.flatten(-2), weight)
 
+    def set_head_slice(self, start: int, stop: int) -> None:
+        """Run query heads [start, stop) (Ulysses): their KV heads' compression, their gates.
+
+        The gates arrive already exchanged in ``batch.head_feats_BHSF`` (see :meth:`head_features`).
+        """
+        self.kv_slice = gqa_kv_slice(self.ctx, start, stop, "nsa's block selection")
+
+    def head_features(self, x_BSE: torch.Tensor) -> torch.Tensor:
+        """(B, S, H, 3) gate logits of the compressed, selected and window branches."""
+        B, S, _ = x_BSE.shape
+        return self.gate(x_BSE).view(B, S, self.ctx.n_heads, 3)
+
+    def _compression(self) -> tuple[torch.Tensor, ...]:
+        kv = getattr(self, "kv_slice", None)
+        params = (self.compress_k, self.pos_k, self.compress_v, self.pos_v)
+        return params if kv is None else tuple(p[kv[0] : kv[1]] for p in params)
+
     def forward(self, q_BHSD: torch.Tensor, k_BHSD: torch.Tensor, v_BHSD: torch.Tensor, batch: AttentionBatch):
-        if batch.x_BSE is None:
-            raise ValueError("nsa needs the layer input (AttentionBatch.x_BSE) for its gates")
-        k_cmp = self.compress(k_BHSD, self.compress_k, self.pos_k)
-        v_cmp = self.compress(v_BHSD, self.compress_v, self.pos_v)
+        B, H, S, _ = q_BHSD.shape
+        logits_BHS3 = self.head_features_for(batch, H)
+        ck, pk, cv, pv = self._compression()
+        k_cmp = self.compress(k_BHSD, ck, pk)
+        v_cmp = self.compress(v_BHSD, cv, pv)
         fn = nsa_branches_naive if self.opts.path == "naive" else nsa_branches_gather
         o_cmp, o_slc, o_win = fn(q_BHSD, k_BHSD, v_BHSD, k_cmp, v_cmp, self.geo, self.scale, batch.doc_ids_BS)
-        B, H, S, _ = q_BHSD.shape
-        g = torch.sigmoid(self.gate(batch.x_BSE).float()).view(B, S, H, 3).permute(3, 0, 2, 1)[..., None]
+        g = torch.sigmoid(logits_BHS3.float()).permute(3, 0, 1, 2)[..., None]  # (3, B, H, S, 1)
         return (g[0] * o_cmp + g[1] * o_slc + g[2] * o_win).to(q_BHSD.dtype)

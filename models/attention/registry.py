@@ -52,11 +52,15 @@ class AttentionBatch:
         cache_slot: per-layer decoding state (dict) for variants that keep their own state
             instead of past keys/values (``uses_kv_cache = False``); None when not decoding.
         x_BSE: the (normed) layer input of the current query positions, for input-dependent gates.
+        head_feats_BHSF: per-head input features (:meth:`CoreAttention.head_features`) already
+            computed for these heads and positions; set by head-parallel wrappers (Ulysses), which
+            see only a sequence shard of ``x_BSE``. None = compute them from ``x_BSE``.
     """
 
     doc_ids_BS: torch.Tensor | None = None
     cache_slot: dict[str, Any] | None = None
     x_BSE: torch.Tensor | None = None
+    head_feats_BHSF: torch.Tensor | None = None
 
 
 class CoreAttention(nn.Module):
@@ -90,10 +94,45 @@ class CoreAttention(nn.Module):
         """
         raise NotImplementedError(f"attention {type(self).__name__} cannot run on a slice of its heads")
 
+    def head_features(self, x_BSE: torch.Tensor) -> torch.Tensor | None:
+        """Per-head features the variant computes from its layer input, (B, S, H, F) for all heads.
+
+        Input-dependent gates (NSA) implement this so that a head-parallel wrapper can compute
+        them on its sequence shard and exchange them like queries; None = the variant has none.
+        """
+        return None
+
+    def head_features_for(self, batch: AttentionBatch, n_heads: int) -> torch.Tensor:
+        """(B, n_heads, S, F): ``batch.head_feats_BHSF`` if given, else computed from ``batch.x_BSE``."""
+        if batch.head_feats_BHSF is not None:
+            return batch.head_feats_BHSF
+        if batch.x_BSE is None:
+            raise ValueError(f"{type(self).__name__} needs the layer input (AttentionBatch.x_BSE) for its gates")
+        feats = self.head_features(batch.x_BSE).transpose(1, 2)
+        if feats.shape[1] != n_heads:
+            raise ValueError(f"{type(self).__name__} runs {n_heads} of its heads: pass head_feats_BHSF")
+        return feats
+
     def forward(  # pragma: no cover - interface
         self, q_BHSD: torch.Tensor, k_BHSD: torch.Tensor, v_BHSD: torch.Tensor, batch: AttentionBatch
     ) -> torch.Tensor:
         raise NotImplementedError
+
+
+def gqa_kv_slice(ctx: AttentionContext, start: int, stop: int, why: str) -> tuple[int, int]:
+    """KV heads [kv0, kv1) of query heads [start, stop); raises if the slice splits a GQA group.
+
+    Args:
+        ctx: the layer's attention context.
+        start, stop: the query-head slice.
+        why: what the variant shares within a group (for the error).
+    """
+    G = ctx.n_heads // ctx.n_kv_heads
+    if start % G or stop % G:
+        raise NotImplementedError(
+            f"{why} is shared by the {G} query heads of a GQA group and the slice [{start}, {stop}) splits a "
+            f"group (a Ulysses degree above n_kv_heads={ctx.n_kv_heads})")
+    return start // G, stop // G
 
 
 @dataclass

@@ -85,14 +85,12 @@ class StreamingAttention(BlockSparseAttention):
             return streamed
         full = self.full(q_BHSD, k_BHSD, v_BHSD, batch)
         alpha = self.alpha.clamp(0, 1)
-        self.last_aux_loss = self.opts.gate_l1 * alpha.sum()  # read by Transformer.aux_loss()
-        a = alpha.repeat_interleave(self.ctx.n_heads // self.ctx.n_kv_heads)[:, None, None]
+        # read by Transformer.aux_loss(); on all heads even when this rank runs a slice of them, so
+        # every rank adds the same penalty (data parallel averages it back to one)
+        self.last_aux_loss = self.opts.gate_l1 * alpha.sum()
+        hs = self.head_slice or (0, self.ctx.n_heads)
+        a = alpha.repeat_interleave(self.ctx.n_heads // self.ctx.n_kv_heads)[hs[0] : hs[1], None, None]
         return a * full + (1 - a) * streamed
-
-    def set_head_slice(self, start: int, stop: int) -> None:
-        if self.alpha is not None:
-            raise NotImplementedError("streaming with learned_gates has per-KV-head parameters: no head slicing")
-        super().set_head_slice(start, stop)
 
     def _local_streaming(self) -> torch.Tensor:
         hs = self.head_slice or (0, self.ctx.n_heads)

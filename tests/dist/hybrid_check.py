@@ -20,18 +20,25 @@ def main() -> int:
     mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("ring", "uly"))
     failures = []
     S = 40  # 4 zigzag chunks of 10 per ring rank pair; 10 tokens per process
-    for n_heads, n_kv in ((4, 2), (4, 1)):
+    S2 = {"name": "s2", "options": {"block": 5, "local_blocks": 1, "vert_stride": 2}}
+    WINDOW = {"name": "sliding_window", "options": {"block": 5, "window": 7}}
+    LINEAR = {"name": "linear", "options": {"chunk": 4}}
+    cases = [((4, 2), [{"name": "dense"}]), ((4, 1), [{"name": "dense"}]),
+             # each Ulysses rank keeps its heads' own sparse pattern / decay inside the ring
+             ((4, 2), [S2, WINDOW]),
+             ((4, 1), [{"name": "s2", "options": {**S2["options"], "allow_incomplete_coverage": True}}]), ((4, 2), [LINEAR, {"name": "dense"}])]
+    for (n_heads, n_kv), attn in cases:
         for packed in (False, True):
             torch.manual_seed(0)
             cfg = ModelConfig(vocab_size=64, dim=8 * n_heads, n_layers=2, n_heads=n_heads, n_kv_heads=n_kv,
-                              max_seq_len=256)
+                              max_seq_len=256, attention=attn)
             ref = Transformer(cfg)
             par = apply_ring(copy.deepcopy(ref), mesh["ring"].get_group(), CommCounter(),
                              ulysses_group=mesh["uly"].get_group())
             tokens, labels, doc = random_batch(S, packed)
             sh = shard_batch(tokens, labels, doc, r, 4, zigzag=True, inner=2)
             failures += run_and_compare(ref, par, tokens, labels, doc, sh, _index(r),
-                                        f"hybrid H={n_heads}/{n_kv} packed={packed}")
+                                        f"hybrid {[a['name'] for a in attn]} H={n_heads}/{n_kv} packed={packed}")
     return finish(failures)
 
 

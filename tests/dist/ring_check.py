@@ -35,6 +35,22 @@ def main() -> int:
             expect = 2 * (2 * (P - 1) * kv_bytes + 2 * (P - 1) * kv_bytes + 2 * P * kv_bytes)
             if counter.bytes["ring_p2p"] != expect:
                 failures.append(f"{name} ring bytes {counter.bytes['ring_p2p']} != analytic {expect}")
+    # linear attention under the ring layout: the recurrent states of both zigzag chunks of every rank
+    # travel in one all-gather; each chunk starts from the decayed state of all chunks before it
+    for n_heads, n_kv in ((4, 2), (3, 3)):
+        for packed in (False, True):
+            torch.manual_seed(0)
+            cfg = ModelConfig(vocab_size=64, dim=8 * n_heads, n_layers=2, n_heads=n_heads, n_kv_heads=n_kv,
+                              max_seq_len=256, attention=[{"name": "linear", "options": {"chunk": 2}}])
+            ref = Transformer(cfg)
+            par = apply_ring(copy.deepcopy(ref), dist.group.WORLD, counter := CommCounter())
+            tokens, labels, doc = random_batch(S, packed)
+            sh = shard_batch(tokens, labels, doc, r, P, zigzag=True)
+            name = f"P={P} linear H={n_heads}/{n_kv} packed={packed}"
+            failures += run_and_compare(ref, par, tokens, labels, doc, sh, zigzag_positions(r, P, L), name)
+            expect = 2 * (P - 1) * 2 * 2 * n_heads * 8 * 8 * 4  # layers x peers x chunks x (B, H, D, D) fp32
+            if dict(counter.bytes) != {"all_gather": expect}:
+                failures.append(f"{name} state bytes {dict(counter.bytes)} != analytic {expect}")
     return finish(failures)
 
 

@@ -17,15 +17,42 @@ from longshard.models import ModelConfig, Transformer
 from longshard.parallel.sequence import CommCounter, apply_ulysses, shard_batch
 
 S2 = {"name": "s2", "options": {"block": 4, "local_blocks": 1, "vert_stride": 2}}
+# per-KV-head importance parameters: each rank uses (and gets gradients for) its heads' slice
+NOSA = {"name": "nosa", "options": {"block": 4, "sink_blocks": 1, "local_blocks": 1, "query_blocks": 1,
+                                    "static_blocks": 1}}
+# input-dependent gates: computed on the sequence shard, exchanged with one more all-to-all
+NSA = {"name": "nsa", "options": {"compress_block": 4, "compress_stride": 2, "select_block": 4, "n_select": 3,
+                                  "n_local": 1, "window": 5}}
+GATED_STREAMING = {"name": "streaming", "options": {"block": 4, "sink": 2, "window": 5, "learned_gates": True}}
+
+
+def mixed(*groups) -> dict:
+    return {"name": "mixed", "options": {"groups": [dict(g) for g in groups]}}
+
+
 CASES = {
     2: dict(n_heads=4, n_kv_heads=2, attn=[{"name": "dense"}, S2,
                                           {"name": "streaming", "options": {"block": 4, "sink": 2, "window": 5,
                                                                             "retrieval_heads": [1]}},
                                           {"name": "sliding_window", "options": {"block": 4, "window": 6}},
-                                          {"name": "linear", "options": {"chunk": 4}}]),
-    3: dict(n_heads=6, n_kv_heads=3, attn=[{"name": "dense"}, S2, {"name": "linear", "options": {"chunk": 8}}]),
-    4: dict(n_heads=8, n_kv_heads=2, attn=[{"name": "dense"}, S2]),  # KV heads replicated 2x
+                                          {"name": "linear", "options": {"chunk": 4}}, NOSA, NSA, GATED_STREAMING,
+                                          # each rank runs one group: the other's parameters get zero gradients
+                                          mixed({"name": "dense", "heads": 2}, {**NSA, "heads": 2})]),
+    3: dict(n_heads=6, n_kv_heads=3, attn=[{"name": "dense"}, S2, {"name": "linear", "options": {"chunk": 8}}, NSA,
+                                          # rank 1's slice straddles both groups
+                                          mixed({**S2, "heads": 4}, {"name": "linear", "heads": 2})]),
+    4: dict(n_heads=8, n_kv_heads=2, attn=[{"name": "dense"}, S2, GATED_STREAMING,  # KV heads replicated 2x
+                                          mixed({"name": "dense", "heads": 4}, {**S2, "heads": 4})],
+            # selection shared by a GQA group of 4 query heads cannot run on 2 of them: a clear error
+            rejected=[NOSA, NSA]),
 }
+FEATURES = {"nsa": 3}  # per-head input features each query head exchanges (gate logits)
+
+
+def feature_width(spec: dict) -> int:
+    if spec["name"] == "mixed":
+        return max(FEATURES.get(g["name"], 0) for g in spec["options"]["groups"])
+    return FEATURES.get(spec["name"], 0)
 
 
 def main() -> int:
@@ -53,9 +80,20 @@ def main() -> int:
                 expect = {"all_gather": 2 * (P - 1) * B * case["n_heads"] * D * D * 4}
                 calls = {"all_gather": 2}
             else:
-                expect, calls = {"all_to_all": int(2 * per_layer)}, {"all_to_all": 8}
+                F = feature_width(spec)
+                per_layer += (P - 1) / P * 4 * B * 12 * case["n_heads"] * F
+                expect, calls = {"all_to_all": int(2 * per_layer)}, {"all_to_all": 8 + (2 if F else 0)}
             if dict(counter.bytes) != expect or dict(counter.calls) != calls:
                 failures.append(f"{name} comm {dict(counter.bytes)} {dict(counter.calls)} != {expect} {calls}")
+    for spec in case.get("rejected", []):
+        cfg = ModelConfig(vocab_size=64, dim=16 * case["n_heads"], n_layers=1, n_heads=case["n_heads"],
+                          n_kv_heads=case["n_kv_heads"], max_seq_len=256, attention=[spec])
+        try:
+            apply_ulysses(Transformer(cfg), dist.group.WORLD)
+            failures.append(f"P={P} {spec['name']} splitting a GQA group was accepted")
+        except ConfigError as err:
+            if "GQA group" not in str(err):
+                failures.append(f"unclear error: {err}")
     if P == 3:  # 2 KV heads can neither be split over nor replicated to 3 ranks
         cfg = ModelConfig(vocab_size=64, dim=96, n_layers=1, n_heads=6, n_kv_heads=2, max_seq_len=64)
         try:
