@@ -9,6 +9,14 @@ q, k, v after RoPE) is ours. Under Megatron tensor parallelism each rank holds a
 of the query heads (and of the KV groups): the variant is built for all heads and then sliced with
 ``set_head_slice``, so per-head patterns (S2 phases, streaming heads, decays) keep their global
 head index. Packed sequences in Megatron's THD format are not supported (bshd only).
+
+Megatron context parallelism (``context_parallel_size > 1``) shards the sequence zigzag (rank r
+holds chunks r and 2*cp-1-r, its RoPE table sliced to match), which is longshard's ring layout;
+the adapter then runs the variant sequence-parallel over Megatron's CP group with longshard's
+own communication: ``sp_mode="ring"`` (ring / sparsity-aware exchange / linear state passing,
+:func:`~longshard.parallel.ring.ring_form`) or ``"ulysses"`` (all-to-all over the CP group on
+this tensor-parallel rank's heads). Tensor parallel x sequence parallel thus needs no
+TransformerEngine.
 """
 
 from __future__ import annotations
@@ -18,6 +26,18 @@ from typing import Any
 import torch
 from longshard.models.attention import AttentionBatch, AttentionContext, build_attention
 from torch import nn
+
+
+def _cp_group(pg_collection: Any):
+    """Megatron's context-parallel group, or None without context parallelism."""
+    group = getattr(pg_collection, "cp", None) if pg_collection is not None else None
+    if group is None:
+        from megatron.core import parallel_state
+
+        if not parallel_state.model_parallel_is_initialized():
+            return None
+        group = parallel_state.get_context_parallel_group(check_initialized=False)
+    return group if group is not None and group.size() > 1 else None
 
 
 def _tp_size_rank(pg_collection: Any) -> tuple[int, int]:
@@ -41,11 +61,12 @@ class MegatronCoreAttention(nn.Module):
         attention: longshard registry name (``dense``, ``s2``, ``streaming``, ``sliding_window``,
             ``nsa``, ``linear``, ``mixed``, ...).
         options: that variant's options.
+        sp_mode: under Megatron context parallelism, ``ring`` or ``ulysses`` (see the module doc).
     """
 
     def __init__(self, *, config, layer_number: int, attn_mask_type=None, attention_type: str = "self",
                  cp_comm_type=None, softmax_scale=None, pg_collection=None, attention: str = "dense",
-                 options: dict | None = None, **_: Any) -> None:
+                 options: dict | None = None, sp_mode: str = "ring", **_: Any) -> None:
         super().__init__()
         self.config = config
         heads = config.num_attention_heads
@@ -63,6 +84,23 @@ class MegatronCoreAttention(nn.Module):
         if tp > 1:
             per = heads // tp
             self.inner.set_head_slice(rank * per, (rank + 1) * per)
+        cp = _cp_group(pg_collection)
+        if cp is not None:
+            from longshard.errors import require
+            from longshard.parallel.ring import ring_form
+            from longshard.parallel.sequence import CommCounter, UlyssesAttention, kv_replication
+
+            require(sp_mode in ("ring", "ulysses"), "sp_mode", f"unknown {sp_mode!r}.", "use ring or ulysses.")
+            self.counter = CommCounter()
+            if sp_mode == "ring":
+                self.inner = ring_form(self.inner, cp, self.counter, f"Megatron layer {layer_number}")
+            else:
+                P, r = cp.size(), cp.rank()
+                local, local_kv = heads // tp, groups // tp
+                kv_repeat = kv_replication(local, local_kv, P)
+                first = rank * local if tp > 1 else 0
+                self.inner.set_head_slice(first + r * local // P, first + (r + 1) * local // P)
+                self.inner = UlyssesAttention(self.inner, cp, kv_repeat, self.counter, zigzag=True)
 
     def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
                 packed_seq_params=None, **_: Any) -> torch.Tensor:
@@ -79,12 +117,43 @@ class MegatronCoreAttention(nn.Module):
 
 
 def longshard_layer_spec(attention: str = "dense", options: dict | None = None, normalization: str = "RMSNorm",
-                         qk_layernorm: bool = False):
-    """Megatron's local GPT layer spec with our attention variant as ``core_attention``."""
+                         qk_layernorm: bool = False, sp_mode: str = "ring"):
+    """Megatron's local GPT layer spec with our attention variant as ``core_attention``.
+
+    Args:
+        attention: longshard registry name.
+        options: that variant's options.
+        normalization: Megatron normalization (``RMSNorm`` or ``LayerNorm``).
+        qk_layernorm: Megatron's QK layer norm.
+        sp_mode: how the variant runs under Megatron context parallelism (``ring`` or ``ulysses``).
+    """
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.transformer.spec_utils import ModuleSpec
 
     spec = get_gpt_layer_local_spec(normalization=normalization, qk_layernorm=qk_layernorm)
     spec.submodules.self_attention.submodules.core_attention = ModuleSpec(
-        module=MegatronCoreAttention, params={"attention": attention, "options": dict(options or {})})
+        module=MegatronCoreAttention,
+        params={"attention": attention, "options": dict(options or {}), "sp_mode": sp_mode})
     return spec
+
+
+def cpu_compat() -> None:
+    """Let megatron-core's model code run on CPU (gloo), for tests and demos without a GPU.
+
+    megatron-core 0.16 moves its RoPE table to ``torch.cuda.current_device()`` and the context-
+    parallel slicing index of that table to CUDA with pinned memory; both are pointed at the CPU.
+    Does nothing when CUDA is available.
+    """
+    if torch.cuda.is_available():
+        return
+    from megatron.core.models.common.embeddings import rotary_pos_embedding
+
+    def pos_emb_on_this_cp_rank(pos_emb: torch.Tensor, seq_dim: int, cp_group) -> torch.Tensor:
+        size, rank = cp_group.size(), cp_group.rank()
+        idx = torch.tensor([rank, 2 * size - rank - 1])  # zigzag: chunks rank and 2*cp-1-rank
+        pos_emb = pos_emb.view(*pos_emb.shape[:seq_dim], 2 * size, -1, *pos_emb.shape[seq_dim + 1 :])
+        pos_emb = pos_emb.index_select(seq_dim, idx)
+        return pos_emb.view(*pos_emb.shape[:seq_dim], -1, *pos_emb.shape[seq_dim + 2 :])
+
+    rotary_pos_embedding.get_pos_emb_on_this_cp_rank = pos_emb_on_this_cp_rank
+    torch.cuda.current_device = lambda: "cpu"

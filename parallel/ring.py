@@ -155,17 +155,15 @@ class RingAttention(CoreAttention):
         return _RingAttnFn.apply(q_BHSD, k_BHSD, v_BHSD, doc_all, self.ring, self.scale)
 
 
-def apply_ring(model, group: dist.ProcessGroup, counter: CommCounter | None = None,
-               ulysses_group: dist.ProcessGroup | None = None):
-    """Make every layer's core attention context-parallel over ``group`` (in place).
+def ring_form(core: CoreAttention, group: dist.ProcessGroup, counter: CommCounter | None = None,
+              where: str = "a layer") -> CoreAttention:
+    """``core`` made context-parallel over ``group`` for zigzag-sharded inputs.
 
     Dense cores get :class:`RingAttention`; block-sparse cores (``s2``, ``streaming`` without
-    learned gates, ``sliding_window``) get the sparsity-aware exchange
+    learned gates, ``sliding_window``) the sparsity-aware exchange
     (:class:`~longshard.parallel.sparse_exchange.SparseExchangeAttention`), which moves only the
     K/V blocks the pattern reads; ``linear`` cores pass their recurrent states along the zigzag
-    order (:class:`~longshard.parallel.linear_state.LinearStateParallel`). With ``ulysses_group``
-    (hybrid 2-D, USP-style): Ulysses all-to-alls inside that group, each rank running its slice of
-    the heads, around the ring over ``group``.
+    order (:class:`~longshard.parallel.linear_state.LinearStateParallel`).
 
     Raises:
         ConfigError: a variant with no ring form (``nsa``, ``nosa``, ``mixed``, ``streaming`` with
@@ -177,30 +175,44 @@ def apply_ring(model, group: dist.ProcessGroup, counter: CommCounter | None = No
     from longshard.models.attention.sparse_base import BlockSparseAttention
     from longshard.models.attention.streaming import StreamingAttention
     from longshard.parallel.linear_state import LinearStateParallel
-    from longshard.parallel.sequence import UlyssesAttention, kv_replication
     from longshard.parallel.sparse_exchange import SparseExchangeAttention
+
+    if isinstance(core, S2Attention) and core.dense is not None:  # dense_every_n_layers: a dense layer
+        core = core.dense
+    sparse_ok = isinstance(core, BlockSparseAttention) and not (
+        isinstance(core, StreamingAttention) and core.alpha is not None)
+    require(isinstance(core, DenseAttention | LinearAttention) or sparse_ok, "parallel.sp_mode",
+            f"ring and hybrid support dense, linear and block-sparse attention (s2, streaming without "
+            f"learned gates, sliding_window); {where} uses {type(core).__name__}, whose block selection "
+            f"or gates need all of a head's keys.", "use sp_mode=ulysses for this variant.")
+    if isinstance(core, DenseAttention):
+        return RingAttention(core, group, counter)
+    if isinstance(core, LinearAttention):
+        return LinearStateParallel(core, group, counter, zigzag=True)
+    return SparseExchangeAttention(core, group, counter)
+
+
+def apply_ring(model, group: dist.ProcessGroup, counter: CommCounter | None = None,
+               ulysses_group: dist.ProcessGroup | None = None):
+    """Make every layer's core attention context-parallel over ``group`` (in place; see :func:`ring_form`).
+
+    With ``ulysses_group`` (hybrid 2-D, USP-style): Ulysses all-to-alls inside that group, each
+    rank running its slice of the heads, around the ring over ``group``.
+
+    Raises:
+        ConfigError: a variant with no ring form (see :func:`ring_form`).
+    """
+    from longshard.parallel.sequence import UlyssesAttention, kv_replication
 
     for i, layer in enumerate(model.layers):
         core = layer.attention.core_attention
-        if isinstance(core, S2Attention) and core.dense is not None:  # dense_every_n_layers: a dense layer
-            core = core.dense
-        sparse_ok = isinstance(core, BlockSparseAttention) and not (
-            isinstance(core, StreamingAttention) and core.alpha is not None)
-        require(isinstance(core, DenseAttention | LinearAttention) or sparse_ok, "parallel.sp_mode",
-                f"ring and hybrid support dense, linear and block-sparse attention (s2, streaming without "
-                f"learned gates, sliding_window); layer {i} uses {type(core).__name__}, whose block selection "
-                f"or gates need all of a head's keys.", "use sp_mode=ulysses for this variant.")
+        kv_repeat = 1
         if ulysses_group is not None:
             U, u = dist.get_world_size(ulysses_group), dist.get_rank(ulysses_group)
             H = layer.attention.n_heads
             kv_repeat = kv_replication(H, layer.attention.n_kv_heads, U)
             core.set_head_slice(u * H // U, (u + 1) * H // U)
-        if isinstance(core, DenseAttention):
-            wrapped = RingAttention(core, group, counter)
-        elif isinstance(core, LinearAttention):
-            wrapped = LinearStateParallel(core, group, counter, zigzag=True)
-        else:
-            wrapped = SparseExchangeAttention(core, group, counter)
+        wrapped = ring_form(core, group, counter, f"layer {i}")
         if ulysses_group is not None:
             wrapped = UlyssesAttention(wrapped, ulysses_group, kv_repeat, counter)
         layer.attention.core_attention = wrapped

@@ -79,13 +79,23 @@ class UlyssesAttention(nn.Module):
         group: the sequence-parallel process group.
         kv_repeat: how many times each KV head is replicated so KV heads split over P ranks.
         counter: optional communication counter.
+        zigzag: the ranks hold zigzag shards (chunks r and 2P-1-r, e.g. Megatron's context-parallel
+            layout) instead of contiguous ones; the gathered sequence is put in order around the
+            inner attention.
     """
 
     def __init__(self, inner: CoreAttention, group: dist.ProcessGroup, kv_repeat: int,
-                 counter: CommCounter | None = None) -> None:
+                 counter: CommCounter | None = None, zigzag: bool = False) -> None:
         super().__init__()
         self.inner, self.group, self.kv_repeat, self.counter = inner, group, kv_repeat, counter
         self.uses_kv_cache = inner.uses_kv_cache
+        self.zigzag = zigzag
+
+    def _order(self, L: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(gathered -> global, global -> gathered) index maps of the zigzag layout."""
+        P = dist.get_world_size(self.group)
+        pos = torch.cat([zigzag_positions(r, P, L, device) for r in range(P)])  # global position of gathered i
+        return pos, torch.argsort(pos)
 
     def forward(self, q_BHSD: torch.Tensor, k_BHSD: torch.Tensor, v_BHSD: torch.Tensor, batch: AttentionBatch):
         if batch.cache_slot is not None:
@@ -105,7 +115,14 @@ class UlyssesAttention(nn.Module):
             parts = [torch.empty_like(doc) for _ in range(P)]
             dist.all_gather(parts, doc.contiguous(), group=self.group)
             doc = torch.cat(parts, dim=1)
+        if self.zigzag:
+            to_gathered, to_global = self._order(q_BHSD.shape[2], q.device)
+            q, k, v = (t.index_select(2, to_global) for t in (q, k, v))
+            feats = None if feats is None else feats.index_select(2, to_global)
+            doc = None if doc is None else doc.index_select(1, to_global)
         o = self.inner(q, k, v, replace(batch, doc_ids_BS=doc, x_BSE=None, head_feats_BHSF=feats))
+        if self.zigzag:
+            o = o.index_select(2, to_gathered)
         if feats is not None:  # every rank must run the features' all-to-all backward, even if its heads
             o = o + 0.0 * feats.sum()  # ignore them (a mixed layer whose gated group lives on other ranks)
         return _a2a(o, 2, 1, self.group, self.counter)

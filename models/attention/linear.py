@@ -87,7 +87,10 @@ class LinearAttention(CoreAttention):
                              persistent=False)
 
     def set_head_slice(self, start: int, stop: int) -> None:
-        self.log_decay = self.log_decay[start:stop]
+        """Run query heads [start, stop) (of all the layer's heads; calling it again re-slices)."""
+        if not hasattr(self, "_all_log_decay"):
+            self._all_log_decay = self.log_decay
+        self.log_decay = self._all_log_decay[start:stop].to(self.log_decay.device)
 
     def phi(self, x: torch.Tensor) -> torch.Tensor:
         if self.opts.feature_map == "silu":
