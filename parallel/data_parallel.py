@@ -10,6 +10,7 @@ from longshard.models.model import Transformer
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
 
@@ -64,6 +65,16 @@ def gradient_sync(model: nn.Module, enabled: bool) -> Iterator[None]:
 def clip_grad_norm(model: nn.Module, max_norm: float) -> float:
     """Clip the global gradient norm (DTensor-aware) and return the norm before clipping."""
     params = [p for p in model.parameters() if p.grad is not None]
+    meshes = {p.grad.device_mesh for p in params if isinstance(p.grad, DTensor)}
+    if len(meshes) > 1:  # tensor parallel under FSDP2: parameters live on 1-D and 2-D meshes
+        norms = [torch.linalg.vector_norm(p.grad.float()) for p in params]
+        norms = [n.full_tensor() if isinstance(n, DTensor) else n for n in norms]
+        total = torch.linalg.vector_norm(torch.stack(norms))
+        if max_norm > 0:
+            coef = float(torch.clamp(max_norm / (total + 1e-6), max=1.0))
+            for p in params:
+                p.grad.mul_(coef)
+        return float(total)
     norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
     if hasattr(norm, "full_tensor"):
         norm = norm.full_tensor()

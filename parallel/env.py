@@ -68,29 +68,35 @@ def init_distributed(device_kind: str = "auto", timeout_s: float = 600.0) -> Dis
     return DistEnv(dist.get_rank(), dist.get_world_size(), local_rank, device, backend)
 
 
-def mesh_shape(world_size: int, sp: int = 1) -> tuple[int, int]:
-    """(dp, sp) for ``world_size`` ranks; raises before any collective when sp does not divide it."""
-    if sp < 1 or world_size % sp != 0:
-        raise ConfigError("parallel.sp_degree", f"sp_degree={sp} does not divide the world size {world_size}.",
-                          "launch a multiple of sp_degree processes.")
-    return world_size // sp, sp
+def mesh_shape(world_size: int, sp: int = 1, tp: int = 1) -> tuple[int, int]:
+    """(dp, sp) for ``world_size`` ranks (``tp`` more per sequence rank); raises before any collective
+    when sp x tp does not divide it."""
+    if sp < 1 or tp < 1 or world_size % (sp * tp) != 0:
+        field = "parallel.sp_degree" if tp == 1 else "parallel.tp_degree"
+        raise ConfigError(field, f"sp_degree={sp} x tp_degree={tp} does not divide the world size {world_size}.",
+                          "launch a multiple of sp_degree x tp_degree processes.")
+    return world_size // (sp * tp), sp
 
 
-def build_mesh(env: DistEnv, sp: int = 1, ulysses: int = 1) -> DeviceMesh:
+def build_mesh(env: DistEnv, sp: int = 1, ulysses: int = 1, tp: int = 1) -> DeviceMesh:
     """A DeviceMesh (``dp``, ``sp``) over all ranks; consecutive ranks share a sequence group.
 
     With ``ulysses > 1`` (hybrid) the mesh is (``dp``, ``ring``, ``uly``) and ``sp`` is the
-    flattened (ring, uly) dimension.
+    flattened (ring, uly) dimension. With ``tp > 1`` a last ``tp`` dimension is added (tensor
+    parallel ranks are neighbours, i.e. on the same node, as in Megatron).
 
     Args:
         env: this process's :class:`DistEnv`.
         sp: sequence-parallel degree (1 = pure data parallel).
         ulysses: Ulysses group size inside the sequence-parallel group (hybrid 2-D).
+        tp: tensor-parallel degree.
     """
-    dp, sp = mesh_shape(env.world_size, sp)
+    dp, sp = mesh_shape(env.world_size, sp, tp)
+    extra = ((tp,), ("tp",)) if tp > 1 else ((), ())
     if ulysses <= 1:
-        return init_device_mesh(env.device.type, (dp, sp), mesh_dim_names=("dp", "sp"))
-    mesh = init_device_mesh(env.device.type, (dp, sp // ulysses, ulysses), mesh_dim_names=("dp", "ring", "uly"))
+        return init_device_mesh(env.device.type, (dp, sp, *extra[0]), mesh_dim_names=("dp", "sp", *extra[1]))
+    mesh = init_device_mesh(env.device.type, (dp, sp // ulysses, ulysses, *extra[0]),
+                            mesh_dim_names=("dp", "ring", "uly", *extra[1]))
     mesh["ring", "uly"]._flatten("sp")
     return mesh
 

@@ -211,7 +211,8 @@ def apply_ring(model, group: dist.ProcessGroup, counter: CommCounter | None = No
             U, u = dist.get_world_size(ulysses_group), dist.get_rank(ulysses_group)
             H = layer.attention.n_heads
             kv_repeat = kv_replication(H, layer.attention.n_kv_heads, U)
-            core.set_head_slice(u * H // U, (u + 1) * H // U)
+            off = getattr(layer.attention, "head_offset", 0)  # tensor parallel: this rank's heads start here
+            core.set_head_slice(off + u * H // U, off + (u + 1) * H // U)
         wrapped = ring_form(core, group, counter, f"layer {i}")
         if ulysses_group is not None:
             wrapped = UlyssesAttention(wrapped, ulysses_group, kv_repeat, counter)

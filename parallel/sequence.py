@@ -165,8 +165,9 @@ def apply_ulysses(model: Transformer, group: dist.ProcessGroup, counter: CommCou
 
             attn.core_attention = LinearStateParallel(core, group, counter)
             continue
+        off = getattr(attn, "head_offset", 0)  # tensor parallel: this rank's heads start here
         try:
-            core.set_head_slice(r * H // P, (r + 1) * H // P)
+            core.set_head_slice(off + r * H // P, off + (r + 1) * H // P)
         except NotImplementedError as e:
             raise ConfigError("parallel.sp_mode", f"ulysses: {e}.", "use another variant or sp_degree=1.") from None
         attn.core_attention = UlyssesAttention(core, group, kv_repeat, counter)

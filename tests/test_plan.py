@@ -76,6 +76,19 @@ def test_plan_rows_and_recommendation():
             if r.layout.sp_mode in ("ulysses",) and r.layout.dp_mode == "ddp"
             and r.layout.activation_checkpointing == "none" and r.layout.activation_offload == "none"}
     assert acts[4] < acts[2] < acts[1]
+    # tensor parallel rows (FSDP2 only): tp 2 splits parameters and the per-head / FFN activations;
+    # tp 4 does not divide the 2 KV heads and is refused with the config's reason
+    assert {r.layout.tp for r in valid} == {1, 2}
+    assert all(r.layout.dp_mode == "fsdp2" for r in valid if r.layout.tp > 1)
+    assert any("parallel.tp_degree" in r.reason for r in rows if r.layout.tp == 4)
+
+    def row(tp: int, sp: int):
+        return next(r for r in valid if (r.layout.tp, r.layout.sp, r.layout.dp_mode, r.layout.sp_mode,
+                                         r.layout.activation_checkpointing, r.layout.activation_offload)
+                    == (tp, sp, "fsdp2", "ulysses", "none", "none"))
+    assert row(2, 1).estimate.activations < row(1, 1).estimate.activations
+    assert row(2, 1).estimate.states < row(1, 1).estimate.states
+    assert row(2, 2).estimate.comm_bytes > 0
     tiny_mem = plan("quickstart", SMALL, 1, parse_bytes("1MB"))
     assert tiny_mem[1] is None  # nothing fits in 1 MB
 

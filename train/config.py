@@ -183,6 +183,9 @@ class ParallelConfig:
             ``hybrid`` (Ulysses inside groups of ``sp_ulysses_degree`` ranks x ring across them;
             the same variants as ring).
         sp_ulysses_degree: Ulysses group size of ``hybrid`` (divides sp_degree).
+        tp_degree: Megatron-style tensor parallel degree (heads and FFN split over neighbouring
+            ranks, :mod:`longshard.parallel.tensor_parallel`); needs ``dp_mode: fsdp2`` and a
+            variant without parameters inside its core attention. World size = dp x sp x tp.
         collective_timeout_s: seconds a collective may wait for its peers before it fails with an
             error naming the rank, step and phase (instead of hanging).
     """
@@ -191,6 +194,7 @@ class ParallelConfig:
     sp_degree: int = 1
     sp_mode: str = "ulysses"
     sp_ulysses_degree: int = 1
+    tp_degree: int = 1
     collective_timeout_s: float = 600.0
 
     def __post_init__(self) -> None:
@@ -199,6 +203,7 @@ class ParallelConfig:
         require(self.collective_timeout_s > 0, "parallel.collective_timeout_s",
                 f"must be > 0 seconds, got {self.collective_timeout_s}.")
         _choice(self.sp_mode, SP_MODES, "parallel.sp_mode")
+        require_positive(self.tp_degree, "parallel.tp_degree")
         if self.sp_mode == "hybrid":
             u = self.sp_ulysses_degree
             require(1 < u < self.sp_degree and self.sp_degree % u == 0, "parallel.sp_ulysses_degree",
@@ -395,6 +400,8 @@ class Config:
             require(self.train.nan_policy == "stop", "train.nan_policy",
                     "skip is not available with train.engine=deepspeed (its step runs before the loss is known).",
                     "use train.nan_policy=stop.")
+        if self.parallel.tp_degree > 1:
+            self._check_tensor_parallel()
         sp = self.parallel.sp_degree
         need = 2 * sp if (self.parallel.sp_mode in ("ring", "hybrid") and sp > 1) else sp  # zigzag: 2 chunks/rank
         if self.parallel.sp_mode in ("ring", "hybrid") and sp > 1:
@@ -419,6 +426,30 @@ class Config:
                     f"{self.data.mqar_num_kv_pairs} pairs need seq_len >= {4 * self.data.mqar_num_kv_pairs}.")
             require(self.data.mqar_num_kv_pairs < self.model.vocab_size // 2 - 1, "data.mqar_num_kv_pairs",
                     f"too many pairs for vocab_size={self.model.vocab_size}.")
+
+    def _check_tensor_parallel(self) -> None:
+        """Tensor parallel: native engine with FSDP2, heads and FFN divisible, no core-attention parameters."""
+        tp = self.parallel.tp_degree
+        require(self.train.engine == "native", "parallel.tp_degree",
+                f"tp_degree={tp} runs with the native engine, not train.engine={self.train.engine}.",
+                "use train.engine=native, or tp_degree=1 with DeepSpeed.")
+        require(self.parallel.dp_mode == "fsdp2", "parallel.dp_mode",
+                "tensor parallel (tp_degree > 1) composes with FSDP2, not DDP.", "set parallel.dp_mode=fsdp2.")
+        for i, spec in enumerate(self.model.attention):
+            opts = parse_options(spec.name, spec.options, f"model.attention[{i}]")
+            names = [spec.name] + [g["name"] for g in getattr(opts, "groups", [])]
+            own = [n for n in names if n in ("nsa", "nosa")] + (["streaming with learned_gates"]
+                                                                 if getattr(opts, "learned_gates", False) else [])
+            require(not own, "parallel.tp_degree",
+                    f"model.attention[{i}] uses {own[0] if own else ''}, whose core attention has per-head "
+                    "parameters that tensor parallelism does not split.",
+                    "use tp_degree=1 (sequence parallel runs this variant).")
+        if self.init.hf_path is None:  # an HF checkpoint's head counts are checked when the model is built
+            m = self.model
+            heads, kv = m.n_query_heads or m.n_heads, m.n_kv_heads or m.n_heads
+            require(heads % tp == 0 and kv % tp == 0, "parallel.tp_degree",
+                    f"{heads} query / {kv} KV heads do not split over tp_degree={tp}.",
+                    "choose a tp_degree dividing both.")
 
     def _ring_granularity(self, need: int) -> int:
         """Check every layer can run under ring/hybrid; block-sparse layers (sparsity-aware exchange)

@@ -1,22 +1,27 @@
 """Layout planner: per-GPU memory and communication of each way to run a recipe on N GPUs.
 
 ``longshard plan RECIPE --gpus N --gpu-mem 80GB`` enumerates data parallel (``ddp``/``fsdp2``) x
-sequence parallel (degree, ``ulysses``/``ring``/``hybrid``) x activation checkpointing x
-activation offload, keeps the layouts the config validation accepts, and estimates for each:
+sequence parallel (degree, ``ulysses``/``ring``/``hybrid``) x tensor parallel (degree; FSDP2) x
+activation checkpointing x activation offload, keeps the layouts the config validation accepts,
+and estimates for each:
 
-* model states: fp32 parameters, gradients and AdamW moments (16 bytes per parameter), sharded
-  by FSDP2 over its shard group (dp, or sp for the 2-D layout) plus two unsharded blocks in flight;
+* model states: fp32 parameters, gradients and AdamW moments (16 bytes per parameter); tensor
+  parallel splits the attention and FFN projections over tp (embeddings, norms and the output
+  layer stay whole), FSDP2 shards the rest over its shard group (dp, or sp for the 2-D layout),
+  plus two unsharded blocks in flight;
   gradients appear as activations are freed, so the peak is the largest of: start of backward
   (parameters, moments, activations, loss head), a checkpointed block's recomputation, and the
   optimizer step (16 bytes plus one parameter-sized temporary);
 * activations: what our blocks save for backward per token (two RMSNorms in fp32, the
   projections' inputs, the core attention's q/k/v/output/log-sum-exp, the SwiGLU intermediates),
-  for the micro-batch's local tokens (seq_len / sp), under each checkpointing mode;
+  for the micro-batch's local tokens (seq_len / sp), under each checkpointing mode; under tensor
+  parallel the per-head and FFN-width tensors are split over tp, the model-width ones are not;
 * the loss head: logits, their fp32 log-softmax and its gradient (the usual peak at the start of
   backward);
 * communication per optimizer step and GPU: gradient all-reduce (DDP) or all-gather x 2 +
   reduce-scatter per micro-batch (FSDP2), plus the sequence-parallel volume per layer (the same
-  analytic formulas the communication counter is tested against).
+  analytic formulas the communication counter is tested against), plus tensor parallel's four
+  all-reduces of the block activations per layer (two forward, two backward).
 
 The estimate models this codebase's fp32-parameter training; tests compare it with the measured
 peak of live tensors on CPU (:class:`longshard.train.memory.TensorMemoryTracker`).
@@ -56,11 +61,13 @@ class Layout:
     dp_mode: str
     activation_checkpointing: str
     activation_offload: str
+    tp: int = 1
 
     def overrides(self) -> list[str]:
         return [f"parallel.sp_degree={self.sp}", f"parallel.sp_mode={self.sp_mode}", f"parallel.dp_mode={self.dp_mode}",
                 f"train.activation_checkpointing={self.activation_checkpointing}",
-                f"train.activation_offload={self.activation_offload}"]
+                f"train.activation_offload={self.activation_offload}",
+                *([f"parallel.tp_degree={self.tp}"] if self.tp > 1 else [])]
 
 
 @dataclass
@@ -74,16 +81,25 @@ class Estimate:
     comm_bytes: int
 
 
-def param_count(mcfg: ModelConfig) -> tuple[int, int]:
-    """(all parameters, parameters of the largest block), counted on the meta device."""
+TP_SPLIT = ("attention.wq.", "attention.wk.", "attention.wv.", "attention.wo.", "attention.wg.",
+            "feed_forward.w1.", "feed_forward.w2.", "feed_forward.w3.")  # what tensor parallel splits
+
+
+def param_count(mcfg: ModelConfig, tp: int = 1) -> tuple[float, float]:
+    """(parameters per tensor-parallel rank, those of the largest block), counted on the meta device."""
     with torch.device("meta"):
         model = Transformer(mcfg)
-    total = sum(p.numel() for p in model.parameters())
-    block = max(sum(p.numel() for p in layer.parameters()) for layer in model.layers)
+
+    def local(named) -> float:
+        return sum(p.numel() / (tp if any(k in n for k in TP_SPLIT) else 1) for n, p in named)
+
+    total = local(model.named_parameters())
+    block = max(local(layer.named_parameters()) for layer in model.layers)
     return total, block
 
 
-def saved_per_token_layer(mcfg: ModelConfig, act_bytes: int, mode: str, offload: str) -> tuple[float, float]:
+def saved_per_token_layer(mcfg: ModelConfig, act_bytes: int, mode: str, offload: str,
+                          tp: int = 1) -> tuple[float, float]:
     """Bytes per token one block keeps for backward on the device, and what offload moves off it.
 
     What this codebase's block saves (checked against autograd's saved tensors in the tests):
@@ -91,9 +107,11 @@ def saved_per_token_layer(mcfg: ModelConfig, act_bytes: int, mode: str, offload:
     normalised output (plus one fp32 scale per token each), the two normed projection inputs, the
     core attention's q, k, v, output and fp32 log-sum-exp, the output projection's input and the
     SwiGLU's w1/w3 outputs, silu and product; ``attention_boundary``: the block input and the core
-    attention's saved tensors; ``full``: the block input.
+    attention's saved tensors; ``full``: the block input. Tensor parallel splits the per-head and
+    FFN-width tensors over ``tp``.
     """
-    E, F, H, kv, hd = mcfg.dim, mcfg.ffn_hidden_dim, mcfg.n_query_heads, mcfg.n_kv_heads, mcfg.head_dim
+    E, F, hd = mcfg.dim, mcfg.ffn_hidden_dim / tp, mcfg.head_dim
+    H, kv = mcfg.n_query_heads / tp, mcfg.n_kv_heads / tp
     core = (2 * H * hd + 2 * kv * hd) * act_bytes + H * 4  # q, o, k, v, lse
     if mode == "full":
         return E * act_bytes, 0.0
@@ -128,7 +146,7 @@ def sp_bytes_per_layer(mode: str, sp: int, uly: int, local_tokens: int, mcfg: Mo
 
 def estimate(cfg, mcfg: ModelConfig, layout: Layout, gpus: int) -> Estimate:
     """Per-GPU memory and per-step communication of ``layout`` for config ``cfg`` (a train Config)."""
-    P, block_P = param_count(mcfg)
+    P, block_P = param_count(mcfg, layout.tp)
     act_bytes = 2 if cfg.train.dtype == "bf16" else 4
     shard = (layout.sp if layout.sp > 1 else layout.dp) if layout.dp_mode == "fsdp2" else 1
     states = 16 * P / shard
@@ -136,20 +154,22 @@ def estimate(cfg, mcfg: ModelConfig, layout: Layout, gpus: int) -> Estimate:
         states += 2 * 4 * block_P  # the gathered block and the prefetched next one
     mb = cfg.train.micro_batch_size
     T = mb * cfg.train.seq_len // layout.sp
-    kept, _ = saved_per_token_layer(mcfg, act_bytes, layout.activation_checkpointing, layout.activation_offload)
+    kept, _ = saved_per_token_layer(mcfg, act_bytes, layout.activation_checkpointing, layout.activation_offload,
+                                    layout.tp)
     acts = T * (mcfg.n_layers * kept + base_per_token(mcfg, act_bytes))
     V = mcfg.vocab_size
     loss_head = T * V * (act_bytes + 4 + 4)  # logits, fp32 log-softmax kept for backward, its gradient
     states_fwd = 12 * P / shard  # parameters + AdamW moments while activations live (gradients come later)
     peaks = [states_fwd + acts + loss_head, 20 * P / shard]  # start of backward; optimizer step (+ temporaries)
     if layout.activation_checkpointing != "none":  # a block recomputed in its backward: the last layer's
-        full_block, _ = saved_per_token_layer(mcfg, act_bytes, "none", layout.activation_offload)
+        full_block, _ = saved_per_token_layer(mcfg, act_bytes, "none", layout.activation_offload, layout.tp)
         peaks.append(states_fwd + acts + T * full_block)
         # ... and the first layer's, when every other layer's gradients exist
         peaks.append(16 * P / shard + T * (base_per_token(mcfg, act_bytes) + kept + full_block))
     extra = states - 16 * P / shard  # FSDP2 blocks in flight
     total = max(peaks) + extra
     grad_accum = cfg.train.global_batch_size // (mb * layout.dp)
+    tp_comm = grad_accum * mcfg.n_layers * 4 * 2 * (layout.tp - 1) / layout.tp * T * mcfg.dim * act_bytes
     if layout.dp_mode == "ddp":
         grad_comm = 2 * (layout.dp * layout.sp - 1) / (layout.dp * layout.sp) * 4 * P
     else:
@@ -158,20 +178,23 @@ def estimate(cfg, mcfg: ModelConfig, layout: Layout, gpus: int) -> Estimate:
             grad_comm += 2 * (layout.dp - 1) / layout.dp * 4 * P / shard
     uly = cfg.parallel.sp_ulysses_degree if layout.sp_mode == "hybrid" else 1
     sp_comm = grad_accum * mcfg.n_layers * sp_bytes_per_layer(layout.sp_mode, layout.sp, uly, T, mcfg, act_bytes)
-    return Estimate(int(states), int(acts), int(loss_head), int(total), int(grad_comm + sp_comm))
+    return Estimate(int(states), int(acts), int(loss_head), int(total), int(grad_comm + sp_comm + tp_comm))
 
 
 def candidate_layouts(gpus: int) -> list[Layout]:
     """Every combination worth checking on ``gpus`` GPUs (validity is decided by the config)."""
     out = []
-    for sp in [d for d in range(1, gpus + 1) if gpus % d == 0]:
+    divisors = [d for d in range(1, gpus + 1) if gpus % d == 0]
+    for tp, sp in itertools.product(divisors, divisors):
+        if gpus % (tp * sp):
+            continue
         modes = ["none"] if sp == 1 else ["ulysses", "ring", "hybrid"]
-        for mode, dp_mode, ac, off in itertools.product(modes, ("ddp", "fsdp2"),
-                                                        ("none", "attention_boundary", "full"),
+        dp_modes = ("ddp", "fsdp2") if tp == 1 else ("fsdp2",)  # tensor parallel composes with FSDP2
+        for mode, dp_mode, ac, off in itertools.product(modes, dp_modes, ("none", "attention_boundary", "full"),
                                                         ("none", "attention")):
             if ac == "full" and off != "none":
                 continue
-            out.append(Layout(gpus // sp, sp, "ulysses" if mode == "none" else mode, dp_mode, ac, off))
+            out.append(Layout(gpus // (sp * tp), sp, "ulysses" if mode == "none" else mode, dp_mode, ac, off, tp))
     return out
 
 
@@ -191,6 +214,11 @@ def plan(
     Recommendation: among layouts whose estimate is within ``headroom`` x ``gpu_mem``, the least
     recomputation (none < attention_boundary < full), then no offload, then the least
     communication, then DDP over FSDP2.
+
+    Tensor-parallel rows split what the trainer splits (:mod:`longshard.parallel.tensor_parallel`);
+    their activation and state formulas follow the same accounting as tp = 1, which the tests
+    compare with measured peaks, and the per-rank parameter count is checked against the real
+    split.
     """
     from longshard.train.config import load_config
     from longshard.train.trainer import resolve_model_config
@@ -204,15 +232,15 @@ def plan(
             cfg = load_config(recipe, [*overrides, *lay.overrides()])
             if cfg.parallel.sp_mode == "hybrid" and lay.sp % cfg.parallel.sp_ulysses_degree:
                 raise ConfigError("parallel.sp_ulysses_degree", "does not divide the sp degree.")
-            dp = gpus // lay.sp
+            dp = lay.dp
             per = cfg.train.micro_batch_size * dp
             if cfg.train.global_batch_size % per:
                 raise ConfigError("train.global_batch_size", f"not a multiple of micro_batch_size x dp = {per}.")
             if lay.sp_mode == "ulysses" and lay.sp > 1:
                 mc = cfg.model
-                if mc.n_query_heads % lay.sp:
+                if mc.n_query_heads % (lay.sp * lay.tp):
                     raise ConfigError("parallel.sp_degree",
-                                      f"{mc.n_query_heads} query heads do not split over {lay.sp}.")
+                                      f"{mc.n_query_heads} query heads do not split over {lay.sp} x tp {lay.tp}.")
             mcfg = resolve_model_config(cfg)
         except ConfigError as e:
             rows.append(PlanRow(lay, None, False, f"{e.field}: {e.problem}"))
@@ -229,11 +257,11 @@ def plan(
 
 def format_plan(rows: list[PlanRow], best: PlanRow | None, gpu_mem: int, show_invalid: bool = False) -> str:
     """A text table (GiB, comm GiB per step) with the recommendation last."""
-    lines = [f"{'dp':>3} {'sp':>3} {'sp_mode':<8} {'dp_mode':<6} {'checkpointing':<18} {'offload':<9} "
+    lines = [f"{'dp':>3} {'sp':>3} {'tp':>3} {'sp_mode':<8} {'dp_mode':<6} {'checkpointing':<18} {'offload':<9} "
              f"{'states':>7} {'acts':>7} {'logits':>7} {'total':>7} {'comm/step':>10}  fits"]
     for r in rows:
         lay = r.layout
-        head = (f"{lay.dp:>3} {lay.sp:>3} {lay.sp_mode if lay.sp > 1 else '-':<8} {lay.dp_mode:<6} "
+        head = (f"{lay.dp:>3} {lay.sp:>3} {lay.tp:>3} {lay.sp_mode if lay.sp > 1 else '-':<8} {lay.dp_mode:<6} "
                 f"{lay.activation_checkpointing:<18} {lay.activation_offload:<9} ")
         if r.estimate is None:
             if show_invalid:

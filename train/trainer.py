@@ -38,6 +38,7 @@ from longshard.parallel.deepspeed_engine import deepspeed_config, import_deepspe
 from longshard.parallel.deepspeed_engine import initialize as ds_initialize
 from longshard.parallel.ring import apply_ring
 from longshard.parallel.sequence import CommCounter, SeqShard, apply_ulysses
+from longshard.parallel.tensor_parallel import apply_tensor_parallel, check_tensor_parallel
 from longshard.train.checkpoint import Checkpointer, CheckpointError
 from longshard.train.config import Config, dump_config
 from longshard.train.data import (
@@ -154,12 +155,12 @@ def attention_kept_fraction(model: Transformer, seq_len: int) -> float:
 def check_layout(cfg: Config, env: DistEnv) -> tuple[int, int]:
     """Validate the layout against the world size before any collective; return (dp, grad accumulation)."""
     t = cfg.train
-    dp, _ = mesh_shape(env.world_size, cfg.parallel.sp_degree)
+    dp, _ = mesh_shape(env.world_size, cfg.parallel.sp_degree, cfg.parallel.tp_degree)
     per_step = t.micro_batch_size * dp
     require(t.global_batch_size % per_step == 0, "train.global_batch_size",
             f"{t.global_batch_size} is not divisible by micro_batch_size x data-parallel size "
             f"= {t.micro_batch_size} x {dp}.",
-            "choose global_batch_size as a multiple of micro_batch_size x (processes / sp_degree).")
+            "choose global_batch_size as a multiple of micro_batch_size x (processes / (sp_degree x tp_degree)).")
     return dp, t.global_batch_size // per_step
 
 
@@ -239,7 +240,12 @@ def train(cfg: Config) -> dict[str, Any]:
     conversion = convert_from_hf(model, cfg, val_ds, env.device) if cfg.init.hf_path is not None else None
     mode = cfg.parallel.sp_mode
     uly = cfg.parallel.sp_ulysses_degree if mode == "hybrid" else 1
-    mesh = build_mesh(env, sp_size, uly)
+    tp_size = cfg.parallel.tp_degree
+    if tp_size > 1:  # heads and variants checked before the mesh's groups are created
+        check_tensor_parallel(model, tp_size)
+    mesh = build_mesh(env, sp_size, uly, tp_size)
+    if tp_size > 1:  # before sequence parallel, which wraps the (sliced) core attention
+        apply_tensor_parallel(model, mesh["tp"])
     comm = CommCounter()
     sp = None
     if sp_size > 1:
@@ -424,6 +430,7 @@ def train(cfg: Config) -> dict[str, Any]:
         "world_size": env.world_size,
         "dp_mode": cfg.parallel.dp_mode,
         "sp_degree": sp_size,
+        "tp_degree": tp_size,
         "device": str(env.device),
         "wall_s": time.time() - t0,
         "checkpoint": str(last_ckpt) if last_ckpt else None,

@@ -38,6 +38,10 @@ class NSAOptions:
         n_select: selected blocks per query (initial and local blocks included).
         n_local: most recent blocks always selected (the query's own included).
         window: sliding-window branch length.
+        gate_bias: initial gate logits of the (compressed, selected, window) branches; the gate
+            weights start at zero, so every token starts with sigmoid of these. Default -ln 2:
+            each gate 1/3, the output starts as the mean of the branches (gates at 0.5 each, a
+            1.5x sum, trained 9.7% worse than dense in 60 quickstart steps; 1/3 each, 0.6% better).
         path: ``auto`` (= gather; on CUDA its selected branch runs through the Triton block-sparse
             kernel with per-token selection when ``select_block`` is 16..128), ``gather`` or ``naive``.
     """
@@ -48,6 +52,7 @@ class NSAOptions:
     n_select: int = 16
     n_local: int = 2
     window: int = 512
+    gate_bias: tuple[float, float, float] = (-math.log(2.0),) * 3
     path: str = "auto"
 
     def __post_init__(self) -> None:
@@ -59,6 +64,8 @@ class NSAOptions:
                 f"{self.select_block} is not a multiple of compress_stride={self.compress_stride}.")
         require(self.n_select >= self.n_local + 1, "n_select",
                 f"{self.n_select} cannot hold the initial block and {self.n_local} local blocks.")
+        require(len(self.gate_bias) == 3, "gate_bias", f"needs 3 values (compressed, selected, window), got "
+                f"{len(self.gate_bias)}.")
         require(self.path in ("auto", "gather", "naive"), "path", f"unknown path {self.path!r}.",
                 "use auto, gather or naive.")
 
@@ -84,7 +91,7 @@ class NSAAttention(CoreAttention):
 
     @torch.no_grad()
     def reset_variant_parameters(self) -> None:
-        """Compression = mean pooling, no position offsets, gates at sigmoid(0) = 0.5."""
+        """Compression = mean pooling, no position offsets, gates at sigmoid(gate_bias)."""
         Hkv, D, L = self.ctx.n_kv_heads, self.ctx.head_dim, self.opts.compress_block
         pool = torch.eye(D).repeat(L, 1) / L  # (L*D, D): averages the L token vectors
         self.compress_k.copy_(pool.expand(Hkv, -1, -1))
@@ -92,7 +99,7 @@ class NSAAttention(CoreAttention):
         self.pos_k.zero_()
         self.pos_v.zero_()
         nn.init.zeros_(self.gate.weight)
-        nn.init.zeros_(self.gate.bias)
+        self.gate.bias.copy_(torch.tensor(self.opts.gate_bias, dtype=self.gate.bias.dtype).repeat(self.ctx.n_heads))
 
     def compress(self, x_BKSD: torch.Tensor, weight: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """(B, Hkv, S, D) -> (B, Hkv, nC, D) learned block summaries."""
