@@ -137,6 +137,30 @@ def longshard_layer_spec(attention: str = "dense", options: dict | None = None, 
     return spec
 
 
+def megatron_config(mcfg, **overrides: Any):
+    """A megatron-core ``TransformerConfig`` for the same architecture as our ``ModelConfig``.
+
+    RMSNorm, SwiGLU, no biases, no dropout, the unfused (portable) kernels and CPU initialisation;
+    ``overrides`` (e.g. ``tensor_model_parallel_size``, ``context_parallel_size``) are passed on.
+    With our weights copied in Megatron's layout, the GPTModel computes what our model computes.
+
+    Args:
+        mcfg: our :class:`~longshard.models.config.ModelConfig` (derived fields resolved).
+        overrides: further ``TransformerConfig`` fields.
+    """
+    import torch.nn.functional as F
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    fields = dict(
+        num_layers=mcfg.n_layers, hidden_size=mcfg.dim, num_attention_heads=mcfg.n_query_heads,
+        num_query_groups=mcfg.n_kv_heads, kv_channels=mcfg.head_dim, ffn_hidden_size=mcfg.ffn_hidden_dim,
+        normalization="RMSNorm", gated_linear_unit=True, activation_func=F.silu, add_bias_linear=False,
+        hidden_dropout=0.0, attention_dropout=0.0, use_cpu_initialization=True, layernorm_epsilon=mcfg.norm_eps,
+        bias_activation_fusion=False, persist_layer_norm=False, bias_dropout_fusion=False, apply_rope_fusion=False,
+        masked_softmax_fusion=False)
+    return TransformerConfig(**{**fields, **overrides})
+
+
 def cpu_compat() -> None:
     """Let megatron-core's model code run on CPU (gloo), for tests and demos without a GPU.
 

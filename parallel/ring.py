@@ -6,6 +6,13 @@ block is in flight while the current one is computed. Partial outputs are merged
 their log-sum-exp. The backward pass rotates K/V again together with their gradient
 accumulators, which return to their owner after P hops. Block-sparse variants use the
 sparsity-aware exchange of :mod:`longshard.parallel.sparse_exchange` instead.
+
+Per step, each pair of zigzag chunks (local queries x visiting keys) is either fully visible,
+causal (the same chunk) or invisible. On CPU without packed documents the visible pairs run
+through PyTorch's fused flash-attention CPU kernel, whose forward returns the log-sum-exp and
+whose backward takes the merged output and log-sum-exp (as ring-flash-attn does with flash-attn
+on GPU); otherwise (packed documents: arbitrary masks; CUDA, for now) the fp32 reference math
+with explicit scores runs.
 """
 
 from __future__ import annotations
@@ -57,6 +64,32 @@ def _block_backward(q, k, v, o_grad, lse, delta, mask, scale):
     return dq, dk, dv
 
 
+def _fused_cpu_ops():
+    """PyTorch's fused CPU flash-attention forward (returns the log-sum-exp) and its backward (takes
+    out and log-sum-exp), or None where this build lacks them."""
+    aten = torch.ops.aten
+    fwd = getattr(aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    bwd = getattr(aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
+    return (fwd, bwd) if fwd is not None and bwd is not None else None
+
+
+def _chunk_pairs(r: int, src: int, P: int, L: int) -> list[tuple[slice, slice, bool]]:
+    """Zigzag chunk pairs of rank ``r``'s queries and rank ``src``'s keys that see each other:
+    (query slice, key slice, causal); a pair is either fully visible or the same chunk (causal)."""
+    c = L // 2
+    q_chunks = [(slice(0, c), r), (slice(c, L), 2 * P - 1 - r)]
+    k_chunks = [(slice(0, c), src), (slice(c, L), 2 * P - 1 - src)]
+    return [(qs, ks, qi == ki) for qs, qi in q_chunks for ks, ki in k_chunks if ki <= qi]
+
+
+def _merge(o, lse, ob, lb):
+    """Merge a partial output (``ob``, ``lb``) into (``o``, ``lse``) by log-sum-exp (fp32)."""
+    new = torch.logaddexp(lse, lb)
+    w_old = torch.exp(lse - new).nan_to_num(0.0)
+    w_new = torch.exp(lb - new).nan_to_num(0.0)
+    return o * w_old[..., None] + ob.float() * w_new[..., None], new
+
+
 class _RingAttnFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, doc_all, ring: _Ring, scale: float):
@@ -69,22 +102,24 @@ class _RingAttnFn(torch.autograd.Function):
         o = torch.zeros(B, H, L, D, dtype=torch.float32, device=q.device)
         lse = torch.full((B, H, L), float("-inf"), device=q.device)
         kv = [k, v]
+        fused = _fused_cpu_ops() if (q.device.type == "cpu" and doc_all is None and L % 2 == 0) else None
         for step in range(P):
             src = (r - step) % P
             pending = ring.start(kv) if step < P - 1 else None  # next block in flight during compute
-            k_pos = zigzag_positions(src, P, L, q.device)
-            mask = (k_pos[None, :] <= q_pos[:, None])[None, None]
-            if doc_q is not None:
-                mask = mask & (doc_q[:, :, None] == doc_all[src][:, None, :])[:, None]
-            if bool(mask.any()):
-                kb = kv[0].float().repeat_interleave(rep, 1)
-                vb = kv[1].float().repeat_interleave(rep, 1)
-                ob, lb = attention_naive(qf, kb, vb, mask, scale, return_lse=True)
-                new = torch.logaddexp(lse, lb)
-                w_old = torch.exp(lse - new).nan_to_num(0.0)
-                w_new = torch.exp(lb - new).nan_to_num(0.0)
-                o = o * w_old[..., None] + ob.float() * w_new[..., None]
-                lse = new
+            kb = kv[0].float().repeat_interleave(rep, 1)
+            vb = kv[1].float().repeat_interleave(rep, 1)
+            if fused is not None:  # zigzag chunk pairs through the fused kernel (full or causal each)
+                for qs, ks, causal in _chunk_pairs(r, src, P, L):
+                    ob, lb = fused[0](qf[:, :, qs], kb[:, :, ks], vb[:, :, ks], 0.0, causal, scale=scale)
+                    o[:, :, qs], lse[:, :, qs] = _merge(o[:, :, qs], lse[:, :, qs], ob, lb)
+            else:  # packed documents (arbitrary masks) or no fused kernel: fp32 reference math
+                k_pos = zigzag_positions(src, P, L, q.device)
+                mask = (k_pos[None, :] <= q_pos[:, None])[None, None]
+                if doc_q is not None:
+                    mask = mask & (doc_q[:, :, None] == doc_all[src][:, None, :])[:, None]
+                if bool(mask.any()):
+                    ob, lb = attention_naive(qf, kb, vb, mask, scale, return_lse=True)
+                    o, lse = _merge(o, lse, ob, lb)
             if pending is not None:
                 ring.wait(pending)
                 kv = pending[1]
@@ -107,20 +142,31 @@ class _RingAttnFn(torch.autograd.Function):
         safe_lse = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
         dq = torch.zeros_like(qf)
         state = [k, v, torch.zeros_like(k, dtype=torch.float32), torch.zeros_like(v, dtype=torch.float32)]
+        fused = _fused_cpu_ops() if (q.device.type == "cpu" and doc_all is None and L % 2 == 0) else None
         for step in range(P):
             src = (r - step) % P
             kb, vb, dk_acc, dv_acc = state
-            k_pos = zigzag_positions(src, P, L, q.device)
-            mask = (k_pos[None, :] <= q_pos[:, None])[None, None]
-            if doc_all is not None:
-                mask = mask & (doc_all[r][:, :, None] == doc_all[src][:, None, :])[:, None]
-            if bool(mask.any()):
-                dqb, dkb, dvb = _block_backward(qf, kb.float().repeat_interleave(rep, 1),
-                                                vb.float().repeat_interleave(rep, 1), go, safe_lse, delta, mask,
-                                                scale)
-                dq += dqb
+            kf, vf = kb.float().repeat_interleave(rep, 1), vb.float().repeat_interleave(rep, 1)
+            if fused is not None:  # the fused backward with the merged output and log-sum-exp
+                dkb, dvb = torch.zeros_like(kf), torch.zeros_like(vf)
+                for qs, ks, causal in _chunk_pairs(r, src, P, L):
+                    g = fused[1](go[:, :, qs], qf[:, :, qs], kf[:, :, ks], vf[:, :, ks], o[:, :, qs],
+                                 lse[:, :, qs], 0.0, causal, scale=scale)
+                    dq[:, :, qs] += g[0]
+                    dkb[:, :, ks] += g[1]
+                    dvb[:, :, ks] += g[2]
                 dk_acc = dk_acc + dkb.view(B, Hkv, rep, L, D).sum(2)
                 dv_acc = dv_acc + dvb.view(B, Hkv, rep, L, D).sum(2)
+            else:
+                k_pos = zigzag_positions(src, P, L, q.device)
+                mask = (k_pos[None, :] <= q_pos[:, None])[None, None]
+                if doc_all is not None:
+                    mask = mask & (doc_all[r][:, :, None] == doc_all[src][:, None, :])[:, None]
+                if bool(mask.any()):
+                    dqb, dkb, dvb = _block_backward(qf, kf, vf, go, safe_lse, delta, mask, scale)
+                    dq += dqb
+                    dk_acc = dk_acc + dkb.view(B, Hkv, rep, L, D).sum(2)
+                    dv_acc = dv_acc + dvb.view(B, Hkv, rep, L, D).sum(2)
             # K/V move on for the next step; their gradient accumulators follow them home (P hops in all)
             handle = ring.start([kb, vb, dk_acc, dv_acc] if step < P - 1 else [dk_acc, dv_acc])
             ring.wait(handle)

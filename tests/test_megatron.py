@@ -10,7 +10,6 @@ import subprocess
 
 import pytest
 import torch
-import torch.nn.functional as F
 from helpers import REPO, assert_rel, torchrun_cmd
 from longshard.models import ModelConfig, Transformer
 
@@ -68,9 +67,8 @@ def _copy_weights(mg, ours: Transformer, heads: int, groups: int, head_dim: int)
 
 @pytest.mark.parametrize("name,opts", VARIANTS, ids=[v[0] for v in VARIANTS])
 def test_megatron_gpt_with_longshard_attention_matches_our_model(name, opts, megatron_cpu, monkeypatch):
-    from longshard.parallel.megatron import MegatronCoreAttention, longshard_layer_spec
+    from longshard.parallel.megatron import MegatronCoreAttention, longshard_layer_spec, megatron_config
     from megatron.core.models.gpt import GPTModel
-    from megatron.core.transformer.transformer_config import TransformerConfig
 
     if not torch.cuda.is_available():  # Megatron's RoPE moves its table to the "current" CUDA device
         monkeypatch.setattr(torch.cuda, "current_device", lambda: "cpu")
@@ -78,12 +76,7 @@ def test_megatron_gpt_with_longshard_attention_matches_our_model(name, opts, meg
     torch.manual_seed(0)
     ours = Transformer(ModelConfig(vocab_size=64, dim=dim, n_layers=2, n_heads=heads, n_kv_heads=groups,
                                    max_seq_len=128, attention=[{"name": name, "options": opts}]))
-    cfg = TransformerConfig(
-        num_layers=2, hidden_size=dim, num_attention_heads=heads, num_query_groups=groups,
-        ffn_hidden_size=ours.layers[0].feed_forward.w1.weight.shape[0], normalization="RMSNorm",
-        gated_linear_unit=True, activation_func=F.silu, add_bias_linear=False, hidden_dropout=0.0,
-        attention_dropout=0.0, use_cpu_initialization=True, layernorm_epsilon=1e-5, bias_activation_fusion=False,
-        persist_layer_norm=False, bias_dropout_fusion=False, apply_rope_fusion=False, masked_softmax_fusion=False)
+    cfg = megatron_config(ours.cfg)
     mg = GPTModel(cfg, transformer_layer_spec=longshard_layer_spec(name, opts), vocab_size=64,
                   max_sequence_length=128, position_embedding_type="rope", rotary_base=10000,
                   share_embeddings_and_output_weights=False)

@@ -56,11 +56,10 @@ def megatron_shard(get, ours, t: int) -> dict[str, torch.Tensor]:
 
 def main() -> int:
     from longshard.models import ModelConfig, Transformer
-    from longshard.parallel.megatron import MegatronCoreAttention, cpu_compat, longshard_layer_spec
+    from longshard.parallel.megatron import MegatronCoreAttention, cpu_compat, longshard_layer_spec, megatron_config
     from longshard.parallel.sequence import zigzag_positions
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
-    from megatron.core.transformer.transformer_config import TransformerConfig
 
     dist.init_process_group("gloo")
     cpu_compat()
@@ -72,13 +71,7 @@ def main() -> int:
         torch.manual_seed(0)
         ours = Transformer(ModelConfig(vocab_size=VOCAB, dim=DIM, n_layers=2, n_heads=HEADS, n_kv_heads=GROUPS,
                                        max_seq_len=128, attention=[{"name": name, "options": opts}]))
-        cfg = TransformerConfig(
-            num_layers=2, hidden_size=DIM, num_attention_heads=HEADS, num_query_groups=GROUPS,
-            ffn_hidden_size=ours.layers[0].feed_forward.w1.weight.shape[0], normalization="RMSNorm",
-            gated_linear_unit=True, activation_func=F.silu, add_bias_linear=False, hidden_dropout=0.0,
-            attention_dropout=0.0, use_cpu_initialization=True, layernorm_epsilon=1e-5, bias_activation_fusion=False,
-            persist_layer_norm=False, bias_dropout_fusion=False, apply_rope_fusion=False,
-            masked_softmax_fusion=False, tensor_model_parallel_size=TP, context_parallel_size=CP)
+        cfg = megatron_config(ours.cfg, tensor_model_parallel_size=TP, context_parallel_size=CP)
         mg = GPTModel(cfg, transformer_layer_spec=longshard_layer_spec(name, opts, sp_mode=sp_mode),
                       vocab_size=VOCAB, max_sequence_length=128, position_embedding_type="rope", rotary_base=10000,
                       share_embeddings_and_output_weights=False, parallel_output=False)
