@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 from longshard.kernels.lightning.chunk import initial_state_contribution, lightning_attention_chunk
 from longshard.models.attention import AttentionBatch, CoreAttention
-from longshard.parallel.sequence import CommCounter
+from longshard.parallel.sequence import CommCounter, shard_segments
 
 
 class _AllGather(torch.autograd.Function):
@@ -33,14 +33,6 @@ class _AllGather(torch.autograd.Function):
         got = [torch.empty_like(grads[0]) for _ in grads]
         dist.all_to_all(got, [g.contiguous() for g in grads], group=ctx.group)
         return torch.stack(got).sum(0), None
-
-
-def segments(rank: int, degree: int, local_len: int, zigzag: bool) -> list[tuple[int, int, int]]:
-    """Contiguous pieces of rank ``rank``'s shard: (local start, global start, length), in local order."""
-    if not zigzag:
-        return [(0, rank * local_len, local_len)]
-    c = local_len // 2
-    return [(0, rank * c, c), (c, (2 * degree - 1 - rank) * c, c)]
 
 
 class LinearStateParallel(CoreAttention):
@@ -67,7 +59,7 @@ class LinearStateParallel(CoreAttention):
         q, k, v = inner.features(q_BHSD, k_BHSD, v_BHSD)
         doc = batch.doc_ids_BS
         L = q.shape[2]
-        mine = segments(r, P, L, self.zigzag)
+        mine = shard_segments(r, P, L, self.zigzag)
         outs, states_local, ends_local = [], [], []
         for lo, _, n in mine:
             d = None if doc is None else doc[:, lo : lo + n]
@@ -85,26 +77,26 @@ class LinearStateParallel(CoreAttention):
             ends = torch.stack(ends_local)  # (M, B, 2)
             parts = [torch.empty_like(ends) for _ in range(P)]
             dist.all_gather(parts, ends.contiguous(), group=self.group)
-        # every segment of every rank in sequence order: (global start, rank, index, length)
-        order = sorted((g, j, m, n) for j in range(P) for m, (_, g, n) in enumerate(segments(j, P, L, self.zigzag)))
+        # Fold every segment of every rank in sequence order into the running state; each of this
+        # rank's segments starts from the state of everything before it. Every rank must take part in
+        # the all-gather's backward, so the gathered states are always in the graph: the fold starts
+        # from 0 * states (no contribution, zero gradient).
+        order = sorted((g, j, m, n) for j in range(P)  # (global start, rank, its segment, length)
+                       for m, (_, g, n) in enumerate(shard_segments(j, P, L, self.zigzag)))
         a = inner.log_decay.float().to(q.device)[None, :, None, None]
-        for i, (lo, g0, n) in enumerate(mine):
-            # Every rank must take part in the all-gather's backward, so the gathered states are always
-            # in the graph: the first segment starts from 0 * states (no contribution, zero gradient).
-            prefix = states[0][0] * 0.0
-            prefix_doc = None
-            for g, j, m, n_j in order:
-                if g >= g0:
-                    break
-                carry = torch.exp(-a * n_j)
-                if doc is not None:
-                    first, last = parts[j][m, :, 0], parts[j][m, :, 1]
-                    same = (first == last) if prefix_doc is None else (first == last) & (first == prefix_doc)
-                    carry = carry * same[:, None, None, None]
-                    prefix_doc = last
-                prefix = carry * prefix + states[j][m]
-            d = None if doc is None else doc[:, lo : lo + n]
-            extra, _ = initial_state_contribution(q[:, :, lo : lo + n], inner.log_decay, prefix, d, prefix_doc)
-            outs[i] = outs[i] + extra
+        prefix, prefix_doc = states[0][0] * 0.0, None
+        for _, j, m, n_j in order:
+            if j == r:  # one of mine: add what came before it
+                lo, _, n = mine[m]
+                d = None if doc is None else doc[:, lo : lo + n]
+                extra, _ = initial_state_contribution(q[:, :, lo : lo + n], inner.log_decay, prefix, d, prefix_doc)
+                outs[m] = outs[m] + extra
+            carry = torch.exp(-a * n_j)
+            if doc is not None:
+                first, last = parts[j][m, :, 0], parts[j][m, :, 1]
+                same = (first == last) if prefix_doc is None else (first == last) & (first == prefix_doc)
+                carry = carry * same[:, None, None, None]
+                prefix_doc = last
+            prefix = carry * prefix + states[j][m]
         o = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
         return inner.finish(o, q_BHSD.dtype)

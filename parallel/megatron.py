@@ -98,7 +98,7 @@ class MegatronCoreAttention(nn.Module):
                 P, r = cp.size(), cp.rank()
                 local, local_kv = heads // tp, groups // tp
                 kv_repeat = kv_replication(local, local_kv, P)
-                first = rank * local if tp > 1 else 0
+                first = rank * local  # this tensor-parallel rank's first head (rank 0 without TP)
                 self.inner.set_head_slice(first + r * local // P, first + (r + 1) * local // P)
                 self.inner = UlyssesAttention(self.inner, cp, kv_repeat, self.counter, zigzag=True)
 

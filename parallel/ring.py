@@ -24,7 +24,7 @@ import torch.distributed as dist
 from longshard.errors import require
 from longshard.kernels.attention.naive import attention_naive
 from longshard.models.attention import AttentionBatch, CoreAttention
-from longshard.parallel.sequence import CommCounter, zigzag_positions
+from longshard.parallel.sequence import CommCounter, shard_segments, zigzag_positions
 
 
 class _Ring:
@@ -76,10 +76,9 @@ def _fused_cpu_ops():
 def _chunk_pairs(r: int, src: int, P: int, L: int) -> list[tuple[slice, slice, bool]]:
     """Zigzag chunk pairs of rank ``r``'s queries and rank ``src``'s keys that see each other:
     (query slice, key slice, causal); a pair is either fully visible or the same chunk (causal)."""
-    c = L // 2
-    q_chunks = [(slice(0, c), r), (slice(c, L), 2 * P - 1 - r)]
-    k_chunks = [(slice(0, c), src), (slice(c, L), 2 * P - 1 - src)]
-    return [(qs, ks, qi == ki) for qs, qi in q_chunks for ks, ki in k_chunks if ki <= qi]
+    return [(slice(ql, ql + n), slice(kl, kl + m), qg == kg)
+            for ql, qg, n in shard_segments(r, P, L, True) for kl, kg, m in shard_segments(src, P, L, True)
+            if kg <= qg]
 
 
 def _merge(o, lse, ob, lb):
@@ -124,7 +123,7 @@ class _RingAttnFn(torch.autograd.Function):
                 ring.wait(pending)
                 kv = pending[1]
         ctx.save_for_backward(q, k, v, o, lse, *([] if doc_all is None else [doc_all]))
-        ctx.ring, ctx.scale, ctx.has_doc = ring, scale, doc_all is not None
+        ctx.ring, ctx.scale, ctx.has_doc, ctx.fused = ring, scale, doc_all is not None, fused
         return o.to(q.dtype)
 
     @staticmethod
@@ -142,7 +141,7 @@ class _RingAttnFn(torch.autograd.Function):
         safe_lse = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
         dq = torch.zeros_like(qf)
         state = [k, v, torch.zeros_like(k, dtype=torch.float32), torch.zeros_like(v, dtype=torch.float32)]
-        fused = _fused_cpu_ops() if (q.device.type == "cpu" and doc_all is None and L % 2 == 0) else None
+        fused = ctx.fused
         for step in range(P):
             src = (r - step) % P
             kb, vb, dk_acc, dv_acc = state

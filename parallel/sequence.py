@@ -174,13 +174,21 @@ def apply_ulysses(model: Transformer, group: dist.ProcessGroup, counter: CommCou
     return model
 
 
+def shard_segments(rank: int, degree: int, local_len: int, zigzag: bool) -> list[tuple[int, int, int]]:
+    """Contiguous pieces of rank ``rank``'s ``local_len`` tokens: (local start, global start, length),
+    in local order. Contiguous sharding: one piece; zigzag: chunks ``rank`` and ``2*degree-1-rank``
+    of 2*degree equal chunks."""
+    if not zigzag:
+        return [(0, rank * local_len, local_len)]
+    c = local_len // 2
+    return [(0, rank * c, c), (c, (2 * degree - 1 - rank) * c, c)]
+
+
 def zigzag_positions(rank: int, degree: int, local_len: int, device=None) -> torch.Tensor:
     """Global positions of the ``local_len`` tokens rank ``rank`` holds under zigzag sharding
     (chunks ``rank`` and ``2*degree-1-rank`` of 2*degree equal chunks)."""
-    c = local_len // 2
-    first = torch.arange(rank * c, (rank + 1) * c, device=device)
-    second = torch.arange((2 * degree - 1 - rank) * c, (2 * degree - rank) * c, device=device)
-    return torch.cat([first, second])
+    pieces = shard_segments(rank, degree, local_len, zigzag=True)
+    return torch.cat([torch.arange(g, g + n, device=device) for _, g, n in pieces])
 
 
 @dataclass(frozen=True)
