@@ -22,6 +22,7 @@ import math
 import torch
 import torch.distributed as dist
 from longshard.errors import require
+from longshard.kernels.attention.fused_cpu import fused_cpu_ops
 from longshard.kernels.attention.naive import attention_naive
 from longshard.models.attention import AttentionBatch, CoreAttention
 from longshard.parallel.sequence import CommCounter, shard_segments, zigzag_positions
@@ -64,15 +65,6 @@ def _block_backward(q, k, v, o_grad, lse, delta, mask, scale):
     return dq, dk, dv
 
 
-def _fused_cpu_ops():
-    """PyTorch's fused CPU flash-attention forward (returns the log-sum-exp) and its backward (takes
-    out and log-sum-exp), or None where this build lacks them."""
-    aten = torch.ops.aten
-    fwd = getattr(aten, "_scaled_dot_product_flash_attention_for_cpu", None)
-    bwd = getattr(aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
-    return (fwd, bwd) if fwd is not None and bwd is not None else None
-
-
 def _chunk_pairs(r: int, src: int, P: int, L: int) -> list[tuple[slice, slice, bool]]:
     """Zigzag chunk pairs of rank ``r``'s queries and rank ``src``'s keys that see each other:
     (query slice, key slice, causal); a pair is either fully visible or the same chunk (causal)."""
@@ -101,7 +93,7 @@ class _RingAttnFn(torch.autograd.Function):
         o = torch.zeros(B, H, L, D, dtype=torch.float32, device=q.device)
         lse = torch.full((B, H, L), float("-inf"), device=q.device)
         kv = [k, v]
-        fused = _fused_cpu_ops() if (q.device.type == "cpu" and doc_all is None and L % 2 == 0) else None
+        fused = fused_cpu_ops() if (q.device.type == "cpu" and doc_all is None and L % 2 == 0) else None
         for step in range(P):
             src = (r - step) % P
             pending = ring.start(kv) if step < P - 1 else None  # next block in flight during compute

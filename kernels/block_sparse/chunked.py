@@ -1,22 +1,194 @@
-"""Band + far block-sparse attention as a few fused SDPA calls over query chunks.
+"""Band + far block-sparse attention as a few fused flash-attention calls over query chunks.
 
 For a chunk of ``chunk_blocks`` query blocks, the keys any of its queries may read are one
 contiguous band (the chunk plus the ``band_blocks - 1`` blocks before it) and, per head, the far
 blocks that lie before that band (all of which every query of the chunk may read). Each chunk is
-one ``scaled_dot_product_attention`` call over [far keys, band keys] with a boolean mask for the
-rest of the rule (local distance, far blocks inside the band, token windows/sinks, causality,
-documents). SDPA's fused CPU/GPU kernels then do the work: the cost is (far + band + chunk) keys
-per query instead of every earlier key, with no S x S score matrix, and autograd differentiates
-it like dense attention. Exact (the same set of keys per query as :mod:`banded`).
+one fused attention call over [far keys, band keys] with a mask for the rest of the rule (local
+distance, far blocks inside the band, token windows/sinks, causality, documents). The cost is
+(far + band + chunk) keys per query instead of every earlier key, with no S x S score matrix.
+Exact (the same set of keys per query as :mod:`banded`).
+
+On CPU the chunks run through PyTorch's fused flash kernel directly (forward and backward, see
+:mod:`longshard.kernels.attention.fused_cpu`) inside one autograd function: the gradients of K/V
+are accumulated in place chunk by chunk, and the additive mask is built once per chunk in the
+query's dtype. Elsewhere (CUDA, or a build without those ops) each chunk is one
+``F.scaled_dot_product_attention`` call differentiated by autograd.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from longshard.kernels.attention.fused_cpu import fused_cpu_ops
 from longshard.kernels.block_sparse.banded import BandFarSpec
+
+
+@dataclass
+class _Chunk:
+    """One query chunk: queries [q0, q1) against band keys [k0, q1) and per-head far key positions.
+
+    Masks are boolean and broadcast where a rule does not depend on a dimension: ``band_keep`` is
+    (1 or B, 1 or H, Cq, q1 - k0); ``far_keep`` is (1 or B, H, 1 or Cq, n_far) and ``far_pos_HF`` None
+    when the chunk reads no far block. A query reads a band key only at block distance < band_blocks
+    and a far key only at distance >= band_blocks, so the two sets never overlap.
+    """
+
+    q0: int
+    q1: int
+    k0: int
+    band_keep: torch.Tensor
+    far_pos_HF: torch.Tensor | None = None  # (H, n_far) key positions (clamped into the sequence)
+    far_keep: torch.Tensor | None = None
+
+
+class _Plan:
+    """The per-chunk key sets and masks of a :class:`BandFarSpec` at one sequence length."""
+
+    def __init__(self, S: int, H: int, spec: BandFarSpec, doc_ids_BS: torch.Tensor | None,
+                 device: torch.device, chunk_blocks: int) -> None:
+        self.S, self.H, self.spec, self.doc = S, H, spec, doc_ids_BS
+        self.blk, self.L = spec.block, spec.band_blocks
+        self.n = math.ceil(S / self.blk)
+        self.starts = list(range(0, self.n, chunk_blocks))
+        self.chunk_blocks = chunk_blocks
+        dev = self.dev = device
+        self.far = spec.far_HF.to(dev) if spec.far_HF is not None and spec.far_HF.shape[1] else None
+        uniform = lambda t: t[:1] if bool((t == t[0]).all()) else t  # one value for every head: broadcast
+        self.window = uniform(spec.window_H.to(dev))[:, None, None] if spec.window_H is not None else None
+        self.sink = uniform(spec.sink_H.to(dev))[:, None, None] if spec.sink_H is not None else None
+        self.limit = spec.far_token_limit_H.to(dev)[:, None] if spec.far_token_limit_H is not None else None
+
+    def chunk(self, c0: int) -> _Chunk:
+        """Key sets and masks of the chunk starting at query block ``c0``."""
+        S, H, blk, L, dev = self.S, self.H, self.blk, self.L, self.dev
+        c1 = min(c0 + self.chunk_blocks, self.n)
+        q0, q1 = c0 * blk, min(c1 * blk, S)
+        k0 = max(c0 - L + 1, 0) * blk
+        q_pos = torch.arange(q0, q1, device=dev)  # (Cq,)
+        band_pos = torch.arange(k0, q1, device=dev)  # (Lb,)
+        # band: causal, within L blocks; token window / sinks per head where given
+        keep = (band_pos[None, :] <= q_pos[:, None]) & ((q_pos // blk)[:, None] - (band_pos // blk)[None, :] < L)
+        keep = keep[None, None]  # (1, 1, Cq, Lb)
+        if self.window is not None:
+            w_ok = (self.window <= 0) | ((q_pos[:, None] - band_pos[None, :])[None] < self.window)
+            if self.sink is not None:
+                w_ok = w_ok | (band_pos[None, None, :] < self.sink)
+            keep = keep & w_ok[None]
+        if self.doc is not None:
+            keep = keep & (self.doc[:, q0:q1, None] == self.doc[:, None, k0:q1])[:, None]
+        out = _Chunk(q0, q1, k0, keep)
+        if self.far is None:
+            return out
+        # far: the head's far blocks some query of the chunk is >= L blocks past (j <= c1 - 1 - L)
+        reach = (self.far >= 0) & (self.far <= c1 - 1 - L)  # (H, F)
+        n_far = int(reach.sum(1).max()) if reach.any() else 0
+        if n_far == 0:
+            return out
+        Fn = self.far.shape[1]
+        order = torch.where(reach, torch.arange(Fn, device=dev), Fn + 1).argsort(1)
+        fb = torch.gather(self.far, 1, order[:, :n_far])  # (H, n_far) block ids, valid first
+        f_ok = torch.gather(reach, 1, order[:, :n_far])
+        fpos = (fb.clamp_min(0)[..., None] * blk + torch.arange(blk, device=dev)).reshape(H, n_far * blk)
+        fk = (f_ok.repeat_interleave(blk, dim=1) & (fpos < S))[None, :, None]  # (1, H, 1, n_far*blk)
+        if self.limit is not None:
+            fk = fk & ((self.limit <= 0) | (fpos < self.limit))[None, :, None]
+        if bool((fb[f_ok] > c0 - L).any()):  # a far block inside the band range: only later queries read it
+            fk = fk & (fpos[:, None, :] < ((q_pos // blk - L + 1) * blk)[None, :, None])[None]  # i - j >= L
+        fpos = fpos.clamp_max(S - 1)
+        if self.doc is not None:
+            fk = fk & (self.doc[:, None, q0:q1, None] == self.doc[:, fpos][:, :, None, :])
+        out.far_pos_HF, out.far_keep = fpos, fk
+        return out
+
+
+def _band(x_BHSD: torch.Tensor, c: _Chunk, H: int) -> torch.Tensor:
+    """(B, H, q1 - k0, D): the chunk's band keys with KV heads repeated to the query heads."""
+    G = H // x_BHSD.shape[1]
+    band = x_BHSD[:, :, c.k0 : c.q1]
+    return band.repeat_interleave(G, dim=1) if G > 1 else band
+
+
+def _far(x_BHSD: torch.Tensor, c: _Chunk, H: int) -> torch.Tensor:
+    """(B, H, n_far, D): the chunk's far keys, gathered per query head."""
+    kv_head = torch.arange(H, device=x_BHSD.device) // (H // x_BHSD.shape[1])
+    return x_BHSD[:, kv_head[:, None], c.far_pos_HF]
+
+
+def _additive(keep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Boolean keep mask -> additive mask (0 kept, -inf dropped) of ``dtype``, same broadcast shape."""
+    return torch.zeros(keep.shape, dtype=dtype, device=keep.device).masked_fill_(~keep, float("-inf"))
+
+
+def _merge(o1, lse1, o2, lse2):
+    """Softmax-merge two partial attentions over disjoint keys (lse -inf = no keys), fp32 result."""
+    lse = torch.logaddexp(lse1, lse2)
+    w1 = torch.exp(lse1 - lse).nan_to_num(0.0)[..., None]
+    w2 = torch.exp(lse2 - lse).nan_to_num(0.0)[..., None]
+    return o1.float() * w1 + o2.float() * w2, lse
+
+
+class _FusedChunked(torch.autograd.Function):
+    """Every chunk as two fused CPU flash calls (band keys; far keys) merged by log-sum-exp.
+
+    Backward runs the fused backward of each call with the merged output and log-sum-exp (which
+    gives each call's share of the gradients), with the chunks' masks kept from the forward and
+    their keys gathered again, and adds the K/V gradients into one accumulator in place.
+    """
+
+    @staticmethod
+    def forward(ctx, q_BHSD, k_BHSD, v_BHSD, plan: _Plan, scale: float):
+        fwd, _ = fused_cpu_ops()
+        H = q_BHSD.shape[1]
+        outs, lses, chunks = [], [], []
+        for c0 in plan.starts:
+            c = plan.chunk(c0)
+            chunks.append(c)
+            q_c = q_BHSD[:, :, c.q0 : c.q1]
+            o, lse = fwd(q_c, _band(k_BHSD, c, H), _band(v_BHSD, c, H), 0.0, False,
+                         attn_mask=_additive(c.band_keep, q_BHSD.dtype), scale=scale)
+            if c.far_pos_HF is not None:
+                o_f, lse_f = fwd(q_c, _far(k_BHSD, c, H), _far(v_BHSD, c, H), 0.0, False,
+                                 attn_mask=_additive(c.far_keep, q_BHSD.dtype), scale=scale)
+                lse_f = lse_f.masked_fill(~c.far_keep.any(-1), float("-inf"))  # rows without far keys
+                o, lse = _merge(o, lse.float(), o_f, lse_f.float())
+            outs.append(o.to(q_BHSD.dtype).contiguous())
+            lses.append(lse.float().contiguous())
+        ctx.save_for_backward(q_BHSD, k_BHSD, v_BHSD, *outs, *lses)
+        ctx.chunks, ctx.scale = chunks, scale  # boolean masks and indices: small next to K/V
+        return torch.cat(outs, dim=2)
+
+    @staticmethod
+    def backward(ctx, grad_BHSD):
+        _, bwd = fused_cpu_ops()
+        q, k, v, *rest = ctx.saved_tensors
+        chunks, scale = ctx.chunks, ctx.scale
+        n_c = len(chunks)
+        B, H, S, D = q.shape
+        Hkv = k.shape[1]
+        acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+        dq = torch.empty_like(q)
+        dk_H = torch.zeros(B, H, S, D, dtype=acc, device=q.device)
+        dv_H = torch.zeros(B, H, S, v.shape[-1], dtype=acc, device=q.device)
+        for c, o, lse in zip(chunks, rest[:n_c], rest[n_c:]):
+            q_c, g_c = q[:, :, c.q0 : c.q1], grad_BHSD[:, :, c.q0 : c.q1].contiguous()
+            dq_c, dk_c, dv_c = bwd(g_c, q_c, _band(k, c, H), _band(v, c, H), o, lse, 0.0, False,
+                                   attn_mask=_additive(c.band_keep, q.dtype), scale=scale)
+            dk_H[:, :, c.k0 : c.q1] += dk_c
+            dv_H[:, :, c.k0 : c.q1] += dv_c
+            if c.far_pos_HF is not None:
+                dq_f, dk_f, dv_f = bwd(g_c, q_c, _far(k, c, H), _far(v, c, H), o, lse, 0.0, False,
+                                       attn_mask=_additive(c.far_keep, q.dtype), scale=scale)
+                dq_c = dq_c + dq_f
+                idx = c.far_pos_HF[None, :, :, None].expand(B, H, -1, D)
+                dk_H.scatter_add_(2, idx, dk_f.to(acc))
+                dv_H.scatter_add_(2, idx, dv_f.to(acc))
+            dq[:, :, c.q0 : c.q1] = dq_c
+        dk = dk_H.view(B, Hkv, H // Hkv, S, D).sum(2)
+        dv = dv_H.view(B, Hkv, H // Hkv, S, -1).sum(2)
+        return dq, dk.to(k.dtype), dv.to(v.dtype), None, None
 
 
 def band_far_attention_chunked(
@@ -26,90 +198,34 @@ def band_far_attention_chunked(
     spec: BandFarSpec,
     doc_ids_BS: torch.Tensor | None = None,
     scale: float | None = None,
-    chunk_blocks: int = 8,
+    chunk_blocks: int = 4,
+    fused: bool | None = None,
 ) -> torch.Tensor:
-    """Band + far block-sparse causal attention (Sq == Sk) through SDPA, ``chunk_blocks`` query blocks per call.
+    """Band + far block-sparse causal attention (Sq == Sk), ``chunk_blocks`` query blocks per fused call.
 
     Args: as :func:`longshard.kernels.block_sparse.banded.band_far_attention`, plus
-        chunk_blocks: query blocks per SDPA call (more = fewer calls, more masked band keys).
+        chunk_blocks: query blocks per call (more = fewer calls, more masked band keys).
+        fused: run the chunks through the fused CPU kernel directly (None = when on CPU and
+            available; False = one ``F.scaled_dot_product_attention`` call per chunk).
     """
     B, H, S, D = q_BHSD.shape
-    Hkv = k_BHSD.shape[1]
-    G, blk, L = H // Hkv, spec.block, spec.band_blocks
-    n = math.ceil(S / blk)
     scale = 1.0 / math.sqrt(D) if scale is None else scale
-    dev = q_BHSD.device
-    kv_head = torch.arange(H, device=dev) // G
-    far = spec.far_HF.to(dev) if spec.far_HF is not None and spec.far_HF.shape[1] else None
-    window = spec.window_H.to(dev)[:, None, None] if spec.window_H is not None else None
-    sink = spec.sink_H.to(dev)[:, None, None] if spec.sink_H is not None else None
-    limit = spec.far_token_limit_H.to(dev)[:, None, None] if spec.far_token_limit_H is not None else None
-    if far is not None:
-        far_set = torch.zeros(H, n + 1, dtype=torch.bool, device=dev)  # column n absorbs the -1 padding
-        far_set.scatter_(1, torch.where((far >= 0) & (far < n), far, n), True)
-        far_set = far_set[:, :n]
+    plan = _Plan(S, H, spec, doc_ids_BS, q_BHSD.device, chunk_blocks)
+    if fused is None:
+        fused = q_BHSD.device.type == "cpu" and fused_cpu_ops() is not None
+    if fused:
+        return _FusedChunked.apply(q_BHSD, k_BHSD, v_BHSD, plan, scale)
     outs = []
-    for c0 in range(0, n, chunk_blocks):
-        c1 = min(c0 + chunk_blocks, n)
-        q_start, q_end = c0 * blk, min(c1 * blk, S)
-        b0 = max(c0 - L + 1, 0)
-        k_start = b0 * blk
-        q_pos = torch.arange(q_start, q_end, device=dev)  # (Cq,)
-        band_pos = torch.arange(k_start, q_end, device=dev)  # (Lb,)
-        qi, kj = q_pos // blk, band_pos // blk
-        # band keys: causal and either near (within L blocks; token window/sinks apply) or a far block
-        # of the head at distance >= L (far token limit applies)
-        causal = (band_pos[None, :] <= q_pos[:, None])[None]  # (1, Cq, Lb)
-        near = (qi[:, None] - kj[None, :] < L)[None]
-        near_keep = near
-        if window is not None:
-            w_ok = (window <= 0) | ((q_pos[:, None] - band_pos[None, :])[None] < window)
-            if sink is not None:
-                w_ok = w_ok | (band_pos[None, None, :] < sink)
-            near_keep = near & w_ok
-        keep_band = near_keep
-        if far is not None:
-            far_keep = ~near & far_set[:, kj][:, None, :]
-            if limit is not None:
-                far_keep = far_keep & ((limit <= 0) | (band_pos[None, None, :] < limit))
-            keep_band = keep_band | far_keep
-        keep_band = keep_band & causal
-        k_band = k_BHSD[:, :, k_start:q_end]
-        v_band = v_BHSD[:, :, k_start:q_end]
-        keys_k, keys_v, masks, pos_parts = [], [], [], []
-        if far is not None:
-            before = (far >= 0) & (far < b0)  # (H, F): far blocks left of the band
-            n_far = int(before.sum(1).max()) if before.any() else 0
-            if n_far:
-                order = torch.where(before, torch.arange(far.shape[1], device=dev), far.shape[1] + 1).argsort(1)
-                fb = torch.gather(far, 1, order[:, :n_far])  # (H, n_far) block ids, valid first
-                f_ok = torch.gather(before, 1, order[:, :n_far])
-                fpos = (fb.clamp_min(0)[..., None] * blk + torch.arange(blk, device=dev)).reshape(H, n_far * blk)
-                f_keep = f_ok.repeat_interleave(blk, dim=1) & (fpos < S)
-                if limit is not None:
-                    f_keep = f_keep & ((limit[:, 0] <= 0) | (fpos < limit[:, 0]))
-                kk = k_BHSD[:, kv_head[:, None], fpos.clamp_max(S - 1)]  # (B, H, n_far*blk, D)
-                vv = v_BHSD[:, kv_head[:, None], fpos.clamp_max(S - 1)]
-                keys_k.append(kk)
-                keys_v.append(vv)
-                masks.append(f_keep[:, None, :].expand(H, q_end - q_start, -1))
-                pos_parts.append(fpos.clamp_max(S - 1))
-        keys_k.append(k_band.repeat_interleave(G, dim=1) if keys_k else k_band)
-        keys_v.append(v_band.repeat_interleave(G, dim=1) if keys_v else v_band)
-        masks.append(keep_band.expand(H, -1, -1))
-        pos_parts.append(band_pos[None].expand(H, -1))
-        if len(keys_k) == 1:  # band only: the keys are a slice of k (no copy)
-            kc, vc, mask = keys_k[0], keys_v[0], masks[0][None]
+    for c0 in plan.starts:  # one SDPA call per chunk over [far keys, band keys]
+        c = plan.chunk(c0)
+        Cq = c.q1 - c.q0
+        Bm = c.band_keep.shape[0] if c.far_keep is None else max(c.band_keep.shape[0], c.far_keep.shape[0])
+        if c.far_pos_HF is None:  # band only: keys are a slice of k (no copy), GQA inside SDPA
+            kc, vc, mask = k_BHSD[:, :, c.k0 : c.q1], v_BHSD[:, :, c.k0 : c.q1], c.band_keep
         else:
-            kc, vc = torch.cat(keys_k, dim=2), torch.cat(keys_v, dim=2)
-            mask = torch.cat(masks, dim=2)[None]  # (1, H, Cq, Lk)
-        if doc_ids_BS is not None:
-            kpos = torch.cat(pos_parts, dim=1)  # (H, Lk)
-            d_q = doc_ids_BS[:, q_start:q_end]
-            d_k = doc_ids_BS[:, kpos]  # (B, H, Lk)
-            mask = mask & (d_q[:, None, :, None] == d_k[:, :, None, :])
-        gqa = kc.shape[1] != H
-        o = F.scaled_dot_product_attention(q_BHSD[:, :, q_start:q_end], kc, vc, attn_mask=mask, scale=scale,
-                                           enable_gqa=gqa)
-        outs.append(o)
+            kc = torch.cat([_far(k_BHSD, c, H), _band(k_BHSD, c, H)], dim=2)
+            vc = torch.cat([_far(v_BHSD, c, H), _band(v_BHSD, c, H)], dim=2)
+            mask = torch.cat([c.far_keep.expand(Bm, H, Cq, -1), c.band_keep.expand(Bm, H, Cq, -1)], dim=3)
+        outs.append(F.scaled_dot_product_attention(q_BHSD[:, :, c.q0 : c.q1], kc, vc, attn_mask=mask,
+                                                   scale=scale, enable_gqa=kc.shape[1] != H))
     return torch.cat(outs, dim=2)
