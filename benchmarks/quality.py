@@ -26,6 +26,7 @@ VARIANTS: dict[str, list[str]] = {
     "nsa": ["model.attention=[{name: nsa, options: {compress_block: 16, compress_stride: 8, select_block: 32, "
             "n_select: 4, n_local: 2, window: 64}}]"],
     "linear": ["model.attention=[{name: linear}]"],
+    "linear_gated": ["model.attention=[{name: linear, gate: elementwise}]"],
     "linear_hybrid": ["model.attention=[{name: linear},{name: dense},{name: linear},{name: dense}]"],
     "gated": ["model.attention=[{name: dense, gate: elementwise}]"],
     "mixed_dense_s2": ["model.attention=[{name: mixed, options: {groups: [{name: dense, heads: 3}, "
