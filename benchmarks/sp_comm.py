@@ -53,15 +53,16 @@ def worker(mode: str, S: int, out: str, variant: str = "dense") -> None:
     from longshard.models.attention import AttentionBatch, AttentionContext, build_attention
     from longshard.parallel.linear_state import LinearStateParallel
     from longshard.parallel.ring import RingAttention
-    from longshard.parallel.sequence import CommCounter, UlyssesAttention
+    from longshard.parallel.sequence import CommCounter, UlyssesAttention, zigzag_positions
     from longshard.parallel.sparse_exchange import SparseExchangeAttention
 
     dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     P, r = dist.get_world_size(), dist.get_rank()
     dev = torch.device("cuda", r) if torch.cuda.is_available() else torch.device("cpu")
     ctx = AttentionContext(layer_idx=0, n_layers=1, n_heads=H, n_kv_heads=HKV, head_dim=D)
-    opts = SPARSE.get(variant, {"backend": "sdpa"} if variant == "dense" else {"chunk": 64})
-    core = build_attention(variant, opts, ctx)
+    packed = variant == "dense_packed"  # dense over 8 packed documents (document mask)
+    opts = SPARSE.get(variant, {"backend": "sdpa"} if variant.startswith("dense") else {"chunk": 64})
+    core = build_attention("dense" if packed else variant, opts, ctx)
     counter = CommCounter()
     analytic_bytes = None
     if variant == "linear":
@@ -76,11 +77,15 @@ def worker(mode: str, S: int, out: str, variant: str = "dense") -> None:
         layer = RingAttention(core, dist.group.WORLD, counter)
     L = S // P
     q, k, v = (torch.randn(1, h, L, D, device=dev, requires_grad=True) for h in (H, HKV, HKV))
-    layer(q, k, v, AttentionBatch()).sum().backward()  # warm-up
+    batch = AttentionBatch()
+    if packed:  # this rank's positions (zigzag under ring, contiguous under Ulysses) -> document ids
+        pos = zigzag_positions(r, P, L, dev) if mode == "ring" else torch.arange(r * L, (r + 1) * L, device=dev)
+        batch = AttentionBatch(doc_ids_BS=(pos // (S // 8))[None])
+    layer(q, k, v, batch).sum().backward()  # warm-up
     counter.reset()
     dist.barrier()
     t0 = time.perf_counter()
-    layer(q, k, v, AttentionBatch()).sum().backward()
+    layer(q, k, v, batch).sum().backward()
     dist.barrier()
     wall = time.perf_counter() - t0
     if r == 0:
@@ -105,7 +110,8 @@ def main(argv: list[str] | None = None) -> int:
                      f"{'dense ring':>12s} {'wall s':>8s}\n")
     for P in sps:
         for S in lengths:
-            runs = [("ulysses", "dense"), ("ring", "dense"), ("ulysses", "linear"), ("ring", "linear")]
+            runs = [("ulysses", "dense"), ("ring", "dense"), ("ulysses", "dense_packed"), ("ring", "dense_packed"),
+                    ("ulysses", "linear"), ("ring", "linear")]
             if S <= 8192:  # the sparse exchange attends with the naive masked softmax on CPU
                 runs += [("sparse_ring", "s2"), ("sparse_ring", "sliding_window")]
             for mode, variant in runs:

@@ -22,7 +22,7 @@ import math
 import torch
 import torch.distributed as dist
 from longshard.errors import require
-from longshard.kernels.attention.fused_cpu import fused_cpu_ops
+from longshard.kernels.attention.fused_cpu import additive_mask, fused_cpu_ops, merge_partials
 from longshard.kernels.attention.naive import attention_naive
 from longshard.models.attention import AttentionBatch, CoreAttention
 from longshard.parallel.sequence import CommCounter, shard_segments, zigzag_positions
@@ -73,12 +73,14 @@ def _chunk_pairs(r: int, src: int, P: int, L: int) -> list[tuple[slice, slice, b
             if kg <= qg]
 
 
-def _merge(o, lse, ob, lb):
-    """Merge a partial output (``ob``, ``lb``) into (``o``, ``lse``) by log-sum-exp (fp32)."""
-    new = torch.logaddexp(lse, lb)
-    w_old = torch.exp(lse - new).nan_to_num(0.0)
-    w_new = torch.exp(lb - new).nan_to_num(0.0)
-    return o * w_old[..., None] + ob.float() * w_new[..., None], new
+def _pair_mask(doc_all, r: int, src: int, qs: slice, ks: slice, causal: bool) -> torch.Tensor | None:
+    """(B, 1, Lq, Lk) keep mask of a chunk pair with packed documents (causal folded in), or None."""
+    if doc_all is None:
+        return None
+    mask = (doc_all[r][:, qs, None] == doc_all[src][:, None, ks])[:, None]
+    if causal:  # the same zigzag chunk on both sides: positions align
+        mask = mask & torch.ones(mask.shape[-2:], dtype=torch.bool, device=mask.device).tril()
+    return mask
 
 
 class _RingAttnFn(torch.autograd.Function):
@@ -93,7 +95,7 @@ class _RingAttnFn(torch.autograd.Function):
         o = torch.zeros(B, H, L, D, dtype=torch.float32, device=q.device)
         lse = torch.full((B, H, L), float("-inf"), device=q.device)
         kv = [k, v]
-        fused = fused_cpu_ops() if (q.device.type == "cpu" and doc_all is None and L % 2 == 0) else None
+        fused = fused_cpu_ops() if (q.device.type == "cpu" and L % 2 == 0) else None
         for step in range(P):
             src = (r - step) % P
             pending = ring.start(kv) if step < P - 1 else None  # next block in flight during compute
@@ -101,16 +103,24 @@ class _RingAttnFn(torch.autograd.Function):
             vb = kv[1].float().repeat_interleave(rep, 1)
             if fused is not None:  # zigzag chunk pairs through the fused kernel (full or causal each)
                 for qs, ks, causal in _chunk_pairs(r, src, P, L):
-                    ob, lb = fused[0](qf[:, :, qs], kb[:, :, ks], vb[:, :, ks], 0.0, causal, scale=scale)
-                    o[:, :, qs], lse[:, :, qs] = _merge(o[:, :, qs], lse[:, :, qs], ob, lb)
-            else:  # packed documents (arbitrary masks) or no fused kernel: fp32 reference math
+                    mask = _pair_mask(doc_all, r, src, qs, ks, causal)
+                    if mask is None:
+                        ob, lb = fused[0](qf[:, :, qs], kb[:, :, ks], vb[:, :, ks], 0.0, causal, scale=scale)
+                    elif bool(mask.any()):
+                        ob, lb = fused[0](qf[:, :, qs], kb[:, :, ks], vb[:, :, ks], 0.0, False,
+                                          attn_mask=additive_mask(mask), scale=scale)
+                        lb = lb.masked_fill(~mask.any(-1), float("-inf"))  # rows with no key in this pair
+                    else:
+                        continue
+                    o[:, :, qs], lse[:, :, qs] = merge_partials(o[:, :, qs], lse[:, :, qs], ob, lb)
+            else:  # no fused kernel (CUDA, odd shard length): fp32 reference math
                 k_pos = zigzag_positions(src, P, L, q.device)
                 mask = (k_pos[None, :] <= q_pos[:, None])[None, None]
                 if doc_q is not None:
                     mask = mask & (doc_q[:, :, None] == doc_all[src][:, None, :])[:, None]
                 if bool(mask.any()):
                     ob, lb = attention_naive(qf, kb, vb, mask, scale, return_lse=True)
-                    o, lse = _merge(o, lse, ob, lb)
+                    o, lse = merge_partials(o, lse, ob, lb)
             if pending is not None:
                 ring.wait(pending)
                 kv = pending[1]
@@ -141,8 +151,12 @@ class _RingAttnFn(torch.autograd.Function):
             if fused is not None:  # the fused backward with the merged output and log-sum-exp
                 dkb, dvb = torch.zeros_like(kf), torch.zeros_like(vf)
                 for qs, ks, causal in _chunk_pairs(r, src, P, L):
+                    mask = _pair_mask(doc_all, r, src, qs, ks, causal)
+                    if mask is not None and not bool(mask.any()):
+                        continue
                     g = fused[1](go[:, :, qs], qf[:, :, qs], kf[:, :, ks], vf[:, :, ks], o[:, :, qs],
-                                 lse[:, :, qs], 0.0, causal, scale=scale)
+                                 lse[:, :, qs], 0.0, causal and mask is None,
+                                 attn_mask=None if mask is None else additive_mask(mask), scale=scale)
                     dq[:, :, qs] += g[0]
                     dkb[:, :, ks] += g[1]
                     dvb[:, :, ks] += g[2]

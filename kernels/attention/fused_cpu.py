@@ -24,3 +24,26 @@ def fused_cpu_ops() -> tuple[Callable, Callable] | None:
     fwd = getattr(aten, "_scaled_dot_product_flash_attention_for_cpu", None)
     bwd = getattr(aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
     return (fwd, bwd) if fwd is not None and bwd is not None else None
+
+
+def additive_mask(keep: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Boolean keep mask -> additive mask of ``dtype`` (0 kept, -inf dropped), same (broadcast) shape."""
+    return torch.zeros(keep.shape, dtype=dtype, device=keep.device).masked_fill_(~keep, float("-inf"))
+
+
+def merge_partials(
+    o1: torch.Tensor, lse1: torch.Tensor, o2: torch.Tensor, lse2: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax-merge two partial attentions over disjoint key sets (fp32 result).
+
+    Args:
+        o1, o2: (..., S, D) partial outputs, each normalised over its own keys.
+        lse1, lse2: (..., S) their log-sum-exps; -inf marks a row with no keys.
+
+    Returns:
+        (merged output, merged log-sum-exp).
+    """
+    lse = torch.logaddexp(lse1, lse2)
+    w1 = torch.exp(lse1 - lse).nan_to_num(0.0)[..., None]
+    w2 = torch.exp(lse2 - lse).nan_to_num(0.0)[..., None]
+    return o1.float() * w1 + o2.float() * w2, lse

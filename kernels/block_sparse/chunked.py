@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from longshard.kernels.attention.fused_cpu import fused_cpu_ops
+from longshard.kernels.attention.fused_cpu import additive_mask, fused_cpu_ops, merge_partials
 from longshard.kernels.block_sparse.banded import BandFarSpec
 
 
@@ -117,19 +117,6 @@ def _far(x_BHSD: torch.Tensor, c: _Chunk, H: int) -> torch.Tensor:
     return x_BHSD[:, kv_head[:, None], c.far_pos_HF]
 
 
-def _additive(keep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Boolean keep mask -> additive mask (0 kept, -inf dropped) of ``dtype``, same broadcast shape."""
-    return torch.zeros(keep.shape, dtype=dtype, device=keep.device).masked_fill_(~keep, float("-inf"))
-
-
-def _merge(o1, lse1, o2, lse2):
-    """Softmax-merge two partial attentions over disjoint keys (lse -inf = no keys), fp32 result."""
-    lse = torch.logaddexp(lse1, lse2)
-    w1 = torch.exp(lse1 - lse).nan_to_num(0.0)[..., None]
-    w2 = torch.exp(lse2 - lse).nan_to_num(0.0)[..., None]
-    return o1.float() * w1 + o2.float() * w2, lse
-
-
 class _FusedChunked(torch.autograd.Function):
     """Every chunk as two fused CPU flash calls (band keys; far keys) merged by log-sum-exp.
 
@@ -148,12 +135,12 @@ class _FusedChunked(torch.autograd.Function):
             chunks.append(c)
             q_c = q_BHSD[:, :, c.q0 : c.q1]
             o, lse = fwd(q_c, _band(k_BHSD, c, H), _band(v_BHSD, c, H), 0.0, False,
-                         attn_mask=_additive(c.band_keep, q_BHSD.dtype), scale=scale)
+                         attn_mask=additive_mask(c.band_keep, q_BHSD.dtype), scale=scale)
             if c.far_pos_HF is not None:
                 o_f, lse_f = fwd(q_c, _far(k_BHSD, c, H), _far(v_BHSD, c, H), 0.0, False,
-                                 attn_mask=_additive(c.far_keep, q_BHSD.dtype), scale=scale)
+                                 attn_mask=additive_mask(c.far_keep, q_BHSD.dtype), scale=scale)
                 lse_f = lse_f.masked_fill(~c.far_keep.any(-1), float("-inf"))  # rows without far keys
-                o, lse = _merge(o, lse.float(), o_f, lse_f.float())
+                o, lse = merge_partials(o, lse.float(), o_f, lse_f.float())
             outs.append(o.to(q_BHSD.dtype).contiguous())
             lses.append(lse.float().contiguous())
         ctx.save_for_backward(q_BHSD, k_BHSD, v_BHSD, *outs, *lses)
@@ -175,12 +162,12 @@ class _FusedChunked(torch.autograd.Function):
         for c, o, lse in zip(chunks, rest[:n_c], rest[n_c:]):
             q_c, g_c = q[:, :, c.q0 : c.q1], grad_BHSD[:, :, c.q0 : c.q1].contiguous()
             dq_c, dk_c, dv_c = bwd(g_c, q_c, _band(k, c, H), _band(v, c, H), o, lse, 0.0, False,
-                                   attn_mask=_additive(c.band_keep, q.dtype), scale=scale)
+                                   attn_mask=additive_mask(c.band_keep, q.dtype), scale=scale)
             dk_H[:, :, c.k0 : c.q1] += dk_c
             dv_H[:, :, c.k0 : c.q1] += dv_c
             if c.far_pos_HF is not None:
                 dq_f, dk_f, dv_f = bwd(g_c, q_c, _far(k, c, H), _far(v, c, H), o, lse, 0.0, False,
-                                       attn_mask=_additive(c.far_keep, q.dtype), scale=scale)
+                                       attn_mask=additive_mask(c.far_keep, q.dtype), scale=scale)
                 dq_c = dq_c + dq_f
                 idx = c.far_pos_HF[None, :, :, None].expand(B, H, -1, D)
                 dk_H.scatter_add_(2, idx, dk_f.to(acc))
