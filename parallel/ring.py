@@ -8,11 +8,11 @@ accumulators, which return to their owner after P hops. Block-sparse variants us
 sparsity-aware exchange of :mod:`longshard.parallel.sparse_exchange` instead.
 
 Per step, each pair of zigzag chunks (local queries x visiting keys) is either fully visible,
-causal (the same chunk) or invisible. On CPU without packed documents the visible pairs run
-through PyTorch's fused flash-attention CPU kernel, whose forward returns the log-sum-exp and
-whose backward takes the merged output and log-sum-exp (as ring-flash-attn does with flash-attn
-on GPU); otherwise (packed documents: arbitrary masks; CUDA, for now) the fp32 reference math
-with explicit scores runs.
+causal (the same chunk) or invisible. On CPU the visible pairs run through PyTorch's fused
+flash-attention CPU kernel, whose forward returns the log-sum-exp and whose backward takes the
+merged output and log-sum-exp (as ring-flash-attn does with flash-attn on GPU); packed documents
+add an additive document mask per pair (pairs with no shared document are skipped). Otherwise
+(CUDA, for now, or an odd shard length) the fp32 reference math with explicit scores runs.
 """
 
 from __future__ import annotations

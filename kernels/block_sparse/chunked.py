@@ -1,18 +1,19 @@
 """Band + far block-sparse attention as a few fused flash-attention calls over query chunks.
 
 For a chunk of ``chunk_blocks`` query blocks, the keys any of its queries may read are one
-contiguous band (the chunk plus the ``band_blocks - 1`` blocks before it) and, per head, the far
-blocks that lie before that band (all of which every query of the chunk may read). Each chunk is
-one fused attention call over [far keys, band keys] with a mask for the rest of the rule (local
-distance, far blocks inside the band, token windows/sinks, causality, documents). The cost is
-(far + band + chunk) keys per query instead of every earlier key, with no S x S score matrix.
-Exact (the same set of keys per query as :mod:`banded`).
+contiguous band (the chunk plus the ``band_blocks - 1`` blocks before it, read at block distance
+< ``band_blocks``) and, per head, the far blocks some query of the chunk is at least
+``band_blocks`` past. The band mask (causality, distance, token windows/sinks, documents) is
+broadcast over heads where the rule allows; the far mask covers padding, the far token limit,
+documents and far blocks inside the band range (read only by the chunk's later queries). The
+cost is (far + band + chunk) keys per query instead of every earlier key, with no S x S score
+matrix. Exact (the same set of keys per query as :mod:`banded`).
 
-On CPU the chunks run through PyTorch's fused flash kernel directly (forward and backward, see
-:mod:`longshard.kernels.attention.fused_cpu`) inside one autograd function: the gradients of K/V
-are accumulated in place chunk by chunk, and the additive mask is built once per chunk in the
-query's dtype. Elsewhere (CUDA, or a build without those ops) each chunk is one
-``F.scaled_dot_product_attention`` call differentiated by autograd.
+On CPU each chunk is two calls of PyTorch's fused flash kernel (band keys; far keys gathered per
+head, see :mod:`longshard.kernels.attention.fused_cpu`) merged by log-sum-exp, inside one autograd
+function whose backward runs the fused backward per call and accumulates the K/V gradients in
+place. Elsewhere (CUDA, or a build without those ops) each chunk is one
+``F.scaled_dot_product_attention`` call over [far keys, band keys], differentiated by autograd.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ class _Plan:
 
     def __init__(self, S: int, H: int, spec: BandFarSpec, doc_ids_BS: torch.Tensor | None,
                  device: torch.device, chunk_blocks: int) -> None:
-        self.S, self.H, self.spec, self.doc = S, H, spec, doc_ids_BS
+        self.S, self.H, self.doc = S, H, doc_ids_BS
         self.blk, self.L = spec.block, spec.band_blocks
         self.n = math.ceil(S / self.blk)
         self.starts = list(range(0, self.n, chunk_blocks))
@@ -205,14 +206,13 @@ def band_far_attention_chunked(
     outs = []
     for c0 in plan.starts:  # one SDPA call per chunk over [far keys, band keys]
         c = plan.chunk(c0)
-        Cq = c.q1 - c.q0
-        Bm = c.band_keep.shape[0] if c.far_keep is None else max(c.band_keep.shape[0], c.far_keep.shape[0])
         if c.far_pos_HF is None:  # band only: keys are a slice of k (no copy), GQA inside SDPA
             kc, vc, mask = k_BHSD[:, :, c.k0 : c.q1], v_BHSD[:, :, c.k0 : c.q1], c.band_keep
         else:
             kc = torch.cat([_far(k_BHSD, c, H), _band(k_BHSD, c, H)], dim=2)
             vc = torch.cat([_far(v_BHSD, c, H), _band(v_BHSD, c, H)], dim=2)
-            mask = torch.cat([c.far_keep.expand(Bm, H, Cq, -1), c.band_keep.expand(Bm, H, Cq, -1)], dim=3)
+            shape = (max(c.band_keep.shape[0], c.far_keep.shape[0]), H, c.q1 - c.q0, -1)
+            mask = torch.cat([c.far_keep.expand(shape), c.band_keep.expand(shape)], dim=3)
         outs.append(F.scaled_dot_product_attention(q_BHSD[:, :, c.q0 : c.q1], kc, vc, attn_mask=mask,
                                                    scale=scale, enable_gqa=kc.shape[1] != H))
     return torch.cat(outs, dim=2)
