@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -16,6 +16,7 @@ from torch.utils.checkpoint import checkpoint
 
 IGNORE_INDEX = -100
 AC_MODES = ("none", "full", "attention_boundary")
+LOSS_CHUNK_BYTES = 256 * 2**20  # fp32 logits of one loss chunk (auto chunk size)
 
 
 class RMSNorm(nn.Module):
@@ -37,7 +38,7 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        return (self.weight * x32.to(x.dtype)).to(x.dtype)  # fp32 weight must not promote a bf16 input
 
 
 class InferenceCache:
@@ -244,6 +245,7 @@ class Transformer(nn.Module):
             self.output.weight = self.tok_embeddings.weight
         self.activation_checkpointing = "none"
         self.activation_offload = None
+        self.loss_chunk_tokens: int | None = 0  # 0 = auto (LOSS_CHUNK_BYTES of fp32 logits), None = one pass
         self.init_weights()
 
     @torch.no_grad()
@@ -285,6 +287,13 @@ class Transformer(nn.Module):
             raise ValueError(f"activation checkpointing mode {mode!r}: use one of {AC_MODES}")
         self.activation_checkpointing = mode
 
+    def set_loss_chunking(self, chunk_tokens: int | None) -> None:
+        """How the loss head (``forward(..., labels_BS=...)``) splits the tokens: ``0`` = auto (fp32
+        logits of one chunk <= 256 MB), ``n > 0`` = n tokens per chunk, ``None`` = all logits at once."""
+        if chunk_tokens is not None and chunk_tokens < 0:
+            raise ValueError(f"loss chunk of {chunk_tokens} tokens: use 0 (auto), a positive count or None")
+        self.loss_chunk_tokens = chunk_tokens
+
     def set_activation_offload(self, mode: str) -> None:
         """``none``, ``kv`` (saved keys/values of every core attention in host memory) or ``attention``
         (everything the core attentions save); see :class:`longshard.models.offload.ActivationOffload`."""
@@ -301,14 +310,19 @@ class Transformer(nn.Module):
         position_ids_BS: torch.Tensor | None = None,
         doc_ids_BS: torch.Tensor | None = None,
         cache: InferenceCache | None = None,
-    ) -> torch.Tensor:
-        """Logits (B, S, vocab).
+        labels_BS: torch.Tensor | None = None,
+        want_correct: bool = False,
+    ) -> torch.Tensor | LossOutput:
+        """Logits (B, S, vocab), or with ``labels_BS`` the loss head's :class:`LossOutput`.
 
         Args:
             tokens_BS: token ids.
             position_ids_BS: RoPE positions; default restarts per document (or continues the cache).
             doc_ids_BS: document index per token for packed sequences (None = one document).
             cache: decoding state; the tokens continue the sequence held by the cache.
+            labels_BS: target ids (``IGNORE_INDEX`` = no loss): return the summed cross entropy
+                computed chunk by chunk (:func:`chunked_lm_loss`), never holding all logits.
+            want_correct: with labels, also report where the argmax prediction equals the label.
         """
         B, S = tokens_BS.shape
         if cache is not None and doc_ids_BS is not None:
@@ -320,7 +334,7 @@ class Transformer(nn.Module):
                 start = cache.seen if cache is not None else 0
                 position_ids_BS = torch.arange(start, start + S, device=tokens_BS.device).expand(B, S)
         h = self.tok_embeddings(tokens_BS)
-        cos, sin = self.rope(position_ids_BS, h.dtype)
+        cos, sin = self.rope(position_ids_BS, torch.float32)  # apply_rope casts back to q/k's dtype
         batch = AttentionBatch(doc_ids_BS=doc_ids_BS)
         if self.activation_offload is not None and torch.is_grad_enabled():
             self.activation_offload.reset()
@@ -336,7 +350,79 @@ class Transformer(nn.Module):
             cache.seen += S
         if self.activation_offload is not None and torch.is_grad_enabled():
             self.activation_offload.check_moved()
-        return self.output(self.norm(h))
+        h = self.norm(h)
+        if labels_BS is None:
+            return self.output(h)
+        chunk = self.loss_chunk_tokens
+        if chunk == 0:
+            chunk = max(1, LOSS_CHUNK_BYTES // (4 * self.cfg.vocab_size))
+        return chunked_lm_loss(h, self.output.weight, labels_BS, chunk, want_correct)
+
+
+class LossOutput(NamedTuple):
+    """What the loss head returns.
+
+    Args:
+        loss_sum: summed next-token cross entropy over counted labels (fp32 scalar).
+        n_tokens: number of counted labels (int64 scalar).
+        correct_BS: (B, S) bool, argmax == label at counted positions (only with ``want_correct``).
+    """
+
+    loss_sum: torch.Tensor
+    n_tokens: torch.Tensor
+    correct_BS: torch.Tensor | None = None
+
+
+def _chunk_loss(h_NE: torch.Tensor, weight_VE: torch.Tensor, labels_N: torch.Tensor) -> torch.Tensor:
+    logits_NV = F.linear(h_NE, weight_VE)
+    return F.cross_entropy(logits_NV.float(), labels_N, ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def chunked_lm_loss(
+    h_BSE: torch.Tensor, weight_VE: torch.Tensor, labels_BS: torch.Tensor, chunk_tokens: int | None,
+    want_correct: bool = False,
+) -> LossOutput:
+    """Output projection + cross entropy over chunks of tokens, recomputed in backward.
+
+    Each chunk's logits (computed in the autocast dtype, the softmax in fp32) live only while that
+    chunk is processed: under autograd every chunk is a non-reentrant checkpoint that saves its
+    slice of ``h`` (already alive) and recomputes the logits in backward, so the head holds
+    ``chunk_tokens x vocab`` fp32 logits at a time instead of ``B x S x vocab``.
+
+    Args:
+        h_BSE: final normed hidden states.
+        weight_VE: output projection (the embedding matrix when tied).
+        labels_BS: target ids, ``IGNORE_INDEX`` where no loss is taken.
+        chunk_tokens: tokens per chunk; None = one pass over all tokens (the plain head).
+        want_correct: also return where argmax == label (evaluation; forward only).
+    """
+    h_NE, labels_N = h_BSE.flatten(0, 1), labels_BS.flatten()
+    N = h_NE.shape[0]
+    step = N if chunk_tokens is None else max(1, chunk_tokens)
+    grad = torch.is_grad_enabled() and (h_NE.requires_grad or weight_VE.requires_grad)
+    total = torch.zeros((), dtype=torch.float32, device=h_NE.device)
+    correct = [] if want_correct else None
+    for a in range(0, N, step):
+        h_c, lab_c = h_NE[a : a + step], labels_N[a : a + step]
+        if want_correct:
+            with torch.no_grad():
+                logits = F.linear(h_c, weight_VE)
+                correct.append((logits.argmax(-1) == lab_c) & (lab_c != IGNORE_INDEX))
+                total = total + F.cross_entropy(logits.float(), lab_c, ignore_index=IGNORE_INDEX, reduction="sum")
+            continue
+        if grad and step < N:
+            total = total + checkpoint(_chunk_loss, h_c, weight_VE, lab_c, use_reentrant=False)
+        else:
+            total = total + _chunk_loss(h_c, weight_VE, lab_c)
+    n = (labels_N != IGNORE_INDEX).sum()
+    return LossOutput(total, n, torch.cat(correct).view_as(labels_BS) if want_correct else None)
+
+
+def loss_from_logits(logits_BSV: torch.Tensor, labels_BS: torch.Tensor, want_correct: bool = False) -> LossOutput:
+    """:class:`LossOutput` of already computed logits (models or stand-ins that produce logits)."""
+    loss, n = cross_entropy_sum(logits_BSV, labels_BS)
+    correct = (logits_BSV.argmax(-1) == labels_BS) & (labels_BS != IGNORE_INDEX) if want_correct else None
+    return LossOutput(loss, n, correct)
 
 
 def cross_entropy_sum(logits_BSV: torch.Tensor, labels_BS: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -105,6 +105,12 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope(x_BHSD: torch.Tensor, cos_BSD: torch.Tensor, sin_BSD: torch.Tensor) -> torch.Tensor:
-    """Rotate queries or keys (B, H, S, D) by position."""
+    """Rotate queries or keys (B, H, S, D) by position.
+
+    The rotation runs in the precision of the tables (fp32 from :class:`RotaryEmbedding`) and the
+    result is cast back to ``x_BHSD``'s dtype, so under bf16 autocast the core attention receives
+    bf16 q/k (as HF and torchtitan do); in fp32 nothing is cast.
+    """
     cos, sin = cos_BSD[:, None], sin_BSD[:, None]
-    return x_BHSD * cos + rotate_half(x_BHSD) * sin
+    x = x_BHSD.to(cos.dtype)
+    return (x * cos + rotate_half(x) * sin).to(x_BHSD.dtype)

@@ -9,12 +9,12 @@ import torch
 from longshard.models.model import Transformer
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
 
-def parallelize(model: Transformer, mesh: DeviceMesh, dp_mode: str) -> nn.Module:
+def parallelize(model: Transformer, mesh: DeviceMesh, dp_mode: str, dtype: torch.dtype | None = None) -> nn.Module:
     """Wrap ``model`` for data parallel training over ``mesh["dp"]``.
 
     Gradients are reduced over the whole (dp, sp) mesh: sequence-parallel ranks hold different
@@ -25,6 +25,10 @@ def parallelize(model: Transformer, mesh: DeviceMesh, dp_mode: str) -> nn.Module
         model: single-device model, already on its device, identical on every rank.
         mesh: device mesh with ``dp`` and ``sp`` dimensions.
         dp_mode: ``ddp`` (gradient all-reduce) or ``fsdp2`` (each block and the root sharded).
+        dtype: compute dtype of a mixed-precision run (``torch.bfloat16``) or None (fp32). FSDP2 then
+            gathers parameters in ``dtype`` for compute and reduce-scatters gradients in fp32 into fp32
+            shards (the optimizer's master weights), as torchtitan does. DDP keeps fp32 parameters,
+            an fp32 all-reduce and the trainer's autocast for bf16 compute.
 
     Returns:
         The wrapped module; use :func:`unwrap` to reach the :class:`Transformer`.
@@ -35,9 +39,11 @@ def parallelize(model: Transformer, mesh: DeviceMesh, dp_mode: str) -> nn.Module
     if dp_mode == "fsdp2":
         # 2-D (HSDP): replicate over dp, shard over the sequence group (hybrid: its flattened ring x uly)
         shard_mesh = mesh["dp", "sp"] if mesh["sp"].size() > 1 else mesh["dp"]
+        mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32) if dtype is not None else \
+            MixedPrecisionPolicy()
         for block in model.layers:
-            fully_shard(block, mesh=shard_mesh)
-        fully_shard(model, mesh=shard_mesh)
+            fully_shard(block, mesh=shard_mesh, mp_policy=mp)
+        fully_shard(model, mesh=shard_mesh, mp_policy=mp)
         return model
     raise ValueError(f"unknown dp_mode {dp_mode!r}: use ddp or fsdp2")
 

@@ -7,7 +7,8 @@ exactly which (KV head, key block) pairs each peer's local queries read from it,
 those with one ``batch_isend_irecv`` exchange; the backward sends their gradients back to the
 owners. Sharding is the ring's zigzag (rank r holds chunks r and 2P-1-r), so causal work stays
 balanced. Each rank then attends its local queries to its own tokens plus the received blocks,
-with the pattern's token-level mask on global positions (exact, fp32 softmax).
+with the pattern's token-level mask on global positions, chunk by chunk through the fused kernels of
+:mod:`longshard.kernels.block_sparse.gathered` (exact; memory linear in the local length).
 """
 
 from __future__ import annotations
@@ -17,8 +18,8 @@ import math
 import torch
 import torch.distributed as dist
 from longshard.errors import ConfigError
-from longshard.kernels.attention.naive import attention_naive
-from longshard.kernels.block_sparse.pattern import SparsePattern, token_keep
+from longshard.kernels.block_sparse.gathered import BufferLayout, gathered_block_attention
+from longshard.kernels.block_sparse.pattern import SparsePattern
 from longshard.models.attention import AttentionBatch, CoreAttention
 from longshard.parallel.sequence import CommCounter, zigzag_positions
 
@@ -214,14 +215,7 @@ class SparseExchangeAttention(CoreAttention):
         if R:
             extra_pos[recv_idx[:, 0], slot] = recv_idx[:, 1:2] * blk + torch.arange(blk, device=dev)
         k_pos = torch.cat([q_pos.expand(Hkv, L), extra_pos.reshape(Hkv, R * blk)], dim=1)  # (Hkv, Nk)
-        valid = k_pos >= 0
-        kp = k_pos.clamp_min(0)
-        heads = torch.arange(H, device=dev)
-        kp_h = kp[heads // (H // Hkv)]  # (H, Nk)
-        keep = token_keep(pattern, q_pos[None, :, None], kp_h[:, None, :], heads[:, None, None])
-        keep = (keep & valid[heads // (H // Hkv)][:, None, :])[None]  # (1, H, L, Nk)
-        if doc_all is not None:
-            d_q = doc_all[:, q_pos]  # (B, L)
-            d_k = doc_all[:, kp_h]  # (B, H, Nk)
-            keep = keep & (d_q[:, None, :, None] == d_k[:, :, None, :])
-        return attention_naive(q_BHSD, k_all, v_all, keep, self.scale)
+        # block-sparse over the buffer (own zigzag tokens + received blocks) through the fused paths,
+        # the pattern's token rules on global positions; no score matrix over the whole buffer
+        lay = BufferLayout(q_pos, k_pos, doc_all)
+        return gathered_block_attention(q_BHSD, k_all, v_all, pattern, lay, self.scale)

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 from longshard.errors import ConfigError
+from longshard.models.model import loss_from_logits
 from longshard.train.data import ByteTokenizer
 from longshard.train.data.loader import Sample
 from longshard.train.evaluate import mqar_accuracy, passkey_grid, perplexity_by_length, plot_results
@@ -15,7 +16,15 @@ from torch import nn
 V = 64
 
 
-class MQAROracle(nn.Module):
+class LogitsModel(nn.Module):
+    """Stand-in models define ``logits``; the evaluation calls the loss head (``labels_BS``)."""
+
+    def forward(self, tokens_BS, doc_ids_BS=None, position_ids_BS=None, labels_BS=None, want_correct=False):
+        logits = self.logits(tokens_BS, doc_ids_BS, position_ids_BS)
+        return logits if labels_BS is None else loss_from_logits(logits, labels_BS, want_correct)
+
+
+class MQAROracle(LogitsModel):
     """Answers every MQAR query from the key/value prefix; ``wrong_every`` > 0 spoils every n-th query."""
 
     def __init__(self, pairs: int, wrong_every: int = 0) -> None:
@@ -23,7 +32,7 @@ class MQAROracle(nn.Module):
         self.pairs, self.wrong_every = pairs, wrong_every
         self.cfg = type("Cfg", (), {"vocab_size": V})()
 
-    def forward(self, tokens_BS, doc_ids_BS=None, position_ids_BS=None):
+    def logits(self, tokens_BS, doc_ids_BS=None, position_ids_BS=None):
         B, S = tokens_BS.shape
         logits = torch.zeros(B, S, V)
         for b in range(B):
@@ -44,7 +53,7 @@ def test_mqar_accuracy_counts_queries():
     assert mqar_accuracy(MQAROracle(4, wrong_every=2), 64, V, 4, 3, dev, None) == 0.5  # 4 queries a row
 
 
-class Copier(nn.Module):
+class Copier(LogitsModel):
     """Predicts, at every position, the token that follows the previous occurrence of the current token's
     suffix 'key is ' -> reads the passkey from the needle (a perfect retriever on these prompts)."""
 
@@ -52,7 +61,7 @@ class Copier(nn.Module):
         super().__init__()
         self.tok, self.broken = tok, broken
 
-    def forward(self, tokens_BS, doc_ids_BS=None, position_ids_BS=None):
+    def logits(self, tokens_BS, doc_ids_BS=None, position_ids_BS=None):
         B, S = tokens_BS.shape
         logits = torch.zeros(B, S, 260)
         text = self.tok.decode([int(t) for t in tokens_BS[0]])
@@ -74,8 +83,8 @@ def test_passkey_grid_shape_and_values():
     assert bad == {"200": {"0.5": 0.0}}
 
 
-class Uniform(nn.Module):
-    def forward(self, tokens_BS, doc_ids_BS=None, position_ids_BS=None):
+class Uniform(LogitsModel):
+    def logits(self, tokens_BS, doc_ids_BS=None, position_ids_BS=None):
         return torch.zeros(*tokens_BS.shape, V)
 
 

@@ -129,6 +129,9 @@ class TrainConfig:
         peak_tflops: accelerator peak for MFU; detected for known GPUs when unset.
         deterministic: request deterministic algorithms (GPU) for bit-reproducible runs.
         log_every: steps between log lines.
+        loss_chunk_tokens: tokens per chunk of the loss head (output projection + cross entropy,
+            recomputed in backward; all logits are never held): ``0`` = auto (fp32 logits of one
+            chunk <= 256 MB, e.g. 441 tokens at a 152K vocabulary), ``-1`` = one pass over all tokens.
     """
 
     steps: int = 100
@@ -148,8 +151,11 @@ class TrainConfig:
     peak_tflops: float | None = None
     deterministic: bool = False
     log_every: int = 1
+    loss_chunk_tokens: int = 0
 
     def __post_init__(self) -> None:
+        require(self.loss_chunk_tokens >= -1, "train.loss_chunk_tokens",
+                f"must be -1 (one pass), 0 (auto) or a positive token count, got {self.loss_chunk_tokens}.")
         for name in ("steps", "seq_len", "micro_batch_size", "global_batch_size", "nproc", "log_every",
                      "max_skipped_steps"):
             require_positive(getattr(self, name), f"train.{name}")

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from longshard.models.model import IGNORE_INDEX, cross_entropy_sum
+from longshard.models.model import IGNORE_INDEX, LossOutput
 from longshard.parallel.sequence import SeqShard
 from longshard.train.data.loader import MQARDataset, PasskeyDataset, Sample, collate
 from longshard.train.data.synthetic import passkey_sample
@@ -27,9 +27,8 @@ def heldout_loss(
     total, count = 0.0, 0
     for start in range(0, n, batch_size):
         b = collate([dataset[i] for i in range(start, min(start + batch_size, n))])
-        logits, labels = forward_batch(model, b, device, autocast_dtype, doc_mask, sp)
-        loss, cnt = cross_entropy_sum(logits, labels)
-        sums = torch.stack([loss.detach().float(), cnt.float()])
+        out = forward_loss(model, b, device, autocast_dtype, doc_mask, sp)
+        sums = torch.stack([out.loss_sum.detach().float(), out.n_tokens.float()])
         if sp is not None:
             dist.all_reduce(sums, group=sp.group)
         total += float(sums[0])
@@ -37,19 +36,21 @@ def heldout_loss(
     return total / max(count, 1)
 
 
-def forward_batch(model, batch, device, autocast_dtype, doc_mask: bool, sp: SeqShard | None = None):
-    """Logits and labels of this rank for a collated batch.
+def forward_loss(model, batch, device, autocast_dtype, doc_mask: bool, sp: SeqShard | None = None,
+                 want_correct: bool = False) -> LossOutput:
+    """The loss head's output (summed loss, token count, optionally argmax hits) of this rank for a batch.
 
     With ``sp`` the batch is first cut to this rank's sequence shard; a batch that already is a
-    shard carries its ``position_ids``. Used by training and evaluation alike.
+    shard carries its ``position_ids``. Used by training and evaluation alike; the logits are
+    computed chunk by chunk inside the model and never held for all tokens.
     """
     if sp is not None:
         batch = sp.shard(batch["tokens"], batch["labels"], batch["doc_ids"] if doc_mask else None)
     to = lambda t: None if t is None else t.to(device)
     doc = batch["doc_ids"] if doc_mask else None
     with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-        logits = model(to(batch["tokens"]), doc_ids_BS=to(doc), position_ids_BS=to(batch.get("position_ids")))
-    return logits, to(batch["labels"])
+        return model(to(batch["tokens"]), doc_ids_BS=to(doc), position_ids_BS=to(batch.get("position_ids")),
+                     labels_BS=to(batch["labels"]), want_correct=want_correct)
 
 
 @torch.no_grad()
@@ -61,9 +62,8 @@ def passkey_accuracy(
     ds = PasskeyDataset(tokenizer, length, n_samples, seed)
     correct = 0
     for i in range(n_samples):
-        logits, labels = forward_batch(model, collate([ds[i]]), device, autocast_dtype, False, sp)
-        sel = labels != IGNORE_INDEX
-        wrong = (logits.argmax(-1)[sel] != labels[sel]).sum().reshape(1).float()
+        out = forward_loss(model, collate([ds[i]]), device, autocast_dtype, False, sp, want_correct=True)
+        wrong = (out.n_tokens - out.correct_BS.sum()).reshape(1).float()
         if sp is not None:  # the answer may straddle sequence shards
             dist.all_reduce(wrong, group=sp.group)
         correct += int(wrong.item() == 0)
@@ -87,9 +87,9 @@ def passkey_grid(
             for i in range(samples):
                 g = torch.Generator().manual_seed(seed * 1_000_003 + length * 1009 + d_i * 101 + i)
                 tokens, labels = passkey_sample(tokenizer, length, depth, g)
-                logits, lab = forward_batch(model, collate([Sample(tokens, labels)]), device, autocast_dtype, False, sp)
-                sel = lab != IGNORE_INDEX
-                wrong = (logits.argmax(-1)[sel] != lab[sel]).sum().reshape(1).float()
+                out = forward_loss(model, collate([Sample(tokens, labels)]), device, autocast_dtype, False, sp,
+                                   want_correct=True)
+                wrong = (out.n_tokens - out.correct_BS.sum()).reshape(1).float()
                 if sp is not None:
                     dist.all_reduce(wrong, group=sp.group)
                 correct += int(wrong.item() == 0)
@@ -121,9 +121,8 @@ def perplexity_by_length(
             labels = smp.labels.clone()
             labels[: length // 2] = IGNORE_INDEX
             b = collate([Sample(smp.tokens, labels, None)])  # one document: the context may cross boundaries
-            logits, lab = forward_batch(model, b, device, autocast_dtype, False, sp)
-            loss, cnt = cross_entropy_sum(logits, lab)
-            sums = torch.stack([loss.float(), cnt.float()])
+            res = forward_loss(model, b, device, autocast_dtype, False, sp)
+            sums = torch.stack([res.loss_sum.float(), res.n_tokens.float()])
             if sp is not None:
                 dist.all_reduce(sums, group=sp.group)
             total += float(sums[0])
@@ -141,9 +140,8 @@ def mqar_accuracy(
     ds = MQARDataset(seq_len, vocab_size, num_kv_pairs, samples, seed)
     right = torch.zeros(2)
     for i in range(samples):
-        logits, lab = forward_batch(model, collate([ds[i]]), device, autocast_dtype, False, sp)
-        sel = lab != IGNORE_INDEX
-        counts = torch.stack([(logits.argmax(-1)[sel] == lab[sel]).sum().float(), sel.sum().float()])
+        out = forward_loss(model, collate([ds[i]]), device, autocast_dtype, False, sp, want_correct=True)
+        counts = torch.stack([out.correct_BS.sum().float(), out.n_tokens.float()])
         if sp is not None:
             dist.all_reduce(counts, group=sp.group)
         right += counts.cpu()

@@ -53,3 +53,40 @@ class TensorMemoryTracker(TorchDispatchMode):
         for t in tree_leaves(out):
             self.track(t)
         return out
+
+
+def saved_attention_bytes(model, tokens_BS: torch.Tensor, doc_ids_BS: torch.Tensor | None = None,
+                          dtype: torch.dtype | None = None) -> int:
+    """Bytes autograd saves for backward inside the model's core attentions during one forward.
+
+    Counted with ``torch.autograd.graph.saved_tensors_hooks`` between each core attention's forward
+    pre-hook and forward hook, each distinct (storage, offset, shape) once (a tensor saved by several
+    ops is held once). The forward runs the loss head (``labels_BS = tokens``) under ``dtype`` autocast.
+
+    Args:
+        model: a :class:`~longshard.models.model.Transformer` (unwrapped, or with SP wrappers as cores).
+        tokens_BS: input ids.
+        doc_ids_BS: packed-document ids or None.
+        dtype: autocast dtype (e.g. ``torch.bfloat16``) or None for fp32.
+    """
+    seen: dict = {}
+    active: list[int] = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if active:
+            seen[(t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))] = t.numel() * t.element_size()
+        return t
+
+    handles = []
+    for layer in model.layers:
+        core = layer.attention.core_attention
+        handles.append(core.register_forward_pre_hook(lambda m, a: active.append(1)))
+        handles.append(core.register_forward_hook(lambda m, a, o: active.clear()))
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
+                torch.autocast(tokens_BS.device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+            model(tokens_BS, doc_ids_BS=doc_ids_BS, labels_BS=tokens_BS)
+    finally:
+        for h in handles:
+            h.remove()
+    return sum(seen.values())

@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 from longshard.models.config import ModelConfig
+from torch import nn
 
 log = logging.getLogger(__name__)
 
@@ -17,15 +18,21 @@ log = logging.getLogger(__name__)
 _PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "4090": 165.0}
 
 
-def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
-    """Training FLOPs per token: 6 x matmul params + causal attention scores (6·L·H·D·S).
+def flops_per_token(cfg: ModelConfig, seq_len: int, model: nn.Module | None = None) -> float:
+    """Training FLOPs per token: 6 x matmul params + 3 x the attention's forward FLOPs.
 
-    The attention term counts QK^T and PV forward + backward (x3) with the causal half.
+    With ``model`` the attention term is what each layer's core attention declares it performs
+    (:meth:`~longshard.models.attention.CoreAttention.attention_flops_per_token`: kept blocks of
+    sparse variants, chunk + state updates of linear ones); without it, dense causal attention
+    (QK^T and PV over the causal half, forward + backward: 6·L·H·D·S).
     """
     n = cfg.num_params(include_embedding=False)
     if cfg.tie_embeddings:  # the output projection is still a matmul
         n += cfg.vocab_size * cfg.dim
-    attn = 6 * cfg.n_layers * cfg.n_heads * cfg.head_dim * seq_len
+    if model is None:
+        attn = 6 * cfg.n_layers * cfg.n_heads * cfg.head_dim * seq_len
+    else:
+        attn = 3 * sum(layer.attention.core_attention.attention_flops_per_token(seq_len) for layer in model.layers)
     return 6.0 * n + attn
 
 

@@ -23,7 +23,7 @@ from longshard.models.hf import (
     load_into,
     read_hf_config,
 )
-from longshard.models.model import Transformer, cross_entropy_sum
+from longshard.models.model import Transformer
 from longshard.parallel import (
     DistEnv,
     build_mesh,
@@ -51,7 +51,7 @@ from longshard.train.data import (
     read_meta,
 )
 from longshard.train.data.synthetic import passkey_sample
-from longshard.train.evaluate import evaluate, forward_batch, heldout_loss
+from longshard.train.evaluate import evaluate, forward_loss, heldout_loss
 from longshard.train.faults import (
     CollectiveError,
     PreemptionWatch,
@@ -126,12 +126,18 @@ def build_datasets(cfg: Config, env: DistEnv, mcfg: ModelConfig):
 
 
 def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimizer:
-    """AdamW; no weight decay on 1-D parameters (norms, biases)."""
+    """AdamW; no weight decay on 1-D parameters (norms, biases).
+
+    Multi-tensor updates: ``fused`` on CUDA, ``foreach`` elsewhere (on CPU the same per-element
+    arithmetic as the single-tensor loop, so fp32 losses are unchanged).
+    """
     decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
     o = cfg.optim
     groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, foreach=False)
+    on_cuda = any(p.is_cuda for p in decay + no_decay)
+    impl = {"fused": True} if on_cuda else {"foreach": True}
+    return torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, **impl)
 
 
 def attention_kept_fraction(model: Transformer, seq_len: int) -> float:
@@ -232,10 +238,12 @@ def train(cfg: Config) -> dict[str, Any]:
     check_passkey_lengths(tokenizer, passkey_lengths if cfg.eval.passkey_samples else [])
     model = Transformer(mcfg)
     kept_fraction = attention_kept_fraction(model, cfg.train.seq_len)  # before any parallel wrapper
+    fpt = flops_per_token(mcfg, cfg.train.seq_len, model)  # the attention FLOPs each variant performs
     if cfg.init.hf_path is not None:
         load_into(model, load_hf_state_dict(cfg.init.hf_path, mcfg), cfg.init.hf_path)
     model.set_activation_checkpointing(cfg.train.activation_checkpointing)
     model.set_activation_offload(cfg.train.activation_offload)
+    model.set_loss_chunking(None if cfg.train.loss_chunk_tokens < 0 else cfg.train.loss_chunk_tokens)
     model.to(env.device)
     conversion = convert_from_hf(model, cfg, val_ds, env.device) if cfg.init.hf_path is not None else None
     mode = cfg.parallel.sp_mode
@@ -265,7 +273,7 @@ def train(cfg: Config) -> dict[str, Any]:
             cfg.train.micro_batch_size, grad_accum, env.world_size, cfg.train.grad_clip, cfg.deepspeed.zero_stage,
             cfg.deepspeed.offload_optimizer, cfg.deepspeed.config_file))
     else:
-        dmodel = parallelize(model, mesh, cfg.parallel.dp_mode)
+        dmodel = parallelize(model, mesh, cfg.parallel.dp_mode, torch.bfloat16 if cfg.train.dtype == "bf16" else None)
         optimizer = build_optimizer(dmodel, cfg)
         scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.steps)
     loader = DistributedLoader(
@@ -286,7 +294,6 @@ def train(cfg: Config) -> dict[str, Any]:
         history = state.get("losses", [])
 
     autocast = torch.bfloat16 if cfg.train.dtype == "bf16" else None
-    fpt = flops_per_token(mcfg, cfg.train.seq_len)
     peak = peak_tflops(env.device, cfg.train.peak_tflops)
     metrics = MetricsLogger(
         out_dir, enabled=env.is_main, total_steps=cfg.train.steps, start_step=start_step,
@@ -328,8 +335,7 @@ def train(cfg: Config) -> dict[str, Any]:
         aux_sum = 0.0
         for i, b in enumerate(micro):
             with gradient_sync(dmodel, enabled=i == len(micro) - 1):
-                logits, labels = forward_batch(dmodel, b, env.device, autocast, cfg.data.doc_mask)
-                ce, _ = cross_entropy_sum(logits, labels)
+                ce = forward_loss(dmodel, b, env.device, autocast, cfg.data.doc_mask).loss_sum
                 # Gradient of the global token-mean loss: data parallel averages over ranks, so scale back up.
                 objective = ce * (env.world_size / n_global)
                 aux = unwrap(dmodel).aux_loss()

@@ -122,18 +122,18 @@ class _FusedChunked(torch.autograd.Function):
     """Every chunk as two fused CPU flash calls (band keys; far keys) merged by log-sum-exp.
 
     Backward runs the fused backward of each call with the merged output and log-sum-exp (which
-    gives each call's share of the gradients), with the chunks' masks kept from the forward and
-    their keys gathered again, and adds the K/V gradients into one accumulator in place.
+    gives each call's share of the gradients), with the chunks' masks rebuilt from the plan (a
+    chunk's far mask grows with S, so keeping every chunk's would be O(S^2) in all) and their keys
+    gathered again, and adds the K/V gradients into one accumulator in place.
     """
 
     @staticmethod
     def forward(ctx, q_BHSD, k_BHSD, v_BHSD, plan: _Plan, scale: float):
         fwd, _ = fused_cpu_ops()
         H = q_BHSD.shape[1]
-        outs, lses, chunks = [], [], []
+        outs, lses = [], []
         for c0 in plan.starts:
             c = plan.chunk(c0)
-            chunks.append(c)
             q_c = q_BHSD[:, :, c.q0 : c.q1]
             o, lse = fwd(q_c, _band(k_BHSD, c, H), _band(v_BHSD, c, H), 0.0, False,
                          attn_mask=additive_mask(c.band_keep, q_BHSD.dtype), scale=scale)
@@ -145,22 +145,23 @@ class _FusedChunked(torch.autograd.Function):
             outs.append(o.to(q_BHSD.dtype).contiguous())
             lses.append(lse.float().contiguous())
         ctx.save_for_backward(q_BHSD, k_BHSD, v_BHSD, *outs, *lses)
-        ctx.chunks, ctx.scale = chunks, scale  # boolean masks and indices: small next to K/V
+        ctx.plan, ctx.scale = plan, scale  # masks are rebuilt per chunk in backward
         return torch.cat(outs, dim=2)
 
     @staticmethod
     def backward(ctx, grad_BHSD):
         _, bwd = fused_cpu_ops()
         q, k, v, *rest = ctx.saved_tensors
-        chunks, scale = ctx.chunks, ctx.scale
-        n_c = len(chunks)
+        plan, scale = ctx.plan, ctx.scale
+        n_c = len(plan.starts)
         B, H, S, D = q.shape
         Hkv = k.shape[1]
         acc = torch.float64 if q.dtype == torch.float64 else torch.float32
         dq = torch.empty_like(q)
         dk_H = torch.zeros(B, H, S, D, dtype=acc, device=q.device)
         dv_H = torch.zeros(B, H, S, v.shape[-1], dtype=acc, device=q.device)
-        for c, o, lse in zip(chunks, rest[:n_c], rest[n_c:]):
+        for c0, o, lse in zip(plan.starts, rest[:n_c], rest[n_c:]):
+            c = plan.chunk(c0)
             q_c, g_c = q[:, :, c.q0 : c.q1], grad_BHSD[:, :, c.q0 : c.q1].contiguous()
             dq_c, dk_c, dv_c = bwd(g_c, q_c, _band(k, c, H), _band(v, c, H), o, lse, 0.0, False,
                                    attn_mask=additive_mask(c.band_keep, q.dtype), scale=scale)

@@ -25,7 +25,13 @@ from longshard.kernels.lightning import (
 )
 from longshard.kernels.lightning.triton import TRITON_CHUNKS, lightning_attention_triton
 from longshard.kernels.triton_support import triton_installed
-from longshard.models.attention.registry import AttentionBatch, AttentionContext, CoreAttention, register_attention
+from longshard.models.attention.registry import (
+    AttentionBatch,
+    AttentionContext,
+    CoreAttention,
+    dense_attention_flops,
+    register_attention,
+)
 
 DECAYS = ("alibi", "alibi_layer", "none")
 FEATURE_MAPS = ("silu", "elu1", "identity")
@@ -91,6 +97,11 @@ class LinearAttention(CoreAttention):
         if not hasattr(self, "_all_log_decay"):
             self._all_log_decay = self.log_decay
         self.log_decay = self._all_log_decay[start:stop].to(self.log_decay.device)
+
+    def attention_flops_per_token(self, seq_len: int) -> float:
+        """Intra-chunk causal attention ((C + 1) / 2 keys) plus the state read and update (2 x D x D each)."""
+        C, D = min(self.opts.chunk, seq_len), self.ctx.head_dim
+        return dense_attention_flops(self.ctx.n_heads, D, C) + 4.0 * self.ctx.n_heads * D * D
 
     def phi(self, x: torch.Tensor) -> torch.Tensor:
         if self.opts.feature_map == "silu":

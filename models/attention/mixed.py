@@ -81,6 +81,9 @@ class MixedAttention(CoreAttention):
 
         self.local: list[tuple[int, int]] | None = None  # per group: query heads this rank runs [a, b)
 
+    def attention_flops_per_token(self, seq_len: int) -> float:
+        return sum(m.attention_flops_per_token(seq_len) for m in self.groups)
+
     def set_head_slice(self, start: int, stop: int) -> None:
         """Run query heads [start, stop) (Ulysses): each group runs its part of the slice.
 

@@ -30,6 +30,7 @@ from longshard.models.attention.registry import (
     AttentionContext,
     CoreAttention,
     DecodePlan,
+    dense_attention_flops,
     gqa_kv_slice,
     register_attention,
 )
@@ -116,6 +117,10 @@ class NOSAAttention(CoreAttention):
     @property
     def block(self) -> int:
         return self.opts.block
+
+    def attention_flops_per_token(self, seq_len: int) -> float:
+        """Each query reads at most its block budget (sinks + local + far blocks)."""
+        return dense_attention_flops(self.ctx.n_heads, self.ctx.head_dim, seq_len, self.geo.n_slots * self.opts.block)
 
     def decode_block_budget(self) -> int:
         """Most blocks one decoding step reads per KV head (sinks + local + far)."""

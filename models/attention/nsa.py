@@ -21,6 +21,7 @@ from longshard.models.attention.registry import (
     AttentionBatch,
     AttentionContext,
     CoreAttention,
+    dense_attention_flops,
     gqa_kv_slice,
     register_attention,
 )
@@ -117,6 +118,14 @@ class NSAAttention(CoreAttention):
         The gates arrive already exchanged in ``batch.head_feats_BHSF`` (see :meth:`head_features`).
         """
         self.kv_slice = gqa_kv_slice(self.ctx, start, stop, "nsa's block selection")
+
+    def attention_flops_per_token(self, seq_len: int) -> float:
+        """Three branches per query: compressed keys (S / stride on average / 2), the selected blocks
+        and the sliding window, each at most the causal prefix (the compression MLP is not counted)."""
+        g, H, D = self.geo, self.ctx.n_heads, self.ctx.head_dim
+        cmp = dense_attention_flops(H, D, seq_len, g.n_compressed(seq_len) / 2)
+        sel = dense_attention_flops(H, D, seq_len, g.n_select * g.select_block)
+        return cmp + sel + dense_attention_flops(H, D, seq_len, g.window)
 
     def head_features(self, x_BSE: torch.Tensor) -> torch.Tensor:
         """(B, S, H, 3) gate logits of the compressed, selected and window branches."""

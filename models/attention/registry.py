@@ -94,6 +94,15 @@ class CoreAttention(nn.Module):
         """
         raise NotImplementedError(f"attention {type(self).__name__} cannot run on a slice of its heads")
 
+    def attention_flops_per_token(self, seq_len: int) -> float:
+        """Forward FLOPs of this core per query token, averaged over a causal sequence of ``seq_len``
+        tokens and summed over its heads (QK^T and PV, 2 FLOPs per multiply-add). Training costs 3x.
+
+        The default is dense causal attention (a query reads (S + 1) / 2 keys on average); variants
+        that read fewer keys, or none (linear), override it so throughput and MFU count the work done.
+        """
+        return dense_attention_flops(self.ctx.n_heads, self.ctx.head_dim, seq_len)
+
     def head_features(self, x_BSE: torch.Tensor) -> torch.Tensor | None:
         """Per-head features the variant computes from its layer input, (B, S, H, F) for all heads.
 
@@ -117,6 +126,16 @@ class CoreAttention(nn.Module):
         self, q_BHSD: torch.Tensor, k_BHSD: torch.Tensor, v_BHSD: torch.Tensor, batch: AttentionBatch
     ) -> torch.Tensor:
         raise NotImplementedError
+
+
+def dense_attention_flops(n_heads: int, head_dim: int, seq_len: int, keys_per_query: float | None = None) -> float:
+    """Forward QK^T + PV FLOPs per query token: 4 x head_dim per key read, per head.
+
+    Args:
+        keys_per_query: mean keys a query reads; default (S + 1) / 2 (causal, dense).
+    """
+    keys = (seq_len + 1) / 2 if keys_per_query is None else min(keys_per_query, (seq_len + 1) / 2)
+    return 4.0 * n_heads * head_dim * keys
 
 
 def gqa_kv_slice(ctx: AttentionContext, start: int, stop: int, why: str) -> tuple[int, int]:

@@ -111,6 +111,11 @@ class S2Attention(BlockSparseAttention):
                 "or set allow_incomplete_coverage=true.",
             )
 
+    def attention_flops_per_token(self, seq_len: int) -> float:
+        if self.dense is not None:  # a dense layer of the hybrid schedule
+            return self.dense.attention_flops_per_token(seq_len)
+        return super().attention_flops_per_token(seq_len)
+
     def band_spec(self, n_blocks: int) -> BandFarSpec:
         o, kv = self.opts, self.ctx.n_kv_heads
         j = torch.arange(n_blocks)

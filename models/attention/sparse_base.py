@@ -67,6 +67,11 @@ class BlockSparseAttention(CoreAttention):
         self.head_slice = (start, stop)
         self._cache.clear()
 
+    def attention_flops_per_token(self, seq_len: int) -> float:
+        """Dense causal FLOPs times the kept share of causal (query block, key block) pairs."""
+        kept = self.pattern(math.ceil(seq_len / self.block), torch.device("cpu")).kept_fraction()
+        return kept * super().attention_flops_per_token(seq_len)
+
     def build_pattern(self, n_blocks: int) -> SparsePattern:  # pragma: no cover - interface
         raise NotImplementedError
 

@@ -73,6 +73,11 @@ class StreamingAttention(BlockSparseAttention):
         # retrieval heads and the gates' full branch read every block: those layers keep their full KV
         self.supports_offload = not opts.retrieval_heads and not opts.learned_gates
 
+    def attention_flops_per_token(self, seq_len: int) -> float:
+        if self.alpha is not None:  # learned gates: every head runs its full and its streaming branch
+            return self.full.attention_flops_per_token(seq_len) + super().attention_flops_per_token(seq_len)
+        return super().attention_flops_per_token(seq_len)
+
     def build_pattern(self, n_blocks: int) -> SparsePattern:
         streaming = self.streaming_H.cpu()
         if self.alpha is not None:  # identification mode: the streaming branch of every head

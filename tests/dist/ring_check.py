@@ -29,7 +29,8 @@ def main() -> int:
             tokens, labels, doc = random_batch(S, packed)
             sh = shard_batch(tokens, labels, doc, r, P, zigzag=True)
             name = f"P={P} H={n_heads}/{n_kv} packed={packed}"
-            failures += run_and_compare(ref, par, tokens, labels, doc, sh, zigzag_positions(r, P, L), name)
+            failures += run_and_compare(ref, par, tokens, labels, doc, sh, zigzag_positions(r, P, L), name,
+                                        counter=counter)
             # per layer: forward K and V each hop P-1 times; backward K, V (P-1 hops) + dK, dV (P hops)
             kv_bytes = 2 * n_kv * L * 8 * 4  # B=2, head_dim 8, fp32
             expect = 2 * (2 * (P - 1) * kv_bytes + 2 * (P - 1) * kv_bytes + 2 * P * kv_bytes)
@@ -47,7 +48,8 @@ def main() -> int:
             tokens, labels, doc = random_batch(S, packed)
             sh = shard_batch(tokens, labels, doc, r, P, zigzag=True)
             name = f"P={P} linear H={n_heads}/{n_kv} packed={packed}"
-            failures += run_and_compare(ref, par, tokens, labels, doc, sh, zigzag_positions(r, P, L), name)
+            failures += run_and_compare(ref, par, tokens, labels, doc, sh, zigzag_positions(r, P, L), name,
+                                        counter=counter)
             expect = 2 * (P - 1) * 2 * 2 * n_heads * 8 * 8 * 4  # layers x peers x chunks x (B, H, D, D) fp32
             if dict(counter.bytes) != {"all_gather": expect}:
                 failures.append(f"{name} state bytes {dict(counter.bytes)} != analytic {expect}")

@@ -39,7 +39,8 @@ def main() -> int:
             tokens, labels, doc = random_batch(S, packed)
             sh = shard_batch(tokens, labels, doc, r, P, zigzag=True)
             label = f"{name} P={P} H={n_heads}/{n_kv} packed={packed}"
-            failures += run_and_compare(ref, par, tokens, labels, doc, sh, zigzag_positions(r, P, L), label)
+            failures += run_and_compare(ref, par, tokens, labels, doc, sh, zigzag_positions(r, P, L), label,
+                                        counter=counter)
             cores = [layer.attention.core_attention for layer in par.layers]
             assert all(isinstance(c, SparseExchangeAttention) for c in cores)
             # forward sends the blocks peers read, backward returns the gradients of the blocks read

@@ -9,7 +9,7 @@ import sys
 
 import torch
 import torch.distributed as dist
-from common import TOL, finish, random_batch, rel
+from common import BF16_TOL_GRAD, BF16_TOL_LOGITS, TOL, finish, forward_backward, random_batch, rel
 from longshard.errors import ConfigError
 from longshard.models import ModelConfig, Transformer
 from longshard.parallel.ring import apply_ring
@@ -24,6 +24,23 @@ ATTENTION = [[{"name": "dense"}], [S2, {"name": "linear", "options": {"chunk": 4
              [{"name": "mixed", "options": {"groups": [{"name": "dense", "heads": 2}, {**S2, "heads": 6}]}},
               {"name": "streaming", "options": {"block": 4, "sink": 2, "window": 5, "retrieval_heads": [1]}}],
              [{"name": "dense", "gate": "elementwise"}]]
+
+
+def _compare(ref, par, tokens, labels, doc, sh, index, mesh, SP: int, name: str, dtype) -> list[str]:
+    """One forward+backward of ``ref`` (full batch) and ``par`` (this rank's shard); logits and every gradient."""
+    tol_logits, tol_grad = (BF16_TOL_LOGITS, BF16_TOL_GRAD) if dtype is not None else (TOL, TOL)
+    name = f"{name} bf16" if dtype is not None else name
+    logits, out, failures = forward_backward(ref, par, tokens, labels, doc, sh, name, dtype)
+    if not (e := rel(logits[:, index], out)) <= tol_logits:
+        failures.append(f"{name} logits {e:.2e}")
+    for (n, p_ref), p_par in zip(ref.named_parameters(), par.parameters()):
+        g = p_par.grad
+        g = g.full_tensor() if isinstance(g, DTensor) else g.clone()
+        if SP > 1:  # each sequence rank's gradient covers its tokens
+            dist.all_reduce(g, group=mesh["sp"].get_group())
+        if not (e := rel(p_ref.grad, g)) <= tol_grad:
+            failures.append(f"{name} grad {n} {e:.2e}")
+    return failures
 
 
 def main() -> int:
@@ -58,20 +75,8 @@ def main() -> int:
                 local = sum((p.to_local() if isinstance(p, DTensor) else p).numel() for p in par.parameters())
                 if local != param_count(cfg, TP)[0]:  # the planner's per-rank parameter count
                     failures.append(f"{name}: {local} local parameters, planner says {param_count(cfg, TP)[0]}")
-                ce = torch.nn.functional.cross_entropy
-                logits = ref(tokens, doc_ids_BS=doc)
-                ce(logits.flatten(0, 1), labels.flatten(), reduction="sum").backward()
-                out = par(sh["tokens"], doc_ids_BS=sh["doc_ids"], position_ids_BS=sh["position_ids"])
-                ce(out.flatten(0, 1), sh["labels"].flatten(), reduction="sum").backward()
-                if (e := rel(logits[:, index], out)) > TOL:
-                    failures.append(f"{name} logits {e:.2e}")
-                for (n, p_ref), p_par in zip(ref.named_parameters(), par.parameters()):
-                    g = p_par.grad
-                    g = g.full_tensor() if isinstance(g, DTensor) else g.clone()
-                    if SP > 1:  # each sequence rank's gradient covers its tokens
-                        dist.all_reduce(g, group=mesh["sp"].get_group())
-                    if (e := rel(p_ref.grad, g)) > TOL:
-                        failures.append(f"{name} grad {n} {e:.2e}")
+                for dtype in (torch.bfloat16, None):  # bf16 autocast, then fp32 (tight)
+                    failures += _compare(ref, par, tokens, labels, doc, sh, index, mesh, SP, name, dtype)
     # a variant with parameters of its own inside the core attention is refused, naming the field
     cfg = ModelConfig(vocab_size=64, dim=64, n_layers=1, n_heads=8, n_kv_heads=4, max_seq_len=64,
                       attention=[{"name": "nosa", "options": {"block": 4}}])

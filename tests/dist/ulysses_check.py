@@ -71,7 +71,8 @@ def main() -> int:
             tokens, labels, doc = random_batch(S, packed)
             sh = shard_batch(tokens, labels, doc, r, P)
             name = f"P={P} {spec['name']} packed={packed}"
-            failures += run_and_compare(ref, par, tokens, labels, doc, sh, torch.arange(r * 12, (r + 1) * 12), name)
+            failures += run_and_compare(ref, par, tokens, labels, doc, sh, torch.arange(r * 12, (r + 1) * 12), name,
+                                        counter=counter)
             # 2 layers x 3 (q, k, v) + 2 x 1 (o) all-to-alls forward, each sending (P-1)/P of the local tensor
             B, D = 2, 16
             kv_local = max(case["n_kv_heads"], P)
