@@ -42,16 +42,30 @@ class BufferLayout:
     doc_ids_BS: torch.Tensor | None = None
 
 
-def _chunk_keys(pattern: SparsePattern, lay: BufferLayout, H: int, q0: int, q1: int):
+@dataclass
+class _HeadLayout:
+    """What every chunk reads of a :class:`BufferLayout`, expanded to the query heads once per call."""
+
+    lay: BufferLayout
+    heads_H: torch.Tensor  # (H,) query-head indices
+    k_pos_HN: torch.Tensor  # (H, N) buffered key positions seen by each query head
+    kb_HB: torch.Tensor  # (H, NB) global key block of each buffer block, -1 = padding
+
+    @classmethod
+    def build(cls, lay: BufferLayout, H: int, blk: int) -> _HeadLayout:
+        Hkv = lay.k_pos_KN.shape[0]
+        heads = torch.arange(H, device=lay.k_pos_KN.device)
+        k_pos_HN = lay.k_pos_KN[heads // (H // Hkv)]
+        kb_HB = torch.where(k_pos_HN[:, ::blk] >= 0, k_pos_HN[:, ::blk] // blk, -1)
+        return cls(lay, heads, k_pos_HN, kb_HB)
+
+
+def _chunk_keys(pattern: SparsePattern, hl: _HeadLayout, q0: int, q1: int):
     """(token index (H, T) into the buffer, keep mask (B or 1, H, Cq, T)) of queries [q0, q1)."""
-    blk = pattern.block
-    Hkv, N = lay.k_pos_KN.shape
-    dev = lay.k_pos_KN.device
-    kv_of_h = torch.arange(H, device=dev) // (H // Hkv)
-    k_pos_HN = lay.k_pos_KN[kv_of_h]  # (H, N)
-    kb_HB = torch.where(k_pos_HN[:, ::blk] >= 0, k_pos_HN[:, ::blk] // blk, -1)  # (H, NB) global key block
+    blk, lay, heads, kb_HB = pattern.block, hl.lay, hl.heads_H, hl.kb_HB
+    dev = kb_HB.device
+    H = heads.shape[0]
     qb_C = lay.q_pos_L[q0:q1:blk] // blk  # (C,) global query blocks of the chunk
-    heads = torch.arange(H, device=dev)
     bm = pattern.block_mask_HQK[heads[:, None, None], qb_C[None, :, None], kb_HB.clamp_min(0)[:, None, :]]
     need_HB = (bm & (kb_HB[:, None, :] >= 0) & (kb_HB[:, None, :] <= qb_C[None, :, None])).any(1)  # (H, NB)
     NB = kb_HB.shape[1]
@@ -60,7 +74,7 @@ def _chunk_keys(pattern: SparsePattern, lay: BufferLayout, H: int, q0: int, q1: 
     slot_Hn = order[:, :n_keep]  # (H, n) buffer blocks, kept ones first
     ok_Hn = torch.gather(need_HB, 1, slot_Hn)
     tok_HT = (slot_Hn[..., None] * blk + torch.arange(blk, device=dev)).reshape(H, n_keep * blk)
-    kpos_HT = torch.gather(k_pos_HN, 1, tok_HT)
+    kpos_HT = torch.gather(hl.k_pos_HN, 1, tok_HT)
     valid_HT = ok_Hn.repeat_interleave(blk, dim=1) & (kpos_HT >= 0)
     q_pos = lay.q_pos_L[q0:q1]
     keep = token_keep(pattern, q_pos[None, :, None], kpos_HT.clamp_min(0)[:, None, :], heads[:, None, None])
@@ -88,12 +102,11 @@ class _FusedGathered(torch.autograd.Function):
     """Each query chunk as one fused CPU flash call; backward rebuilds gathers and masks per chunk."""
 
     @staticmethod
-    def forward(ctx, q_BHLD, k_BKND, v_BKND, pattern, lay, scale, chunk_blocks):
+    def forward(ctx, q_BHLD, k_BKND, v_BKND, pattern, hl, scale, chunk_blocks):
         fwd, _ = fused_cpu_ops()
-        H = q_BHLD.shape[1]
         outs, lses = [], []
         for q0, q1 in _chunks(q_BHLD.shape[2], pattern.block, chunk_blocks):
-            tok, keep = _chunk_keys(pattern, lay, H, q0, q1)
+            tok, keep = _chunk_keys(pattern, hl, q0, q1)
             o, lse = fwd(q_BHLD[:, :, q0:q1], _gather(k_BKND, tok), _gather(v_BKND, tok), 0.0, False,
                          attn_mask=additive_mask(keep, q_BHLD.dtype), scale=scale)
             row_ok = keep.any(-1)  # a row with no key reads nothing: output 0
@@ -102,7 +115,7 @@ class _FusedGathered(torch.autograd.Function):
         o = torch.cat(outs, dim=2)
         lse = torch.cat(lses, dim=2)
         ctx.save_for_backward(q_BHLD, k_BKND, v_BKND, o, lse)
-        ctx.pattern, ctx.lay, ctx.scale, ctx.chunk_blocks = pattern, lay, scale, chunk_blocks
+        ctx.pattern, ctx.hl, ctx.scale, ctx.chunk_blocks = pattern, hl, scale, chunk_blocks
         return o
 
     @staticmethod
@@ -117,7 +130,7 @@ class _FusedGathered(torch.autograd.Function):
         dv_H = torch.zeros(B, H, N, v.shape[-1], dtype=acc, device=q.device)
         safe_lse = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
         for q0, q1 in _chunks(L, ctx.pattern.block, ctx.chunk_blocks):
-            tok, keep = _chunk_keys(ctx.pattern, ctx.lay, H, q0, q1)
+            tok, keep = _chunk_keys(ctx.pattern, ctx.hl, q0, q1)
             g_c = grad_BHLD[:, :, q0:q1].contiguous()
             dq_c, dk_c, dv_c = bwd(g_c, q[:, :, q0:q1], _gather(k, tok), _gather(v, tok), o[:, :, q0:q1].contiguous(),
                                    safe_lse[:, :, q0:q1].contiguous(), 0.0, False,
@@ -131,8 +144,8 @@ class _FusedGathered(torch.autograd.Function):
         return dq, dk.to(k.dtype), dv.to(v.dtype), None, None, None, None
 
 
-def _sdpa_chunk(q_c, k_BKND, v_BKND, pattern, lay, q0, q1, scale):
-    tok, keep = _chunk_keys(pattern, lay, q_c.shape[1], q0, q1)
+def _sdpa_chunk(q_c, k_BKND, v_BKND, pattern, hl, q0, q1, scale):
+    tok, keep = _chunk_keys(pattern, hl, q0, q1)
     o = F.scaled_dot_product_attention(q_c, _gather(k_BKND, tok), _gather(v_BKND, tok), attn_mask=keep, scale=scale)
     return torch.where(keep.any(-1)[..., None], o, torch.zeros((), dtype=o.dtype, device=o.device))
 
@@ -158,11 +171,12 @@ def gathered_block_attention(
     scale = 1.0 / math.sqrt(q_BHLD.shape[-1]) if scale is None else scale
     if fused is None:
         fused = q_BHLD.device.type == "cpu" and fused_cpu_ops() is not None
+    hl = _HeadLayout.build(lay, q_BHLD.shape[1], pattern.block)  # shared by every chunk, forward and backward
     if fused:
-        return _FusedGathered.apply(q_BHLD, k_BKND, v_BKND, pattern, lay, scale, chunk_blocks)
+        return _FusedGathered.apply(q_BHLD, k_BKND, v_BKND, pattern, hl, scale, chunk_blocks)
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q_BHLD, k_BKND, v_BKND))
     outs = []
     for q0, q1 in _chunks(q_BHLD.shape[2], pattern.block, chunk_blocks):
-        args = (q_BHLD[:, :, q0:q1], k_BKND, v_BKND, pattern, lay, q0, q1, scale)
+        args = (q_BHLD[:, :, q0:q1], k_BKND, v_BKND, pattern, hl, q0, q1, scale)
         outs.append(checkpoint(_sdpa_chunk, *args, use_reentrant=False) if grad else _sdpa_chunk(*args))
     return torch.cat(outs, dim=2)
