@@ -16,11 +16,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from longshard.parallel.env import exit_worker
 
 log = logging.getLogger("megatron_gpt")
 
@@ -114,4 +114,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_worker(main())

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -105,3 +106,23 @@ def destroy_distributed() -> None:
     """Tear down the default process group if one exists."""
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def exit_worker(rc: int) -> None:
+    """End a launcher-started worker with ``rc`` once its process group is destroyed.
+
+    Under ``torchrun`` (``WORLD_SIZE`` > 1) logs and streams are flushed and the process leaves
+    through ``os._exit``: interpreter teardown can otherwise abort a finished run
+    ("terminate called without an active exception", SIGABRT) while c10d/gloo threads are still
+    being destroyed, and torchrun would then report a completed job as failed. A single process
+    exits normally.
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        sys.exit(rc)
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed or broken pipe: nothing left to flush into
+            pass
+    os._exit(rc)

@@ -394,3 +394,16 @@ def test_every_shipped_recipe_runs_its_bf16_step(tmp_path, data_dir, env_cpu, re
     assert "dtype: bf16" in resolved and "n_heads: 14" in resolved and "n_kv_heads: 2" in resolved
     assert len(report["losses"]) == 2 and all(0 < x < 20 for x in report["losses"])
     assert 0 < report["val_loss"] < 20
+
+
+@pytest.mark.parametrize("world", ["1", "2"])
+def test_worker_exit_keeps_code_and_flushes_logs(world):
+    """A torchrun worker leaves through os._exit (no interpreter teardown to abort a finished run);
+    its exit code and its last log line must survive that."""
+    code = ("import logging, sys; from longshard.parallel.env import exit_worker; "
+            "logging.basicConfig(stream=sys.stderr); logging.getLogger('x').warning('last line'); "
+            "sys.stdout.write('buffered'); exit_worker(3)")
+    env = {**os.environ, "WORLD_SIZE": world}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 3
+    assert "last line" in proc.stderr and proc.stdout == "buffered"

@@ -6,10 +6,9 @@ import argparse
 import json
 import logging
 import os
-import sys
 
 from longshard.errors import ConfigError
-from longshard.parallel import destroy_distributed
+from longshard.parallel import destroy_distributed, exit_worker
 from longshard.train.config import load_config
 from longshard.train.trainer import CheckpointError, CollectiveError, NonFiniteLossError, train
 
@@ -50,4 +49,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_worker(main())

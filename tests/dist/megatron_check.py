@@ -9,12 +9,12 @@ slicing index) at the CPU.
 
 from __future__ import annotations
 
-import sys
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from common import TOL, finish, rel
+from longshard.parallel.env import exit_worker
 
 TP, CP = 2, 2
 HEADS, GROUPS, DIM, VOCAB, L = 4, 2, 64, 64, 16  # L: local tokens (2 zigzag chunks of 8)
@@ -104,4 +104,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_worker(main())

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import copy
-import sys
 
 import torch
 import torch.distributed as dist
 from common import finish, random_batch, run_and_compare
+from longshard.parallel.env import exit_worker
 from longshard.models import ModelConfig, Transformer
 from longshard.parallel.ring import apply_ring
 from longshard.parallel.sequence import CommCounter, shard_batch, zigzag_positions
@@ -57,4 +57,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_worker(main())

@@ -5,11 +5,11 @@ Exits 1 on a mismatch."""
 from __future__ import annotations
 
 import copy
-import sys
 
 import torch
 import torch.distributed as dist
 from common import BF16_TOL_GRAD, BF16_TOL_LOGITS, TOL, finish, forward_backward, random_batch, rel
+from longshard.parallel.env import exit_worker
 from longshard.errors import ConfigError
 from longshard.models import ModelConfig, Transformer
 from longshard.parallel.ring import apply_ring
@@ -90,4 +90,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_worker(main())

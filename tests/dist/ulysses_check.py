@@ -7,11 +7,11 @@ runs with its attention behind all-to-alls on this rank's sequence shard. Exits 
 from __future__ import annotations
 
 import copy
-import sys
 
 import torch
 import torch.distributed as dist
 from common import finish, random_batch, run_and_compare
+from longshard.parallel.env import exit_worker
 from longshard.errors import ConfigError
 from longshard.models import ModelConfig, Transformer
 from longshard.parallel.sequence import CommCounter, apply_ulysses, shard_batch
@@ -107,4 +107,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_worker(main())
