@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from longshard.errors import require
+from longshard.kernels.attention.doc_chunked import doc_chunked_attention
 from longshard.kernels.attention.naive import attention_naive, causal_doc_mask
 from longshard.models.attention.registry import (
     AttentionBatch,
@@ -26,7 +27,9 @@ class DenseOptions:
 
     Args:
         backend: ``auto`` (flash-attn on CUDA with fp16/bf16 when installed, else SDPA),
-            ``sdpa``, ``flash`` or ``naive`` (fp32 reference, explicit score matrix).
+            ``sdpa`` (packed documents: document-bounded query chunks, see
+            :mod:`longshard.kernels.attention.doc_chunked`), ``flash`` or ``naive`` (fp32
+            reference, explicit score matrix).
         softmax_scale: score scale; default 1/sqrt(head_dim).
     """
 
@@ -90,10 +93,13 @@ class DenseAttention(CoreAttention):
             return attention_naive(q_BHSD, k_BHSD, v_BHSD, mask, self.scale)
         if backend == "flash":
             return self._flash(q_BHSD, k_BHSD, v_BHSD, doc)
-        if doc is None and q_BHSD.shape[2] == k_BHSD.shape[2]:
-            return F.scaled_dot_product_attention(
-                q_BHSD, k_BHSD, v_BHSD, is_causal=True, scale=self.scale, enable_gqa=True
-            )
+        if q_BHSD.shape[2] == k_BHSD.shape[2]:
+            if doc is None:
+                return F.scaled_dot_product_attention(
+                    q_BHSD, k_BHSD, v_BHSD, is_causal=True, scale=self.scale, enable_gqa=True
+                )
+            # packed documents: query chunks over document-bounded keys, never an S x S mask
+            return doc_chunked_attention(q_BHSD, k_BHSD, v_BHSD, doc, self.scale)
         mask = causal_doc_mask(q_BHSD.shape[2], k_BHSD.shape[2], doc)
         return F.scaled_dot_product_attention(
             q_BHSD, k_BHSD, v_BHSD, attn_mask=mask, scale=self.scale, enable_gqa=True
