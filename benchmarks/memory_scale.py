@@ -6,16 +6,26 @@ bytes the core attention saves for backward per token (saved_tensors_hooks) and 
 tensor storage over the whole step (``TensorMemoryTracker``). Flat bytes/token = memory linear in S.
 
     python benchmarks/memory_scale.py --json memory_scale.json [--lengths 2048 4096 8192 16384]
+
+Under torchrun it measures the sequence-parallel forms instead (``--sp ulysses ring hybrid``; hybrid
+needs 4 processes: Ulysses 2 x ring 2); ``seq_len`` is the whole sequence, bytes are per local
+token of rank 0 (block-sparse paths under ``ring`` are the sparsity-aware exchange):
+
+    torchrun --nproc-per-node 2 benchmarks/memory_scale.py --sp ulysses ring --json sp.json
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 
 import torch
+import torch.distributed as dist
 from longshard.models import ModelConfig, Transformer
 from longshard.train.memory import TensorMemoryTracker, saved_attention_bytes
+
+SP_MODES = ("ulysses", "ring", "hybrid")
 
 PATHS = {
     "dense": [{"name": "dense"}],
@@ -27,41 +37,78 @@ PATHS = {
 }
 
 
-def measure(path: str, S: int, dtype: torch.dtype | None) -> dict:
+def _sequence_parallel(model: Transformer, sp_mode: str) -> tuple[Transformer, int, bool, int]:
+    """``model`` made sequence-parallel over all processes: (model, rank, zigzag, ulysses size)."""
+    from longshard.parallel.ring import apply_ring
+    from longshard.parallel.sequence import apply_ulysses
+    from torch.distributed.device_mesh import init_device_mesh
+
+    P = dist.get_world_size()
+    if sp_mode == "ulysses":
+        return apply_ulysses(model, dist.group.WORLD), dist.get_rank(), False, 1
+    if sp_mode == "ring":
+        return apply_ring(model, dist.group.WORLD), dist.get_rank(), True, 1
+    mesh = init_device_mesh("cpu", (P // 2, 2), mesh_dim_names=("ring", "uly"))
+    model = apply_ring(model, mesh["ring"].get_group(), ulysses_group=mesh["uly"].get_group())
+    return model, dist.get_rank(), True, 2
+
+
+def measure(path: str, S: int, dtype: torch.dtype | None, sp_mode: str = "none") -> dict:
+    """One forward + backward at sequence length ``S``: saved bytes per (local) token and the peak."""
+    from longshard.parallel.sequence import shard_batch
+
     torch.manual_seed(0)
     model = Transformer(ModelConfig(vocab_size=256, dim=512, n_layers=1, n_heads=8, n_kv_heads=2, max_seq_len=S,
                                     attention=PATHS[path]))
     tokens = torch.randint(0, 256, (1, S))
     doc = torch.arange(S)[None] // 1024 if path == "dense_packed" else None  # 1K-token documents
-    saved = saved_attention_bytes(model, tokens, doc, dtype)
+    pos = None
+    if sp_mode != "none":
+        model, rank, zigzag, inner = _sequence_parallel(model, sp_mode)
+        sh = shard_batch(tokens, tokens, doc, rank, dist.get_world_size(), zigzag=zigzag, inner=inner)
+        tokens, doc, pos = sh["tokens"], sh["doc_ids"], sh["position_ids"]
+    saved = saved_attention_bytes(model, tokens, doc, dtype, position_ids_BS=pos)
     with TensorMemoryTracker() as mem:
         for p in model.parameters():
             mem.track(p)
         with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
-            out = model(tokens, doc_ids_BS=doc, labels_BS=tokens)
+            out = model(tokens, doc_ids_BS=doc, labels_BS=tokens, position_ids_BS=pos)
         out.loss_sum.backward()
-    return {"path": path, "sp_mode": "none", "seq_len": S, "dtype": "bf16" if dtype else "fp32",
-            "saved_bytes_per_token": saved / S, "peak_bytes": mem.peak}
+    return {"path": path, "sp_mode": sp_mode, "seq_len": S, "dtype": "bf16" if dtype else "fp32",
+            "saved_bytes_per_token": saved / tokens.shape[1], "peak_bytes": mem.peak}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096, 8192, 16384])
-    ap.add_argument("--paths", nargs="+", default=sorted(PATHS))
+    ap.add_argument("--paths", nargs="+", default=sorted(PATHS), choices=sorted(PATHS))
+    ap.add_argument("--sp", nargs="+", default=list(SP_MODES), choices=SP_MODES,
+                    help="sequence-parallel modes measured under torchrun (ignored in one process)")
     ap.add_argument("--bf16", action="store_true", help="bf16 autocast (default fp32)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     dtype = torch.bfloat16 if args.bf16 else None
+    modes = ["none"]
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        dist.init_process_group("gloo")
+        modes = [m for m in args.sp if m != "hybrid" or dist.get_world_size() % 4 == 0]
+    lead = not dist.is_initialized() or dist.get_rank() == 0
     rows = []
-    print(f"{'path':16s} {'S':>7s} {'saved B/token':>14s} {'peak MB':>9s}")
-    for path in args.paths:
-        for S in args.lengths:
-            rec = measure(path, S, dtype)
-            rows.append(rec)
-            print(f"{path:16s} {S:7d} {rec['saved_bytes_per_token']:14.0f} {rec['peak_bytes'] / 2**20:9.1f}")
-    if args.json:
+    if lead:
+        print(f"{'path':16s} {'sp_mode':8s} {'S':>7s} {'saved B/token':>14s} {'peak MB':>9s}")
+    for mode in modes:
+        for path in args.paths:
+            for S in args.lengths:
+                rec = measure(path, S, dtype, mode)
+                rows.append(rec)
+                if lead:
+                    print(f"{path:16s} {mode:8s} {S:7d} {rec['saved_bytes_per_token']:14.0f} "
+                          f"{rec['peak_bytes'] / 2**20:9.1f}")
+    if args.json and lead:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -124,13 +124,15 @@ class _RingAttnFn(torch.autograd.Function):
             if pending is not None:
                 ring.wait(pending)
                 kv = pending[1]
-        ctx.save_for_backward(q, k, v, o, lse, *([] if doc_all is None else [doc_all]))
+        o_out = o.to(q.dtype)  # kept for backward in the input dtype, as flash-attn keeps its output
+        ctx.save_for_backward(q, k, v, o_out, lse, *([] if doc_all is None else [doc_all]))
         ctx.ring, ctx.scale, ctx.has_doc, ctx.fused = ring, scale, doc_all is not None, fused
-        return o.to(q.dtype)
+        return o_out
 
     @staticmethod
     def backward(ctx, grad_o):
         q, k, v, o, lse, *rest = ctx.saved_tensors
+        o = o.float()
         doc_all = rest[0] if ctx.has_doc else None
         ring, scale = ctx.ring, ctx.scale
         P, r = ring.P, ring.r

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+
 import pytest
 import torch
+from helpers import REPO, torchrun_cmd
 from longshard.models import ModelConfig, Transformer
 from longshard.train.memory import saved_attention_bytes
 
-PATHS = {
+PATHS = {  # the same names as benchmarks/memory_scale.py's paths
     "dense": [{"name": "dense"}],
     "dense_packed": [{"name": "dense"}],  # with 256-token documents
     "s2": [{"name": "s2", "options": {"block": 32, "local_blocks": 2, "vert_stride": 4,
@@ -30,3 +34,26 @@ def test_attention_saved_bytes_per_token_flat(path, dtype):
         per_token.append(saved_attention_bytes(model, tokens, doc, dtype) / S)
     assert per_token[0] > 0
     assert per_token[1] <= 1.05 * per_token[0], per_token  # O(S) in total, not O(S^2)
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("nproc,modes", [(2, ["ulysses", "ring"]), (4, ["hybrid"])], ids=["sp2", "hybrid4"])
+def test_sequence_parallel_saved_bytes_per_token_flat(tmp_path, env_cpu, nproc, modes, bf16):
+    """Every path under Ulysses, the ring (dense ring, sparsity-aware exchange for s2/sliding window,
+    linear state passing) and hybrid saves O(local tokens) for backward: bytes/token at S and 2S
+    within 5% (benchmarks/memory_scale.py under torchrun writes the records)."""
+    out = tmp_path / "sp.json"
+    cmd = torchrun_cmd(nproc, str(REPO / "benchmarks" / "memory_scale.py"), "--lengths", "512", "1024",
+                       "--sp", *modes, "--json", str(out), *(["--bf16"] if bf16 else []))
+    proc = subprocess.run(cmd, env=env_cpu, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    rows = json.loads(out.read_text())
+    assert {(r["sp_mode"], r["path"]) for r in rows} == {(m, p) for m in modes for p in PATHS}
+    for mode in modes:
+        for path in PATHS:
+            by_len = {r["seq_len"]: r for r in rows if r["sp_mode"] == mode and r["path"] == path}
+            small, large = by_len[512]["saved_bytes_per_token"], by_len[1024]["saved_bytes_per_token"]
+            assert small > 0
+            assert large <= 1.05 * small, (mode, path, small, large)
+            assert {"path", "sp_mode", "seq_len", "saved_bytes_per_token", "peak_bytes"} <= set(by_len[512])

@@ -13,11 +13,15 @@ and estimates for each:
   (parameters, moments, activations, loss head), a checkpointed block's recomputation, and the
   optimizer step (16 bytes plus one parameter-sized temporary);
 * activations: what our blocks save for backward per token (two RMSNorms in fp32, the
-  projections' inputs, the core attention's q/k/v/output/log-sum-exp, the SwiGLU intermediates),
-  for the micro-batch's local tokens (seq_len / sp), under each checkpointing mode; under tensor
-  parallel the per-head and FFN-width tensors are split over tp, the model-width ones are not;
-* the loss head: logits, their fp32 log-softmax and its gradient (the usual peak at the start of
-  backward);
+  projections' inputs, the core attention's saved tensors, the SwiGLU intermediates), for the
+  micro-batch's local tokens (seq_len / sp), under each checkpointing mode; under tensor
+  parallel the per-head and FFN-width tensors are split over tp, the model-width ones are not.
+  The core attention's bytes per token are measured, not assumed: each distinct layer's core is
+  run alone with the real head layout at two probe lengths on CPU
+  (:func:`longshard.train.memory.core_saved_bytes_per_token`), which every path and
+  sequence-parallel form keeps flat per local token (``tests/test_memory_scale.py``);
+* the loss head: one chunk's logits, their fp32 log-softmax and its gradient
+  (``train.loss_chunk_tokens``; all of them with ``-1``);
 * communication per optimizer step and GPU: gradient all-reduce (DDP) or all-gather x 2 +
   reduce-scatter per micro-batch (FSDP2), plus the sequence-parallel volume per layer (the same
   analytic formulas the communication counter is tested against), plus tensor parallel's four
@@ -31,6 +35,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import logging
 import re
 from dataclasses import dataclass
 
@@ -40,6 +45,7 @@ from longshard.models.config import ModelConfig
 from longshard.models.model import Transformer
 
 GIB = 1024**3
+log = logging.getLogger(__name__)
 
 
 def parse_bytes(text: str) -> int:
@@ -98,8 +104,56 @@ def param_count(mcfg: ModelConfig, tp: int = 1) -> tuple[float, float]:
     return total, block
 
 
+_CORE_BYTES: dict = {}
+
+
+def core_bytes_per_token(mcfg: ModelConfig, act_bytes: int) -> list[float]:
+    """Measured saved bytes per token of each layer's core attention (cached per config and dtype).
+
+    Layers whose cores are alike (same spec, class and declared FLOPs) are measured once. A core
+    that cannot run on this machine (e.g. a CUDA-only backend) falls back to q, k, v, output and
+    log-sum-exp, with a warning.
+    """
+    from longshard.models.attention import AttentionContext, build_attention
+    from longshard.train.memory import core_saved_bytes_per_token
+
+    key = (repr(mcfg), act_bytes)
+    if key in _CORE_BYTES:
+        return _CORE_BYTES[key]
+    H, kv, hd = mcfg.n_query_heads, mcfg.n_kv_heads, mcfg.head_dim
+    formula = (2 * H * hd + 2 * kv * hd) * act_bytes + H * 4  # q, o, k, v, lse
+    dtype = torch.bfloat16 if act_bytes == 2 else None
+    alike: dict = {}
+    out = []
+    for i in range(mcfg.n_layers):
+        spec = mcfg.layer_attention(i)
+        core = build_attention(spec.name, spec.options, AttentionContext(
+            layer_idx=i, n_layers=mcfg.n_layers, n_heads=H, n_kv_heads=kv, head_dim=hd, model_dim=mcfg.dim))
+        kind = (repr(spec), type(core).__name__, core.attention_flops_per_token(4096))
+        if kind not in alike:
+            try:
+                alike[kind] = core_saved_bytes_per_token(mcfg, i, dtype)
+            except Exception as e:  # noqa: BLE001 - any failure to run the probe: fall back, say so
+                log.warning("layer %d (%s): cannot measure its saved bytes here (%s); counting q, k, v, "
+                            "output and log-sum-exp", i, spec.name, e)
+                alike[kind] = float(formula)
+        out.append(alike[kind])
+    _CORE_BYTES[key] = out
+    return out
+
+
+def loss_chunk(cfg, vocab: int, tokens: int) -> int:
+    """Tokens whose logits the loss head holds at once (``train.loss_chunk_tokens``)."""
+    from longshard.models.model import LOSS_CHUNK_BYTES
+
+    n = cfg.train.loss_chunk_tokens
+    if n < 0:
+        return tokens
+    return min(tokens, n if n > 0 else max(1, LOSS_CHUNK_BYTES // (4 * vocab)))
+
+
 def saved_per_token_layer(mcfg: ModelConfig, act_bytes: int, mode: str, offload: str,
-                          tp: int = 1) -> tuple[float, float]:
+                          tp: int = 1, core_bytes: float | None = None) -> tuple[float, float]:
     """Bytes per token one block keeps for backward on the device, and what offload moves off it.
 
     What this codebase's block saves (checked against autograd's saved tensors in the tests):
@@ -108,11 +162,12 @@ def saved_per_token_layer(mcfg: ModelConfig, act_bytes: int, mode: str, offload:
     core attention's q, k, v, output and fp32 log-sum-exp, the output projection's input and the
     SwiGLU's w1/w3 outputs, silu and product; ``attention_boundary``: the block input and the core
     attention's saved tensors; ``full``: the block input. Tensor parallel splits the per-head and
-    FFN-width tensors over ``tp``.
+    FFN-width tensors over ``tp``. ``core_bytes``: the core attention's measured bytes per token
+    (all heads; see :func:`core_bytes_per_token`), else q, k, v, output and log-sum-exp.
     """
     E, F, hd = mcfg.dim, mcfg.ffn_hidden_dim / tp, mcfg.head_dim
     H, kv = mcfg.n_query_heads / tp, mcfg.n_kv_heads / tp
-    core = (2 * H * hd + 2 * kv * hd) * act_bytes + H * 4  # q, o, k, v, lse
+    core = (2 * H * hd + 2 * kv * hd) * act_bytes + H * 4 if core_bytes is None else core_bytes / tp
     if mode == "full":
         return E * act_bytes, 0.0
     if mode == "attention_boundary":
@@ -154,15 +209,19 @@ def estimate(cfg, mcfg: ModelConfig, layout: Layout, gpus: int) -> Estimate:
         states += 2 * 4 * block_P  # the gathered block and the prefetched next one
     mb = cfg.train.micro_batch_size
     T = mb * cfg.train.seq_len // layout.sp
-    kept, _ = saved_per_token_layer(mcfg, act_bytes, layout.activation_checkpointing, layout.activation_offload,
-                                    layout.tp)
-    acts = T * (mcfg.n_layers * kept + base_per_token(mcfg, act_bytes))
+    cores = core_bytes_per_token(mcfg, act_bytes)
+    kept_l = [saved_per_token_layer(mcfg, act_bytes, layout.activation_checkpointing, layout.activation_offload,
+                                    layout.tp, c)[0] for c in cores]
+    kept = max(kept_l)
+    acts = T * (sum(kept_l) + base_per_token(mcfg, act_bytes))
     V = mcfg.vocab_size
-    loss_head = T * V * (act_bytes + 4 + 4)  # logits, fp32 log-softmax kept for backward, its gradient
+    # one chunk's logits, their fp32 log-softmax kept for backward and its gradient
+    loss_head = loss_chunk(cfg, V, T) * V * (act_bytes + 4 + 4)
     states_fwd = 12 * P / shard  # parameters + AdamW moments while activations live (gradients come later)
     peaks = [states_fwd + acts + loss_head, 20 * P / shard]  # start of backward; optimizer step (+ temporaries)
     if layout.activation_checkpointing != "none":  # a block recomputed in its backward: the last layer's
-        full_block, _ = saved_per_token_layer(mcfg, act_bytes, "none", layout.activation_offload, layout.tp)
+        full_block = max(saved_per_token_layer(mcfg, act_bytes, "none", layout.activation_offload, layout.tp, c)[0]
+                         for c in cores)
         peaks.append(states_fwd + acts + T * full_block)
         # ... and the first layer's, when every other layer's gradients exist
         peaks.append(16 * P / shard + T * (base_per_token(mcfg, act_bytes) + kept + full_block))
