@@ -12,6 +12,13 @@ needs 4 processes: Ulysses 2 x ring 2); ``seq_len`` is the whole sequence, bytes
 token of rank 0 (block-sparse paths under ``ring`` are the sparsity-aware exchange):
 
     torchrun --nproc-per-node 2 benchmarks/memory_scale.py --sp ulysses ring --json sp.json
+
+``--qwen`` instead measures the peak of one bf16 training step (forward + backward, fp32 weights
+and gradients) of a Qwen2.5-0.5B-shaped 2-layer model (hidden 896, 14 / 2 heads, FFN 4864, vocab
+151,936, tied, QKV bias) with 4K-token packed documents, with the chunked loss head and, where it
+fits in ``--max-gb``, the one-pass head (the logits' share is the difference):
+
+    python benchmarks/memory_scale.py --qwen --lengths 8192 16384 32768
 """
 
 from __future__ import annotations
@@ -78,6 +85,46 @@ def measure(path: str, S: int, dtype: torch.dtype | None, sp_mode: str = "none")
             "saved_bytes_per_token": saved / tokens.shape[1], "peak_bytes": mem.peak}
 
 
+QWEN = {"vocab_size": 151936, "dim": 896, "n_layers": 2, "n_heads": 14, "n_kv_heads": 2, "ffn_hidden_dim": 4864,
+        "qkv_bias": True, "tie_embeddings": True}
+
+
+def measure_qwen(S: int, loss_chunk: int | None) -> dict:
+    """Peak live tensor bytes of one bf16 step of the Qwen2.5-shaped model (see the module docstring)."""
+    import time
+
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(**QWEN, max_seq_len=S, attention=[{"name": "dense"}]))
+    model.set_loss_chunking(loss_chunk)
+    tokens = torch.randint(0, QWEN["vocab_size"], (1, S))
+    doc = torch.arange(S)[None] // 4096
+    t0 = time.perf_counter()
+    with TensorMemoryTracker() as mem:
+        for p in model.parameters():
+            mem.track(p)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(tokens, doc_ids_BS=doc, labels_BS=tokens)
+        out.loss_sum.backward()
+    return {"path": "qwen2.5-0.5b-2layer", "sp_mode": "none", "seq_len": S, "dtype": "bf16",
+            "loss_head": "one_pass" if loss_chunk is None else "chunked", "peak_bytes": mem.peak,
+            "wall_s": time.perf_counter() - t0}
+
+
+def qwen_main(lengths: list[int], max_gb: float) -> list[dict]:
+    rows = []
+    print(f"{'loss head':10s} {'S':>7s} {'peak GB':>9s} {'wall s':>8s}")
+    for S in lengths:
+        for chunk in (0, None):
+            logits_gb = S * QWEN["vocab_size"] * (2 + 4 + 4) / 2**30
+            if chunk is None and logits_gb > max_gb:
+                print(f"{'one_pass':10s} {S:7d}  skipped: its logits alone need ~{logits_gb:.0f} GB")
+                continue
+            rec = measure_qwen(S, chunk)
+            rows.append(rec)
+            print(f"{rec['loss_head']:10s} {S:7d} {rec['peak_bytes'] / 2**30:9.2f} {rec['wall_s']:8.1f}")
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096, 8192, 16384])
@@ -86,7 +133,15 @@ def main() -> None:
                     help="sequence-parallel modes measured under torchrun (ignored in one process)")
     ap.add_argument("--bf16", action="store_true", help="bf16 autocast (default fp32)")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--qwen", action="store_true", help="Qwen2.5-shaped bf16 step peaks instead")
+    ap.add_argument("--max-gb", type=float, default=12.0, help="--qwen: skip one-pass heads above this")
     args = ap.parse_args()
+    if args.qwen:
+        rows = qwen_main(args.lengths, args.max_gb)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(rows, f, indent=1)
+        return
     dtype = torch.bfloat16 if args.bf16 else None
     modes = ["none"]
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
