@@ -185,6 +185,19 @@ def test_lightning_matches_chunk_and_naive(S, packed, with_state):
         assert_rel("lightning vs naive", lightning_attention_naive(q, k, v, log_decay, doc), o, TOL)
 
 
+@pytest.mark.parametrize("chunk", [16, 64])
+def test_lightning_tensor_core_branch_fp16(chunk):
+    """fp16 inputs take the non-IEEE branch (as bf16 does on CUDA) under the interpreter too; a requested
+    chunk above the launch table's runs as several kernel chunks. Against the fp32 blocked form."""
+    S, B, H, D, E = _seq(45, 2000), 1, 2, 16, 48
+    log_decay = torch.tensor([0.2, 0.01], device=DEV)
+    q, k, v = (_rand(B, H, S, d, seed=s, dtype=torch.float16) for d, s in ((D, 31), (D, 32), (E, 33)))
+    doc = _packed_docs(B, S, seed=34)
+    _check_grads("lightning fp16",
+                 lambda a, b, c: lightning_attention_chunk(a.float(), b.float(), c.float(), log_decay, doc, 16)[0],
+                 lambda a, b, c: lightning_attention_triton(a, b, c, log_decay, doc, chunk)[0], (q, k, v), TOL_FP16)
+
+
 def test_lightning_state_passing_equals_one_pass():
     """Two halves with the first half's final state passed on equal one pass (sequence-parallel contract)."""
     B, H, S, D, chunk = 1, 2, 64, 16, 16
@@ -280,3 +293,26 @@ def test_nsa_selected_branch_through_the_kernel(packed):
     scale = D**-0.5
     _check_grads("nsa selected", lambda a, b, c: _selected_gather(a, b, c, idx, ok, geo, scale, doc),
                  lambda a, b, c: _selected_triton(a, b, c, idx, ok, geo, scale, doc), (q, k, v), TOL)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["ieee", "tensor_core"])
+@pytest.mark.parametrize("sub", [(16, 16), (16, 32), (32, 16)], ids=lambda s: f"n{s[0]}m{s[1]}")
+@pytest.mark.parametrize("mask", ["s2", "sink_window", "stacked_windows"])
+def test_block_sparse_sub_tiles(mask, sub, dtype, monkeypatch):
+    """A 32-token block walked in key / query sub-tiles (the launch table's split of big blocks) gives
+    the naive outputs and gradients: GQA stacking, per-head windows, packed documents, odd length.
+    fp16 runs the tensor-core branch (``tl.dot`` in fp16, fp32 accumulation) under the interpreter."""
+    import longshard.kernels.block_sparse.triton as bst
+
+    block_n, block_m = sub
+    branch = "fp32" if dtype == torch.float32 else "tc"
+    for kernel in ("fwd", "dq", "dkdv"):
+        monkeypatch.setitem(bst.LAUNCH, (kernel, branch), {64: (block_m, block_n, 4, 1)})
+    S, blk, H, Hkv, D = _seq(75, 1000), 32, 4, 2, 24
+    pat = _patterns(S, blk, H, Hkv)[mask].to(DEV)
+    q, k, v = (_rand(2, h, S, D, seed=s, dtype=dtype) for h, s in ((H, 21), (Hkv, 22), (Hkv, 23)))
+    doc = _packed_docs(2, S, seed=24)
+    tol = TOL if dtype == torch.float32 else TOL_FP16
+    _check_grads(f"{mask} {sub}", lambda a, b, c: block_sparse_attention_naive(a.float(), b.float(), c.float(),
+                                                                               pat, doc),
+                 lambda a, b, c: block_sparse_attention_triton(a, b, c, pat, doc), (q, k, v), tol)

@@ -11,9 +11,12 @@ backward (and returned, for ring merging); the backward recomputes probabilities
   (query head of its GQA group, query block) pairs that read the block, so a group's heads are
   reduced inside the program (no atomics).
 
-Tile size = the pattern's block (a power of two in 16..128). Inputs of any float dtype; on CUDA
-fp16/bf16 tiles go to tensor cores with fp32 accumulation; fp32 inputs (and everything under the
-CPU interpreter, whose ``tl.dot`` is wrong for bf16) are computed in fp32 (IEEE dot).
+Block = the pattern's block (a power of two in 16..128); each program walks it in sub-tiles
+(``LAUNCH``: keys per step in the forward and dQ, key rows per program and query rows per step in
+dK/dV) so that D 128 and block 128 fit the registers. Offsets are 64-bit. Inputs of any float
+dtype; fp16/bf16 tiles go to tensor cores with fp32 accumulation; fp32 inputs (and bf16 under the
+CPU interpreter, whose bf16 ``tl.dot`` is wrong) are computed in fp32 (IEEE dot); fp16 takes the
+tensor-core branch under the interpreter too, which is how that branch is tested on CPU.
 """
 
 from __future__ import annotations
@@ -94,10 +97,10 @@ def csr_indices(block_mask_BHQK: torch.Tensor, n_blocks: int, n_kv_heads: int, b
 if triton is not None:
 
     @triton.jit
-    def _rows(first_head, qb, H, b, BLOCK: tl.constexpr, SHARE: tl.constexpr):
-        """Rows of a stacked tile: SHARE heads x BLOCK positions -> (head index, position)."""
-        i = tl.arange(0, SHARE * BLOCK)
-        return first_head + i // BLOCK, qb * BLOCK + i % BLOCK
+    def _rows(start, M: tl.constexpr, SHARE: tl.constexpr):
+        """Rows of a stacked tile: SHARE heads x M positions from ``start`` -> (head in the set, position)."""
+        i = tl.arange(0, SHARE * M)
+        return i // M, start + i % M
 
     @triton.jit
     def _keep_tile(pos_m, offs_n, S, win, sink, dq_doc, dk_doc, sel, kb, HAS_WIN: tl.constexpr,
@@ -114,7 +117,8 @@ if triton is not None:
         return keep
 
     @triton.jit
-    def _row_meta(WIN, SINK, DOC, b, head, pos, m_ok, S, HAS_WIN: tl.constexpr, HAS_DOC: tl.constexpr):
+    def _row_meta(WIN, SINK, DOC_B, head, pos, m_ok, HAS_WIN: tl.constexpr, HAS_DOC: tl.constexpr):
+        """Per-row window, sink and document id (``DOC_B`` = this batch row's document ids)."""
         win = head
         sink = head
         if HAS_WIN:
@@ -122,38 +126,39 @@ if triton is not None:
             sink = tl.load(SINK + head)
         doc = pos
         if HAS_DOC:
-            doc = tl.load(DOC + b * S + pos, mask=m_ok, other=-1)
+            doc = tl.load(DOC_B + pos, mask=m_ok, other=-1)
         return win, sink, doc
 
     @triton.jit
-    def _row_selection(SEL, b, kvh_local, pos, m_ok, S, KV_H, N_SEL: tl.constexpr, HAS_SEL: tl.constexpr):
-        """(rows, N_SEL) selected key blocks of each row (-1 = none), or a dummy when not selecting."""
+    def _row_selection(SEL_G, pos, m_ok, N_SEL: tl.constexpr, HAS_SEL: tl.constexpr):
+        """(rows, N_SEL) selected key blocks of each row (-1 = none), or a dummy when not selecting;
+        ``SEL_G`` = the selections of this (batch, KV group)."""
         sel = pos
         if HAS_SEL:
-            base = ((b * KV_H + kvh_local) * S + pos) * N_SEL
-            sel = tl.load(SEL + base[:, None] + tl.arange(0, N_SEL)[None, :], mask=m_ok[:, None], other=-1)
+            sel = tl.load(SEL_G + (pos * N_SEL)[:, None] + tl.arange(0, N_SEL)[None, :], mask=m_ok[:, None],
+                          other=-1)
         return sel
 
     @triton.jit
-    def _load_rows(PTR, row_ptr, offs_d, mask, F32: tl.constexpr):
-        x = tl.load(PTR + row_ptr[:, None] + offs_d[None, :], mask=mask, other=0.0)
+    def _load_rows(PTR, row_off, offs_d, mask, F32: tl.constexpr):
+        x = tl.load(PTR + row_off[:, None] + offs_d[None, :], mask=mask, other=0.0)
         if F32:
             x = x.to(tl.float32)
         return x
 
     @triton.jit
-    def _load_kv(K, V, DOC, kvh, b, kb, S, D, offs_d, d_ok, BLOCK: tl.constexpr, HAS_DOC: tl.constexpr,
+    def _load_kv(K_H, V_H, DOC_B, start, S, D, offs_d, d_ok, BLOCK_N: tl.constexpr, HAS_DOC: tl.constexpr,
                  F32: tl.constexpr):
-        """Key block ``kb`` of flat KV head ``kvh``: (k, v, positions, document ids)."""
-        offs_n = kb * BLOCK + tl.arange(0, BLOCK)
+        """BLOCK_N keys from position ``start`` of one KV head (``K_H``/``V_H`` point at its first row):
+        (k, v, positions, document ids)."""
+        offs_n = start + tl.arange(0, BLOCK_N)
         n_ok = offs_n < S
-        row_ptr = (kvh * S + offs_n) * D
         kv_mask = n_ok[:, None] & d_ok[None, :]
-        k = _load_rows(K, row_ptr, offs_d, kv_mask, F32)
-        v = _load_rows(V, row_ptr, offs_d, kv_mask, F32)
+        k = _load_rows(K_H, offs_n * D, offs_d, kv_mask, F32)
+        v = _load_rows(V_H, offs_n * D, offs_d, kv_mask, F32)
         dk_doc = offs_n
         if HAS_DOC:
-            dk_doc = tl.load(DOC + b * S + offs_n, mask=n_ok, other=-2)
+            dk_doc = tl.load(DOC_B + offs_n, mask=n_ok, other=-2)
         return k, v, offs_n, dk_doc
 
     @triton.jit
@@ -162,6 +167,10 @@ if triton is not None:
             return tl.dot(a, b, input_precision="ieee")
         return tl.dot(a.to(b.dtype), b)
 
+    # Offsets: each program moves its pointers to its own (batch, head set) or (batch, KV head) with
+    # 64-bit scalars, so ((b * H + h) * S + pos) * D may pass 2^31; what is added per row after that
+    # stays within one head set (SHARE x S x D elements, 32-bit).
+
     @triton.jit
     def _bs_fwd(
         Q, K, V, OUT, LSE, IDX, CNT, WIN, SINK, DOC, SEL,
@@ -169,43 +178,54 @@ if triton is not None:
         H, S, D, GROUP, KV_H, qk_scale,
         BLOCK: tl.constexpr, SHARE: tl.constexpr, BLOCK_D: tl.constexpr, HAS_WIN: tl.constexpr,
         HAS_DOC: tl.constexpr, F32: tl.constexpr, N_SEL: tl.constexpr, HAS_SEL: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     ):
-        qb = tl.program_id(0)
+        # one program per BLOCK_M query rows of a query block (x SHARE stacked heads); the kept key
+        # blocks of that query block are walked in sub-tiles of BLOCK_N keys
+        qb = tl.program_id(0) // (BLOCK // BLOCK_M)
+        start_m = qb * BLOCK + (tl.program_id(0) % (BLOCK // BLOCK_M)) * BLOCK_M
         bp = tl.program_id(1)  # batch x stacked head set
         HP = H // SHARE
-        b = bp // HP
+        b = (bp // HP).to(tl.int64)
         hp = bp % HP
-        kvh = b * KV_H + (hp * SHARE) // GROUP
-        head, pos = _rows(hp * SHARE, qb, H, b, BLOCK, SHARE)
+        first = hp * SHARE
+        kv_row = (b * KV_H + first // GROUP) * S
+        local, pos = _rows(start_m, BLOCK_M, SHARE)
+        head = first + local
         offs_d = tl.arange(0, BLOCK_D)
         m_ok = pos < S
         d_ok = offs_d < D
-        row_ptr = ((b * H + head) * S + pos) * D
+        row_base = (b * H + first) * S  # 64-bit
+        row_off = (local * S + pos) * D
         qd_mask = m_ok[:, None] & d_ok[None, :]
-        q = _load_rows(Q, row_ptr, offs_d, qd_mask, F32)
-        win, sink, dq_doc = _row_meta(WIN, SINK, DOC, b, head, pos, m_ok, S, HAS_WIN, HAS_DOC)
-        sel = _row_selection(SEL, b, (hp * SHARE) // GROUP, pos, m_ok, S, KV_H, N_SEL, HAS_SEL)
-        m_i = tl.full([SHARE * BLOCK], float("-inf"), tl.float32)
-        l_i = tl.zeros([SHARE * BLOCK], tl.float32)
-        acc = tl.zeros([SHARE * BLOCK, BLOCK_D], tl.float32)
+        q = _load_rows(Q + row_base * D, row_off, offs_d, qd_mask, F32)
+        win, sink, dq_doc = _row_meta(WIN, SINK, DOC + b * S, head, pos, m_ok, HAS_WIN, HAS_DOC)
+        sel = _row_selection(SEL + kv_row * N_SEL, pos, m_ok, N_SEL, HAS_SEL)
+        m_i = tl.full([SHARE * BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([SHARE * BLOCK_M], tl.float32)
+        acc = tl.zeros([SHARE * BLOCK_M, BLOCK_D], tl.float32)
         cnt = tl.load(CNT + b * sc_b + hp * sc_h + qb)
-        for t in range(0, cnt):
-            kb = tl.load(IDX + b * si_b + hp * si_h + qb * si_q + t)
-            k, v, offs_n, dk_doc = _load_kv(K, V, DOC, kvh, b, kb, S, D, offs_d, d_ok, BLOCK, HAS_DOC, F32)
-            keep = _keep_tile(pos, offs_n, S, win, sink, dq_doc, dk_doc, sel, kb, HAS_WIN, HAS_DOC, HAS_SEL)
-            s = tl.where(keep, _mm(q, tl.trans(k), F32) * qk_scale, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.exp2(s - m_safe[:, None])
-            alpha = tl.exp2(m_i - m_safe)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + _mm(p, v, F32)
-            m_i = m_new
+        for t in range(0, cnt * (BLOCK // BLOCK_N)):  # kept blocks, each in key sub-tiles of BLOCK_N
+            kb = tl.load(IDX + b * si_b + hp * si_h + qb * si_q + t // (BLOCK // BLOCK_N))
+            start_n = kb * BLOCK + (t % (BLOCK // BLOCK_N)) * BLOCK_N
+            if start_n < start_m + BLOCK_M:  # else every key is after every row (causal)
+                k, v, offs_n, dk_doc = _load_kv(K + kv_row * D, V + kv_row * D, DOC + b * S, start_n, S, D,
+                                                offs_d, d_ok, BLOCK_N, HAS_DOC, F32)
+                keep = _keep_tile(pos, offs_n, S, win, sink, dq_doc, dk_doc, sel, kb, HAS_WIN, HAS_DOC, HAS_SEL)
+                s = tl.where(keep, _mm(q, tl.trans(k), F32) * qk_scale, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(s, 1))
+                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+                p = tl.exp2(s - m_safe[:, None])
+                alpha = tl.exp2(m_i - m_safe)
+                l_i = l_i * alpha + tl.sum(p, 1)
+                acc = acc * alpha[:, None] + _mm(p, v, F32)
+                m_i = m_new
         l_safe = tl.where(l_i == 0.0, 1.0, l_i)
         out = acc / l_safe[:, None]
         lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.log2(l_safe)) / 1.4426950408889634)
-        tl.store(OUT + row_ptr[:, None] + offs_d[None, :], out.to(OUT.dtype.element_ty), mask=qd_mask)
-        tl.store(LSE + (b * H + head) * S + pos, lse, mask=m_ok)
+        tl.store(OUT + row_base * D + row_off[:, None] + offs_d[None, :], out.to(OUT.dtype.element_ty),
+                 mask=qd_mask)
+        tl.store(LSE + row_base + local * S + pos, lse, mask=m_ok)
 
     @triton.jit
     def _bs_bwd_dq(
@@ -214,35 +234,44 @@ if triton is not None:
         H, S, D, GROUP, KV_H, qk_scale, scale,
         BLOCK: tl.constexpr, SHARE: tl.constexpr, BLOCK_D: tl.constexpr, HAS_WIN: tl.constexpr,
         HAS_DOC: tl.constexpr, F32: tl.constexpr, N_SEL: tl.constexpr, HAS_SEL: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     ):
-        qb = tl.program_id(0)
+        qb = tl.program_id(0) // (BLOCK // BLOCK_M)
+        start_m = qb * BLOCK + (tl.program_id(0) % (BLOCK // BLOCK_M)) * BLOCK_M
         bp = tl.program_id(1)
         HP = H // SHARE
-        b = bp // HP
+        b = (bp // HP).to(tl.int64)
         hp = bp % HP
-        kvh = b * KV_H + (hp * SHARE) // GROUP
-        head, pos = _rows(hp * SHARE, qb, H, b, BLOCK, SHARE)
+        first = hp * SHARE
+        kv_row = (b * KV_H + first // GROUP) * S
+        local, pos = _rows(start_m, BLOCK_M, SHARE)
+        head = first + local
         offs_d = tl.arange(0, BLOCK_D)
         m_ok = pos < S
         d_ok = offs_d < D
-        row_ptr = ((b * H + head) * S + pos) * D
+        row_base = (b * H + first) * S
+        row_off = (local * S + pos) * D
         qd_mask = m_ok[:, None] & d_ok[None, :]
-        q = _load_rows(Q, row_ptr, offs_d, qd_mask, F32)
-        do = _load_rows(DO, row_ptr, offs_d, qd_mask, F32)
-        lse = tl.load(LSE + (b * H + head) * S + pos, mask=m_ok, other=0.0) * 1.4426950408889634
-        delta = tl.load(DELTA + (b * H + head) * S + pos, mask=m_ok, other=0.0)
-        win, sink, dq_doc = _row_meta(WIN, SINK, DOC, b, head, pos, m_ok, S, HAS_WIN, HAS_DOC)
-        sel = _row_selection(SEL, b, (hp * SHARE) // GROUP, pos, m_ok, S, KV_H, N_SEL, HAS_SEL)
-        dq = tl.zeros([SHARE * BLOCK, BLOCK_D], tl.float32)
+        q = _load_rows(Q + row_base * D, row_off, offs_d, qd_mask, F32)
+        do = _load_rows(DO + row_base * D, row_off, offs_d, qd_mask, F32)
+        lse = tl.load(LSE + row_base + local * S + pos, mask=m_ok, other=0.0) * 1.4426950408889634
+        delta = tl.load(DELTA + row_base + local * S + pos, mask=m_ok, other=0.0)
+        win, sink, dq_doc = _row_meta(WIN, SINK, DOC + b * S, head, pos, m_ok, HAS_WIN, HAS_DOC)
+        sel = _row_selection(SEL + kv_row * N_SEL, pos, m_ok, N_SEL, HAS_SEL)
+        dq = tl.zeros([SHARE * BLOCK_M, BLOCK_D], tl.float32)
         cnt = tl.load(CNT + b * sc_b + hp * sc_h + qb)
-        for t in range(0, cnt):
-            kb = tl.load(IDX + b * si_b + hp * si_h + qb * si_q + t)
-            k, v, offs_n, dk_doc = _load_kv(K, V, DOC, kvh, b, kb, S, D, offs_d, d_ok, BLOCK, HAS_DOC, F32)
-            keep = _keep_tile(pos, offs_n, S, win, sink, dq_doc, dk_doc, sel, kb, HAS_WIN, HAS_DOC, HAS_SEL)
-            p = tl.where(keep, tl.exp2(_mm(q, tl.trans(k), F32) * qk_scale - lse[:, None]), 0.0)
-            ds = p * (_mm(do, tl.trans(v), F32) - delta[:, None])
-            dq += _mm(ds, k, F32)
-        tl.store(DQ + row_ptr[:, None] + offs_d[None, :], (dq * scale).to(DQ.dtype.element_ty), mask=qd_mask)
+        for t in range(0, cnt * (BLOCK // BLOCK_N)):
+            kb = tl.load(IDX + b * si_b + hp * si_h + qb * si_q + t // (BLOCK // BLOCK_N))
+            start_n = kb * BLOCK + (t % (BLOCK // BLOCK_N)) * BLOCK_N
+            if start_n < start_m + BLOCK_M:
+                k, v, offs_n, dk_doc = _load_kv(K + kv_row * D, V + kv_row * D, DOC + b * S, start_n, S, D,
+                                                offs_d, d_ok, BLOCK_N, HAS_DOC, F32)
+                keep = _keep_tile(pos, offs_n, S, win, sink, dq_doc, dk_doc, sel, kb, HAS_WIN, HAS_DOC, HAS_SEL)
+                p = tl.where(keep, tl.exp2(_mm(q, tl.trans(k), F32) * qk_scale - lse[:, None]), 0.0)
+                ds = p * (_mm(do, tl.trans(v), F32) - delta[:, None])
+                dq += _mm(ds, k, F32)
+        tl.store(DQ + row_base * D + row_off[:, None] + offs_d[None, :], (dq * scale).to(DQ.dtype.element_ty),
+                 mask=qd_mask)
 
     @triton.jit
     def _bs_bwd_dkdv(
@@ -251,35 +280,44 @@ if triton is not None:
         H, S, D, GROUP, KV_H, N_QB, qk_scale, scale,
         BLOCK: tl.constexpr, SHARE: tl.constexpr, BLOCK_D: tl.constexpr, HAS_WIN: tl.constexpr,
         HAS_DOC: tl.constexpr, F32: tl.constexpr, N_SEL: tl.constexpr, HAS_SEL: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     ):
-        kb = tl.program_id(0)
-        bg = tl.program_id(1)
+        # one program per BLOCK_N keys of a key block (BLOCK // BLOCK_N programs per block); the query
+        # blocks that read it are walked in sub-tiles of BLOCK_M rows (x SHARE stacked heads)
+        kb = tl.program_id(0) // (BLOCK // BLOCK_N)
+        start_n = kb * BLOCK + (tl.program_id(0) % (BLOCK // BLOCK_N)) * BLOCK_N
+        bg = tl.program_id(1).to(tl.int64)  # batch x KV head
         b = bg // KV_H
         g = bg % KV_H
         offs_d = tl.arange(0, BLOCK_D)
         d_ok = offs_d < D
-        k, v, offs_n, dk_doc = _load_kv(K, V, DOC, bg, b, kb, S, D, offs_d, d_ok, BLOCK, HAS_DOC, F32)
+        k, v, offs_n, dk_doc = _load_kv(K + bg * S * D, V + bg * S * D, DOC + b * S, start_n, S, D, offs_d, d_ok,
+                                        BLOCK_N, HAS_DOC, F32)
         kv_mask = (offs_n < S)[:, None] & d_ok[None, :]
-        dk = tl.zeros([BLOCK, BLOCK_D], tl.float32)
-        dv = tl.zeros([BLOCK, BLOCK_D], tl.float32)
+        dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+        dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
         cnt = tl.load(CNTT + b * sc_b + g * sc_h + kb)
-        for t in range(0, cnt):
-            c = tl.load(IDXT + b * si_b + g * si_h + kb * si_k + t)
-            head, pos = _rows(g * GROUP + (c // N_QB) * SHARE, c % N_QB, H, b, BLOCK, SHARE)
-            m_ok = pos < S
-            row_ptr = ((b * H + head) * S + pos) * D
-            qd_mask = m_ok[:, None] & d_ok[None, :]
-            q = _load_rows(Q, row_ptr, offs_d, qd_mask, F32)
-            do = _load_rows(DO, row_ptr, offs_d, qd_mask, F32)
-            lse = tl.load(LSE + (b * H + head) * S + pos, mask=m_ok, other=0.0) * 1.4426950408889634
-            delta = tl.load(DELTA + (b * H + head) * S + pos, mask=m_ok, other=0.0)
-            win, sink, dq_doc = _row_meta(WIN, SINK, DOC, b, head, pos, m_ok, S, HAS_WIN, HAS_DOC)
-            sel = _row_selection(SEL, b, g, pos, m_ok, S, KV_H, N_SEL, HAS_SEL)
-            keep = _keep_tile(pos, offs_n, S, win, sink, dq_doc, dk_doc, sel, kb, HAS_WIN, HAS_DOC, HAS_SEL)
-            p = tl.where(keep, tl.exp2(_mm(q, tl.trans(k), F32) * qk_scale - lse[:, None]), 0.0)
-            ds = p * (_mm(do, tl.trans(v), F32) - delta[:, None])
-            dv += _mm(tl.trans(p), do, F32)
-            dk += _mm(tl.trans(ds), q, F32)
+        for t in range(0, cnt * (BLOCK // BLOCK_M)):  # (query block, head set) entries, BLOCK_M rows each
+            c = tl.load(IDXT + b * si_b + g * si_h + kb * si_k + t // (BLOCK // BLOCK_M))
+            first = g * GROUP + (c // N_QB) * SHARE
+            row_base = (b * H + first) * S
+            start_m = (c % N_QB) * BLOCK + (t % (BLOCK // BLOCK_M)) * BLOCK_M
+            if start_m + BLOCK_M > start_n:  # else every row is before every key: nothing to add
+                local, pos = _rows(start_m, BLOCK_M, SHARE)
+                m_ok = pos < S
+                row_off = (local * S + pos) * D
+                qd_mask = m_ok[:, None] & d_ok[None, :]
+                q = _load_rows(Q + row_base * D, row_off, offs_d, qd_mask, F32)
+                do = _load_rows(DO + row_base * D, row_off, offs_d, qd_mask, F32)
+                lse = tl.load(LSE + row_base + local * S + pos, mask=m_ok, other=0.0) * 1.4426950408889634
+                delta = tl.load(DELTA + row_base + local * S + pos, mask=m_ok, other=0.0)
+                win, sink, dq_doc = _row_meta(WIN, SINK, DOC + b * S, first + local, pos, m_ok, HAS_WIN, HAS_DOC)
+                sel = _row_selection(SEL + bg * S * N_SEL, pos, m_ok, N_SEL, HAS_SEL)
+                keep = _keep_tile(pos, offs_n, S, win, sink, dq_doc, dk_doc, sel, kb, HAS_WIN, HAS_DOC, HAS_SEL)
+                p = tl.where(keep, tl.exp2(_mm(q, tl.trans(k), F32) * qk_scale - lse[:, None]), 0.0)
+                ds = p * (_mm(do, tl.trans(v), F32) - delta[:, None])
+                dv += _mm(tl.trans(p), do, F32)
+                dk += _mm(tl.trans(ds), q, F32)
         tl.store(DK + bg * S * D + offs_n[:, None] * D + offs_d[None, :], (dk * scale).to(DK.dtype.element_ty),
                  mask=kv_mask)
         tl.store(DV + bg * S * D + offs_n[:, None] * D + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=kv_mask)
@@ -290,8 +328,46 @@ def _batch_strides(t: torch.Tensor) -> tuple[int, int, int]:
     return (0 if t.shape[0] == 1 else t.stride(0)), t.stride(1), t.stride(2)
 
 
-def _num_warps(rows: int) -> int:
-    return 4 if rows <= 64 else 8
+# Launch settings per kernel, walked by tests/test_triton_compile.py (compiled for sm_80 and sm_90:
+# shared memory within the device limit, <= 255 registers, no spills for the bf16/fp16 forward and
+# dQ). Keyed by kernel and branch (tensor cores for fp16/bf16, IEEE fp32); each entry maps the head
+# dim tile to (query rows BLOCK_M, keys BLOCK_N, num_warps, num_stages). Both sub-tiles are capped at
+# the pattern's block: forward and dQ programs own BLOCK_M query rows (x stacked heads) and walk
+# keys BLOCK_N at a time; dK/dV programs own BLOCK_N keys and walk queries BLOCK_M rows at a time.
+LAUNCH = {
+    ("fwd", "tc"): {64: (64, 64, 8, 2), 128: (64, 64, 8, 2), 256: (32, 32, 8, 1)},
+    ("dq", "tc"): {64: (64, 64, 8, 2), 128: (64, 32, 8, 2), 256: (32, 16, 8, 1)},
+    ("dkdv", "tc"): {64: (64, 32, 8, 2), 128: (64, 32, 8, 2), 256: (32, 16, 8, 1)},
+    ("fwd", "fp32"): {64: (16, 32, 4, 1), 128: (16, 16, 4, 1), 256: (16, 16, 4, 1)},
+    ("dq", "fp32"): {64: (16, 32, 4, 1), 128: (16, 16, 4, 1), 256: (16, 16, 4, 1)},
+    ("dkdv", "fp32"): {64: (32, 16, 4, 1), 128: (16, 16, 4, 1), 256: (16, 16, 4, 1)},
+}
+
+
+def _ieee_branch(dtype: torch.dtype) -> bool:
+    """fp32 inputs take the IEEE fp32 branch; so does bf16 under the interpreter (its bf16 ``tl.dot``
+    is wrong). fp16 runs the tensor-core branch everywhere, so the interpreter tests that branch."""
+    return dtype == torch.float32 or (interpreting() and dtype == torch.bfloat16)
+
+
+def launch_settings(kernel: str, block: int, share: int, block_d: int, f32: bool) -> dict:
+    """``num_warps``, ``num_stages`` and the sub-tile constexprs (``BLOCK_M``, ``BLOCK_N``) of one launch.
+
+    Args:
+        kernel: ``fwd``, ``dq`` or ``dkdv``.
+        block: the pattern's block (the kernel's block granularity).
+        share: stacked query heads per program (see :func:`group_shared`): rows = share x BLOCK_M.
+        block_d: head dim tile (power of two).
+        f32: the IEEE fp32 branch (fp32 inputs, or bf16 under the interpreter) instead of tensor cores.
+    """
+    block_m, block_n, warps, stages = LAUNCH[(kernel, "fp32" if f32 else "tc")][max(64, block_d)]
+    block_m, block_n = min(block_m, block), min(block_n, block)
+    # stacked heads multiply the query rows of a tile: keep share x BLOCK_M within MAX_ROWS / 2
+    block_m = max(min(block_m, MAX_ROWS // 2 // share), min(16, block))
+    rows = max(share * block_m, block_n)
+    if rows * block_d < 64 * 128:  # a small tile: 4 warps (8 would idle, and lower the register cap)
+        warps = 4
+    return {"num_warps": warps, "num_stages": stages, "BLOCK_M": block_m, "BLOCK_N": block_n}
 
 
 class _BlockSparseTriton(torch.autograd.Function):
@@ -309,18 +385,19 @@ class _BlockSparseTriton(torch.autograd.Function):
         win = (window_H if has_win else zeros_H).to(q.device, torch.int32).contiguous()
         sink = (sink_H if sink_H is not None else zeros_H).to(q.device, torch.int32).contiguous()
         doc = doc_ids_BS.to(torch.int32).contiguous() if doc_ids_BS is not None else q.new_zeros(1, dtype=torch.int32)
-        f32 = q.dtype == torch.float32 or interpreting()
+        f32 = _ieee_branch(q.dtype)
         block_d = next_pow2(D)
         si = _batch_strides(idx)
         sc = _batch_strides(cnt[..., None])[:2]
         has_sel = select is not None
         sel = select if has_sel else q.new_zeros(1, dtype=torch.int32)
         sel_flags = dict(N_SEL=sel.shape[-1] if has_sel else 1, HAS_SEL=has_sel)
-        _bs_fwd[(n, B * H // share)](
+        fwd_launch = launch_settings("fwd", block, share, block_d, f32)
+        _bs_fwd[(n * (block // fwd_launch["BLOCK_M"]), B * H // share)](
             q, k, v, o, lse, idx, cnt, win, sink, doc, sel,
             *si, *sc, H, S, D, H // Hkv, Hkv, scale * LOG2E,
             BLOCK=block, SHARE=share, BLOCK_D=block_d, HAS_WIN=has_win, HAS_DOC=doc_ids_BS is not None, F32=f32,
-            num_warps=_num_warps(share * block), **sel_flags,
+            **sel_flags, **fwd_launch,
         )
         ctx.save_for_backward(q, k, v, o, lse, idx, cnt, idx_t, cnt_t, win, sink, doc, sel)
         ctx.meta = (block, share, scale, has_win, doc_ids_BS is not None, f32, block_d, sel_flags)
@@ -343,15 +420,17 @@ class _BlockSparseTriton(torch.autograd.Function):
         si = _batch_strides(idx)
         sc = _batch_strides(cnt[..., None])[:2]
         flags = dict(BLOCK=block, SHARE=share, BLOCK_D=block_d, HAS_WIN=has_win, HAS_DOC=has_doc, F32=f32,
-                     num_warps=_num_warps(share * block), **sel_flags)
-        _bs_bwd_dq[(n, B * H // share)](
+                     **sel_flags)
+        dq_launch = launch_settings("dq", block, share, block_d, f32)
+        _bs_bwd_dq[(n * (block // dq_launch["BLOCK_M"]), B * H // share)](
             q, k, v, do, lse, delta, dq, idx, cnt, win, sink, doc, sel,
-            *si, *sc, H, S, D, H // Hkv, Hkv, scale * LOG2E, scale, **flags,
+            *si, *sc, H, S, D, H // Hkv, Hkv, scale * LOG2E, scale, **flags, **dq_launch,
         )
-        _bs_bwd_dkdv[(n, B * Hkv)](
+        kv_launch = launch_settings("dkdv", block, share, block_d, f32)
+        _bs_bwd_dkdv[(n * (block // kv_launch["BLOCK_N"]), B * Hkv)](
             q, k, v, do, lse, delta, dk, dv, idx_t, cnt_t, win, sink, doc, sel,
             *_batch_strides(idx_t), *_batch_strides(cnt_t[..., None])[:2],
-            H, S, D, H // Hkv, Hkv, n, scale * LOG2E, scale, **flags,
+            H, S, D, H // Hkv, Hkv, n, scale * LOG2E, scale, **flags, **kv_launch,
         )
         return dq, dk, dv, None, None, None, None, None, None, None
 

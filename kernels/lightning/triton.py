@@ -27,7 +27,7 @@ from __future__ import annotations
 import math
 
 import torch
-from longshard.kernels.triton_support import interpreting, next_pow2, require_triton
+from longshard.kernels.triton_support import next_pow2, require_triton
 
 try:
     import triton
@@ -75,7 +75,7 @@ if triton is not None:
     @triton.jit
     def _tile(PTR, bh, S, W, offs, cols, mask):
         """Rows ``offs`` x columns ``cols`` of the (B*H, S, W) tensor at PTR, as fp32."""
-        return tl.load(PTR + (bh * S + offs[:, None]) * W + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        return tl.load(PTR + bh * S * W + offs[:, None] * W + cols[None, :], mask=mask, other=0.0).to(tl.float32)
 
     @triton.jit
     def _dot(a, b, IEEE: tl.constexpr):
@@ -90,7 +90,7 @@ if triton is not None:
         CHUNK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,
         HAS_DOC: tl.constexpr, HAS_INIT: tl.constexpr, IEEE: tl.constexpr,
     ):
-        bh = tl.program_id(0)
+        bh = tl.program_id(0).to(tl.int64)  # 64-bit bases: bh * S * D can pass 2^31
         eb = tl.program_id(1)
         b = bh // H
         h = bh % H
@@ -123,9 +123,9 @@ if triton is not None:
         CHUNK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,
         HAS_DOC: tl.constexpr, HAS_INIT: tl.constexpr, IEEE: tl.constexpr,
     ):
-        bh = tl.program_id(0)
+        bh = tl.program_id(0).to(tl.int64)  # 64-bit bases: bh * S * D can pass 2^31
         eb = tl.program_id(1)
-        n_bh = tl.num_programs(0)
+        n_bh = tl.num_programs(0).to(tl.int64)
         b = bh // H
         h = bh % H
         offs_d = tl.arange(0, BLOCK_D)
@@ -156,9 +156,9 @@ if triton is not None:
         CHUNK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,
         HAS_DOC: tl.constexpr, HAS_DSF: tl.constexpr, IEEE: tl.constexpr,
     ):
-        bh = tl.program_id(0)
+        bh = tl.program_id(0).to(tl.int64)  # 64-bit bases: bh * S * D can pass 2^31
         eb = tl.program_id(1)
-        n_bh = tl.num_programs(0)
+        n_bh = tl.num_programs(0).to(tl.int64)
         b = bh // H
         h = bh % H
         offs_d = tl.arange(0, BLOCK_D)
@@ -191,15 +191,53 @@ if triton is not None:
 
 TRITON_CHUNKS = (16, 32, 64, 128)
 
+# Launch settings, walked by tests/test_triton_compile.py for sm_80 and sm_90. TILES: per branch
+# (tensor cores for fp16/bf16 inputs, IEEE fp32) and head-dim tile, the largest chunk the kernels
+# use and the value-dim block BLOCK_E shared by the three kernels. The blocked form is exact for
+# any chunk, so a larger requested chunk runs as several kernel chunks (same result up to rounding);
+# chunk 32 keeps the C x D tiles, the C x C scores and the D x BLOCK_E state within the registers
+# (larger chunks spill at D 128). BLOCK_E gives E / BLOCK_E programs per (batch, head) (8 at E 128)
+# at the cost of that many fp32 dQ/dK partials. LAUNCH: (num_warps, num_stages) per kernel.
+TILES = {"tc": {64: (32, 32), 128: (32, 16), 256: (16, 16)},
+         "fp32": {64: (16, 16), 128: (16, 16), 256: (16, 16)}}
+TILES_SM80 = {("tc", 128): (16, 16)}  # A100's mma.sync code spills the D 128 forward at chunk 32
+LAUNCH = {
+    ("fwd", "tc"): {64: (8, 1), 128: (8, 1), 256: (8, 1)},
+    ("dq", "tc"): {64: (8, 1), 128: (8, 1), 256: (8, 1)},
+    ("dkdv", "tc"): {64: (8, 1), 128: (8, 1), 256: (8, 1)},
+    ("fwd", "fp32"): {64: (4, 1), 128: (4, 1), 256: (8, 1)},
+    ("dq", "fp32"): {64: (4, 1), 128: (4, 1), 256: (8, 1)},
+    ("dkdv", "fp32"): {64: (4, 1), 128: (4, 1), 256: (8, 1)},
+}
 
-def _launch_shape(D: int, E: int, chunk: int) -> tuple[int, int, int]:
+
+def device_arch(device: torch.device) -> int:
+    """Compute capability x 10 of a CUDA device as the launch tables key it (90 for Hopper and newer,
+    80 below; 90 off CUDA, e.g. under the interpreter)."""
+    if device.type != "cuda":
+        return 90
+    return 90 if torch.cuda.get_device_capability(device)[0] >= 9 else 80
+
+
+def _launch_shape(D: int, E: int, chunk: int, f32: bool = False, arch: int = 90) -> tuple[int, int, int, int]:
+    """(kernel chunk, BLOCK_D, BLOCK_E, value-dim programs) for a requested ``chunk`` on ``sm_<arch>``."""
     if chunk not in TRITON_CHUNKS:
         raise ValueError(f"Triton lightning attention needs chunk in (16, 32, 64, 128), got {chunk}")
     block_d = next_pow2(D)
     if block_d > 256:
         raise ValueError(f"Triton lightning attention supports key dims up to 256, got {D}")
-    block_e = min(next_pow2(E), 64)
-    return block_d, block_e, math.ceil(E / block_e)
+    branch = "fp32" if f32 else "tc"
+    max_chunk, block_e = TILES[branch][max(64, block_d)]
+    if arch < 90:
+        max_chunk, block_e = TILES_SM80.get((branch, max(64, block_d)), (max_chunk, block_e))
+    block_e = min(next_pow2(E), block_e)
+    return min(chunk, max_chunk), block_d, block_e, math.ceil(E / block_e)
+
+
+def launch_settings(kernel: str, block_d: int, f32: bool) -> dict:
+    """``num_warps`` and ``num_stages`` of one launch of ``kernel`` (``fwd``, ``dq``, ``dkdv``)."""
+    warps, stages = LAUNCH[(kernel, "fp32" if f32 else "tc")][max(64, block_d)]
+    return {"num_warps": warps, "num_stages": stages}
 
 
 class _LightningTriton(torch.autograd.Function):
@@ -207,7 +245,8 @@ class _LightningTriton(torch.autograd.Function):
     def forward(ctx, q, k, v, log_decay, doc, init_doc, s0, chunk):
         B, H, S, D = q.shape
         E = v.shape[-1]
-        block_d, block_e, n_e = _launch_shape(D, E, chunk)
+        ieee = q.dtype == torch.float32  # fp16/bf16: the TF32 branch, tested under the interpreter too
+        chunk, block_d, block_e, n_e = _launch_shape(D, E, chunk, ieee, device_arch(q.device))
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         a = log_decay.float().to(q.device).contiguous()
         o = torch.empty(B, H, S, E, device=q.device, dtype=q.dtype)
@@ -218,10 +257,9 @@ class _LightningTriton(torch.autograd.Function):
         doc_t = (torch.cat([init_doc[:, None], doc], 1).to(torch.int32).contiguous() if has_doc
                  else q.new_zeros(1, dtype=torch.int32))
         s0_t = s0.float().contiguous() if has_init else sf
-        ieee = q.dtype == torch.float32 or interpreting()
         meta = dict(CHUNK=chunk, BLOCK_D=block_d, BLOCK_E=block_e, HAS_DOC=has_doc, IEEE=ieee)
         _lightning_fwd[(B * H, n_e)](q, k, v, a, doc_t, s0_t, o, sf, H, S, D, E, n_chunks,
-                                     HAS_INIT=has_init, **meta)
+                                     HAS_INIT=has_init, **meta, **launch_settings("fwd", block_d, ieee))
         ctx.save_for_backward(q, k, v, a, doc_t, s0_t)
         ctx.meta = meta
         ctx.launch = (n_e, n_chunks, has_init, s0.dtype if has_init else None)
@@ -241,10 +279,11 @@ class _LightningTriton(torch.autograd.Function):
         ds0 = torch.empty(B, H, D, E, device=q.device, dtype=torch.float32)
         has_dsf = grad_sf is not None
         dsf = grad_sf.float().contiguous() if has_dsf else ds0
+        lf = (meta["BLOCK_D"], meta["IEEE"])
         _lightning_bwd_dq[(B * H, n_e)](q, k, v, a, doc_t, s0_t, do, dq_part, H, S, D, E, n_chunks,
-                                        HAS_INIT=has_init, **meta)
+                                        HAS_INIT=has_init, **meta, **launch_settings("dq", *lf))
         _lightning_bwd_dkdv[(B * H, n_e)](q, k, v, a, doc_t, do, dsf, dk_part, dv, ds0, H, S, D, E, n_chunks,
-                                          HAS_DSF=has_dsf, **meta)
+                                          HAS_DSF=has_dsf, **meta, **launch_settings("dkdv", *lf))
         dq = dq_part.sum(0).to(q.dtype)
         dk = dk_part.sum(0).to(k.dtype)
         return dq, dk, dv, None, None, None, (ds0.to(s0_dtype) if has_init else None), None
@@ -268,7 +307,8 @@ def lightning_attention_triton(
         v_BHSD: (B, H, S, E) values.
         log_decay_H: (H,) a_h >= 0 (not differentiated: a fixed buffer in our models).
         doc_ids_BS: (B, S) non-decreasing document ids, or None.
-        chunk: block size C (16, 32, 64 or 128).
+        chunk: block size C (16, 32, 64 or 128); the kernels run at most their launch table's chunk
+            (``TILES``) and split a larger one, which gives the same result up to rounding.
         initial_state_BHDE: state before position 0 (differentiable), or None.
         initial_doc_B: (B,) document of the initial state (default: that of position 0).
 
