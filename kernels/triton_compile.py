@@ -226,8 +226,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="Compile the Triton kernels for sm_80/sm_90 and report resources.")
     ap.add_argument("--kernel", choices=KERNELS, action="append", help="default: all")
     ap.add_argument("--jobs", type=int, default=1, help="compile processes")
+    ap.add_argument("--limit", type=int, default=0, help="only the first N cases per kernel (smoke runs)")
     args = ap.parse_args(argv)
-    todo = [c for k in (args.kernel or KERNELS) for c in cases(k)]
+    todo = [c for k in (args.kernel or KERNELS) for c in (cases(k)[: args.limit] if args.limit else cases(k))]
     with ProcessPoolExecutor(args.jobs) as pool:
         for rec in pool.map(measure, todo):
             sys.stdout.write(json.dumps(rec) + "\n")

@@ -187,6 +187,8 @@ class _LayerStore:
     def _copy_in(self, copies: list[tuple[int, int, int, int]]) -> None:
         blk = self.block
         stream = self.copy_stream
+        if stream is not None:  # the slots being overwritten may still be read by queued compute work
+            stream.wait_stream(torch.cuda.current_stream(self.device))
         ctx = torch.cuda.stream(stream) if stream is not None else _nullcontext()
         with ctx:
             for b, h, s, j in copies:
@@ -429,8 +431,12 @@ class ActivationOffload:
             if rec.region > 0:  # backward walks layers in reverse: bring the previous layer back now
                 self._prefetch(rec.region - 1)
             if rec.fetched is not None:
-                torch.cuda.current_stream(rec.device).wait_event(rec.fetched_ready)
+                compute = torch.cuda.current_stream(rec.device)
+                compute.wait_event(rec.fetched_ready)
                 out, rec.fetched = rec.fetched, None
+                # allocated on the side stream, used on the compute stream: without this the caching
+                # allocator could hand its memory to the next prefetch while backward still reads it
+                out.record_stream(compute)
                 return out
             rec.ready.synchronize()
             return rec.host.to(rec.device, non_blocking=True)

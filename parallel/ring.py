@@ -38,6 +38,8 @@ class _Ring:
         self.prev = dist.get_global_rank(group, (self.r - 1) % self.P)
 
     def start(self, tensors: list[torch.Tensor]):
+        if self.P == 1:  # a one-rank ring (e.g. hybrid with ring degree 1): the hop is the identity
+            return [], list(tensors)
         tensors = [t.contiguous() for t in tensors]
         recv = [torch.empty_like(t) for t in tensors]
         ops = [dist.P2POp(dist.isend, t, self.next, self.group) for t in tensors]

@@ -53,3 +53,30 @@ def test_flex_forward_backward_cuda():
         for label, a, b in zip(["o", "dq", "dk", "dv"], [ref, *torch.autograd.grad(ref, (q, k, v), go)],
                                [out, *torch.autograd.grad(out, (q, k, v), go)]):
             assert_rel(f"{name} {label}", a, b, 1e-4)  # TF32-free fp32 on GPU, blockwise softmax
+
+
+def test_flex_block_mask_built_once_per_length(monkeypatch):
+    """Without packed documents the BlockMask depends on the pattern and S only: built on the first
+    call and reused (each build evaluates the mask over H x S^2); with documents it is rebuilt."""
+    import torch.nn.attention.flex_attention as fa
+
+    builds = []
+    real = fa.create_block_mask
+    monkeypatch.setattr(fa, "create_block_mask", lambda *a, **k: builds.append(1) or real(*a, **k))
+    H, kv, S, D = 2, 1, 128, 16
+    pat = _patterns(H, kv)["s2"]
+    g = torch.Generator().manual_seed(1)
+    q, k, v = torch.randn(1, H, S, D, generator=g), torch.randn(1, kv, S, D, generator=g), torch.randn(1, kv, S, D,
+                                                                                                       generator=g)
+    with torch.no_grad():
+        first = block_sparse_attention_flex(q, k, v, pat)
+        again = block_sparse_attention_flex(q, k, v, pat)
+        assert len(builds) == 1
+        assert torch.equal(first, again)
+        assert_rel("cached mask", block_sparse_attention_naive(q, k, v, pat), again, TOL)
+        block_sparse_attention_flex(q[:, :, :64], k[:, :, :64], v[:, :, :64], pat)  # another length
+        assert len(builds) == 2
+        doc = torch.tensor([[0] * 50 + [1] * 78])
+        block_sparse_attention_flex(q, k, v, pat, doc)
+        block_sparse_attention_flex(q, k, v, pat, doc)
+        assert len(builds) == 4

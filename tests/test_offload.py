@@ -210,3 +210,39 @@ def test_activation_offload_config_errors():
         load_config("quickstart", ["train.activation_offload=disk"])
     with pytest.raises(ConfigError, match="train.activation_offload.*attention_boundary"):
         load_config("quickstart", ["train.activation_offload=kv", "train.activation_checkpointing=full"])
+
+
+def test_decode_copy_in_orders_streams(monkeypatch):
+    """Host->device block copies on the side stream first wait for the compute stream (the slots they
+    overwrite may still be read by queued attention), and the compute stream waits for them after.
+    The CUDA calls are recorded by stand-ins on CPU; the copies themselves run."""
+    import contextlib
+
+    from longshard.models.offload import OffloadStats, _LayerStore
+
+    calls = []
+
+    class FakeStream:
+        def __init__(self, name):
+            self.name = name
+
+        def wait_stream(self, other):
+            calls.append(f"{self.name} waits {other.name}")
+
+    compute, side = FakeStream("compute"), FakeStream("side")
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: compute)
+
+    @contextlib.contextmanager
+    def on(stream):
+        calls.append(f"enter {stream.name}")
+        yield
+        calls.append(f"exit {stream.name}")
+
+    monkeypatch.setattr(torch.cuda, "stream", on)
+    k = torch.randn(1, 1, 32, 4)
+    store = _LayerStore(k, k.clone(), block=8, cache_blocks=2, stats=OffloadStats(), pin=False)
+    store.copy_stream = side
+    slots = store.fetch(torch.tensor([[[0, 2]]]))
+    assert calls == ["side waits compute", "enter side", "exit side", "compute waits side"]
+    for n, j in enumerate((0, 2)):  # the slots now hold those host blocks
+        assert torch.equal(store.slot_k[0, 0, int(slots[0, 0, n])], k[0, 0, j * 8 : (j + 1) * 8])
