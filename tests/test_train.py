@@ -215,8 +215,35 @@ def test_half_written_checkpoint_is_ignored(tmp_path, data_dir, env_cpu):
 def test_nan_loss_stops_with_clear_error(tmp_path, data_dir, env_cpu):
     proc = _run(1, tmp_path / "nan", data_dir, ["train.steps=3", "model.init_std=1e30"], env_cpu, check=False)
     assert proc.returncode != 0
-    assert re.search(r"loss is (nan|inf) at step [123] \(rank 0\); nan_policy=stop", proc.stderr), proc.stderr[-2000:]
+    # init_std=1e30: the normed loss may stay finite while the gradient does not; either is named
+    assert re.search(r"(loss is (nan|inf)|gradient norm is (nan|inf) \(loss \S+\)) at step [123] \(rank 0\); "
+                     r"nan_policy=stop", proc.stderr), proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr  # a clear message, not a stack dump
+
+
+@pytest.mark.parametrize("policy", ["stop", "skip"])
+def test_nan_gradient_never_reaches_the_weights(tmp_path, data_dir, env_cpu, policy):
+    """optim.lr=1e6: the loss stays finite but the gradient norm turns NaN at step 3. The update is
+    skipped (skip) or the run stops (stop) before the optimizer touches the weights; after too many
+    skips in a row it stops; every checkpoint written holds finite weights."""
+    import torch
+    from longshard.models import ModelConfig, Transformer
+    from longshard.train.checkpoint import complete_checkpoints, load_model_weights
+
+    extra = ["train.steps=6", "optim.lr=1e6", "optim.warmup_steps=0", "checkpoint.every=1",
+             f"train.nan_policy={policy}", "train.max_skipped_steps=2"]
+    proc = _run(1, tmp_path / "run", data_dir, extra, env_cpu, check=False)
+    assert proc.returncode == 3, proc.stderr[-2000:]
+    assert re.search(r"gradient norm is nan \(loss [0-9.]+\) at step \d", proc.stderr), proc.stderr[-2000:]
+    assert "The weights were not updated" in proc.stderr and "Traceback" not in proc.stderr
+    if policy == "skip":
+        assert "3 steps in a row" in proc.stderr and proc.stderr.count("skipping the update") == 2
+    ckpts = complete_checkpoints(tmp_path / "run" / "checkpoints")
+    assert ckpts
+    for path in ckpts:
+        model = Transformer(ModelConfig(vocab_size=320, dim=64, n_layers=2, n_heads=4, n_kv_heads=2))
+        load_model_weights(path, model)
+        assert all(bool(torch.isfinite(p).all()) for p in model.parameters()), path
 
 
 def test_layout_error_before_training(tmp_path, data_dir, env_cpu):
@@ -407,3 +434,14 @@ def test_worker_exit_keeps_code_and_flushes_logs(world):
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 3
     assert "last line" in proc.stderr and proc.stdout == "buffered"
+
+
+def test_parameters_finite_sees_one_bad_value():
+    import torch
+    from longshard.train.trainer import parameters_finite
+
+    model = torch.nn.Linear(4, 3)
+    assert parameters_finite(model, torch.device("cpu"))
+    with torch.no_grad():
+        model.weight[1, 2] = float("inf")
+    assert not parameters_finite(model, torch.device("cpu"))

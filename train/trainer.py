@@ -65,6 +65,18 @@ from longshard.train.schedule import build_scheduler
 log = logging.getLogger(__name__)
 
 
+def parameters_finite(model: torch.nn.Module, device: torch.device) -> bool:
+    """Whether every parameter is finite on every rank (local shards checked, verdicts all-reduced)."""
+    from torch.distributed.tensor import DTensor
+
+    ok = all(bool(torch.isfinite(p.to_local() if isinstance(p, DTensor) else p).all())
+             for p in model.parameters())
+    flag = torch.tensor([1.0 if ok else 0.0], device=device)
+    if dist.is_initialized():
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag[0] > 0)
+
+
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN/Inf (with ``train.nan_policy=stop``, or too many skipped steps)."""
 
@@ -317,8 +329,30 @@ def train(cfg: Config) -> dict[str, Any]:
         )
 
     def save(step: int) -> Path:
+        if not parameters_finite(dmodel, env.device):  # never checkpoint poisoned weights
+            metrics.close()
+            raise NonFiniteLossError(
+                f"parameters are not finite at step {step}: checkpoint not written (the last complete one, "
+                f"{last_ckpt or 'none'}, is intact). Lower optim.lr or enable train.grad_clip.")
         state = {"loader": loader.state_dict(), "losses": history, "world_size": env.world_size}
         return ckpt.save(step, dmodel, optimizer, scheduler, state)
+
+    def skip_update(step: int, what: str) -> tuple[None, None]:
+        """Leave the weights untouched for this step (``nan_policy=skip``) or stop (``stop``, or too many
+        skips in a row): the update of a non-finite loss or gradient never reaches the parameters."""
+        nonlocal skipped_in_row
+        skipped_in_row += 1
+        if cfg.train.nan_policy == "stop" or skipped_in_row > cfg.train.max_skipped_steps:
+            metrics.close()
+            raise NonFiniteLossError(
+                f"{what} at step {step} (rank {env.rank}); nan_policy={cfg.train.nan_policy}"
+                + (f", {skipped_in_row} steps in a row" if cfg.train.nan_policy == "skip" else "")
+                + ". The weights were not updated. Lower optim.lr, enable train.grad_clip, or use "
+                "train.dtype=fp32 to investigate.")
+        log.warning("%s at step %d: skipping the update (%d in a row)", what, step, skipped_in_row)
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+        return None, None
 
     def train_step(step: int) -> tuple[dict[str, Any] | None, Path | None]:
         """One optimizer step; returns its metrics (None when the update was skipped) and its checkpoint."""
@@ -352,26 +386,19 @@ def train(cfg: Config) -> dict[str, Any]:
         dist.all_reduce(loss_sum)
         loss = float(loss_sum) / n_global
         if not math.isfinite(loss):
-            skipped_in_row += 1
-            if cfg.train.nan_policy == "stop" or skipped_in_row > cfg.train.max_skipped_steps:
-                metrics.close()
-                raise NonFiniteLossError(
-                    f"loss is {loss} at step {step} (rank {env.rank}); nan_policy={cfg.train.nan_policy}. "
-                    "Lower optim.lr, enable train.grad_clip, or use train.dtype=fp32 to investigate.")
-            log.warning("non-finite loss at step %d: skipping the update (%d in a row)", step, skipped_in_row)
-            optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
-            return None, None
-        skipped_in_row = 0
+            return skip_update(step, f"loss is {loss}")
         lr = scheduler.get_last_lr()[0]
         if use_ds:
             dmodel.step()  # the boundary: clip, optimizer step, zero grads
             norm = dmodel.get_global_grad_norm()
             grad_norm = float(norm) if norm is not None else float("nan")
         else:
-            grad_norm = clip_grad_norm(dmodel, cfg.train.grad_clip)
+            grad_norm = clip_grad_norm(dmodel, cfg.train.grad_clip)  # global: the same on every rank
+            if not math.isfinite(grad_norm):  # a finite loss can still give an inf/NaN gradient
+                return skip_update(step, f"gradient norm is {grad_norm} (loss {loss:.4g})")
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+        skipped_in_row = 0
         scheduler.step()
         history.append(loss)
         dt = max(time.time() - step_t0, 1e-9)
