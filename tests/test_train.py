@@ -189,6 +189,56 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous(tmp_path, data_dir
     assert "no checkpoint under" in proc.stderr and "trainer_state.json is corrupt" in proc.stderr
 
 
+def test_ranks_agree_on_the_checkpoint_they_load(tmp_path, data_dir, env_cpu):
+    """2 ranks. Same-size garbage in rank 1's own file of the newest checkpoint: both ranks fall back to
+    the previous checkpoint together (before: rank 1 alone fell back and the ranks hung). A flipped
+    byte in a shard (same size) is caught by its checksum, and DCP's own error type (a BaseException)
+    is a fallback too, never a crash."""
+    out = tmp_path / "r"
+    _run(2, out, data_dir, ["train.steps=6", "checkpoint.every=2", "checkpoint.keep_last=5"], env_cpu)
+    ckpts = out / "checkpoints"
+    extra = ckpts / "step_00000006" / "rank_1.pt"
+    extra.write_bytes(b"\0" * extra.stat().st_size)
+    shard = next((ckpts / "step_00000004").glob("*.distcp"))
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    proc = _run(2, out, data_dir, ["train.steps=7", "checkpoint.every=0"], env_cpu, timeout=240)
+    assert json.loads((out / "report.json").read_text())["resumed_from_step"] == 2, proc.stderr[-3000:]
+    assert "another rank found its part damaged" in proc.stderr or "rank_1.pt is corrupt" in proc.stderr
+    assert f"{shard} is corrupt: its checksum differs" in proc.stderr, proc.stderr[-3000:]
+
+
+def test_dcp_error_falls_back(tmp_path, data_dir, env_cpu):
+    """A checkpoint whose DCP read fails with CheckpointException (derives from BaseException): skipped."""
+    out = tmp_path / "r"
+    _run(1, out, data_dir, ["train.steps=4", "checkpoint.every=2", "checkpoint.keep_last=5"], env_cpu)
+    newest = out / "checkpoints" / "step_00000004"
+    state = json.loads((newest / "trainer_state.json").read_text())
+    for shard in newest.glob("*.distcp"):  # gone from disk and from the manifest: DCP itself fails
+        shard.unlink()
+        state["files"].pop(shard.name)
+    (newest / "trainer_state.json").write_text(json.dumps(state))
+    proc = _run(1, out, data_dir, ["train.steps=5", "checkpoint.every=0"], env_cpu)
+    assert "failed to read DCP checkpoint" in proc.stderr, proc.stderr[-3000:]
+    assert json.loads((out / "report.json").read_text())["resumed_from_step"] == 2
+
+
+def test_step_folder_without_state_is_never_overwritten(tmp_path, data_dir, env_cpu):
+    """A step folder without trainer_state.json is skipped on resume and, when that step is saved
+    again, moved aside instead of deleted."""
+    out = tmp_path / "r"
+    _run(1, out, data_dir, ["train.steps=4", "checkpoint.every=2", "checkpoint.keep_last=5"], env_cpu)
+    newest = out / "checkpoints" / "step_00000004"
+    (newest / "trainer_state.json").unlink()
+    (newest / "keep_me.txt").write_text("user data")
+    _run(1, out, data_dir, ["train.steps=4", "checkpoint.every=2", "checkpoint.keep_last=5"], env_cpu)
+    assert json.loads((out / "report.json").read_text())["resumed_from_step"] == 2
+    aside = list((out / "checkpoints").glob("step_00000004.replaced-*"))
+    assert len(aside) == 1 and (aside[0] / "keep_me.txt").read_text() == "user data"
+    assert (newest / "trainer_state.json").is_file()  # the new step-4 checkpoint
+
+
 def test_same_seed_and_layout_give_bit_identical_losses(tmp_path, data_dir, env_cpu):
     extra = ["train.steps=3", "parallel.dp_mode=fsdp2", "train.seed=7"]
     _run(2, tmp_path / "a", data_dir, extra, env_cpu)

@@ -20,6 +20,8 @@ import pickle
 import random
 import re
 import shutil
+import time
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +29,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 log = logging.getLogger(__name__)
@@ -65,10 +68,24 @@ def check_metadata_safe(path: Path) -> None:
         raise CheckpointError(f"{meta} is corrupt or not a plain DCP metadata file ({e}); not loading it.") from e
 
 
-def file_manifest(folder: Path) -> dict[str, int]:
-    """Relative path -> size of every file in a checkpoint folder (the state file excepted)."""
-    return {str(p.relative_to(folder)): p.stat().st_size for p in sorted(folder.rglob("*"))
-            if p.is_file() and p.name != STATE_FILE}
+def file_crc32(path: Path, chunk: int = 16 * 2**20) -> int:
+    """CRC-32 of a file's bytes (zlib; about 1 GB/s per core)."""
+    crc = 0
+    with open(path, "rb") as f:
+        while data := f.read(chunk):
+            crc = zlib.crc32(data, crc)
+    return crc
+
+
+def file_manifest(folder: Path, world_size: int = 1, rank: int = 0) -> dict[str, list[int]]:
+    """Relative path -> [size, crc32] of every file in a checkpoint folder (the state file excepted).
+
+    With ``world_size > 1`` this rank checksums only its share of the files (every world_size-th);
+    the shares are gathered by :meth:`Checkpointer.save`.
+    """
+    files = [p for p in sorted(folder.rglob("*")) if p.is_file() and p.name != STATE_FILE]
+    return {str(p.relative_to(folder)): [p.stat().st_size, file_crc32(p)]
+            for i, p in enumerate(files) if i % world_size == rank}
 
 
 def _is_deepspeed(model: nn.Module) -> bool:
@@ -78,14 +95,32 @@ def _is_deepspeed(model: nn.Module) -> bool:
 DS_TAG = "deepspeed"  # subfolder of a checkpoint holding DeepSpeed's own files
 
 
-def check_manifest(path: Path, manifest: dict[str, int]) -> None:
-    """Every file listed at save time is present with its size (raises CheckpointError naming it)."""
-    for name, size in manifest.items():
+def check_manifest(path: Path, manifest: dict[str, Any], world_size: int = 1, rank: int = 0) -> None:
+    """Every file listed at save time is present with its size and checksum (raises CheckpointError
+    naming it). Sizes are checked for every file; this rank verifies the checksums of its share (every
+    world_size-th file), so ranks must agree on the verdict (:meth:`Checkpointer.load_latest` does).
+    Manifests of older checkpoints hold sizes only."""
+    for i, (name, entry) in enumerate(sorted(manifest.items())):
+        size, crc = (entry, None) if isinstance(entry, int) else entry
         f = path / name
         if not f.is_file():
             raise CheckpointError(f"{f} is missing from the checkpoint.")
         if f.stat().st_size != size:
             raise CheckpointError(f"{f} is truncated or altered: {f.stat().st_size} bytes, {size} when saved.")
+        if crc is not None and i % world_size == rank and file_crc32(f) != crc:
+            raise CheckpointError(f"{f} is corrupt: its checksum differs from the one written with it.")
+
+
+def _agree(ok: bool) -> bool:
+    """True when every rank says ``ok`` (all-reduce MIN of the verdicts; the local verdict alone
+    without a process group)."""
+    if not dist.is_initialized():
+        return ok
+    flag = torch.tensor([1 if ok else 0], dtype=torch.int32)
+    if dist.get_backend() == "nccl":
+        flag = flag.cuda()
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
 
 
 def complete_checkpoints(root: str | Path) -> list[Path]:
@@ -145,10 +180,18 @@ class Checkpointer:
         dist.barrier()
         if self.rank == 0:
             (tmp / CONFIG_FILE).write_text(self.config_yaml)
-            state = {"step": step, **trainer_state, "files": file_manifest(tmp)}
+        dist.barrier()
+        world = dist.get_world_size()
+        shares: list = [None] * world  # every rank checksums its share of the files
+        dist.all_gather_object(shares, file_manifest(tmp, world, self.rank))
+        if self.rank == 0:
+            files = {k: v for share in shares for k, v in share.items()}
+            state = {"step": step, **trainer_state, "files": files}
             (tmp / STATE_FILE).write_text(json.dumps(state, indent=2))
-            if final.exists():
-                shutil.rmtree(final)
+            if final.exists():  # a damaged or incomplete folder of this step: keep it aside, never delete it
+                aside = final.with_name(f"{final.name}.replaced-{int(time.time())}")
+                final.rename(aside)
+                log.warning("%s existed without loading (damaged or incomplete); moved it to %s", final, aside)
             tmp.rename(final)
             for old in complete_checkpoints(self.root)[: -self.keep_last]:
                 shutil.rmtree(old, ignore_errors=True)
@@ -171,19 +214,24 @@ class Checkpointer:
         errors = []
         for path in reversed(complete_checkpoints(self.root)):
             try:
-                return path, self.load(path, model, optimizer, scheduler)
+                state = self.load(path, model, optimizer, scheduler)
+                error = None
             except CheckpointError as e:
-                log.warning("skipping damaged checkpoint: %s", e)
-                errors.append(str(e))
+                state, error = None, str(e)
+            if _agree(error is None):  # all ranks loaded this one: take it
+                return path, state
+            # some rank could not load it (its own files): every rank falls back together
+            error = error or f"{path}: another rank could not load its part (see that rank's log)"
+            log.warning("skipping damaged checkpoint: %s", error)
+            errors.append(error)
         if errors:  # checkpoints exist but none loads: never restart from scratch silently
             raise CheckpointError("no checkpoint under " f"{self.root} loads: " + " | ".join(errors))
         return None, None
 
-    def load(
-        self, path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any
-    ) -> dict:
-        """Restore model, optimizer, scheduler and RNG from ``path``; return the trainer state."""
-        path = Path(path)
+    def _verify(self, path: Path, deepspeed: bool) -> tuple[dict, dict]:
+        """This rank's checks of ``path`` before any collective read: state file, manifest (sizes, its
+        share of the checksums), DCP metadata safety, its scheduler/RNG file. Returns (trainer state,
+        that file's contents)."""
         state_file = path / STATE_FILE
         if not state_file.is_file():
             raise CheckpointError(f"{state_file} is missing: {path} is not a complete checkpoint.")
@@ -191,26 +239,15 @@ class Checkpointer:
             trainer_state = json.loads(state_file.read_text())
         except json.JSONDecodeError as e:
             raise CheckpointError(f"{state_file} is corrupt: {e}") from e
-        check_manifest(path, trainer_state.get("files", {}))
-        if _is_deepspeed(model):
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        check_manifest(path, trainer_state.get("files", {}), world, self.rank)
+        if deepspeed:
             if not (path / DS_TAG).is_dir():
                 raise CheckpointError(f"{path / DS_TAG} is missing: {path} was not written by the deepspeed engine.")
-            try:  # files checked against the manifest written with them
-                model.load_checkpoint(str(path), tag=DS_TAG, load_optimizer_states=True,
-                                      load_lr_scheduler_states=False)
-            except Exception as e:
-                raise CheckpointError(f"failed to read DeepSpeed checkpoint {path / DS_TAG}: {e}") from e
         else:
             if not (path / ".metadata").is_file():
                 raise CheckpointError(f"{path / '.metadata'} is missing: the DCP checkpoint is incomplete.")
             check_metadata_safe(path)
-            model_sd, optim_sd = get_state_dict(model, optimizer)
-            state = {"model": model_sd, "optim": optim_sd}
-            try:
-                dcp.load(state, checkpoint_id=str(path))
-            except Exception as e:  # DCP raises several types for bad files; name the folder
-                raise CheckpointError(f"failed to read DCP checkpoint {path}: {e}") from e
-            set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
         extra_file = path / f"rank_{self.rank}.pt"
         if not extra_file.is_file():  # resumed with more ranks than saved: take rank 0's schedule
             extra_file = path / "rank_0.pt"
@@ -218,6 +255,39 @@ class Checkpointer:
             extra = torch.load(extra_file, map_location="cpu", weights_only=True)
         except Exception as e:
             raise CheckpointError(f"{extra_file} is corrupt: {e}") from e
+        return trainer_state, extra
+
+    def load(
+        self, path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any
+    ) -> dict:
+        """Restore model, optimizer, scheduler and RNG from ``path``; return the trainer state.
+
+        Collective: every rank verifies its part first and all agree before the (collective) read, so
+        a file only one rank finds damaged fails every rank alike instead of hanging the others.
+        """
+        path = Path(path)
+        deepspeed = _is_deepspeed(model)
+        try:
+            trainer_state, extra = self._verify(path, deepspeed)
+            problem = None
+        except CheckpointError as e:
+            problem = e
+        if not _agree(problem is None):
+            raise problem or CheckpointError(f"{path}: another rank found its part damaged (see that rank's log).")
+        if deepspeed:
+            try:  # files checked against the manifest written with them
+                model.load_checkpoint(str(path), tag=DS_TAG, load_optimizer_states=True,
+                                      load_lr_scheduler_states=False)
+            except Exception as e:
+                raise CheckpointError(f"failed to read DeepSpeed checkpoint {path / DS_TAG}: {e}") from e
+        else:
+            model_sd, optim_sd = get_state_dict(model, optimizer)
+            state = {"model": model_sd, "optim": optim_sd}
+            try:
+                dcp.load(state, checkpoint_id=str(path))
+            except (Exception, CheckpointException) as e:  # DCP's own error derives from BaseException
+                raise CheckpointError(f"failed to read DCP checkpoint {path}: {str(e)[:2000]}") from e
+            set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
         scheduler.load_state_dict(extra["scheduler"])
         set_rng_state(extra["rng"])
         log.info("resumed from %s (step %d)", path, trainer_state["step"])
@@ -239,6 +309,6 @@ def load_model_weights(path: str | Path, model: nn.Module) -> None:
     state = {"model": model.state_dict()}
     try:
         dcp.load(state, checkpoint_id=str(path))
-    except Exception as e:
+    except (Exception, CheckpointException) as e:
         raise CheckpointError(f"failed to read DCP checkpoint {path}: {e}") from e
     model.load_state_dict(state["model"])
