@@ -40,7 +40,7 @@ def _data_prepare(args: argparse.Namespace) -> int:
         if not args.input:
             raise ConfigError("--input", "no input files given.", "pass --input FILES or --default.")
         meta = prepare(args.output, iter_documents(args.input, args.text_field), build_tokenizer(args.tokenizer),
-                       args.val_fraction, sources=[str(p) for p in args.input])
+                       args.val_fraction, sources=[str(p) for p in args.input], inputs=args.input)
     sys.stdout.write(json.dumps(meta, indent=2) + "\n")
     return 0
 

@@ -150,3 +150,38 @@ def test_hf_tokenizer_from_local_file(tmp_path):
     assert int(ds[0].tokens[0]) == 1
     with pytest.raises(ConfigError, match="does not exist"):
         HFTokenizer(tmp_path / "nope.json")
+
+
+def test_prepare_refuses_outputs_that_would_destroy_inputs(tmp_path):
+    """--output equal to an input, its parent, inside an input folder, or an unrelated non-empty
+    folder: refused before any work, inputs intact. A bad jsonl line is named with file:line and leaves
+    no temporary folder behind. A previous prepare output is replaced."""
+    from longshard.errors import ConfigError
+    from longshard.train.data import build_tokenizer, prepare
+    from longshard.train.data.prepare import iter_documents
+
+    texts = tmp_path / "texts"
+    texts.mkdir()
+    (texts / "a.txt").write_text("hello world")
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    tok = build_tokenizer(None)
+    for out, why in ((texts, "is or contains the input"), (tmp_path, "is or contains the input"),
+                     (texts / "sub", "lies inside the input folder"), (other, "is not a prepared data folder")):
+        with pytest.raises(ConfigError, match=why):
+            prepare(out, iter_documents([texts]), tok, inputs=[texts])
+    assert (texts / "a.txt").read_text() == "hello world" and (other / "notes.txt").read_text() == "mine"
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "ok"}\n{broken\n')
+    with pytest.raises(ConfigError, match=r"bad\.jsonl:2 is not valid JSON"):
+        prepare(tmp_path / "out", iter_documents([bad]), tok, inputs=[bad])
+    assert not any(p.name.startswith("out") for p in tmp_path.iterdir())  # no output, no .tmpPID left
+
+    first = prepare(tmp_path / "out", iter_documents([texts]), tok, inputs=[texts])
+    (texts / "b.txt").write_text("a second document, longer than the first one")
+    second = prepare(tmp_path / "out", iter_documents([texts]), tok, inputs=[texts])
+    assert second["splits"]["train"]["n_tokens"] + second["splits"]["val"]["n_tokens"] > \
+        first["splits"]["train"]["n_tokens"] + first["splits"]["val"]["n_tokens"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.jsonl", "other", "out", "texts"]

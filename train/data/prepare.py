@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -42,12 +43,39 @@ def iter_documents(inputs: Iterable[str | Path], text_field: str = "text") -> It
                     for n, line in enumerate(fh, 1):
                         if not line.strip():
                             continue
-                        rec = json.loads(line)
-                        if text_field not in rec:
+                        try:
+                            rec = json.loads(line)
+                        except json.JSONDecodeError as e:
+                            raise ConfigError("data prepare --input", f"{f}:{n} is not valid JSON ({e.msg}).",
+                                              "fix or remove that line.") from None
+                        if not isinstance(rec, dict) or text_field not in rec:
                             raise ConfigError("data prepare --text-field", f"{f}:{n} has no field {text_field!r}.")
                         yield rec[text_field]
             else:
                 yield f.read_text(encoding="utf-8", errors="replace")
+
+
+def check_output(output: str | Path, inputs: Iterable[str | Path] = ()) -> Path:
+    """Refuse an ``--output`` that would destroy or swallow data, before any work.
+
+    Raises:
+        ConfigError: the output equals an input, contains one, lies inside an input folder (its own
+            files would be read back as documents), or is a non-empty folder that is not a previous
+            ``data prepare`` output (no ``meta.json``).
+    """
+    out = Path(output).resolve()
+    for inp in inputs:
+        src = Path(inp).resolve()
+        if out == src or out in src.parents:
+            raise ConfigError("data prepare --output", f"{out} is or contains the input {src}: preparing would "
+                              "replace it.", "choose an output folder outside the inputs.")
+        if src.is_dir() and src in out.parents:
+            raise ConfigError("data prepare --output", f"{out} lies inside the input folder {src}.",
+                              "choose an output folder outside the inputs.")
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / META).is_file())):
+        raise ConfigError("data prepare --output", f"{out} exists and is not a prepared data folder (no {META}).",
+                          "choose a new or empty folder; a previous `data prepare` output is replaced.")
+    return out
 
 
 def prepare(
@@ -56,6 +84,7 @@ def prepare(
     tokenizer: Tokenizer,
     val_fraction: float = 0.01,
     sources: list[str] | None = None,
+    inputs: Iterable[str | Path] = (),
 ) -> dict:
     """Tokenize ``documents`` into ``output``/{train,val}.bin and meta.json; atomic (tmp + rename).
 
@@ -65,13 +94,32 @@ def prepare(
         tokenizer: tokenizer to apply.
         val_fraction: share of tokens held out for validation (whole documents, deterministic).
         sources: description of where the documents came from, stored in the metadata.
+        inputs: the input paths, checked against ``output`` (see :func:`check_output`).
 
     Returns:
-        The metadata dict.
+        The metadata dict. A previous prepare output at ``output`` is replaced only once the new one
+        is complete; on any failure the temporary folder is removed and ``output`` is untouched.
     """
-    out = Path(output)
+    out = check_output(output, inputs)
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     tmp.mkdir(parents=True, exist_ok=True)
+    try:
+        meta = _write(tmp, documents, tokenizer, val_fraction, sources)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = out.with_name(out.name + f".old{os.getpid()}")
+    if out.exists():
+        os.replace(out, old)
+    os.replace(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)
+    log.info("prepared %s: %d train / %d val tokens", out, meta["splits"]["train"]["n_tokens"],
+             meta["splits"]["val"]["n_tokens"])
+    return meta
+
+
+def _write(tmp: Path, documents: Iterable[str], tokenizer: Tokenizer, val_fraction: float,
+           sources: list[str] | None) -> dict:
     dtype = np.uint16 if tokenizer.vocab_size <= 65535 else np.uint32
     counts = {"train": [0, 0], "val": [0, 0]}
     with open(tmp / "train.bin", "wb") as ftrain, open(tmp / "val.bin", "wb") as fval:
@@ -96,12 +144,6 @@ def prepare(
         "sources": sources or [],
     }
     (tmp / META).write_text(json.dumps(meta, indent=2))
-    if out.exists():
-        import shutil
-
-        shutil.rmtree(out)
-    os.replace(tmp, out)
-    log.info("prepared %s: %d train / %d val tokens", out, counts["train"][0], counts["val"][0])
     return meta
 
 
