@@ -60,6 +60,7 @@ from longshard.train.faults import (
     maybe_inject_fault,
 )
 from longshard.train.metrics import MetricsLogger, flops_per_token, peak_memory_bytes, peak_tflops
+from longshard.train.run_lock import RunLock
 from longshard.train.schedule import build_scheduler
 
 log = logging.getLogger(__name__)
@@ -237,6 +238,26 @@ def train(cfg: Config) -> dict[str, Any]:
     sp_size = cfg.parallel.sp_degree
     mcfg = resolve_model_config(cfg)
     out_dir = Path(cfg.output_dir)
+    lock = RunLock(out_dir, stale_s=max(900.0, 2 * cfg.parallel.collective_timeout_s))
+    problem = None
+    if env.is_main:  # one holder per run; every rank learns the verdict before anything is written
+        try:
+            lock.acquire()
+        except ConfigError as e:
+            problem = e
+    verdict = torch.tensor([0.0 if problem else 1.0], device=env.device)
+    dist.all_reduce(verdict, op=dist.ReduceOp.MIN)
+    if verdict[0] < 1:
+        raise problem or ConfigError("output_dir", f"rank 0 could not lock {out_dir} (see its log).")
+    try:
+        return _train_locked(cfg, env, t0, use_ds, dp_size, grad_accum, sp_size, mcfg, out_dir, lock)
+    finally:
+        lock.release()
+
+
+def _train_locked(cfg: Config, env, t0: float, use_ds: bool, dp_size: int, grad_accum: int, sp_size: int,
+                  mcfg, out_dir: Path, lock: RunLock) -> dict[str, Any]:
+    """The body of :func:`train` once this run holds its output directory's lock."""
     resolved_yaml = dump_config(replace(cfg, model=mcfg, init=replace(cfg.init, hf_path=None)))
     if env.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -434,6 +455,7 @@ def train(cfg: Config) -> dict[str, Any]:
     dmodel.train()
     for step in range(start_step + 1, cfg.train.steps + 1):
         maybe_inject_fault(step, env.rank)
+        lock.heartbeat()
         rec, saved = guarded(lambda s=step: train_step(s), step, "training step")
         last_ckpt = saved or last_ckpt
         if rec is not None and guarded(lambda: watch.agreed(env.device), step, "pre-emption check"):

@@ -1,0 +1,112 @@
+"""An exclusive lock on a run's output directory, so two runs never write into the same one.
+
+Rank 0 creates ``output_dir/.lock`` atomically (``O_CREAT | O_EXCL``) holding its pid, host and
+start time, and refreshes its modification time while training (the heartbeat). A lock is stale,
+and taken over with a warning, when its holder is a dead process on this host, or when its
+heartbeat is older than ``stale_s`` (a holder on another host that died with its node). Anything
+else is a live run: the second one stops before writing anything, naming the holder.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import time
+from pathlib import Path
+
+from longshard.errors import ConfigError
+
+log = logging.getLogger(__name__)
+LOCK_FILE = ".lock"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+class RunLock:
+    """``output_dir/.lock`` held by this process (rank 0) for the length of a run.
+
+    Args:
+        out_dir: the run's output directory (created if missing).
+        stale_s: a lock whose heartbeat is older than this is treated as abandoned.
+        heartbeat_s: at most one heartbeat write per this many seconds.
+    """
+
+    def __init__(self, out_dir: str | Path, stale_s: float = 900.0, heartbeat_s: float = 30.0) -> None:
+        self.path = Path(out_dir) / LOCK_FILE
+        self.stale_s, self.heartbeat_s = stale_s, heartbeat_s
+        self.held = False
+        self._last = 0.0
+
+    def _holder(self) -> dict:
+        try:
+            return json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def _stale(self, holder: dict) -> str | None:
+        """Why the existing lock is abandoned, or None when its holder may be alive."""
+        try:
+            age = time.time() - self.path.stat().st_mtime
+        except FileNotFoundError:
+            return "it disappeared"
+        if holder.get("host") == socket.gethostname() and isinstance(holder.get("pid"), int) \
+                and not _pid_alive(holder["pid"]):
+            return f"process {holder['pid']} on this host is gone"
+        if age > self.stale_s:
+            return f"its heartbeat is {age:.0f} s old (> {self.stale_s:.0f} s)"
+        return None
+
+    def acquire(self) -> None:
+        """Take the lock or raise ConfigError naming the run that holds it."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}
+        for _ in range(2):  # a second try after removing a stale lock
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                holder = self._holder()
+                why = self._stale(holder)
+                if why is None:
+                    since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(holder.get("started", 0)))
+                    raise ConfigError(
+                        "output_dir", f"{self.path.parent} is in use by another run (pid {holder.get('pid')} on "
+                        f"{holder.get('host')}, started {since}; lock {self.path}).",
+                        "wait for it to finish, choose another output_dir, or delete the lock file if that run "
+                        "is dead.") from None
+                log.warning("taking over the stale lock %s (%s)", self.path, why)
+                self.path.unlink(missing_ok=True)
+                continue
+            with os.fdopen(fd, "w") as f:
+                json.dump(me, f)
+            self.held = True
+            self._last = time.time()
+            return
+        raise ConfigError("output_dir", f"could not take the lock {self.path} (another run took it first).",
+                          "choose another output_dir.")
+
+    def heartbeat(self) -> None:
+        """Refresh the lock's modification time (rate-limited)."""
+        now = time.time()
+        if self.held and now - self._last >= self.heartbeat_s:
+            try:
+                os.utime(self.path)
+            except FileNotFoundError:  # removed under us: put it back rather than run unlocked
+                self.path.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                                 "started": now}))
+            self._last = now
+
+    def release(self) -> None:
+        """Remove the lock if this process holds it."""
+        if self.held and self._holder().get("pid") == os.getpid():
+            self.path.unlink(missing_ok=True)
+        self.held = False
