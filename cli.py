@@ -27,7 +27,24 @@ def _train(args: argparse.Namespace) -> int:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
            "-m", "longshard.train.main", args.recipe, *args.overrides]
     log.info("launching: %s", " ".join(cmd))
-    return subprocess.call(cmd)
+    return _run_forwarding_signals(cmd)
+
+
+def _run_forwarding_signals(cmd: list[str]) -> int:
+    """Run ``cmd`` (torchrun), passing SIGTERM / SIGINT / SIGHUP on to it and waiting for it to end, so
+    its workers checkpoint and stop instead of running on; it also dies if this process is killed."""
+    import signal
+
+    from longshard.train.faults import die_with_parent
+
+    proc = subprocess.Popen(cmd, preexec_fn=die_with_parent if sys.platform.startswith("linux") else None)
+    forward = lambda signum, frame: proc.send_signal(signum)  # noqa: E731
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+    try:
+        return proc.wait()
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
 
 
 def _data_prepare(args: argparse.Namespace) -> int:

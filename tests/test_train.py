@@ -534,3 +534,52 @@ def test_parameters_finite_sees_one_bad_value():
     with torch.no_grad():
         model.weight[1, 2] = float("inf")
     assert not parameters_finite(model, torch.device("cpu"))
+
+
+def _worker_pids(marker: str) -> list[int]:
+    """Live processes whose command line contains ``marker`` and runs longshard.train.main."""
+    pids = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            cmd = (d / "cmdline").read_bytes().decode(errors="replace")
+            state = next((ln for ln in (d / "status").read_text().splitlines() if ln.startswith("State:")), "")
+        except OSError:
+            continue
+        if marker in cmd and "longshard.train.main" in cmd and "zombie" not in state:
+            pids.append(int(d.name))
+    return pids
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="parent-death signal and /proc are Linux")
+@pytest.mark.parametrize("how", ["sigterm", "sigkill"])
+def test_no_worker_outlives_the_launcher(tmp_path, data_dir, env_cpu, how):
+    """`longshard train` with 2 workers: SIGTERM to it is forwarded (workers checkpoint and stop);
+    SIGKILL to it takes torchrun and the workers down with it (parent-death signals). No orphan."""
+    out = tmp_path / f"orphans_{how}"
+    args = [sys.executable, "-m", "longshard.cli", "train", "quickstart", *TINY,
+            "data.source=prepared", f"data.path={data_dir}", f"output_dir={out}", "train.steps=100000",
+            "train.log_every=1", "checkpoint.every=0", "--nproc", "2"]
+    cli = subprocess.Popen(args, env=env_cpu, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                           start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while cli.poll() is None and time.time() < deadline and not ((out / "metrics.jsonl").is_file()
+                                              and (out / "metrics.jsonl").read_text().count("\n") >= 2):
+            time.sleep(0.5)
+        workers = _worker_pids(str(out))
+        assert cli.poll() is None and len(workers) >= 2, workers  # torchrun and its workers carry the marker
+        cli.send_signal(signal.SIGTERM if how == "sigterm" else signal.SIGKILL)
+        deadline = time.time() + 90
+        while time.time() < deadline and _worker_pids(str(out)):
+            time.sleep(0.5)
+        assert not _worker_pids(str(out)), "workers outlived the launcher"
+        if how == "sigterm":
+            assert cli.wait(timeout=30) is not None
+            assert json.loads((out / "report.json").read_text())["preempted_at_step"] is not None
+    finally:
+        for pid in _worker_pids(str(out)):
+            os.kill(pid, signal.SIGKILL)
+        if cli.poll() is None:
+            cli.kill()

@@ -7,6 +7,8 @@
 * :func:`collective_failure` rewrites a failed or timed-out collective into an error naming the
   rank, the step and the phase, instead of a bare backend message (or a hang: the process group
   is created with ``parallel.collective_timeout_s``).
+* :func:`die_with_parent` asks Linux to send this process SIGTERM when its parent dies (torchrun
+  killed, the ``longshard train`` wrapper killed), so no worker trains on unseen in the background.
 * :func:`maybe_inject_fault` is a drill hook: ``LONGSHARD_INJECT_FAULT="kill:rank=1:step=4"`` makes
   rank 1 SIGKILL itself when step 4 starts (``hang:`` sleeps forever instead), on the first launch
   only (torchrun's ``TORCHELASTIC_RESTART_COUNT`` = 0), so restarts and resumption can be tested
@@ -18,6 +20,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import sys
 import time
 
 import torch
@@ -90,6 +93,28 @@ def is_collective_error(error: BaseException) -> bool:
     return isinstance(error, RuntimeError) and any(
         key in text for key in ("gloo", "nccl", "timed out", "connection closed", "connection reset", "broken pipe")
     )
+
+
+def die_with_parent(sig: int = signal.SIGTERM) -> bool:
+    """Deliver ``sig`` to this process when its parent exits (Linux ``PR_SET_PDEATHSIG``).
+
+    Returns False where unsupported. If the parent is already gone (re-parented to init), the
+    signal is raised at once.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+
+    parent = os.getppid()
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(1, int(sig), 0, 0, 0) != 0:  # PR_SET_PDEATHSIG = 1
+            return False
+    except (OSError, AttributeError):
+        return False
+    if os.getppid() != parent:  # the parent died before the request took effect
+        os.kill(os.getpid(), sig)
+    return True
 
 
 def parse_fault(spec: str) -> tuple[str, int, int]:

@@ -10,6 +10,7 @@ import os
 from longshard.errors import ConfigError
 from longshard.parallel import destroy_distributed, exit_worker
 from longshard.train.config import load_config
+from longshard.train.faults import die_with_parent
 from longshard.train.trainer import CheckpointError, CollectiveError, NonFiniteLossError, train
 
 
@@ -20,6 +21,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     rank = int(os.environ.get("RANK", 0))
+    if "TORCHELASTIC_RUN_ID" in os.environ:  # a torchrun worker: never outlive the launcher
+        die_with_parent()
     logging.basicConfig(
         level=logging.INFO if rank == 0 else logging.WARNING,
         format=f"[rank{rank}] %(asctime)s %(levelname)s %(name)s: %(message)s",
