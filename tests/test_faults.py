@@ -77,3 +77,31 @@ def test_checkpoint_metadata_never_executes_code(tmp_path, monkeypatch):
     with pytest.raises(CheckpointError, match=r"\.metadata.*refusing to load global (posix|os)\.system"):
         check_metadata_safe(bad)
     assert not (tmp_path / "PWNED_BY_CHECKPOINT").exists()
+
+
+def test_checkpoint_entries_never_execute_code(tmp_path, monkeypatch):
+    """A pickled __reduce__ payload stored as a DCP bytes entry (where optimizer param_groups live)
+    runs under DCP's default planner; our planner refuses it with a named error, and still loads the
+    plain entries of a genuine checkpoint (param_groups: lists, floats, tuples)."""
+    import torch
+    import torch.distributed.checkpoint as dcp
+    from longshard.train.checkpoint import CheckpointError, SafeLoadPlanner
+
+    monkeypatch.chdir(tmp_path)
+    bad = tmp_path / "bad"
+    dcp.save({"w": torch.ones(2), "param_groups": _Payload()}, checkpoint_id=str(bad))
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    # DCP wraps the planner's error into its own CheckpointException (the Checkpointer turns that
+    # into a CheckpointError naming the folder and falls back)
+    with pytest.raises((CheckpointError, CheckpointException), match="'param_groups' is not plain data"):
+        dcp.load({"w": torch.zeros(2), "param_groups": None}, checkpoint_id=str(bad), planner=SafeLoadPlanner())
+    assert not (tmp_path / "PWNED_BY_CHECKPOINT").exists()
+    good = tmp_path / "good"
+    groups = [{"lr": 1e-3, "betas": (0.9, 0.95), "params": [0, 1], "foreach": None}]
+    dcp.save({"w": torch.arange(2.0), "param_groups": groups}, checkpoint_id=str(good))
+    state = {"w": torch.zeros(2), "param_groups": [{"lr": 0.0, "betas": (0.0, 0.0), "params": [9, 9], "foreach": 1}]}
+    dcp.load(state, checkpoint_id=str(good), planner=SafeLoadPlanner())
+    assert state["param_groups"] == groups and torch.equal(state["w"], torch.arange(2.0))
+    dcp.load({"w": torch.zeros(2), "param_groups": None}, checkpoint_id=str(bad))  # the default planner runs it
+    assert (tmp_path / "PWNED_BY_CHECKPOINT").exists()

@@ -14,6 +14,7 @@ file lists every file with its size, so a truncated or missing file is named bef
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import pickle
@@ -29,7 +30,9 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 log = logging.getLogger(__name__)
@@ -56,6 +59,22 @@ class _MetadataUnpickler(pickle.Unpickler):
         if not allowed:
             raise pickle.UnpicklingError(f"refusing to load global {module}.{name}")
         return super().find_class(module, name)
+
+
+class SafeLoadPlanner(DefaultLoadPlanner):
+    """DCP load planner that reads non-tensor entries (optimizer ``param_groups`` and other bytes
+    items) with ``torch.load(weights_only=True)``: plain containers and numbers only, never code.
+    (DCP's default planner unpickles them with ``weights_only=False``.)"""
+
+    def load_bytes(self, read_item, value: io.BytesIO) -> None:
+        try:
+            obj = torch.load(value, weights_only=True)
+        except pickle.UnpicklingError as e:
+            raise CheckpointError(f"entry {read_item.dest_index.fqn!r} is not plain data; not loading it ({e})") from e
+        if self.flatten_state_dict:
+            set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
+        else:
+            self.state_dict[read_item.dest_index.fqn] = obj
 
 
 def check_metadata_safe(path: Path) -> None:
@@ -284,7 +303,7 @@ class Checkpointer:
             model_sd, optim_sd = get_state_dict(model, optimizer)
             state = {"model": model_sd, "optim": optim_sd}
             try:
-                dcp.load(state, checkpoint_id=str(path))
+                dcp.load(state, checkpoint_id=str(path), planner=SafeLoadPlanner())
             except (Exception, CheckpointException) as e:  # DCP's own error derives from BaseException
                 raise CheckpointError(f"failed to read DCP checkpoint {path}: {str(e)[:2000]}") from e
             set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
@@ -308,7 +327,7 @@ def load_model_weights(path: str | Path, model: nn.Module) -> None:
     check_metadata_safe(path)
     state = {"model": model.state_dict()}
     try:
-        dcp.load(state, checkpoint_id=str(path))
+        dcp.load(state, checkpoint_id=str(path), planner=SafeLoadPlanner())
     except (Exception, CheckpointException) as e:
         raise CheckpointError(f"failed to read DCP checkpoint {path}: {e}") from e
     model.load_state_dict(state["model"])
