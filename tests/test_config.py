@@ -81,3 +81,13 @@ def test_derived_model_fields_follow_overrides():
     assert m.ffn_hidden_dim == 256  # 8/3 * 96 = 256, already a multiple of 64
     q = load_config("quickstart").model
     assert (q.dim, q.n_heads, q.head_dim, q.n_kv_heads) == (192, 6, 32, 2)
+
+
+def test_allow_changes_names_only_changeable_settings():
+    from longshard.errors import ConfigError
+    from longshard.train.config import load_config
+
+    assert load_config("quickstart", ["checkpoint.allow_changes=[optim.lr, data]"]).checkpoint.allow_changes == [
+        "optim.lr", "data"]
+    with pytest.raises(ConfigError, match=r"checkpoint.allow_changes.*'model.dim' is not a setting"):
+        load_config("quickstart", ["checkpoint.allow_changes=[model.dim]"])

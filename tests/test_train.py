@@ -583,3 +583,35 @@ def test_no_worker_outlives_the_launcher(tmp_path, data_dir, env_cpu, how):
             os.kill(pid, signal.SIGKILL)
         if cli.poll() is None:
             cli.kill()
+
+
+def test_resume_refuses_a_different_run_and_applies_allowed_changes(tmp_path, data_dir, env_cpu):
+    """A 4-layer checkpoint: resuming with 2 layers is refused naming the field (and nothing is pruned);
+    a changed lr, seq_len or corpus is refused unless listed in checkpoint.allow_changes; an allowed
+    lr reaches the optimizer (the logged lr follows the new value)."""
+    from longshard.train.data import prepare_default
+
+    out = tmp_path / "r"
+    base = ["train.steps=2", "checkpoint.every=1", "checkpoint.keep_last=1", "train.log_every=1",
+            "optim.warmup_steps=0", "optim.schedule=constant", "optim.lr=1e-3"]
+    _run(1, out, data_dir, [*base, "model.n_layers=4"], env_cpu)
+    before = sorted(p.name for p in (out / "checkpoints").iterdir())
+    proc = _run(1, out, data_dir, [*base, "train.steps=3", "model.n_layers=2"], env_cpu, check=False)
+    assert proc.returncode == 2 and "model.n_layers: checkpoint 4, now 2" in proc.stderr, proc.stderr[-2000:]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == before
+
+    four = [*base, "model.n_layers=4", "train.steps=3"]
+    proc = _run(1, out, data_dir, [*four, "optim.lr=5e-4"], env_cpu, check=False)
+    assert proc.returncode == 2 and "optim.lr: checkpoint 0.001, now 0.0005" in proc.stderr, proc.stderr[-2000:]
+    assert "checkpoint.allow_changes=[optim.lr]" in proc.stderr
+    proc = _run(1, out, data_dir, [*four, "train.seq_len=32"], env_cpu, check=False)
+    assert proc.returncode == 2 and "train.seq_len: checkpoint 64, now 32" in proc.stderr
+    other = tmp_path / "other_data"
+    prepare_default(other, 200_000)
+    proc = _run(1, out, other, four, env_cpu, check=False)
+    assert proc.returncode == 2 and "data.path: checkpoint" in proc.stderr, proc.stderr[-2000:]
+
+    _run(1, out, data_dir, [*four, "optim.lr=5e-4", "checkpoint.allow_changes=[optim.lr]"], env_cpu)
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    lrs = {r["step"]: r["lr"] for r in records if "lr" in r}
+    assert lrs[1] == pytest.approx(1e-3) and lrs[3] == pytest.approx(5e-4), lrs

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from longshard.train.fingerprint import check_resume
 from torch import nn
 from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.api import CheckpointException
@@ -174,9 +175,11 @@ class Checkpointer:
         rank: this process's rank (rank 0 renames, prunes and writes the JSON state).
     """
 
-    def __init__(self, root: str | Path, keep_last: int, rank: int, config_yaml: str = "") -> None:
+    def __init__(self, root: str | Path, keep_last: int, rank: int, config_yaml: str = "",
+                 fingerprint: dict | None = None, allow_changes: list[str] | None = None) -> None:
         self.root, self.keep_last, self.rank = Path(root), keep_last, rank
         self.config_yaml = config_yaml
+        self.fingerprint, self.allow_changes = fingerprint, list(allow_changes or [])
 
     def save(
         self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, trainer_state: dict
@@ -205,18 +208,32 @@ class Checkpointer:
         dist.all_gather_object(shares, file_manifest(tmp, world, self.rank))
         if self.rank == 0:
             files = {k: v for share in shares for k, v in share.items()}
-            state = {"step": step, **trainer_state, "files": files}
+            state = {"step": step, **trainer_state, "files": files, "fingerprint": self.fingerprint}
             (tmp / STATE_FILE).write_text(json.dumps(state, indent=2))
             if final.exists():  # a damaged or incomplete folder of this step: keep it aside, never delete it
                 aside = final.with_name(f"{final.name}.replaced-{int(time.time())}")
                 final.rename(aside)
                 log.warning("%s existed without loading (damaged or incomplete); moved it to %s", final, aside)
             tmp.rename(final)
-            for old in complete_checkpoints(self.root)[: -self.keep_last]:
+            for old in self._same_model(complete_checkpoints(self.root))[: -self.keep_last]:
                 shutil.rmtree(old, ignore_errors=True)
         dist.barrier()
         log.info("saved checkpoint %s", final)
         return final
+
+    def _same_model(self, paths: list[Path]) -> list[Path]:
+        """The checkpoints of this run's model (pruning never deletes another model's checkpoints)."""
+        if self.fingerprint is None:
+            return paths
+        keep = []
+        for p in paths:
+            try:
+                saved = json.loads((p / STATE_FILE).read_text()).get("fingerprint")
+            except (OSError, ValueError):
+                continue
+            if saved is None or saved.get("model") == self.fingerprint["model"]:
+                keep.append(p)
+        return keep
 
     def latest(self) -> Path | None:
         """Newest complete checkpoint, or None."""
@@ -258,6 +275,9 @@ class Checkpointer:
             trainer_state = json.loads(state_file.read_text())
         except json.JSONDecodeError as e:
             raise CheckpointError(f"{state_file} is corrupt: {e}") from e
+        if self.fingerprint is not None:  # a different run is refused here, before any file is read
+            trainer_state["changed"] = check_resume(trainer_state.get("fingerprint"), self.fingerprint,
+                                                    self.allow_changes, str(path))
         world = dist.get_world_size() if dist.is_initialized() else 1
         check_manifest(path, trainer_state.get("files", {}), world, self.rank)
         if deepspeed:

@@ -252,6 +252,10 @@ class CheckpointConfig:
         keep_last: complete checkpoints kept (older ones are deleted).
         resume: ``auto`` (newest complete checkpoint in ``dir``, if any), ``none``, or a path.
         save_final: write a checkpoint after the last step.
+        allow_changes: settings that may differ from the checkpoint's on resume and then take
+            effect (the new lr reaches the optimizer and scheduler): any of ``CHANGEABLE`` (e.g.
+            ``[optim.lr, train.seq_len]``; ``data`` for another corpus). Anything else that differs
+            is refused before loading; the model itself can never change.
     """
 
     dir: str | None = None
@@ -259,8 +263,14 @@ class CheckpointConfig:
     keep_last: int = 2
     resume: str = "auto"
     save_final: bool = True
+    allow_changes: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
+        from longshard.train.fingerprint import CHANGEABLE
+
+        for name in self.allow_changes:
+            require(name in CHANGEABLE, "checkpoint.allow_changes", f"{name!r} is not a setting that may change "
+                    "on resume.", f"use any of: {', '.join(CHANGEABLE)}.")
         require(self.every >= 0, "checkpoint.every", f"must be >= 0, got {self.every}.")
         require_positive(self.keep_last, "checkpoint.keep_last")
         if self.resume not in ("auto", "none"):

@@ -59,11 +59,27 @@ from longshard.train.faults import (
     is_collective_error,
     maybe_inject_fault,
 )
+from longshard.train.fingerprint import fingerprint
 from longshard.train.metrics import MetricsLogger, flops_per_token, peak_memory_bytes, peak_tflops
 from longshard.train.run_lock import RunLock
 from longshard.train.schedule import build_scheduler
 
 log = logging.getLogger(__name__)
+
+
+def apply_optim_settings(optimizer: torch.optim.Optimizer, scheduler, cfg: Config) -> None:
+    """Put the configured lr, betas, eps and weight decay into a resumed optimizer and scheduler (whose
+    loaded state carries the checkpoint's): the base lr of every group, then the lr of the current step
+    under the configured schedule; weight decay only where it applies (not on norms and biases)."""
+    for g in optimizer.param_groups:
+        g["initial_lr"] = cfg.optim.lr
+        g["betas"], g["eps"] = (cfg.optim.beta1, cfg.optim.beta2), cfg.optim.eps
+        if g.get("weight_decay", 0.0) > 0:
+            g["weight_decay"] = cfg.optim.weight_decay
+    scheduler.base_lrs = [cfg.optim.lr for _ in optimizer.param_groups]
+    for g, lam in zip(optimizer.param_groups, scheduler.lr_lambdas, strict=True):
+        g["lr"] = cfg.optim.lr * lam(scheduler.last_epoch)
+    scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
 
 
 def parameters_finite(model: torch.nn.Module, device: torch.device) -> bool:
@@ -313,7 +329,9 @@ def _train_locked(cfg: Config, env, t0: float, use_ds: bool, dp_size: int, grad_
         train_ds, micro_batch_size=cfg.train.micro_batch_size, grad_accum=grad_accum,
         dp_rank=mesh["dp"].get_local_rank(), dp_size=dp_size, seed=cfg.train.seed, shuffle=cfg.data.shuffle,
     )
-    ckpt = Checkpointer(cfg.checkpoint.dir, cfg.checkpoint.keep_last, env.rank, resolved_yaml)
+    run_print = fingerprint(cfg, mcfg, Path(cfg.data.path) if cfg.data.source == "prepared" and cfg.data.path else None)
+    ckpt = Checkpointer(cfg.checkpoint.dir, cfg.checkpoint.keep_last, env.rank, resolved_yaml, run_print,
+                        cfg.checkpoint.allow_changes)
     start_step, history = 0, []
     resume_from, state = None, None
     if cfg.checkpoint.resume == "auto":
@@ -322,6 +340,10 @@ def _train_locked(cfg: Config, env, t0: float, use_ds: bool, dp_size: int, grad_
         resume_from = Path(cfg.checkpoint.resume)
         state = ckpt.load(resume_from, dmodel, optimizer, scheduler)
     if state is not None:
+        if any(k.startswith("optim.") for k in state.get("changed", [])):
+            apply_optim_settings(optimizer, scheduler, cfg)
+            log.info("applied the changed optimizer settings %s (checkpoint.allow_changes)",
+                     [k for k in state["changed"] if k.startswith("optim.")])
         start_step = state["step"]
         loader.load_state_dict(state["loader"])
         history = state.get("losses", [])
