@@ -162,6 +162,19 @@ if triton is not None:
         return k, v, offs_n, dk_doc
 
     @triton.jit
+    def _query_tile(Q_S, DO_S, LSE_S, DELTA_S, local, pos, S, D, offs_d, d_ok, F32: tl.constexpr):
+        """A backward query tile of one head set (pointers at its first row): q, dO, LSE (log2 units),
+        delta, the row mask and the (rows, D) load mask."""
+        m_ok = pos < S
+        row_off = (local * S + pos) * D
+        qd_mask = m_ok[:, None] & d_ok[None, :]
+        q = _load_rows(Q_S, row_off, offs_d, qd_mask, F32)
+        do = _load_rows(DO_S, row_off, offs_d, qd_mask, F32)
+        lse = tl.load(LSE_S + local * S + pos, mask=m_ok, other=0.0) * 1.4426950408889634
+        delta = tl.load(DELTA_S + local * S + pos, mask=m_ok, other=0.0)
+        return q, do, lse, delta, m_ok, qd_mask
+
+    @triton.jit
     def _mm(a, b, F32: tl.constexpr):
         if F32:
             return tl.dot(a, b, input_precision="ieee")
@@ -247,15 +260,10 @@ if triton is not None:
         local, pos = _rows(start_m, BLOCK_M, SHARE)
         head = first + local
         offs_d = tl.arange(0, BLOCK_D)
-        m_ok = pos < S
         d_ok = offs_d < D
         row_base = (b * H + first) * S
-        row_off = (local * S + pos) * D
-        qd_mask = m_ok[:, None] & d_ok[None, :]
-        q = _load_rows(Q + row_base * D, row_off, offs_d, qd_mask, F32)
-        do = _load_rows(DO + row_base * D, row_off, offs_d, qd_mask, F32)
-        lse = tl.load(LSE + row_base + local * S + pos, mask=m_ok, other=0.0) * 1.4426950408889634
-        delta = tl.load(DELTA + row_base + local * S + pos, mask=m_ok, other=0.0)
+        q, do, lse, delta, m_ok, qd_mask = _query_tile(Q + row_base * D, DO + row_base * D, LSE + row_base,
+                                                       DELTA + row_base, local, pos, S, D, offs_d, d_ok, F32)
         win, sink, dq_doc = _row_meta(WIN, SINK, DOC + b * S, head, pos, m_ok, HAS_WIN, HAS_DOC)
         sel = _row_selection(SEL + kv_row * N_SEL, pos, m_ok, N_SEL, HAS_SEL)
         dq = tl.zeros([SHARE * BLOCK_M, BLOCK_D], tl.float32)
@@ -270,8 +278,8 @@ if triton is not None:
                 p = tl.where(keep, tl.exp2(_mm(q, tl.trans(k), F32) * qk_scale - lse[:, None]), 0.0)
                 ds = p * (_mm(do, tl.trans(v), F32) - delta[:, None])
                 dq += _mm(ds, k, F32)
-        tl.store(DQ + row_base * D + row_off[:, None] + offs_d[None, :], (dq * scale).to(DQ.dtype.element_ty),
-                 mask=qd_mask)
+        tl.store(DQ + row_base * D + ((local * S + pos) * D)[:, None] + offs_d[None, :],
+                 (dq * scale).to(DQ.dtype.element_ty), mask=qd_mask)
 
     @triton.jit
     def _bs_bwd_dkdv(
@@ -304,13 +312,9 @@ if triton is not None:
             start_m = (c % N_QB) * BLOCK + (t % (BLOCK // BLOCK_M)) * BLOCK_M
             if start_m + BLOCK_M > start_n:  # else every row is before every key: nothing to add
                 local, pos = _rows(start_m, BLOCK_M, SHARE)
-                m_ok = pos < S
-                row_off = (local * S + pos) * D
-                qd_mask = m_ok[:, None] & d_ok[None, :]
-                q = _load_rows(Q + row_base * D, row_off, offs_d, qd_mask, F32)
-                do = _load_rows(DO + row_base * D, row_off, offs_d, qd_mask, F32)
-                lse = tl.load(LSE + row_base + local * S + pos, mask=m_ok, other=0.0) * 1.4426950408889634
-                delta = tl.load(DELTA + row_base + local * S + pos, mask=m_ok, other=0.0)
+                q, do, lse, delta, m_ok, qd_mask = _query_tile(Q + row_base * D, DO + row_base * D, LSE + row_base,
+                                                               DELTA + row_base, local, pos, S, D, offs_d, d_ok,
+                                                               F32)
                 win, sink, dq_doc = _row_meta(WIN, SINK, DOC + b * S, first + local, pos, m_ok, HAS_WIN, HAS_DOC)
                 sel = _row_selection(SEL + bg * S * N_SEL, pos, m_ok, N_SEL, HAS_SEL)
                 keep = _keep_tile(pos, offs_n, S, win, sink, dq_doc, dk_doc, sel, kb, HAS_WIN, HAS_DOC, HAS_SEL)
