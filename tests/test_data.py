@@ -185,3 +185,31 @@ def test_prepare_refuses_outputs_that_would_destroy_inputs(tmp_path):
     assert second["splits"]["train"]["n_tokens"] + second["splits"]["val"]["n_tokens"] > \
         first["splits"]["train"]["n_tokens"] + first["splits"]["val"]["n_tokens"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.jsonl", "other", "out", "texts"]
+
+
+def test_damaged_prepared_data_is_named(tmp_path):
+    """Invalid meta.json, and a token id beyond the vocabulary inside train.bin: a ConfigError naming
+    the file (and the token's position), never a JSON traceback or an IndexError inside the embedding."""
+    import numpy as np
+    from longshard.train.data import prepare_default
+    from longshard.train.data.loader import TokenWindows
+    from longshard.train.data.prepare import read_meta
+
+    data = tmp_path / "d"
+    prepare_default(data, 50_000)
+    meta = (data / "meta.json").read_text()
+    (data / "meta.json").write_text(meta[: len(meta) // 2])
+    with pytest.raises(ConfigError, match=r"meta\.json is not a valid `data prepare` metadata file"):
+        read_meta(data)
+    (data / "meta.json").write_text(json.dumps({"splits": {}}))
+    with pytest.raises(ConfigError, match="KeyError"):
+        read_meta(data)
+    (data / "meta.json").write_text(meta)
+    windows = TokenWindows(data, "train", 64)
+    tokens = np.memmap(data / "train.bin", dtype=windows.meta["dtype"], mode="r+")
+    tokens[64 * 3 + 5] = windows.vocab_size + 7
+    tokens.flush()
+    windows = TokenWindows(data, "train", 64)
+    windows[2]  # untouched windows still load
+    with pytest.raises(ConfigError, match=rf"train\.bin holds token id {windows.vocab_size + 7} \(at token 197\)"):
+        windows[3]

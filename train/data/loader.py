@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from longshard.errors import ConfigError
+from longshard.train.data.prepare import META as META_NAME
 from longshard.train.data.prepare import read_meta
 from longshard.train.data.synthetic import mqar_sample, passkey_sample
 from longshard.train.data.tokenizer import Tokenizer
@@ -47,9 +48,8 @@ class TokenWindows:
         self.bos_id = self.meta["bos_id"]
         self.vocab_size = self.meta["vocab_size"]
         n = info["n_tokens"]
-        self.tokens = (
-            np.memmap(Path(path) / info["file"], dtype=self.meta["dtype"], mode="r", shape=(n,)) if n else None
-        )
+        self.file = Path(path) / info["file"]
+        self.tokens = np.memmap(self.file, dtype=self.meta["dtype"], mode="r", shape=(n,)) if n else None
         self.n = max((n - 1) // seq_len, 0)
         if split == "train" and self.n == 0:
             raise ConfigError("train.seq_len", f"{path} has {n} training tokens, fewer than seq_len+1={seq_len + 1}.",
@@ -62,6 +62,11 @@ class TokenWindows:
         if not 0 <= i < self.n:
             raise IndexError(i)
         w = torch.from_numpy(self.tokens[i * self.seq_len : (i + 1) * self.seq_len + 1].astype(np.int64))
+        if int(w.max()) >= self.vocab_size:  # a damaged or foreign file: name it, never an IndexError in the model
+            at = i * self.seq_len + int(torch.argmax((w >= self.vocab_size).int()))
+            raise ConfigError("data.path", f"{self.file} holds token id {int(w.max())} (at token {at}), but its "
+                              f"vocabulary has {self.vocab_size} ids ({META_NAME}).",
+                              "re-run `longshard data prepare`; the file is damaged or from another tokenizer.")
         tokens, labels = w[:-1], w[1:]
         return Sample(tokens, labels, torch.cumsum(tokens == self.bos_id, 0))
 

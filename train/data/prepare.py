@@ -160,12 +160,19 @@ def read_meta(path: str | Path) -> dict:
     if not meta_file.is_file():
         raise ConfigError("data.path", f"{meta_file} does not exist.",
                           "run `longshard data prepare --input FILES --output DIR` first.")
-    meta = json.loads(meta_file.read_text())
-    for split, info in meta["splits"].items():
-        f = p / info["file"]
+    try:
+        meta = json.loads(meta_file.read_text())
+        splits = {split: (info["file"], int(info["n_tokens"])) for split, info in meta["splits"].items()}
+        itemsize = np.dtype(meta["dtype"]).itemsize
+        int(meta["vocab_size"]), meta["splits"]["train"]  # noqa: B018 - required keys
+    except (ValueError, KeyError, TypeError) as e:
+        raise ConfigError("data.path", f"{meta_file} is not a valid `data prepare` metadata file "
+                          f"({type(e).__name__}: {e}).", "re-run `longshard data prepare` into a new folder.") from None
+    for split, (name, n_tokens) in splits.items():
+        f = p / name
         if not f.is_file():
             raise ConfigError("data.path", f"{f} listed in {META} is missing.")
-        expect = info["n_tokens"] * np.dtype(meta["dtype"]).itemsize
+        expect = n_tokens * itemsize
         if f.stat().st_size != expect:
             raise ConfigError("data.path", f"{f} has {f.stat().st_size} bytes, {META} says {expect} ({split}).",
                               "re-run data prepare; the file is truncated or from another run.")
