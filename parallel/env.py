@@ -108,6 +108,19 @@ def destroy_distributed() -> None:
         dist.destroy_process_group()
 
 
+def all_agree(ok: bool, device: torch.device | None = None) -> bool:
+    """True when every rank says ``ok`` (an all-reduce MIN of the verdicts; the local verdict without
+    a process group). ``device``: where the flag lives (default: the current CUDA device under NCCL,
+    else CPU)."""
+    if not dist.is_initialized():
+        return ok
+    if device is None:
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
+    flag = torch.tensor([1 if ok else 0], dtype=torch.int32, device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
 def exit_worker(rc: int) -> None:
     """End a launcher-started worker with ``rc`` once its process group is destroyed.
 

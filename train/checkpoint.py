@@ -29,6 +29,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from longshard.parallel.env import all_agree
 from longshard.train.fingerprint import check_resume
 from torch import nn
 from torch.distributed.checkpoint._traverse import set_element
@@ -65,7 +66,7 @@ class _MetadataUnpickler(pickle.Unpickler):
 class SafeLoadPlanner(DefaultLoadPlanner):
     """DCP load planner that reads non-tensor entries (optimizer ``param_groups`` and other bytes
     items) with ``torch.load(weights_only=True)``: plain containers and numbers only, never code.
-    (DCP's default planner unpickles them with ``weights_only=False``.)"""
+    (DCP's default planner unpickles them without that restriction.)"""
 
     def load_bytes(self, read_item, value: io.BytesIO) -> None:
         try:
@@ -129,18 +130,6 @@ def check_manifest(path: Path, manifest: dict[str, Any], world_size: int = 1, ra
             raise CheckpointError(f"{f} is truncated or altered: {f.stat().st_size} bytes, {size} when saved.")
         if crc is not None and i % world_size == rank and file_crc32(f) != crc:
             raise CheckpointError(f"{f} is corrupt: its checksum differs from the one written with it.")
-
-
-def _agree(ok: bool) -> bool:
-    """True when every rank says ``ok`` (all-reduce MIN of the verdicts; the local verdict alone
-    without a process group)."""
-    if not dist.is_initialized():
-        return ok
-    flag = torch.tensor([1 if ok else 0], dtype=torch.int32)
-    if dist.get_backend() == "nccl":
-        flag = flag.cuda()
-    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    return bool(flag.item())
 
 
 def complete_checkpoints(root: str | Path) -> list[Path]:
@@ -254,7 +243,7 @@ class Checkpointer:
                 error = None
             except CheckpointError as e:
                 state, error = None, str(e)
-            if _agree(error is None):  # all ranks loaded this one: take it
+            if all_agree(error is None):  # all ranks loaded this one: take it
                 return path, state
             # some rank could not load it (its own files): every rank falls back together
             error = error or f"{path}: another rank could not load its part (see that rank's log)"
@@ -311,7 +300,7 @@ class Checkpointer:
             problem = None
         except CheckpointError as e:
             problem = e
-        if not _agree(problem is None):
+        if not all_agree(problem is None):
             raise problem or CheckpointError(f"{path}: another rank found its part damaged (see that rank's log).")
         if deepspeed:
             try:  # files checked against the manifest written with them

@@ -36,6 +36,7 @@ from longshard.parallel import (
 )
 from longshard.parallel.deepspeed_engine import deepspeed_config, import_deepspeed
 from longshard.parallel.deepspeed_engine import initialize as ds_initialize
+from longshard.parallel.env import all_agree
 from longshard.parallel.ring import apply_ring
 from longshard.parallel.sequence import CommCounter, SeqShard, apply_ulysses
 from longshard.parallel.tensor_parallel import apply_tensor_parallel, check_tensor_parallel
@@ -88,10 +89,7 @@ def parameters_finite(model: torch.nn.Module, device: torch.device) -> bool:
 
     ok = all(bool(torch.isfinite(p.to_local() if isinstance(p, DTensor) else p).all())
              for p in model.parameters())
-    flag = torch.tensor([1.0 if ok else 0.0], device=device)
-    if dist.is_initialized():
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    return bool(flag[0] > 0)
+    return all_agree(ok, device)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -261,9 +259,7 @@ def train(cfg: Config) -> dict[str, Any]:
             lock.acquire()
         except ConfigError as e:
             problem = e
-    verdict = torch.tensor([0.0 if problem else 1.0], device=env.device)
-    dist.all_reduce(verdict, op=dist.ReduceOp.MIN)
-    if verdict[0] < 1:
+    if not all_agree(problem is None, env.device):
         raise problem or ConfigError("output_dir", f"rank 0 could not lock {out_dir} (see its log).")
     try:
         return _train_locked(cfg, env, t0, use_ds, dp_size, grad_accum, sp_size, mcfg, out_dir, lock)
