@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import json
 import logging
+import pickle
 import re
 import shutil
+import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -109,6 +111,27 @@ def _rope_from_hf(hf: dict[str, Any]) -> RopeConfig:
     return RopeConfig(**kw)
 
 
+_REQUIRED = object()
+
+
+def _hf_num(hf: dict[str, Any], key: str, kind: type, default: Any = _REQUIRED) -> Any:
+    """``hf[key]`` as ``kind`` (int or float); a missing required key or a non-number is a ConfigError
+    naming ``config.json: key``. ``None`` counts as missing (HF writes ``"head_dim": null``)."""
+    value = hf.get(key)
+    if value is None:
+        if default is _REQUIRED:
+            raise ConfigError("init.hf_path", f"config.json has no {key!r}.",
+                              "give the config.json the model was saved with (transformers writes every key).")
+        return default
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind is int:
+        ok = ok and float(value).is_integer()
+    if not ok:
+        what = "an integer" if kind is int else "a number"
+        raise ConfigError("init.hf_path", f"config.json: {key}={value!r} is not {what}.")
+    return kind(value)
+
+
 def config_from_hf(hf: dict[str, Any], attention: list[AttentionSpec] | None = None) -> ModelConfig:
     """Translate an HF ``config.json`` dict into a :class:`ModelConfig`.
 
@@ -131,43 +154,113 @@ def config_from_hf(hf: dict[str, Any], attention: list[AttentionSpec] | None = N
         raise ConfigError("init.hf_path", "Llama with attention_bias=true (o_proj bias) is not supported.")
     if hf.get("use_sliding_window"):
         raise ConfigError("init.hf_path", "use_sliding_window=true (Qwen SWA) is not supported.")
-    n_heads = int(hf["num_attention_heads"])
+    n_heads = _hf_num(hf, "num_attention_heads", int)
+    dim = _hf_num(hf, "hidden_size", int)
     return ModelConfig(
-        vocab_size=int(hf["vocab_size"]),
-        dim=int(hf["hidden_size"]),
-        n_layers=int(hf["num_hidden_layers"]),
+        vocab_size=_hf_num(hf, "vocab_size", int),
+        dim=dim,
+        n_layers=_hf_num(hf, "num_hidden_layers", int),
         n_heads=n_heads,
-        n_kv_heads=int(hf.get("num_key_value_heads") or n_heads),
-        head_dim=int(hf.get("head_dim") or hf["hidden_size"] // n_heads),
-        ffn_hidden_dim=int(hf["intermediate_size"]),
-        norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+        n_kv_heads=_hf_num(hf, "num_key_value_heads", int, n_heads),
+        head_dim=_hf_num(hf, "head_dim", int, dim // max(n_heads, 1)),
+        ffn_hidden_dim=_hf_num(hf, "intermediate_size", int),
+        norm_eps=_hf_num(hf, "rms_norm_eps", float, 1e-6),
         qkv_bias=arch == "qwen2" or (arch == "qwen3" and bool(hf.get("attention_bias"))),
         qk_norm=arch == "qwen3",
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        max_seq_len=int(hf.get("max_position_embeddings", 2048)),
+        max_seq_len=_hf_num(hf, "max_position_embeddings", int, 2048),
         rope=_rope_from_hf(hf),
         attention=list(attention) if attention else [AttentionSpec()],
     )
 
 
-def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+def weight_files(path: Path) -> list[Path]:
+    """The weight files of a local HF checkpoint folder (safetensors shards, one safetensors file, or
+    ``pytorch_model.bin``), each checked to exist."""
     index = path / "model.safetensors.index.json"
     if index.exists():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        sd: dict[str, torch.Tensor] = {}
+        weight_map = _read_json(index)
+        weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
+        if not isinstance(weight_map, dict):
+            raise ConfigError("init.hf_path", f"{index} has no 'weight_map' object.", "re-copy the checkpoint folder.")
+        files = [path / f for f in sorted(set(weight_map.values()))]
         for f in files:
-            if not (path / f).exists():
-                raise ConfigError("init.hf_path", f"shard {path / f} listed in {index.name} is missing.")
-            sd.update(load_file(str(path / f)))
-        return sd
-    if (path / "model.safetensors").exists():
-        return load_file(str(path / "model.safetensors"))
-    if (path / "pytorch_model.bin").exists():
-        return torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
+            if not f.exists():
+                raise ConfigError("init.hf_path", f"shard {f} listed in {index.name} is missing.")
+        return files
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        if (path / name).exists():
+            return [path / name]
     raise ConfigError(
         "init.hf_path",
         f"no weights in {path} (looked for model.safetensors, model.safetensors.index.json, pytorch_model.bin).",
     )
+
+
+def check_weight_file(file: Path) -> None:
+    """Refuse a damaged or unsafe weight file before anything is loaded: a safetensors file whose
+    header or data is cut short, or a pickle ``.bin`` that would import anything beyond tensors.
+    Only the header (safetensors) or the pickle opcodes (``.bin``) are read."""
+    size = file.stat().st_size
+    if file.suffix == ".safetensors":
+        with open(file, "rb") as f:
+            head = f.read(8)
+            n = int.from_bytes(head, "little") if len(head) == 8 else -1
+            header = f.read(n) if 0 < n <= size - 8 else b""
+        try:
+            meta = json.loads(header)
+            end = max((int(v["data_offsets"][1]) for k, v in meta.items() if k != "__metadata__"), default=0)
+        except (ValueError, TypeError, KeyError, IndexError):
+            raise ConfigError("init.hf_path", f"{file} is not a readable safetensors file ({size} bytes; its header "
+                              "is cut short or damaged).", "re-copy or re-download that file.") from None
+        if size < 8 + n + end:
+            raise ConfigError("init.hf_path", f"{file} is truncated: {size} bytes, its header describes "
+                              f"{8 + n + end} bytes of tensors.", "re-copy or re-download that file.")
+        return
+    if not zipfile.is_zipfile(file):  # legacy (pre-zip) torch pickle: weights_only=True load decides
+        return
+    try:
+        unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(str(file))
+    except Exception as e:
+        raise ConfigError("init.hf_path", f"{file} is not a readable torch file ({e}).",
+                          "re-copy the file, or use the checkpoint's safetensors weights.") from None
+    if unsafe:
+        raise _unsafe_pickle(file, ", ".join(sorted(unsafe)))
+
+
+def _unsafe_pickle(file: Path, what: str) -> ConfigError:
+    return ConfigError(
+        "init.hf_path",
+        f"{file} is a pickle that would import {what}, which can run code stored in the file; longshard "
+        "loads pickles only with weights_only=True and never relaxes that.",
+        "convert it to safetensors on a machine you trust (transformers: "
+        "model.save_pretrained(out, safe_serialization=True)) and point init.hf_path at the result.",
+    )
+
+
+def check_hf_checkpoint(path: str | Path) -> None:
+    """Check a local HF checkpoint's config.json and weight files before any weight is read."""
+    read_hf_config(path)
+    for f in weight_files(Path(path)):
+        check_weight_file(f)
+
+
+def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    sd: dict[str, torch.Tensor] = {}
+    for f in weight_files(path):
+        check_weight_file(f)
+        try:
+            if f.suffix == ".safetensors":
+                sd.update(load_file(str(f)))
+            else:
+                sd.update(torch.load(f, map_location="cpu", weights_only=True))
+        except pickle.UnpicklingError as e:  # weights_only refused a global (legacy-format pickle)
+            found = re.search(r"GLOBAL (\S+)", str(e))
+            raise _unsafe_pickle(f, found.group(1) if found else "a non-tensor object") from None
+        except Exception as e:  # damaged after the header check (bit rot inside the data)
+            raise ConfigError("init.hf_path", f"{f} could not be read: {str(e)[:300]}",
+                              "re-copy or re-download that file.") from None
+    return sd
 
 
 def read_hf_config(path: str | Path) -> dict[str, Any]:
@@ -178,7 +271,19 @@ def read_hf_config(path: str | Path) -> dict[str, Any]:
     cfg_file = path / "config.json"
     if not cfg_file.exists():
         raise ConfigError("init.hf_path", f"{cfg_file} does not exist.")
-    return json.loads(cfg_file.read_text())
+    hf = _read_json(cfg_file)
+    if not isinstance(hf, dict):
+        raise ConfigError("init.hf_path", f"{cfg_file} holds a {type(hf).__name__}, not a JSON object of settings.")
+    return hf
+
+
+def _read_json(file: Path) -> Any:
+    try:
+        return json.loads(file.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        where = f" (line {e.lineno}, column {e.colno}: {e.msg})" if isinstance(e, json.JSONDecodeError) else ""
+        raise ConfigError("init.hf_path", f"{file} is not valid JSON{where}.",
+                          "re-copy the checkpoint folder; the file is damaged or truncated.") from None
 
 
 def load_hf_state_dict(path: str | Path, cfg: ModelConfig) -> dict[str, torch.Tensor]:

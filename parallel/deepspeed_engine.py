@@ -9,8 +9,10 @@ gradient clipping is DeepSpeed's (``gradient_clipping``).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import pickle
 from typing import Any
 
 import torch
@@ -98,3 +100,87 @@ def initialize(model: nn.Module, optimizer: torch.optim.Optimizer, config: dict[
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config,
                                            dist_init_required=False)
     return engine
+
+
+# What a DeepSpeed ZeRO 1-3 checkpoint pickles besides tensors and plain containers (found with
+# torch.serialization.get_unsafe_globals_in_checkpoint on stages 1, 2, 3 and optimizer offload):
+# an enum, a dataclass and the loss-scaler record, all rebuilt from data without running code.
+DS_SAFE_GLOBALS = (
+    "deepspeed.runtime.zero.config.ZeroStageEnum",
+    "deepspeed.utils.tensor_fragment.fragment_address",
+    "deepspeed.runtime.fp16.loss_scaler.LossScaler",
+)
+
+
+def _ds_safe_globals() -> list[Any]:
+    import importlib
+
+    found = []
+    for name in DS_SAFE_GLOBALS:
+        module, _, attr = name.rpartition(".")
+        try:
+            found.append(getattr(importlib.import_module(module), attr))
+        except (ImportError, AttributeError):  # another DeepSpeed version: that record is not written
+            continue
+    return found
+
+
+@contextlib.contextmanager
+def weights_only_loading(path: str):
+    """Make every ``torch.load`` inside the block (DeepSpeed reads its checkpoint files with
+    ``weights_only=False``) a ``weights_only=True`` load that accepts only the records in
+    ``DS_SAFE_GLOBALS``; a file needing anything else is refused with an error naming it.
+
+    Args:
+        path: the checkpoint folder, for the error message.
+    """
+    original = torch.load
+
+    def restricted(f, *args, **kwargs):
+        kwargs["weights_only"] = True
+        try:
+            return original(f, *args, **kwargs)
+        except pickle.UnpicklingError as e:
+            first = str(e).split("\n")
+            detail = next((line.strip() for line in first if "GLOBAL" in line or "global" in line), first[0])
+            raise DeepSpeedLoadRefused(
+                f"refusing to load {f} of the DeepSpeed checkpoint {path}: it needs more than tensors and plain "
+                f"data ({detail[:300]}); loading it could run code stored in the file. Delete that checkpoint or, "
+                "if you wrote it yourself with another DeepSpeed version, resume with train.engine=deepspeed "
+                "from a checkpoint written by this version."
+            ) from None
+
+    with torch.serialization.safe_globals(_ds_safe_globals()):
+        torch.load = restricted
+        try:
+            yield
+        finally:
+            torch.load = original
+
+
+class DeepSpeedLoadRefused(RuntimeError):
+    """A DeepSpeed checkpoint file holds pickled objects beyond the allowed records."""
+
+
+def check_deepspeed_files_safe(folder: str | os.PathLike) -> None:
+    """Refuse a DeepSpeed checkpoint folder whose ``.pt`` files pickle anything beyond tensors,
+    plain data and ``DS_SAFE_GLOBALS`` (read without unpickling: the pickle opcodes are scanned).
+
+    Raises:
+        DeepSpeedLoadRefused: naming the file and the global it would import.
+    """
+    from pathlib import Path
+
+    for file in sorted(Path(folder).rglob("*.pt")):
+        try:
+            unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(str(file))
+        except Exception as e:  # not a torch zip file at all
+            raise DeepSpeedLoadRefused(f"{file} is not a readable torch checkpoint file: {e}") from None
+        extra = sorted(set(unsafe) - set(DS_SAFE_GLOBALS))
+        if extra:
+            raise DeepSpeedLoadRefused(
+                f"refusing to load {file}: it would import {', '.join(extra)}, which can run code stored in the "
+                "file (a DeepSpeed checkpoint holds only tensors, plain data and "
+                f"{', '.join(n.rpartition('.')[2] for n in DS_SAFE_GLOBALS)}). Delete that checkpoint; never "
+                "resume from files you did not write."
+            )

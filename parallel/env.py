@@ -121,6 +121,18 @@ def all_agree(ok: bool, device: torch.device | None = None) -> bool:
     return bool(flag.item())
 
 
+def all_sum(value: float, device: torch.device | None = None) -> float:
+    """Sum of ``value`` over all ranks (fp64 all-reduce; the local value without a process group).
+    ``device`` as for :func:`all_agree`."""
+    if not dist.is_initialized():
+        return value
+    if device is None:
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
+    total = torch.tensor([float(value)], dtype=torch.float64, device=device)
+    dist.all_reduce(total)
+    return float(total.item())
+
+
 def exit_worker(rc: int) -> None:
     """End a launcher-started worker with ``rc`` once its process group is destroyed.
 

@@ -213,3 +213,18 @@ def test_damaged_prepared_data_is_named(tmp_path):
     windows[2]  # untouched windows still load
     with pytest.raises(ConfigError, match=rf"train\.bin holds token id {windows.vocab_size + 7} \(at token 197\)"):
         windows[3]
+
+
+def test_prepare_on_a_full_or_read_only_disk_is_named(small_disk):
+    """ENOSPC while writing the token files and a read-only --output are ConfigErrors naming the folder
+    (was a raw OSError traceback); nothing is left on the disk, a previous output stays."""
+    full = small_disk("1m")
+    prepare_default(full / "small", 100_000)  # fits: ~0.2 MB of tokens
+    with pytest.raises(ConfigError, match=r"--output: no space left on device writing \S+big\.tmp\d+: [\d.]+ MB "
+                                          r"written when the disk filled"):
+        prepare_default(full / "big", 3_000_000)
+    assert sorted(p.name for p in full.iterdir()) == ["small"]
+    read_meta(full / "small")
+    ro = small_disk("1m", read_only=True)
+    with pytest.raises(ConfigError, match=r"--output: cannot create \S+: Read-only file system \(errno 30\)"):
+        prepare_default(ro / "d", 100_000)

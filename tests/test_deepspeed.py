@@ -101,3 +101,45 @@ def test_deepspeed_config_merge_and_errors(tmp_path):
 def test_deepspeed_bad_settings_name_the_field(overrides, field):
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
         load_config("quickstart", overrides)
+
+
+class _Payload:
+    def __reduce__(self):
+        import os
+
+        return (os.system, ("touch PWNED_BY_CHECKPOINT",))
+
+
+def test_deepspeed_checkpoint_never_executes_code(tmp_path, data_dir, env_ds, monkeypatch):
+    """DeepSpeed reads its files with weights_only=False; a __reduce__ payload planted in one rank's
+    optimizer file (manifest rewritten to match, as an attacker who can write files would) is refused
+    by name on every rank and never runs; the genuine files of every ZeRO stage pass the same check."""
+    import torch
+    from longshard.parallel.deepspeed_engine import DeepSpeedLoadRefused, check_deepspeed_files_safe
+    from longshard.train.checkpoint import STATE_FILE, file_manifest
+
+    extra = [*DS, "deepspeed.zero_stage=2", "train.steps=2", "checkpoint.every=2"]
+    out = tmp_path / "r"
+    _run(2, out, data_dir, extra, env_ds)
+    step = out / "checkpoints" / "step_00000002"
+    check_deepspeed_files_safe(step / "deepspeed")  # genuine files: tensors, plain data, allowed records
+    target = step / "deepspeed" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    torch.save({"optimizer_state_dict": _Payload()}, target)
+    state = json.loads((step / STATE_FILE).read_text())
+    state["files"] = file_manifest(step)
+    (step / STATE_FILE).write_text(json.dumps(state))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DeepSpeedLoadRefused, match=r"zero_pp_rank_1.*would import (posix|os)\.system"):
+        check_deepspeed_files_safe(step / "deepspeed")
+    (out / "report.json").unlink()
+    proc = _run(2, out, data_dir, [*extra, "train.steps=3", "checkpoint.resume=auto"], env_ds, check=False)
+    assert proc.returncode != 0
+    log = proc.stdout + proc.stderr
+    assert "refusing to load" in log and "zero_pp_rank_1_mp_rank_00_optim_states.pt" in log, log[-3000:]
+    assert not list(tmp_path.rglob("PWNED_BY_CHECKPOINT")) and not (REPO / "PWNED_BY_CHECKPOINT").exists()
+    # the load-time guard too: torch.load inside DeepSpeed's reader is weights_only=True
+    from longshard.parallel.deepspeed_engine import weights_only_loading
+
+    with pytest.raises(DeepSpeedLoadRefused, match="could run code"), weights_only_loading(str(step)):
+        torch.load(target, weights_only=False)
+    assert not list(tmp_path.rglob("PWNED_BY_CHECKPOINT"))

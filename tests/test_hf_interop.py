@@ -119,3 +119,73 @@ def test_gated_conversion_is_exact_and_export_refuses_gates(tmp_path):
     back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "nosa_out").eval()
     with torch.no_grad():
         assert _rel(ref, back(tokens).logits) <= TOL  # same projections, run dense by transformers
+
+
+def test_damaged_or_unsafe_hf_checkpoints_are_named(tmp_path, monkeypatch):
+    """Issue 17 item 8: a truncated safetensors file, a bad config.json, a damaged shard index and a
+    pickle .bin that would import code are ConfigErrors naming the file (and key) and the fix, raised by
+    the check that runs before any weight is read; the payload never runs."""
+    from longshard.models.hf import check_hf_checkpoint
+
+    hf = _tiny_hf("llama")
+    good = tmp_path / "good"
+    hf.save_pretrained(good, safe_serialization=True)
+    check_hf_checkpoint(good)
+
+    def variant(name: str):
+        import shutil
+
+        shutil.copytree(good, tmp_path / name)
+        return tmp_path / name
+
+    cut = variant("cut")
+    data = (cut / "model.safetensors").read_bytes()
+    (cut / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ConfigError, match=r"model\.safetensors is truncated: \d+ bytes, its header describes \d+"):
+        check_hf_checkpoint(cut)
+    with pytest.raises(ConfigError, match="truncated"):  # the loader runs the same check
+        load_hf_model(cut)
+    (cut / "model.safetensors").write_bytes(data[:5])
+    with pytest.raises(ConfigError, match="not a readable safetensors file"):
+        check_hf_checkpoint(cut)
+
+    bad_json = variant("bad_json")
+    (bad_json / "config.json").write_text('{"model_type": "llama", "hidden_size": 64,')
+    with pytest.raises(ConfigError, match=r"config\.json is not valid JSON \(line 1, column \d+"):
+        check_hf_checkpoint(bad_json)
+    for key, value, message in (("num_attention_heads", None, "has no 'num_attention_heads'"),
+                                ("hidden_size", "64", "hidden_size='64' is not an integer"),
+                                ("rms_norm_eps", [1e-6], "rms_norm_eps=.* is not a number")):
+        cfg = json.loads((good / "config.json").read_text())
+        cfg[key] = value
+        (bad_json / "config.json").write_text(json.dumps(cfg))
+        with pytest.raises(ConfigError, match=message):
+            load_hf_model(bad_json)
+
+    sharded = tmp_path / "sharded"
+    export_hf(load_hf_model(good), sharded, max_shard_bytes=20_000)
+    (sharded / "model.safetensors.index.json").write_text('{"metadata": {}}')
+    with pytest.raises(ConfigError, match="has no 'weight_map'"):
+        check_hf_checkpoint(sharded)
+
+    class Payload:
+        def __reduce__(self):
+            import os
+
+            return (os.system, ("touch PWNED_BY_CHECKPOINT",))
+
+    pickled = variant("pickled")
+    (pickled / "model.safetensors").unlink()
+    sd = dict(hf.state_dict())
+    torch.save(sd, pickled / "pytorch_model.bin")
+    load_hf_model(pickled)  # a plain tensor pickle loads (weights_only=True)
+    monkeypatch.chdir(tmp_path)
+    torch.save({"model.embed_tokens.weight": Payload()}, pickled / "pytorch_model.bin")  # zip format: scanned
+    with pytest.raises(ConfigError, match=r"pytorch_model\.bin.*(posix|os)\.system.*safe_serialization=True"):
+        check_hf_checkpoint(pickled)
+    # legacy (pre-zip) torch format: not scannable, refused by the weights_only load itself
+    torch.save({"model.embed_tokens.weight": Payload()}, pickled / "pytorch_model.bin",
+               _use_new_zipfile_serialization=False)
+    with pytest.raises(ConfigError, match=r"pytorch_model\.bin.*(posix|os)\.system.*safe_serialization=True"):
+        load_hf_model(pickled)
+    assert not (tmp_path / "PWNED_BY_CHECKPOINT").exists()

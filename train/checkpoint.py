@@ -14,6 +14,7 @@ file lists every file with its size, so a truncated or missing file is named bef
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import logging
@@ -23,19 +24,22 @@ import re
 import shutil
 import time
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from longshard.parallel.env import all_agree
+from longshard.parallel.deepspeed_engine import DeepSpeedLoadRefused, check_deepspeed_files_safe, weights_only_loading
+from longshard.parallel.env import all_agree, all_sum
 from longshard.train.fingerprint import check_resume
 from torch import nn
 from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.tensor import DTensor
 
 log = logging.getLogger(__name__)
 _STEP_RE = re.compile(r"^step_(\d{8})$")
@@ -155,6 +159,35 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+def _tensors(obj: Any) -> Iterator[torch.Tensor]:
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from _tensors(v)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            yield from _tensors(v)
+
+
+def _out_of_space(error: BaseException) -> bool:
+    """Whether ``error`` (or what it wraps: causes, DCP's per-rank failures) is a full disk. torch.save
+    reports it as "unexpected pos N vs M" from its zip writer, DCP as the OSError inside its failures."""
+    seen, todo = set(), [error]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        text = str(e)
+        if "No space left on device" in text or "Disk quota exceeded" in text or "unexpected pos" in text:
+            return True
+        todo += [e.__cause__, e.__context__, *getattr(e, "failures", {}).values()]
+    return False
+
+
 class Checkpointer:
     """Save/load training state.
 
@@ -181,13 +214,32 @@ class Checkpointer:
                 shutil.rmtree(tmp)
             tmp.mkdir(parents=True)
         dist.barrier()
-        if _is_deepspeed(model):  # ZeRO-partitioned states: DeepSpeed's own (collective) format
-            model.save_checkpoint(str(tmp), tag=DS_TAG, save_latest=False)
-        else:
-            model_sd, optim_sd = get_state_dict(model, optimizer)
-            dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
-        extra = {"scheduler": scheduler.state_dict(), "rng": rng_state()}
-        torch.save(extra, tmp / f"rank_{self.rank}.pt")
+        deepspeed = _is_deepspeed(model)
+        state = None if deepspeed else dict(zip(("model", "optim"), get_state_dict(model, optimizer)))
+        need = self._bytes_needed(model, state)
+        free = shutil.disk_usage(tmp).free
+        if not all_agree(free >= need):  # refused before a byte is written: the last checkpoint stays usable
+            self._discard(tmp)
+            raise CheckpointError(self._no_space(tmp, need, free))
+        problem: BaseException | None = None
+        try:
+            if deepspeed:  # ZeRO-partitioned states: DeepSpeed's own (collective) format
+                model.save_checkpoint(str(tmp), tag=DS_TAG, save_latest=False)
+            else:
+                dcp.save(state, checkpoint_id=str(tmp))
+            extra = {"scheduler": scheduler.state_dict(), "rng": rng_state()}
+            torch.save(extra, tmp / f"rank_{self.rank}.pt")
+        except (Exception, CheckpointException) as e:  # DCP's own error derives from BaseException
+            problem = e
+        if not all_agree(problem is None):
+            self._discard(tmp)
+            if problem is None:
+                raise CheckpointError(f"writing checkpoint {tmp} failed on another rank (see its log); the folder "
+                                      "was removed and the previous checkpoint is intact.")
+            if _out_of_space(problem):
+                raise CheckpointError(self._no_space(tmp, need, free)) from None
+            raise CheckpointError(f"writing checkpoint {tmp} failed on rank {self.rank}: {str(problem)[:1000]}; "
+                                  "the folder was removed and the previous checkpoint is intact.") from problem
         dist.barrier()
         if self.rank == 0:
             (tmp / CONFIG_FILE).write_text(self.config_yaml)
@@ -209,6 +261,36 @@ class Checkpointer:
         dist.barrier()
         log.info("saved checkpoint %s", final)
         return final
+
+    def _bytes_needed(self, model: nn.Module, state: dict | None) -> int:
+        """Bytes checkpoint ``step`` will take (collective): the newest complete checkpoint's size when
+        there is one, else the tensors each rank writes (DTensor shards by every rank, replicated tensors
+        once) plus, for DeepSpeed, weights, fp32 master copy and two Adam moments."""
+        latest = self.latest()
+        if latest is not None:
+            return sum(f.stat().st_size for f in latest.rglob("*") if f.is_file())
+        local = 0
+        if state is None:  # deepspeed: the partitioned states are not enumerable before they are written
+            if self.rank == 0:
+                local = 4 * sum(p.numel() * 4 for p in model.parameters())
+        else:
+            for t in _tensors(state):
+                if isinstance(t, DTensor):
+                    local += t.to_local().numel() * t.element_size()
+                elif self.rank == 0:
+                    local += t.numel() * t.element_size()
+        return int(all_sum(local))
+
+    def _discard(self, tmp: Path) -> None:
+        if self.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def _no_space(self, tmp: Path, need: int, free: int) -> str:
+        latest = self.latest()
+        return (f"no space left on device writing {tmp}: about {need / 1e6:.1f} MB needed, {free / 1e6:.1f} MB "
+                f"free before writing. Nothing was kept of it; the previous checkpoint ({latest or 'none'}) is "
+                "intact. Fix: free space, lower checkpoint.keep_last, or set checkpoint.dir on a larger disk, "
+                "then resume with checkpoint.resume=auto.")
 
     def _same_model(self, paths: list[Path]) -> list[Path]:
         """The checkpoints of this run's model (pruning never deletes another model's checkpoints)."""
@@ -272,6 +354,10 @@ class Checkpointer:
         if deepspeed:
             if not (path / DS_TAG).is_dir():
                 raise CheckpointError(f"{path / DS_TAG} is missing: {path} was not written by the deepspeed engine.")
+            try:
+                check_deepspeed_files_safe(path / DS_TAG)
+            except DeepSpeedLoadRefused as e:
+                raise CheckpointError(str(e)) from None
         else:
             if not (path / ".metadata").is_file():
                 raise CheckpointError(f"{path / '.metadata'} is missing: the DCP checkpoint is incomplete.")
@@ -303,9 +389,10 @@ class Checkpointer:
         if not all_agree(problem is None):
             raise problem or CheckpointError(f"{path}: another rank found its part damaged (see that rank's log).")
         if deepspeed:
-            try:  # files checked against the manifest written with them
-                model.load_checkpoint(str(path), tag=DS_TAG, load_optimizer_states=True,
-                                      load_lr_scheduler_states=False)
+            try:  # files checked against the manifest written with them; read with weights_only=True
+                with weights_only_loading(str(path)):
+                    model.load_checkpoint(str(path), tag=DS_TAG, load_optimizer_states=True,
+                                          load_lr_scheduler_states=False)
             except Exception as e:
                 raise CheckpointError(f"failed to read DeepSpeed checkpoint {path / DS_TAG}: {e}") from e
         else:

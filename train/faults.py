@@ -10,7 +10,8 @@
 * :func:`die_with_parent` asks Linux to send this process SIGTERM when its parent dies (torchrun
   killed, the ``longshard train`` wrapper killed), so no worker trains on unseen in the background.
 * :func:`maybe_inject_fault` is a drill hook: ``LONGSHARD_INJECT_FAULT="kill:rank=1:step=4"`` makes
-  rank 1 SIGKILL itself when step 4 starts (``hang:`` sleeps forever instead), on the first launch
+  rank 1 SIGKILL itself when step 4 starts (``hang:`` sleeps forever instead, ``term:`` sends itself
+  SIGTERM; step 0 is start-up), on the first launch
   only (torchrun's ``TORCHELASTIC_RESTART_COUNT`` = 0), so restarts and resumption can be tested
   end to end. Unset in normal runs.
 """
@@ -118,11 +119,13 @@ def die_with_parent(sig: int = signal.SIGTERM) -> bool:
 
 
 def parse_fault(spec: str) -> tuple[str, int, int]:
-    """``kind:rank=R:step=S`` -> (kind, R, S); kind is ``kill`` or ``hang``."""
+    """``kind:rank=R:step=S`` -> (kind, R, S); kind is ``kill``, ``hang`` or ``term`` (SIGTERM to itself).
+    Step 0 is start-up (after the model is built, before a checkpoint is loaded)."""
     parts = spec.split(":")
     fields = dict(p.split("=", 1) for p in parts[1:] if "=" in p)
-    if parts[0] not in ("kill", "hang") or set(fields) != {"rank", "step"}:
-        raise ValueError(f"{FAULT_ENV}={spec!r}: expected 'kill:rank=R:step=S' or 'hang:rank=R:step=S'")
+    if parts[0] not in ("kill", "hang", "term") or set(fields) != {"rank", "step"}:
+        raise ValueError(f"{FAULT_ENV}={spec!r}: expected 'kill:rank=R:step=S', 'hang:rank=R:step=S' or "
+                         "'term:rank=R:step=S'")
     return parts[0], int(fields["rank"]), int(fields["step"])
 
 
@@ -137,5 +140,8 @@ def maybe_inject_fault(step: int, rank: int) -> None:
     log.warning("fault drill: %s on rank %d at step %d", kind, rank, step)
     if kind == "kill":
         os.kill(os.getpid(), signal.SIGKILL)
+    if kind == "term":
+        os.kill(os.getpid(), signal.SIGTERM)
+        return
     while True:  # hang: peers must time out rather than wait forever
         time.sleep(3600)

@@ -10,7 +10,7 @@ import os
 from longshard.errors import ConfigError
 from longshard.parallel import destroy_distributed, exit_worker
 from longshard.train.config import load_config
-from longshard.train.faults import die_with_parent
+from longshard.train.faults import PreemptionWatch, die_with_parent
 from longshard.train.trainer import CheckpointError, CollectiveError, NonFiniteLossError, train
 
 
@@ -21,6 +21,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     rank = int(os.environ.get("RANK", 0))
+    watch = PreemptionWatch()  # from here on a SIGTERM stops the run cleanly (before any step if it comes now)
     if "TORCHELASTIC_RUN_ID" in os.environ:  # a torchrun worker: never outlive the launcher
         die_with_parent()
     logging.basicConfig(
@@ -33,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger("longshard").error("invalid configuration: %s", e)
         return 2
     try:
-        report = train(cfg)
+        report = train(cfg, watch)
     except ConfigError as e:
         logging.getLogger("longshard").error("invalid configuration: %s", e)
         return 2
@@ -44,6 +45,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger("longshard").error("CollectiveError: %s", e)
         return 4
     finally:
+        watch.restore()
         destroy_distributed()
     if rank == 0:
         summary = {k: v for k, v in report.items() if k != "losses"}

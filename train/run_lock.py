@@ -32,6 +32,21 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def check_writable(folder: str | Path, field: str) -> None:
+    """Create ``folder`` if needed and prove a file can be written there (created, then removed), or
+    raise a ConfigError naming ``field`` (read-only filesystem, missing permission, a file in the way)."""
+    folder = Path(folder)
+    probe = folder / f".write-test-{os.getpid()}"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(field, f"cannot write to {folder}: {e.strerror or e} (errno {e.errno}).",
+                          f"point {field} at a writable folder (not a read-only mount or another user's "
+                          "folder).") from None
+
+
 class RunLock:
     """``output_dir/.lock`` held by this process (rank 0) for the length of a run.
 
@@ -68,7 +83,7 @@ class RunLock:
 
     def acquire(self) -> None:
         """Take the lock or raise ConfigError naming the run that holds it."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        check_writable(self.path.parent, "output_dir")
         me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}
         for _ in range(2):  # a second try after removing a stale lock
             try:

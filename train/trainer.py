@@ -15,6 +15,7 @@ import torch.distributed as dist
 from longshard.errors import ConfigError, require
 from longshard.models.config import ModelConfig, RopeConfig
 from longshard.models.hf import (
+    check_hf_checkpoint,
     config_from_hf,
     dense_reference,
     init_converted,
@@ -62,7 +63,7 @@ from longshard.train.faults import (
 )
 from longshard.train.fingerprint import fingerprint
 from longshard.train.metrics import MetricsLogger, flops_per_token, peak_memory_bytes, peak_tflops
-from longshard.train.run_lock import RunLock
+from longshard.train.run_lock import RunLock, check_writable
 from longshard.train.schedule import build_scheduler
 
 log = logging.getLogger(__name__)
@@ -102,6 +103,7 @@ def resolve_model_config(cfg: Config) -> ModelConfig:
         return cfg.model
     hf = read_hf_config(cfg.init.hf_path)
     mcfg = config_from_hf(hf, cfg.model.attention)
+    check_hf_checkpoint(cfg.init.hf_path)  # damaged or unsafe weight files named before any work
     if cfg.init.rope_scaling != "keep":
         if mcfg.rope.scaling != "none":
             raise ConfigError("init.rope_scaling", f"the checkpoint already uses {mcfg.rope.scaling} RoPE scaling.",
@@ -238,10 +240,15 @@ def convert_from_hf(model: Transformer, cfg: Config, val_ds, device: torch.devic
     return gap
 
 
-def train(cfg: Config) -> dict[str, Any]:
+def train(cfg: Config, watch: PreemptionWatch | None = None) -> dict[str, Any]:
     """Run training as described by ``cfg`` on this rank; returns the final report (all ranks).
 
     Call once per process (torchrun starts one per device). Works without a launcher too.
+
+    Args:
+        cfg: the validated configuration.
+        watch: the pre-emption watch, installed by the entry point as early as it can (a SIGTERM during
+            start-up then stops the run cleanly before its first step); created here when None.
     """
     t0 = time.time()
     use_ds = cfg.train.engine == "deepspeed"
@@ -257,18 +264,21 @@ def train(cfg: Config) -> dict[str, Any]:
     if env.is_main:  # one holder per run; every rank learns the verdict before anything is written
         try:
             lock.acquire()
+            check_writable(cfg.checkpoint.dir, "checkpoint.dir")
         except ConfigError as e:
             problem = e
     if not all_agree(problem is None, env.device):
+        lock.release()
         raise problem or ConfigError("output_dir", f"rank 0 could not lock {out_dir} (see its log).")
     try:
-        return _train_locked(cfg, env, t0, use_ds, dp_size, grad_accum, sp_size, mcfg, out_dir, lock)
+        return _train_locked(cfg, env, t0, use_ds, dp_size, grad_accum, sp_size, mcfg, out_dir, lock,
+                             watch or PreemptionWatch())
     finally:
         lock.release()
 
 
 def _train_locked(cfg: Config, env, t0: float, use_ds: bool, dp_size: int, grad_accum: int, sp_size: int,
-                  mcfg, out_dir: Path, lock: RunLock) -> dict[str, Any]:
+                  mcfg, out_dir: Path, lock: RunLock, watch: PreemptionWatch) -> dict[str, Any]:
     """The body of :func:`train` once this run holds its output directory's lock."""
     resolved_yaml = dump_config(replace(cfg, model=mcfg, init=replace(cfg.init, hf_path=None)))
     if env.is_main:
@@ -282,6 +292,7 @@ def _train_locked(cfg: Config, env, t0: float, use_ds: bool, dp_size: int, grad_
     passkey_lengths = list(cfg.eval.passkey_lengths) or [cfg.train.seq_len, 2 * cfg.train.seq_len]
     check_passkey_lengths(tokenizer, passkey_lengths if cfg.eval.passkey_samples else [])
     model = Transformer(mcfg)
+    maybe_inject_fault(0, env.rank)  # drill hook for "signalled during start-up"
     kept_fraction = attention_kept_fraction(model, cfg.train.seq_len)  # before any parallel wrapper
     fpt = flops_per_token(mcfg, cfg.train.seq_len, model)  # the attention FLOPs each variant performs
     if cfg.init.hf_path is not None:
@@ -468,10 +479,15 @@ def _train_locked(cfg: Config, env, t0: float, use_ds: bool, dp_size: int, grad_
                 raise collective_failure(e, env.rank, step, phase, cfg.parallel.collective_timeout_s) from e
             raise
 
-    watch = PreemptionWatch()
     preempted_at = None
+    first = start_step + 1
+    if guarded(lambda: watch.agreed(env.device), first, "pre-emption check"):  # signalled during start-up
+        preempted_at, first = start_step, cfg.train.steps + 1
+        log.warning("pre-empted (%s) during start-up, before step %d: stopped without training; nothing new to "
+                    "save (resume with checkpoint.resume=auto)", watch.signal_name or "signal on another rank",
+                    start_step + 1)
     dmodel.train()
-    for step in range(start_step + 1, cfg.train.steps + 1):
+    for step in range(first, cfg.train.steps + 1):
         maybe_inject_fault(step, env.rank)
         lock.heartbeat()
         rec, saved = guarded(lambda s=step: train_step(s), step, "training step")

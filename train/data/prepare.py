@@ -10,6 +10,7 @@ Layout of a prepared folder::
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -102,9 +103,23 @@ def prepare(
     """
     out = check_output(output, inputs)
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-    tmp.mkdir(parents=True, exist_ok=True)
+    try:
+        tmp.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError("--output", f"cannot create {tmp}: {e.strerror or e} (errno {e.errno}).",
+                          "choose a writable --output folder.") from None
     try:
         meta = _write(tmp, documents, tokenizer, val_fraction, sources)
+    except OSError as e:
+        written = sum(f.stat().st_size for f in tmp.rglob("*") if f.is_file())
+        shutil.rmtree(tmp, ignore_errors=True)
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise ConfigError("--output", f"no space left on device writing {tmp}: {written / 1e6:.1f} MB written "
+                              f"when the disk filled, {shutil.disk_usage(tmp.parent).free / 1e6:.1f} MB free now "
+                              "(the temporary folder was removed; nothing else changed).",
+                              "free space or choose an --output on a larger disk (the token files take 2 bytes "
+                              "per token for vocabularies up to 65,535, else 4).") from None
+        raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
