@@ -689,3 +689,38 @@ def test_read_only_output_dir_is_named_before_work(tmp_path, data_dir, env_cpu, 
     proc = _run(1, tmp_path / "ok", data_dir, ["train.steps=2", f"checkpoint.dir={ro}/ckpt"], env_cpu, check=False)
     assert proc.returncode == 2 and "invalid configuration: checkpoint.dir: cannot write to" in proc.stderr
     assert not (tmp_path / "ok" / ".lock").exists()  # the lock taken before the check is released
+
+
+def test_damaged_tokens_read_by_one_rank_stop_every_rank(tmp_path, data_dir, env_cpu):
+    """A token id beyond the vocabulary inside a window only rank 1 reads at step 1: rank 1 names the
+    file and the token position, rank 0 stops with it at the same step (the flag rides on the step's
+    token-count all-reduce) instead of waiting for the collective timeout."""
+    import shutil
+
+    import numpy as np
+    from longshard.train.config import load_config
+    from longshard.train.data import DistributedLoader, TokenWindows, read_meta
+
+    data = tmp_path / "data"
+    shutil.copytree(data_dir, data)
+    cfg = load_config("quickstart", TINY)
+    windows = TokenWindows(data, "train", cfg.train.seq_len)
+    order = DistributedLoader(list(range(len(windows))), micro_batch_size=2, grad_accum=2, dp_rank=1, dp_size=2,
+                              seed=cfg.train.seed)._perm
+    rank1 = {int(i) for i in order[2:4]} | {int(i) for i in order[6:8]}  # rank 1's two micro-batches, step 1
+    rank0 = {int(i) for i in order[0:2]} | {int(i) for i in order[4:6]}
+    target = min(rank1)
+    at = target * cfg.train.seq_len + 5  # inside that window only (windows overlap by one token)
+    assert all(at not in range(i * cfg.train.seq_len, (i + 1) * cfg.train.seq_len + 1) for i in rank0)
+    meta = read_meta(data)
+    tokens = np.memmap(data / "train.bin", dtype=meta["dtype"], mode="r+")
+    tokens[at] = meta["vocab_size"] + 3
+    tokens.flush()
+    del tokens
+    t0 = time.time()
+    proc = _run(2, tmp_path / "r", data, ["train.steps=2", "parallel.collective_timeout_s=600"], env_cpu,
+                check=False)
+    assert proc.returncode != 0 and time.time() - t0 < 120
+    assert "[rank1]" in proc.stderr and f"holds token id {meta['vocab_size'] + 3} (at token {at})" in proc.stderr
+    assert "another rank could not read its batch of step 1" in proc.stderr, proc.stderr[-3000:]
+    assert "CollectiveError" not in proc.stderr

@@ -408,12 +408,20 @@ def _train_locked(cfg: Config, env, t0: float, use_ds: bool, dp_size: int, grad_
         """One optimizer step; returns its metrics (None when the update was skipped) and its checkpoint."""
         nonlocal skipped_in_row
         step_t0 = time.time()
-        micro = loader.next_step()
+        try:
+            micro, bad_data = loader.next_step(), None
+        except ConfigError as e:  # damaged tokens in this rank's windows: every rank stops (below), none hangs
+            micro, bad_data = [], e
         if sp is not None:  # every rank of a sequence group got the same samples: keep its shard
             micro = [sp.shard(b["tokens"], b["labels"], b["doc_ids"] if cfg.data.doc_mask else None) for b in micro]
         n_local = sum(int((b["labels"] != -100).sum()) for b in micro)
-        counts = torch.tensor([float(n_local)], device=env.device)
-        dist.all_reduce(counts)
+        counts = torch.tensor([float(n_local), float(bad_data is not None)], device=env.device)
+        dist.all_reduce(counts)  # the token count, and whether any rank's batch could not be read
+        if counts[1] > 0:
+            metrics.close()
+            raise bad_data or ConfigError("data.path", f"another rank could not read its batch of step {step} "
+                                          "(damaged data; see that rank's log).",
+                                          "re-run longshard data prepare for that corpus.")
         n_global = max(float(counts[0]), 1.0)
         loss_sum = torch.zeros((), device=env.device)
         aux_sum = 0.0
