@@ -23,7 +23,11 @@ class RopeConfig:
         original_max_seq_len: context length the model was trained at before scaling
             (needed by ``yarn`` and ``llama3``).
         beta_fast, beta_slow: YaRN ramp bounds (rotations).
-        attention_factor: YaRN cos/sin scale; default 0.1 ln(factor) + 1.
+        attention_factor: YaRN cos/sin scale; default 0.1 ln(factor) + 1, or with ``mscale`` and
+            ``mscale_all_dim`` both set (DeepSeek style) (0.1 mscale ln f + 1) / (0.1 mscale_all_dim ln f + 1).
+        mscale, mscale_all_dim: see ``attention_factor``.
+        truncate: YaRN rounds the correction range to whole dimensions (transformers' default);
+            ``False`` keeps the fractional bounds (gpt-oss style).
         low_freq_factor, high_freq_factor: Llama 3.1 band edges.
     """
 
@@ -34,6 +38,9 @@ class RopeConfig:
     beta_fast: float = 32.0
     beta_slow: float = 1.0
     attention_factor: float | None = None
+    mscale: float | None = None
+    mscale_all_dim: float | None = None
+    truncate: bool = True
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
 
@@ -77,6 +84,7 @@ class ModelConfig:
         ffn_multiple_of: rounding for the default ffn width.
         norm_eps: RMSNorm epsilon.
         qkv_bias: bias on q/k/v projections (Qwen2).
+        o_bias: bias on the attention output projection (Llama / Qwen3 ``attention_bias: true``).
         qk_norm: RMSNorm on each head of q and k before RoPE (Qwen3).
         tie_embeddings: share the input embedding with the output projection.
         max_seq_len: longest sequence the model is meant for (RoPE scaling included).
@@ -96,6 +104,7 @@ class ModelConfig:
     ffn_multiple_of: int = 64
     norm_eps: float = 1e-5
     qkv_bias: bool = False
+    o_bias: bool = False
     qk_norm: bool = False
     tie_embeddings: bool = False
     max_seq_len: int = 2048
@@ -166,6 +175,8 @@ class ModelConfig:
         attn = self.dim * hd * (h + 2 * kv) + h * hd * self.dim
         if self.qkv_bias:
             attn += hd * (h + 2 * kv)
+        if self.o_bias:
+            attn += self.dim
         if self.qk_norm:
             attn += 2 * hd
         mlp = 3 * self.dim * self.ffn_hidden_dim

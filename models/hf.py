@@ -40,6 +40,7 @@ _LAYER_MAP = {
     "attention.wv.weight": "self_attn.v_proj.weight",
     "attention.wv.bias": "self_attn.v_proj.bias",
     "attention.wo.weight": "self_attn.o_proj.weight",
+    "attention.wo.bias": "self_attn.o_proj.bias",
     "attention.q_norm.weight": "self_attn.q_norm.weight",
     "attention.k_norm.weight": "self_attn.k_norm.weight",
     "ffn_norm.weight": "post_attention_layernorm.weight",
@@ -80,35 +81,108 @@ def from_hf_name(name: str) -> str | None:
     return f"layers.{m.group(1)}.{_HF_TO_OURS_LAYER[m.group(2)]}"
 
 
+# rope_parameters / rope_scaling keys per rope_type that longshard maps (every other key is refused)
+_ROPE_KEYS = {
+    "default": set(),
+    "linear": {"factor"},
+    "yarn": {"factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "attention_factor", "mscale",
+             "mscale_all_dim", "truncate"},
+    "llama3": {"factor", "original_max_position_embeddings", "low_freq_factor", "high_freq_factor"},
+}
+_ROPE_REFUSED = {
+    "dynamic": "dynamic NTK changes the frequencies with each batch's length at inference; longshard trains "
+               "with fixed frequencies (identical to rope_type default up to max_position_embeddings)",
+    "longrope": "LongRoPE's per-dimension short/long factor lists are not implemented",
+}
+
+
 def _rope_from_hf(hf: dict[str, Any]) -> RopeConfig:
+    """RoPE settings from an HF config, following transformers' ``ROPE_INIT_FUNCTIONS``; a type or key
+    longshard does not implement is a ConfigError naming ``rope_scaling.<key>`` (never ignored)."""
     params = dict(hf.get("rope_parameters") or {})
     scaling = hf.get("rope_scaling") or {}
     params = {**scaling, **params}
     theta = float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
     kind = params.get("rope_type", params.get("type", "default")) or "default"
-    kinds = {"default": "none", "linear": "linear", "yarn": "yarn", "llama3": "llama3"}
-    if kind not in kinds:
-        raise ConfigError(
-            "init.hf_path",
-            f"RoPE type {kind!r} in config.json is not supported.",
-            f"supported: {', '.join(kinds)}.",
-        )
-    kw: dict[str, Any] = {"theta": theta, "scaling": kinds[kind]}
-    if kind != "default":
-        kw["factor"] = float(params["factor"])
-        kw["original_max_seq_len"] = int(
-            params.get("original_max_position_embeddings") or hf.get("max_position_embeddings", 0)
-        )
-    for ours, theirs in (
-        ("beta_fast", "beta_fast"),
-        ("beta_slow", "beta_slow"),
-        ("attention_factor", "attention_factor"),
-        ("low_freq_factor", "low_freq_factor"),
-        ("high_freq_factor", "high_freq_factor"),
-    ):
-        if params.get(theirs) is not None:
-            kw[ours] = float(params[theirs])
+    if kind in _ROPE_REFUSED:
+        raise ConfigError("init.hf_path", f"rope_scaling.rope_type={kind!r}: {_ROPE_REFUSED[kind]}.",
+                          "use a checkpoint with rope_type default, linear, yarn or llama3, or extend the "
+                          "context with init.rope_scaling=yarn.")
+    if kind not in _ROPE_KEYS:
+        raise ConfigError("init.hf_path", f"rope_scaling.rope_type={kind!r} in config.json is not supported.",
+                          f"supported: {', '.join(_ROPE_KEYS)}.")
+    partial = params.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
+    if partial not in (None, 1, 1.0):
+        raise ConfigError("init.hf_path", f"rope_scaling.partial_rotary_factor={partial}: rotating only part of "
+                          "each head is not supported.", "use a checkpoint that rotates the whole head.")
+    unknown = sorted(set(params) - _ROPE_KEYS[kind] - {"rope_type", "type", "rope_theta", "partial_rotary_factor"})
+    if unknown:
+        raise ConfigError("init.hf_path", f"rope_scaling.{unknown[0]} is not used by rope_type {kind!r} in "
+                          f"longshard (keys it maps: {', '.join(sorted(_ROPE_KEYS[kind])) or 'none'}).",
+                          "remove the key if transformers ignores it too, or use a supported rope_type.")
+    kw: dict[str, Any] = {"theta": theta, "scaling": {"default": "none"}.get(kind, kind)}
+    if kind == "default":
+        return RopeConfig(**kw)
+    orig = _hf_num(params, "original_max_position_embeddings", int,
+                   _hf_num(hf, "max_position_embeddings", int, 0))
+    factor = params.get("factor")
+    if factor is None and kind == "yarn" and orig:  # transformers: max_position_embeddings / original
+        factor = _hf_num(hf, "max_position_embeddings", int) / orig
+    kw["factor"] = _hf_num({"factor": factor}, "factor", float)
+    kw["original_max_seq_len"] = orig
+    for key in ("beta_fast", "beta_slow", "attention_factor", "mscale", "mscale_all_dim", "low_freq_factor",
+                "high_freq_factor"):
+        if params.get(key) is not None and key in _ROPE_KEYS[kind]:
+            kw[key] = _hf_num(params, key, float)
+    if kind == "yarn":  # transformers: `beta_fast or 32`, `beta_slow or 1` (0 means the default)
+        kw["beta_fast"] = kw.get("beta_fast") or 32.0
+        kw["beta_slow"] = kw.get("beta_slow") or 1.0
+        kw["truncate"] = bool(params.get("truncate", True))
     return RopeConfig(**kw)
+
+
+# Every key of transformers' Llama / Qwen2 / Qwen3 configs, by what longshard does with it.
+HF_MAPPED_KEYS = frozenset({
+    "model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+    "num_key_value_heads", "head_dim", "rms_norm_eps", "max_position_embeddings", "tie_word_embeddings",
+    "attention_bias", "rope_parameters", "rope_scaling", "rope_theta", "partial_rotary_factor",
+})
+# keys that change the forward only at a value longshard refuses: key -> (accepted values, why refused)
+HF_REFUSED_UNLESS = {
+    "hidden_act": (("silu",), "only SwiGLU with silu is implemented"),
+    "mlp_bias": ((False, None), "MLP biases are not implemented"),
+    "use_sliding_window": ((False, None), "Qwen sliding-window layers are not implemented"),
+    "layer_types": (None, "only full-attention layers are implemented"),
+    "attention_dropout": ((0, 0.0, None), "attention dropout is not implemented"),
+    "is_encoder_decoder": ((False, None), "only decoder-only models load"),
+}
+# keys with no effect on the forward: generation, bookkeeping, initialisation, output flags, storage dtype,
+# and sliding-window sizes used only with use_sliding_window (refused above)
+HF_NO_EFFECT_KEYS = frozenset({
+    "_name_or_path", "architectures", "bos_token_id", "eos_token_id", "pad_token_id", "id2label", "label2id",
+    "transformers_version", "dtype", "torch_dtype", "use_cache", "output_attentions", "output_hidden_states",
+    "return_dict", "problem_type", "initializer_range", "chunk_size_feed_forward", "sliding_window",
+    "max_window_layers", "pretraining_tp",
+})
+
+
+def _check_hf_keys(hf: dict[str, Any]) -> None:
+    """Refuse keys set to what longshard does not implement; warn once about keys it does not know."""
+    for key, (accepted, why) in HF_REFUSED_UNLESS.items():
+        if key not in hf:
+            continue
+        value = hf[key]
+        if key == "layer_types":
+            bad = sorted({t for t in (value or []) if t != "full_attention"})
+            if bad:
+                raise ConfigError("init.hf_path", f"config.json: layer_types has {', '.join(bad)}: {why}.")
+        elif value not in accepted:
+            raise ConfigError("init.hf_path", f"config.json: {key}={value!r}: {why}.",
+                              f"longshard loads {key} in {[a for a in accepted if a is not None]}.")
+    unknown = sorted(set(hf) - HF_MAPPED_KEYS - set(HF_REFUSED_UNLESS) - HF_NO_EFFECT_KEYS)
+    if unknown:
+        log.warning("config.json keys not known to longshard (ignored; check they do not change the model): %s",
+                    ", ".join(unknown))
 
 
 _REQUIRED = object()
@@ -146,14 +220,8 @@ def config_from_hf(hf: dict[str, Any], attention: list[AttentionSpec] | None = N
             f"unsupported architecture model_type={arch!r}.",
             f"longshard loads: {', '.join(SUPPORTED_ARCHS)}.",
         )
-    if hf.get("hidden_act", "silu") != "silu":
-        raise ConfigError("init.hf_path", f"hidden_act={hf['hidden_act']!r}; only silu (SwiGLU) is supported.")
-    if hf.get("mlp_bias"):
-        raise ConfigError("init.hf_path", "mlp_bias=true is not supported.")
-    if arch == "llama" and hf.get("attention_bias"):
-        raise ConfigError("init.hf_path", "Llama with attention_bias=true (o_proj bias) is not supported.")
-    if hf.get("use_sliding_window"):
-        raise ConfigError("init.hf_path", "use_sliding_window=true (Qwen SWA) is not supported.")
+    _check_hf_keys(hf)
+    bias = bool(hf.get("attention_bias", False))
     n_heads = _hf_num(hf, "num_attention_heads", int)
     dim = _hf_num(hf, "hidden_size", int)
     return ModelConfig(
@@ -165,7 +233,8 @@ def config_from_hf(hf: dict[str, Any], attention: list[AttentionSpec] | None = N
         head_dim=_hf_num(hf, "head_dim", int, dim // max(n_heads, 1)),
         ffn_hidden_dim=_hf_num(hf, "intermediate_size", int),
         norm_eps=_hf_num(hf, "rms_norm_eps", float, 1e-6),
-        qkv_bias=arch == "qwen2" or (arch == "qwen3" and bool(hf.get("attention_bias"))),
+        qkv_bias=arch == "qwen2" or bias,  # Qwen2: q/k/v bias always; Llama/Qwen3 attention_bias: q/k/v and o
+        o_bias=arch != "qwen2" and bias,
         qk_norm=arch == "qwen3",
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
         max_seq_len=_hf_num(hf, "max_position_embeddings", int, 2048),
@@ -342,15 +411,21 @@ def load_into(model: Transformer, sd: dict[str, torch.Tensor], source: str) -> N
 def hf_config_dict(
     cfg: ModelConfig, arch: str | None = None, dtype: torch.dtype = torch.float32, drop_gates: bool = False
 ) -> dict[str, Any]:
-    """HF ``config.json`` content for ``cfg`` (``arch`` inferred: qk_norm→qwen3, qkv_bias→qwen2, else llama)."""
+    """HF ``config.json`` content for ``cfg`` (``arch`` inferred: qk_norm→qwen3, q/k/v bias without an
+    output bias→qwen2, else llama; Llama's and Qwen3's ``attention_bias`` puts a bias on q, k, v and o)."""
     if arch is None:
-        arch = "qwen3" if cfg.qk_norm else ("qwen2" if cfg.qkv_bias else "llama")
+        arch = "qwen3" if cfg.qk_norm else ("qwen2" if cfg.qkv_bias and not cfg.o_bias else "llama")
     if arch not in SUPPORTED_ARCHS:
         raise ConfigError("arch", f"unsupported architecture {arch!r}.", f"use one of {SUPPORTED_ARCHS}.")
-    if arch == "llama" and (cfg.qkv_bias or cfg.qk_norm):
-        raise ConfigError("arch", "Llama has no q/k/v bias and no QK-norm.", "export as qwen2 or qwen3.")
-    if arch == "qwen2" and (cfg.qk_norm or not cfg.qkv_bias):
-        raise ConfigError("arch", "Qwen2 needs q/k/v bias and no QK-norm.", "export as llama or qwen3.")
+    if arch == "llama" and cfg.qk_norm:
+        raise ConfigError("arch", "Llama has no QK-norm.", "export as qwen3.")
+    if arch in ("llama", "qwen3") and cfg.qkv_bias != cfg.o_bias:
+        raise ConfigError("arch", f"{arch}'s attention_bias puts a bias on q, k, v and o together; this model has "
+                          f"qkv_bias={cfg.qkv_bias}, o_bias={cfg.o_bias}.",
+                          "export as qwen2 (q/k/v bias only) or keep longshard checkpoints.")
+    if arch == "qwen2" and (cfg.qk_norm or not cfg.qkv_bias or cfg.o_bias):
+        raise ConfigError("arch", "Qwen2 needs q/k/v bias, no output bias and no QK-norm.",
+                          "export as llama or qwen3.")
     if cfg.n_query_heads != cfg.n_heads:
         raise ConfigError("arch", "SQA query-head reduction has no HF Llama/Qwen equivalent.",
                           "export a model without it.")
@@ -368,8 +443,11 @@ def hf_config_dict(
     elif r.scaling == "yarn":
         rope.update(rope_type="yarn", factor=r.factor, original_max_position_embeddings=r.original_max_seq_len,
                     beta_fast=r.beta_fast, beta_slow=r.beta_slow)
-        if r.attention_factor is not None:
-            rope["attention_factor"] = r.attention_factor
+        for key in ("attention_factor", "mscale", "mscale_all_dim"):
+            if getattr(r, key) is not None:
+                rope[key] = getattr(r, key)
+        if not r.truncate:
+            rope["truncate"] = False
     elif r.scaling == "llama3":
         rope.update(rope_type="llama3", factor=r.factor, original_max_position_embeddings=r.original_max_seq_len,
                     low_freq_factor=r.low_freq_factor, high_freq_factor=r.high_freq_factor)
@@ -387,7 +465,7 @@ def hf_config_dict(
         "rms_norm_eps": cfg.norm_eps,
         "max_position_embeddings": cfg.max_seq_len,
         "tie_word_embeddings": cfg.tie_embeddings,
-        "attention_bias": cfg.qkv_bias if arch == "qwen3" else False,
+        "attention_bias": cfg.o_bias,
         "rope_theta": rope["rope_theta"],
         "rope_parameters": rope,
         "rope_scaling": None if r.scaling in ("none", "ntk") else {k: v for k, v in rope.items() if k != "rope_theta"},

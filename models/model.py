@@ -88,7 +88,7 @@ class Attention(nn.Module):
         self.wq = nn.Linear(cfg.dim, self.n_heads * hd, bias=cfg.qkv_bias)
         self.wk = nn.Linear(cfg.dim, self.n_kv_heads * hd, bias=cfg.qkv_bias)
         self.wv = nn.Linear(cfg.dim, self.n_kv_heads * hd, bias=cfg.qkv_bias)
-        self.wo = nn.Linear(self.n_heads * hd, cfg.dim, bias=False)
+        self.wo = nn.Linear(self.n_heads * hd, cfg.dim, bias=cfg.o_bias)
         self.q_norm = RMSNorm(hd, cfg.norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(hd, cfg.norm_eps) if cfg.qk_norm else None
         spec = cfg.layer_attention(layer_idx)

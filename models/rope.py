@@ -42,8 +42,10 @@ def _yarn(cfg: RopeConfig, dim: int, exponents: torch.Tensor) -> tuple[torch.Ten
     def correction_dim(n_rot: float) -> float:
         return dim * math.log(orig / (n_rot * 2 * math.pi)) / (2 * math.log(base))
 
-    low = max(math.floor(correction_dim(cfg.beta_fast)), 0)
-    high = min(math.ceil(correction_dim(cfg.beta_slow)), dim - 1)
+    low, high = correction_dim(cfg.beta_fast), correction_dim(cfg.beta_slow)
+    if cfg.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
     if low == high:
         high += 0.001
     ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
@@ -52,7 +54,10 @@ def _yarn(cfg: RopeConfig, dim: int, exponents: torch.Tensor) -> tuple[torch.Ten
     inv_freq = (1.0 / (factor * pos_freqs)) * (1 - extrapolate) + (1.0 / pos_freqs) * extrapolate
     scale = cfg.attention_factor
     if scale is None:
-        scale = 1.0 if factor <= 1 else 0.1 * math.log(factor) + 1.0
+        def mscale(m: float = 1.0) -> float:
+            return 1.0 if factor <= 1 else 0.1 * m * math.log(factor) + 1.0
+
+        scale = mscale(cfg.mscale) / mscale(cfg.mscale_all_dim) if cfg.mscale and cfg.mscale_all_dim else mscale()
     return inv_freq, float(scale)
 
 

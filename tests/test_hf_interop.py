@@ -189,3 +189,80 @@ def test_damaged_or_unsafe_hf_checkpoints_are_named(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match=r"pytorch_model\.bin.*(posix|os)\.system.*safe_serialization=True"):
         load_hf_model(pickled)
     assert not (tmp_path / "PWNED_BY_CHECKPOINT").exists()
+
+
+def test_every_transformers_config_key_is_classified():
+    """Each key transformers writes for Llama / Qwen2 / Qwen3 is mapped, refused at values longshard does
+    not implement, or listed as having no effect on the forward: a key added by a newer transformers
+    fails here until someone decides which (the loader only warns about it)."""
+    from longshard.models.hf import HF_MAPPED_KEYS, HF_NO_EFFECT_KEYS, HF_REFUSED_UNLESS
+
+    known = HF_MAPPED_KEYS | HF_NO_EFFECT_KEYS | set(HF_REFUSED_UNLESS)
+    for cls in (transformers.LlamaConfig, transformers.Qwen2Config, transformers.Qwen3Config):
+        keys = set(cls().to_dict())
+        assert keys <= known, f"{cls.__name__}: unclassified {sorted(keys - known)}"
+
+
+YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64, "rope_theta": 10000.0}
+MAPPED = [  # (arch, config keys): logits must equal transformers' (and the export must load back equal)
+    ("llama", {"rope_parameters": {**YARN, "truncate": False}}),
+    ("llama", {"rope_parameters": {**YARN, "mscale": 0.707, "mscale_all_dim": 1.0}}),
+    ("qwen2", {"rope_parameters": {**YARN, "attention_factor": 1.3, "beta_fast": 16.0, "beta_slow": 2.0}}),
+    ("llama", {"attention_bias": True}),
+    ("qwen3", {"attention_bias": True}),
+    ("llama", {"head_dim": 32}),
+    ("qwen2", {"rms_norm_eps": 1e-3, "rope_parameters": {"rope_type": "default", "rope_theta": 500000.0}}),
+]
+
+
+@pytest.mark.parametrize("arch,extra", MAPPED, ids=[f"{a}-{sorted(e)[0]}-{i}" for i, (a, e) in enumerate(MAPPED)])
+def test_hf_keys_that_change_the_forward_are_mapped(tmp_path, arch, extra):
+    torch.manual_seed(0)
+    hf = _tiny_hf(arch, **extra)
+    hf.save_pretrained(tmp_path / "hf", safe_serialization=True)
+    ours = load_hf_model(tmp_path / "hf").eval()
+    tokens = torch.randint(0, 97, (2, 45))
+    with torch.no_grad():
+        ref = hf(tokens).logits
+        assert _rel(ref, ours(tokens)) <= TOL, f"{arch} {extra}: rel err {_rel(ref, ours(tokens)):.2e}"
+    export_hf(ours, tmp_path / "export")
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "export").eval()
+    with torch.no_grad():
+        assert _rel(ref, back(tokens).logits) <= TOL
+
+
+REFUSED = [  # (arch, keys written into config.json, the error names)
+    ("llama", {"rope_parameters": {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}},
+     r"rope_scaling\.rope_type='dynamic'"),
+    ("llama", {"rope_parameters": {"rope_type": "longrope", "short_factor": [1.0], "long_factor": [2.0],
+                                   "rope_theta": 10000.0}}, r"rope_scaling\.rope_type='longrope'"),
+    ("llama", {"rope_parameters": {**YARN, "low_freq_factor": 1.0}}, r"rope_scaling\.low_freq_factor"),
+    ("llama", {"partial_rotary_factor": 0.5}, r"rope_scaling\.partial_rotary_factor=0\.5"),
+    ("llama", {"hidden_act": "gelu"}, r"hidden_act='gelu'"),
+    ("llama", {"mlp_bias": True}, r"mlp_bias=True"),
+    ("qwen2", {"use_sliding_window": True}, r"use_sliding_window=True"),
+    ("qwen2", {"layer_types": ["sliding_attention", "full_attention"]}, r"layer_types has sliding_attention"),
+    ("qwen3", {"attention_dropout": 0.1}, r"attention_dropout=0\.1"),
+]
+
+
+@pytest.mark.parametrize("arch,extra,message", REFUSED, ids=[m.split("\\")[-1][:24] for _, _, m in REFUSED])
+def test_hf_keys_longshard_cannot_honour_are_refused(tmp_path, arch, extra, message):
+    hf = _tiny_hf(arch)
+    hf.save_pretrained(tmp_path / "hf", safe_serialization=True)
+    cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
+    cfg.update(extra)
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ConfigError, match=message):
+        load_hf_model(tmp_path / "hf")
+
+
+def test_unknown_hf_keys_are_named_in_a_warning(tmp_path, caplog):
+    hf = _tiny_hf("llama")
+    hf.save_pretrained(tmp_path / "hf", safe_serialization=True)
+    cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
+    cfg["new_fancy_norm"] = True
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(cfg))
+    with caplog.at_level("WARNING"):
+        load_hf_model(tmp_path / "hf")
+    assert "new_fancy_norm" in caplog.text

@@ -96,8 +96,9 @@ def param_count(mcfg: ModelConfig, tp: int = 1) -> tuple[float, float]:
     with torch.device("meta"):
         model = Transformer(mcfg)
 
-    def local(named) -> float:
-        return sum(p.numel() / (tp if any(k in n for k in TP_SPLIT) else 1) for n, p in named)
+    def local(named) -> float:  # the row-parallel output bias stays whole on every rank
+        return sum(p.numel() / (tp if any(k in n for k in TP_SPLIT) and n.split(".")[-2:] != ["wo", "bias"]
+                                else 1) for n, p in named)
 
     total = local(model.named_parameters())
     block = max(local(layer.named_parameters()) for layer in model.layers)

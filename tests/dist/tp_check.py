@@ -77,6 +77,23 @@ def main() -> int:
                     failures.append(f"{name}: {local} local parameters, planner says {param_count(cfg, TP)[0]}")
                 for dtype in (torch.bfloat16, None):  # bf16 autocast, then fp32 (tight)
                     failures += _compare(ref, par, tokens, labels, doc, sh, index, mesh, SP, name, dtype)
+    # q/k/v and output biases (Qwen3 / Llama attention_bias): the row-parallel o bias is added once
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=64, dim=64, n_layers=2, n_heads=8, n_kv_heads=4, max_seq_len=256, qkv_bias=True,
+                      o_bias=True)
+    ref = Transformer(cfg)
+    with torch.no_grad():
+        for n, p in ref.named_parameters():
+            if n.endswith("bias"):
+                p.normal_(std=0.1)  # small: large q/k biases saturate the softmax
+    par = apply_tensor_parallel(copy.deepcopy(ref), mesh["tp"])
+    tokens, labels, doc = random_batch(S, False)
+    local = sum((p.to_local() if isinstance(p, DTensor) else p).numel() for p in par.parameters())
+    if local != param_count(cfg, TP)[0]:
+        failures.append(f"biases: {local} local parameters, planner says {param_count(cfg, TP)[0]}")
+    for dtype in (torch.bfloat16, None):
+        failures += _compare(ref, par, tokens, labels, doc, shard_batch(tokens, labels, doc, 0, 1), torch.arange(S),
+                             mesh, 1, "tp biases", dtype)
     # a variant with parameters of its own inside the core attention is refused, naming the field
     cfg = ModelConfig(vocab_size=64, dim=64, n_layers=1, n_heads=8, n_kv_heads=4, max_seq_len=64,
                       attention=[{"name": "nosa", "options": {"block": 4}}])
