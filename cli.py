@@ -17,9 +17,23 @@ log = logging.getLogger("longshard")
 
 def _train(args: argparse.Namespace) -> int:
     from longshard.train.config import load_config
+    from longshard.train.trainer import check_layout, resolve_model_config
 
     cfg = load_config(args.recipe, args.overrides)  # validate before starting any process
     nproc = args.nproc or cfg.train.nproc
+    local = "WORLD_SIZE" not in os.environ  # launched here: the processes must fit this host
+    if local:
+        _check_host(nproc, cfg.train.device, args.nproc is not None)
+    mcfg = resolve_model_config(cfg)  # an HF checkpoint's config and weight files, checked now
+    dp, accum = check_layout(cfg, mcfg, nproc)  # the whole layout, before any worker exists
+    if local:
+        _warn_memory(cfg, mcfg, nproc, dp, args.recipe)
+    if args.dry_run:
+        tp, sp = cfg.parallel.tp_degree, cfg.parallel.sp_degree
+        sys.stdout.write(f"ok: {nproc} processes = dp {dp} x sp {sp} ({cfg.parallel.sp_mode}) x tp {tp}, "
+                         f"{accum} accumulation steps, {mcfg.n_layers} layers, {mcfg.n_query_heads} query / "
+                         f"{mcfg.n_kv_heads} KV heads, seq_len {cfg.train.seq_len}; output {cfg.output_dir}\n")
+        return 0
     if nproc == 1 and "WORLD_SIZE" not in os.environ:
         from longshard.train.main import main as train_main
 
@@ -27,21 +41,95 @@ def _train(args: argparse.Namespace) -> int:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
            "-m", "longshard.train.main", args.recipe, *args.overrides]
     log.info("launching: %s", " ".join(cmd))
-    return _run_forwarding_signals(cmd)
+    rc, killed = _run_forwarding_signals(cmd)
+    if killed:
+        log.error("a worker was killed by SIGKILL (exit -9): on a healthy host that is most often the kernel's "
+                  "out-of-memory killer (see `dmesg`). Use fewer processes (train.nproc), a smaller "
+                  "train.micro_batch_size or train.seq_len, or train.activation_checkpointing=full; "
+                  "`longshard plan` estimates the memory per process.")
+    return rc
 
 
-def _run_forwarding_signals(cmd: list[str]) -> int:
+def _check_host(nproc: int, device: str, from_flag: bool) -> None:
+    """Refuse more local processes than this host has GPUs; warn when CPU processes outnumber the cores
+    (that runs, slowly: the tests do it on purpose)."""
+    import torch
+
+    where = "--nproc" if from_flag else "train.nproc"
+    if device != "cpu" and torch.cuda.is_available():
+        gpus = torch.cuda.device_count()
+        if nproc > gpus:
+            raise ConfigError(where, f"{nproc} processes on a host with {gpus} GPUs (one process per GPU).",
+                              f"set {where}={gpus} or fewer (the layout must then fit it: dp x sp x tp), or "
+                              "launch across nodes with `longshard launch slurm`.")
+        return
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if nproc > cores:
+        log.warning("%s=%d CPU processes on %d cores (no GPU): they share the cores and run slowly; set %s=%d "
+                    "for a quick run", where, nproc, cores, where, cores)
+
+
+def _warn_memory(cfg, mcfg, nproc: int, dp: int, recipe: str) -> None:
+    """Warn when the planner's per-process estimate times the local processes exceeds what the host
+    (CPU runs) or each GPU has, so an out-of-memory kill does not come as a surprise."""
+    import torch
+    from longshard.train.plan import Layout, estimate
+
+    try:
+        layout = Layout(dp, cfg.parallel.sp_degree, cfg.parallel.sp_mode, cfg.parallel.dp_mode,
+                        cfg.train.activation_checkpointing, cfg.train.activation_offload, cfg.parallel.tp_degree)
+        per = estimate(cfg, mcfg, layout, nproc).total
+    except Exception as e:  # an estimate must never stop a run
+        log.debug("no memory estimate: %s", e)
+        return
+    if cfg.train.device != "cpu" and torch.cuda.is_available():
+        have, what, need = torch.cuda.get_device_properties(0).total_memory, "per GPU", per
+    else:
+        have, what, need = _host_available_bytes(), "of host memory free", per * nproc
+    if have and need > 0.9 * have:
+        log.warning("the planner estimates %.1f GB (%d process(es) x %.1f GB) against %.1f GB %s: expect an "
+                    "out-of-memory kill; `longshard plan %s` lists layouts that fit", need / 1e9,
+                    nproc if need != per else 1, per / 1e9, have / 1e9, what, recipe)
+
+
+def _host_available_bytes() -> int:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def _run_forwarding_signals(cmd: list[str]) -> tuple[int, bool]:
     """Run ``cmd`` (torchrun), passing SIGTERM / SIGINT / SIGHUP on to it and waiting for it to end, so
-    its workers checkpoint and stop instead of running on; it also dies if this process is killed."""
+    its workers checkpoint and stop instead of running on; it also dies if this process is killed.
+    Returns its exit code and whether torchrun reported a worker killed by SIGKILL (its stderr is
+    passed through as it comes)."""
     import signal
+    import threading
 
     from longshard.train.faults import die_with_parent
 
-    proc = subprocess.Popen(cmd, preexec_fn=die_with_parent if sys.platform.startswith("linux") else None)
+    proc = subprocess.Popen(cmd, preexec_fn=die_with_parent if sys.platform.startswith("linux") else None,
+                            stderr=subprocess.PIPE, text=True, errors="replace", bufsize=1)
+    killed = threading.Event()
+
+    def relay() -> None:
+        for line in proc.stderr:
+            sys.stderr.write(line)
+            if "exitcode  : -9" in line or "Signal 9 (SIGKILL)" in line:
+                killed.set()
+
+    reader = threading.Thread(target=relay, daemon=True)
+    reader.start()
     forward = lambda signum, frame: proc.send_signal(signum)  # noqa: E731
     previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
     try:
-        return proc.wait()
+        rc = proc.wait()
+        reader.join(timeout=10)
+        return rc, killed.is_set()
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
@@ -251,6 +339,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("recipe", help="recipe YAML path or shipped name (e.g. quickstart)")
     t.add_argument("overrides", nargs="*", help="key=value overrides")
     t.add_argument("--nproc", type=int, default=None, help="local processes (default: train.nproc)")
+    t.add_argument("--dry-run", action="store_true",
+                   help="validate the config, the host and the whole layout, print it, and start nothing")
     t.set_defaults(func=_train)
 
     d = sub.add_parser("data", help="data preparation")

@@ -146,3 +146,93 @@ def test_torchrun_script_runs_training(tmp_path):
         env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     assert json.loads((tmp_path / "r" / "report.json").read_text())["world_size"] == 2
+
+
+def _readme_commands() -> list[str]:
+    text = (REPO / "README.md").read_text()
+    lines = []
+    for block in re.findall(r"```bash\n(.*?)```", text, re.S):
+        for line in block.splitlines():
+            line = line.split("  #")[0].strip()
+            if line and not line.startswith("#"):
+                lines.append(line)
+    return lines
+
+
+@pytest.mark.dist
+def test_every_readme_command_works(quickstart_run, tmp_path):
+    """Issue 18 friction 1: each command the README shows runs as written at tiny sizes (in a scratch
+    folder, the quickstart checkpoint standing in for runs/quickstart/...step_00000300 and CKPT). Train
+    and torchrun lines are checked with `longshard train --dry-run` (config, host, whole layout: what
+    fails before a worker would start); launcher scripts with `bash -n`; the rest run for real."""
+    import shlex
+
+    tokenizers = pytest.importorskip("tokenizers")
+    out, env = quickstart_run
+    ckpt = str(sorted((out / "checkpoints").iterdir())[-1])
+    (tmp_path / "corpus").mkdir()
+    for i in range(20):
+        (tmp_path / "corpus" / f"doc{i}.txt").write_text(f"document {i}: the quick brown fox jumps over it. " * 40)
+    tok = tokenizers.Tokenizer(tokenizers.models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel()
+    tok.train_from_iterator(["the quick brown fox", "document jumps over"] * 50,
+                            tokenizers.trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"]))
+    (tmp_path / "tok").mkdir()
+    tok.save(str(tmp_path / "tok" / "tokenizer.json"))
+    commands = _readme_commands()
+    assert len(commands) >= 15
+    prepare_first = sorted(commands, key=lambda c: not c.startswith("longshard data prepare"))
+    ran = []
+    for line in prepare_first:
+        if line.startswith("bash launch/install.sh"):  # the two top commands: the quickstart run and .ci/run
+            continue
+        for part in line.split(" ; "):
+            words = shlex.split(part.replace("runs/quickstart/checkpoints/step_00000300", ckpt).replace("CKPT", ckpt))
+            if words[0].startswith("NPROC=") or words[0].startswith("launch/"):
+                script = next(w for w in words if w.startswith("launch/"))
+                proc = subprocess.run(["bash", "-n", str(REPO / script)], capture_output=True, text=True)
+            else:
+                if words[0] == "torchrun":  # what `longshard train` would start: check it the same way
+                    nproc = words[1].split("=")[-1] if "=" in words[1] else words[2]
+                    rest = words[words.index("longshard.train.main") + 1:]
+                    words = ["longshard", "train", *rest, "--nproc", nproc]
+                if words[:2] == ["longshard", "train"] and "--dry-run" not in words:
+                    words.append("--dry-run")
+                assert words[0] == "longshard", line
+                proc = subprocess.run([sys.executable, "-m", "longshard.cli", *words[1:]], env=env, cwd=tmp_path,
+                                      capture_output=True, text=True, timeout=600)
+            assert proc.returncode == 0, f"README: {line}\n{proc.stdout[-1500:]}\n{proc.stderr[-3000:]}"
+            if "launch slurm" in part:
+                check = subprocess.run(["bash", "-n"], input=proc.stdout, capture_output=True, text=True)
+                assert check.returncode == 0, check.stderr
+            ran.append(part)
+    assert len(ran) >= 17
+
+
+@pytest.mark.dist
+def test_layout_errors_come_before_any_worker_and_a_sigkilled_worker_is_explained(tmp_path):
+    """Frictions 3 and 4: a layout that cannot work is one clean message from the CLI (no torchrun,
+    no per-rank ChildFailedError); more CPU processes than cores is a warning; a worker killed by
+    SIGKILL (drill) gets the out-of-memory explanation."""
+    import os
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", WANDB_MODE="disabled")
+    for overrides, message in (
+        (["parallel.sp_degree=4"], "parallel.sp_degree: sp_degree=4 x tp_degree=1 does not divide the world size 2"),
+        (["parallel.sp_degree=2", "model.n_heads=3", "model.n_kv_heads=1", "model.dim=96"],
+         "3 query heads do not split over 2 Ulysses ranks"),
+        (["train.global_batch_size=6", "train.micro_batch_size=2"], "train.global_batch_size: 6 is not divisible"),
+    ):
+        proc = _cli("train", "quickstart", *overrides, f"output_dir={tmp_path / 'x'}", env=env)
+        assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
+        assert "launching" not in proc.stderr and "ChildFailedError" not in proc.stderr
+        assert not (tmp_path / "x").exists()
+    cores = len(os.sched_getaffinity(0))
+    proc = _cli("train", "quickstart", f"train.nproc={2 * cores}", "--dry-run", env=env)
+    assert proc.returncode == 0 and f"train.nproc={2 * cores} CPU processes on {cores} cores" in proc.stderr
+    drill = dict(env, LONGSHARD_INJECT_FAULT="kill:rank=1:step=2")
+    proc = _cli("train", "quickstart", "train.steps=3", "data.default_corpus_bytes=400000", "eval.passkey_samples=0",
+                "logging.wandb=disabled", f"output_dir={tmp_path / 'k'}", "parallel.collective_timeout_s=30", env=drill)
+    assert proc.returncode != 0
+    assert "a worker was killed by SIGKILL (exit -9)" in proc.stderr and "out-of-memory" in proc.stderr, \
+        proc.stderr[-3000:]

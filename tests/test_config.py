@@ -46,6 +46,15 @@ BAD = [
     (["checkpoint.resume=/nonexistent/ckpt"], "checkpoint.resume", "does not exist"),
     (["train.steps"], "train.steps", "key=value"),
     (["parallel.collective_timeout_s=0"], "parallel.collective_timeout_s", "must be > 0"),
+    # issue 18 friction 5: torch's errors after the model is built, OmegaConf jargon, paths lost
+    (["optim.beta2=1.5"], "optim.beta2", r"must be in \[0, 1\)"),
+    (["optim.beta1=-0.1"], "optim.beta1", r"must be in \[0, 1\)"),
+    (["optim.eps=0"], "optim.eps", "must be > 0"),
+    (["model.rope=[1,2]"], "model.rope", "expects a mapping of RopeConfig fields, got a list"),
+    (["model.attention={name: dense}"], "model.attention", "expects a list, got a mapping"),
+    (["model.attention=[{name: s2, option: {block: 16}}]"], "model.attention[0].option", "Did you mean 'options'"),
+    (["train.steps=[3]"], "train.steps", "expects a single int"),
+    (["model.attention=[{name: dense"], "model.attention", "does not parse"),
 ]
 
 
@@ -91,3 +100,22 @@ def test_allow_changes_names_only_changeable_settings():
         "optim.lr", "data"]
     with pytest.raises(ConfigError, match=r"checkpoint.allow_changes.*'model.dim' is not a setting"):
         load_config("quickstart", ["checkpoint.allow_changes=[model.dim]"])
+
+
+def test_recipe_yaml_syntax_error_names_file_and_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\nmodel: {dim: 64\ntrain:\n  steps: 3\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml: is not valid YAML at line \d+, column \d+"):
+        load_config(bad)
+
+
+def test_silent_settings_now_warn_and_the_engine_implies_data_parallel(caplog):
+    """Friction 6: warmup longer than the run and passkey lengths past the model's context are named;
+    DeepSpeed replaces a recipe's dp_mode instead of refusing it (launch/deepspeed.sh pretrain_small)."""
+    with caplog.at_level("WARNING"):
+        load_config("quickstart", ["train.steps=5"])
+        load_config("quickstart", ["eval.passkey_lengths=[256,2048]"])
+    assert "optim.warmup_steps=15 exceeds train.steps=5: the learning rate only reaches 33% of optim.lr" in caplog.text
+    assert "eval.passkey_lengths: 2048 exceeds model.max_seq_len=1024" in caplog.text
+    cfg = load_config("quickstart", ["train.engine=deepspeed", "parallel.dp_mode=fsdp2"])
+    assert cfg.parallel.dp_mode == "ddp"

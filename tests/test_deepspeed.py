@@ -94,7 +94,6 @@ def test_deepspeed_config_merge_and_errors(tmp_path):
     (["deepspeed.zero_stage=5"], "deepspeed.zero_stage"),
     (["deepspeed.zero_stage=0", "deepspeed.offload_optimizer=true"], "deepspeed.offload_optimizer"),
     (["deepspeed.config_file=/nonexistent.json"], "deepspeed.config_file"),
-    ([*DS, "parallel.dp_mode=fsdp2"], "parallel.dp_mode"),
     ([*DS, "train.nan_policy=skip"], "train.nan_policy"),
     (["train.engine=megatron"], "train.engine"),
 ])

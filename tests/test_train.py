@@ -724,3 +724,18 @@ def test_damaged_tokens_read_by_one_rank_stop_every_rank(tmp_path, data_dir, env
     assert "[rank1]" in proc.stderr and f"holds token id {meta['vocab_size'] + 3} (at token {at})" in proc.stderr
     assert "another rank could not read its batch of step 1" in proc.stderr, proc.stderr[-3000:]
     assert "CollectiveError" not in proc.stderr
+
+
+def test_rerun_with_fewer_steps_is_refused_and_the_run_is_kept(tmp_path, data_dir, env_cpu):
+    """Friction 2: after a 4-step run, `train.steps=2` into the same folder used to resume at 4, train
+    nothing, save the step-4 weights as step 2 and write a 2-step report; now it stops naming the fix
+    and leaves checkpoints and report as they were."""
+    out = tmp_path / "r"
+    _run(1, out, data_dir, ["train.steps=4", "checkpoint.every=2", "checkpoint.keep_last=1"], env_cpu)
+    before = (out / "report.json").read_text()
+    proc = _run(1, out, data_dir, ["train.steps=2", "checkpoint.every=2", "checkpoint.keep_last=1",
+                                   "checkpoint.resume=auto"], env_cpu, check=False)
+    assert proc.returncode == 2
+    assert "train.steps: " in proc.stderr and "is step 4, beyond train.steps=2" in proc.stderr, proc.stderr[-2000:]
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step_00000004"]
+    assert (out / "report.json").read_text() == before

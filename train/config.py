@@ -2,18 +2,28 @@
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
+import difflib
+import logging
 import math
+import types
+import typing
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import yaml
 from longshard.errors import ConfigError, require, require_positive
 from longshard.models.attention.registry import parse_options
 from longshard.models.config import ModelConfig
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
+
+log = logging.getLogger(__name__)
+# False while a config is built only to plan (`longshard plan`): the data need not exist on this machine
+_CHECK_FILES: contextvars.ContextVar[bool] = contextvars.ContextVar("check_files", default=True)
 
 DATA_SOURCES = ("default", "prepared", "passkey", "mqar")
 DTYPES = ("fp32", "bf16")
@@ -63,9 +73,9 @@ class DataConfig:
         if self.source == "prepared":
             require(bool(self.path), "data.path", "is required with data.source=prepared.",
                     "set data.path to a folder made by `longshard data prepare`.")
-            require(Path(self.path).is_dir(), "data.path", f"{self.path} does not exist.",
+            require(not _CHECK_FILES.get() or Path(self.path).is_dir(), "data.path", f"{self.path} does not exist.",
                     "run `longshard data prepare --input FILES --output DIR` first.")
-        if self.tokenizer:
+        if self.tokenizer and _CHECK_FILES.get():
             require(Path(self.tokenizer).exists(), "data.tokenizer", f"{self.tokenizer} does not exist.")
 
 
@@ -98,6 +108,11 @@ class OptimConfig:
         require(0 <= self.min_lr_ratio <= 1, "optim.min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}.")
         require(self.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {self.weight_decay}.")
         require(self.warmup_steps >= 0, "optim.warmup_steps", f"must be >= 0, got {self.warmup_steps}.")
+        for name in ("beta1", "beta2"):
+            value = getattr(self, name)
+            require(0 <= value < 1, f"optim.{name}", f"must be in [0, 1), got {value}.",
+                    "Adam's moment decay rates are below 1 (typical: beta1 0.9, beta2 0.95-0.999).")
+        require_positive(self.eps, "optim.eps")
         require(0 < self.decay_fraction <= 1, "optim.decay_fraction", f"must be in (0, 1], got {self.decay_fraction}.")
         _choice(self.schedule, SCHEDULES, "optim.schedule")
 
@@ -409,10 +424,15 @@ class Config:
                 f"{self.train.seq_len} exceeds model.max_seq_len={limit}.",
                 "train shorter, raise model.max_seq_len, or extend RoPE (model.rope.scaling) for longer context.",
             )
+        if self.train.engine == "deepspeed" and self.parallel.dp_mode != "ddp":  # the engine implies its own
+            log.info("parallel.dp_mode=%s does not apply under train.engine=deepspeed: ZeRO-%d shards instead",
+                     self.parallel.dp_mode, self.deepspeed.zero_stage)
+            self.parallel.dp_mode = "ddp"
+        if self.optim.warmup_steps > self.train.steps:
+            log.warning("optim.warmup_steps=%d exceeds train.steps=%d: the learning rate only reaches %.0f%% of "
+                        "optim.lr", self.optim.warmup_steps, self.train.steps,
+                        100 * self.train.steps / self.optim.warmup_steps)
         if self.train.engine == "deepspeed":
-            require(self.parallel.dp_mode == "ddp", "parallel.dp_mode",
-                    f"{self.parallel.dp_mode} does not apply under train.engine=deepspeed (ZeRO shards instead).",
-                    "leave parallel.dp_mode=ddp and set deepspeed.zero_stage.")
             require(self.train.nan_policy == "stop", "train.nan_policy",
                     "skip is not available with train.engine=deepspeed (its step runs before the loss is known).",
                     "use train.nan_policy=stop.")
@@ -427,6 +447,9 @@ class Config:
                 f"sp_mode={self.parallel.sp_mode}).", f"choose seq_len as a multiple of {need}.")
         for n in self.eval.passkey_lengths:
             require(n % need == 0, "eval.passkey_lengths", f"{n} is not divisible by {need} (sequence parallel).")
+            if self.init.hf_path is None and self.eval.passkey_samples and n > self.model.max_seq_len:
+                log.warning("eval.passkey_lengths: %d exceeds model.max_seq_len=%d; that figure measures "
+                            "extrapolation past the model's context (expect it near 0)", n, self.model.max_seq_len)
         for n in self.eval.ppl_lengths:
             require(n % need == 0, "eval.ppl_lengths", f"{n} is not divisible by {need} (sequence parallel).")
             if self.init.hf_path is None:  # an HF checkpoint's context is checked once its config is read
@@ -512,6 +535,59 @@ def recipe_path(recipe: str | Path) -> Path:
     raise ConfigError("recipe", f"{recipe} is neither a file nor a shipped recipe.", f"shipped: {', '.join(known)}.")
 
 
+def _shape_error(value: Any, tp: Any, path: str) -> ConfigError | None:
+    """The first place where ``value`` (plain YAML data) does not have the shape of the annotation ``tp``:
+    a mapping where a list or a value is expected (or the reverse), or an unknown dataclass field,
+    named by its full path (``model.attention[0].option``). Scalar types are left to OmegaConf."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        options = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None or len(options) != 1:
+            return None
+        tp, origin = options[0], typing.get_origin(options[0])
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            return ConfigError(path, f"expects a mapping of {tp.__name__} fields, got {_kind(value)} {value!r}.",
+                               f"write it as {{field: value, ...}}; fields: {', '.join(_fields(tp))}.")
+        hints = typing.get_type_hints(tp)
+        for key, v in value.items():
+            if key not in hints or key not in _fields(tp):
+                close = difflib.get_close_matches(str(key), _fields(tp), n=1)
+                hint = f" Did you mean {close[0]!r}?" if close else ""
+                return ConfigError(f"{path}.{key}", f"unknown key in {tp.__name__}.{hint}",
+                                   f"remove it or fix its spelling; {tp.__name__} has: {', '.join(_fields(tp))}.")
+            found = _shape_error(v, hints[key], f"{path}.{key}")
+            if found:
+                return found
+        return None
+    if origin in (list, tuple):
+        if isinstance(value, dict) or (value is not None and not isinstance(value, (list, tuple))):
+            return ConfigError(path, f"expects a list, got {_kind(value)} {value!r}.",
+                               "write it as [item, ...] (a single item still needs the brackets).")
+        (item,) = typing.get_args(tp)[:1] or (Any,)
+        for i, v in enumerate(value or []):
+            found = _shape_error(v, item, f"{path}[{i}]")
+            if found:
+                return found
+        return None
+    if origin is dict or tp is dict:
+        if value is not None and not isinstance(value, dict):
+            return ConfigError(path, f"expects a mapping, got {_kind(value)} {value!r}.", "write it as {key: value}.")
+        return None
+    if tp in (int, float, str, bool) and isinstance(value, (dict, list)):
+        return ConfigError(path, f"expects a single {tp.__name__}, got {_kind(value)} {value!r}.",
+                           f"give one {tp.__name__} value.")
+    return None
+
+
+def _kind(value: Any) -> str:
+    return "a mapping" if isinstance(value, dict) else "a list" if isinstance(value, (list, tuple)) else "the value"
+
+
+def _fields(tp: Any) -> list[str]:
+    return [f.name for f in dataclasses.fields(tp) if f.init]
+
+
 def _wrap(e: OmegaConfBaseException) -> ConfigError:
     key = getattr(e, "full_key", None) or "config"
     msg = str(e).split("\n")[0]
@@ -520,25 +596,52 @@ def _wrap(e: OmegaConfBaseException) -> ConfigError:
     return ConfigError(key, f"{msg}.", "give a value of the declared type.")
 
 
-def load_config(recipe: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+def load_config(recipe: str | Path | None = None, overrides: list[str] | None = None,
+                check_files: bool = True) -> Config:
     """Build a validated :class:`Config` from a recipe YAML and ``key=value`` overrides.
 
     Args:
         recipe: path or shipped recipe name; None = all defaults.
         overrides: dotted overrides such as ``train.steps=100``.
+        check_files: check that ``data.path`` and ``data.tokenizer`` exist (off for planning).
     """
+    token = _CHECK_FILES.set(check_files)
+    try:
+        return _load_config(recipe, overrides)
+    finally:
+        _CHECK_FILES.reset(token)
+
+
+def _load_config(recipe: str | Path | None, overrides: list[str] | None) -> Config:
     schema = OmegaConf.structured(Config)
     for name in ModelConfig.DERIVED:  # the default ModelConfig() resolved them for *its* sizes
         schema.model[name] = None
     layers = [schema]
     try:
         if recipe is not None:
-            layers.append(OmegaConf.load(recipe_path(recipe)))
+            path = recipe_path(recipe)
+            try:
+                layers.append(OmegaConf.load(path))
+            except yaml.YAMLError as e:
+                mark = getattr(e, "problem_mark", None)
+                where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+                raise ConfigError(str(path), f"is not valid YAML{where}: {getattr(e, 'problem', None) or e}.",
+                                  "fix the recipe's syntax (indentation, a missing ':' or closing bracket).") from None
         for o in overrides or []:
             if "=" not in o:
                 raise ConfigError(o, "override must look like key=value.", "e.g. train.steps=100.")
+            try:
+                OmegaConf.from_dotlist([o])
+            except (yaml.YAMLError, OmegaConfBaseException) as e:
+                raise ConfigError(o.split("=", 1)[0], f"the override {o!r} does not parse ({str(e).splitlines()[0]}).",
+                                  "quote it for the shell and write lists as [a, b], mappings as {k: v}.") from None
         if overrides:
             layers.append(OmegaConf.from_dotlist(list(overrides)))
+        for layer in layers[1:]:  # shapes and unknown keys, named by their full path, before OmegaConf merges
+            found = _shape_error(OmegaConf.to_container(layer), Config, "")
+            if found:
+                found.field = found.field.lstrip(".")
+                raise ConfigError(found.field, found.problem, found.fix)
         merged = OmegaConf.merge(*layers)
         # `???` in a recipe marks a required value; merging onto the schema would keep the default.
         missing = sorted(OmegaConf.missing_keys(OmegaConf.merge(*layers[1:]))) if len(layers) > 1 else []

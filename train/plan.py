@@ -281,27 +281,19 @@ def plan(
     split.
     """
     from longshard.train.config import load_config
-    from longshard.train.trainer import resolve_model_config
+    from longshard.train.trainer import check_layout, resolve_model_config
 
     if gpus < 1:
         raise ConfigError("--gpus", f"must be >= 1, got {gpus}.")
-    load_config(recipe, overrides)  # a bad recipe or override fails here, naming the field
+    load_config(recipe, overrides, check_files=False)  # a bad recipe or override fails here, naming the field
     rows = []
     for lay in candidate_layouts(gpus):
         try:
-            cfg = load_config(recipe, [*overrides, *lay.overrides()])
+            cfg = load_config(recipe, [*overrides, *lay.overrides()], check_files=False)
             if cfg.parallel.sp_mode == "hybrid" and lay.sp % cfg.parallel.sp_ulysses_degree:
                 raise ConfigError("parallel.sp_ulysses_degree", "does not divide the sp degree.")
-            dp = lay.dp
-            per = cfg.train.micro_batch_size * dp
-            if cfg.train.global_batch_size % per:
-                raise ConfigError("train.global_batch_size", f"not a multiple of micro_batch_size x dp = {per}.")
-            if lay.sp_mode == "ulysses" and lay.sp > 1:
-                mc = cfg.model
-                if mc.n_query_heads % (lay.sp * lay.tp):
-                    raise ConfigError("parallel.sp_degree",
-                                      f"{mc.n_query_heads} query heads do not split over {lay.sp} x tp {lay.tp}.")
             mcfg = resolve_model_config(cfg)
+            check_layout(cfg, mcfg, gpus)  # the trainer's own checks: batch split, heads over tp and Ulysses
         except ConfigError as e:
             rows.append(PlanRow(lay, None, False, f"{e.field}: {e.problem}"))
             continue

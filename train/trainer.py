@@ -39,7 +39,7 @@ from longshard.parallel.deepspeed_engine import deepspeed_config, import_deepspe
 from longshard.parallel.deepspeed_engine import initialize as ds_initialize
 from longshard.parallel.env import all_agree
 from longshard.parallel.ring import apply_ring
-from longshard.parallel.sequence import CommCounter, SeqShard, apply_ulysses
+from longshard.parallel.sequence import CommCounter, SeqShard, apply_ulysses, kv_replication
 from longshard.parallel.tensor_parallel import apply_tensor_parallel, check_tensor_parallel
 from longshard.train.checkpoint import Checkpointer, CheckpointError
 from longshard.train.config import Config, dump_config
@@ -187,15 +187,32 @@ def attention_kept_fraction(model: Transformer, seq_len: int) -> float:
     return sum(fracs) / len(fracs)
 
 
-def check_layout(cfg: Config, env: DistEnv) -> tuple[int, int]:
-    """Validate the layout against the world size before any collective; return (dp, grad accumulation)."""
-    t = cfg.train
-    dp, _ = mesh_shape(env.world_size, cfg.parallel.sp_degree, cfg.parallel.tp_degree)
+def check_layout(cfg: Config, mcfg: ModelConfig, world_size: int) -> tuple[int, int]:
+    """Validate the whole layout for ``world_size`` processes before any process group exists (the CLI
+    calls it before spawning workers); return (dp, grad accumulation).
+
+    Checks that sp x tp divides the world, the global batch splits over micro-batches x dp, and the
+    heads split over tensor-parallel and Ulysses ranks.
+    """
+    t, par = cfg.train, cfg.parallel
+    dp, _ = mesh_shape(world_size, par.sp_degree, par.tp_degree)
     per_step = t.micro_batch_size * dp
     require(t.global_batch_size % per_step == 0, "train.global_batch_size",
             f"{t.global_batch_size} is not divisible by micro_batch_size x data-parallel size "
             f"= {t.micro_batch_size} x {dp}.",
             "choose global_batch_size as a multiple of micro_batch_size x (processes / (sp_degree x tp_degree)).")
+    heads, kv, tp = mcfg.n_query_heads, mcfg.n_kv_heads, par.tp_degree
+    require(heads % tp == 0 and kv % tp == 0, "parallel.tp_degree",
+            f"{heads} query / {kv} KV heads do not split over tp_degree={tp}.", "choose a tp_degree dividing both.")
+    uly = {"ulysses": par.sp_degree, "hybrid": par.sp_ulysses_degree}.get(par.sp_mode, 1) if par.sp_degree > 1 else 1
+    if uly > 1:
+        try:
+            kv_replication(heads // tp, kv // tp, uly)
+        except ConfigError as e:
+            per = f" per tensor-parallel rank (tp_degree={tp})" if tp > 1 else ""
+            raise ConfigError(e.field, f"{e.problem[:-1]}{per}.",
+                              "choose another sp_degree / sp_ulysses_degree, or parallel.sp_mode=ring (it does "
+                              "not split heads).") from None
     return dp, t.global_batch_size // per_step
 
 
@@ -255,9 +272,9 @@ def train(cfg: Config, watch: PreemptionWatch | None = None) -> dict[str, Any]:
     if use_ds:
         import_deepspeed()  # a missing install is a config error, raised before any process group work
     env = init_distributed(cfg.train.device, cfg.parallel.collective_timeout_s)
-    dp_size, grad_accum = check_layout(cfg, env)
-    sp_size = cfg.parallel.sp_degree
     mcfg = resolve_model_config(cfg)
+    dp_size, grad_accum = check_layout(cfg, mcfg, env.world_size)
+    sp_size = cfg.parallel.sp_degree
     out_dir = Path(cfg.output_dir)
     lock = RunLock(out_dir, stale_s=max(900.0, 2 * cfg.parallel.collective_timeout_s))
     problem = None
@@ -352,6 +369,11 @@ def _train_locked(cfg: Config, env, t0: float, use_ds: bool, dp_size: int, grad_
             log.info("applied the changed optimizer settings %s (checkpoint.allow_changes)",
                      [k for k in state["changed"] if k.startswith("optim.")])
         start_step = state["step"]
+        if start_step > cfg.train.steps:  # nothing to train; saving would relabel those weights as an earlier step
+            raise ConfigError("train.steps", f"{resume_from} is step {start_step}, beyond train.steps="
+                              f"{cfg.train.steps}: this run is already past the steps asked for.",
+                              f"raise train.steps above {start_step} to train on, or give a new output_dir for a "
+                              "fresh run (the checkpoints here are kept).")
         loader.load_state_dict(state["loader"])
         history = state.get("losses", [])
 
