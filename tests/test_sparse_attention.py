@@ -16,7 +16,13 @@ from longshard.kernels.block_sparse import (
 )
 from longshard.models import ModelConfig, Transformer
 from longshard.models.attention import AttentionBatch, AttentionContext, build_attention
-from longshard.models.attention.s2 import S2Options, check_coverage, s2_kept_blocks, s2_uncovered_residues
+from longshard.models.attention.s2 import (
+    S2Options,
+    check_coverage,
+    s2_kept_blocks,
+    s2_shard_mode,
+    s2_uncovered_residues,
+)
 from longshard.models.attention.streaming import retrieval_assignment
 
 # gather vs naive: the same fp32 softmax over the same kept keys, summed in another order -> ~1e-6.
@@ -101,29 +107,74 @@ def test_chunked_forms_match_naive(chunk_blocks, fused, packed, monkeypatch):
             assert_rel(f"{name} chunk {chunk_blocks} fused={fused} {label}", r, o, TOL)
 
 
-def _explicit_s2_mask(S, blk, H, kv, opts: S2Options):
-    """Token mask written from the definition, with Python loops (independent of the tensor code)."""
-    step = max(1, opts.vert_stride // kv)
+def _dkernel_strided(j: int, head: int, n_query_heads: int, vert_stride: int, offset: int) -> bool:
+    """DKernel's get_sparse_attn_mask rule, written out: head ``head`` keeps older block j when
+    (j + head * max(1, vert_stride // n_heads) + head_sliding_offset + 1) % vert_stride == 0, with
+    n_heads the query heads."""
+    step = max(1, int(vert_stride / n_query_heads))
+    return (j + head * step + offset + 1) % vert_stride == 0
+
+
+def _explicit_s2_mask(S, blk, H, kv, opts: S2Options, shard: str = "kv"):
+    """Token mask written from the definition, with Python loops (independent of the tensor code):
+    the shard index is the KV head (kv shards) or the query head (query shards)."""
     m = torch.zeros(H, S, S, dtype=torch.bool)
     for h in range(H):
-        hk = h // (H // kv)
+        shard_index = h // (H // kv) if shard == "kv" else h
         for t in range(S):
             for s in range(t + 1):
                 i, j = t // blk, s // blk
                 keep = i - j < opts.local_blocks or j < opts.sink_blocks
-                keep = keep or (j + hk * step + opts.offset) % opts.vert_stride == 0
+                keep = keep or (opts.heterogeneous and _dkernel_strided(j, shard_index, H, opts.vert_stride,
+                                                                        opts.offset))
                 m[h, t, s] = keep
     return m
 
 
-def test_s2_matches_definition():
-    H, kv, S, blk = 4, 4, 29, 3
-    opts = S2Options(block=blk, local_blocks=2, vert_stride=4, sink_blocks=1, offset=1)
+@pytest.mark.parametrize("H,kv,shard,path", [(4, 4, "kv", "gather"), (4, 2, "kv", "gather"),
+                                             (6, 2, "query", "gather"), (6, 2, "query", "chunked"),
+                                             (6, 2, "query", "banded"), (14, 2, "query", "flex")])
+def test_s2_matches_definition(H, kv, shard, path):
+    """Each path against the token mask written from DKernel's rule, for KV-head and query-head shards
+    (GQA: the query heads of a group read different far blocks in query mode)."""
+    S, blk = 29, 3
+    options = {"block": blk, "local_blocks": 2, "vert_stride": 4, "sink_blocks": 1, "offset": 1, "shard": shard,
+               "allow_incomplete_coverage": True}
+    if path == "flex":
+        pytest.importorskip("torch.nn.attention.flex_attention")
+        options["block"] = blk = 16
+        S = 16 * 5 + 3
+    opts = S2Options(**options)
     q, k, v = _qkv(1, H, kv, S, 8)
-    mod = build_attention("s2", {"block": blk, "local_blocks": 2, "vert_stride": 4, "sink_blocks": 1, "offset": 1,
-                                 "path": "gather"}, _ctx(H, kv))
-    ref = attention_naive(q, k, v, _explicit_s2_mask(S, blk, H, kv, opts)[None])
-    assert_rel("s2 vs definition", ref, mod(q, k, v, AttentionBatch()), TOL)
+    mod = build_attention("s2", {**options, "path": path}, _ctx(H, kv))
+    if path == "flex":  # CPU flex_attention has no backward: compare the forward only
+        q, k, v = q.detach(), k.detach(), v.detach()
+    ref = attention_naive(q, k, v, _explicit_s2_mask(S, blk, H, kv, opts, shard)[None])
+    assert_rel(f"s2 {shard} {path} vs definition", ref, mod(q, k, v, AttentionBatch()), TOL)
+
+
+def test_s2_pattern_follows_dkernel_rule_for_every_layout():
+    """Issue 18: the block pattern equals DKernel's rule (written out above) for every GQA layout with
+    up to 16 query heads, strides 1-16 and offsets 0-2, in both shard modes; auto picks kv exactly when
+    the KV heads cover the stride."""
+    n, checked = 40, 0
+    for n_q in range(1, 17):
+        for kv in [d for d in range(1, n_q + 1) if n_q % d == 0]:
+            for stride in range(1, 17):
+                for offset in range(3):
+                    for shard in ("kv", "query"):
+                        opts = S2Options(block=16, local_blocks=2, vert_stride=stride, offset=offset, shard=shard)
+                        kept = s2_kept_blocks(n, kv, opts, n_q)
+                        for h in range(n_q):
+                            index = h // (n_q // kv) if shard == "kv" else h
+                            row = torch.tensor([_dkernel_strided(j, index, n_q, stride, offset) for j in range(n)])
+                            far = kept[h, n - 1, : n - 2]  # the last query block's older blocks
+                            assert torch.equal(far, row[: n - 2]), (n_q, kv, stride, offset, shard, h)
+                        checked += 1
+                    auto = S2Options(block=16, local_blocks=2, vert_stride=stride, offset=offset)
+                    covered = not s2_uncovered_residues(kv, S2Options(**{**auto.__dict__, "shard": "kv"}), n_q)
+                    assert s2_shard_mode(kv, auto, n_q) == ("kv" if covered else "query")
+    assert checked > 3000
 
 
 def test_streaming_matches_definition():
@@ -155,7 +206,7 @@ def test_s2_coverage_property(kv, stride, local, sink, n, het):
 
 def test_s2_rejects_uncovering_heads_and_names_the_field():
     cfg = dict(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=4, max_seq_len=256)
-    with pytest.raises(ConfigError, match=r"model.attention\[0\].options.vert_stride.*\[1, 3, 5, 7\]"):
+    with pytest.raises(ConfigError, match=r"model.attention\[0\].options.vert_stride.*\[0, 2, 4, 6\]"):
         Transformer(ModelConfig(**cfg, attention=[{"name": "s2", "options": {"vert_stride": 8}}]))
     Transformer(ModelConfig(**cfg, attention=[{"name": "s2", "options": {"vert_stride": 8,
                                                                           "allow_incomplete_coverage": True}}]))
@@ -165,6 +216,39 @@ def test_s2_rejects_uncovering_heads_and_names_the_field():
     with pytest.raises(ConfigError, match="vert_stride"):
         Transformer(ModelConfig(**cfg, attention=[{"name": "mixed", "options": {"groups": [
             {"name": "sliding_window", "heads": 1}, {"name": "s2", "heads": 3, "options": {"vert_stride": 8}}]}}]))
+
+
+def test_continue_hf_s2_covers_every_block_on_real_layouts():
+    """The shipped continue_hf_s2 options (no coverage escape hatch, every layer S2) build on Qwen2.5-0.5B
+    (14 / 2 heads: query shards) and Llama-3-8B (32 / 8: KV shards) and read every block; what query
+    shards cost in KV: a KV head's decoding plan lists the union of its query heads' far blocks."""
+    import math
+
+    import yaml
+    from longshard.train.config import recipe_path
+
+    spec = yaml.safe_load(recipe_path("continue_hf_s2").read_text())["model"]["attention"]
+    assert len(spec) == 1 and "allow_incomplete_coverage" not in spec[0]["options"]
+    assert "dense_every_n_layers" not in spec[0]["options"]
+    kv_share = {}
+    for name, (h, kv, dim) in {"qwen2.5-0.5b": (14, 2, 112), "llama-3-8b": (32, 8, 256)}.items():
+        model = Transformer(ModelConfig(vocab_size=64, dim=dim, n_layers=2, n_heads=h, n_kv_heads=kv,
+                                        max_seq_len=1 << 16, attention=spec))
+        core = model.layers[0].attention.core_attention
+        assert core.covers_context and core.dense is None
+        assert core.shard == ("query" if name.startswith("qwen") else "kv")
+        n = 64  # blocks: 4096 tokens at block 64
+        assert check_coverage(n, kv, core.opts, h)
+        k_len = n * core.block
+        q = torch.zeros(1, h, 1, 8)
+        kbar = torch.zeros(1, kv, n, 8)
+        blocks = core.decode_plan(q, kbar, k_len).blocks_BKN[0]
+        listed = (blocks >= 0).sum(-1).float()  # per KV head
+        far = n - core.opts.local_blocks
+        kv_share[name] = float((listed.mean() - core.opts.local_blocks) / far)
+    # stride 8: KV shards keep 1/8 of the far blocks per KV head; 7 query heads per KV head keep 7/8
+    assert math.isclose(kv_share["llama-3-8b"], 1 / 8, abs_tol=0.02)
+    assert math.isclose(kv_share["qwen2.5-0.5b"], 7 / 8, abs_tol=0.02)
 
 
 def test_s2_dense_every_n_layers():

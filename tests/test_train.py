@@ -432,7 +432,9 @@ def test_learned_gates_train_and_export_assignment(tmp_path, data_dir, env_cpu):
 
 @pytest.mark.parametrize("recipe,nproc,extra", [
     ("continue_hf_gated", 2, []),
-    ("continue_hf_s2", 2, ["parallel.sp_degree=2"]),
+    # the tiny Llama has 4 query heads: a stride of 4 lets them cover every block (the recipe ships 8)
+    ("continue_hf_s2", 2, ["parallel.sp_degree=2", "model.attention=[{name: s2, options: {block: 64, "
+                           "local_blocks: 16, vert_stride: 4}}]"]),
     # small blocks so 256 tokens have far blocks: the importance bias and the budget change the loss a little
     ("continue_hf_nosa", 1, ["model.attention=[{name: nosa, options: {block: 16, local_blocks: 2, query_blocks: 2, "
                              "static_blocks: 2}}]"]),
@@ -480,7 +482,9 @@ RECIPE_STEP = {  # recipe: (processes, overrides shrinking its layout to 2 CPU p
     "pretrain_small": (2, ["model.max_seq_len=512", "model.n_layers=2", *QWEN_TINY]),
     "continue_hf_yarn": (2, []),
     "continue_hf_gated": (2, []),  # Ulysses 2 over 14 / 2 heads
-    "continue_hf_s2": (2, ["parallel.sp_degree=2"]),  # sparsity-aware ring over 2 ranks
+    # sparsity-aware ring over 2 ranks; small blocks so 256 tokens have far blocks (query shards on 14 / 2)
+    "continue_hf_s2": (2, ["parallel.sp_degree=2", "model.attention=[{name: s2, options: {block: 16, "
+                           "local_blocks: 2, vert_stride: 8, shard: auto}}]"]),
     "continue_hf_nosa": (1, []),  # with host-memory activation offload
 }
 

@@ -1,10 +1,21 @@
 """S2-Attention: heterogeneous head-sharded block-sparse attention.
 
-Each KV head ``h`` reads the ``local_blocks`` most recent key blocks, the first ``sink_blocks``
-blocks, and every older block ``j`` with ``(j + h*step + offset) % vert_stride == 0`` where
-``step = max(1, vert_stride // n_kv_heads)`` (DKernel's rule). Phases differ per head, so the
-heads of a layer jointly cover every block when there are at least ``vert_stride`` KV heads.
-Query heads share the pattern of their KV head (GQA).
+A shard ``h`` reads the ``local_blocks`` most recent key blocks, the first ``sink_blocks``
+blocks, and every older block ``j`` with ``(j + h*step + offset + 1) % vert_stride == 0`` where
+``step = max(1, vert_stride // n_query_heads)`` — DKernel's ``get_sparse_attn_mask`` rule (its
+``head_sliding_offset`` is our ``offset``; under tensor parallelism ``h`` stays the global index).
+
+Shards (option ``shard``):
+
+* ``kv``: ``h`` is the KV head; the query heads of a GQA group share its pattern, so each KV
+  head's cache keeps ``1 / vert_stride`` of the far blocks. The heads of a layer cover every block
+  when the KV heads' phases hit every residue (at least ``vert_stride`` KV heads when the step is 1).
+* ``query``: ``h`` is the query head (DKernel's per-head layout for GQA models); coverage is
+  checked over query heads, and a KV head's cache keeps the union of its query heads' blocks: with
+  ``G`` query heads per KV head, up to ``G / vert_stride`` of the far blocks (Qwen2.5-0.5B: 14 / 2
+  heads, stride 8 -> 7 of 8 residues per KV head: full coverage, but little KV saving; compute
+  still reads ``1 / vert_stride`` per query head). Offloaded decoding fetches that union.
+* ``auto`` (default): ``kv`` when the KV heads cover the stride, else ``query``.
 """
 
 from __future__ import annotations
@@ -29,8 +40,9 @@ class S2Options:
         local_blocks: most recent blocks every head keeps (the diagonal block included).
         vert_stride: stride of the older blocks a head keeps.
         sink_blocks: leading blocks every head keeps.
-        heterogeneous: shift the stride phase per KV head (False = same shard for all heads).
-        offset: global phase offset.
+        heterogeneous: shift the stride phase per shard (False = same phase for all heads).
+        offset: global phase offset (DKernel's ``head_sliding_offset``).
+        shard: ``kv``, ``query`` or ``auto`` (see the module docstring).
         dense_every_n_layers: >0 makes layers with ``(layer_idx + 1) % n == 0`` dense (hybrid).
         allow_incomplete_coverage: accept heads whose union misses blocks.
         path: ``auto``, ``naive``, ``gather``, ``banded``, ``chunked``, ``flex`` or ``triton``
@@ -43,6 +55,7 @@ class S2Options:
     sink_blocks: int = 0
     heterogeneous: bool = True
     offset: int = 0
+    shard: str = "auto"
     dense_every_n_layers: int = 0
     allow_incomplete_coverage: bool = False
     path: str = "auto"
@@ -52,37 +65,62 @@ class S2Options:
             require_positive(getattr(self, name), name)
         require(self.sink_blocks >= 0, "sink_blocks", f"must be >= 0, got {self.sink_blocks}.")
         require(self.dense_every_n_layers >= 0, "dense_every_n_layers", "must be >= 0.")
+        require(self.shard in S2_SHARDS, "shard", f"{self.shard!r} is not one of {', '.join(S2_SHARDS)}.",
+                "kv: a pattern per KV head; query: per query head; auto: kv when the KV heads cover the stride.")
         check_path(self.path)
 
 
-def s2_phase(kv_head: int, n_kv_heads: int, opts: S2Options) -> int:
-    """Residue r such that KV head ``kv_head`` keeps older blocks with j % vert_stride == r."""
-    step = max(1, opts.vert_stride // n_kv_heads) if opts.heterogeneous else 0
-    return (-(kv_head * step + opts.offset)) % opts.vert_stride
+S2_SHARDS = ("auto", "kv", "query")
 
 
-def s2_kept_blocks(n_blocks: int, n_kv_heads: int, opts: S2Options) -> torch.Tensor:
-    """(Hkv, n_blocks, n_blocks) bool: key blocks each KV head's query block keeps (causal)."""
+def s2_phase(head: int, n_query_heads: int, opts: S2Options) -> int:
+    """Residue r such that shard ``head`` keeps older blocks with j % vert_stride == r (DKernel's rule:
+    ``(j + head * step + offset + 1) % vert_stride == 0``, ``step = max(1, vert_stride // n_query_heads)``)."""
+    step = max(1, opts.vert_stride // n_query_heads) if opts.heterogeneous else 0
+    return (-(head * step + opts.offset + 1)) % opts.vert_stride
+
+
+def _missing(phases: list[int], opts: S2Options) -> list[int]:
+    return [r for r in range(opts.vert_stride) if r not in set(phases)]
+
+
+def s2_shard_mode(n_kv_heads: int, opts: S2Options, n_query_heads: int | None = None) -> str:
+    """``kv`` or ``query``: the option, or for ``auto`` ``kv`` when the KV heads' phases cover the stride."""
+    if opts.shard != "auto":
+        return opts.shard
+    n_q = n_query_heads or n_kv_heads
+    return "kv" if not _missing([s2_phase(h, n_q, opts) for h in range(n_kv_heads)], opts) else "query"
+
+
+def s2_head_phases(n_kv_heads: int, opts: S2Options, n_query_heads: int | None = None) -> list[int]:
+    """The phase of every query head: its KV head's (``kv`` shards) or its own (``query`` shards).
+    ``n_query_heads`` defaults to ``n_kv_heads`` (one query head per KV head)."""
+    n_q = n_query_heads or n_kv_heads
+    group = n_q // n_kv_heads
+    if s2_shard_mode(n_kv_heads, opts, n_q) == "kv":
+        return [s2_phase(h // group, n_q, opts) for h in range(n_q)]
+    return [s2_phase(h, n_q, opts) for h in range(n_q)]
+
+
+def s2_kept_blocks(n_blocks: int, n_kv_heads: int, opts: S2Options, n_query_heads: int | None = None) -> torch.Tensor:
+    """(H, n_blocks, n_blocks) bool: key blocks each query head's query block keeps (causal); H is
+    ``n_query_heads`` (default ``n_kv_heads``)."""
     i = torch.arange(n_blocks)[:, None]
     j = torch.arange(n_blocks)[None, :]
     causal = j <= i
     base = (i - j < opts.local_blocks) | (j < opts.sink_blocks)
-    out = []
-    for h in range(n_kv_heads):
-        strided = (j % opts.vert_stride) == s2_phase(h, n_kv_heads, opts)
-        out.append(causal & (base | strided))
-    return torch.stack(out)
+    return torch.stack([causal & (base | ((j % opts.vert_stride) == r))
+                        for r in s2_head_phases(n_kv_heads, opts, n_query_heads)])
 
 
-def s2_uncovered_residues(n_kv_heads: int, opts: S2Options) -> list[int]:
-    """Residues mod vert_stride no KV head keeps: blocks older than the local window there are lost."""
-    phases = {s2_phase(h, n_kv_heads, opts) for h in range(n_kv_heads)}
-    return [r for r in range(opts.vert_stride) if r not in phases]
+def s2_uncovered_residues(n_kv_heads: int, opts: S2Options, n_query_heads: int | None = None) -> list[int]:
+    """Residues mod vert_stride no head keeps: blocks older than the local window there are lost."""
+    return _missing(s2_head_phases(n_kv_heads, opts, n_query_heads), opts)
 
 
-def check_coverage(n_blocks: int, n_kv_heads: int, opts: S2Options) -> bool:
+def check_coverage(n_blocks: int, n_kv_heads: int, opts: S2Options, n_query_heads: int | None = None) -> bool:
     """True when the union over heads of the kept blocks is the full causal triangle."""
-    kept = s2_kept_blocks(n_blocks, n_kv_heads, opts).any(0)
+    kept = s2_kept_blocks(n_blocks, n_kv_heads, opts, n_query_heads).any(0)
     return bool(kept[torch.ones(n_blocks, n_blocks, dtype=torch.bool).tril()].all())
 
 
@@ -99,16 +137,19 @@ class S2Attention(BlockSparseAttention):
         super().__init__(ctx, opts.block, opts.path)
         self.opts = opts
         self.dense = DenseAttention(ctx, DenseOptions()) if s2_is_dense_layer(ctx.layer_idx, opts) else None
-        self.covers_context = self.dense is not None or not s2_uncovered_residues(ctx.n_kv_heads, opts)
+        self.shard = s2_shard_mode(ctx.n_kv_heads, opts, ctx.n_heads)
+        missing = s2_uncovered_residues(ctx.n_kv_heads, opts, ctx.n_heads)
+        self.covers_context = self.dense is not None or not missing
         self.supports_offload = self.dense is None  # hybrid schedule's dense layers keep their full KV
         if not self.covers_context and not (opts.allow_incomplete_coverage or ctx.context_covered_elsewhere):
-            missing = s2_uncovered_residues(ctx.n_kv_heads, opts)
+            heads = f"{ctx.n_kv_heads} KV heads" if self.shard == "kv" else f"{ctx.n_heads} query heads"
             raise ConfigError(
                 f"model.attention[{ctx.layer_idx}].options.vert_stride",
-                f"{ctx.n_kv_heads} KV heads with vert_stride={opts.vert_stride} leave key blocks j with "
+                f"{heads} ({self.shard} shards) with vert_stride={opts.vert_stride} leave key blocks j with "
                 f"j % {opts.vert_stride} in {missing} unread by every head beyond the local window.",
-                "use at least vert_stride KV heads, lower vert_stride, add dense heads (mixed), "
-                "or set allow_incomplete_coverage=true.",
+                ("use shard=query (or auto), " if self.shard == "kv" else
+                 f"lower vert_stride to at most {ctx.n_heads} (the query heads), ")
+                + "add dense heads (mixed), or set allow_incomplete_coverage=true.",
             )
 
     def attention_flops_per_token(self, seq_len: int) -> float:
@@ -117,20 +158,16 @@ class S2Attention(BlockSparseAttention):
         return super().attention_flops_per_token(seq_len)
 
     def band_spec(self, n_blocks: int) -> BandFarSpec:
-        o, kv = self.opts, self.ctx.n_kv_heads
+        o = self.opts
         j = torch.arange(n_blocks)
-        far = []
-        for h in range(kv):
-            sel = j[((j % o.vert_stride) == s2_phase(h, kv, o)) | (j < o.sink_blocks)]
-            far.append(sel)
+        far = [j[((j % o.vert_stride) == r) | (j < o.sink_blocks)]
+               for r in s2_head_phases(self.ctx.n_kv_heads, o, self.ctx.n_heads)]
         width = max(len(f) for f in far)
-        far_KF = torch.stack([torch.cat([f, f.new_full((width - len(f),), -1)]) for f in far])
-        return BandFarSpec(self.block, o.local_blocks, far_KF.repeat_interleave(self.ctx.n_heads // kv, dim=0))
+        far_HF = torch.stack([torch.cat([f, f.new_full((width - len(f),), -1)]) for f in far])
+        return BandFarSpec(self.block, o.local_blocks, far_HF)
 
     def build_pattern(self, n_blocks: int) -> SparsePattern:
-        kv = s2_kept_blocks(n_blocks, self.ctx.n_kv_heads, self.opts)
-        group = self.ctx.n_heads // self.ctx.n_kv_heads
-        return SparsePattern(self.block, kv.repeat_interleave(group, dim=0))
+        return SparsePattern(self.block, s2_kept_blocks(n_blocks, self.ctx.n_kv_heads, self.opts, self.ctx.n_heads))
 
     def forward(self, q_BHSD, k_BHSD, v_BHSD, batch):
         if self.dense is not None:
