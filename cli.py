@@ -113,14 +113,23 @@ def _run_forwarding_signals(cmd: list[str]) -> tuple[int, bool]:
     from longshard.train.faults import die_with_parent
 
     proc = subprocess.Popen(cmd, preexec_fn=die_with_parent if sys.platform.startswith("linux") else None,
-                            stderr=subprocess.PIPE, text=True, errors="replace", bufsize=1)
+                            stderr=subprocess.PIPE)
     killed = threading.Event()
+    markers = (b"exitcode  : -9", b"Signal 9 (SIGKILL)")
 
-    def relay() -> None:
-        for line in proc.stderr:
-            sys.stderr.write(line)
-            if "exitcode  : -9" in line or "Signal 9 (SIGKILL)" in line:
+    def relay() -> None:  # raw chunks as they come: a progress bar's carriage returns keep working
+        tail = b""
+        out = getattr(sys.stderr, "buffer", None)
+        while chunk := os.read(proc.stderr.fileno(), 65536):
+            if out is not None:
+                out.write(chunk)
+                out.flush()
+            else:
+                sys.stderr.write(chunk.decode(errors="replace"))
+            seen = tail + chunk
+            if any(m in seen for m in markers):
                 killed.set()
+            tail = seen[-32:]
 
     reader = threading.Thread(target=relay, daemon=True)
     reader.start()
@@ -324,7 +333,12 @@ def _heads(args: argparse.Namespace) -> int:
                               "gate": spec.gate})
         else:
             attention.append({"name": spec.name, "options": dict(spec.options), "gate": spec.gate})
-    text = yaml.safe_dump({"retrieval_heads": assignment, "model": {"attention": attention}}, sort_keys=False)
+    class _PlainDumper(yaml.SafeDumper):  # no &id001 anchors for values that appear twice
+        def ignore_aliases(self, data):  # noqa: ARG002 - yaml's signature
+            return True
+
+    text = yaml.dump({"retrieval_heads": assignment, "model": {"attention": attention}}, Dumper=_PlainDumper,
+                     sort_keys=False)
     if args.output:
         Path(args.output).write_text(text)
     sys.stdout.write(text)

@@ -59,13 +59,17 @@ def run(mode: str, context: int, new_tokens: int, device: torch.device, dim: int
         dt = time.perf_counter() - t0
     steps = new_tokens + 1
     rec = {"mode": mode, "context_len": context, "tokens_per_s": steps / dt, "bytes_per_step": 0.0,
-           "cache_hit_rate": 1.0, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu"}
+           "cache_hit_rate": None, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu"}
     if isinstance(cache, OffloadedCache):
         rec["bytes_per_step"] = cache.stats.h2d_bytes / cache.stats.decode_steps
         rec["cache_hit_rate"] = cache.stats.hit_rate
         rec["device_kv_bytes"] = cache.device_kv_bytes()
         rec["host_kv_bytes"] = cache.host_bytes()
     return rec
+
+
+def _rate(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
 
 
 def main() -> None:
@@ -89,7 +93,7 @@ def main() -> None:
             base = rec["tokens_per_s"] if mode == "full" else base
             records.append(rec)
             print(f"{mode:<22}{context:>9}{rec['tokens_per_s']:>10.1f}{rec['bytes_per_step']:>13,.0f}"
-                  f"{rec['cache_hit_rate']:>10.3f}{rec['tokens_per_s'] / base:>9.2f}", flush=True)
+                  f"{_rate(rec['cache_hit_rate']):>10}{rec['tokens_per_s'] / base:>9.2f}", flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(records, f, indent=2)

@@ -57,9 +57,11 @@ class OffloadStats:
     full_kv_layers: set[int] = field(default_factory=set)
 
     @property
-    def hit_rate(self) -> float:
+    def hit_rate(self) -> float | None:
+        """Share of listed blocks found on the device; None when no block was looked up (e.g. every
+        layer dense, so nothing was offloaded)."""
         total = self.hits + self.misses
-        return self.hits / total if total else 1.0
+        return self.hits / total if total else None
 
     def snapshot(self) -> dict[str, float]:
         return {"h2d_bytes": self.h2d_bytes, "d2h_bytes": self.d2h_bytes, "hits": self.hits,

@@ -141,6 +141,18 @@ def test_generate_cli_with_offload(tmp_path):
     assert proc.returncode != 0 and "--prompt" in proc.stderr
 
 
+def test_dense_model_reports_no_hit_rate():
+    """Friction 8: with every layer dense nothing is offloaded and no block is looked up: the hit rate
+    is None (reported null), not a perfect 1.0."""
+    from longshard.models.offload import OffloadedCache, generate
+
+    model = Transformer(ModelConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, max_seq_len=128)).eval()
+    cache = OffloadedCache(4)
+    generate(model, torch.randint(0, 64, (1, 20)), 5, cache=cache)
+    assert cache.stats.hit_rate is None and cache.stats.full_kv_layers == {0, 1}
+    assert cache.stats.snapshot()["hit_rate"] is None
+
+
 # --- training-side offload ----------------------------------------------------------------------
 TRAIN_VARIANTS = {
     "dense": [{"name": "dense"}],

@@ -425,6 +425,7 @@ def test_learned_gates_train_and_export_assignment(tmp_path, data_dir, env_cpu):
     import yaml
 
     doc = yaml.safe_load(out.stdout)
+    assert "&id" not in out.stdout and "*id" not in out.stdout  # plain YAML: no anchors or aliases
     assert set(doc["retrieval_heads"]) == {0, 1}
     assert doc["model"]["attention"][0]["name"] == "streaming"
     assert "learned_gates" not in doc["model"]["attention"][0]["options"]

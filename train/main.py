@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 
@@ -11,6 +10,7 @@ from longshard.errors import ConfigError
 from longshard.parallel import destroy_distributed, exit_worker
 from longshard.train.config import load_config
 from longshard.train.faults import PreemptionWatch, die_with_parent
+from longshard.train.metrics import human_summary
 from longshard.train.trainer import CheckpointError, CollectiveError, NonFiniteLossError, train
 
 
@@ -48,8 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         watch.restore()
         destroy_distributed()
     if rank == 0:
-        summary = {k: v for k, v in report.items() if k != "losses"}
-        logging.getLogger("longshard").info("final report: %s", json.dumps(summary))
+        logging.getLogger("longshard").info("%s", human_summary(report))
     return 0
 
 

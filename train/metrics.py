@@ -81,14 +81,18 @@ class MetricsLogger:
         if wandb_mode != "disabled":
             import wandb
 
-            self.wandb_run = wandb.init(
+            self.wandb_run = wandb.init(  # quiet: no 35-line run summary at exit (the report says it)
                 mode=wandb_mode, dir=str(output_dir), project=project, name=run_name, group=group,
-                config=config, reinit="finish_previous",
+                config=config, reinit="finish_previous", settings=wandb.Settings(quiet=True),
             )
         if progress:
             from tqdm import tqdm
+            from tqdm.contrib.logging import logging_redirect_tqdm
 
             self.bar = tqdm(total=total_steps, initial=start_step, desc=run_name, dynamic_ncols=True)
+            # log lines (checkpoint saved, evaluation) go above the bar instead of onto it
+            self._redirect = logging_redirect_tqdm()
+            self._redirect.__enter__()
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         """Record ``metrics`` for ``step``."""
@@ -116,7 +120,53 @@ class MetricsLogger:
         return None if self.wandb_run is None else str(Path(self.wandb_run.dir).parent)
 
     def close(self) -> None:
+        """Close the bar and the wandb run (once; later calls do nothing)."""
         if self.bar is not None:
             self.bar.close()
+            self._redirect.__exit__(None, None, None)
+            self.bar = None
         if self.wandb_run is not None:
             self.wandb_run.finish()
+            self.wandb_run = None
+
+
+def human_summary(report: dict[str, Any]) -> str:
+    """A few lines for people at the end of a run (``report.json`` keeps everything for machines)."""
+    losses = report.get("losses") or []
+    start = report.get("resumed_from_step") or 0
+    layout = f"dp {report['world_size'] // (report['sp_degree'] * report['tp_degree'])} x sp {report['sp_degree']}" \
+             f" x tp {report['tp_degree']}"
+    head = f"{report['name']} finished: {max(len(losses) - start, 0)} steps" + \
+        (f" (resumed from step {start})" if start else "")
+    if report.get("preempted_at_step") is not None:
+        head = f"{report['name']} stopped at step {report['preempted_at_step']} (pre-empted; resume with " \
+               "checkpoint.resume=auto)"
+    lines = [f"{head} in {report['wall_s']:.1f} s ({report['world_size']} process(es) on {report['device']}, "
+             f"{layout})"]
+    if losses:
+        lines.append(f"  training loss {losses[0]:.4g} (step 1) -> {losses[-1]:.4g} (step {len(losses)})")
+    if report.get("conversion"):
+        c = report["conversion"]
+        lines.append(f"  conversion: held-out loss {c['original_loss']:.4g} as loaded, {c['converted_loss']:.4g} "
+                     f"converted (gap {c['loss_gap']:+.3g})")
+    evals = []
+    if report.get("val_loss") is not None:
+        evals.append(f"held-out loss {report['val_loss']:.4g} (ppl {report['val_ppl']:.4g})")
+    evals += [f"{k} {v:.4g}" for k, v in report.items() if k.startswith(("ppl@", "mqar_acc")) and v is not None]
+    seq_len = report.get("seq_len") or 0
+    passkey = [f"@{k.split('@')[1]} {v:.2f}" + (" (extrapolation)" if seq_len and int(k.split("@")[1]) > seq_len
+                                                  else "")
+               for k, v in report.items() if k.startswith("passkey_acc@")]
+    if passkey:
+        probe = "" if report.get("data_source") == "passkey" else " (a probe: not trained on passkeys, expect ~0 " \
+            "at small budgets)"
+        evals.append("passkey accuracy " + ", ".join(passkey) + probe)
+    if evals:
+        lines.append("  evaluated: " + "; ".join(evals))
+    files = [f"report {Path(report['metrics_file']).parent / 'report.json'}", f"metrics {report['metrics_file']}"]
+    if report.get("checkpoint"):
+        files.insert(0, f"checkpoint {report['checkpoint']}")
+    if report.get("wandb_dir"):
+        files.append(f"wandb {report['wandb_dir']} (offline runs: `wandb sync` it)")
+    lines.append("  files: " + ", ".join(files))
+    return "\n".join(lines)

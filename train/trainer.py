@@ -547,6 +547,8 @@ def _train_locked(cfg: Config, env, t0: float, use_ds: bool, dp_size: int, grad_
         "conversion": conversion,
         **eval_results,
         "world_size": env.world_size,
+        "seq_len": cfg.train.seq_len,
+        "data_source": cfg.data.source,
         "dp_mode": cfg.parallel.dp_mode,
         "sp_degree": sp_size,
         "tp_degree": tp_size,
