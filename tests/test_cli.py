@@ -143,7 +143,7 @@ def test_torchrun_script_runs_training(tmp_path):
         ["bash", str(REPO / "launch" / "torchrun.sh"), "quickstart", "train.steps=2", "model.n_layers=1",
          "model.attention=[{name: dense}]", "data.default_corpus_bytes=200000", "eval.passkey_samples=0",
          "logging.wandb=disabled", f"output_dir={tmp_path / 'r'}"],
-        env=env, capture_output=True, text=True, timeout=300)
+        env=env, capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stderr[-3000:]
     assert json.loads((tmp_path / "r" / "report.json").read_text())["world_size"] == 2
 

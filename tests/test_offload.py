@@ -129,7 +129,7 @@ def test_generate_cli_with_offload(tmp_path):
     for extra in ([], ["--offload-cache-blocks", "9"]):
         proc = subprocess.run([sys.executable, "-m", "longshard.cli", "generate", str(ckpt), "--prompt",
                                "The quick brown fox jumps over the lazy dog. " * 3, "--max-new-tokens", "12", *extra],
-                              env=env, capture_output=True, text=True, timeout=300)
+                              env=env, capture_output=True, text=True, timeout=900)
         assert proc.returncode == 0, proc.stderr[-3000:]
         results.append(json.loads(proc.stdout))
     plain, off = results
@@ -137,7 +137,7 @@ def test_generate_cli_with_offload(tmp_path):
     assert plain["text"] == off["text"]
     assert off["offload"]["h2d_bytes"] > 0 and off["offload"]["host_kv_bytes"] > 0
     proc = subprocess.run([sys.executable, "-m", "longshard.cli", "generate", str(ckpt)], env=env,
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=900)
     assert proc.returncode != 0 and "--prompt" in proc.stderr
 
 
