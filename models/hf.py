@@ -558,7 +558,7 @@ def dense_reference(model: Transformer) -> Iterator[Transformer]:
     for layer in model.layers:
         attn = layer.attention
         saved.append((attn, attn.core_attention, attn.wg))
-        attn.core_attention = DenseAttention(attn.core_attention.ctx, DenseOptions())
+        attn.core_attention = DenseAttention(attn.ctx, DenseOptions())
         attn.wg = None
     try:
         yield model

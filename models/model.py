@@ -103,6 +103,7 @@ class Attention(nn.Module):
             head_dim=hd,
             model_dim=cfg.dim,
         )
+        self.ctx = ctx  # the core's context, also when parallel wrappers replace core_attention
         self.core_attention = build_attention(spec.name, spec.options, ctx)
         self.activation_offload = None  # an ActivationOffload shared by the model's layers, set by the model
 

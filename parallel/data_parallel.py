@@ -48,6 +48,14 @@ def parallelize(model: Transformer, mesh: DeviceMesh, dp_mode: str, dtype: torch
     raise ValueError(f"unknown dp_mode {dp_mode!r}: use ddp or fsdp2")
 
 
+def reshard(model: nn.Module) -> None:
+    """Put every FSDP2 module back into its sharded state (a forward outside training leaves the root's
+    parameters gathered; the optimizer and checkpoints must see the sharded ones)."""
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
+
+
 def unwrap(model: nn.Module) -> Transformer:
     """The :class:`Transformer` inside a DDP wrapper or DeepSpeed engine (FSDP2 keeps the module itself)."""
     if isinstance(model, DistributedDataParallel) or type(model).__name__ == "DeepSpeedEngine":

@@ -35,11 +35,13 @@ from longshard.parallel import (
     parallelize,
     unwrap,
 )
+from longshard.parallel.data_parallel import reshard
 from longshard.parallel.deepspeed_engine import deepspeed_config, import_deepspeed
 from longshard.parallel.deepspeed_engine import initialize as ds_initialize
 from longshard.parallel.env import all_agree
 from longshard.parallel.ring import apply_ring
 from longshard.parallel.sequence import CommCounter, SeqShard, apply_ulysses, kv_replication
+from longshard.parallel.sharded_load import hf_names_of, load_hf_sharded, parameters_on_meta
 from longshard.parallel.tensor_parallel import apply_tensor_parallel, check_tensor_parallel
 from longshard.train.checkpoint import Checkpointer, CheckpointError
 from longshard.train.config import Config, dump_config
@@ -257,6 +259,52 @@ def convert_from_hf(model: Transformer, cfg: Config, val_ds, device: torch.devic
     return gap
 
 
+def build_model(cfg: Config, mcfg: ModelConfig, use_ds: bool, tp_size: int) -> tuple[Transformer, bool]:
+    """The model, and whether its HF weights are to be loaded shard by shard after FSDP2 sharding.
+
+    An HF checkpoint under FSDP2 (native engine, no tensor parallel) whose every parameter the
+    checkpoint holds is built with its parameters on the meta device: no rank ever holds the whole
+    fp32 model (see :mod:`longshard.parallel.sharded_load`). Otherwise the model is built whole.
+    """
+    if cfg.init.hf_path is None or use_ds or cfg.parallel.dp_mode != "fsdp2" or tp_size > 1:
+        return Transformer(mcfg), False
+    with parameters_on_meta():
+        model = Transformer(mcfg)
+    if hf_names_of(model) is None:  # the conversion adds parameters (gates, NSA/NOSA weights): initialise whole
+        log.info("this conversion adds parameters the checkpoint lacks: loading %s unsharded", cfg.init.hf_path)
+        return Transformer(mcfg), False
+    return model, True
+
+
+def convert_sharded(dmodel, model: Transformer, cfg: Config, val_ds, device: torch.device, sp: SeqShard | None,
+                    apply_sp) -> dict[str, float] | None:
+    """The conversion gap of :func:`convert_from_hf`, measured on the sharded (FSDP2, sequence-parallel)
+    model: the original is the same weights with dense cores, put behind the same sequence-parallel
+    wrapping (``apply_sp``) for the measurement."""
+    if not is_conversion(model.cfg):
+        return None
+    autocast = torch.bfloat16 if cfg.train.dtype == "bf16" else None
+    n = cfg.init.conversion_eval_batches
+    if val_ds is None or n <= 0 or len(val_ds) == 0:
+        log.info("converted %s; no held-out data to measure the initial loss gap", cfg.init.hf_path)
+        return None
+
+    def loss() -> float:
+        return heldout_loss(dmodel, val_ds, n, cfg.train.micro_batch_size, device, autocast, cfg.data.doc_mask, sp)
+
+    dmodel.eval()
+    with dense_reference(model):
+        if apply_sp is not None:
+            apply_sp(model)
+        original = loss()
+    converted = loss()
+    dmodel.train()
+    reshard(dmodel)
+    log.info("converted %s (loaded sharded): held-out loss %.4f with its own attention, %.4f converted (gap %+.4f)",
+             cfg.init.hf_path, original, converted, converted - original)
+    return {"original_loss": original, "converted_loss": converted, "loss_gap": converted - original}
+
+
 def train(cfg: Config, watch: PreemptionWatch | None = None) -> dict[str, Any]:
     """Run training as described by ``cfg`` on this rank; returns the final report (all ranks).
 
@@ -308,20 +356,22 @@ def _train_locked(cfg: Config, env, t0: float, use_ds: bool, dp_size: int, grad_
     train_ds, val_ds, tokenizer = build_datasets(cfg, env, mcfg)
     passkey_lengths = list(cfg.eval.passkey_lengths) or [cfg.train.seq_len, 2 * cfg.train.seq_len]
     check_passkey_lengths(tokenizer, passkey_lengths if cfg.eval.passkey_samples else [])
-    model = Transformer(mcfg)
+    mode = cfg.parallel.sp_mode
+    uly = cfg.parallel.sp_ulysses_degree if mode == "hybrid" else 1
+    tp_size = cfg.parallel.tp_degree
+    model, sharded_hf = build_model(cfg, mcfg, use_ds, tp_size)
     maybe_inject_fault(0, env.rank)  # drill hook for "signalled during start-up"
     kept_fraction = attention_kept_fraction(model, cfg.train.seq_len)  # before any parallel wrapper
     fpt = flops_per_token(mcfg, cfg.train.seq_len, model)  # the attention FLOPs each variant performs
-    if cfg.init.hf_path is not None:
+    if cfg.init.hf_path is not None and not sharded_hf:
         load_into(model, load_hf_state_dict(cfg.init.hf_path, mcfg), cfg.init.hf_path)
     model.set_activation_checkpointing(cfg.train.activation_checkpointing)
     model.set_activation_offload(cfg.train.activation_offload)
     model.set_loss_chunking(None if cfg.train.loss_chunk_tokens < 0 else cfg.train.loss_chunk_tokens)
-    model.to(env.device)
-    conversion = convert_from_hf(model, cfg, val_ds, env.device) if cfg.init.hf_path is not None else None
-    mode = cfg.parallel.sp_mode
-    uly = cfg.parallel.sp_ulysses_degree if mode == "hybrid" else 1
-    tp_size = cfg.parallel.tp_degree
+    conversion = None
+    if not sharded_hf:
+        model.to(env.device)
+        conversion = convert_from_hf(model, cfg, val_ds, env.device) if cfg.init.hf_path is not None else None
     if tp_size > 1:  # heads and variants checked before the mesh's groups are created
         check_tensor_parallel(model, tp_size)
     mesh = build_mesh(env, sp_size, uly, tp_size)
@@ -329,16 +379,20 @@ def _train_locked(cfg: Config, env, t0: float, use_ds: bool, dp_size: int, grad_
         apply_tensor_parallel(model, mesh["tp"])
     comm = CommCounter()
     sp = None
+
+    def apply_sp(m: Transformer, counter: CommCounter) -> None:
+        if mode == "ulysses":
+            apply_ulysses(m, sp.group, counter)
+        elif mode == "ring":
+            apply_ring(m, sp.group, counter)
+        else:
+            apply_ring(m, mesh["ring"].get_group(), counter, ulysses_group=mesh["uly"].get_group())
+
     if sp_size > 1:
         sp_rank = mesh["ring"].get_local_rank() * uly + mesh["uly"].get_local_rank() if uly > 1 else \
             mesh["sp"].get_local_rank()
         sp = SeqShard(mesh["sp"].get_group(), sp_rank, sp_size, zigzag=mode != "ulysses", inner=uly)
-        if mode == "ulysses":
-            apply_ulysses(model, sp.group, comm)
-        elif mode == "ring":
-            apply_ring(model, sp.group, comm)
-        else:
-            apply_ring(model, mesh["ring"].get_group(), comm, ulysses_group=mesh["uly"].get_group())
+        apply_sp(model, comm)
     if use_ds:  # ZeRO over every rank replaces DDP/FSDP2; the schedule stays ours
         optimizer = build_optimizer(model, cfg)
         scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.steps)
@@ -347,6 +401,10 @@ def _train_locked(cfg: Config, env, t0: float, use_ds: bool, dp_size: int, grad_
             cfg.deepspeed.offload_optimizer, cfg.deepspeed.config_file))
     else:
         dmodel = parallelize(model, mesh, cfg.parallel.dp_mode, torch.bfloat16 if cfg.train.dtype == "bf16" else None)
+        if sharded_hf:  # each rank reads only its shards of the checkpoint, then the gap is measured sharded
+            load_hf_sharded(dmodel, cfg.init.hf_path, env.device)
+            conversion = convert_sharded(dmodel, model, cfg, val_ds, env.device, sp,
+                                         (lambda m: apply_sp(m, CommCounter())) if sp is not None else None)
         optimizer = build_optimizer(dmodel, cfg)
         scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.steps)
     loader = DistributedLoader(
