@@ -167,12 +167,13 @@ def _launch_slurm(args: argparse.Namespace) -> int:
     text = render_sbatch(
         args.recipe, nodes=args.nodes, gpus_per_node=args.gpus_per_node, overrides=args.overrides,
         job_name=args.job_name, time=args.time, partition=args.partition, account=args.account, port=args.port,
-        max_restarts=args.max_restarts,
+        max_restarts=args.max_restarts, cpus_per_task=args.cpus_per_task, mem=args.mem, exclusive=args.exclusive,
+        log_dir=args.log_dir, python=args.python,
     )
     if args.dry_run:
         sys.stdout.write(text)
         return 0
-    path = write_sbatch(args.output, text)
+    path = write_sbatch(args.output, text, args.log_dir)
     sys.stdout.write(f"wrote {path}; submit with: sbatch {path}\n")
     return 0
 
@@ -381,7 +382,13 @@ def build_parser() -> argparse.ArgumentParser:
     sl.add_argument("--time", default="24:00:00")
     sl.add_argument("--partition", default=None)
     sl.add_argument("--account", default=None)
-    sl.add_argument("--port", type=int, default=29500)
+    sl.add_argument("--port", type=int, default=None, help="rendezvous port (default: from the job id)")
+    sl.add_argument("--cpus-per-task", type=int, default=None, help="CPUs per node task (default: cluster's)")
+    sl.add_argument("--mem", default=None, help="memory per node, e.g. 480G or 0 for all (default: cluster's)")
+    sl.add_argument("--exclusive", action="store_true", help="whole nodes only")
+    sl.add_argument("--log-dir", default="logs", help="Slurm output folder (created)")
+    sl.add_argument("--python", default=None,
+                    help="interpreter on the compute nodes (default: $LONGSHARD_PYTHON or python3 there)")
     sl.add_argument("--max-restarts", type=int, default=0)
     sl.add_argument("--dry-run", action="store_true", help="print the script instead of writing it")
     sl.set_defaults(func=_launch_slurm)
@@ -439,7 +446,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if rest:  # key=value overrides may also come after the flags: `launch slurm R --nodes 2 train.steps=9`
+        if not hasattr(args, "overrides") or any(a.startswith("-") or "=" not in a for a in rest):
+            parser.error(f"unrecognized arguments: {' '.join(rest)}")
+        args.overrides = [*args.overrides, *rest]
     try:
         return args.func(args)
     except ConfigError as e:

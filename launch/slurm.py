@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import re
 import shlex
-import sys
 from importlib import resources
 from pathlib import Path
 
@@ -19,8 +18,10 @@ def render_sbatch(
     overrides: list[str] | None = None,
     job_name: str = "longshard",
     time: str = "24:00:00",
-    cpus_per_task: int = 32,
-    port: int = 29500,
+    cpus_per_task: int | None = None,
+    mem: str | None = None,
+    exclusive: bool = False,
+    port: int | None = None,
     max_restarts: int = 0,
     log_dir: str = "logs",
     partition: str | None = None,
@@ -33,22 +34,37 @@ def render_sbatch(
         recipe: recipe path or shipped name (passed to ``longshard.train.main``).
         nodes: Slurm nodes (one task each).
         gpus_per_node: processes torchrun starts per node.
-        overrides: ``key=value`` recipe overrides.
-        job_name, time, cpus_per_task, partition, account: Slurm settings.
-        port: c10d rendezvous port on the first node.
+        overrides: ``key=value`` recipe overrides; a ``checkpoint.resume=...`` among them is used by
+            the first launch, re-queued launches resume from their own newest checkpoint.
+        job_name, time, partition, account: Slurm settings.
+        cpus_per_task, mem, exclusive: node resources (omitted: the cluster's defaults); OpenMP
+            threads per process = cpus per task / processes.
+        port: c10d rendezvous port on the first node; default derived from the job id (20000-39999),
+            so two jobs sharing a node do not collide.
         max_restarts: torchrun restarts on worker failure (resume is automatic).
-        log_dir: folder for Slurm's output file.
-        python: interpreter on the compute nodes; default the current one.
+        log_dir: folder for Slurm's output file (created by :func:`write_sbatch`).
+        python: interpreter on the compute nodes; default ``$LONGSHARD_PYTHON`` or ``python3`` there.
     """
     require_positive(nodes, "--nodes")
     require_positive(gpus_per_node, "--gpus-per-node")
+    if cpus_per_task is not None:
+        require_positive(cpus_per_task, "--cpus-per-task")
+    if port is not None and not 1024 <= port <= 65535:
+        raise ConfigError("--port", f"{port} is not a usable TCP port.", "give 1024-65535, or omit it.")
     extra = [f"#SBATCH --partition={partition}"] if partition else []
     extra += [f"#SBATCH --account={account}"] if account else []
+    extra += [f"#SBATCH --cpus-per-task={cpus_per_task}"] if cpus_per_task else []
+    extra += [f"#SBATCH --mem={mem}"] if mem else []
+    extra += ["#SBATCH --exclusive"] if exclusive else []
+    rest = [o for o in overrides or [] if not o.startswith("checkpoint.resume=")]
+    first = [o for o in overrides or [] if o.startswith("checkpoint.resume=")]
     values = {
-        "job_name": job_name, "nodes": nodes, "gpus_per_node": gpus_per_node, "cpus_per_task": cpus_per_task,
-        "time": time, "log_dir": log_dir, "extra_sbatch": "\n".join(extra), "port": port,
-        "max_restarts": max_restarts, "python": python or sys.executable, "recipe": shlex.quote(recipe),
-        "overrides": " ".join(shlex.quote(o) for o in overrides or []),
+        "job_name": job_name, "nodes": nodes, "gpus_per_node": gpus_per_node,
+        "time": time, "log_dir": log_dir, "extra_sbatch": "\n".join(extra),
+        "port": port if port is not None else "$(( 20000 + SLURM_JOB_ID % 20000 ))",
+        "max_restarts": max_restarts, "python": shlex.quote(python) if python else '"${LONGSHARD_PYTHON:-python3}"',
+        "recipe": shlex.quote(recipe), "overrides": " ".join(shlex.quote(o) for o in rest),
+        "first_resume": shlex.quote(first[-1] if first else "checkpoint.resume=auto"),
     }
     text = (resources.files("longshard") / "launch" / "slurm.sbatch").read_text()
     for key, value in values.items():
@@ -59,9 +75,13 @@ def render_sbatch(
     return text
 
 
-def write_sbatch(path: str | Path, text: str) -> Path:
-    """Write the script (executable)."""
+def write_sbatch(path: str | Path, text: str, log_dir: str | Path | None = None) -> Path:
+    """Write the script (executable) and create ``log_dir`` (Slurm does not create its output folder:
+    a job whose folder is missing fails without a log). A relative ``log_dir`` is relative to the
+    folder ``sbatch`` is run from, as Slurm resolves it; here the current one."""
     p = Path(path)
+    if log_dir is not None:
+        Path(log_dir).mkdir(parents=True, exist_ok=True)
     p.parent.mkdir(parents=True, exist_ok=True)
     p.write_text(text)
     p.chmod(0o755)

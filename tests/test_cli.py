@@ -113,12 +113,16 @@ def test_slurm_dry_run(tmp_path):
     assert proc.returncode == 0, proc.stderr
     text = proc.stdout
     for needle in ("#SBATCH --nodes=4", "#SBATCH --ntasks-per-node=1", "#SBATCH --gpus-per-node=8",
-                   "#SBATCH --partition=gpu", "srun", "--rdzv-backend=c10d", "--nproc-per-node=8",
-                   "-m longshard.train.main quickstart train.steps=1000 checkpoint.resume=auto", "scontrol requeue"):
+                   "#SBATCH --partition=gpu", "srun", "--rdzv-backend=c10d", "procs=8",
+                   '-m longshard.train.main quickstart train.steps=1000 "$resume"', "resume=checkpoint.resume=auto",
+                   "scontrol requeue", "#SBATCH --open-mode=append", "#SBATCH --signal=B:USR1@120"):
         assert needle in text, needle
     assert "{{" not in text
+    for hard_coded in ("29500", "cpus-per-task=32", sys.executable):  # friction 7: nothing of the submit host
+        assert hard_coded not in text, hard_coded
     proc = _cli("launch", "slurm", "quickstart", "--nodes", "2", "--gpus-per-node", "4", "--output",
-                str(tmp_path / "job.sbatch"), env=dict(os.environ))
+                str(tmp_path / "job.sbatch"), "--log-dir", str(tmp_path / "slurm-logs"), env=dict(os.environ))
+    assert (tmp_path / "slurm-logs").is_dir()  # Slurm does not create its output folder
     assert proc.returncode == 0 and (tmp_path / "job.sbatch").read_text().startswith("#!/bin/bash")
     res = subprocess.run(["bash", "-n", str(tmp_path / "job.sbatch")], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr  # valid shell syntax
@@ -236,3 +240,60 @@ def test_layout_errors_come_before_any_worker_and_a_sigkilled_worker_is_explaine
     assert proc.returncode != 0
     assert "a worker was killed by SIGKILL (exit -9)" in proc.stderr and "out-of-memory" in proc.stderr, \
         proc.stderr[-3000:]
+
+
+def test_slurm_script_requeues_only_at_the_time_limit(tmp_path):
+    """Friction 7, run for real with stub `srun` / `scontrol` (no Slurm here: Debian's slurm-wlm is not
+    installed on the test machines and cannot be installed without network): USR1 (the time-limit
+    signal) stops the step and re-queues; TERM (`scancel`) stops it without re-queueing; the user's
+    checkpoint.resume is used by the first launch and `auto` after a re-queue; the port comes from the
+    job id, OpenMP threads from cpus per task / processes; overrides may follow the flags."""
+    import os
+    import signal
+    import time
+
+    start = tmp_path / "ckpt" / "step_00000100"  # the folder a run should start from (checked to exist)
+    start.mkdir(parents=True)
+    proc = _cli("launch", "slurm", "quickstart", "--nodes", "1", "--gpus-per-node", "4", "--cpus-per-task", "16",
+                "--mem", "0", "--exclusive", "--dry-run", "train.steps=9", f"checkpoint.resume={start}",
+                env=dict(os.environ))
+    assert proc.returncode == 0, proc.stderr
+    script = tmp_path / "job.sbatch"
+    script.write_text(proc.stdout)
+    for needle in ("#SBATCH --cpus-per-task=16", "#SBATCH --mem=0", "#SBATCH --exclusive"):
+        assert needle in proc.stdout
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    log = tmp_path / "calls.log"
+    (bin_dir / "srun").write_text(
+        "#!/bin/bash\n"
+        f"echo \"srun OMP=$OMP_NUM_THREADS $*\" >> {log}\n"
+        f"trap 'echo srun-got-term >> {log}; exit 0' TERM\n"
+        "while true; do sleep 0.05; done\n")
+    (bin_dir / "scontrol").write_text(
+        "#!/bin/bash\n"
+        "if [ \"$1\" = show ]; then echo node1; exit 0; fi\n"
+        f"echo \"scontrol $*\" >> {log}\n")
+    for f in ("srun", "scontrol"):
+        (bin_dir / f).chmod(0o755)
+    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_JOB_NODELIST="node1", SLURM_JOB_ID="1234",
+               SLURM_CPUS_PER_TASK="16")
+    env.pop("OMP_NUM_THREADS", None)
+
+    def run(sig, restart: str) -> str:
+        log.write_text("")
+        job = subprocess.Popen(["bash", str(script)], env=dict(env, SLURM_RESTART_COUNT=restart))
+        deadline = time.time() + 30
+        while "srun " not in log.read_text() and time.time() < deadline:
+            time.sleep(0.05)
+        job.send_signal(sig)
+        assert job.wait(timeout=30) == 0
+        return log.read_text()
+
+    first = run(signal.SIGUSR1, "0")
+    assert "srun-got-term" in first and "scontrol requeue 1234" in first
+    assert "OMP=4 " in first and "--rdzv-endpoint=node1:21234" in first  # 16 cpus / 4 processes; 20000 + 1234
+    assert f"train.steps=9 checkpoint.resume={start}" in first
+    again = run(signal.SIGTERM, "1")
+    assert "srun-got-term" in again and "requeue" not in again
+    assert "checkpoint.resume=auto" in again and str(start) not in again

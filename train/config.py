@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextvars
 import dataclasses
 import difflib
+import functools
 import logging
 import math
 import types
@@ -596,6 +597,15 @@ def _wrap(e: OmegaConfBaseException) -> ConfigError:
     return ConfigError(key, f"{msg}.", "give a value of the declared type.")
 
 
+@functools.cache
+def _schema():
+    """The typed schema every config is merged onto (built once: OmegaConf.merge copies it)."""
+    schema = OmegaConf.structured(Config)
+    for name in ModelConfig.DERIVED:  # the default ModelConfig() resolved them for *its* sizes
+        schema.model[name] = None
+    return schema
+
+
 def load_config(recipe: str | Path | None = None, overrides: list[str] | None = None,
                 check_files: bool = True) -> Config:
     """Build a validated :class:`Config` from a recipe YAML and ``key=value`` overrides.
@@ -613,10 +623,7 @@ def load_config(recipe: str | Path | None = None, overrides: list[str] | None = 
 
 
 def _load_config(recipe: str | Path | None, overrides: list[str] | None) -> Config:
-    schema = OmegaConf.structured(Config)
-    for name in ModelConfig.DERIVED:  # the default ModelConfig() resolved them for *its* sizes
-        schema.model[name] = None
-    layers = [schema]
+    layers = [_schema()]
     try:
         if recipe is not None:
             path = recipe_path(recipe)
@@ -630,13 +637,18 @@ def _load_config(recipe: str | Path | None, overrides: list[str] | None) -> Conf
         for o in overrides or []:
             if "=" not in o:
                 raise ConfigError(o, "override must look like key=value.", "e.g. train.steps=100.")
-            try:
-                OmegaConf.from_dotlist([o])
-            except (yaml.YAMLError, OmegaConfBaseException) as e:
-                raise ConfigError(o.split("=", 1)[0], f"the override {o!r} does not parse ({str(e).splitlines()[0]}).",
-                                  "quote it for the shell and write lists as [a, b], mappings as {k: v}.") from None
         if overrides:
-            layers.append(OmegaConf.from_dotlist(list(overrides)))
+            try:
+                layers.append(OmegaConf.from_dotlist(list(overrides)))
+            except (yaml.YAMLError, OmegaConfBaseException):
+                for o in overrides:  # name the one that does not parse
+                    try:
+                        OmegaConf.from_dotlist([o])
+                    except (yaml.YAMLError, OmegaConfBaseException) as e:
+                        raise ConfigError(o.split("=", 1)[0], f"the override {o!r} does not parse "
+                                          f"({str(e).splitlines()[0]}).", "quote it for the shell and write lists "
+                                          "as [a, b], mappings as {k: v}.") from None
+                raise
         for layer in layers[1:]:  # shapes and unknown keys, named by their full path, before OmegaConf merges
             found = _shape_error(OmegaConf.to_container(layer), Config, "")
             if found:

@@ -91,8 +91,18 @@ TP_SPLIT = ("attention.wq.", "attention.wk.", "attention.wv.", "attention.wo.", 
             "feed_forward.w1.", "feed_forward.w2.", "feed_forward.w3.")  # what tensor parallel splits
 
 
+_PARAMS: dict[tuple[str, int], tuple[float, float]] = {}  # (model config, tp) -> counts: one build per model
+
+
 def param_count(mcfg: ModelConfig, tp: int = 1) -> tuple[float, float]:
     """(parameters per tensor-parallel rank, those of the largest block), counted on the meta device."""
+    key = (repr(mcfg), tp)
+    if key not in _PARAMS:
+        _PARAMS[key] = _param_count(mcfg, tp)
+    return _PARAMS[key]
+
+
+def _param_count(mcfg: ModelConfig, tp: int) -> tuple[float, float]:
     with torch.device("meta"):
         model = Transformer(mcfg)
 
