@@ -164,15 +164,18 @@ def _readme_commands() -> list[str]:
 
 
 @pytest.mark.dist
-def test_every_readme_command_works(quickstart_run, tmp_path):
+def test_every_readme_command_works(quickstart_run, tmp_path, monkeypatch, capsys):
     """Issue 18 friction 1: each command the README shows runs as written at tiny sizes (in a scratch
     folder, the quickstart checkpoint standing in for runs/quickstart/...step_00000300 and CKPT). Train
     and torchrun lines are checked with `longshard train --dry-run` (config, host, whole layout: what
-    fails before a worker would start); launcher scripts with `bash -n`; the rest run for real."""
+    fails before a worker would start); launcher scripts with `bash -n`; the rest run for real. The
+    commands run in this process (`longshard.cli.main`): the same code without a Python start each."""
     import shlex
 
+    from longshard.cli import main as cli_main
+
     tokenizers = pytest.importorskip("tokenizers")
-    out, env = quickstart_run
+    out, _ = quickstart_run
     ckpt = str(sorted((out / "checkpoints").iterdir())[-1])
     (tmp_path / "corpus").mkdir()
     for i in range(20):
@@ -183,6 +186,7 @@ def test_every_readme_command_works(quickstart_run, tmp_path):
                             tokenizers.trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"]))
     (tmp_path / "tok").mkdir()
     tok.save(str(tmp_path / "tok" / "tokenizer.json"))
+    monkeypatch.chdir(tmp_path)
     commands = _readme_commands()
     assert len(commands) >= 15
     prepare_first = sorted(commands, key=lambda c: not c.startswith("longshard data prepare"))
@@ -195,19 +199,22 @@ def test_every_readme_command_works(quickstart_run, tmp_path):
             if words[0].startswith("NPROC=") or words[0].startswith("launch/"):
                 script = next(w for w in words if w.startswith("launch/"))
                 proc = subprocess.run(["bash", "-n", str(REPO / script)], capture_output=True, text=True)
-            else:
-                if words[0] == "torchrun":  # what `longshard train` would start: check it the same way
-                    nproc = words[1].split("=")[-1] if "=" in words[1] else words[2]
-                    rest = words[words.index("longshard.train.main") + 1:]
-                    words = ["longshard", "train", *rest, "--nproc", nproc]
-                if words[:2] == ["longshard", "train"] and "--dry-run" not in words:
-                    words.append("--dry-run")
-                assert words[0] == "longshard", line
-                proc = subprocess.run([sys.executable, "-m", "longshard.cli", *words[1:]], env=env, cwd=tmp_path,
-                                      capture_output=True, text=True, timeout=600)
-            assert proc.returncode == 0, f"README: {line}\n{proc.stdout[-1500:]}\n{proc.stderr[-3000:]}"
+                assert proc.returncode == 0, f"README: {line}\n{proc.stderr}"
+                ran.append(part)
+                continue
+            if words[0] == "torchrun":  # what `longshard train` would start: check it the same way
+                nproc = words[1].split("=")[-1] if "=" in words[1] else words[2]
+                rest = words[words.index("longshard.train.main") + 1:]
+                words = ["longshard", "train", *rest, "--nproc", nproc]
+            if words[:2] == ["longshard", "train"] and "--dry-run" not in words:
+                words.append("--dry-run")
+            assert words[0] == "longshard", line
+            capsys.readouterr()
+            rc = cli_main(words[1:])
+            printed = capsys.readouterr()
+            assert rc == 0, f"README: {line}\n{printed.out[-1500:]}\n{printed.err[-3000:]}"
             if "launch slurm" in part:
-                check = subprocess.run(["bash", "-n"], input=proc.stdout, capture_output=True, text=True)
+                check = subprocess.run(["bash", "-n"], input=printed.out, capture_output=True, text=True)
                 assert check.returncode == 0, check.stderr
             ran.append(part)
     assert len(ran) >= 17
