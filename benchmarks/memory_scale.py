@@ -30,9 +30,8 @@ import os
 import torch
 import torch.distributed as dist
 from longshard.models import ModelConfig, Transformer
+from longshard.train.config import SP_MODES
 from longshard.train.memory import TensorMemoryTracker, saved_attention_bytes
-
-SP_MODES = ("ulysses", "ring", "hybrid")
 
 PATHS = {
     "dense": [{"name": "dense"}],

@@ -23,11 +23,6 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def triton_usable(x: torch.Tensor) -> bool:
-    """Whether a Triton kernel can run on ``x``: CUDA with Triton, or any device under the interpreter."""
-    return triton_installed() and (x.is_cuda or interpreting())
-
-
 def require_triton(x: torch.Tensor, what: str) -> None:
     """Raise a clear error when a Triton path is asked for but cannot run."""
     if not triton_installed():

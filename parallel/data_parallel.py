@@ -7,6 +7,7 @@ from collections.abc import Iterator
 
 import torch
 from longshard.models.model import Transformer
+from longshard.parallel.deepspeed_engine import is_deepspeed_engine
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
@@ -58,7 +59,7 @@ def reshard(model: nn.Module) -> None:
 
 def unwrap(model: nn.Module) -> Transformer:
     """The :class:`Transformer` inside a DDP wrapper or DeepSpeed engine (FSDP2 keeps the module itself)."""
-    if isinstance(model, DistributedDataParallel) or type(model).__name__ == "DeepSpeedEngine":
+    if isinstance(model, DistributedDataParallel) or is_deepspeed_engine(model):
         return model.module
     return model
 

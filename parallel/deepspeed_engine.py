@@ -19,9 +19,6 @@ import torch
 from longshard.errors import ConfigError
 from torch import nn
 
-ENGINE_KEYS = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size",
-               "gradient_clipping")
-
 
 def import_deepspeed():
     """Import deepspeed (CPU accelerator when no GPU), or raise a ConfigError naming the fix."""

@@ -18,8 +18,6 @@ from longshard.models.attention import AttentionBatch, CoreAttention
 from longshard.models.model import Transformer, positions_from_docs
 from torch import nn
 
-SP_MODES = ("ulysses", "ring", "hybrid")
-
 
 @dataclass
 class CommCounter:

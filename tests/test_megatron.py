@@ -104,6 +104,7 @@ def test_megatron_tensor_parallel_x_sequence_parallel(env_cpu):
 
 
 @pytest.mark.dist
+@pytest.mark.slow  # ~35 s; the GPTModel unit tests stay in the default suite
 def test_megatron_example_losses_equal_across_layouts(tmp_path, env_cpu):
     """launch/megatron_gpt.py: 1 process and TP 2 x CP 2 (Ulysses, sliding window) train the same losses."""
     reports = {}

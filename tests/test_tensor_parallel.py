@@ -64,6 +64,7 @@ def test_tp_layout_errors():
 
 
 @pytest.mark.dist
+@pytest.mark.slow  # ~50 s; TP training equality stays in the default suite
 def test_tp_checkpoint_resume_repeats_straight_run(tmp_path, env_cpu):
     """TP 2 + FSDP2: DCP checkpoint at step 4, resume to 6 == an uninterrupted 6-step run."""
     from longshard.train.data import prepare_default

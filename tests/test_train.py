@@ -747,6 +747,7 @@ def test_rerun_with_fewer_steps_is_refused_and_the_run_is_kept(tmp_path, data_di
     assert (out / "report.json").read_text() == before
 
 
+@pytest.mark.slow  # ~35 s measurement; the sharded path's e2e test stays in the default suite
 def test_sharded_hf_load_halves_memory_and_keeps_the_model(tmp_path):
     """Issue 18: under FSDP2 each rank reads only its shards of the HF checkpoint: peak memory of the
     load on each of 2 ranks is half that of 1 rank (+-15%), the shards equal the checkpoint's tensors and

@@ -31,7 +31,12 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from longshard.parallel.deepspeed_engine import DeepSpeedLoadRefused, check_deepspeed_files_safe, weights_only_loading
+from longshard.parallel.deepspeed_engine import (
+    DeepSpeedLoadRefused,
+    check_deepspeed_files_safe,
+    is_deepspeed_engine,
+    weights_only_loading,
+)
 from longshard.parallel.env import all_agree, all_sum
 from longshard.train.fingerprint import check_resume
 from torch import nn
@@ -111,10 +116,6 @@ def file_manifest(folder: Path, world_size: int = 1, rank: int = 0) -> dict[str,
     files = [p for p in sorted(folder.rglob("*")) if p.is_file() and p.name != STATE_FILE]
     return {str(p.relative_to(folder)): [p.stat().st_size, file_crc32(p)]
             for i, p in enumerate(files) if i % world_size == rank}
-
-
-def _is_deepspeed(model: nn.Module) -> bool:
-    return type(model).__name__ == "DeepSpeedEngine"
 
 
 DS_TAG = "deepspeed"  # subfolder of a checkpoint holding DeepSpeed's own files
@@ -214,7 +215,7 @@ class Checkpointer:
                 shutil.rmtree(tmp)
             tmp.mkdir(parents=True)
         dist.barrier()
-        deepspeed = _is_deepspeed(model)
+        deepspeed = is_deepspeed_engine(model)
         state = None if deepspeed else dict(zip(("model", "optim"), get_state_dict(model, optimizer)))
         need = self._bytes_needed(model, state)
         free = shutil.disk_usage(tmp).free
@@ -380,7 +381,7 @@ class Checkpointer:
         a file only one rank finds damaged fails every rank alike instead of hanging the others.
         """
         path = Path(path)
-        deepspeed = _is_deepspeed(model)
+        deepspeed = is_deepspeed_engine(model)
         try:
             trainer_state, extra = self._verify(path, deepspeed)
             problem = None
