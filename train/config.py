@@ -19,6 +19,8 @@ import yaml
 from longshard.errors import ConfigError, require, require_positive
 from longshard.models.attention.registry import parse_options
 from longshard.models.config import ModelConfig
+from longshard.models.model import AC_MODES
+from longshard.models.offload import ACTIVATION_OFFLOAD_MODES
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -179,9 +181,9 @@ class TrainConfig:
         require(self.global_batch_size % self.micro_batch_size == 0, "train.global_batch_size",
                 f"{self.global_batch_size} is not a multiple of micro_batch_size={self.micro_batch_size}.")
         _choice(self.dtype, DTYPES, "train.dtype")
-        _choice(self.activation_checkpointing, ("none", "full", "attention_boundary"),
+        _choice(self.activation_checkpointing, AC_MODES,
                 "train.activation_checkpointing")
-        _choice(self.activation_offload, ("none", "kv", "attention"), "train.activation_offload")
+        _choice(self.activation_offload, ACTIVATION_OFFLOAD_MODES, "train.activation_offload")
         require(not (self.activation_offload != "none" and self.activation_checkpointing == "full"),
                 "train.activation_offload",
                 "activation_checkpointing=full recomputes the attention in backward, so nothing is saved to offload.",
