@@ -266,25 +266,32 @@ def weight_files(path: Path) -> list[Path]:
     )
 
 
+def safetensors_header(file: Path) -> tuple[dict, int]:
+    """The JSON header of a safetensors file and the offset where its data starts, after checking that
+    the header is readable and the file holds every byte it describes (ConfigError naming the file)."""
+    size = file.stat().st_size
+    with open(file, "rb") as f:
+        head = f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        header = f.read(n) if 0 < n <= size - 8 else b""
+    try:
+        meta = json.loads(header)
+        end = max((int(v["data_offsets"][1]) for k, v in meta.items() if k != "__metadata__"), default=0)
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+        raise ConfigError("init.hf_path", f"{file} is not a readable safetensors file ({size} bytes; its header "
+                          "is cut short or damaged).", "re-copy or re-download that file.") from None
+    if size < 8 + n + end:
+        raise ConfigError("init.hf_path", f"{file} is truncated: {size} bytes, its header describes "
+                          f"{8 + n + end} bytes of tensors.", "re-copy or re-download that file.")
+    return meta, 8 + n
+
+
 def check_weight_file(file: Path) -> None:
     """Refuse a damaged or unsafe weight file before anything is loaded: a safetensors file whose
     header or data is cut short, or a pickle ``.bin`` that would import anything beyond tensors.
     Only the header (safetensors) or the pickle opcodes (``.bin``) are read."""
-    size = file.stat().st_size
     if file.suffix == ".safetensors":
-        with open(file, "rb") as f:
-            head = f.read(8)
-            n = int.from_bytes(head, "little") if len(head) == 8 else -1
-            header = f.read(n) if 0 < n <= size - 8 else b""
-        try:
-            meta = json.loads(header)
-            end = max((int(v["data_offsets"][1]) for k, v in meta.items() if k != "__metadata__"), default=0)
-        except (ValueError, TypeError, KeyError, IndexError):
-            raise ConfigError("init.hf_path", f"{file} is not a readable safetensors file ({size} bytes; its header "
-                              "is cut short or damaged).", "re-copy or re-download that file.") from None
-        if size < 8 + n + end:
-            raise ConfigError("init.hf_path", f"{file} is truncated: {size} bytes, its header describes "
-                              f"{8 + n + end} bytes of tensors.", "re-copy or re-download that file.")
+        safetensors_header(file)
         return
     if not zipfile.is_zipfile(file):  # legacy (pre-zip) torch pickle: weights_only=True load decides
         return

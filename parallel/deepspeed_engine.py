@@ -124,9 +124,9 @@ def _ds_safe_globals() -> list[Any]:
 
 @contextlib.contextmanager
 def weights_only_loading(path: str):
-    """Make every ``torch.load`` inside the block (DeepSpeed reads its checkpoint files with
-    ``weights_only=False``) a ``weights_only=True`` load that accepts only the records in
-    ``DS_SAFE_GLOBALS``; a file needing anything else is refused with an error naming it.
+    """Make every ``torch.load`` inside the block a ``weights_only=True`` load that accepts only the
+    records in ``DS_SAFE_GLOBALS`` (DeepSpeed's own reader would unpickle any object); a file needing
+    anything else is refused with an error naming it.
 
     Args:
         path: the checkpoint folder, for the error message.

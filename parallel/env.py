@@ -108,15 +108,18 @@ def destroy_distributed() -> None:
         dist.destroy_process_group()
 
 
+def _collective_device() -> torch.device | None:
+    """Where a scalar for a collective lives: the current CUDA device under NCCL, else CPU (None)."""
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
+
+
 def all_agree(ok: bool, device: torch.device | None = None) -> bool:
     """True when every rank says ``ok`` (an all-reduce MIN of the verdicts; the local verdict without
     a process group). ``device``: where the flag lives (default: the current CUDA device under NCCL,
     else CPU)."""
     if not dist.is_initialized():
         return ok
-    if device is None:
-        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
-    flag = torch.tensor([1 if ok else 0], dtype=torch.int32, device=device)
+    flag = torch.tensor([1 if ok else 0], dtype=torch.int32, device=device or _collective_device())
     dist.all_reduce(flag, op=dist.ReduceOp.MIN)
     return bool(flag.item())
 
@@ -126,9 +129,7 @@ def all_sum(value: float, device: torch.device | None = None) -> float:
     ``device`` as for :func:`all_agree`."""
     if not dist.is_initialized():
         return value
-    if device is None:
-        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
-    total = torch.tensor([float(value)], dtype=torch.float64, device=device)
+    total = torch.tensor([float(value)], dtype=torch.float64, device=device or _collective_device())
     dist.all_reduce(total)
     return float(total.item())
 

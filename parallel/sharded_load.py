@@ -11,7 +11,6 @@ fp32 model plus the full state dict.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 from collections.abc import Iterator
@@ -19,7 +18,7 @@ from pathlib import Path
 
 import torch
 from longshard.errors import ConfigError
-from longshard.models.hf import from_hf_name, to_hf_name, weight_files
+from longshard.models.hf import from_hf_name, safetensors_header, to_hf_name, weight_files
 from torch import nn
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
@@ -73,13 +72,6 @@ def _local_part(param: torch.Tensor) -> tuple[torch.Tensor, tuple[slice, ...]]:
 
 
 _DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
-
-
-def _safetensors_header(file: Path) -> tuple[dict, int]:
-    """The JSON header of a safetensors file and the offset where its data starts."""
-    with open(file, "rb") as fh:
-        n = int.from_bytes(fh.read(8), "little")
-        return json.loads(fh.read(n)), 8 + n
 
 
 def _read_rows(file: Path, key: str, entry: dict, start: int, index: tuple[slice, ...], out: torch.Tensor) -> int:
@@ -137,7 +129,7 @@ def load_hf_sharded(model: nn.Module, path: str | Path, device: torch.device) ->
                           "safe_serialization=True)).")
     entries: dict[str, tuple[Path, dict, int]] = {}  # HF name -> (file, header entry, data start)
     for f in files:
-        header, start = _safetensors_header(f)
+        header, start = safetensors_header(f)
         for key, entry in header.items():
             if key != "__metadata__":
                 entries[key] = (f, entry, start)
