@@ -188,10 +188,10 @@ def block_sparse_types(act: str) -> dict[str, str]:
     """Argument types of the block-sparse kernels with activations of dtype ``act``."""
     types = {n: pointer(act) for n in ("Q", "K", "V", "OUT", "DO", "DQ", "DK", "DV")}
     types.update({n: "*fp32" for n in ("LSE", "DELTA")})
-    types.update({n: "*i32" for n in ("IDX", "CNT", "IDXT", "CNTT", "WIN", "SINK", "DOC", "SEL")})
+    types.update({n: "*i32" for n in ("IDX", "CNT", "IDXT", "CNTT", "WIN", "SINK", "DOCQ", "DOCK", "SEL")})
     types.update({n: "fp32" for n in ("qk_scale", "scale")})
     types.update({n: "i32" for n in ("si_b", "si_h", "si_q", "si_k", "sc_b", "sc_h", "H", "S", "D", "GROUP",
-                                     "KV_H", "N_QB")})
+                                     "KV_H", "N_QB", "Q_SHIFT")})
     return types
 
 

@@ -7,7 +7,7 @@ from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
-from longshard.models.attention import AttentionBatch, AttentionContext, build_attention
+from longshard.models.attention import AttentionBatch, AttentionContext, CoreAttention, build_attention
 from longshard.models.attention.registry import append_kv
 from longshard.models.config import ModelConfig
 from longshard.models.rope import RotaryEmbedding, apply_rope
@@ -83,7 +83,9 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
         super().__init__()
         self.layer_idx = layer_idx
+        # the heads this module computes: all of them, until tensor parallel gives it a range (set_head_range)
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_query_heads, cfg.n_kv_heads, cfg.head_dim
+        self.head_offset = 0  # global index of the first of them
         hd = self.head_dim
         self.wq = nn.Linear(cfg.dim, self.n_heads * hd, bias=cfg.qkv_bias)
         self.wk = nn.Linear(cfg.dim, self.n_kv_heads * hd, bias=cfg.qkv_bias)
@@ -106,6 +108,16 @@ class Attention(nn.Module):
         self.ctx = ctx  # the core's context, also when parallel wrappers replace core_attention
         self.core_attention = build_attention(spec.name, spec.options, ctx)
         self.activation_offload = None  # an ActivationOffload shared by the model's layers, set by the model
+
+    def set_head_range(self, start: int, stop: int) -> None:
+        """Compute query heads [start, stop) of the layer's heads (and their share of the KV heads) from
+        now on: tensor parallel calls this after splitting the projections. Sequence parallel slices
+        further inside this range (``head_offset``)."""
+        G = self.ctx.n_heads // self.ctx.n_kv_heads
+        if start % G or stop % G:
+            raise ValueError(f"heads [{start}, {stop}) split a GQA group of {G}")
+        self.core_attention.set_head_slice(start, stop)
+        self.head_offset, self.n_heads, self.n_kv_heads = start, stop - start, (stop - start) // G
 
     def core(self, q_BHSD: torch.Tensor, k_BHSD: torch.Tensor, v_BHSD: torch.Tensor, batch: AttentionBatch):
         """The core attention, with its saved activations in host memory when offload is on and training."""
@@ -263,7 +275,7 @@ class Transformer(nn.Module):
             else:
                 nn.init.normal_(p, std=std)
         for m in self.modules():  # variant parameters with a meaningful initialisation of their own
-            if hasattr(m, "reset_variant_parameters"):
+            if isinstance(m, CoreAttention):
                 m.reset_variant_parameters()
         self.rope.reset_parameters()
 
@@ -273,12 +285,8 @@ class Transformer(nn.Module):
         Attention modules set ``last_aux_loss`` during their forward (so the parameters it uses
         are materialised even under FSDP2); the trainer adds this to the language-model loss.
         """
-        found = []
-        for m in self.modules():
-            value = getattr(m, "last_aux_loss", None)
-            if value is not None:
-                found.append(value)
-                m.last_aux_loss = None
+        found = [m.pop_aux_loss() for m in self.modules() if isinstance(m, CoreAttention)]
+        found = [v for v in found if v is not None]
         return torch.stack(found).sum() if found else None
 
     def set_activation_checkpointing(self, mode: str) -> None:

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import torch
 from longshard.errors import ConfigError
 from longshard.kernels.nosa.select import block_summaries
-from longshard.models.attention.registry import AttentionBatch
+from longshard.models.attention.registry import AttentionBatch, CoreAttention
 from longshard.models.model import InferenceCache
 from torch import nn
 
@@ -248,16 +248,16 @@ class OffloadedCache(InferenceCache):
         self.stores: dict[int, _LayerStore] = {}
         self.stats = OffloadStats()
 
-    def attend(self, layer_idx: int, core: nn.Module, q_BHSD: torch.Tensor, k_BHSD: torch.Tensor,
+    def attend(self, layer_idx: int, core: CoreAttention, q_BHSD: torch.Tensor, k_BHSD: torch.Tensor,
                v_BHSD: torch.Tensor, batch: AttentionBatch) -> torch.Tensor:
-        if not getattr(core, "supports_offload", False):
+        if not core.supports_offload:
             if layer_idx not in self.stats.full_kv_layers:
                 self.stats.full_kv_layers.add(layer_idx)
                 log.info("layer %d (%s) keeps its full KV on the device", layer_idx, type(core).__name__)
             return super().attend(layer_idx, core, q_BHSD, k_BHSD, v_BHSD, batch)
         store = self.stores.get(layer_idx)
         if store is None:  # prefill: attend with the prompt's keys on the device, then move them out
-            budget = core.decode_block_budget() if hasattr(core, "decode_block_budget") else None
+            budget = core.decode_block_budget()
             if budget is not None and budget > self.cache_blocks:
                 raise ConfigError("offload.cache_blocks",
                                   f"layer {layer_idx} ({type(core).__name__}) reads up to {budget} blocks per KV "

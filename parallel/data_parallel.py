@@ -15,7 +15,7 @@ from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
 
-def parallelize(model: Transformer, mesh: DeviceMesh, dp_mode: str, dtype: torch.dtype | None = None) -> nn.Module:
+def data_parallel(model: Transformer, mesh: DeviceMesh, dp_mode: str, dtype: torch.dtype | None = None) -> nn.Module:
     """Wrap ``model`` for data parallel training over ``mesh["dp"]``.
 
     Gradients are reduced over the whole (dp, sp) mesh: sequence-parallel ranks hold different
@@ -91,6 +91,6 @@ def clip_grad_norm(model: nn.Module, max_norm: float) -> float:
                 p.grad.mul_(coef)
         return float(total)
     norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
-    if hasattr(norm, "full_tensor"):
+    if isinstance(norm, DTensor):
         norm = norm.full_tensor()
     return float(norm)

@@ -8,24 +8,24 @@ accumulators, which return to their owner after P hops. Block-sparse variants us
 sparsity-aware exchange of :mod:`longshard.parallel.sparse_exchange` instead.
 
 Per step, each pair of zigzag chunks (local queries x visiting keys) is either fully visible,
-causal (the same chunk) or invisible. On CPU the visible pairs run through PyTorch's fused
-flash-attention CPU kernel, whose forward returns the log-sum-exp and whose backward takes the
-merged output and log-sum-exp (as ring-flash-attn does with flash-attn on GPU); packed documents
-add an additive document mask per pair (pairs with no shared document are skipped). Otherwise
-(CUDA, for now, or an odd shard length) the fp32 reference math with explicit scores runs.
+causal (the same chunk) or invisible. Visible pairs run through fused kernels
+(:mod:`longshard.kernels.attention.pairs`) whose forward returns the log-sum-exp and whose backward
+takes the merged log-sum-exp and rowsum(dO * O) (as ring-flash-attn does with flash-attn): the
+block-sparse Triton kernel on CUDA (inputs in their dtype, tensor cores for bf16/fp16), PyTorch's
+fused flash-attention CPU kernel on CPU. No score matrix is kept for backward: a rank saves q, k, v,
+its output and the log-sum-exp. Packed documents are masked per pair (pairs with no shared
+document are skipped). Partial outputs, the merge and the gradient accumulators are fp32.
 """
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.distributed as dist
 from longshard.errors import require
-from longshard.kernels.attention.fused_cpu import additive_mask, fused_cpu_ops, merge_partials
-from longshard.kernels.attention.naive import attention_naive
+from longshard.kernels.attention.fused_cpu import merge_partials
+from longshard.kernels.attention.pairs import pair_kernel, shares_document
 from longshard.models.attention import AttentionBatch, CoreAttention
-from longshard.parallel.sequence import CommCounter, shard_segments, zigzag_positions
+from longshard.parallel.sequence import CommCounter, shard_segments
 
 
 class _Ring:
@@ -55,18 +55,6 @@ class _Ring:
             w.wait()
 
 
-def _block_backward(q, k, v, o_grad, lse, delta, mask, scale):
-    """Gradients of one (query block, key block) pair given the merged softmax statistics (fp32)."""
-    s = torch.einsum("bhqd,bhkd->bhqk", q, k) * scale
-    p = torch.exp(s - lse[..., None]).masked_fill(~mask, 0.0)
-    dv = torch.einsum("bhqk,bhqd->bhkd", p, o_grad)
-    dp = torch.einsum("bhqd,bhkd->bhqk", o_grad, v)
-    ds = p * (dp - delta[..., None])
-    dq = torch.einsum("bhqk,bhkd->bhqd", ds, k) * scale
-    dk = torch.einsum("bhqk,bhqd->bhkd", ds, q) * scale
-    return dq, dk, dv
-
-
 def _chunk_pairs(r: int, src: int, P: int, L: int) -> list[tuple[slice, slice, bool]]:
     """Zigzag chunk pairs of rank ``r``'s queries and rank ``src``'s keys that see each other:
     (query slice, key slice, causal); a pair is either fully visible or the same chunk (causal)."""
@@ -75,107 +63,59 @@ def _chunk_pairs(r: int, src: int, P: int, L: int) -> list[tuple[slice, slice, b
             if kg <= qg]
 
 
-def _pair_mask(doc_all, r: int, src: int, qs: slice, ks: slice, causal: bool) -> torch.Tensor | None:
-    """(B, 1, Lq, Lk) keep mask of a chunk pair with packed documents (causal folded in), or None."""
-    if doc_all is None:
-        return None
-    mask = (doc_all[r][:, qs, None] == doc_all[src][:, None, ks])[:, None]
-    if causal:  # the same zigzag chunk on both sides: positions align
-        mask = mask & torch.ones(mask.shape[-2:], dtype=torch.bool, device=mask.device).tril()
-    return mask
+def _docs(doc_all: torch.Tensor | None, rank: int, s: slice) -> torch.Tensor | None:
+    """(B, chunk) document ids of ``rank``'s chunk ``s``, or None without packed documents."""
+    return None if doc_all is None else doc_all[rank][:, s]
 
 
 class _RingAttnFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, doc_all, ring: _Ring, scale: float):
+    def forward(ctx, q, k, v, doc_all, ring: _Ring, ops):
         P, r = ring.P, ring.r
         B, H, L, D = q.shape
-        rep = H // k.shape[1]
-        q_pos = zigzag_positions(r, P, L, q.device)
-        doc_q = doc_all[r] if doc_all is not None else None
-        qf = q.float()
         o = torch.zeros(B, H, L, D, dtype=torch.float32, device=q.device)
         lse = torch.full((B, H, L), float("-inf"), device=q.device)
         kv = [k, v]
-        fused = fused_cpu_ops() if (q.device.type == "cpu" and L % 2 == 0) else None
         for step in range(P):
             src = (r - step) % P
             pending = ring.start(kv) if step < P - 1 else None  # next block in flight during compute
-            kb = kv[0].float().repeat_interleave(rep, 1)
-            vb = kv[1].float().repeat_interleave(rep, 1)
-            if fused is not None:  # zigzag chunk pairs through the fused kernel (full or causal each)
-                for qs, ks, causal in _chunk_pairs(r, src, P, L):
-                    mask = _pair_mask(doc_all, r, src, qs, ks, causal)
-                    if mask is None:
-                        ob, lb = fused[0](qf[:, :, qs], kb[:, :, ks], vb[:, :, ks], 0.0, causal, scale=scale)
-                    elif bool(mask.any()):
-                        ob, lb = fused[0](qf[:, :, qs], kb[:, :, ks], vb[:, :, ks], 0.0, False,
-                                          attn_mask=additive_mask(mask), scale=scale)
-                        lb = lb.masked_fill(~mask.any(-1), float("-inf"))  # rows with no key in this pair
-                    else:
-                        continue
-                    o[:, :, qs], lse[:, :, qs] = merge_partials(o[:, :, qs], lse[:, :, qs], ob, lb)
-            else:  # no fused kernel (CUDA, odd shard length): fp32 reference math
-                k_pos = zigzag_positions(src, P, L, q.device)
-                mask = (k_pos[None, :] <= q_pos[:, None])[None, None]
-                if doc_q is not None:
-                    mask = mask & (doc_q[:, :, None] == doc_all[src][:, None, :])[:, None]
-                if bool(mask.any()):
-                    ob, lb = attention_naive(qf, kb, vb, mask, scale, return_lse=True)
-                    o, lse = merge_partials(o, lse, ob, lb)
+            for qs, ks, causal in _chunk_pairs(r, src, P, L):  # each pair fully visible or causal
+                dq_, dk_ = _docs(doc_all, r, qs), _docs(doc_all, src, ks)
+                if not shares_document(dq_, dk_):
+                    continue
+                ob, lb = ops.forward(q[:, :, qs], kv[0][:, :, ks], kv[1][:, :, ks], causal, dq_, dk_)
+                o[:, :, qs], lse[:, :, qs] = merge_partials(o[:, :, qs], lse[:, :, qs], ob, lb)
             if pending is not None:
                 ring.wait(pending)
                 kv = pending[1]
         o_out = o.to(q.dtype)  # kept for backward in the input dtype, as flash-attn keeps its output
         ctx.save_for_backward(q, k, v, o_out, lse, *([] if doc_all is None else [doc_all]))
-        ctx.ring, ctx.scale, ctx.has_doc, ctx.fused = ring, scale, doc_all is not None, fused
+        ctx.ring, ctx.ops, ctx.has_doc = ring, ops, doc_all is not None
         return o_out
 
     @staticmethod
     def backward(ctx, grad_o):
         q, k, v, o, lse, *rest = ctx.saved_tensors
-        o = o.float()
         doc_all = rest[0] if ctx.has_doc else None
-        ring, scale = ctx.ring, ctx.scale
+        ring, ops = ctx.ring, ctx.ops
         P, r = ring.P, ring.r
-        B, H, L, D = q.shape
-        Hkv = k.shape[1]
-        rep = H // Hkv
-        q_pos = zigzag_positions(r, P, L, q.device)
-        qf, go = q.float(), grad_o.float()
-        delta = (go * o).sum(-1)
-        safe_lse = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
-        dq = torch.zeros_like(qf)
+        L = q.shape[2]
+        go = grad_o.to(q.dtype).contiguous()
+        delta = (go.float() * o.float()).sum(-1)  # rowsum(dO * O) of the merged output, as flash-attn's
+        dq = torch.zeros_like(q, dtype=torch.float32)
         state = [k, v, torch.zeros_like(k, dtype=torch.float32), torch.zeros_like(v, dtype=torch.float32)]
-        fused = ctx.fused
         for step in range(P):
             src = (r - step) % P
             kb, vb, dk_acc, dv_acc = state
-            kf, vf = kb.float().repeat_interleave(rep, 1), vb.float().repeat_interleave(rep, 1)
-            if fused is not None:  # the fused backward with the merged output and log-sum-exp
-                dkb, dvb = torch.zeros_like(kf), torch.zeros_like(vf)
-                for qs, ks, causal in _chunk_pairs(r, src, P, L):
-                    mask = _pair_mask(doc_all, r, src, qs, ks, causal)
-                    if mask is not None and not bool(mask.any()):
-                        continue
-                    g = fused[1](go[:, :, qs], qf[:, :, qs], kf[:, :, ks], vf[:, :, ks], o[:, :, qs],
-                                 lse[:, :, qs], 0.0, causal and mask is None,
-                                 attn_mask=None if mask is None else additive_mask(mask), scale=scale)
-                    dq[:, :, qs] += g[0]
-                    dkb[:, :, ks] += g[1]
-                    dvb[:, :, ks] += g[2]
-                dk_acc = dk_acc + dkb.view(B, Hkv, rep, L, D).sum(2)
-                dv_acc = dv_acc + dvb.view(B, Hkv, rep, L, D).sum(2)
-            else:
-                k_pos = zigzag_positions(src, P, L, q.device)
-                mask = (k_pos[None, :] <= q_pos[:, None])[None, None]
-                if doc_all is not None:
-                    mask = mask & (doc_all[r][:, :, None] == doc_all[src][:, None, :])[:, None]
-                if bool(mask.any()):
-                    dqb, dkb, dvb = _block_backward(qf, kf, vf, go, safe_lse, delta, mask, scale)
-                    dq += dqb
-                    dk_acc = dk_acc + dkb.view(B, Hkv, rep, L, D).sum(2)
-                    dv_acc = dv_acc + dvb.view(B, Hkv, rep, L, D).sum(2)
+            for qs, ks, causal in _chunk_pairs(r, src, P, L):
+                dq_, dk_ = _docs(doc_all, r, qs), _docs(doc_all, src, ks)
+                if not shares_document(dq_, dk_):
+                    continue
+                g = ops.backward(go[:, :, qs], q[:, :, qs], kb[:, :, ks], vb[:, :, ks], o[:, :, qs], lse[:, :, qs],
+                                 delta[:, :, qs], causal, dq_, dk_)
+                dq[:, :, qs] += g[0]
+                dk_acc[:, :, ks] += g[1]
+                dv_acc[:, :, ks] += g[2]
             # K/V move on for the next step; their gradient accumulators follow them home (P hops in all)
             handle = ring.start([kb, vb, dk_acc, dv_acc] if step < P - 1 else [dk_acc, dv_acc])
             ring.wait(handle)
@@ -191,27 +131,37 @@ class RingAttention(CoreAttention):
         inner: the layer's ``dense`` core attention (its softmax scale is reused).
         group: the sequence-parallel process group.
         counter: optional communication counter.
+        pair_backend: the fused chunk-pair kernels (:func:`~longshard.kernels.attention.pairs.pair_kernel`):
+            ``auto`` (Triton on CUDA, PyTorch's fused CPU kernel on CPU), or ``triton`` / ``cpu_fused``.
     """
 
-    def __init__(self, inner: CoreAttention, group: dist.ProcessGroup, counter: CommCounter | None = None) -> None:
+    def __init__(self, inner: CoreAttention, group: dist.ProcessGroup, counter: CommCounter | None = None,
+                 pair_backend: str = "auto") -> None:
         super().__init__(inner.ctx)
-        self.scale = getattr(inner, "scale", 1.0 / math.sqrt(inner.ctx.head_dim))
+        self.scale = inner.softmax_scale
         self.ring = _Ring(group, counter)
         self.group = group
+        self.pair_backend = pair_backend
+        self._ops: dict[str, object] = {}  # per device type: the pair kernels (they cache block lists)
 
     def forward(self, q_BHSD, k_BHSD, v_BHSD, batch: AttentionBatch):
         if batch.cache_slot is not None:
             raise ValueError("sequence-parallel attention is for training; decode on one device")
+        if q_BHSD.shape[2] % 2:
+            raise ValueError(f"a zigzag shard holds two equal chunks; got {q_BHSD.shape[2]} local tokens")
         doc_all = None
         if batch.doc_ids_BS is not None:
             parts = [torch.empty_like(batch.doc_ids_BS) for _ in range(self.ring.P)]
             dist.all_gather(parts, batch.doc_ids_BS.contiguous(), group=self.group)
             doc_all = torch.stack(parts)  # (P, B, L): each rank's zigzag document ids
-        return _RingAttnFn.apply(q_BHSD, k_BHSD, v_BHSD, doc_all, self.ring, self.scale)
+        dev = q_BHSD.device.type
+        if dev not in self._ops:
+            self._ops[dev] = pair_kernel(q_BHSD.device, self.scale, self.pair_backend)
+        return _RingAttnFn.apply(q_BHSD, k_BHSD, v_BHSD, doc_all, self.ring, self._ops[dev])
 
 
 def ring_form(core: CoreAttention, group: dist.ProcessGroup, counter: CommCounter | None = None,
-              where: str = "a layer") -> CoreAttention:
+              where: str = "a layer", pair_backend: str = "auto") -> CoreAttention:
     """``core`` made context-parallel over ``group`` for zigzag-sharded inputs.
 
     Dense cores get :class:`RingAttention`; block-sparse cores (``s2``, ``streaming`` without
@@ -224,35 +174,30 @@ def ring_form(core: CoreAttention, group: dist.ProcessGroup, counter: CommCounte
         ConfigError: a variant with no ring form (``nsa``, ``nosa``, ``mixed``, ``streaming`` with
             learned gates: their selection or gates need every key of a head; use ``ulysses``).
     """
-    from longshard.models.attention.dense import DenseAttention
-    from longshard.models.attention.linear import LinearAttention
-    from longshard.models.attention.s2 import S2Attention
-    from longshard.models.attention.sparse_base import BlockSparseAttention
-    from longshard.models.attention.streaming import StreamingAttention
     from longshard.parallel.linear_state import LinearStateParallel
     from longshard.parallel.sparse_exchange import SparseExchangeAttention
 
-    if isinstance(core, S2Attention) and core.dense is not None:  # dense_every_n_layers: a dense layer
-        core = core.dense
-    sparse_ok = isinstance(core, BlockSparseAttention) and not (
-        isinstance(core, StreamingAttention) and core.alpha is not None)
-    require(isinstance(core, DenseAttention | LinearAttention) or sparse_ok, "parallel.sp_mode",
-            f"ring and hybrid support dense, linear and block-sparse attention (s2, streaming without "
-            f"learned gates, sliding_window); {where} uses {type(core).__name__}, whose block selection "
-            f"or gates need all of a head's keys.", "use sp_mode=ulysses for this variant.")
-    if isinstance(core, DenseAttention):
-        return RingAttention(core, group, counter)
-    if isinstance(core, LinearAttention):
-        return LinearStateParallel(core, group, counter, zigzag=True)
-    return SparseExchangeAttention(core, group, counter)
+    form, inner = core.context_parallel_core()  # declared by the variant
+    require(form is not None, "parallel.sp_mode",
+            f"ring and hybrid run variants with a ring form (dense, linear, s2, streaming without learned gates, "
+            f"sliding_window); {where} uses {type(core).__name__}, whose block selection or gates need all of a "
+            "head's keys.", "use sp_mode=ulysses for this variant.")
+    if form == "ring":
+        return RingAttention(inner, group, counter, pair_backend)
+    if form == "state":
+        return LinearStateParallel(inner, group, counter, zigzag=True)
+    if form == "sparse_exchange":
+        return SparseExchangeAttention(inner, group, counter)
+    raise ValueError(f"{type(core).__name__} declares an unknown context-parallel form {form!r}")
 
 
 def apply_ring(model, group: dist.ProcessGroup, counter: CommCounter | None = None,
-               ulysses_group: dist.ProcessGroup | None = None):
+               ulysses_group: dist.ProcessGroup | None = None, pair_backend: str = "auto"):
     """Make every layer's core attention context-parallel over ``group`` (in place; see :func:`ring_form`).
 
     With ``ulysses_group`` (hybrid 2-D, USP-style): Ulysses all-to-alls inside that group, each
-    rank running its slice of the heads, around the ring over ``group``.
+    rank running its slice of the heads, around the ring over ``group``. ``pair_backend``: see
+    :class:`RingAttention` (tests force ``triton`` on CPU under the interpreter).
 
     Raises:
         ConfigError: a variant with no ring form (see :func:`ring_form`).
@@ -266,9 +211,9 @@ def apply_ring(model, group: dist.ProcessGroup, counter: CommCounter | None = No
             U, u = dist.get_world_size(ulysses_group), dist.get_rank(ulysses_group)
             H = layer.attention.n_heads
             kv_repeat = kv_replication(H, layer.attention.n_kv_heads, U)
-            off = getattr(layer.attention, "head_offset", 0)  # tensor parallel: this rank's heads start here
+            off = layer.attention.head_offset  # tensor parallel: this rank's heads start here
             core.set_head_slice(off + u * H // U, off + (u + 1) * H // U)
-        wrapped = ring_form(core, group, counter, f"layer {i}")
+        wrapped = ring_form(core, group, counter, f"layer {i}", pair_backend)
         if ulysses_group is not None:
             wrapped = UlyssesAttention(wrapped, ulysses_group, kv_repeat, counter)
         layer.attention.core_attention = wrapped

@@ -158,12 +158,12 @@ def apply_ulysses(model: Transformer, group: dist.ProcessGroup, counter: CommCou
         kv_repeat = kv_replication(attn.n_heads, attn.n_kv_heads, P)
         H = attn.n_heads
         core = attn.core_attention
-        if type(core).__name__ == "LinearAttention":  # recurrent: pass D x D states, not activations
+        if core.context_parallel_core()[0] == "state":  # recurrent: pass D x D states, not activations
             from longshard.parallel.linear_state import LinearStateParallel
 
             attn.core_attention = LinearStateParallel(core, group, counter)
             continue
-        off = getattr(attn, "head_offset", 0)  # tensor parallel: this rank's heads start here
+        off = attn.head_offset  # tensor parallel: this rank's heads start here
         try:
             core.set_head_slice(off + r * H // P, off + (r + 1) * H // P)
         except NotImplementedError as e:

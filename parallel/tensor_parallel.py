@@ -33,11 +33,10 @@ def check_tensor_parallel(model: Transformer, tp: int) -> None:
         require(attn.n_heads % tp == 0 and attn.n_kv_heads % tp == 0, "parallel.tp_degree",
                 f"{attn.n_heads} query / {attn.n_kv_heads} KV heads of layer {i} do not split over {tp} "
                 "tensor-parallel ranks.", "choose a tp_degree dividing both.")
-        names = [n for n, _ in attn.core_attention.named_parameters()]
-        if names:
-            raise ConfigError("parallel.tp_degree", f"layer {i}'s {type(attn.core_attention).__name__} has "
-                              f"parameters of its own ({', '.join(names[:3])}), which tensor parallelism does "
-                              "not split.", "use tp_degree=1 (sequence parallel handles this variant).")
+        problem = attn.core_attention.tensor_parallel_problem()
+        if problem is not None:
+            raise ConfigError("parallel.tp_degree", f"layer {i}: {problem}, which tensor parallelism does not "
+                              "split.", "use tp_degree=1 (sequence parallel handles this variant).")
     require(model.layers[0].feed_forward.w1.out_features % tp == 0, "parallel.tp_degree",
             f"the FFN width {model.layers[0].feed_forward.w1.out_features} does not split over {tp}.")
 
@@ -64,7 +63,5 @@ def apply_tensor_parallel(model: Transformer, tp_mesh: DeviceMesh) -> Transforme
             plan["attention.wg"] = ColwiseParallel()
         parallelize_module(layer, tp_mesh, plan)
         H = attn.n_heads // T
-        attn.core_attention.set_head_slice(t * H, (t + 1) * H)
-        attn.head_offset = t * H  # global index of this rank's first head (sequence parallel slices further)
-        attn.n_heads, attn.n_kv_heads = H, attn.n_kv_heads // T
+        attn.set_head_range(t * H, (t + 1) * H)  # sequence parallel slices further inside this range
     return model

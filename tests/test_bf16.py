@@ -1,5 +1,6 @@
-"""bf16 end to end: under CPU autocast every variant and path gets bf16 q, k, v, trains a step, and stays
-within bf16 error of its fp32 loss; FSDP2 computes with bf16 parameters and reduces in fp32."""
+"""bf16 (and fp16) end to end: under CPU autocast every variant and path gets bf16 q, k, v, trains a step,
+and stays within bf16 error of its fp32 loss; fp16 likewise for every variant; FSDP2 computes with bf16
+parameters and reduces in fp32."""
 
 from __future__ import annotations
 
@@ -59,7 +60,8 @@ def _step(spec: dict, packed: bool, dtype: torch.dtype | None):
     tokens = torch.randint(0, 64, (2, 96), generator=g)
     doc = torch.cumsum((torch.rand(2, 96, generator=g) < 0.05).long(), 1) if packed else None
     flex_cpu = spec.get("options", {}).get("path") == "flex"  # flex_attention has no CPU backward
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype is not None), torch.set_grad_enabled(not flex_cpu):
+    with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None), \
+            torch.set_grad_enabled(not flex_cpu):
         out = model(tokens, doc_ids_BS=doc, labels_BS=tokens)
     if not flex_cpu:
         out.loss_sum.backward()
@@ -81,11 +83,29 @@ def test_bf16_step_every_variant_and_path(case, packed):
     assert_rel("core attention output bf16 vs fp32", o32, o16, OUT_TOL)
 
 
+# fp16 on CPU is emulated (~10x slower than fp32): every variant once, on its default CPU training path
+# and the paths whose arithmetic differs (naive, gather); packed documents (the harder masks).
+FP16_CASES = ["dense_sdpa", "dense_naive", "gated", "mixed", "nsa_naive", "nsa_gather", "nosa_gather",
+              "linear_chunk", "s2_chunked", "s2_gather", "streaming_chunked", "sliding_window_banded"]
+
+
+@pytest.mark.parametrize("case", FP16_CASES)
+def test_fp16_step_every_variant(case):
+    """fp16 autocast (10-bit mantissa, 5-bit exponent): q, k, v and the output in fp16, finite gradients,
+    the loss within bf16's bound of fp32 (fp16 rounds finer; overflow, not rounding, is its risk: a
+    softmax or normaliser computed in fp16 that underflows gives NaN, as NSA's did)."""
+    loss32, _, o32 = _step(CASES[case], True, None)
+    loss16, seen16, o16 = _step(CASES[case], True, torch.float16)
+    assert seen16 == [(torch.float16,) * 3, (torch.float16,)], seen16
+    assert math.isfinite(loss16) and abs(loss16 - loss32) / loss32 <= LOSS_TOL, (loss32, loss16)
+    assert_rel("core attention output fp16 vs fp32", o32, o16, OUT_TOL)
+
+
 FSDP_SCRIPT = r"""
 import os, sys, torch, torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 from longshard.models import ModelConfig, Transformer
-from longshard.parallel import parallelize
+from longshard.parallel import data_parallel
 dist.init_process_group("gloo", rank=0, world_size=1, init_method="tcp://127.0.0.1:%d" % int(sys.argv[1]))
 mesh = init_device_mesh("cpu", (1, 1, 1), mesh_dim_names=("dp", "sp", "tp"))
 torch.manual_seed(0)
@@ -93,7 +113,7 @@ model = Transformer(ModelConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_
 wq = model.layers[0].attention.wq
 seen = []
 wq.register_forward_pre_hook(lambda m, a: seen.append(m.weight.dtype))
-model = parallelize(model, mesh, "fsdp2", torch.bfloat16)
+model = data_parallel(model, mesh, "fsdp2", torch.bfloat16)
 tokens = torch.randint(0, 64, (2, 16))
 with torch.autocast("cpu", dtype=torch.bfloat16):
     model(tokens, labels_BS=tokens).loss_sum.backward()

@@ -18,6 +18,7 @@ from longshard.models.attention import (
     build_attention,
     register_attention,
 )
+from longshard.models.attention.registry import AttentionOptions
 from longshard.models.config import RopeConfig
 from longshard.models.rope import rope_inv_freq
 
@@ -106,7 +107,7 @@ def test_registry_errors_list_valid_names():
 
 
 @dataclass(kw_only=True)
-class _ScaledOpts:
+class _ScaledOpts(AttentionOptions):
     factor: float = 1.0
 
 

@@ -411,6 +411,29 @@ def test_bf16_and_activation_checkpointing(tmp_path, data_dir, env_cpu):
     assert all(abs(a - b) / a < 0.05 for a, b in zip(bf16, _losses(tmp_path / "plain")))
 
 
+def test_fp16_loss_scaling_trains_and_resumes_its_scale(tmp_path, data_dir, env_cpu):
+    """fp16 under FSDP2 on 2 ranks (ShardedGradScaler: overflow agreed across ranks): trains within fp16
+    error of the fp32 run, logs the loss scale, checkpoints it and resumes from it."""
+    fp32 = tmp_path / "fp32"
+    _run(2, fp32, data_dir, ["train.steps=3", "parallel.dp_mode=fsdp2"], env_cpu)
+    out = tmp_path / "fp16"
+    fp16 = ["train.dtype=fp16", "parallel.dp_mode=fsdp2", "checkpoint.every=1"]
+    _run(2, out, data_dir, ["train.steps=2", *fp16], env_cpu)
+    state_file = out / "checkpoints" / "step_00000002" / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    assert state["grad_scaler"]["scale"] == 65536.0  # torch's initial scale: no overflow, no growth yet
+    state["grad_scaler"]["scale"] = 1024.0  # a scale the resumed run can only have from the checkpoint
+    state_file.write_text(json.dumps(state))
+    _run(2, out, data_dir, ["train.steps=3", *fp16, "checkpoint.resume=auto"], env_cpu)
+    report = json.loads((out / "report.json").read_text())
+    assert report["resumed_from_step"] == 2
+    # fp16 matmuls (10-bit mantissa) move this model's loss by ~1e-4 relative; 1e-2 admits no wrong step
+    assert all(abs(a - b) / a < 1e-2 for a, b in zip(report["losses"], _losses(fp32))), (report["losses"],
+                                                                                          _losses(fp32))
+    logged = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [rec["loss_scale"] for rec in logged if "loss" in rec][-1] == 1024.0
+
+
 def test_learned_gates_train_and_export_assignment(tmp_path, data_dir, env_cpu):
     """Identification run: alpha gets the L1 penalty in the loss; `longshard heads` exports the split."""
     att = ("model.attention=[{name: streaming, options: {learned_gates: true, gate_l1: 0.05, block: 16, "

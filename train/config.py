@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 _CHECK_FILES: contextvars.ContextVar[bool] = contextvars.ContextVar("check_files", default=True)
 
 DATA_SOURCES = ("default", "prepared", "passkey", "mqar")
-DTYPES = ("fp32", "bf16")
+DTYPES = ("fp32", "bf16", "fp16")
 SCHEDULES = ("cosine", "wsd", "constant")
 DP_MODES = ("ddp", "fsdp2")
 SP_MODES = ("ulysses", "ring", "hybrid")
@@ -130,7 +130,8 @@ class TrainConfig:
         micro_batch_size: sequences per forward pass per rank.
         global_batch_size: sequences per optimizer step over all data-parallel ranks
             (= micro_batch_size x grad accumulation x dp size).
-        dtype: ``fp32`` or ``bf16`` (autocast; master weights stay fp32).
+        dtype: ``fp32``, ``bf16`` or ``fp16`` (autocast; master weights stay fp32; fp16 adds dynamic
+            loss scaling, native engine only).
         grad_clip: max global gradient norm (0 disables).
         activation_checkpointing: ``none``, ``full`` (recompute each block) or ``attention_boundary``
             (recompute all but the core attention; LightSeq's rematerialisation-aware placement).
@@ -436,6 +437,10 @@ class Config:
                         "optim.lr", self.optim.warmup_steps, self.train.steps,
                         100 * self.train.steps / self.optim.warmup_steps)
         if self.train.engine == "deepspeed":
+            require(self.train.dtype != "fp16", "train.dtype",
+                    "fp16 runs with the native engine (dynamic loss scaling by torch's GradScaler); the DeepSpeed "
+                    "engine keeps fp32 parameters and runs bf16 or fp32 compute.",
+                    "use train.dtype=bf16 with DeepSpeed, or train.engine=native for fp16.")
             require(self.train.nan_policy == "stop", "train.nan_policy",
                     "skip is not available with train.engine=deepspeed (its step runs before the loss is known).",
                     "use train.nan_policy=stop.")
@@ -478,13 +483,9 @@ class Config:
         require(self.parallel.dp_mode == "fsdp2", "parallel.dp_mode",
                 "tensor parallel (tp_degree > 1) composes with FSDP2, not DDP.", "set parallel.dp_mode=fsdp2.")
         for i, spec in enumerate(self.model.attention):
-            opts = parse_options(spec.name, spec.options, f"model.attention[{i}]")
-            names = [spec.name] + [g["name"] for g in getattr(opts, "groups", [])]
-            own = [n for n in names if n in ("nsa", "nosa")] + (["streaming with learned_gates"]
-                                                                 if getattr(opts, "learned_gates", False) else [])
-            require(not own, "parallel.tp_degree",
-                    f"model.attention[{i}] uses {own[0] if own else ''}, whose core attention has per-head "
-                    "parameters that tensor parallelism does not split.",
+            problem = parse_options(spec.name, spec.options, f"model.attention[{i}]").tensor_parallel_problem()
+            require(problem is None, "parallel.tp_degree",
+                    f"model.attention[{i}] ({spec.name}): {problem}, which tensor parallelism does not split.",
                     "use tp_degree=1 (sequence parallel runs this variant).")
         if self.init.hf_path is None:  # an HF checkpoint's head counts are checked when the model is built
             m = self.model
@@ -500,14 +501,12 @@ class Config:
         ring = sp // self.parallel.sp_ulysses_degree if mode == "hybrid" else sp  # ranks along the ring
         for i, spec in enumerate(self.model.attention):
             opts = parse_options(spec.name, spec.options, f"model.attention[{i}]")
-            gated = getattr(opts, "learned_gates", False)
-            sparse = spec.name in ("s2", "streaming", "sliding_window") and not gated
-            require(spec.name in ("dense", "linear") or sparse, "parallel.sp_mode",
-                    f"sp_mode={mode} runs dense, linear and s2/streaming/sliding_window layers; model.attention[{i}] "
-                    f"is {spec.name!r}{' with learned_gates' if gated else ''} (its block selection or gates need "
-                    "all of a head's keys).", "use sp_mode=ulysses for this variant.")
-            if sparse:
-                need = math.lcm(need, 2 * ring * opts.block)
+            require(opts.context_parallel() is not None, "parallel.sp_mode",
+                    f"sp_mode={mode} needs a ring form for every layer; model.attention[{i}] ({spec.name!r}"
+                    f"{f' with {dict(spec.options)}' if spec.options else ''}) has none: its block selection or "
+                    "gates need all of a head's keys.",
+                    "use sp_mode=ulysses for this variant.")
+            need = math.lcm(need, opts.ring_seq_multiple(ring))
         return need
 
     @property

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from longshard.models.model import IGNORE_INDEX, LossOutput
+from longshard.parallel.data_parallel import unwrap
 from longshard.parallel.sequence import SeqShard
 from longshard.train.data.loader import MQARDataset, PasskeyDataset, Sample, collate
 from longshard.train.data.synthetic import passkey_sample
@@ -176,7 +177,7 @@ def evaluate(
                                            autocast_dtype, sp).items():
             out[f"ppl@{n}"] = ppl
     if mqar_samples > 0:
-        vocab = model.module.cfg.vocab_size if hasattr(model, "module") else model.cfg.vocab_size
+        vocab = unwrap(model).cfg.vocab_size
         out["mqar_acc"] = mqar_accuracy(model, seq_len, vocab, mqar_num_kv_pairs, mqar_samples, device,
                                         autocast_dtype, sp=sp)
     model.train(was_training)

@@ -27,9 +27,8 @@ from longshard.models.hf import (
 from longshard.models.model import Transformer
 from longshard.parallel import (
     DistEnv,
+    apply_sequence_parallel,
     build_mesh,
-    clip_grad_norm,
-    gradient_sync,
     init_distributed,
     mesh_shape,
     parallelize,
@@ -39,10 +38,9 @@ from longshard.parallel.data_parallel import reshard
 from longshard.parallel.deepspeed_engine import deepspeed_config, import_deepspeed
 from longshard.parallel.deepspeed_engine import initialize as ds_initialize
 from longshard.parallel.env import all_agree
-from longshard.parallel.ring import apply_ring
-from longshard.parallel.sequence import CommCounter, SeqShard, apply_ulysses, kv_replication
+from longshard.parallel.sequence import CommCounter, SeqShard, kv_replication
 from longshard.parallel.sharded_load import hf_names_of, load_hf_sharded, parameters_on_meta
-from longshard.parallel.tensor_parallel import apply_tensor_parallel, check_tensor_parallel
+from longshard.parallel.tensor_parallel import check_tensor_parallel
 from longshard.train.checkpoint import Checkpointer, CheckpointError
 from longshard.train.config import Config, dump_config
 from longshard.train.data import (
@@ -55,6 +53,7 @@ from longshard.train.data import (
     read_meta,
 )
 from longshard.train.data.synthetic import passkey_sample
+from longshard.train.engine import DeepSpeedTrainEngine, NativeEngine
 from longshard.train.evaluate import evaluate, forward_loss, heldout_loss
 from longshard.train.faults import (
     CollectiveError,
@@ -93,6 +92,11 @@ def parameters_finite(model: torch.nn.Module, device: torch.device) -> bool:
     ok = all(bool(torch.isfinite(p.to_local() if isinstance(p, DTensor) else p).all())
              for p in model.parameters())
     return all_agree(ok, device)
+
+
+def compute_dtype(cfg: Config) -> torch.dtype | None:
+    """The autocast dtype of ``train.dtype`` (None: fp32 throughout)."""
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.dtype)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -173,19 +177,8 @@ def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimize
 
 def attention_kept_fraction(model: Transformer, seq_len: int) -> float:
     """Mean over layers of the fraction of causal (query block, key block) pairs the attention keeps
-    at ``seq_len`` (1.0 for dense and linear layers; block-sparse layers from their pattern)."""
-    from longshard.models.attention.mixed import MixedAttention
-    from longshard.models.attention.sparse_base import BlockSparseAttention
-
-    def kept(core, heads: int) -> float:
-        if isinstance(core, MixedAttention):
-            return sum(kept(m, h) * h for m, h in zip(core.groups, core.heads)) / heads
-        full_too = getattr(core, "dense", None) is not None or getattr(core, "alpha", None) is not None
-        if isinstance(core, BlockSparseAttention) and not full_too:  # (dense layer / learned gates: full)
-            return core.pattern(math.ceil(seq_len / core.block), torch.device("cpu")).kept_fraction()
-        return 1.0
-
-    fracs = [kept(layer.attention.core_attention, layer.attention.n_heads) for layer in model.layers]
+    at ``seq_len`` (as each variant declares: 1.0 for dense and linear, block-sparse from its pattern)."""
+    fracs = [layer.attention.core_attention.kept_fraction(seq_len) for layer in model.layers]
     return sum(fracs) / len(fracs)
 
 
@@ -237,7 +230,7 @@ def convert_from_hf(model: Transformer, cfg: Config, val_ds, device: torch.devic
     """
     if not is_conversion(model.cfg):
         return None
-    autocast = torch.bfloat16 if cfg.train.dtype == "bf16" else None
+    autocast = compute_dtype(cfg)
     n = cfg.init.conversion_eval_batches
     loss = lambda: heldout_loss(model, val_ds, n, cfg.train.micro_batch_size, device, autocast, cfg.data.doc_mask)
     measure = val_ds is not None and n > 0 and len(val_ds) > 0
@@ -283,7 +276,7 @@ def convert_sharded(dmodel, model: Transformer, cfg: Config, val_ds, device: tor
     wrapping (``apply_sp``) for the measurement."""
     if not is_conversion(model.cfg):
         return None
-    autocast = torch.bfloat16 if cfg.train.dtype == "bf16" else None
+    autocast = compute_dtype(cfg)
     n = cfg.init.conversion_eval_batches
     if val_ds is None or n <= 0 or len(val_ds) == 0:
         log.info("converted %s; no held-out data to measure the initial loss gap", cfg.init.hf_path)
@@ -365,7 +358,6 @@ def _train_locked(cfg: Config, env, t0: float, use_ds: bool, dp_size: int, grad_
     fpt = flops_per_token(mcfg, cfg.train.seq_len, model)  # the attention FLOPs each variant performs
     if cfg.init.hf_path is not None and not sharded_hf:
         load_into(model, load_hf_state_dict(cfg.init.hf_path, mcfg), cfg.init.hf_path)
-    model.set_activation_checkpointing(cfg.train.activation_checkpointing)
     model.set_activation_offload(cfg.train.activation_offload)
     model.set_loss_chunking(None if cfg.train.loss_chunk_tokens < 0 else cfg.train.loss_chunk_tokens)
     conversion = None
@@ -375,38 +367,26 @@ def _train_locked(cfg: Config, env, t0: float, use_ds: bool, dp_size: int, grad_
     if tp_size > 1:  # heads and variants checked before the mesh's groups are created
         check_tensor_parallel(model, tp_size)
     mesh = build_mesh(env, sp_size, uly, tp_size)
-    if tp_size > 1:  # before sequence parallel, which wraps the (sliced) core attention
-        apply_tensor_parallel(model, mesh["tp"])
     comm = CommCounter()
-    sp = None
-
-    def apply_sp(m: Transformer, counter: CommCounter) -> None:
-        if mode == "ulysses":
-            apply_ulysses(m, sp.group, counter)
-        elif mode == "ring":
-            apply_ring(m, sp.group, counter)
-        else:
-            apply_ring(m, mesh["ring"].get_group(), counter, ulysses_group=mesh["uly"].get_group())
-
-    if sp_size > 1:
-        sp_rank = mesh["ring"].get_local_rank() * uly + mesh["uly"].get_local_rank() if uly > 1 else \
-            mesh["sp"].get_local_rank()
-        sp = SeqShard(mesh["sp"].get_group(), sp_rank, sp_size, zigzag=mode != "ulysses", inner=uly)
-        apply_sp(model, comm)
+    # TP -> SP -> activation checkpointing -> data parallel (DeepSpeed does its own data parallelism)
+    dmodel, sp = parallelize(model, mesh, cfg.parallel, comm, dtype=compute_dtype(cfg), data_parallel_wrap=not use_ds,
+                             activation_checkpointing=cfg.train.activation_checkpointing)
     if use_ds:  # ZeRO over every rank replaces DDP/FSDP2; the schedule stays ours
         optimizer = build_optimizer(model, cfg)
         scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.steps)
         dmodel = ds_initialize(model, optimizer, deepspeed_config(
             cfg.train.micro_batch_size, grad_accum, env.world_size, cfg.train.grad_clip, cfg.deepspeed.zero_stage,
             cfg.deepspeed.offload_optimizer, cfg.deepspeed.config_file))
+        engine = DeepSpeedTrainEngine(dmodel, optimizer, scheduler)
     else:
-        dmodel = parallelize(model, mesh, cfg.parallel.dp_mode, torch.bfloat16 if cfg.train.dtype == "bf16" else None)
         if sharded_hf:  # each rank reads only its shards of the checkpoint, then the gap is measured sharded
             load_hf_sharded(dmodel, cfg.init.hf_path, env.device)
             conversion = convert_sharded(dmodel, model, cfg, val_ds, env.device, sp,
-                                         (lambda m: apply_sp(m, CommCounter())) if sp is not None else None)
+                                         (lambda m: apply_sequence_parallel(m, mesh, mode)) if sp is not None else None)
         optimizer = build_optimizer(dmodel, cfg)
         scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.steps)
+        engine = NativeEngine(dmodel, optimizer, scheduler, cfg.train.grad_clip, loss_scaling=cfg.train.dtype == "fp16",
+                              sharded=cfg.parallel.dp_mode == "fsdp2")
     loader = DistributedLoader(
         train_ds, micro_batch_size=cfg.train.micro_batch_size, grad_accum=grad_accum,
         dp_rank=mesh["dp"].get_local_rank(), dp_size=dp_size, seed=cfg.train.seed, shuffle=cfg.data.shuffle,
@@ -416,11 +396,8 @@ def _train_locked(cfg: Config, env, t0: float, use_ds: bool, dp_size: int, grad_
                         cfg.checkpoint.allow_changes)
     start_step, history = 0, []
     resume_from, state = None, None
-    if cfg.checkpoint.resume == "auto":
-        resume_from, state = ckpt.load_latest(dmodel, optimizer, scheduler)
-    elif cfg.checkpoint.resume != "none":
-        resume_from = Path(cfg.checkpoint.resume)
-        state = ckpt.load(resume_from, dmodel, optimizer, scheduler)
+    if cfg.checkpoint.resume != "none":
+        resume_from, state = engine.load(ckpt, None if cfg.checkpoint.resume == "auto" else Path(cfg.checkpoint.resume))
     if state is not None:
         if any(k.startswith("optim.") for k in state.get("changed", [])):
             apply_optim_settings(optimizer, scheduler, cfg)
@@ -435,7 +412,7 @@ def _train_locked(cfg: Config, env, t0: float, use_ds: bool, dp_size: int, grad_
         loader.load_state_dict(state["loader"])
         history = state.get("losses", [])
 
-    autocast = torch.bfloat16 if cfg.train.dtype == "bf16" else None
+    autocast = compute_dtype(cfg)
     peak = peak_tflops(env.device, cfg.train.peak_tflops)
     metrics = MetricsLogger(
         out_dir, enabled=env.is_main, total_steps=cfg.train.steps, start_step=start_step,
@@ -465,14 +442,15 @@ def _train_locked(cfg: Config, env, t0: float, use_ds: bool, dp_size: int, grad_
                 f"parameters are not finite at step {step}: checkpoint not written (the last complete one, "
                 f"{last_ckpt or 'none'}, is intact). Lower optim.lr or enable train.grad_clip.")
         state = {"loader": loader.state_dict(), "losses": history, "world_size": env.world_size}
-        return ckpt.save(step, dmodel, optimizer, scheduler, state)
+        return engine.save(ckpt, step, state)
 
-    def skip_update(step: int, what: str) -> tuple[None, None]:
+    def skip_update(step: int, what: str, overflow: bool = False) -> tuple[None, None]:
         """Leave the weights untouched for this step (``nan_policy=skip``) or stop (``stop``, or too many
-        skips in a row): the update of a non-finite loss or gradient never reaches the parameters."""
+        skips in a row): the update of a non-finite loss or gradient never reaches the parameters.
+        An fp16 overflow (``overflow``) skips whatever the policy; only too many in a row stop."""
         nonlocal skipped_in_row
         skipped_in_row += 1
-        if cfg.train.nan_policy == "stop" or skipped_in_row > cfg.train.max_skipped_steps:
+        if (cfg.train.nan_policy == "stop" and not overflow) or skipped_in_row > cfg.train.max_skipped_steps:
             metrics.close()
             raise NonFiniteLossError(
                 f"{what} at step {step} (rank {env.rank}); nan_policy={cfg.train.nan_policy}"
@@ -480,7 +458,7 @@ def _train_locked(cfg: Config, env, t0: float, use_ds: bool, dp_size: int, grad_
                 + ". The weights were not updated. Lower optim.lr, enable train.grad_clip, or use "
                 "train.dtype=fp32 to investigate.")
         log.warning("%s at step %d: skipping the update (%d in a row)", what, step, skipped_in_row)
-        optimizer.zero_grad(set_to_none=True)
+        engine.skip()
         scheduler.step()
         return None, None
 
@@ -506,7 +484,8 @@ def _train_locked(cfg: Config, env, t0: float, use_ds: bool, dp_size: int, grad_
         loss_sum = torch.zeros((), device=env.device)
         aux_sum = 0.0
         for i, b in enumerate(micro):
-            with gradient_sync(dmodel, enabled=i == len(micro) - 1):
+            last = i == len(micro) - 1
+            with engine.accumulating(last):
                 ce = forward_loss(dmodel, b, env.device, autocast, cfg.data.doc_mask).loss_sum
                 # Gradient of the global token-mean loss: data parallel averages over ranks, so scale back up.
                 objective = ce * (env.world_size / n_global)
@@ -514,28 +493,20 @@ def _train_locked(cfg: Config, env, t0: float, use_ds: bool, dp_size: int, grad_
                 if aux is not None:  # parameter penalties: same on every rank, once per optimizer step
                     objective = objective + aux / len(micro)
                     aux_sum += float(aux.detach()) / len(micro)
-                if use_ds:  # our objective already carries the accumulation scaling
-                    dmodel.backward(objective, scale_wrt_gas=False)
-                    if i < len(micro) - 1:
-                        dmodel.step()  # a non-boundary micro step: DeepSpeed only counts it
-                else:
-                    objective.backward()
+                engine.backward(objective, last)
             loss_sum += ce.detach()
         dist.all_reduce(loss_sum)
         loss = float(loss_sum) / n_global
         if not math.isfinite(loss):
             return skip_update(step, f"loss is {loss}")
         lr = scheduler.get_last_lr()[0]
-        if use_ds:
-            dmodel.step()  # the boundary: clip, optimizer step, zero grads
-            norm = dmodel.get_global_grad_norm()
-            grad_norm = float(norm) if norm is not None else float("nan")
-        else:
-            grad_norm = clip_grad_norm(dmodel, cfg.train.grad_clip)  # global: the same on every rank
-            if not math.isfinite(grad_norm):  # a finite loss can still give an inf/NaN gradient
-                return skip_update(step, f"gradient norm is {grad_norm} (loss {loss:.4g})")
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+        outcome = engine.step()
+        grad_norm = outcome.grad_norm
+        if outcome.overflow:  # fp16 loss scaling: a skipped update and a lower scale, not a divergence
+            return skip_update(step, f"fp16 gradients overflowed (loss scale now {engine.loss_scale():g})",
+                               overflow=True)
+        if not outcome.applied:  # a finite loss can still give an inf/NaN gradient
+            return skip_update(step, f"gradient norm is {grad_norm} (loss {loss:.4g})")
         skipped_in_row = 0
         scheduler.step()
         history.append(loss)
@@ -550,6 +521,8 @@ def _train_locked(cfg: Config, env, t0: float, use_ds: bool, dp_size: int, grad_
             "offloaded_act_gb": model.activation_offload.offloaded_bytes / 1e9 if model.activation_offload else 0.0,
             **{f"comm/{k}": v for k, v in comm.reset().items()},
         }
+        if engine.loss_scale() is not None:  # fp16: the dynamic loss scale after this step
+            rec["loss_scale"] = engine.loss_scale()
         if cfg.eval.every and step % cfg.eval.every == 0 and step != cfg.train.steps:
             rec.update(run_eval())
         if step % cfg.train.log_every == 0 or step == cfg.train.steps:

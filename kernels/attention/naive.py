@@ -66,13 +66,14 @@ def attention_naive(
     k = k_BHSD.float().repeat_interleave(rep, dim=1)
     v = v_BHSD.float().repeat_interleave(rep, dim=1)
     scale = 1.0 / math.sqrt(q_BHSD.shape[-1]) if scale is None else scale
-    s_BHQK = torch.einsum("bhqd,bhkd->bhqk", q_BHSD.float(), k) * scale
-    if mask_BHQK is not None:
-        s_BHQK = s_BHQK.masked_fill(~mask_BHQK, float("-inf"))
-    lse_BHQ = torch.logsumexp(s_BHQK, dim=-1)
-    safe_lse = torch.where(torch.isfinite(lse_BHQ), lse_BHQ, torch.zeros_like(lse_BHQ))
-    p_BHQK = torch.exp(s_BHQK - safe_lse[..., None])
-    o_BHQD = torch.einsum("bhqk,bhkd->bhqd", p_BHQK, v).to(q_BHSD.dtype)
+    with torch.autocast(q_BHSD.device.type, enabled=False):  # the specification stays fp32 under autocast
+        s_BHQK = torch.einsum("bhqd,bhkd->bhqk", q_BHSD.float(), k) * scale
+        if mask_BHQK is not None:
+            s_BHQK = s_BHQK.masked_fill(~mask_BHQK, float("-inf"))
+        lse_BHQ = torch.logsumexp(s_BHQK, dim=-1)
+        safe_lse = torch.where(torch.isfinite(lse_BHQ), lse_BHQ, torch.zeros_like(lse_BHQ))
+        p_BHQK = torch.exp(s_BHQK - safe_lse[..., None])
+        o_BHQD = torch.einsum("bhqk,bhkd->bhqd", p_BHQK, v).to(q_BHSD.dtype)
     return (o_BHQD, lse_BHQ) if return_lse else o_BHQD
 
 

@@ -76,8 +76,10 @@ def group_shared(block_mask_BHQK: torch.Tensor, n_kv_heads: int, max_share: int)
     return 1
 
 
-def csr_indices(block_mask_BHQK: torch.Tensor, n_blocks: int, n_kv_heads: int, block: int) -> tuple:
-    """Forward (per query block) and backward (per key block) kept-block lists of a causal block mask.
+def csr_indices(block_mask_BHQK: torch.Tensor, n_blocks: int, n_kv_heads: int, block: int,
+                causal: bool = True) -> tuple:
+    """Forward (per query block) and backward (per key block) kept-block lists of a block mask (blocks
+    above the diagonal dropped when ``causal``; a ring's fully visible chunk pair keeps them).
 
     Query heads of a GQA group that share their lists are stacked into one program (``share``
     heads, at most MAX_ROWS query rows per tile), so each K/V tile is loaded once for them.
@@ -87,8 +89,10 @@ def csr_indices(block_mask_BHQK: torch.Tensor, n_blocks: int, n_kv_heads: int, b
         query block; ``idx_t`` (Bi, Hkv, nK, M') entries ``rr * nQ + query_block`` per key block, with
         rr the stacked head set inside the GQA group.
     """
-    causal = torch.ones(n_blocks, n_blocks, dtype=torch.bool, device=block_mask_BHQK.device).tril()
-    bm = (block_mask_BHQK[..., :n_blocks, :n_blocks] & causal).contiguous()
+    bm = block_mask_BHQK[..., :n_blocks, :n_blocks]
+    if causal:
+        bm = bm & torch.ones(n_blocks, n_blocks, dtype=torch.bool, device=bm.device).tril()
+    bm = bm.contiguous()
     share = group_shared(bm, n_kv_heads, max(MAX_ROWS // block, 1))
     bm = bm[:, ::share].contiguous()
     return (share, *block_csr(bm), *block_csr(transposed_mask(bm, n_kv_heads)))
@@ -103,9 +107,10 @@ if triton is not None:
         return i // M, start + i % M
 
     @triton.jit
-    def _keep_tile(pos_m, offs_n, S, win, sink, dq_doc, dk_doc, sel, kb, HAS_WIN: tl.constexpr,
+    def _keep_tile(pos_m, offs_n, S, shift, win, sink, dq_doc, dk_doc, sel, kb, HAS_WIN: tl.constexpr,
                    HAS_DOC: tl.constexpr, HAS_SEL: tl.constexpr):
-        keep = (offs_n[None, :] <= pos_m[:, None]) & (offs_n[None, :] < S) & (pos_m[:, None] < S)
+        # causal with query positions ``shift`` ahead of the keys (0: the same frame; >= S: all visible)
+        keep = (offs_n[None, :] <= pos_m[:, None] + shift) & (offs_n[None, :] < S) & (pos_m[:, None] < S)
         if HAS_SEL:  # per-row block selection (NSA): the row keeps key block kb only if it selected it
             hit = tl.max((sel == kb).to(tl.int32), 1) > 0
             keep = keep & hit[:, None]
@@ -186,9 +191,9 @@ if triton is not None:
 
     @triton.jit
     def _bs_fwd(
-        Q, K, V, OUT, LSE, IDX, CNT, WIN, SINK, DOC, SEL,
+        Q, K, V, OUT, LSE, IDX, CNT, WIN, SINK, DOCQ, DOCK, SEL,
         si_b, si_h, si_q, sc_b, sc_h,
-        H, S, D, GROUP, KV_H, qk_scale,
+        H, S, D, GROUP, KV_H, Q_SHIFT, qk_scale,
         BLOCK: tl.constexpr, SHARE: tl.constexpr, BLOCK_D: tl.constexpr, HAS_WIN: tl.constexpr,
         HAS_DOC: tl.constexpr, F32: tl.constexpr, N_SEL: tl.constexpr, HAS_SEL: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -212,7 +217,7 @@ if triton is not None:
         row_off = (local * S + pos) * D
         qd_mask = m_ok[:, None] & d_ok[None, :]
         q = _load_rows(Q + row_base * D, row_off, offs_d, qd_mask, F32)
-        win, sink, dq_doc = _row_meta(WIN, SINK, DOC + b * S, head, pos, m_ok, HAS_WIN, HAS_DOC)
+        win, sink, dq_doc = _row_meta(WIN, SINK, DOCQ + b * S, head, pos, m_ok, HAS_WIN, HAS_DOC)
         sel = _row_selection(SEL + kv_row * N_SEL, pos, m_ok, N_SEL, HAS_SEL)
         m_i = tl.full([SHARE * BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([SHARE * BLOCK_M], tl.float32)
@@ -221,10 +226,11 @@ if triton is not None:
         for t in range(0, cnt * (BLOCK // BLOCK_N)):  # kept blocks, each in key sub-tiles of BLOCK_N
             kb = tl.load(IDX + b * si_b + hp * si_h + qb * si_q + t // (BLOCK // BLOCK_N))
             start_n = kb * BLOCK + (t % (BLOCK // BLOCK_N)) * BLOCK_N
-            if start_n < start_m + BLOCK_M:  # else every key is after every row (causal)
-                k, v, offs_n, dk_doc = _load_kv(K + kv_row * D, V + kv_row * D, DOC + b * S, start_n, S, D,
+            if start_n < start_m + BLOCK_M + Q_SHIFT:  # else every key is after every row (causal)
+                k, v, offs_n, dk_doc = _load_kv(K + kv_row * D, V + kv_row * D, DOCK + b * S, start_n, S, D,
                                                 offs_d, d_ok, BLOCK_N, HAS_DOC, F32)
-                keep = _keep_tile(pos, offs_n, S, win, sink, dq_doc, dk_doc, sel, kb, HAS_WIN, HAS_DOC, HAS_SEL)
+                keep = _keep_tile(pos, offs_n, S, Q_SHIFT, win, sink, dq_doc, dk_doc, sel, kb, HAS_WIN, HAS_DOC,
+                                  HAS_SEL)
                 s = tl.where(keep, _mm(q, tl.trans(k), F32) * qk_scale, float("-inf"))
                 m_new = tl.maximum(m_i, tl.max(s, 1))
                 m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -242,9 +248,9 @@ if triton is not None:
 
     @triton.jit
     def _bs_bwd_dq(
-        Q, K, V, DO, LSE, DELTA, DQ, IDX, CNT, WIN, SINK, DOC, SEL,
+        Q, K, V, DO, LSE, DELTA, DQ, IDX, CNT, WIN, SINK, DOCQ, DOCK, SEL,
         si_b, si_h, si_q, sc_b, sc_h,
-        H, S, D, GROUP, KV_H, qk_scale, scale,
+        H, S, D, GROUP, KV_H, Q_SHIFT, qk_scale, scale,
         BLOCK: tl.constexpr, SHARE: tl.constexpr, BLOCK_D: tl.constexpr, HAS_WIN: tl.constexpr,
         HAS_DOC: tl.constexpr, F32: tl.constexpr, N_SEL: tl.constexpr, HAS_SEL: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -264,17 +270,18 @@ if triton is not None:
         row_base = (b * H + first) * S
         q, do, lse, delta, m_ok, qd_mask = _query_tile(Q + row_base * D, DO + row_base * D, LSE + row_base,
                                                        DELTA + row_base, local, pos, S, D, offs_d, d_ok, F32)
-        win, sink, dq_doc = _row_meta(WIN, SINK, DOC + b * S, head, pos, m_ok, HAS_WIN, HAS_DOC)
+        win, sink, dq_doc = _row_meta(WIN, SINK, DOCQ + b * S, head, pos, m_ok, HAS_WIN, HAS_DOC)
         sel = _row_selection(SEL + kv_row * N_SEL, pos, m_ok, N_SEL, HAS_SEL)
         dq = tl.zeros([SHARE * BLOCK_M, BLOCK_D], tl.float32)
         cnt = tl.load(CNT + b * sc_b + hp * sc_h + qb)
         for t in range(0, cnt * (BLOCK // BLOCK_N)):
             kb = tl.load(IDX + b * si_b + hp * si_h + qb * si_q + t // (BLOCK // BLOCK_N))
             start_n = kb * BLOCK + (t % (BLOCK // BLOCK_N)) * BLOCK_N
-            if start_n < start_m + BLOCK_M:
-                k, v, offs_n, dk_doc = _load_kv(K + kv_row * D, V + kv_row * D, DOC + b * S, start_n, S, D,
+            if start_n < start_m + BLOCK_M + Q_SHIFT:
+                k, v, offs_n, dk_doc = _load_kv(K + kv_row * D, V + kv_row * D, DOCK + b * S, start_n, S, D,
                                                 offs_d, d_ok, BLOCK_N, HAS_DOC, F32)
-                keep = _keep_tile(pos, offs_n, S, win, sink, dq_doc, dk_doc, sel, kb, HAS_WIN, HAS_DOC, HAS_SEL)
+                keep = _keep_tile(pos, offs_n, S, Q_SHIFT, win, sink, dq_doc, dk_doc, sel, kb, HAS_WIN, HAS_DOC,
+                                  HAS_SEL)
                 p = tl.where(keep, tl.exp2(_mm(q, tl.trans(k), F32) * qk_scale - lse[:, None]), 0.0)
                 ds = p * (_mm(do, tl.trans(v), F32) - delta[:, None])
                 dq += _mm(ds, k, F32)
@@ -283,9 +290,9 @@ if triton is not None:
 
     @triton.jit
     def _bs_bwd_dkdv(
-        Q, K, V, DO, LSE, DELTA, DK, DV, IDXT, CNTT, WIN, SINK, DOC, SEL,
+        Q, K, V, DO, LSE, DELTA, DK, DV, IDXT, CNTT, WIN, SINK, DOCQ, DOCK, SEL,
         si_b, si_h, si_k, sc_b, sc_h,
-        H, S, D, GROUP, KV_H, N_QB, qk_scale, scale,
+        H, S, D, GROUP, KV_H, N_QB, Q_SHIFT, qk_scale, scale,
         BLOCK: tl.constexpr, SHARE: tl.constexpr, BLOCK_D: tl.constexpr, HAS_WIN: tl.constexpr,
         HAS_DOC: tl.constexpr, F32: tl.constexpr, N_SEL: tl.constexpr, HAS_SEL: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -299,7 +306,7 @@ if triton is not None:
         g = bg % KV_H
         offs_d = tl.arange(0, BLOCK_D)
         d_ok = offs_d < D
-        k, v, offs_n, dk_doc = _load_kv(K + bg * S * D, V + bg * S * D, DOC + b * S, start_n, S, D, offs_d, d_ok,
+        k, v, offs_n, dk_doc = _load_kv(K + bg * S * D, V + bg * S * D, DOCK + b * S, start_n, S, D, offs_d, d_ok,
                                         BLOCK_N, HAS_DOC, F32)
         kv_mask = (offs_n < S)[:, None] & d_ok[None, :]
         dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
@@ -310,14 +317,15 @@ if triton is not None:
             first = g * GROUP + (c // N_QB) * SHARE
             row_base = (b * H + first) * S
             start_m = (c % N_QB) * BLOCK + (t % (BLOCK // BLOCK_M)) * BLOCK_M
-            if start_m + BLOCK_M > start_n:  # else every row is before every key: nothing to add
+            if start_m + BLOCK_M + Q_SHIFT > start_n:  # else every row is before every key: nothing to add
                 local, pos = _rows(start_m, BLOCK_M, SHARE)
                 q, do, lse, delta, m_ok, qd_mask = _query_tile(Q + row_base * D, DO + row_base * D, LSE + row_base,
                                                                DELTA + row_base, local, pos, S, D, offs_d, d_ok,
                                                                F32)
-                win, sink, dq_doc = _row_meta(WIN, SINK, DOC + b * S, first + local, pos, m_ok, HAS_WIN, HAS_DOC)
+                win, sink, dq_doc = _row_meta(WIN, SINK, DOCQ + b * S, first + local, pos, m_ok, HAS_WIN, HAS_DOC)
                 sel = _row_selection(SEL + bg * S * N_SEL, pos, m_ok, N_SEL, HAS_SEL)
-                keep = _keep_tile(pos, offs_n, S, win, sink, dq_doc, dk_doc, sel, kb, HAS_WIN, HAS_DOC, HAS_SEL)
+                keep = _keep_tile(pos, offs_n, S, Q_SHIFT, win, sink, dq_doc, dk_doc, sel, kb, HAS_WIN, HAS_DOC,
+                                  HAS_SEL)
                 p = tl.where(keep, tl.exp2(_mm(q, tl.trans(k), F32) * qk_scale - lse[:, None]), 0.0)
                 ds = p * (_mm(do, tl.trans(v), F32) - delta[:, None])
                 dv += _mm(tl.trans(p), do, F32)
@@ -374,68 +382,113 @@ def launch_settings(kernel: str, block: int, share: int, block_d: int, f32: bool
     return {"num_warps": warps, "num_stages": stages, "BLOCK_M": block_m, "BLOCK_N": block_n}
 
 
+def _int_args(q: torch.Tensor, window_H, sink_H, doc_q_BS, doc_k_BS, select) -> tuple:
+    """Device-side int32 window, sink, query/key document ids and selections (1-element dummies when absent)."""
+    H = q.shape[1]
+    zeros_H = torch.zeros(H, dtype=torch.long)
+    win = (window_H if window_H is not None else zeros_H).to(q.device, torch.int32).contiguous()
+    sink = (sink_H if sink_H is not None else zeros_H).to(q.device, torch.int32).contiguous()
+    dummy = q.new_zeros(1, dtype=torch.int32)
+    doc_q = doc_q_BS.to(torch.int32).contiguous() if doc_q_BS is not None else dummy
+    doc_k = doc_k_BS.to(torch.int32).contiguous() if doc_k_BS is not None else doc_q
+    sel = select if select is not None else dummy
+    return win, sink, doc_q, doc_k, sel
+
+
+def triton_forward(q, k, v, csr, block: int, scale: float, *, window_H=None, sink_H=None, doc_q_BS=None,
+                   doc_k_BS=None, select=None, q_shift: int = 0,
+                   out_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One launch of the forward kernel (no autograd): ``(o_BHSD in q's dtype, lse_BHS fp32)``.
+
+    Args:
+        q, k, v: (B, H, S, D) / (B, Hkv, S, D) contiguous.
+        csr: :func:`csr_indices` of the block mask (built with the same ``causal`` as ``q_shift`` implies).
+        block, scale: kernel tile and softmax scale.
+        window_H, sink_H, select: as :func:`block_sparse_attention_triton_mask`.
+        doc_q_BS, doc_k_BS: document ids of the query and key rows (``doc_k_BS`` defaults to ``doc_q_BS``;
+            the two differ when queries and keys are different chunks of a sequence, as in a ring).
+        q_shift: query positions are this far ahead of the keys' (0: causal in one frame; >= S: every key
+            visible to every query).
+        out_dtype: dtype of the output (default q's; fp32 for partial outputs that are merged later).
+    """
+    B, H, S, D = q.shape
+    Hkv = k.shape[1]
+    share, idx, cnt, _, _ = csr
+    o = torch.empty_like(q, dtype=out_dtype)
+    lse = torch.empty(B, H, S, device=q.device, dtype=torch.float32)
+    win, sink, doc_q, doc_k, sel = _int_args(q, window_H, sink_H, doc_q_BS, doc_k_BS, select)
+    f32 = _ieee_branch(q.dtype)
+    block_d = next_pow2(D)
+    launch = launch_settings("fwd", block, share, block_d, f32)
+    _bs_fwd[(math.ceil(S / block) * (block // launch["BLOCK_M"]), B * H // share)](
+        q, k, v, o, lse, idx, cnt, win, sink, doc_q, doc_k, sel,
+        *_batch_strides(idx), *_batch_strides(cnt[..., None])[:2], H, S, D, H // Hkv, Hkv, q_shift, scale * LOG2E,
+        BLOCK=block, SHARE=share, BLOCK_D=block_d, HAS_WIN=window_H is not None, HAS_DOC=doc_q_BS is not None,
+        F32=f32, N_SEL=sel.shape[-1] if select is not None else 1, HAS_SEL=select is not None, **launch,
+    )
+    return o, lse
+
+
+def triton_backward(do, q, k, v, lse, delta, csr, block: int, scale: float, *, window_H=None, sink_H=None,
+                    doc_q_BS=None, doc_k_BS=None, select=None, q_shift: int = 0,
+                    grad_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, ...]:
+    """The backward kernels (no autograd) given the softmax statistics: ``(dq, dk, dv)`` in the inputs' dtypes.
+
+    Args:
+        do: (B, H, S, D) output gradient, contiguous.
+        lse, delta: (B, H, S) fp32 log-sum-exp and rowsum(dO * O) of the *whole* attention these keys are
+            part of (a ring merges several key sets; each set's gradients come from the merged statistics).
+        grad_dtype: dtype of the gradients (default the inputs'; fp32 for gradients summed over pairs).
+        others: as :func:`triton_forward`.
+    """
+    B, H, S, D = q.shape
+    Hkv = k.shape[1]
+    n = math.ceil(S / block)
+    share, idx, cnt, idx_t, cnt_t = csr
+    win, sink, doc_q, doc_k, sel = _int_args(q, window_H, sink_H, doc_q_BS, doc_k_BS, select)
+    f32 = _ieee_branch(q.dtype)
+    block_d = next_pow2(D)
+    dq, dk, dv = (torch.empty_like(t, dtype=grad_dtype) for t in (q, k, v))
+    flags = dict(BLOCK=block, SHARE=share, BLOCK_D=block_d, HAS_WIN=window_H is not None,
+                 HAS_DOC=doc_q_BS is not None, F32=f32, N_SEL=sel.shape[-1] if select is not None else 1,
+                 HAS_SEL=select is not None)
+    dq_launch = launch_settings("dq", block, share, block_d, f32)
+    _bs_bwd_dq[(n * (block // dq_launch["BLOCK_M"]), B * H // share)](
+        q, k, v, do, lse, delta, dq, idx, cnt, win, sink, doc_q, doc_k, sel,
+        *_batch_strides(idx), *_batch_strides(cnt[..., None])[:2], H, S, D, H // Hkv, Hkv, q_shift,
+        scale * LOG2E, scale, **flags, **dq_launch,
+    )
+    kv_launch = launch_settings("dkdv", block, share, block_d, f32)
+    _bs_bwd_dkdv[(n * (block // kv_launch["BLOCK_N"]), B * Hkv)](
+        q, k, v, do, lse, delta, dk, dv, idx_t, cnt_t, win, sink, doc_q, doc_k, sel,
+        *_batch_strides(idx_t), *_batch_strides(cnt_t[..., None])[:2],
+        H, S, D, H // Hkv, Hkv, n, q_shift, scale * LOG2E, scale, **flags, **kv_launch,
+    )
+    return dq, dk, dv
+
+
 class _BlockSparseTriton(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, csr, block, window_H, sink_H, doc_ids_BS, scale, select):
-        B, H, S, D = q.shape
-        Hkv = k.shape[1]
-        n = math.ceil(S / block)
-        share, idx, cnt, idx_t, cnt_t = csr
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-        o = torch.empty_like(q)
-        lse = torch.empty(B, H, S, device=q.device, dtype=torch.float32)
-        has_win = window_H is not None
-        zeros_H = torch.zeros(H, dtype=torch.long)
-        win = (window_H if has_win else zeros_H).to(q.device, torch.int32).contiguous()
-        sink = (sink_H if sink_H is not None else zeros_H).to(q.device, torch.int32).contiguous()
-        doc = doc_ids_BS.to(torch.int32).contiguous() if doc_ids_BS is not None else q.new_zeros(1, dtype=torch.int32)
-        f32 = _ieee_branch(q.dtype)
-        block_d = next_pow2(D)
-        si = _batch_strides(idx)
-        sc = _batch_strides(cnt[..., None])[:2]
-        has_sel = select is not None
-        sel = select if has_sel else q.new_zeros(1, dtype=torch.int32)
-        sel_flags = dict(N_SEL=sel.shape[-1] if has_sel else 1, HAS_SEL=has_sel)
-        fwd_launch = launch_settings("fwd", block, share, block_d, f32)
-        _bs_fwd[(n * (block // fwd_launch["BLOCK_M"]), B * H // share)](
-            q, k, v, o, lse, idx, cnt, win, sink, doc, sel,
-            *si, *sc, H, S, D, H // Hkv, Hkv, scale * LOG2E,
-            BLOCK=block, SHARE=share, BLOCK_D=block_d, HAS_WIN=has_win, HAS_DOC=doc_ids_BS is not None, F32=f32,
-            **sel_flags, **fwd_launch,
-        )
-        ctx.save_for_backward(q, k, v, o, lse, idx, cnt, idx_t, cnt_t, win, sink, doc, sel)
-        ctx.meta = (block, share, scale, has_win, doc_ids_BS is not None, f32, block_d, sel_flags)
+        o, lse = triton_forward(q, k, v, csr, block, scale, window_H=window_H, sink_H=sink_H, doc_q_BS=doc_ids_BS,
+                                select=select)
+        ctx.save_for_backward(q, k, v, o, lse, *csr[1:], *[t for t in (window_H, sink_H, doc_ids_BS, select)
+                                                          if t is not None])
+        ctx.meta = (block, csr[0], scale, [t is not None for t in (window_H, sink_H, doc_ids_BS, select)])
         return o, lse
 
     @staticmethod
     def backward(ctx, grad_o, grad_lse):
-        q, k, v, o, lse, idx, cnt, idx_t, cnt_t, win, sink, doc, sel = ctx.saved_tensors
-        block, share, scale, has_win, has_doc, f32, block_d, sel_flags = ctx.meta
-        B, H, S, D = q.shape
-        Hkv = k.shape[1]
-        n = math.ceil(S / block)
+        q, k, v, o, lse, idx, cnt, idx_t, cnt_t, *rest = ctx.saved_tensors
+        block, share, scale, present = ctx.meta
+        window_H, sink_H, doc_ids_BS, select = [rest.pop(0) if p else None for p in present]
         do = grad_o.contiguous()
         delta = (o.float() * do.float()).sum(-1).contiguous()  # (B, H, S)
         if grad_lse is not None:  # d lse / d s = p: folds into delta with the opposite sign
             delta = (delta - grad_lse.float()).contiguous()
-        dq = torch.empty_like(q)
-        dk = torch.empty_like(k)
-        dv = torch.empty_like(v)
-        si = _batch_strides(idx)
-        sc = _batch_strides(cnt[..., None])[:2]
-        flags = dict(BLOCK=block, SHARE=share, BLOCK_D=block_d, HAS_WIN=has_win, HAS_DOC=has_doc, F32=f32,
-                     **sel_flags)
-        dq_launch = launch_settings("dq", block, share, block_d, f32)
-        _bs_bwd_dq[(n * (block // dq_launch["BLOCK_M"]), B * H // share)](
-            q, k, v, do, lse, delta, dq, idx, cnt, win, sink, doc, sel,
-            *si, *sc, H, S, D, H // Hkv, Hkv, scale * LOG2E, scale, **flags, **dq_launch,
-        )
-        kv_launch = launch_settings("dkdv", block, share, block_d, f32)
-        _bs_bwd_dkdv[(n * (block // kv_launch["BLOCK_N"]), B * Hkv)](
-            q, k, v, do, lse, delta, dk, dv, idx_t, cnt_t, win, sink, doc, sel,
-            *_batch_strides(idx_t), *_batch_strides(cnt_t[..., None])[:2],
-            H, S, D, H // Hkv, Hkv, n, scale * LOG2E, scale, **flags, **kv_launch,
-        )
+        dq, dk, dv = triton_backward(do, q, k, v, lse, delta, (share, idx, cnt, idx_t, cnt_t), block, scale,
+                                     window_H=window_H, sink_H=sink_H, doc_q_BS=doc_ids_BS, select=select)
         return dq, dk, dv, None, None, None, None, None, None, None
 
 

@@ -68,13 +68,14 @@ def compressed_attention(
         return torch.zeros_like(q_BHSD), q_BHSD.new_zeros(B, H, S, 0, dtype=torch.float32)
     k = k_cmp_BKCD.float().repeat_interleave(H // Hkv, dim=1)
     v = v_cmp_BKCD.float().repeat_interleave(H // Hkv, dim=1)
-    s = torch.einsum("bhtd,bhcd->bhtc", q_BHSD.float(), k) * scale
-    s = s.masked_fill(~valid, float("-inf"))
-    m = s.amax(-1, keepdim=True)
-    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    e = torch.exp(s - m)
-    p = e / e.sum(-1, keepdim=True).clamp_min(1e-30)
-    return torch.einsum("bhtc,bhcd->bhtd", p, v).to(q_BHSD.dtype), p
+    with torch.autocast(q_BHSD.device.type, enabled=False):  # fp32 under autocast too (fp16 would give 0/0)
+        s = torch.einsum("bhtd,bhcd->bhtc", q_BHSD.float(), k) * scale
+        s = s.masked_fill(~valid, float("-inf"))
+        m = s.amax(-1, keepdim=True)
+        m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+        e = torch.exp(s - m)
+        p = e / e.sum(-1, keepdim=True).clamp_min(1e-30)
+        return torch.einsum("bhtc,bhcd->bhtd", p, v).to(q_BHSD.dtype), p
 
 
 @torch.no_grad()

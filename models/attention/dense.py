@@ -14,6 +14,7 @@ from longshard.kernels.attention.naive import attention_naive, causal_doc_mask
 from longshard.models.attention.registry import (
     AttentionBatch,
     AttentionContext,
+    AttentionOptions,
     CoreAttention,
     register_attention,
 )
@@ -22,7 +23,7 @@ DENSE_BACKENDS = ("auto", "sdpa", "flash", "naive")
 
 
 @dataclass(kw_only=True)
-class DenseOptions:
+class DenseOptions(AttentionOptions):
     """Options of ``dense``.
 
     Args:
@@ -43,6 +44,9 @@ class DenseOptions:
             f"unknown dense backend {self.backend!r}.",
             f"use one of: {', '.join(DENSE_BACKENDS)}.",
         )
+
+    def context_parallel(self) -> str | None:
+        return "ring"
 
 
 def flash_attn_available() -> bool:
@@ -67,10 +71,16 @@ def _doc_cu_seqlens(doc_ids_BS: torch.Tensor) -> tuple[torch.Tensor, int]:
 class DenseAttention(CoreAttention):
     """Full causal softmax attention (GQA/MQA, packed documents)."""
 
+    cp_form = "ring"
+
     def __init__(self, ctx: AttentionContext, opts: DenseOptions) -> None:
         super().__init__(ctx)
         self.opts = opts
         self.scale = opts.softmax_scale or 1.0 / math.sqrt(ctx.head_dim)
+
+    @property
+    def softmax_scale(self) -> float:
+        return self.scale
 
     def set_head_slice(self, start: int, stop: int) -> None:
         """Dense attention treats every head alike: nothing to restrict."""

@@ -28,6 +28,7 @@ from longshard.kernels.triton_support import triton_installed
 from longshard.models.attention.registry import (
     AttentionBatch,
     AttentionContext,
+    AttentionOptions,
     CoreAttention,
     dense_attention_flops,
     register_attention,
@@ -39,7 +40,7 @@ LINEAR_PATHS = ("auto", "naive", "chunk", "triton")
 
 
 @dataclass(kw_only=True)
-class LinearOptions:
+class LinearOptions(AttentionOptions):
     """Options of ``linear``.
 
     Args:
@@ -69,6 +70,9 @@ class LinearOptions:
                 f"path triton needs chunk in {TRITON_CHUNKS}, got {self.chunk}.",
                 "set chunk to one of those or use path chunk.")
 
+    def context_parallel(self) -> str | None:
+        return "state"
+
 
 def decay_rates(n_heads: int, layer_idx: int, n_layers: int, kind: str) -> torch.Tensor:
     """(H,) a_h >= 0 with per-step decay exp(-a_h)."""
@@ -91,6 +95,8 @@ class LinearAttention(CoreAttention):
         self.opts = opts
         self.register_buffer("log_decay", decay_rates(ctx.n_heads, ctx.layer_idx, ctx.n_layers, opts.decay),
                              persistent=False)
+
+    cp_form = "state"
 
     def set_head_slice(self, start: int, stop: int) -> None:
         """Run query heads [start, stop) (of all the layer's heads; calling it again re-slices)."""

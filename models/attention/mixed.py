@@ -14,16 +14,18 @@ from longshard.errors import ConfigError, require
 from longshard.models.attention.registry import (
     AttentionBatch,
     AttentionContext,
+    AttentionOptions,
     CoreAttention,
     append_kv,
     build_attention,
+    parse_options,
     register_attention,
 )
 from torch import nn
 
 
 @dataclass(kw_only=True)
-class MixedOptions:
+class MixedOptions(AttentionOptions):
     """Options of ``mixed``.
 
     Args:
@@ -41,6 +43,13 @@ class MixedOptions:
             require("name" in g and "heads" in g, f"groups[{i}]", "needs name and heads.")
             require(g["name"] != "mixed", f"groups[{i}].name", "groups cannot nest 'mixed'.")
             require(isinstance(g["heads"], int) and g["heads"] > 0, f"groups[{i}].heads", "must be a positive integer.")
+
+    def tensor_parallel_problem(self) -> str | None:
+        for i, g in enumerate(self.groups):  # the first group that cannot be split
+            problem = parse_options(g["name"], g.get("options"), f"groups[{i}]").tensor_parallel_problem()
+            if problem is not None:
+                return f"group {i}: {problem}"
+        return None
 
 
 @register_attention("mixed", MixedOptions)
@@ -83,6 +92,10 @@ class MixedAttention(CoreAttention):
 
     def attention_flops_per_token(self, seq_len: int) -> float:
         return sum(m.attention_flops_per_token(seq_len) for m in self.groups)
+
+    def kept_fraction(self, seq_len: int) -> float:
+        """Head-weighted mean of the groups' kept shares."""
+        return sum(m.kept_fraction(seq_len) * h for m, h in zip(self.groups, self.heads)) / sum(self.heads)
 
     def set_head_slice(self, start: int, stop: int) -> None:
         """Run query heads [start, stop) (Ulysses): each group runs its part of the slice.

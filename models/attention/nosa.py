@@ -28,6 +28,7 @@ from longshard.kernels.nosa.select import read_slots
 from longshard.models.attention.registry import (
     AttentionBatch,
     AttentionContext,
+    AttentionOptions,
     CoreAttention,
     DecodePlan,
     dense_attention_flops,
@@ -38,7 +39,7 @@ from torch import nn
 
 
 @dataclass(kw_only=True)
-class NOSAOptions:
+class NOSAOptions(AttentionOptions):
     """Options of ``nosa``.
 
     Args:
@@ -74,6 +75,9 @@ class NOSAOptions:
     def geometry(self) -> NOSAGeometry:
         return NOSAGeometry(self.block, self.sink_blocks, self.local_blocks, self.query_blocks,
                             self.static_blocks, self.locality)
+
+    def tensor_parallel_problem(self) -> str | None:
+        return "nosa has per-head parameters (its block-importance scorer)"
 
 
 @register_attention("nosa", NOSAOptions)

@@ -20,6 +20,7 @@ from longshard.kernels.nsa import NSAGeometry, nsa_branches_gather, nsa_branches
 from longshard.models.attention.registry import (
     AttentionBatch,
     AttentionContext,
+    AttentionOptions,
     CoreAttention,
     dense_attention_flops,
     gqa_kv_slice,
@@ -29,7 +30,7 @@ from torch import nn
 
 
 @dataclass(kw_only=True)
-class NSAOptions:
+class NSAOptions(AttentionOptions):
     """Options of ``nsa`` (defaults: the NSA paper's).
 
     Args:
@@ -69,6 +70,9 @@ class NSAOptions:
                 f"{len(self.gate_bias)}.")
         require(self.path in ("auto", "gather", "naive"), "path", f"unknown path {self.path!r}.",
                 "use auto, gather or naive.")
+
+    def tensor_parallel_problem(self) -> str | None:
+        return "nsa has per-head parameters (compression and branch gates)"
 
 
 @register_attention("nsa", NSAOptions)

@@ -8,6 +8,7 @@ in ``longshard/models/attention/__init__.py``.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from collections.abc import Callable, Mapping
@@ -63,6 +64,32 @@ class AttentionBatch:
     head_feats_BHSF: torch.Tensor | None = None
 
 
+CP_FORMS = ("ring", "sparse_exchange", "state")  # context-parallel forms a variant may declare
+
+
+@dataclass(kw_only=True)
+class AttentionOptions:
+    """Base of every variant's options: what layers with these options support, answerable from
+    the config alone (before any model or process group exists). Defaults: no ring form (Ulysses
+    only), heads splittable by tensor parallelism.
+    """
+
+    def context_parallel(self) -> str | None:
+        """How these layers run over a ring of ranks (one of :data:`CP_FORMS`): ``ring`` (K/V rotate),
+        ``sparse_exchange`` (only the K/V blocks the pattern reads move), ``state`` (recurrent states
+        pass along the zigzag order), or None: Ulysses only (selection or gates need all keys)."""
+        return None
+
+    def ring_seq_multiple(self, ring_degree: int) -> int:
+        """Sequence-length multiple these layers need on a ring of ``ring_degree`` ranks (each rank
+        holds two zigzag chunks; block-sparse layers need whole blocks in each chunk)."""
+        return 2 * ring_degree
+
+    def tensor_parallel_problem(self) -> str | None:
+        """Why tensor parallelism cannot split these layers' heads, or None when it can."""
+        return None
+
+
 class CoreAttention(nn.Module):
     """Base class: attention on projected, rotated heads (Megatron's ``core_attention``).
 
@@ -70,21 +97,67 @@ class CoreAttention(nn.Module):
     (B, Hkv, Sk, D) with the queries being the last Sq of the Sk positions (Sq < Sk when decoding
     with a KV cache) and returns (B, H, Sq, D). Causal.
 
-    Class attributes: ``covers_context`` (the union over heads reaches every earlier token),
-    ``uses_kv_cache`` (decoding appends keys/values to a cache and passes all of them; False for
-    recurrent variants, which keep their own state in ``batch.cache_slot``) and
-    ``supports_offload`` (the variant exposes its block selection for decoding with the KV cache in
-    host memory: ``block``, ``decode_plan(q, kbar, k_len)`` and ``attend_blocks(...)``, see
-    :mod:`longshard.models.offload`).
+    Everything the rest of longshard asks a variant goes through this interface (its defaults suit
+    dense-like variants; a variant overrides what differs):
+
+    * ``covers_context``: the union over heads reaches every earlier token;
+    * ``uses_kv_cache``: decoding appends keys/values to a cache and passes all of them (False for
+      recurrent variants, which keep their own state in ``batch.cache_slot``);
+    * ``cp_form`` / :meth:`context_parallel_core`: the context-parallel form (see
+      :meth:`AttentionOptions.context_parallel`) and the core it applies to;
+    * :meth:`set_head_slice`: run a slice of the heads (Ulysses, tensor parallel);
+      :meth:`tensor_parallel_problem`: why not under tensor parallelism;
+    * :meth:`attention_flops_per_token`, :meth:`kept_fraction`: the work done (metrics, planner);
+    * ``supports_offload``, :meth:`decode_block_budget` and ``block`` / ``decode_plan`` /
+      ``attend_blocks``: decoding with the KV cache in host memory (:mod:`longshard.models.offload`);
+    * :meth:`reset_variant_parameters`, :meth:`pop_aux_loss`: own parameters' initialisation and the
+      auxiliary loss recorded by the last forward;
+    * :attr:`softmax_scale`, :meth:`head_features`.
     """
 
     covers_context = True
     uses_kv_cache = True
     supports_offload = False  # implements decode_plan/attend_blocks (KV cache in host memory)
+    cp_form: str | None = None  # context-parallel form (CP_FORMS) or None: Ulysses only
 
     def __init__(self, ctx: AttentionContext) -> None:
         super().__init__()
         self.ctx = ctx
+        self.last_aux_loss: torch.Tensor | None = None  # set by forwards with an auxiliary loss
+
+    def context_parallel_core(self) -> tuple[str | None, CoreAttention]:
+        """(form, core): how this layer runs over a ring and the core the form wraps (a layer may
+        delegate, e.g. an S2 layer made dense by ``dense_every_n_layers``)."""
+        return self.cp_form, self
+
+    @property
+    def softmax_scale(self) -> float:
+        """The scale applied to q.k (1/sqrt(head_dim) unless the variant sets its own)."""
+        return 1.0 / math.sqrt(self.ctx.head_dim)
+
+    def tensor_parallel_problem(self) -> str | None:
+        """Why tensor parallelism cannot split this core's heads (None: it can). Default: a core with
+        parameters of its own cannot (they would need a tensor-parallel gradient reduction)."""
+        names = [n for n, _ in self.named_parameters()]
+        if names:
+            return f"{type(self).__name__} has parameters of its own ({', '.join(names[:3])})"
+        return None
+
+    def kept_fraction(self, seq_len: int) -> float:
+        """Share of the causal (query, key) pairs this core attends at ``seq_len`` (1.0: dense)."""
+        return 1.0
+
+    def decode_block_budget(self) -> int | None:
+        """Most key blocks one decoding step reads per KV head (offloadable variants), or None."""
+        return None
+
+    def reset_variant_parameters(self) -> None:
+        """Initialise parameters of the variant's own (the model's init covers the others)."""
+
+    def pop_aux_loss(self) -> torch.Tensor | None:
+        """The auxiliary loss of the last forward (e.g. a gate penalty), cleared on reading."""
+        value, self.last_aux_loss = self.last_aux_loss, None
+        return value
 
     def set_head_slice(self, start: int, stop: int) -> None:
         """Compute only query heads [start, stop) from now on (head-parallel execution, e.g. Ulysses).
@@ -199,8 +272,9 @@ def register_attention(name: str, options_cls: type) -> Callable[[type[CoreAtten
         name: registry name used in configs (``attention: [{name: ..., options: {...}}]``).
         options_cls: keyword-only dataclass of the variant's options (validated in ``__post_init__``).
     """
-    if not dataclasses.is_dataclass(options_cls):
-        raise TypeError(f"options for attention {name!r} must be a dataclass, got {options_cls}")
+    if not (dataclasses.is_dataclass(options_cls) and issubclass(options_cls, AttentionOptions)):
+        raise TypeError(f"options for attention {name!r} must be a dataclass subclassing AttentionOptions, "
+                        f"got {options_cls}")
 
     def deco(cls: type[CoreAttention]) -> type[CoreAttention]:
         if name in _REGISTRY and _REGISTRY[name].module_cls is not cls:

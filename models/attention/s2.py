@@ -27,12 +27,12 @@ from longshard.errors import ConfigError, require, require_positive
 from longshard.kernels.block_sparse import SparsePattern
 from longshard.kernels.block_sparse.banded import BandFarSpec
 from longshard.models.attention.dense import DenseAttention, DenseOptions
-from longshard.models.attention.registry import AttentionContext, register_attention
+from longshard.models.attention.registry import AttentionContext, AttentionOptions, CoreAttention, register_attention
 from longshard.models.attention.sparse_base import BlockSparseAttention, check_path
 
 
 @dataclass(kw_only=True)
-class S2Options:
+class S2Options(AttentionOptions):
     """Options of ``s2``.
 
     Args:
@@ -68,6 +68,12 @@ class S2Options:
         require(self.shard in S2_SHARDS, "shard", f"{self.shard!r} is not one of {', '.join(S2_SHARDS)}.",
                 "kv: a pattern per KV head; query: per query head; auto: kv when the KV heads cover the stride.")
         check_path(self.path)
+
+    def context_parallel(self) -> str | None:
+        return "sparse_exchange"
+
+    def ring_seq_multiple(self, ring_degree: int) -> int:
+        return 2 * ring_degree * self.block  # whole blocks in each of the 2 x ring zigzag chunks
 
 
 S2_SHARDS = ("auto", "kv", "query")
@@ -156,6 +162,12 @@ class S2Attention(BlockSparseAttention):
         if self.dense is not None:  # a dense layer of the hybrid schedule
             return self.dense.attention_flops_per_token(seq_len)
         return super().attention_flops_per_token(seq_len)
+
+    def context_parallel_core(self) -> tuple[str | None, CoreAttention]:
+        return ("ring", self.dense) if self.dense is not None else super().context_parallel_core()
+
+    def kept_fraction(self, seq_len: int) -> float:
+        return 1.0 if self.dense is not None else super().kept_fraction(seq_len)
 
     def band_spec(self, n_blocks: int) -> BandFarSpec:
         o = self.opts

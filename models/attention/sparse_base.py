@@ -53,6 +53,7 @@ class BlockSparseAttention(CoreAttention):
     """
 
     supports_offload = True
+    cp_form = "sparse_exchange"
 
     def __init__(self, ctx: AttentionContext, block: int, path: str) -> None:
         super().__init__(ctx)
@@ -69,8 +70,11 @@ class BlockSparseAttention(CoreAttention):
 
     def attention_flops_per_token(self, seq_len: int) -> float:
         """Dense causal FLOPs times the kept share of causal (query block, key block) pairs."""
-        kept = self.pattern(math.ceil(seq_len / self.block), torch.device("cpu")).kept_fraction()
-        return kept * super().attention_flops_per_token(seq_len)
+        return self.kept_fraction(seq_len) * super().attention_flops_per_token(seq_len)
+
+    def kept_fraction(self, seq_len: int) -> float:
+        """Kept share of causal (query block, key block) pairs of the pattern at ``seq_len``."""
+        return self.pattern(math.ceil(seq_len / self.block), torch.device("cpu")).kept_fraction()
 
     def build_pattern(self, n_blocks: int) -> SparsePattern:  # pragma: no cover - interface
         raise NotImplementedError

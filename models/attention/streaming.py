@@ -18,13 +18,19 @@ from longshard.kernels.block_sparse import SparsePattern
 from longshard.kernels.block_sparse.banded import BandFarSpec, band_far_attention
 from longshard.kernels.block_sparse.pattern import sink_window_pattern
 from longshard.models.attention.dense import DenseAttention, DenseOptions
-from longshard.models.attention.registry import AttentionBatch, AttentionContext, register_attention
+from longshard.models.attention.registry import (
+    AttentionBatch,
+    AttentionContext,
+    AttentionOptions,
+    CoreAttention,
+    register_attention,
+)
 from longshard.models.attention.sparse_base import BlockSparseAttention, check_path
 from torch import nn
 
 
 @dataclass(kw_only=True)
-class StreamingOptions:
+class StreamingOptions(AttentionOptions):
     """Options of ``streaming``.
 
     Args:
@@ -53,6 +59,15 @@ class StreamingOptions:
         require(self.gate_l1 >= 0, "gate_l1", "must be >= 0.")
         check_path(self.path)
 
+    def context_parallel(self) -> str | None:
+        return None if self.learned_gates else "sparse_exchange"  # the gates' full branch needs all keys
+
+    def ring_seq_multiple(self, ring_degree: int) -> int:
+        return 2 * ring_degree * self.block  # whole blocks in each of the 2 x ring zigzag chunks
+
+    def tensor_parallel_problem(self) -> str | None:
+        return "streaming with learned_gates has per-head gate parameters" if self.learned_gates else None
+
 
 @register_attention("streaming", StreamingOptions)
 class StreamingAttention(BlockSparseAttention):
@@ -77,6 +92,12 @@ class StreamingAttention(BlockSparseAttention):
         if self.alpha is not None:  # learned gates: every head runs its full and its streaming branch
             return self.full.attention_flops_per_token(seq_len) + super().attention_flops_per_token(seq_len)
         return super().attention_flops_per_token(seq_len)
+
+    def context_parallel_core(self) -> tuple[str | None, CoreAttention]:
+        return (None, self) if self.alpha is not None else super().context_parallel_core()
+
+    def kept_fraction(self, seq_len: int) -> float:
+        return 1.0 if self.alpha is not None else super().kept_fraction(seq_len)  # gates: a full branch too
 
     def build_pattern(self, n_blocks: int) -> SparsePattern:
         streaming = self.streaming_H.cpu()
@@ -125,7 +146,7 @@ class StreamingAttention(BlockSparseAttention):
 
 
 @dataclass(kw_only=True)
-class SlidingWindowOptions:
+class SlidingWindowOptions(AttentionOptions):
     """Options of ``sliding_window``.
 
     Args:
@@ -146,6 +167,12 @@ class SlidingWindowOptions:
         require(self.sink >= 0, "sink", "must be >= 0.")
         require_positive(self.block, "block")
         check_path(self.path)
+
+    def context_parallel(self) -> str | None:
+        return "sparse_exchange"
+
+    def ring_seq_multiple(self, ring_degree: int) -> int:
+        return 2 * ring_degree * self.block  # whole blocks in each of the 2 x ring zigzag chunks
 
 
 @register_attention("sliding_window", SlidingWindowOptions)

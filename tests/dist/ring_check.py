@@ -7,8 +7,9 @@ import copy
 import torch
 import torch.distributed as dist
 from common import finish, random_batch, run_and_compare
-from longshard.parallel.env import exit_worker
+from longshard.kernels.triton_support import interpreting, triton_installed
 from longshard.models import ModelConfig, Transformer
+from longshard.parallel.env import exit_worker
 from longshard.parallel.ring import apply_ring
 from longshard.parallel.sequence import CommCounter, shard_batch, zigzag_positions
 
@@ -19,23 +20,28 @@ def main() -> int:
     failures = []
     L = 10  # local tokens (2 chunks of 5): odd chunk length
     S = L * P
-    for n_heads, n_kv in ((4, 2), (3, 3), (4, 1)):  # GQA, odd head count, MQA
-        for packed in (False, True):
-            torch.manual_seed(0)
-            cfg = ModelConfig(vocab_size=64, dim=8 * n_heads, n_layers=2, n_heads=n_heads, n_kv_heads=n_kv,
-                              max_seq_len=256)
-            ref = Transformer(cfg)
-            par = apply_ring(copy.deepcopy(ref), dist.group.WORLD, counter := CommCounter())
-            tokens, labels, doc = random_batch(S, packed)
-            sh = shard_batch(tokens, labels, doc, r, P, zigzag=True)
-            name = f"P={P} H={n_heads}/{n_kv} packed={packed}"
-            failures += run_and_compare(ref, par, tokens, labels, doc, sh, zigzag_positions(r, P, L), name,
-                                        counter=counter)
-            # per layer: forward K and V each hop P-1 times; backward K, V (P-1 hops) + dK, dV (P hops)
-            kv_bytes = 2 * n_kv * L * 8 * 4  # B=2, head_dim 8, fp32
-            expect = 2 * (2 * (P - 1) * kv_bytes + 2 * (P - 1) * kv_bytes + 2 * P * kv_bytes)
-            if counter.bytes["ring_p2p"] != expect:
-                failures.append(f"{name} ring bytes {counter.bytes['ring_p2p']} != analytic {expect}")
+    # the fused CPU pair kernel; then the Triton pair kernel the ring runs on CUDA (here under Triton's
+    # interpreter: TRITON_INTERPRET=1 is in the test environment), on the GQA layout
+    cases = [(h, kv, packed, "cpu_fused") for h, kv in ((4, 2), (3, 3), (4, 1))  # GQA, odd head count, MQA
+             for packed in (False, True)]
+    if triton_installed() and (interpreting() or torch.cuda.is_available()):
+        cases += [(4, 2, packed, "triton") for packed in (False, True)]
+    for n_heads, n_kv, packed, backend in cases:
+        torch.manual_seed(0)
+        cfg = ModelConfig(vocab_size=64, dim=8 * n_heads, n_layers=2, n_heads=n_heads, n_kv_heads=n_kv,
+                          max_seq_len=256)
+        ref = Transformer(cfg)
+        par = apply_ring(copy.deepcopy(ref), dist.group.WORLD, counter := CommCounter(), pair_backend=backend)
+        tokens, labels, doc = random_batch(S, packed)
+        sh = shard_batch(tokens, labels, doc, r, P, zigzag=True)
+        name = f"P={P} H={n_heads}/{n_kv} packed={packed} {backend}"
+        failures += run_and_compare(ref, par, tokens, labels, doc, sh, zigzag_positions(r, P, L), name,
+                                    counter=counter)
+        # per layer: forward K and V each hop P-1 times; backward K, V (P-1 hops) + dK, dV (P hops)
+        kv_bytes = 2 * n_kv * L * 8 * 4  # B=2, head_dim 8, fp32
+        expect = 2 * (2 * (P - 1) * kv_bytes + 2 * (P - 1) * kv_bytes + 2 * P * kv_bytes)
+        if counter.bytes["ring_p2p"] != expect:
+            failures.append(f"{name} ring bytes {counter.bytes['ring_p2p']} != analytic {expect}")
     # linear attention under the ring layout: the recurrent states of both zigzag chunks of every rank
     # travel in one all-gather; each chunk starts from the decayed state of all chunks before it
     for n_heads, n_kv in ((4, 2), (3, 3)):

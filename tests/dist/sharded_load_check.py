@@ -17,7 +17,7 @@ from common import TOL, finish, rel
 from longshard.models.hf import config_from_hf, load_hf_model, read_hf_config
 from longshard.models.model import Transformer
 from longshard.parallel import exit_worker
-from longshard.parallel.data_parallel import parallelize
+from longshard.parallel.data_parallel import data_parallel
 from longshard.parallel.env import DistEnv, build_mesh
 from longshard.parallel.sharded_load import load_hf_sharded, parameters_on_meta
 from safetensors import safe_open
@@ -45,7 +45,7 @@ def main() -> int:
     base = _status_kb("VmRSS")
     with parameters_on_meta():
         model = Transformer(mcfg)
-    dmodel = parallelize(model, mesh, "fsdp2")
+    dmodel = data_parallel(model, mesh, "fsdp2")
     read = load_hf_sharded(dmodel, hf_dir, torch.device("cpu"))
     peak = (_status_kb("VmHWM") - base) * 1024
     local = sum((p.to_local() if isinstance(p, DTensor) else p).numel() * 4 for p in dmodel.parameters())
