@@ -45,9 +45,9 @@ def masks(S: int, block: int, heads: int) -> dict:
 
 def flop_ratio(pattern) -> float:
     """Dense causal blocks over kept causal blocks (diagonal blocks count half)."""
-    n = pattern.block_mask_HQK.shape[-1]
+    n = pattern.block_mask_HQN.shape[-1]
     causal = torch.ones(n, n, dtype=torch.bool).tril()
-    kept = pattern.block_mask_HQK.cpu() & causal
+    kept = pattern.block_mask_HQN.cpu() & causal
     diag = kept.diagonal(dim1=1, dim2=2).sum()
     dense = pattern.n_heads * (n * (n - 1) / 2 + n / 2)
     return float(dense / (kept.sum() - diag + diag / 2))

@@ -46,7 +46,7 @@ PATHS = {
 def _sequence_parallel(model: Transformer, sp_mode: str) -> tuple[Transformer, int, bool, int]:
     """``model`` made sequence-parallel over all processes: (model, rank, zigzag, ulysses size)."""
     from longshard.parallel.ring import apply_ring
-    from longshard.parallel.sequence import apply_ulysses
+    from longshard.parallel.ulysses import apply_ulysses
     from torch.distributed.device_mesh import init_device_mesh
 
     P = dist.get_world_size()
@@ -61,7 +61,7 @@ def _sequence_parallel(model: Transformer, sp_mode: str) -> tuple[Transformer, i
 
 def measure(path: str, S: int, dtype: torch.dtype | None, sp_mode: str = "none") -> dict:
     """One forward + backward at sequence length ``S``: saved bytes per (local) token and the peak."""
-    from longshard.parallel.sequence import shard_batch
+    from longshard.parallel.layout import shard_batch
 
     torch.manual_seed(0)
     model = Transformer(ModelConfig(vocab_size=256, dim=512, n_layers=1, n_heads=8, n_kv_heads=2, max_seq_len=S,

@@ -51,10 +51,11 @@ def worker(mode: str, S: int, out: str, variant: str = "dense") -> None:
     import torch
     import torch.distributed as dist
     from longshard.models.attention import AttentionBatch, AttentionContext, build_attention
+    from longshard.parallel.layout import CommCounter, zigzag_positions
     from longshard.parallel.linear_state import LinearStateParallel
     from longshard.parallel.ring import RingAttention
-    from longshard.parallel.sequence import CommCounter, UlyssesAttention, zigzag_positions
     from longshard.parallel.sparse_exchange import SparseExchangeAttention
+    from longshard.parallel.ulysses import UlyssesAttention
 
     dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     P, r = dist.get_world_size(), dist.get_rank()

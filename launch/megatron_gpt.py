@@ -44,8 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
+    from longshard.parallel.layout import zigzag_positions
     from longshard.parallel.megatron import cpu_compat, longshard_layer_spec
-    from longshard.parallel.sequence import zigzag_positions
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
     from megatron.core.transformer.transformer_config import TransformerConfig

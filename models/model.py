@@ -305,8 +305,8 @@ class Transformer(nn.Module):
 
     def set_activation_offload(self, mode: str) -> None:
         """``none``, ``kv`` (saved keys/values of every core attention in host memory) or ``attention``
-        (everything the core attentions save); see :class:`longshard.models.offload.ActivationOffload`."""
-        from longshard.models.offload import ActivationOffload
+        (everything the core attentions save); see :class:`longshard.models.activation_offload.ActivationOffload`."""
+        from longshard.models.activation_offload import ActivationOffload
 
         self.activation_offload = None if mode == "none" else ActivationOffload(mode)
         for layer in self.layers:
@@ -382,13 +382,13 @@ class LossOutput(NamedTuple):
     correct_BS: torch.Tensor | None = None
 
 
-def _chunk_loss(h_NE: torch.Tensor, weight_VE: torch.Tensor, labels_N: torch.Tensor) -> torch.Tensor:
-    logits_NV = F.linear(h_NE, weight_VE)
-    return F.cross_entropy(logits_NV.float(), labels_N, ignore_index=IGNORE_INDEX, reduction="sum")
+def _chunk_loss(h_TE: torch.Tensor, weight_WE: torch.Tensor, labels_T: torch.Tensor) -> torch.Tensor:
+    logits_TW = F.linear(h_TE, weight_WE)
+    return F.cross_entropy(logits_TW.float(), labels_T, ignore_index=IGNORE_INDEX, reduction="sum")
 
 
 def chunked_lm_loss(
-    h_BSE: torch.Tensor, weight_VE: torch.Tensor, labels_BS: torch.Tensor, chunk_tokens: int | None,
+    h_BSE: torch.Tensor, weight_WE: torch.Tensor, labels_BS: torch.Tensor, chunk_tokens: int | None,
     want_correct: bool = False,
 ) -> LossOutput:
     """Output projection + cross entropy over chunks of tokens, recomputed in backward.
@@ -400,48 +400,48 @@ def chunked_lm_loss(
 
     Args:
         h_BSE: final normed hidden states.
-        weight_VE: output projection (the embedding matrix when tied).
+        weight_WE: output projection (the embedding matrix when tied).
         labels_BS: target ids, ``IGNORE_INDEX`` where no loss is taken.
         chunk_tokens: tokens per chunk; None = one pass over all tokens (the plain head).
         want_correct: also return where argmax == label (evaluation; forward only).
     """
-    h_NE, labels_N = h_BSE.flatten(0, 1), labels_BS.flatten()
-    N = h_NE.shape[0]
+    h_TE, labels_T = h_BSE.flatten(0, 1), labels_BS.flatten()
+    N = h_TE.shape[0]
     step = N if chunk_tokens is None else max(1, chunk_tokens)
-    grad = torch.is_grad_enabled() and (h_NE.requires_grad or weight_VE.requires_grad)
-    total = torch.zeros((), dtype=torch.float32, device=h_NE.device)
+    grad = torch.is_grad_enabled() and (h_TE.requires_grad or weight_WE.requires_grad)
+    total = torch.zeros((), dtype=torch.float32, device=h_TE.device)
     correct = [] if want_correct else None
     for a in range(0, N, step):
-        h_c, lab_c = h_NE[a : a + step], labels_N[a : a + step]
+        h_c, lab_c = h_TE[a : a + step], labels_T[a : a + step]
         if want_correct:
             with torch.no_grad():
-                logits = F.linear(h_c, weight_VE)
+                logits = F.linear(h_c, weight_WE)
                 correct.append((logits.argmax(-1) == lab_c) & (lab_c != IGNORE_INDEX))
                 total = total + F.cross_entropy(logits.float(), lab_c, ignore_index=IGNORE_INDEX, reduction="sum")
             continue
         if grad and step < N:
-            total = total + checkpoint(_chunk_loss, h_c, weight_VE, lab_c, use_reentrant=False)
+            total = total + checkpoint(_chunk_loss, h_c, weight_WE, lab_c, use_reentrant=False)
         else:
-            total = total + _chunk_loss(h_c, weight_VE, lab_c)
-    n = (labels_N != IGNORE_INDEX).sum()
+            total = total + _chunk_loss(h_c, weight_WE, lab_c)
+    n = (labels_T != IGNORE_INDEX).sum()
     return LossOutput(total, n, torch.cat(correct).view_as(labels_BS) if want_correct else None)
 
 
-def loss_from_logits(logits_BSV: torch.Tensor, labels_BS: torch.Tensor, want_correct: bool = False) -> LossOutput:
+def loss_from_logits(logits_BSW: torch.Tensor, labels_BS: torch.Tensor, want_correct: bool = False) -> LossOutput:
     """:class:`LossOutput` of already computed logits (models or stand-ins that produce logits)."""
-    loss, n = cross_entropy_sum(logits_BSV, labels_BS)
-    correct = (logits_BSV.argmax(-1) == labels_BS) & (labels_BS != IGNORE_INDEX) if want_correct else None
+    loss, n = cross_entropy_sum(logits_BSW, labels_BS)
+    correct = (logits_BSW.argmax(-1) == labels_BS) & (labels_BS != IGNORE_INDEX) if want_correct else None
     return LossOutput(loss, n, correct)
 
 
-def cross_entropy_sum(logits_BSV: torch.Tensor, labels_BS: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def cross_entropy_sum(logits_BSW: torch.Tensor, labels_BS: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed next-token cross entropy (fp32) and the number of counted labels.
 
     Args:
-        logits_BSV: model output.
+        logits_BSW: model output.
         labels_BS: target ids, ``IGNORE_INDEX`` where no loss is taken.
     """
     loss = F.cross_entropy(
-        logits_BSV.float().flatten(0, 1), labels_BS.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+        logits_BSW.float().flatten(0, 1), labels_BS.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
     )
     return loss, (labels_BS != IGNORE_INDEX).sum()

@@ -96,8 +96,8 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, position_ids_BS: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin of shape (B, S, head_dim) in ``dtype``; computed in fp32."""
-        freqs_BSF = position_ids_BS[..., None].float() * self.inv_freq.float()
-        emb_BSD = torch.cat((freqs_BSF, freqs_BSF), dim=-1)
+        freqs_BSX = position_ids_BS[..., None].float() * self.inv_freq.float()
+        emb_BSD = torch.cat((freqs_BSX, freqs_BSX), dim=-1)
         cos = emb_BSD.cos() * self.attention_scale
         sin = emb_BSD.sin() * self.attention_scale
         return cos.to(dtype), sin.to(dtype)

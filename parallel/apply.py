@@ -21,9 +21,10 @@ from __future__ import annotations
 import torch
 from longshard.models.model import Transformer
 from longshard.parallel.data_parallel import data_parallel
+from longshard.parallel.layout import CommCounter, SeqShard
 from longshard.parallel.ring import apply_ring
-from longshard.parallel.sequence import CommCounter, SeqShard, apply_ulysses
 from longshard.parallel.tensor_parallel import apply_tensor_parallel
+from longshard.parallel.ulysses import apply_ulysses
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 

@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 from longshard.kernels.lightning.chunk import initial_state_contribution, lightning_attention_chunk
 from longshard.models.attention import AttentionBatch, CoreAttention
-from longshard.parallel.sequence import CommCounter, shard_segments
+from longshard.parallel.layout import CommCounter, SequenceParallelCore, shard_segments
 
 
 class _AllGather(torch.autograd.Function):
@@ -35,7 +35,7 @@ class _AllGather(torch.autograd.Function):
         return torch.stack(got).sum(0), None
 
 
-class LinearStateParallel(CoreAttention):
+class LinearStateParallel(SequenceParallelCore):
     """Wraps a ``linear`` core attention for sequence shards over ``group``.
 
     Args:
@@ -47,14 +47,12 @@ class LinearStateParallel(CoreAttention):
 
     def __init__(self, inner: CoreAttention, group: dist.ProcessGroup, counter: CommCounter | None = None,
                  zigzag: bool = False) -> None:
-        super().__init__(inner.ctx)
-        self.inner, self.group, self.counter, self.zigzag = inner, group, counter, zigzag
+        super().__init__(inner, group, counter, zigzag)
         self.uses_kv_cache = False
 
     def forward(self, q_BHSD, k_BHSD, v_BHSD, batch: AttentionBatch):
-        if batch.cache_slot is not None:
-            raise ValueError("sequence-parallel attention is for training; decode on one device")
-        P, r = dist.get_world_size(self.group), dist.get_rank(self.group)
+        self.training_only(batch)
+        P, r = self.P, self.rank
         inner = self.inner
         q, k, v = inner.features(q_BHSD, k_BHSD, v_BHSD)
         doc = batch.doc_ids_BS

@@ -87,8 +87,9 @@ class MegatronCoreAttention(nn.Module):
         cp = _cp_group(pg_collection)
         if cp is not None:
             from longshard.errors import require
+            from longshard.parallel.layout import CommCounter
             from longshard.parallel.ring import ring_form
-            from longshard.parallel.sequence import CommCounter, UlyssesAttention, kv_replication
+            from longshard.parallel.ulysses import UlyssesAttention, kv_replication
 
             require(sp_mode in ("ring", "ulysses"), "sp_mode", f"unknown {sp_mode!r}.", "use ring or ulysses.")
             self.counter = CommCounter()

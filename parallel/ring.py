@@ -25,7 +25,10 @@ from longshard.errors import require
 from longshard.kernels.attention.fused_cpu import merge_partials
 from longshard.kernels.attention.pairs import pair_kernel, shares_document
 from longshard.models.attention import AttentionBatch, CoreAttention
-from longshard.parallel.sequence import CommCounter, shard_segments
+from longshard.parallel.layout import CommCounter, SequenceParallelCore, shard_segments
+from longshard.parallel.linear_state import LinearStateParallel
+from longshard.parallel.sparse_exchange import SparseExchangeAttention
+from longshard.parallel.ulysses import UlyssesAttention, kv_replication
 
 
 class _Ring:
@@ -124,7 +127,7 @@ class _RingAttnFn(torch.autograd.Function):
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None
 
 
-class RingAttention(CoreAttention):
+class RingAttention(SequenceParallelCore):
     """Dense causal attention over a zigzag-sharded sequence (wraps the layer's dense core).
 
     Args:
@@ -137,23 +140,17 @@ class RingAttention(CoreAttention):
 
     def __init__(self, inner: CoreAttention, group: dist.ProcessGroup, counter: CommCounter | None = None,
                  pair_backend: str = "auto") -> None:
-        super().__init__(inner.ctx)
+        super().__init__(inner, group, counter, zigzag=True)
         self.scale = inner.softmax_scale
         self.ring = _Ring(group, counter)
-        self.group = group
         self.pair_backend = pair_backend
         self._ops: dict[str, object] = {}  # per device type: the pair kernels (they cache block lists)
 
     def forward(self, q_BHSD, k_BHSD, v_BHSD, batch: AttentionBatch):
-        if batch.cache_slot is not None:
-            raise ValueError("sequence-parallel attention is for training; decode on one device")
+        self.training_only(batch)
         if q_BHSD.shape[2] % 2:
             raise ValueError(f"a zigzag shard holds two equal chunks; got {q_BHSD.shape[2]} local tokens")
-        doc_all = None
-        if batch.doc_ids_BS is not None:
-            parts = [torch.empty_like(batch.doc_ids_BS) for _ in range(self.ring.P)]
-            dist.all_gather(parts, batch.doc_ids_BS.contiguous(), group=self.group)
-            doc_all = torch.stack(parts)  # (P, B, L): each rank's zigzag document ids
+        doc_all = self.gather_doc_ids(batch.doc_ids_BS)  # (P, B, L): each rank's zigzag document ids
         dev = q_BHSD.device.type
         if dev not in self._ops:
             self._ops[dev] = pair_kernel(q_BHSD.device, self.scale, self.pair_backend)
@@ -174,9 +171,6 @@ def ring_form(core: CoreAttention, group: dist.ProcessGroup, counter: CommCounte
         ConfigError: a variant with no ring form (``nsa``, ``nosa``, ``mixed``, ``streaming`` with
             learned gates: their selection or gates need every key of a head; use ``ulysses``).
     """
-    from longshard.parallel.linear_state import LinearStateParallel
-    from longshard.parallel.sparse_exchange import SparseExchangeAttention
-
     form, inner = core.context_parallel_core()  # declared by the variant
     require(form is not None, "parallel.sp_mode",
             f"ring and hybrid run variants with a ring form (dense, linear, s2, streaming without learned gates, "
@@ -202,8 +196,6 @@ def apply_ring(model, group: dist.ProcessGroup, counter: CommCounter | None = No
     Raises:
         ConfigError: a variant with no ring form (see :func:`ring_form`).
     """
-    from longshard.parallel.sequence import UlyssesAttention, kv_replication
-
     for i, layer in enumerate(model.layers):
         core = layer.attention.core_attention
         kv_repeat = 1

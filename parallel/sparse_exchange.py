@@ -13,15 +13,13 @@ with the pattern's token-level mask on global positions, chunk by chunk through 
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.distributed as dist
 from longshard.errors import ConfigError
 from longshard.kernels.block_sparse.gathered import BufferLayout, gathered_block_attention
 from longshard.kernels.block_sparse.pattern import SparsePattern
 from longshard.models.attention import AttentionBatch, CoreAttention
-from longshard.parallel.sequence import CommCounter, zigzag_positions
+from longshard.parallel.layout import CommCounter, SequenceParallelCore, zigzag_positions
 
 
 def owned_blocks(rank: int, degree: int, n_blocks: int) -> torch.Tensor:
@@ -39,10 +37,10 @@ def exchange_plan(pattern: SparsePattern, n_kv_heads: int, degree: int) -> list[
     A pair is needed when some query head of that KV group keeps the key block for some query
     block rank q holds (causal blocks only).
     """
-    H, n, _ = pattern.block_mask_HQK.shape
+    H, n, _ = pattern.block_mask_HQN.shape
     G = H // n_kv_heads
     causal = torch.ones(n, n, dtype=torch.bool).tril()
-    kv_mask = (pattern.block_mask_HQK.cpu() & causal).view(n_kv_heads, G, n, n).any(1)  # (Hkv, nQ, nK)
+    kv_mask = (pattern.block_mask_HQN.cpu() & causal).view(n_kv_heads, G, n, n).any(1)  # (Hkv, nQ, nK)
     owned = [owned_blocks(r, degree, n) for r in range(degree)]
     plan = []
     for q in range(degree):
@@ -121,7 +119,7 @@ class _Exchange(torch.autograd.Function):
         return d_kv[0], d_kv[1], None, None, None, None
 
 
-class SparseExchangeAttention(CoreAttention):
+class SparseExchangeAttention(SequenceParallelCore):
     """Context-parallel block-sparse attention that moves only the K/V blocks the pattern reads.
 
     Args:
@@ -132,11 +130,8 @@ class SparseExchangeAttention(CoreAttention):
     """
 
     def __init__(self, inner: CoreAttention, group: dist.ProcessGroup, counter: CommCounter | None = None) -> None:
-        super().__init__(inner.ctx)
-        self.inner = inner
-        self.group, self.counter = group, counter
-        self.P, self.rank = dist.get_world_size(group), dist.get_rank(group)
-        self.scale = 1.0 / math.sqrt(inner.ctx.head_dim)
+        super().__init__(inner, group, counter, zigzag=True)
+        self.scale = inner.softmax_scale
         self._plans: dict[int, tuple] = {}
 
     def _plan(self, n_blocks: int, n_kv_heads: int | None = None):
@@ -169,8 +164,7 @@ class SparseExchangeAttention(CoreAttention):
         return 2 * batch * pairs * self.inner.block * self.ctx.head_dim * element_size
 
     def forward(self, q_BHSD, k_BHSD, v_BHSD, batch: AttentionBatch):
-        if batch.cache_slot is not None:
-            raise ValueError("sequence-parallel attention is for training; decode on one device")
+        self.training_only(batch)
         B, H, L, D = q_BHSD.shape
         Hkv, blk, P = k_BHSD.shape[1], self.inner.block, self.P
         S = L * P
@@ -181,13 +175,7 @@ class SparseExchangeAttention(CoreAttention):
         n = S // blk
         pattern, send, recv = self._plan(n, Hkv)
         pattern = pattern.to(q_BHSD.device)
-        doc_all = None
-        if batch.doc_ids_BS is not None:  # document ids of every global position (small: one int per token)
-            parts = [torch.empty_like(batch.doc_ids_BS) for _ in range(P)]
-            dist.all_gather(parts, batch.doc_ids_BS.contiguous(), group=self.group)
-            doc_all = torch.empty(B, S, dtype=batch.doc_ids_BS.dtype, device=q_BHSD.device)
-            for r, part in enumerate(parts):
-                doc_all[:, zigzag_positions(r, P, L, q_BHSD.device)] = part
+        doc_all = self.global_doc_ids(batch.doc_ids_BS)  # document id of every global position
 
         nb = L // blk
         kb = k_BHSD.reshape(B, Hkv, nb, blk, D)

@@ -82,15 +82,15 @@ class UlyssesAttention(SequenceParallelCore):
         q, k, v = (_a2a(t, 1, 2, self.group, self.counter) for t in (q_BHSD, k_BHSD, v_BHSD))
         feats = None
         if batch.x_BSE is not None:  # input-dependent gates: computed on this shard, exchanged like q
-            f_BSHF = self.inner.head_features(batch.x_BSE)
-            if f_BSHF is not None:
-                feats = _a2a(f_BSHF.transpose(1, 2), 1, 2, self.group, self.counter)
+            f_BSHX = self.inner.head_features(batch.x_BSE)
+            if f_BSHX is not None:
+                feats = _a2a(f_BSHX.transpose(1, 2), 1, 2, self.group, self.counter)
         doc = self.global_doc_ids(batch.doc_ids_BS)  # in sequence order
         if self.zigzag:
             to_gathered, to_global = self._order(q_BHSD.shape[2], q.device)
             q, k, v = (t.index_select(2, to_global) for t in (q, k, v))
             feats = None if feats is None else feats.index_select(2, to_global)
-        o = self.inner(q, k, v, replace(batch, doc_ids_BS=doc, x_BSE=None, head_feats_BHSF=feats))
+        o = self.inner(q, k, v, replace(batch, doc_ids_BS=doc, x_BSE=None, head_feats_BHSX=feats))
         if self.zigzag:
             o = o.index_select(2, to_gathered)
         if feats is not None:  # zero-valued on purpose: every rank must run the features' all-to-all backward

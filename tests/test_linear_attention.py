@@ -52,7 +52,7 @@ def test_recurrent_equals_chunk_and_states_continue():
     assert_rel("state", s_chunk, s_rec, TOL)
     # a sequence split in two, the second half continuing the first half's state
     o1, s1 = lightning_attention_chunk(q[:, :, :11], k[:, :, :11], v[:, :, :11], a, chunk=8)
-    o2, s2 = lightning_attention_chunk(q[:, :, 11:], k[:, :, 11:], v[:, :, 11:], a, chunk=8, initial_state_BHDE=s1)
+    o2, s2 = lightning_attention_chunk(q[:, :, 11:], k[:, :, 11:], v[:, :, 11:], a, chunk=8, initial_state_BHDV=s1)
     assert_rel("split o", o_chunk, torch.cat([o1, o2], 2), TOL)
     assert_rel("split state", s_chunk, s2, TOL)
 
@@ -65,7 +65,7 @@ def test_split_across_document_boundary():
     for cut in (5, 12, 13):
         o1, s1 = lightning_attention_chunk(q[:, :, :cut], k[:, :, :cut], v[:, :, :cut], a, doc[:, :cut], 4)
         o2, _ = lightning_attention_chunk(q[:, :, cut:], k[:, :, cut:], v[:, :, cut:], a, doc[:, cut:], 4,
-                                          initial_state_BHDE=s1, initial_doc_B=doc[:, cut - 1])
+                                          initial_state_BHDV=s1, initial_doc_B=doc[:, cut - 1])
         assert_rel(f"cut {cut}", ref, torch.cat([o1, o2], 2), TOL)
 
 

@@ -163,7 +163,7 @@ TRAIN_VARIANTS = {
 
 
 def _grads_and_bytes(attention, mode, checkpointing="none"):
-    from longshard.models.offload import SavedTensorMeter
+    from longshard.models.activation_offload import SavedTensorMeter
 
     torch.manual_seed(0)
     model = Transformer(ModelConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=256,

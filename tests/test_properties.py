@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from longshard.errors import ConfigError
 from longshard.kernels.block_sparse import SparsePattern, block_sparse_attention_gather, block_sparse_attention_naive
 from longshard.kernels.block_sparse.pattern import dense_mask
-from longshard.parallel.sequence import shard_batch
+from longshard.parallel.layout import shard_batch
 
 
 @st.composite

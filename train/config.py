@@ -17,10 +17,10 @@ from typing import Any
 
 import yaml
 from longshard.errors import ConfigError, require, require_positive
+from longshard.models.activation_offload import ACTIVATION_OFFLOAD_MODES
 from longshard.models.attention.registry import parse_options
 from longshard.models.config import ModelConfig
 from longshard.models.model import AC_MODES
-from longshard.models.offload import ACTIVATION_OFFLOAD_MODES
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 

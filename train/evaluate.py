@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 from longshard.models.model import IGNORE_INDEX, LossOutput
 from longshard.parallel.data_parallel import unwrap
-from longshard.parallel.sequence import SeqShard
+from longshard.parallel.layout import SeqShard
 from longshard.train.data.loader import MQARDataset, PasskeyDataset, Sample, collate
 from longshard.train.data.synthetic import passkey_sample
 from longshard.train.data.tokenizer import Tokenizer

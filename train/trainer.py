@@ -38,9 +38,10 @@ from longshard.parallel.data_parallel import reshard
 from longshard.parallel.deepspeed_engine import deepspeed_config, import_deepspeed
 from longshard.parallel.deepspeed_engine import initialize as ds_initialize
 from longshard.parallel.env import all_agree
-from longshard.parallel.sequence import CommCounter, SeqShard, kv_replication
+from longshard.parallel.layout import CommCounter, SeqShard
 from longshard.parallel.sharded_load import hf_names_of, load_hf_sharded, parameters_on_meta
 from longshard.parallel.tensor_parallel import check_tensor_parallel
+from longshard.parallel.ulysses import kv_replication
 from longshard.train.checkpoint import Checkpointer, CheckpointError
 from longshard.train.config import Config, dump_config
 from longshard.train.data import (

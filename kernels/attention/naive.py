@@ -30,18 +30,18 @@ def causal_doc_mask(
         device = doc_ids_BS.device
     q_pos = torch.arange(k_len - q_len, k_len, device=device)
     k_pos = torch.arange(k_len, device=device)
-    mask_QK = q_pos[:, None] >= k_pos[None, :]
+    mask_QN = q_pos[:, None] >= k_pos[None, :]
     if doc_ids_BS is None:
-        return mask_QK[None, None]
-    same_BQK = doc_ids_BS[:, k_len - q_len :, None] == doc_ids_BS[:, None, :]
-    return (same_BQK & mask_QK[None])[:, None]
+        return mask_QN[None, None]
+    same_BQN = doc_ids_BS[:, k_len - q_len :, None] == doc_ids_BS[:, None, :]
+    return (same_BQN & mask_QN[None])[:, None]
 
 
 def attention_naive(
     q_BHSD: torch.Tensor,
     k_BHSD: torch.Tensor,
     v_BHSD: torch.Tensor,
-    mask_BHQK: torch.Tensor | None = None,
+    mask_BHQN: torch.Tensor | None = None,
     scale: float | None = None,
     return_lse: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
@@ -51,7 +51,7 @@ def attention_naive(
         q_BHSD: queries (B, H, Sq, D).
         k_BHSD: keys (B, Hkv, Sk, D); H must be a multiple of Hkv (GQA/MQA).
         v_BHSD: values (B, Hkv, Sk, Dv).
-        mask_BHQK: bool keep-mask broadcastable to (B, H, Sq, Sk); None = full attention.
+        mask_BHQN: bool keep-mask broadcastable to (B, H, Sq, Sk); None = full attention.
         scale: softmax scale, default 1/sqrt(D).
         return_lse: also return the log-sum-exp of the scaled scores (B, H, Sq), fp32.
 
@@ -67,13 +67,13 @@ def attention_naive(
     v = v_BHSD.float().repeat_interleave(rep, dim=1)
     scale = 1.0 / math.sqrt(q_BHSD.shape[-1]) if scale is None else scale
     with torch.autocast(q_BHSD.device.type, enabled=False):  # the specification stays fp32 under autocast
-        s_BHQK = torch.einsum("bhqd,bhkd->bhqk", q_BHSD.float(), k) * scale
-        if mask_BHQK is not None:
-            s_BHQK = s_BHQK.masked_fill(~mask_BHQK, float("-inf"))
-        lse_BHQ = torch.logsumexp(s_BHQK, dim=-1)
+        s_BHQN = torch.einsum("bhqd,bhkd->bhqk", q_BHSD.float(), k) * scale
+        if mask_BHQN is not None:
+            s_BHQN = s_BHQN.masked_fill(~mask_BHQN, float("-inf"))
+        lse_BHQ = torch.logsumexp(s_BHQN, dim=-1)
         safe_lse = torch.where(torch.isfinite(lse_BHQ), lse_BHQ, torch.zeros_like(lse_BHQ))
-        p_BHQK = torch.exp(s_BHQK - safe_lse[..., None])
-        o_BHQD = torch.einsum("bhqk,bhkd->bhqd", p_BHQK, v).to(q_BHSD.dtype)
+        p_BHQN = torch.exp(s_BHQN - safe_lse[..., None])
+        o_BHQD = torch.einsum("bhqk,bhkd->bhqd", p_BHQN, v).to(q_BHSD.dtype)
     return (o_BHQD, lse_BHQ) if return_lse else o_BHQD
 
 

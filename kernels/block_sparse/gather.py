@@ -13,18 +13,18 @@ import torch.nn.functional as F
 from longshard.kernels.block_sparse.pattern import SparsePattern, token_keep
 
 
-def kept_block_index(block_mask_HQK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def kept_block_index(block_mask_HQN: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Padded per-(head, query-block) list of kept key blocks.
 
     Returns:
         ``idx_HQM`` (H, nQ, M) long key-block indices (kept ones first, ascending) and
         ``valid_HQM`` (H, nQ, M) bool, with M the largest kept count.
     """
-    counts = block_mask_HQK.sum(-1)
+    counts = block_mask_HQN.sum(-1)
     m = max(int(counts.max()), 1)
-    n_k = block_mask_HQK.shape[-1]
-    order = torch.arange(n_k, device=block_mask_HQK.device)
-    key = torch.where(block_mask_HQK, order, order + n_k)  # kept first, in ascending order
+    n_k = block_mask_HQN.shape[-1]
+    order = torch.arange(n_k, device=block_mask_HQN.device)
+    key = torch.where(block_mask_HQN, order, order + n_k)  # kept first, in ascending order
     idx = key.argsort(-1)[..., :m]
     valid = torch.arange(m, device=idx.device) < counts[..., None]
     return idx, valid
@@ -53,7 +53,7 @@ def block_sparse_attention_gather(
     q = F.pad(q_BHSD, (0, 0, 0, pad)).view(B, H, n, blk, D)
     k = F.pad(k_BHSD, (0, 0, 0, pad)).view(B, Hkv, n, blk, D)
     v = F.pad(v_BHSD, (0, 0, 0, pad)).view(B, Hkv, n, blk, D)
-    bm = pattern.block_mask_HQK[:, :n, :n]
+    bm = pattern.block_mask_HQN[:, :n, :n]
     idx, valid = kept_block_index(bm)  # (H, n, M)
     M = idx.shape[-1]
     kv_head = torch.arange(H, device=q.device) // (H // Hkv)

@@ -49,30 +49,30 @@ class _HeadLayout:
     lay: BufferLayout
     heads_H: torch.Tensor  # (H,) query-head indices
     k_pos_HN: torch.Tensor  # (H, N) buffered key positions seen by each query head
-    kb_HB: torch.Tensor  # (H, NB) global key block of each buffer block, -1 = padding
+    kb_HN: torch.Tensor  # (H, NB) global key block of each buffer block, -1 = padding
 
     @classmethod
     def build(cls, lay: BufferLayout, H: int, blk: int) -> _HeadLayout:
         Hkv = lay.k_pos_KN.shape[0]
         heads = torch.arange(H, device=lay.k_pos_KN.device)
         k_pos_HN = lay.k_pos_KN[heads // (H // Hkv)]
-        kb_HB = torch.where(k_pos_HN[:, ::blk] >= 0, k_pos_HN[:, ::blk] // blk, -1)
-        return cls(lay, heads, k_pos_HN, kb_HB)
+        kb_HN = torch.where(k_pos_HN[:, ::blk] >= 0, k_pos_HN[:, ::blk] // blk, -1)
+        return cls(lay, heads, k_pos_HN, kb_HN)
 
 
 def _chunk_keys(pattern: SparsePattern, hl: _HeadLayout, q0: int, q1: int):
     """(token index (H, T) into the buffer, keep mask (B or 1, H, Cq, T)) of queries [q0, q1)."""
-    blk, lay, heads, kb_HB = pattern.block, hl.lay, hl.heads_H, hl.kb_HB
-    dev = kb_HB.device
+    blk, lay, heads, kb_HN = pattern.block, hl.lay, hl.heads_H, hl.kb_HN
+    dev = kb_HN.device
     H = heads.shape[0]
     qb_C = lay.q_pos_L[q0:q1:blk] // blk  # (C,) global query blocks of the chunk
-    bm = pattern.block_mask_HQK[heads[:, None, None], qb_C[None, :, None], kb_HB.clamp_min(0)[:, None, :]]
-    need_HB = (bm & (kb_HB[:, None, :] >= 0) & (kb_HB[:, None, :] <= qb_C[None, :, None])).any(1)  # (H, NB)
-    NB = kb_HB.shape[1]
-    n_keep = max(int(need_HB.sum(1).max()), 1)
-    order = torch.where(need_HB, torch.arange(NB, device=dev), NB + torch.arange(NB, device=dev)).argsort(1)
+    bm = pattern.block_mask_HQN[heads[:, None, None], qb_C[None, :, None], kb_HN.clamp_min(0)[:, None, :]]
+    need_HN = (bm & (kb_HN[:, None, :] >= 0) & (kb_HN[:, None, :] <= qb_C[None, :, None])).any(1)  # (H, NB)
+    NB = kb_HN.shape[1]
+    n_keep = max(int(need_HN.sum(1).max()), 1)
+    order = torch.where(need_HN, torch.arange(NB, device=dev), NB + torch.arange(NB, device=dev)).argsort(1)
     slot_Hn = order[:, :n_keep]  # (H, n) buffer blocks, kept ones first
-    ok_Hn = torch.gather(need_HB, 1, slot_Hn)
+    ok_Hn = torch.gather(need_HN, 1, slot_Hn)
     tok_HT = (slot_Hn[..., None] * blk + torch.arange(blk, device=dev)).reshape(H, n_keep * blk)
     kpos_HT = torch.gather(hl.k_pos_HN, 1, tok_HT)
     valid_HT = ok_Hn.repeat_interleave(blk, dim=1) & (kpos_HT >= 0)

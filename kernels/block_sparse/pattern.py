@@ -12,42 +12,42 @@ class SparsePattern:
     """Which keys each head's queries may read, at block and token granularity.
 
     A query at position q of head h may attend to key position k iff
-    ``k <= q`` (causal), same document (packed data), ``block_mask_HQK[h, q // block, k // block]``,
+    ``k <= q`` (causal), same document (packed data), ``block_mask_HQN[h, q // block, k // block]``,
     and, when ``window_H[h] > 0``, ``q - k < window_H[h] or k < sink_H[h]`` (token-level
     sliding window with attention sinks). Heads index query heads.
 
     Args:
         block: block size in tokens.
-        block_mask_HQK: (H, nQ, nK) bool over query/key blocks; must keep each diagonal block.
+        block_mask_HQN: (H, nQ, nK) bool over query/key blocks; must keep each diagonal block.
         window_H: (H,) long token window per head, 0 = no token-level window.
         sink_H: (H,) long number of leading sink tokens per head (used with a window).
         cache: derived index structures of fast paths (e.g. the Triton kernel's block lists).
     """
 
     block: int
-    block_mask_HQK: torch.Tensor
+    block_mask_HQN: torch.Tensor
     window_H: torch.Tensor | None = None
     sink_H: torch.Tensor | None = None
     cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def n_heads(self) -> int:
-        return self.block_mask_HQK.shape[0]
+        return self.block_mask_HQN.shape[0]
 
     def to(self, device: torch.device) -> SparsePattern:
         mv = lambda t: None if t is None else t.to(device)
-        return SparsePattern(self.block, self.block_mask_HQK.to(device), mv(self.window_H), mv(self.sink_H))
+        return SparsePattern(self.block, self.block_mask_HQN.to(device), mv(self.window_H), mv(self.sink_H))
 
     def head_slice(self, start: int, stop: int) -> SparsePattern:
         """The pattern of query heads [start, stop)."""
         cut = lambda t: None if t is None else t[start:stop]
-        return SparsePattern(self.block, self.block_mask_HQK[start:stop], cut(self.window_H), cut(self.sink_H))
+        return SparsePattern(self.block, self.block_mask_HQN[start:stop], cut(self.window_H), cut(self.sink_H))
 
     def kept_fraction(self) -> float:
         """Kept (query-block, key-block) pairs over the causal lower triangle, averaged over heads."""
-        n = self.block_mask_HQK.shape[-1]
-        causal = torch.ones(n, n, dtype=torch.bool, device=self.block_mask_HQK.device).tril()
-        return float((self.block_mask_HQK & causal).sum() / (causal.sum() * self.n_heads))
+        n = self.block_mask_HQN.shape[-1]
+        causal = torch.ones(n, n, dtype=torch.bool, device=self.block_mask_HQN.device).tril()
+        return float((self.block_mask_HQN & causal).sum() / (causal.sum() * self.n_heads))
 
 
 def token_keep(
@@ -63,9 +63,9 @@ def token_keep(
         q_pos, k_pos: absolute positions (long), broadcastable to each other and ``head_idx``.
         head_idx: query-head indices (long), broadcastable likewise.
     """
-    n_k_blocks = pattern.block_mask_HQK.shape[-1]
+    n_k_blocks = pattern.block_mask_HQN.shape[-1]
     kb = (k_pos // pattern.block).clamp_max(n_k_blocks - 1)
-    keep = (k_pos <= q_pos) & pattern.block_mask_HQK[head_idx, q_pos // pattern.block, kb]
+    keep = (k_pos <= q_pos) & pattern.block_mask_HQN[head_idx, q_pos // pattern.block, kb]
     if pattern.window_H is not None:
         w = pattern.window_H[head_idx]
         s = pattern.sink_H[head_idx] if pattern.sink_H is not None else torch.zeros_like(w)

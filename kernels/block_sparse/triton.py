@@ -53,30 +53,30 @@ def block_csr(block_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return idx.to(torch.int32).contiguous(), count.to(torch.int32).contiguous()
 
 
-def transposed_mask(block_mask_BHQK: torch.Tensor, n_kv_heads: int) -> torch.Tensor:
+def transposed_mask(block_mask_BHQN: torch.Tensor, n_kv_heads: int) -> torch.Tensor:
     """(Bi, Hkv, nK, G*nQ): for each KV head and key block, which (group head r, query block) read it."""
-    Bi, H, nQ, nK = block_mask_BHQK.shape
+    Bi, H, nQ, nK = block_mask_BHQN.shape
     G = H // n_kv_heads
-    return block_mask_BHQK.view(Bi, n_kv_heads, G, nQ, nK).permute(0, 1, 4, 2, 3).reshape(Bi, n_kv_heads, nK, G * nQ)
+    return block_mask_BHQN.view(Bi, n_kv_heads, G, nQ, nK).permute(0, 1, 4, 2, 3).reshape(Bi, n_kv_heads, nK, G * nQ)
 
 
-def group_shared(block_mask_BHQK: torch.Tensor, n_kv_heads: int, max_share: int) -> int:
+def group_shared(block_mask_BHQN: torch.Tensor, n_kv_heads: int, max_share: int) -> int:
     """How many query heads one program stacks: the largest power of two <= ``max_share`` dividing the
     GQA group size such that the heads of each stacked set have the same block lists (S2, dense, ...)."""
-    Bi, H, nQ, nK = block_mask_BHQK.shape
+    Bi, H, nQ, nK = block_mask_BHQN.shape
     G = H // n_kv_heads
     share = 1
     while share * 2 <= max_share and G % (share * 2) == 0:
         share *= 2
     while share > 1:
-        sets = block_mask_BHQK.view(Bi, H // share, share, nQ, nK)
+        sets = block_mask_BHQN.view(Bi, H // share, share, nQ, nK)
         if bool((sets == sets[:, :, :1]).all()):
             return share
         share //= 2
     return 1
 
 
-def csr_indices(block_mask_BHQK: torch.Tensor, n_blocks: int, n_kv_heads: int, block: int,
+def csr_indices(block_mask_BHQN: torch.Tensor, n_blocks: int, n_kv_heads: int, block: int,
                 causal: bool = True) -> tuple:
     """Forward (per query block) and backward (per key block) kept-block lists of a block mask (blocks
     above the diagonal dropped when ``causal``; a ring's fully visible chunk pair keeps them).
@@ -89,7 +89,7 @@ def csr_indices(block_mask_BHQK: torch.Tensor, n_blocks: int, n_kv_heads: int, b
         query block; ``idx_t`` (Bi, Hkv, nK, M') entries ``rr * nQ + query_block`` per key block, with
         rr the stacked head set inside the GQA group.
     """
-    bm = block_mask_BHQK[..., :n_blocks, :n_blocks]
+    bm = block_mask_BHQN[..., :n_blocks, :n_blocks]
     if causal:
         bm = bm & torch.ones(n_blocks, n_blocks, dtype=torch.bool, device=bm.device).tril()
     bm = bm.contiguous()
@@ -496,7 +496,7 @@ def block_sparse_attention_triton_mask(
     q_BHSD: torch.Tensor,
     k_BHSD: torch.Tensor,
     v_BHSD: torch.Tensor,
-    block_mask_BHQK: torch.Tensor,
+    block_mask_BHQN: torch.Tensor,
     block: int,
     window_H: torch.Tensor | None = None,
     sink_H: torch.Tensor | None = None,
@@ -510,7 +510,7 @@ def block_sparse_attention_triton_mask(
     Args:
         q_BHSD: (B, H, S, D) queries.
         k_BHSD, v_BHSD: (B, Hkv, S, D) keys/values, H a multiple of Hkv.
-        block_mask_BHQK: (1 or B, H, nQ, nK) bool kept key blocks per query block (upper blocks ignored).
+        block_mask_BHQN: (1 or B, H, nQ, nK) bool kept key blocks per query block (upper blocks ignored).
         block: block size = kernel tile (16, 32, 64 or 128).
         window_H, sink_H: (H,) token-level sliding window / sink sizes (0 = no window), or None.
         doc_ids_BS: (B, S) document ids of packed sequences, or None.
@@ -535,11 +535,11 @@ def block_sparse_attention_triton_mask(
         raise ValueError(f"query heads ({H}) must be a multiple of key/value heads ({Hkv})")
     if k_BHSD.shape[-1] != v_BHSD.shape[-1]:
         raise ValueError("the Triton block-sparse kernel needs equal key and value head dims")
-    if block_mask_BHQK.dim() == 3:
-        block_mask_BHQK = block_mask_BHQK[None]
+    if block_mask_BHQN.dim() == 3:
+        block_mask_BHQN = block_mask_BHQN[None]
     scale = 1.0 / math.sqrt(q_BHSD.shape[-1]) if scale is None else scale
     if csr is None:
-        csr = csr_indices(block_mask_BHQK.to(q_BHSD.device), math.ceil(q_BHSD.shape[2] / block), Hkv, block)
+        csr = csr_indices(block_mask_BHQN.to(q_BHSD.device), math.ceil(q_BHSD.shape[2] / block), Hkv, block)
     if select_BKSN is not None:  # pad the per-token lists to a power of two (tl.arange) with -1
         n_sel = select_BKSN.shape[-1]
         width = max(triton.next_power_of_2(n_sel), 2) if triton is not None else n_sel
@@ -585,9 +585,9 @@ def block_sparse_attention_triton(
     n, n_kv = math.ceil(q_BHSD.shape[2] / pattern.block), k_BHSD.shape[1]
     key = ("triton_csr", n, n_kv, str(q_BHSD.device))
     if key not in pattern.cache:  # patterns are cached per layer: build the block lists once
-        pattern.cache[key] = csr_indices(pattern.block_mask_HQK.to(q_BHSD.device)[None], n, n_kv, pattern.block)
+        pattern.cache[key] = csr_indices(pattern.block_mask_HQN.to(q_BHSD.device)[None], n, n_kv, pattern.block)
     o, lse = block_sparse_attention_triton_mask(
-        q_BHSD, k_BHSD, v_BHSD, pattern.block_mask_HQK, pattern.block, pattern.window_H, pattern.sink_H,
+        q_BHSD, k_BHSD, v_BHSD, pattern.block_mask_HQN, pattern.block, pattern.window_H, pattern.sink_H,
         doc_ids_BS, scale, csr=pattern.cache[key],
     )
     return (o, lse) if return_lse else o

@@ -21,7 +21,7 @@ def lightning_attention_chunk(
     log_decay_H: torch.Tensor,
     doc_ids_BS: torch.Tensor | None = None,
     chunk: int = 64,
-    initial_state_BHDE: torch.Tensor | None = None,
+    initial_state_BHDV: torch.Tensor | None = None,
     initial_doc_B: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Blocked decayed linear attention.
@@ -32,13 +32,13 @@ def lightning_attention_chunk(
         log_decay_H: (H,) a_h >= 0 (decay exp(-a_h) per position).
         doc_ids_BS: (B, S) non-decreasing document ids, or None.
         chunk: block size C.
-        initial_state_BHDE: state sum_s lambda^{(-1) - s} k_s v_s^T of the tokens before position 0,
+        initial_state_BHDV: state sum_s lambda^{(-1) - s} k_s v_s^T of the tokens before position 0,
             or None.
         initial_doc_B: (B,) document id of the initial state (default: that of position 0, i.e.
             position 0 continues it); queries of other documents ignore it.
 
     Returns:
-        ``(o_BHSE, final_state_BHDE)``; the final state is taken at the last position (fp32), for
+        ``(o_BHSV, final_state_BHDV)``; the final state is taken at the last position (fp32), for
         the document of the last token.
     """
     B, H, S, D = q_BHSD.shape
@@ -85,8 +85,8 @@ def lightning_attention_chunk(
             state_doc = di[:, -1]
         state = carry * state + kv_new
     o = torch.stack(outs, dim=2).reshape(B, H, n * chunk, E)[:, :, pad:]
-    if initial_state_BHDE is not None:  # tokens before position 0: exact decays lambda^{t+1}, no padding shift
-        extra, carried = initial_state_contribution(q_BHSD, log_decay_H, initial_state_BHDE, doc_ids_BS, initial_doc_B)
+    if initial_state_BHDV is not None:  # tokens before position 0: exact decays lambda^{t+1}, no padding shift
+        extra, carried = initial_state_contribution(q_BHSD, log_decay_H, initial_state_BHDV, doc_ids_BS, initial_doc_B)
         o = o + extra
         state = state + carried
     return o.to(q_BHSD.dtype), state
@@ -95,7 +95,7 @@ def lightning_attention_chunk(
 def initial_state_contribution(
     q_BHSD: torch.Tensor,
     log_decay_H: torch.Tensor,
-    initial_state_BHDE: torch.Tensor,
+    initial_state_BHDV: torch.Tensor,
     doc_ids_BS: torch.Tensor | None = None,
     initial_doc_B: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -103,11 +103,11 @@ def initial_state_contribution(
     state (lambda^S S0), restricted to the document it belongs to (fp32).
 
     Returns:
-        ``(extra_o_BHSE, extra_state_BHDE)``.
+        ``(extra_o_BHSV, extra_state_BHDV)``.
     """
     S = q_BHSD.shape[2]
     a = log_decay_H.float().to(q_BHSD.device)[:, None]
-    s0 = initial_state_BHDE.float()
+    s0 = initial_state_BHDV.float()
     t = torch.arange(S, device=q_BHSD.device, dtype=torch.float32)
     extra = torch.einsum("bhtd,bhde->bhte", q_BHSD.float() * torch.exp(-a * (t + 1))[None, :, :, None], s0)
     carry = torch.exp(-a[:, 0] * S)[None, :, None, None]
@@ -123,15 +123,15 @@ def lightning_attention_recurrent(
     k_BHSD: torch.Tensor,
     v_BHSD: torch.Tensor,
     log_decay_H: torch.Tensor,
-    initial_state_BHDE: torch.Tensor | None = None,
+    initial_state_BHDV: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Token-by-token recurrent form (decoding): S_t = lambda S_{t-1} + k_t v_t^T, o_t = q_t S_t."""
     B, H, S, D = q_BHSD.shape
     E = v_BHSD.shape[-1]
     lam = torch.exp(-log_decay_H.float().to(q_BHSD.device))[None, :, None, None]
     state = (
-        initial_state_BHDE.float()
-        if initial_state_BHDE is not None
+        initial_state_BHDV.float()
+        if initial_state_BHDV is not None
         else torch.zeros(B, H, D, E, device=q_BHSD.device, dtype=torch.float32)
     )
     outs = []

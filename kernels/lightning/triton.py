@@ -296,7 +296,7 @@ def lightning_attention_triton(
     log_decay_H: torch.Tensor,
     doc_ids_BS: torch.Tensor | None = None,
     chunk: int = 64,
-    initial_state_BHDE: torch.Tensor | None = None,
+    initial_state_BHDV: torch.Tensor | None = None,
     initial_doc_B: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Blocked decayed linear attention in Triton; same contract as
@@ -309,15 +309,15 @@ def lightning_attention_triton(
         doc_ids_BS: (B, S) non-decreasing document ids, or None.
         chunk: block size C (16, 32, 64 or 128); the kernels run at most their launch table's chunk
             (``TILES``) and split a larger one, which gives the same result up to rounding.
-        initial_state_BHDE: state before position 0 (differentiable), or None.
+        initial_state_BHDV: state before position 0 (differentiable), or None.
         initial_doc_B: (B,) document of the initial state (default: that of position 0).
 
     Returns:
-        ``(o_BHSE, final_state_BHDE)``; both differentiable (the final state's gradient flows back
+        ``(o_BHSV, final_state_BHDV)``; both differentiable (the final state's gradient flows back
         to q/k/v and the initial state, as sequence-parallel state passing needs).
     """
     require_triton(q_BHSD, "Triton lightning attention")
     if doc_ids_BS is not None and initial_doc_B is None:
         initial_doc_B = doc_ids_BS[:, 0]
     return _LightningTriton.apply(q_BHSD, k_BHSD, v_BHSD, log_decay_H, doc_ids_BS, initial_doc_B,
-                                  initial_state_BHDE, chunk)
+                                  initial_state_BHDV, chunk)

@@ -136,7 +136,7 @@ class LinearAttention(CoreAttention):
                 o, slot["state"] = lightning_attention_recurrent(q, k, v, self.log_decay, slot.get("state"))
             else:
                 o, slot["state"] = lightning_attention_chunk(
-                    q, k, v, self.log_decay, None, self.opts.chunk, initial_state_BHDE=slot.get("state"))
+                    q, k, v, self.log_decay, None, self.opts.chunk, initial_state_BHDV=slot.get("state"))
         elif self.opts.path == "naive":
             o = lightning_attention_naive(q, k, v, self.log_decay, batch.doc_ids_BS)
         elif self.opts.path == "triton" or (

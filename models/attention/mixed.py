@@ -115,7 +115,7 @@ class MixedAttention(CoreAttention):
             first += h
 
     def head_features(self, x_BSE: torch.Tensor) -> torch.Tensor | None:
-        """(B, S, H, F): the groups' features side by side on their heads (zeros for groups without).
+        """(B, S, H, X): the groups' features side by side on their heads (zeros for groups without).
 
         Raises:
             ValueError: two groups have features of different widths.
@@ -137,13 +137,13 @@ class MixedAttention(CoreAttention):
         qs = q_BHSD.split(heads, dim=1)
         ks = k_BHSD.split(kv_heads, dim=1)
         vs = v_BHSD.split(kv_heads, dim=1)
-        feats = batch.head_feats_BHSF  # exchanged by a head-parallel wrapper; else groups use x_BSE
+        feats = batch.head_feats_BHSX  # exchanged by a head-parallel wrapper; else groups use x_BSE
         fs = feats.split(heads, dim=1) if feats is not None else [None] * len(heads)
         outs = []
         for i, (m, q, k, v, f) in enumerate(zip(self.groups, qs, ks, vs, fs)):
             if q.shape[1] == 0:
                 continue
-            sub = batch if f is None else replace(batch, head_feats_BHSF=f)
+            sub = batch if f is None else replace(batch, head_feats_BHSX=f)
             if batch.cache_slot is not None:
                 slot = batch.cache_slot.setdefault(f"group{i}", {})
                 if m.uses_kv_cache:

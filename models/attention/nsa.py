@@ -119,7 +119,7 @@ class NSAAttention(CoreAttention):
     def set_head_slice(self, start: int, stop: int) -> None:
         """Run query heads [start, stop) (Ulysses): their KV heads' compression, their gates.
 
-        The gates arrive already exchanged in ``batch.head_feats_BHSF`` (see :meth:`head_features`).
+        The gates arrive already exchanged in ``batch.head_feats_BHSX`` (see :meth:`head_features`).
         """
         self.kv_slice = gqa_kv_slice(self.ctx, start, stop, "nsa's block selection")
 

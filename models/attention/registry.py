@@ -53,7 +53,7 @@ class AttentionBatch:
         cache_slot: per-layer decoding state (dict) for variants that keep their own state
             instead of past keys/values (``uses_kv_cache = False``); None when not decoding.
         x_BSE: the (normed) layer input of the current query positions, for input-dependent gates.
-        head_feats_BHSF: per-head input features (:meth:`CoreAttention.head_features`) already
+        head_feats_BHSX: per-head input features (:meth:`CoreAttention.head_features`) already
             computed for these heads and positions; set by head-parallel wrappers (Ulysses), which
             see only a sequence shard of ``x_BSE``. None = compute them from ``x_BSE``.
     """
@@ -61,7 +61,7 @@ class AttentionBatch:
     doc_ids_BS: torch.Tensor | None = None
     cache_slot: dict[str, Any] | None = None
     x_BSE: torch.Tensor | None = None
-    head_feats_BHSF: torch.Tensor | None = None
+    head_feats_BHSX: torch.Tensor | None = None
 
 
 CP_FORMS = ("ring", "sparse_exchange", "state")  # context-parallel forms a variant may declare
@@ -177,7 +177,7 @@ class CoreAttention(nn.Module):
         return dense_attention_flops(self.ctx.n_heads, self.ctx.head_dim, seq_len)
 
     def head_features(self, x_BSE: torch.Tensor) -> torch.Tensor | None:
-        """Per-head features the variant computes from its layer input, (B, S, H, F) for all heads.
+        """Per-head features the variant computes from its layer input, (B, S, H, X) for all heads.
 
         Input-dependent gates (NSA) implement this so that a head-parallel wrapper can compute
         them on its sequence shard and exchange them like queries; None = the variant has none.
@@ -185,14 +185,14 @@ class CoreAttention(nn.Module):
         return None
 
     def head_features_for(self, batch: AttentionBatch, n_heads: int) -> torch.Tensor:
-        """(B, n_heads, S, F): ``batch.head_feats_BHSF`` if given, else computed from ``batch.x_BSE``."""
-        if batch.head_feats_BHSF is not None:
-            return batch.head_feats_BHSF
+        """(B, n_heads, S, X): ``batch.head_feats_BHSX`` if given, else computed from ``batch.x_BSE``."""
+        if batch.head_feats_BHSX is not None:
+            return batch.head_feats_BHSX
         if batch.x_BSE is None:
             raise ValueError(f"{type(self).__name__} needs the layer input (AttentionBatch.x_BSE) for its gates")
         feats = self.head_features(batch.x_BSE).transpose(1, 2)
         if feats.shape[1] != n_heads:
-            raise ValueError(f"{type(self).__name__} runs {n_heads} of its heads: pass head_feats_BHSF")
+            raise ValueError(f"{type(self).__name__} runs {n_heads} of its heads: pass head_feats_BHSX")
         return feats
 
     def forward(  # pragma: no cover - interface

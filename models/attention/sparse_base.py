@@ -150,7 +150,7 @@ class BlockSparseAttention(CoreAttention):
         B, H = q_BH1D.shape[:2]
         Hkv, n_complete = kbar_BKND.shape[1], kbar_BKND.shape[2]
         pat = self._decode_pattern(k_len, q_BH1D.device)
-        row_HN = pat.block_mask_HQK[:, (k_len - 1) // self.block, :n_complete]
+        row_HN = pat.block_mask_HQN[:, (k_len - 1) // self.block, :n_complete]
         row_KN = row_HN.view(Hkv, H // Hkv, n_complete).any(1)
         j = torch.arange(n_complete, device=q_BH1D.device)
         key = torch.where(row_KN, j, j + n_complete)  # listed blocks first, ascending

@@ -10,7 +10,7 @@ from common import finish, random_batch, run_and_compare
 from longshard.parallel.env import exit_worker
 from longshard.models import ModelConfig, Transformer
 from longshard.parallel.ring import apply_ring
-from longshard.parallel.sequence import CommCounter, shard_batch
+from longshard.parallel.layout import CommCounter, shard_batch
 from torch.distributed.device_mesh import init_device_mesh
 
 
@@ -44,7 +44,7 @@ def main() -> int:
 
 def _index(rank: int) -> torch.Tensor:
     """Sequence indices of this rank's tokens: its half of ring rank r // 2's zigzag shard."""
-    from longshard.parallel.sequence import zigzag_positions
+    from longshard.parallel.layout import zigzag_positions
 
     shard = zigzag_positions(rank // 2, 2, 20)
     return shard[(rank % 2) * 10 : (rank % 2 + 1) * 10]

@@ -57,7 +57,7 @@ def megatron_shard(get, ours, t: int) -> dict[str, torch.Tensor]:
 def main() -> int:
     from longshard.models import ModelConfig, Transformer
     from longshard.parallel.megatron import MegatronCoreAttention, cpu_compat, longshard_layer_spec, megatron_config
-    from longshard.parallel.sequence import zigzag_positions
+    from longshard.parallel.layout import zigzag_positions
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
 

@@ -11,7 +11,7 @@ from longshard.kernels.triton_support import interpreting, triton_installed
 from longshard.models import ModelConfig, Transformer
 from longshard.parallel.env import exit_worker
 from longshard.parallel.ring import apply_ring
-from longshard.parallel.sequence import CommCounter, shard_batch, zigzag_positions
+from longshard.parallel.layout import CommCounter, shard_batch, zigzag_positions
 
 
 def main() -> int:

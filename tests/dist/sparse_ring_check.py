@@ -12,7 +12,7 @@ from common import finish, random_batch, run_and_compare
 from longshard.parallel.env import exit_worker
 from longshard.models import ModelConfig, Transformer
 from longshard.parallel.ring import apply_ring
-from longshard.parallel.sequence import CommCounter, shard_batch, zigzag_positions
+from longshard.parallel.layout import CommCounter, shard_batch, zigzag_positions
 from longshard.parallel.sparse_exchange import SparseExchangeAttention
 
 VARIANTS = [

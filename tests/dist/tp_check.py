@@ -13,7 +13,8 @@ from longshard.parallel.env import exit_worker
 from longshard.errors import ConfigError
 from longshard.models import ModelConfig, Transformer
 from longshard.parallel.ring import apply_ring
-from longshard.parallel.sequence import CommCounter, apply_ulysses, shard_batch, zigzag_positions
+from longshard.parallel.layout import CommCounter, shard_batch, zigzag_positions
+from longshard.parallel.ulysses import apply_ulysses
 from longshard.parallel.tensor_parallel import apply_tensor_parallel
 from longshard.train.plan import param_count
 from torch.distributed.device_mesh import init_device_mesh

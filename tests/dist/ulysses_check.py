@@ -14,7 +14,8 @@ from common import finish, random_batch, run_and_compare
 from longshard.parallel.env import exit_worker
 from longshard.errors import ConfigError
 from longshard.models import ModelConfig, Transformer
-from longshard.parallel.sequence import CommCounter, apply_ulysses, shard_batch
+from longshard.parallel.layout import CommCounter, shard_batch
+from longshard.parallel.ulysses import apply_ulysses
 
 S2 = {"name": "s2", "options": {"block": 4, "local_blocks": 1, "vert_stride": 2}}
 # per-KV-head importance parameters: each rank uses (and gets gradients for) its heads' slice
