@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from longshard.kernels.attention.fused_cpu import additive_mask, fused_cpu_ops, merge_partials
 from longshard.kernels.block_sparse.banded import BandFarSpec
+from longshard.kernels.block_sparse.pattern import kept_first
 
 
 @dataclass
@@ -88,8 +89,7 @@ class _Plan:
         n_far = int(reach.sum(1).max()) if reach.any() else 0
         if n_far == 0:
             return out
-        Fn = self.far.shape[1]
-        order = torch.where(reach, torch.arange(Fn, device=dev), Fn + 1).argsort(1)
+        order = kept_first(reach)
         fb = torch.gather(self.far, 1, order[:, :n_far])  # (H, n_far) block ids, valid first
         f_ok = torch.gather(reach, 1, order[:, :n_far])
         fpos = (fb.clamp_min(0)[..., None] * blk + torch.arange(blk, device=dev)).reshape(H, n_far * blk)

@@ -10,7 +10,7 @@ import math
 
 import torch
 import torch.nn.functional as F
-from longshard.kernels.block_sparse.pattern import SparsePattern, token_keep
+from longshard.kernels.block_sparse.pattern import SparsePattern, kept_first, token_keep
 
 
 def kept_block_index(block_mask_HQN: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -22,10 +22,7 @@ def kept_block_index(block_mask_HQN: torch.Tensor) -> tuple[torch.Tensor, torch.
     """
     counts = block_mask_HQN.sum(-1)
     m = max(int(counts.max()), 1)
-    n_k = block_mask_HQN.shape[-1]
-    order = torch.arange(n_k, device=block_mask_HQN.device)
-    key = torch.where(block_mask_HQN, order, order + n_k)  # kept first, in ascending order
-    idx = key.argsort(-1)[..., :m]
+    idx = kept_first(block_mask_HQN, m)
     valid = torch.arange(m, device=idx.device) < counts[..., None]
     return idx, valid
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from longshard.kernels.attention.fused_cpu import additive_mask, fused_cpu_ops
-from longshard.kernels.block_sparse.pattern import SparsePattern, token_keep
+from longshard.kernels.block_sparse.pattern import SparsePattern, kept_first, token_keep
 from torch.utils.checkpoint import checkpoint
 
 
@@ -68,9 +68,8 @@ def _chunk_keys(pattern: SparsePattern, hl: _HeadLayout, q0: int, q1: int):
     qb_C = lay.q_pos_L[q0:q1:blk] // blk  # (C,) global query blocks of the chunk
     bm = pattern.block_mask_HQN[heads[:, None, None], qb_C[None, :, None], kb_HN.clamp_min(0)[:, None, :]]
     need_HN = (bm & (kb_HN[:, None, :] >= 0) & (kb_HN[:, None, :] <= qb_C[None, :, None])).any(1)  # (H, NB)
-    NB = kb_HN.shape[1]
     n_keep = max(int(need_HN.sum(1).max()), 1)
-    order = torch.where(need_HN, torch.arange(NB, device=dev), NB + torch.arange(NB, device=dev)).argsort(1)
+    order = kept_first(need_HN)
     slot_Hn = order[:, :n_keep]  # (H, n) buffer blocks, kept ones first
     ok_Hn = torch.gather(need_HN, 1, slot_Hn)
     tok_HT = (slot_Hn[..., None] * blk + torch.arange(blk, device=dev)).reshape(H, n_keep * blk)

@@ -50,6 +50,21 @@ class SparsePattern:
         return float((self.block_mask_HQN & causal).sum() / (causal.sum() * self.n_heads))
 
 
+def kept_first(keep: torch.Tensor, width: int | None = None) -> torch.Tensor:
+    """Indices along the last dim with the kept entries first, each part ascending (the one block
+    ordering of every block-list path: gather, Triton CSR lists, chunked far blocks, gathered buffers,
+    decoding plans); the first ``width`` columns when given.
+
+    Args:
+        keep: (..., n) bool.
+        width: columns to return (e.g. the largest kept count), or None for all n.
+    """
+    n = keep.shape[-1]
+    order = torch.arange(n, device=keep.device)
+    idx = torch.where(keep, order, order + n).argsort(-1)
+    return idx if width is None else idx[..., :width]
+
+
 def token_keep(
     pattern: SparsePattern,
     q_pos: torch.Tensor,

@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 
 import torch
-from longshard.kernels.block_sparse.pattern import SparsePattern
+from longshard.kernels.block_sparse.pattern import SparsePattern, kept_first
 from longshard.kernels.triton_support import interpreting, next_pow2, require_triton
 
 try:
@@ -47,9 +47,7 @@ def block_csr(block_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Kept indices along the last dim, ascending and padded: ``(idx int32 (..., M), count int32 (...))``."""
     count = block_mask.sum(-1)
     m = max(int(count.max()) if count.numel() else 0, 1)
-    n = block_mask.shape[-1]
-    order = torch.arange(n, device=block_mask.device)
-    idx = torch.where(block_mask, order, order + n).argsort(-1)[..., :m]
+    idx = kept_first(block_mask, m)
     return idx.to(torch.int32).contiguous(), count.to(torch.int32).contiguous()
 
 

@@ -15,7 +15,7 @@ from longshard.kernels.block_sparse import (
 from longshard.kernels.block_sparse.banded import BandFarSpec, band_far_attention
 from longshard.kernels.block_sparse.chunked import band_far_attention_chunked
 from longshard.kernels.block_sparse.flex import block_sparse_attention_flex, flex_available
-from longshard.kernels.block_sparse.pattern import token_keep
+from longshard.kernels.block_sparse.pattern import kept_first, token_keep
 from longshard.kernels.block_sparse.triton import (
     TRITON_BLOCKS,
     block_sparse_attention_triton,
@@ -152,11 +152,10 @@ class BlockSparseAttention(CoreAttention):
         pat = self._decode_pattern(k_len, q_BH1D.device)
         row_HN = pat.block_mask_HQN[:, (k_len - 1) // self.block, :n_complete]
         row_KN = row_HN.view(Hkv, H // Hkv, n_complete).any(1)
-        j = torch.arange(n_complete, device=q_BH1D.device)
-        key = torch.where(row_KN, j, j + n_complete)  # listed blocks first, ascending
-        idx = key.sort(-1).values
         width = max(int(row_KN.sum(-1).max()) if n_complete else 0, 1)
-        blocks = torch.where(idx[:, :width] < n_complete, idx[:, :width], -1)
+        idx = kept_first(row_KN, width)  # listed blocks first, ascending
+        ok = torch.gather(row_KN, 1, idx)
+        blocks = torch.where(ok, idx, -1)
         return DecodePlan(blocks[None].expand(B, -1, -1))
 
     def attend_blocks(self, q_BH1D: torch.Tensor, k_BKLD: torch.Tensor, v_BKLD: torch.Tensor,

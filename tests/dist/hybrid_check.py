@@ -7,10 +7,10 @@ import copy
 import torch
 import torch.distributed as dist
 from common import finish, random_batch, run_and_compare
-from longshard.parallel.env import exit_worker
 from longshard.models import ModelConfig, Transformer
-from longshard.parallel.ring import apply_ring
+from longshard.parallel.env import exit_worker
 from longshard.parallel.layout import CommCounter, shard_batch
+from longshard.parallel.ring import apply_ring
 from torch.distributed.device_mesh import init_device_mesh
 
 

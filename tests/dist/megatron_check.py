@@ -9,10 +9,8 @@ slicing index) at the CPU.
 
 from __future__ import annotations
 
-
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from common import TOL, finish, rel
 from longshard.parallel.env import exit_worker
 
@@ -56,8 +54,8 @@ def megatron_shard(get, ours, t: int) -> dict[str, torch.Tensor]:
 
 def main() -> int:
     from longshard.models import ModelConfig, Transformer
-    from longshard.parallel.megatron import MegatronCoreAttention, cpu_compat, longshard_layer_spec, megatron_config
     from longshard.parallel.layout import zigzag_positions
+    from longshard.parallel.megatron import MegatronCoreAttention, cpu_compat, longshard_layer_spec, megatron_config
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
 

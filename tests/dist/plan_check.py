@@ -7,8 +7,8 @@ import torch
 import torch.distributed as dist
 from common import finish
 from longshard.parallel.env import exit_worker
-from longshard.parallel.ring import apply_ring
 from longshard.parallel.layout import shard_batch
+from longshard.parallel.ring import apply_ring
 from longshard.train.config import load_config
 from longshard.train.memory import TensorMemoryTracker
 from longshard.train.plan import Layout, estimate

@@ -10,8 +10,8 @@ from common import finish, random_batch, run_and_compare
 from longshard.kernels.triton_support import interpreting, triton_installed
 from longshard.models import ModelConfig, Transformer
 from longshard.parallel.env import exit_worker
-from longshard.parallel.ring import apply_ring
 from longshard.parallel.layout import CommCounter, shard_batch, zigzag_positions
+from longshard.parallel.ring import apply_ring
 
 
 def main() -> int:
@@ -24,7 +24,7 @@ def main() -> int:
     # interpreter: TRITON_INTERPRET=1 is in the test environment), on the GQA layout
     cases = [(h, kv, packed, "cpu_fused") for h, kv in ((4, 2), (3, 3), (4, 1))  # GQA, odd head count, MQA
              for packed in (False, True)]
-    if triton_installed() and (interpreting() or torch.cuda.is_available()):
+    if P == 2 and triton_installed() and (interpreting() or torch.cuda.is_available()):  # rotation logic is shared
         cases += [(4, 2, packed, "triton") for packed in (False, True)]
     for n_heads, n_kv, packed, backend in cases:
         torch.manual_seed(0)

@@ -9,10 +9,10 @@ import sys
 import torch
 import torch.distributed as dist
 from common import finish, random_batch, run_and_compare
-from longshard.parallel.env import exit_worker
 from longshard.models import ModelConfig, Transformer
-from longshard.parallel.ring import apply_ring
+from longshard.parallel.env import exit_worker
 from longshard.parallel.layout import CommCounter, shard_batch, zigzag_positions
+from longshard.parallel.ring import apply_ring
 from longshard.parallel.sparse_exchange import SparseExchangeAttention
 
 VARIANTS = [

@@ -9,13 +9,13 @@ import copy
 import torch
 import torch.distributed as dist
 from common import BF16_TOL_GRAD, BF16_TOL_LOGITS, TOL, finish, forward_backward, random_batch, rel
-from longshard.parallel.env import exit_worker
 from longshard.errors import ConfigError
 from longshard.models import ModelConfig, Transformer
-from longshard.parallel.ring import apply_ring
+from longshard.parallel.env import exit_worker
 from longshard.parallel.layout import CommCounter, shard_batch, zigzag_positions
-from longshard.parallel.ulysses import apply_ulysses
+from longshard.parallel.ring import apply_ring
 from longshard.parallel.tensor_parallel import apply_tensor_parallel
+from longshard.parallel.ulysses import apply_ulysses
 from longshard.train.plan import param_count
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor

@@ -11,9 +11,9 @@ import copy
 import torch
 import torch.distributed as dist
 from common import finish, random_batch, run_and_compare
-from longshard.parallel.env import exit_worker
 from longshard.errors import ConfigError
 from longshard.models import ModelConfig, Transformer
+from longshard.parallel.env import exit_worker
 from longshard.parallel.layout import CommCounter, shard_batch
 from longshard.parallel.ulysses import apply_ulysses
 
