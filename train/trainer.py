@@ -6,7 +6,7 @@ import json
 import logging
 import math
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -299,6 +299,106 @@ def convert_sharded(dmodel, model: Transformer, cfg: Config, val_ds, device: tor
     return {"original_loss": original, "converted_loss": converted, "loss_gap": converted - original}
 
 
+@dataclass
+class TrainingRun:
+    """What :func:`build_training` assembles: the model, its parallel form and the engine that trains it.
+
+    Args:
+        model: the single-device :class:`Transformer` (parallel wrappers applied in place).
+        dmodel: the module the loop runs (DDP / FSDP2 module / DeepSpeed engine).
+        sp: this rank's sequence shard, or None.
+        engine: backward / step / checkpoints (:mod:`longshard.train.engine`).
+        mesh: the device mesh.
+        comm: the sequence-parallel traffic counter.
+        conversion: the HF conversion's measured loss gap, or None.
+        kept_fraction: attention kept fraction at ``train.seq_len`` (metrics).
+        flops_per_token: training FLOPs per token (metrics).
+    """
+
+    model: Transformer
+    dmodel: torch.nn.Module
+    sp: SeqShard | None
+    engine: NativeEngine
+    mesh: Any
+    comm: CommCounter
+    conversion: dict[str, float] | None
+    kept_fraction: float
+    flops_per_token: float
+
+
+def build_training(cfg: Config, env: DistEnv, mcfg: ModelConfig, use_ds: bool, grad_accum: int,
+                   val_ds) -> TrainingRun:
+    """Build the model, load or convert its weights, parallelize it (TP -> SP -> AC -> DP) and wrap it
+    in its engine (native, or DeepSpeed with ZeRO over every rank)."""
+    mode, sp_size = cfg.parallel.sp_mode, cfg.parallel.sp_degree
+    uly = cfg.parallel.sp_ulysses_degree if mode == "hybrid" else 1
+    tp_size = cfg.parallel.tp_degree
+    model, sharded_hf = build_model(cfg, mcfg, use_ds, tp_size)
+    maybe_inject_fault(0, env.rank)  # drill hook for "signalled during start-up"
+    kept_fraction = attention_kept_fraction(model, cfg.train.seq_len)  # before any parallel wrapper
+    fpt = flops_per_token(mcfg, cfg.train.seq_len, model)  # the attention FLOPs each variant performs
+    if cfg.init.hf_path is not None and not sharded_hf:
+        load_into(model, load_hf_state_dict(cfg.init.hf_path, mcfg), cfg.init.hf_path)
+    model.set_activation_offload(cfg.train.activation_offload)
+    model.set_loss_chunking(None if cfg.train.loss_chunk_tokens < 0 else cfg.train.loss_chunk_tokens)
+    conversion = None
+    if not sharded_hf:
+        model.to(env.device)
+        conversion = convert_from_hf(model, cfg, val_ds, env.device) if cfg.init.hf_path is not None else None
+    if tp_size > 1:  # heads and variants checked before the mesh's groups are created
+        check_tensor_parallel(model, tp_size)
+    mesh = build_mesh(env, sp_size, uly, tp_size)
+    comm = CommCounter()
+    # TP -> SP -> activation checkpointing -> data parallel (DeepSpeed does its own data parallelism)
+    dmodel, sp = parallelize(model, mesh, cfg.parallel, comm, dtype=compute_dtype(cfg), data_parallel_wrap=not use_ds,
+                             activation_checkpointing=cfg.train.activation_checkpointing)
+    if use_ds:  # ZeRO over every rank replaces DDP/FSDP2; the schedule stays ours
+        optimizer = build_optimizer(model, cfg)
+        scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.steps)
+        dmodel = ds_initialize(model, optimizer, deepspeed_config(
+            cfg.train.micro_batch_size, grad_accum, env.world_size, cfg.train.grad_clip, cfg.deepspeed.zero_stage,
+            cfg.deepspeed.offload_optimizer, cfg.deepspeed.config_file))
+        engine = DeepSpeedTrainEngine(dmodel, optimizer, scheduler)
+    else:
+        if sharded_hf:  # each rank reads only its shards of the checkpoint, then the gap is measured sharded
+            load_hf_sharded(dmodel, cfg.init.hf_path, env.device)
+            conversion = convert_sharded(dmodel, model, cfg, val_ds, env.device, sp,
+                                         (lambda m: apply_sequence_parallel(m, mesh, mode)) if sp is not None else None)
+        optimizer = build_optimizer(dmodel, cfg)
+        scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.steps)
+        engine = NativeEngine(dmodel, optimizer, scheduler, cfg.train.grad_clip, loss_scaling=cfg.train.dtype == "fp16",
+                              sharded=cfg.parallel.dp_mode == "fsdp2")
+    return TrainingRun(model, dmodel, sp, engine, mesh, comm, conversion, kept_fraction, fpt)
+
+
+def resume_training(cfg: Config, engine: NativeEngine, ckpt: Checkpointer,
+                    loader: DistributedLoader) -> tuple[Path | None, int, list[float]]:
+    """Load the checkpoint ``checkpoint.resume`` names (``auto``: the newest that loads) into the engine
+    and the loader; returns (its path or None, the step it holds, the losses so far).
+
+    Raises:
+        ConfigError: the checkpoint is already past ``train.steps``.
+    """
+    start_step, history = 0, []
+    resume_from, state = None, None
+    if cfg.checkpoint.resume != "none":
+        resume_from, state = engine.load(ckpt, None if cfg.checkpoint.resume == "auto" else Path(cfg.checkpoint.resume))
+    if state is not None:
+        if any(k.startswith("optim.") for k in state.get("changed", [])):
+            apply_optim_settings(engine.optimizer, engine.scheduler, cfg)
+            log.info("applied the changed optimizer settings %s (checkpoint.allow_changes)",
+                     [k for k in state["changed"] if k.startswith("optim.")])
+        start_step = state["step"]
+        if start_step > cfg.train.steps:  # nothing to train; saving would relabel those weights as an earlier step
+            raise ConfigError("train.steps", f"{resume_from} is step {start_step}, beyond train.steps="
+                              f"{cfg.train.steps}: this run is already past the steps asked for.",
+                              f"raise train.steps above {start_step} to train on, or give a new output_dir for a "
+                              "fresh run (the checkpoints here are kept).")
+        loader.load_state_dict(state["loader"])
+        history = state.get("losses", [])
+    return resume_from, start_step, history
+
+
 def train(cfg: Config, watch: PreemptionWatch | None = None) -> dict[str, Any]:
     """Run training as described by ``cfg`` on this rank; returns the final report (all ranks).
 
@@ -350,44 +450,11 @@ def _train_locked(cfg: Config, env, t0: float, use_ds: bool, dp_size: int, grad_
     train_ds, val_ds, tokenizer = build_datasets(cfg, env, mcfg)
     passkey_lengths = list(cfg.eval.passkey_lengths) or [cfg.train.seq_len, 2 * cfg.train.seq_len]
     check_passkey_lengths(tokenizer, passkey_lengths if cfg.eval.passkey_samples else [])
-    mode = cfg.parallel.sp_mode
-    uly = cfg.parallel.sp_ulysses_degree if mode == "hybrid" else 1
+    run = build_training(cfg, env, mcfg, use_ds, grad_accum, val_ds)
+    model, dmodel, sp, engine, comm = run.model, run.dmodel, run.sp, run.engine, run.comm
+    scheduler, mesh = engine.scheduler, run.mesh
+    conversion, kept_fraction, fpt = run.conversion, run.kept_fraction, run.flops_per_token
     tp_size = cfg.parallel.tp_degree
-    model, sharded_hf = build_model(cfg, mcfg, use_ds, tp_size)
-    maybe_inject_fault(0, env.rank)  # drill hook for "signalled during start-up"
-    kept_fraction = attention_kept_fraction(model, cfg.train.seq_len)  # before any parallel wrapper
-    fpt = flops_per_token(mcfg, cfg.train.seq_len, model)  # the attention FLOPs each variant performs
-    if cfg.init.hf_path is not None and not sharded_hf:
-        load_into(model, load_hf_state_dict(cfg.init.hf_path, mcfg), cfg.init.hf_path)
-    model.set_activation_offload(cfg.train.activation_offload)
-    model.set_loss_chunking(None if cfg.train.loss_chunk_tokens < 0 else cfg.train.loss_chunk_tokens)
-    conversion = None
-    if not sharded_hf:
-        model.to(env.device)
-        conversion = convert_from_hf(model, cfg, val_ds, env.device) if cfg.init.hf_path is not None else None
-    if tp_size > 1:  # heads and variants checked before the mesh's groups are created
-        check_tensor_parallel(model, tp_size)
-    mesh = build_mesh(env, sp_size, uly, tp_size)
-    comm = CommCounter()
-    # TP -> SP -> activation checkpointing -> data parallel (DeepSpeed does its own data parallelism)
-    dmodel, sp = parallelize(model, mesh, cfg.parallel, comm, dtype=compute_dtype(cfg), data_parallel_wrap=not use_ds,
-                             activation_checkpointing=cfg.train.activation_checkpointing)
-    if use_ds:  # ZeRO over every rank replaces DDP/FSDP2; the schedule stays ours
-        optimizer = build_optimizer(model, cfg)
-        scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.steps)
-        dmodel = ds_initialize(model, optimizer, deepspeed_config(
-            cfg.train.micro_batch_size, grad_accum, env.world_size, cfg.train.grad_clip, cfg.deepspeed.zero_stage,
-            cfg.deepspeed.offload_optimizer, cfg.deepspeed.config_file))
-        engine = DeepSpeedTrainEngine(dmodel, optimizer, scheduler)
-    else:
-        if sharded_hf:  # each rank reads only its shards of the checkpoint, then the gap is measured sharded
-            load_hf_sharded(dmodel, cfg.init.hf_path, env.device)
-            conversion = convert_sharded(dmodel, model, cfg, val_ds, env.device, sp,
-                                         (lambda m: apply_sequence_parallel(m, mesh, mode)) if sp is not None else None)
-        optimizer = build_optimizer(dmodel, cfg)
-        scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.steps)
-        engine = NativeEngine(dmodel, optimizer, scheduler, cfg.train.grad_clip, loss_scaling=cfg.train.dtype == "fp16",
-                              sharded=cfg.parallel.dp_mode == "fsdp2")
     loader = DistributedLoader(
         train_ds, micro_batch_size=cfg.train.micro_batch_size, grad_accum=grad_accum,
         dp_rank=mesh["dp"].get_local_rank(), dp_size=dp_size, seed=cfg.train.seed, shuffle=cfg.data.shuffle,
@@ -395,23 +462,7 @@ def _train_locked(cfg: Config, env, t0: float, use_ds: bool, dp_size: int, grad_
     run_print = fingerprint(cfg, mcfg, Path(cfg.data.path) if cfg.data.source == "prepared" and cfg.data.path else None)
     ckpt = Checkpointer(cfg.checkpoint.dir, cfg.checkpoint.keep_last, env.rank, resolved_yaml, run_print,
                         cfg.checkpoint.allow_changes)
-    start_step, history = 0, []
-    resume_from, state = None, None
-    if cfg.checkpoint.resume != "none":
-        resume_from, state = engine.load(ckpt, None if cfg.checkpoint.resume == "auto" else Path(cfg.checkpoint.resume))
-    if state is not None:
-        if any(k.startswith("optim.") for k in state.get("changed", [])):
-            apply_optim_settings(optimizer, scheduler, cfg)
-            log.info("applied the changed optimizer settings %s (checkpoint.allow_changes)",
-                     [k for k in state["changed"] if k.startswith("optim.")])
-        start_step = state["step"]
-        if start_step > cfg.train.steps:  # nothing to train; saving would relabel those weights as an earlier step
-            raise ConfigError("train.steps", f"{resume_from} is step {start_step}, beyond train.steps="
-                              f"{cfg.train.steps}: this run is already past the steps asked for.",
-                              f"raise train.steps above {start_step} to train on, or give a new output_dir for a "
-                              "fresh run (the checkpoints here are kept).")
-        loader.load_state_dict(state["loader"])
-        history = state.get("losses", [])
+    resume_from, start_step, history = resume_training(cfg, engine, ckpt, loader)
 
     autocast = compute_dtype(cfg)
     peak = peak_tflops(env.device, cfg.train.peak_tflops)
