@@ -71,6 +71,13 @@ def _docs(doc_all: torch.Tensor | None, rank: int, s: slice) -> torch.Tensor | N
     return None if doc_all is None else doc_all[rank][:, s]
 
 
+def _own_chunks(L: int, *tensors: torch.Tensor) -> dict[int, list[torch.Tensor]]:
+    """This rank's two zigzag chunks of each tensor (along dim 2), made contiguous once per call:
+    ``{local start: [chunk of each tensor]}`` (the pair kernels would otherwise copy them every step)."""
+    c = L // 2
+    return {s: [t[:, :, s : s + c].contiguous() for t in tensors] for s in (0, c)}
+
+
 class _RingAttnFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, doc_all, ring: _Ring, ops):
@@ -79,6 +86,7 @@ class _RingAttnFn(torch.autograd.Function):
         o = torch.zeros(B, H, L, D, dtype=torch.float32, device=q.device)
         lse = torch.full((B, H, L), float("-inf"), device=q.device)
         kv = [k, v]
+        q_own = _own_chunks(L, q)
         for step in range(P):
             src = (r - step) % P
             pending = ring.start(kv) if step < P - 1 else None  # next block in flight during compute
@@ -86,7 +94,7 @@ class _RingAttnFn(torch.autograd.Function):
                 dq_, dk_ = _docs(doc_all, r, qs), _docs(doc_all, src, ks)
                 if not shares_document(dq_, dk_):
                     continue
-                ob, lb = ops.forward(q[:, :, qs], kv[0][:, :, ks], kv[1][:, :, ks], causal, dq_, dk_)
+                ob, lb = ops.forward(q_own[qs.start][0], kv[0][:, :, ks], kv[1][:, :, ks], causal, dq_, dk_)
                 o[:, :, qs], lse[:, :, qs] = merge_partials(o[:, :, qs], lse[:, :, qs], ob, lb)
             if pending is not None:
                 ring.wait(pending)
@@ -107,6 +115,7 @@ class _RingAttnFn(torch.autograd.Function):
         delta = (go.float() * o.float()).sum(-1)  # rowsum(dO * O) of the merged output, as flash-attn's
         dq = torch.zeros_like(q, dtype=torch.float32)
         state = [k, v, torch.zeros_like(k, dtype=torch.float32), torch.zeros_like(v, dtype=torch.float32)]
+        own = _own_chunks(L, go, q, o, lse, delta)
         for step in range(P):
             src = (r - step) % P
             kb, vb, dk_acc, dv_acc = state
@@ -114,8 +123,8 @@ class _RingAttnFn(torch.autograd.Function):
                 dq_, dk_ = _docs(doc_all, r, qs), _docs(doc_all, src, ks)
                 if not shares_document(dq_, dk_):
                     continue
-                g = ops.backward(go[:, :, qs], q[:, :, qs], kb[:, :, ks], vb[:, :, ks], o[:, :, qs], lse[:, :, qs],
-                                 delta[:, :, qs], causal, dq_, dk_)
+                go_c, q_c, o_c, lse_c, delta_c = own[qs.start]
+                g = ops.backward(go_c, q_c, kb[:, :, ks], vb[:, :, ks], o_c, lse_c, delta_c, causal, dq_, dk_)
                 dq[:, :, qs] += g[0]
                 dk_acc[:, :, ks] += g[1]
                 dv_acc[:, :, ks] += g[2]
@@ -141,7 +150,6 @@ class RingAttention(SequenceParallelCore):
     def __init__(self, inner: CoreAttention, group: dist.ProcessGroup, counter: CommCounter | None = None,
                  pair_backend: str = "auto") -> None:
         super().__init__(inner, group, counter, zigzag=True)
-        self.scale = inner.softmax_scale
         self.ring = _Ring(group, counter)
         self.pair_backend = pair_backend
         self._ops: dict[str, object] = {}  # per device type: the pair kernels (they cache block lists)
@@ -153,7 +161,7 @@ class RingAttention(SequenceParallelCore):
         doc_all = self.gather_doc_ids(batch.doc_ids_BS)  # (P, B, L): each rank's zigzag document ids
         dev = q_BHSD.device.type
         if dev not in self._ops:
-            self._ops[dev] = pair_kernel(q_BHSD.device, self.scale, self.pair_backend)
+            self._ops[dev] = pair_kernel(q_BHSD.device, self.softmax_scale, self.pair_backend)
         return _RingAttnFn.apply(q_BHSD, k_BHSD, v_BHSD, doc_all, self.ring, self._ops[dev])
 
 

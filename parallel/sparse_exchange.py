@@ -131,7 +131,6 @@ class SparseExchangeAttention(SequenceParallelCore):
 
     def __init__(self, inner: CoreAttention, group: dist.ProcessGroup, counter: CommCounter | None = None) -> None:
         super().__init__(inner, group, counter, zigzag=True)
-        self.scale = inner.softmax_scale
         self._plans: dict[int, tuple] = {}
 
     def _plan(self, n_blocks: int, n_kv_heads: int | None = None):
@@ -206,4 +205,4 @@ class SparseExchangeAttention(SequenceParallelCore):
         # block-sparse over the buffer (own zigzag tokens + received blocks) through the fused paths,
         # the pattern's token rules on global positions; no score matrix over the whole buffer
         lay = BufferLayout(q_pos, k_pos, doc_all)
-        return gathered_block_attention(q_BHSD, k_all, v_all, pattern, lay, self.scale)
+        return gathered_block_attention(q_BHSD, k_all, v_all, pattern, lay, self.softmax_scale)

@@ -41,7 +41,8 @@ def shares_document(doc_q_BQ: torch.Tensor | None, doc_k_BN: torch.Tensor | None
     """Whether any query of the pair may see any key (False: a pair with no shared document)."""
     if doc_q_BQ is None:
         return True
-    return any(bool(torch.isin(dq, dk).any()) for dq, dk in zip(doc_q_BQ, doc_k_BN, strict=True))
+    shared = torch.stack([torch.isin(dq, dk).any() for dq, dk in zip(doc_q_BQ, doc_k_BN, strict=True)])
+    return bool(shared.any())  # one host sync per pair
 
 
 def pair_attention_naive(q_BHQD, k_BKND, v_BKND, scale: float, causal: bool, doc_q_BQ=None, doc_k_BN=None):
