@@ -10,35 +10,19 @@ and time proportional to (band + far) x S.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from longshard.kernels.block_sparse.pattern import BandFarSpec
+
+__all__ = ["BandFarSpec", "band_far_attention", "require_no_full_heads"]
 
 
-@dataclass
-class BandFarSpec:
-    """Which keys a query may read: band + far blocks, then token-level window/sink rules.
-
-    A query at position q (block i) of head h reads key position k (block j) iff ``k <= q`` and
-    same document and either ``i - j < band_blocks`` (band; with ``window_H[h] > 0`` further
-    restricted to ``q - k < window_H[h] or k < sink_H[h]``) or ``j`` is in ``far_HF[h]`` with
-    ``j <= i - band_blocks`` (far; with ``far_token_limit_H[h] > 0`` only ``k < far_token_limit_H[h]``).
-
-    Args:
-        block: block size in tokens.
-        band_blocks: L, most recent blocks (the query's own included).
-        far_HF: (H, F) long ascending far key-block ids per query head, -1 = padding; None = none.
-        window_H, sink_H: (H,) token window / sink inside the band (0 = no restriction).
-        far_token_limit_H: (H,) far keys must lie before this position (0 = no limit).
-    """
-
-    block: int
-    band_blocks: int
-    far_HF: torch.Tensor | None = None
-    window_H: torch.Tensor | None = None
-    sink_H: torch.Tensor | None = None
-    far_token_limit_H: torch.Tensor | None = None
+def require_no_full_heads(spec: BandFarSpec) -> None:
+    """The band kernels run band + far heads only: heads with full attention go to a dense kernel."""
+    if spec.has_full_heads():
+        raise ValueError("the spec has full-attention heads (full_H): run them densely and pass the band "
+                         "kernels spec.select_heads(~spec.full_H) (as BlockSparseAttention.banded_forward does)")
 
 
 def band_far_attention(
@@ -50,6 +34,7 @@ def band_far_attention(
     scale: float | None = None,
 ) -> torch.Tensor:
     """Band + far block-sparse causal attention (Sq == Sk)."""
+    require_no_full_heads(spec)
     B, H, S, D = q_BHSD.shape
     Hkv = k_BHSD.shape[1]
     G, blk, L = H // Hkv, spec.block, spec.band_blocks

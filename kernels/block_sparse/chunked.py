@@ -24,8 +24,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from longshard.kernels.attention.fused_cpu import additive_mask, fused_cpu_ops, merge_partials
-from longshard.kernels.block_sparse.banded import BandFarSpec
-from longshard.kernels.block_sparse.pattern import kept_first
+from longshard.kernels.block_sparse.banded import require_no_full_heads
+from longshard.kernels.block_sparse.pattern import BandFarSpec, kept_first
 
 
 @dataclass
@@ -197,6 +197,7 @@ def band_far_attention_chunked(
         fused: run the chunks through the fused CPU kernel directly (None = when on CPU and
             available; False = one ``F.scaled_dot_product_attention`` call per chunk).
     """
+    require_no_full_heads(spec)
     B, H, S, D = q_BHSD.shape
     scale = 1.0 / math.sqrt(D) if scale is None else scale
     plan = _Plan(S, H, spec, doc_ids_BS, q_BHSD.device, chunk_blocks)

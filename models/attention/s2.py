@@ -24,8 +24,7 @@ from dataclasses import dataclass
 
 import torch
 from longshard.errors import ConfigError, require, require_positive
-from longshard.kernels.block_sparse import SparsePattern
-from longshard.kernels.block_sparse.banded import BandFarSpec
+from longshard.kernels.block_sparse.pattern import BandFarSpec
 from longshard.models.attention.dense import DenseAttention, DenseOptions
 from longshard.models.attention.registry import AttentionContext, AttentionOptions, CoreAttention, register_attention
 from longshard.models.attention.sparse_base import BlockSparseAttention, check_path
@@ -108,15 +107,22 @@ def s2_head_phases(n_kv_heads: int, opts: S2Options, n_query_heads: int | None =
     return [s2_phase(h, n_q, opts) for h in range(n_q)]
 
 
-def s2_kept_blocks(n_blocks: int, n_kv_heads: int, opts: S2Options, n_query_heads: int | None = None) -> torch.Tensor:
-    """(H, n_blocks, n_blocks) bool: key blocks each query head's query block keeps (causal); H is
+def s2_band_spec(n_blocks: int, n_kv_heads: int, opts: S2Options, n_query_heads: int | None = None) -> BandFarSpec:
+    """The S2 pattern, the one description of it: a band of ``local_blocks`` blocks, and per query
+    head the far blocks of its phase (``j % vert_stride == phase``) plus the sink blocks; H is
     ``n_query_heads`` (default ``n_kv_heads``)."""
-    i = torch.arange(n_blocks)[:, None]
-    j = torch.arange(n_blocks)[None, :]
-    causal = j <= i
-    base = (i - j < opts.local_blocks) | (j < opts.sink_blocks)
-    return torch.stack([causal & (base | ((j % opts.vert_stride) == r))
-                        for r in s2_head_phases(n_kv_heads, opts, n_query_heads)])
+    j = torch.arange(n_blocks)
+    far = [j[((j % opts.vert_stride) == r) | (j < opts.sink_blocks)]
+           for r in s2_head_phases(n_kv_heads, opts, n_query_heads)]
+    width = max(len(f) for f in far)
+    far_HF = torch.stack([torch.cat([f, f.new_full((width - len(f),), -1)]) for f in far])
+    return BandFarSpec(opts.block, opts.local_blocks, far_HF)
+
+
+def s2_kept_blocks(n_blocks: int, n_kv_heads: int, opts: S2Options, n_query_heads: int | None = None) -> torch.Tensor:
+    """(H, n_blocks, n_blocks) bool: key blocks each query head's query block keeps (causal), from
+    :func:`s2_band_spec`."""
+    return s2_band_spec(n_blocks, n_kv_heads, opts, n_query_heads).block_mask(n_blocks)
 
 
 def s2_uncovered_residues(n_kv_heads: int, opts: S2Options, n_query_heads: int | None = None) -> list[int]:
@@ -170,16 +176,7 @@ class S2Attention(BlockSparseAttention):
         return 1.0 if self.dense is not None else super().kept_fraction(seq_len)
 
     def band_spec(self, n_blocks: int) -> BandFarSpec:
-        o = self.opts
-        j = torch.arange(n_blocks)
-        far = [j[((j % o.vert_stride) == r) | (j < o.sink_blocks)]
-               for r in s2_head_phases(self.ctx.n_kv_heads, o, self.ctx.n_heads)]
-        width = max(len(f) for f in far)
-        far_HF = torch.stack([torch.cat([f, f.new_full((width - len(f),), -1)]) for f in far])
-        return BandFarSpec(self.block, o.local_blocks, far_HF)
-
-    def build_pattern(self, n_blocks: int) -> SparsePattern:
-        return SparsePattern(self.block, s2_kept_blocks(n_blocks, self.ctx.n_kv_heads, self.opts, self.ctx.n_heads))
+        return s2_band_spec(n_blocks, self.ctx.n_kv_heads, self.opts, self.ctx.n_heads)
 
     def forward(self, q_BHSD, k_BHSD, v_BHSD, batch):
         if self.dense is not None:

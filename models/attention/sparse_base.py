@@ -33,15 +33,11 @@ def check_path(path: str) -> None:
             f"use one of: {', '.join(SPARSE_PATHS)}.")
 
 
-def slice_band_spec(spec: BandFarSpec, start: int, stop: int) -> BandFarSpec:
-    """The band + far spec of query heads [start, stop)."""
-    cut = lambda t: None if t is None else t[start:stop]
-    return BandFarSpec(spec.block, spec.band_blocks, cut(spec.far_HF), cut(spec.window_H), cut(spec.sink_H),
-                       cut(spec.far_token_limit_H))
-
-
 class BlockSparseAttention(CoreAttention):
-    """Base of block-sparse variants: subclasses implement :meth:`build_pattern`.
+    """Base of block-sparse variants: subclasses describe their pattern once, in :meth:`band_spec`
+    (band + far blocks, token windows/sinks, full heads); every path derives what it needs from it.
+    A pattern with no band form overrides :meth:`build_pattern` instead (then only the
+    non-band paths run).
 
     Paths: ``naive`` (full masked score matrix, the reference), ``gather`` (kept K/V blocks only,
     any pattern), ``banded`` (band + far blocks as block matmuls, for variants that define
@@ -62,11 +58,13 @@ class BlockSparseAttention(CoreAttention):
                 "change block or use path auto/gather.")
         self.block, self.path = block, path
         self._cache: dict[tuple[int, str], SparsePattern] = {}
+        self._decode_pat: tuple[tuple[int, str], SparsePattern] | None = None
         self.head_slice: tuple[int, int] | None = None
 
     def set_head_slice(self, start: int, stop: int) -> None:
         self.head_slice = (start, stop)
         self._cache.clear()
+        self._decode_pat = None
 
     def attention_flops_per_token(self, seq_len: int) -> float:
         """Dense causal FLOPs times the kept share of causal (query block, key block) pairs."""
@@ -76,21 +74,31 @@ class BlockSparseAttention(CoreAttention):
         """Kept share of causal (query block, key block) pairs of the pattern at ``seq_len``."""
         return self.pattern(math.ceil(seq_len / self.block), torch.device("cpu")).kept_fraction()
 
-    def build_pattern(self, n_blocks: int) -> SparsePattern:  # pragma: no cover - interface
-        raise NotImplementedError
-
     def band_spec(self, n_blocks: int) -> BandFarSpec | None:
-        """The pattern as band + far blocks, when it has that shape (None = use gather)."""
+        """The layer's pattern over ``n_blocks`` blocks as band + far blocks, all of its query heads
+        (None: no band form; then :meth:`build_pattern` is overridden)."""
         return None
+
+    def local_band_spec(self, n_blocks: int) -> BandFarSpec | None:
+        """:meth:`band_spec` restricted to the heads this module runs (:meth:`set_head_slice`)."""
+        spec = self.band_spec(n_blocks)
+        return spec if spec is None or self.head_slice is None else spec.head_slice(*self.head_slice)
+
+    def build_pattern(self, n_blocks: int) -> SparsePattern:
+        """The :class:`SparsePattern` of this module's heads, derived from :meth:`band_spec`.
+
+        Override only for a pattern with no band form; the override must honour ``head_slice``.
+        """
+        spec = self.local_band_spec(n_blocks)
+        if spec is None:
+            raise NotImplementedError(f"{type(self).__name__} defines neither band_spec nor build_pattern")
+        return spec.to_pattern(n_blocks)
 
     def pattern(self, n_blocks: int, device: torch.device) -> SparsePattern:
         """The (cached) pattern over ``n_blocks`` blocks on ``device``."""
         key = (n_blocks, str(device))
         if key not in self._cache:
-            pat = self.build_pattern(n_blocks)
-            if self.head_slice is not None:
-                pat = pat.head_slice(*self.head_slice)
-            self._cache[key] = pat.to(device)
+            self._cache[key] = self.build_pattern(n_blocks).to(device)
         return self._cache[key]
 
     def resolve_path(self, q_BHSD: torch.Tensor, k_len: int) -> str:
@@ -124,24 +132,40 @@ class BlockSparseAttention(CoreAttention):
         self, q_BHSD: torch.Tensor, k_BHSD: torch.Tensor, v_BHSD: torch.Tensor, batch: AttentionBatch,
         fn=band_far_attention,
     ) -> torch.Tensor:
-        """The band + far form through ``fn`` (:func:`band_far_attention` or the chunked SDPA form)."""
-        spec = self.band_spec(math.ceil(k_BHSD.shape[2] / self.block))
-        if spec is not None and self.head_slice is not None:
-            spec = slice_band_spec(spec, *self.head_slice)
+        """The band + far form through ``fn`` (:func:`band_far_attention` or the chunked form); heads
+        with full attention (``full_H``) run through :meth:`full_heads_forward`."""
+        spec = self.local_band_spec(math.ceil(k_BHSD.shape[2] / self.block))
         if spec is None:
             raise ValueError(f"{type(self).__name__} has no band + far form: use path gather")
-        return fn(q_BHSD, k_BHSD, v_BHSD, spec, batch.doc_ids_BS)
+        if not spec.has_full_heads():
+            return fn(q_BHSD, k_BHSD, v_BHSD, spec, batch.doc_ids_BS)
+        H, Hkv = q_BHSD.shape[1], k_BHSD.shape[1]
+        full_q = spec.full_H.cpu()
+        full_kv = full_q[:: H // Hkv]
+        if not bool((full_q.view(Hkv, -1) == full_kv[:, None]).all()):
+            raise ValueError("full-attention heads must be whole GQA groups")
+        band_q, dev = ~full_q, q_BHSD.device
+        parts = [self.full_heads_forward(q_BHSD[:, full_q.to(dev)], k_BHSD[:, full_kv.to(dev)],
+                                         v_BHSD[:, full_kv.to(dev)], batch)]
+        if band_q.any():
+            parts.append(fn(q_BHSD[:, band_q.to(dev)], k_BHSD[:, ~full_kv.to(dev)], v_BHSD[:, ~full_kv.to(dev)],
+                            spec.select_heads(band_q), batch.doc_ids_BS))
+        order = torch.cat([torch.nonzero(full_q).flatten(), torch.nonzero(band_q).flatten()])
+        return torch.cat(parts, dim=1)[:, torch.argsort(order).to(dev)]
+
+    def full_heads_forward(
+        self, q_BHSD: torch.Tensor, k_BHSD: torch.Tensor, v_BHSD: torch.Tensor, batch: AttentionBatch
+    ) -> torch.Tensor:
+        """Dense causal attention of the spec's full heads (variants whose spec has ``full_H``)."""
+        raise NotImplementedError(f"{type(self).__name__} declares full heads but no dense core for them")
 
     # --- offloaded decoding (see longshard.models.offload) ------------------------------------
     def _decode_pattern(self, k_len: int, device: torch.device) -> SparsePattern:
         """The pattern covering ``k_len`` keys, rebuilt only when the block count changes."""
         n_all = math.ceil(k_len / self.block)
-        held = getattr(self, "_decode_pat", None)
+        held = self._decode_pat
         if held is None or held[0] != (n_all, str(device)):
-            pat = self.build_pattern(n_all)
-            if self.head_slice is not None:
-                pat = pat.head_slice(*self.head_slice)
-            self._decode_pat = ((n_all, str(device)), pat.to(device))
+            self._decode_pat = ((n_all, str(device)), self.build_pattern(n_all).to(device))
         return self._decode_pat[1]
 
     @torch.no_grad()

@@ -14,9 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 from longshard.errors import require, require_positive
-from longshard.kernels.block_sparse import SparsePattern
-from longshard.kernels.block_sparse.banded import BandFarSpec, band_far_attention
-from longshard.kernels.block_sparse.pattern import sink_window_pattern
+from longshard.kernels.block_sparse.pattern import BandFarSpec, sink_window_spec
 from longshard.models.attention.dense import DenseAttention, DenseOptions
 from longshard.models.attention.registry import (
     AttentionBatch,
@@ -99,11 +97,14 @@ class StreamingAttention(BlockSparseAttention):
     def kept_fraction(self, seq_len: int) -> float:
         return 1.0 if self.alpha is not None else super().kept_fraction(seq_len)  # gates: a full branch too
 
-    def build_pattern(self, n_blocks: int) -> SparsePattern:
-        streaming = self.streaming_H.cpu()
-        if self.alpha is not None:  # identification mode: the streaming branch of every head
-            streaming = torch.ones_like(streaming)
-        return sink_window_pattern(n_blocks, self.block, self.ctx.n_heads, streaming, self.opts.sink, self.opts.window)
+    def band_spec(self, n_blocks: int) -> BandFarSpec:
+        """Sink + window on the streaming heads; retrieval heads are full heads (run dense). With
+        learned gates: the streaming branch of every head."""
+        streaming = self.streaming_H if self.alpha is None else torch.ones_like(self.streaming_H)
+        return sink_window_spec(self.block, streaming, self.opts.sink, self.opts.window)
+
+    def full_heads_forward(self, q_BHSD, k_BHSD, v_BHSD, batch: AttentionBatch):
+        return self.full(q_BHSD, k_BHSD, v_BHSD, batch)
 
     def forward(self, q_BHSD, k_BHSD, v_BHSD, batch: AttentionBatch):
         streamed = super().forward(q_BHSD, k_BHSD, v_BHSD, batch)
@@ -117,32 +118,6 @@ class StreamingAttention(BlockSparseAttention):
         hs = self.head_slice or (0, self.ctx.n_heads)
         a = alpha.repeat_interleave(self.ctx.n_heads // self.ctx.n_kv_heads)[hs[0] : hs[1], None, None]
         return a * full + (1 - a) * streamed
-
-    def _local_streaming(self) -> torch.Tensor:
-        hs = self.head_slice or (0, self.ctx.n_heads)
-        return self.streaming_H[hs[0] : hs[1]]
-
-    def band_spec(self, n_blocks: int) -> BandFarSpec:
-        """Sink + window for the streaming heads (retrieval heads run dense, see banded_forward)."""
-        n_stream = self.ctx.n_heads if self.alpha is not None else int(self.streaming_H.sum())
-        return sink_window_band_spec(self.block, n_stream, self.opts.sink, self.opts.window)
-
-    def banded_forward(self, q_BHSD, k_BHSD, v_BHSD, batch: AttentionBatch, fn=band_far_attention):
-        stream_q = self._local_streaming() if self.alpha is None else torch.ones(q_BHSD.shape[1], dtype=torch.bool)
-        spec = sink_window_band_spec(self.block, int(stream_q.sum()), self.opts.sink, self.opts.window)
-        if bool(stream_q.all()):
-            return fn(q_BHSD, k_BHSD, v_BHSD, spec, batch.doc_ids_BS)
-        group = q_BHSD.shape[1] // k_BHSD.shape[1]
-        stream_kv = stream_q[::group]
-        parts = {}
-        if stream_q.any():
-            parts[True] = fn(q_BHSD[:, stream_q], k_BHSD[:, stream_kv], v_BHSD[:, stream_kv], spec,
-                             batch.doc_ids_BS)
-        parts[False] = self.full(q_BHSD[:, ~stream_q], k_BHSD[:, ~stream_kv], v_BHSD[:, ~stream_kv], batch)
-        order = torch.cat([torch.nonzero(~stream_q).flatten(), torch.nonzero(stream_q).flatten()])
-        merged = torch.cat([parts[False], *([parts[True]] if True in parts else [])], dim=1)
-        return merged[:, torch.argsort(order)]
-
 
 
 @dataclass(kw_only=True)
@@ -186,19 +161,8 @@ class SlidingWindowAttention(BlockSparseAttention):
         self.opts = opts
 
     def band_spec(self, n_blocks: int) -> BandFarSpec:
-        return sink_window_band_spec(self.block, self.ctx.n_heads, self.opts.sink, self.opts.window)
-
-    def build_pattern(self, n_blocks: int) -> SparsePattern:
         every = torch.ones(self.ctx.n_heads, dtype=torch.bool)
-        return sink_window_pattern(n_blocks, self.block, self.ctx.n_heads, every, self.opts.sink, self.opts.window)
-
-
-def sink_window_band_spec(block: int, n_heads: int, sink: int, window: int) -> BandFarSpec:
-    """Band + far form of sink + window attention on ``n_heads`` heads."""
-    n_sink_blocks = -(-sink // block)
-    far = torch.arange(n_sink_blocks)[None].expand(n_heads, -1)
-    full = lambda v: torch.full((n_heads,), v, dtype=torch.long)
-    return BandFarSpec(block, (window - 1) // block + 2, far, full(window), full(sink), full(sink))
+        return sink_window_spec(self.block, every, self.opts.sink, self.opts.window)
 
 
 def retrieval_assignment(model: nn.Module, threshold: float = 0.5) -> dict[int, list[int]]:

@@ -26,7 +26,8 @@ def main() -> int:
     cases = [((4, 2), [{"name": "dense"}]), ((4, 1), [{"name": "dense"}]),
              # each Ulysses rank keeps its heads' own sparse pattern / decay inside the ring
              ((4, 2), [S2, WINDOW]),
-             ((4, 1), [{"name": "s2", "options": {**S2["options"], "allow_incomplete_coverage": True}}]), ((4, 2), [LINEAR, {"name": "dense"}])]
+             ((4, 1), [{"name": "s2", "options": {**S2["options"], "allow_incomplete_coverage": True}}]),
+             ((4, 2), [LINEAR, {"name": "dense"}])]
     for (n_heads, n_kv), attn in cases:
         for packed in (False, True):
             torch.manual_seed(0)

@@ -46,7 +46,7 @@ def _compare(ref, par, tokens, labels, doc, sh, index, mesh, SP: int, name: str,
 
 def main() -> int:
     dist.init_process_group("gloo")
-    W, r = dist.get_world_size(), dist.get_rank()
+    W = dist.get_world_size()
     TP, SP = 2, W // 2
     mesh = init_device_mesh("cpu", (SP, TP), mesh_dim_names=("sp", "tp"))
     s = mesh["sp"].get_local_rank()
