@@ -556,7 +556,7 @@ def test_worker_exit_keeps_code_and_flushes_logs(world):
 
 def test_parameters_finite_sees_one_bad_value():
     import torch
-    from longshard.train.trainer import parameters_finite
+    from longshard.train.loop import parameters_finite
 
     model = torch.nn.Linear(4, 3)
     assert parameters_finite(model, torch.device("cpu"))

@@ -1,12 +1,13 @@
-"""The training loop: one function, :func:`train`, run on every rank (torchrun or plain python)."""
+"""Training: :func:`train`, run on every rank (torchrun or plain python), builds the run and hands it to
+:class:`~longshard.train.loop.TrainLoop`."""
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,6 @@ from longshard.parallel import (
     init_distributed,
     mesh_shape,
     parallelize,
-    unwrap,
 )
 from longshard.parallel.data_parallel import reshard
 from longshard.parallel.deepspeed_engine import deepspeed_config, import_deepspeed
@@ -55,16 +55,15 @@ from longshard.train.data import (
 )
 from longshard.train.data.synthetic import passkey_sample
 from longshard.train.engine import DeepSpeedTrainEngine, NativeEngine
-from longshard.train.evaluate import evaluate, forward_loss, heldout_loss
+from longshard.train.evaluate import evaluate, heldout_loss
 from longshard.train.faults import (
     CollectiveError,
     PreemptionWatch,
-    collective_failure,
-    is_collective_error,
     maybe_inject_fault,
 )
 from longshard.train.fingerprint import fingerprint
-from longshard.train.metrics import MetricsLogger, flops_per_token, peak_memory_bytes, peak_tflops
+from longshard.train.loop import NonFiniteLossError, StepInputs, TrainLoop, TrainState
+from longshard.train.metrics import MetricsLogger, flops_per_token, peak_tflops
 from longshard.train.run_lock import RunLock, check_writable
 from longshard.train.schedule import build_scheduler
 
@@ -86,22 +85,9 @@ def apply_optim_settings(optimizer: torch.optim.Optimizer, scheduler, cfg: Confi
     scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
 
 
-def parameters_finite(model: torch.nn.Module, device: torch.device) -> bool:
-    """Whether every parameter is finite on every rank (local shards checked, verdicts all-reduced)."""
-    from torch.distributed.tensor import DTensor
-
-    ok = all(bool(torch.isfinite(p.to_local() if isinstance(p, DTensor) else p).all())
-             for p in model.parameters())
-    return all_agree(ok, device)
-
-
 def compute_dtype(cfg: Config) -> torch.dtype | None:
     """The autocast dtype of ``train.dtype`` (None: fp32 throughout)."""
     return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.dtype)
-
-
-class NonFiniteLossError(RuntimeError):
-    """The loss became NaN/Inf (with ``train.nan_policy=stop``, or too many skipped steps)."""
 
 
 def resolve_model_config(cfg: Config) -> ModelConfig:
@@ -451,193 +437,57 @@ def _train_locked(cfg: Config, env, t0: float, use_ds: bool, dp_size: int, grad_
     passkey_lengths = list(cfg.eval.passkey_lengths) or [cfg.train.seq_len, 2 * cfg.train.seq_len]
     check_passkey_lengths(tokenizer, passkey_lengths if cfg.eval.passkey_samples else [])
     run = build_training(cfg, env, mcfg, use_ds, grad_accum, val_ds)
-    model, dmodel, sp, engine, comm = run.model, run.dmodel, run.sp, run.engine, run.comm
-    scheduler, mesh = engine.scheduler, run.mesh
-    conversion, kept_fraction, fpt = run.conversion, run.kept_fraction, run.flops_per_token
-    tp_size = cfg.parallel.tp_degree
     loader = DistributedLoader(
         train_ds, micro_batch_size=cfg.train.micro_batch_size, grad_accum=grad_accum,
-        dp_rank=mesh["dp"].get_local_rank(), dp_size=dp_size, seed=cfg.train.seed, shuffle=cfg.data.shuffle,
+        dp_rank=run.mesh["dp"].get_local_rank(), dp_size=dp_size, seed=cfg.train.seed, shuffle=cfg.data.shuffle,
     )
     run_print = fingerprint(cfg, mcfg, Path(cfg.data.path) if cfg.data.source == "prepared" and cfg.data.path else None)
     ckpt = Checkpointer(cfg.checkpoint.dir, cfg.checkpoint.keep_last, env.rank, resolved_yaml, run_print,
                         cfg.checkpoint.allow_changes)
-    resume_from, start_step, history = resume_training(cfg, engine, ckpt, loader)
+    resume_from, start_step, history = resume_training(cfg, run.engine, ckpt, loader)
 
-    autocast = compute_dtype(cfg)
-    peak = peak_tflops(env.device, cfg.train.peak_tflops)
     metrics = MetricsLogger(
         out_dir, enabled=env.is_main, total_steps=cfg.train.steps, start_step=start_step,
         wandb_mode=cfg.logging.wandb, project=cfg.logging.project, run_name=cfg.logging.run_name or cfg.name,
         group=cfg.name, config=cfg.to_dict(), progress=cfg.logging.progress,
     )
-    tokens_per_step = cfg.train.global_batch_size * cfg.train.seq_len
-    skipped_in_row = 0
+    autocast = compute_dtype(cfg)
+    run_eval = partial(
+        evaluate, run.dmodel, val_dataset=val_ds, tokenizer=tokenizer, seq_len=cfg.train.seq_len,
+        val_batches=cfg.eval.val_batches, batch_size=cfg.train.micro_batch_size,
+        passkey_lengths=passkey_lengths, passkey_samples=cfg.eval.passkey_samples,
+        device=env.device, autocast_dtype=autocast, doc_mask=cfg.data.doc_mask, sp=run.sp,
+        ppl_lengths=list(cfg.eval.ppl_lengths), windows_for_length=windows_for_length(cfg),
+        ppl_windows=cfg.eval.ppl_windows, mqar_samples=cfg.eval.mqar_samples,
+        mqar_num_kv_pairs=cfg.eval.mqar_num_kv_pairs,
+    )
+    inputs = StepInputs(autocast, cfg.train.global_batch_size * cfg.train.seq_len, run.flops_per_token,
+                        peak_tflops(env.device, cfg.train.peak_tflops), run.kept_fraction)
+    state = TrainState(start_step, history, resume_from)
+    TrainLoop(cfg, env, run, loader, ckpt, metrics, state, inputs, run_eval).fit(watch, lock)
+
     eval_results: dict[str, Any] = {}
-    last_ckpt = resume_from
-
-    def run_eval() -> dict[str, Any]:
-        return evaluate(
-            dmodel, val_dataset=val_ds, tokenizer=tokenizer, seq_len=cfg.train.seq_len,
-            val_batches=cfg.eval.val_batches, batch_size=cfg.train.micro_batch_size,
-            passkey_lengths=passkey_lengths, passkey_samples=cfg.eval.passkey_samples,
-            device=env.device, autocast_dtype=autocast, doc_mask=cfg.data.doc_mask, sp=sp,
-            ppl_lengths=list(cfg.eval.ppl_lengths), windows_for_length=windows_for_length(cfg),
-            ppl_windows=cfg.eval.ppl_windows, mqar_samples=cfg.eval.mqar_samples,
-            mqar_num_kv_pairs=cfg.eval.mqar_num_kv_pairs,
-        )
-
-    def save(step: int) -> Path:
-        if not parameters_finite(dmodel, env.device):  # never checkpoint poisoned weights
-            metrics.close()
-            raise NonFiniteLossError(
-                f"parameters are not finite at step {step}: checkpoint not written (the last complete one, "
-                f"{last_ckpt or 'none'}, is intact). Lower optim.lr or enable train.grad_clip.")
-        state = {"loader": loader.state_dict(), "losses": history, "world_size": env.world_size}
-        return engine.save(ckpt, step, state)
-
-    def skip_update(step: int, what: str, overflow: bool = False) -> tuple[None, None]:
-        """Leave the weights untouched for this step (``nan_policy=skip``) or stop (``stop``, or too many
-        skips in a row): the update of a non-finite loss or gradient never reaches the parameters.
-        An fp16 overflow (``overflow``) skips whatever the policy; only too many in a row stop."""
-        nonlocal skipped_in_row
-        skipped_in_row += 1
-        if (cfg.train.nan_policy == "stop" and not overflow) or skipped_in_row > cfg.train.max_skipped_steps:
-            metrics.close()
-            raise NonFiniteLossError(
-                f"{what} at step {step} (rank {env.rank}); nan_policy={cfg.train.nan_policy}"
-                + (f", {skipped_in_row} steps in a row" if cfg.train.nan_policy == "skip" else "")
-                + ". The weights were not updated. Lower optim.lr, enable train.grad_clip, or use "
-                "train.dtype=fp32 to investigate.")
-        log.warning("%s at step %d: skipping the update (%d in a row)", what, step, skipped_in_row)
-        engine.skip()
-        scheduler.step()
-        return None, None
-
-    def train_step(step: int) -> tuple[dict[str, Any] | None, Path | None]:
-        """One optimizer step; returns its metrics (None when the update was skipped) and its checkpoint."""
-        nonlocal skipped_in_row
-        step_t0 = time.time()
-        try:
-            micro, bad_data = loader.next_step(), None
-        except ConfigError as e:  # damaged tokens in this rank's windows: every rank stops (below), none hangs
-            micro, bad_data = [], e
-        if sp is not None:  # every rank of a sequence group got the same samples: keep its shard
-            micro = [sp.shard(b["tokens"], b["labels"], b["doc_ids"] if cfg.data.doc_mask else None) for b in micro]
-        n_local = sum(int((b["labels"] != -100).sum()) for b in micro)
-        counts = torch.tensor([float(n_local), float(bad_data is not None)], device=env.device)
-        dist.all_reduce(counts)  # the token count, and whether any rank's batch could not be read
-        if counts[1] > 0:
-            metrics.close()
-            raise bad_data or ConfigError("data.path", f"another rank could not read its batch of step {step} "
-                                          "(damaged data; see that rank's log).",
-                                          "re-run longshard data prepare for that corpus.")
-        n_global = max(float(counts[0]), 1.0)
-        loss_sum = torch.zeros((), device=env.device)
-        aux_sum = 0.0
-        for i, b in enumerate(micro):
-            last = i == len(micro) - 1
-            with engine.accumulating(last):
-                ce = forward_loss(dmodel, b, env.device, autocast, cfg.data.doc_mask).loss_sum
-                # Gradient of the global token-mean loss: data parallel averages over ranks, so scale back up.
-                objective = ce * (env.world_size / n_global)
-                aux = unwrap(dmodel).aux_loss()
-                if aux is not None:  # parameter penalties: same on every rank, once per optimizer step
-                    objective = objective + aux / len(micro)
-                    aux_sum += float(aux.detach()) / len(micro)
-                engine.backward(objective, last)
-            loss_sum += ce.detach()
-        dist.all_reduce(loss_sum)
-        loss = float(loss_sum) / n_global
-        if not math.isfinite(loss):
-            return skip_update(step, f"loss is {loss}")
-        lr = scheduler.get_last_lr()[0]
-        outcome = engine.step()
-        grad_norm = outcome.grad_norm
-        if outcome.overflow:  # fp16 loss scaling: a skipped update and a lower scale, not a divergence
-            return skip_update(step, f"fp16 gradients overflowed (loss scale now {engine.loss_scale():g})",
-                               overflow=True)
-        if not outcome.applied:  # a finite loss can still give an inf/NaN gradient
-            return skip_update(step, f"gradient norm is {grad_norm} (loss {loss:.4g})")
-        skipped_in_row = 0
-        scheduler.step()
-        history.append(loss)
-        dt = max(time.time() - step_t0, 1e-9)
-        tps = tokens_per_step / dt
-        rec: dict[str, Any] = {
-            "loss": loss, "aux_loss": aux_sum, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tps,
-            "tflops_per_device": fpt * tps / env.world_size / 1e12,
-            "mfu": (fpt * tps / env.world_size / 1e12 / peak) if peak else None,
-            "peak_mem_gb": peak_memory_bytes(env.device) / 1e9, "step_time_s": dt,
-            "tokens_seen": step * tokens_per_step, "attn_kept_fraction": kept_fraction,
-            "offloaded_act_gb": model.activation_offload.offloaded_bytes / 1e9 if model.activation_offload else 0.0,
-            **{f"comm/{k}": v for k, v in comm.reset().items()},
-        }
-        if engine.loss_scale() is not None:  # fp16: the dynamic loss scale after this step
-            rec["loss_scale"] = engine.loss_scale()
-        if cfg.eval.every and step % cfg.eval.every == 0 and step != cfg.train.steps:
-            rec.update(run_eval())
-        if step % cfg.train.log_every == 0 or step == cfg.train.steps:
-            metrics.log(step, rec)
-        saved = save(step) if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 else None
-        return rec, saved
-
-    def guarded(fn, step: int, phase: str):
-        """Run ``fn``; a backend failure becomes a CollectiveError naming rank, step and phase."""
-        try:
-            return fn()
-        except Exception as e:
-            if is_collective_error(e):
-                metrics.close()
-                raise collective_failure(e, env.rank, step, phase, cfg.parallel.collective_timeout_s) from e
-            raise
-
-    preempted_at = None
-    first = start_step + 1
-    if guarded(lambda: watch.agreed(env.device), first, "pre-emption check"):  # signalled during start-up
-        preempted_at, first = start_step, cfg.train.steps + 1
-        log.warning("pre-empted (%s) during start-up, before step %d: stopped without training; nothing new to "
-                    "save (resume with checkpoint.resume=auto)", watch.signal_name or "signal on another rank",
-                    start_step + 1)
-    dmodel.train()
-    for step in range(first, cfg.train.steps + 1):
-        maybe_inject_fault(step, env.rank)
-        lock.heartbeat()
-        rec, saved = guarded(lambda s=step: train_step(s), step, "training step")
-        last_ckpt = saved or last_ckpt
-        if rec is not None and guarded(lambda: watch.agreed(env.device), step, "pre-emption check"):
-            if saved is None:
-                last_ckpt = save(step)
-            preempted_at = step
-            log.warning("pre-empted (%s): wrote the checkpoint of step %d and stopped; resume with "
-                        "checkpoint.resume=auto", watch.signal_name or "signal on another rank", step)
-            break
-    watch.restore()
-
-    if preempted_at is None and cfg.checkpoint.save_final and (
-            last_ckpt is None or not str(last_ckpt).endswith(f"{cfg.train.steps:08d}")):
-        last_ckpt = save(cfg.train.steps)
-    if cfg.eval.at_end and preempted_at is None:
+    if cfg.eval.at_end and state.preempted_at is None:
         eval_results = run_eval()
         metrics.log(cfg.train.steps, eval_results)
     report = {
         "name": cfg.name,
         "steps": cfg.train.steps,
         "resumed_from_step": start_step,
-        "preempted_at_step": preempted_at,
-        "losses": history,
-        "final_loss": history[-1] if history else None,
-        "conversion": conversion,
+        "preempted_at_step": state.preempted_at,
+        "losses": state.history,
+        "final_loss": state.history[-1] if state.history else None,
+        "conversion": run.conversion,
         **eval_results,
         "world_size": env.world_size,
         "seq_len": cfg.train.seq_len,
         "data_source": cfg.data.source,
         "dp_mode": cfg.parallel.dp_mode,
         "sp_degree": sp_size,
-        "tp_degree": tp_size,
+        "tp_degree": cfg.parallel.tp_degree,
         "device": str(env.device),
         "wall_s": time.time() - t0,
-        "checkpoint": str(last_ckpt) if last_ckpt else None,
+        "checkpoint": str(state.last_ckpt) if state.last_ckpt else None,
         "metrics_file": str(metrics.path),
         "wandb_dir": metrics.wandb_dir,
     }

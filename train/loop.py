@@ -1,0 +1,270 @@
+"""The optimizer-step loop over a built run: :class:`TrainState` (what changes) and :class:`TrainLoop`.
+
+:func:`longshard.train.trainer.train` builds the run (model, parallel form, engine, data, checkpoints,
+metrics) and hands it here; the loop reads batches, accumulates gradients, steps the engine (which
+hides DDP / FSDP2 / DeepSpeed), skips non-finite updates, logs, evaluates, checkpoints and stops on
+pre-emption. Every rank runs the same loop and the same collectives in the same order.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.distributed as dist
+from longshard.errors import ConfigError
+from longshard.parallel import unwrap
+from longshard.parallel.env import all_agree
+from longshard.train.checkpoint import Checkpointer
+from longshard.train.config import Config
+from longshard.train.data import DistributedLoader
+from longshard.train.evaluate import forward_loss
+from longshard.train.faults import (
+    PreemptionWatch,
+    collective_failure,
+    is_collective_error,
+    maybe_inject_fault,
+)
+from longshard.train.metrics import MetricsLogger, peak_memory_bytes
+from longshard.train.run_lock import RunLock
+
+if TYPE_CHECKING:  # the loop runs what the trainer builds
+    from longshard.parallel import DistEnv
+    from longshard.train.trainer import TrainingRun
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN/Inf (with ``train.nan_policy=stop``, or too many skipped steps)."""
+
+
+def parameters_finite(model: torch.nn.Module, device: torch.device) -> bool:
+    """Whether every parameter is finite on every rank (local shards checked, verdicts all-reduced)."""
+    from torch.distributed.tensor import DTensor
+
+    ok = all(bool(torch.isfinite(p.to_local() if isinstance(p, DTensor) else p).all())
+             for p in model.parameters())
+    return all_agree(ok, device)
+
+
+@dataclass
+class TrainState:
+    """What changes while the loop runs; the checkpoint's extra state and the report come from it.
+
+    Args:
+        start_step: the step the run resumed at (0 = a fresh run).
+        history: the loss of every applied step so far (a resumed run's earlier ones first).
+        last_ckpt: the newest checkpoint written or resumed from, or None.
+        skipped_in_row: updates skipped in a row (non-finite loss or gradient, fp16 overflow).
+        preempted_at: the step a pre-emption stopped the run after, or None.
+    """
+
+    start_step: int
+    history: list[float]
+    last_ckpt: Path | None
+    skipped_in_row: int = 0
+    preempted_at: int | None = None
+
+
+@dataclass
+class StepInputs:
+    """The constants a step's metrics are computed from.
+
+    Args:
+        autocast: the compute dtype (None = fp32).
+        tokens_per_step: global batch x sequence length.
+        flops_per_token: training FLOPs per token.
+        peak_tflops: the device's peak (None = unknown: no MFU).
+        kept_fraction: attention kept fraction at the training length.
+    """
+
+    autocast: torch.dtype | None
+    tokens_per_step: int
+    flops_per_token: float
+    peak_tflops: float | None
+    kept_fraction: float
+
+
+class TrainLoop:
+    """Optimizer steps ``state.start_step + 1 .. train.steps`` of one rank.
+
+    Args:
+        cfg: the validated configuration.
+        env: this rank's distributed environment.
+        run: the built :class:`~longshard.train.trainer.TrainingRun` (model, module, shard, engine).
+        loader: the training batches (its position is checkpointed).
+        ckpt: the checkpointer.
+        metrics: the metrics logger (rank 0 writes).
+        state: the running state (fresh or resumed).
+        inputs: constants of the step metrics.
+        run_eval: evaluation of the current weights (held-out loss, passkey, ...), all ranks.
+    """
+
+    def __init__(self, cfg: Config, env: DistEnv, run: TrainingRun, loader: DistributedLoader, ckpt: Checkpointer,
+                 metrics: MetricsLogger, state: TrainState, inputs: StepInputs,
+                 run_eval: Callable[[], dict[str, Any]]) -> None:
+        self.cfg, self.env, self.run = cfg, env, run
+        self.engine = run.engine
+        self.loader, self.ckpt, self.metrics = loader, ckpt, metrics
+        self.state, self.inputs, self.run_eval = state, inputs, run_eval
+
+    # --- the loop ------------------------------------------------------------------------------
+    def fit(self, watch: PreemptionWatch, lock: RunLock) -> None:
+        """Run the steps, stop cleanly on an agreed pre-emption, then save the final checkpoint."""
+        cfg, state = self.cfg, self.state
+        first = state.start_step + 1
+        if self.guarded(lambda: watch.agreed(self.env.device), first, "pre-emption check"):  # during start-up
+            state.preempted_at, first = state.start_step, cfg.train.steps + 1
+            log.warning("pre-empted (%s) during start-up, before step %d: stopped without training; nothing new "
+                        "to save (resume with checkpoint.resume=auto)", watch.signal_name or "signal on another rank",
+                        state.start_step + 1)
+        self.run.dmodel.train()
+        for step in range(first, cfg.train.steps + 1):
+            maybe_inject_fault(step, self.env.rank)
+            lock.heartbeat()
+            rec, saved = self.guarded(lambda s=step: self.step(s), step, "training step")
+            state.last_ckpt = saved or state.last_ckpt
+            if rec is not None and self.guarded(lambda: watch.agreed(self.env.device), step, "pre-emption check"):
+                if saved is None:
+                    state.last_ckpt = self.save(step)
+                state.preempted_at = step
+                log.warning("pre-empted (%s): wrote the checkpoint of step %d and stopped; resume with "
+                            "checkpoint.resume=auto", watch.signal_name or "signal on another rank", step)
+                break
+        watch.restore()
+        if state.preempted_at is None and cfg.checkpoint.save_final and (
+                state.last_ckpt is None or not str(state.last_ckpt).endswith(f"{cfg.train.steps:08d}")):
+            state.last_ckpt = self.save(cfg.train.steps)
+
+    def step(self, step: int) -> tuple[dict[str, Any] | None, Path | None]:
+        """One optimizer step; returns its metrics (None when the update was skipped) and its checkpoint."""
+        step_t0 = time.time()
+        micro, n_global = self._batches(step)
+        loss, aux = self._accumulate(micro, n_global)
+        if not math.isfinite(loss):
+            return self._skip_update(step, f"loss is {loss}")
+        lr = self.engine.scheduler.get_last_lr()[0]
+        outcome = self.engine.step()
+        if outcome.overflow:  # fp16 loss scaling: a skipped update and a lower scale, not a divergence
+            return self._skip_update(
+                step, f"fp16 gradients overflowed (loss scale now {self.engine.loss_scale():g})", overflow=True)
+        if not outcome.applied:  # a finite loss can still give an inf/NaN gradient
+            return self._skip_update(step, f"gradient norm is {outcome.grad_norm} (loss {loss:.4g})")
+        self.state.skipped_in_row = 0
+        self.engine.scheduler.step()
+        self.state.history.append(loss)
+        rec = self._record(step, loss, aux, lr, outcome.grad_norm, max(time.time() - step_t0, 1e-9))
+        cfg = self.cfg
+        if cfg.eval.every and step % cfg.eval.every == 0 and step != cfg.train.steps:
+            rec.update(self.run_eval())
+        if step % cfg.train.log_every == 0 or step == cfg.train.steps:
+            self.metrics.log(step, rec)
+        saved = self.save(step) if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 else None
+        return rec, saved
+
+    # --- parts of a step -----------------------------------------------------------------------
+    def _batches(self, step: int) -> tuple[list[dict[str, torch.Tensor]], float]:
+        """This rank's micro-batches of the step (its sequence shard) and the global target-token count.
+
+        A rank whose windows hold damaged tokens makes every rank stop with that error (none hangs).
+        """
+        cfg, env, sp = self.cfg, self.env, self.run.sp
+        try:
+            micro, bad_data = self.loader.next_step(), None
+        except ConfigError as e:
+            micro, bad_data = [], e
+        if sp is not None:  # every rank of a sequence group got the same samples: keep its shard
+            micro = [sp.shard(b["tokens"], b["labels"], b["doc_ids"] if cfg.data.doc_mask else None) for b in micro]
+        n_local = sum(int((b["labels"] != -100).sum()) for b in micro)
+        counts = torch.tensor([float(n_local), float(bad_data is not None)], device=env.device)
+        dist.all_reduce(counts)  # the token count, and whether any rank's batch could not be read
+        if counts[1] > 0:
+            self.metrics.close()
+            raise bad_data or ConfigError("data.path", f"another rank could not read its batch of step {step} "
+                                          "(damaged data; see that rank's log).",
+                                          "re-run longshard data prepare for that corpus.")
+        return micro, max(float(counts[0]), 1.0)
+
+    def _accumulate(self, micro: list[dict[str, torch.Tensor]], n_global: float) -> tuple[float, float]:
+        """Forward and backward of every micro-batch; returns the global token-mean loss and the aux loss."""
+        env, dmodel = self.env, self.run.dmodel
+        loss_sum = torch.zeros((), device=env.device)
+        aux_sum = 0.0
+        for i, b in enumerate(micro):
+            last = i == len(micro) - 1
+            with self.engine.accumulating(last):
+                ce = forward_loss(dmodel, b, env.device, self.inputs.autocast, self.cfg.data.doc_mask).loss_sum
+                # Gradient of the global token-mean loss: data parallel averages over ranks, so scale back up.
+                objective = ce * (env.world_size / n_global)
+                aux = unwrap(dmodel).aux_loss()
+                if aux is not None:  # parameter penalties: same on every rank, once per optimizer step
+                    objective = objective + aux / len(micro)
+                    aux_sum += float(aux.detach()) / len(micro)
+                self.engine.backward(objective, last)
+            loss_sum += ce.detach()
+        dist.all_reduce(loss_sum)
+        return float(loss_sum) / n_global, aux_sum
+
+    def _skip_update(self, step: int, what: str, overflow: bool = False) -> tuple[None, None]:
+        """Leave the weights untouched for this step (``nan_policy=skip``) or stop (``stop``, or too many
+        skips in a row): the update of a non-finite loss or gradient never reaches the parameters.
+        An fp16 overflow (``overflow``) skips whatever the policy; only too many in a row stop."""
+        cfg, state = self.cfg, self.state
+        state.skipped_in_row += 1
+        if (cfg.train.nan_policy == "stop" and not overflow) or state.skipped_in_row > cfg.train.max_skipped_steps:
+            self.metrics.close()
+            raise NonFiniteLossError(
+                f"{what} at step {step} (rank {self.env.rank}); nan_policy={cfg.train.nan_policy}"
+                + (f", {state.skipped_in_row} steps in a row" if cfg.train.nan_policy == "skip" else "")
+                + ". The weights were not updated. Lower optim.lr, enable train.grad_clip, or use "
+                "train.dtype=fp32 to investigate.")
+        log.warning("%s at step %d: skipping the update (%d in a row)", what, step, state.skipped_in_row)
+        self.engine.skip()
+        self.engine.scheduler.step()
+        return None, None
+
+    def _record(self, step: int, loss: float, aux: float, lr: float, grad_norm: float, dt: float) -> dict[str, Any]:
+        """The metrics of an applied step."""
+        x, world = self.inputs, self.env.world_size
+        tps = x.tokens_per_step / dt
+        offload = self.run.model.activation_offload
+        rec: dict[str, Any] = {
+            "loss": loss, "aux_loss": aux, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tps,
+            "tflops_per_device": x.flops_per_token * tps / world / 1e12,
+            "mfu": (x.flops_per_token * tps / world / 1e12 / x.peak_tflops) if x.peak_tflops else None,
+            "peak_mem_gb": peak_memory_bytes(self.env.device) / 1e9, "step_time_s": dt,
+            "tokens_seen": step * x.tokens_per_step, "attn_kept_fraction": x.kept_fraction,
+            "offloaded_act_gb": offload.offloaded_bytes / 1e9 if offload else 0.0,
+            **{f"comm/{k}": v for k, v in self.run.comm.reset().items()},
+        }
+        if self.engine.loss_scale() is not None:  # fp16: the dynamic loss scale after this step
+            rec["loss_scale"] = self.engine.loss_scale()
+        return rec
+
+    # --- checkpoints and failures --------------------------------------------------------------
+    def save(self, step: int) -> Path:
+        """Checkpoint the weights, optimizer, loader position and losses (never non-finite weights)."""
+        if not parameters_finite(self.run.dmodel, self.env.device):
+            self.metrics.close()
+            raise NonFiniteLossError(
+                f"parameters are not finite at step {step}: checkpoint not written (the last complete one, "
+                f"{self.state.last_ckpt or 'none'}, is intact). Lower optim.lr or enable train.grad_clip.")
+        extra = {"loader": self.loader.state_dict(), "losses": self.state.history, "world_size": self.env.world_size}
+        return self.engine.save(self.ckpt, step, extra)
+
+    def guarded(self, fn: Callable[[], Any], step: int, phase: str) -> Any:
+        """Run ``fn``; a backend failure becomes a CollectiveError naming rank, step and phase."""
+        try:
+            return fn()
+        except Exception as e:
+            if is_collective_error(e):
+                self.metrics.close()
+                raise collective_failure(e, self.env.rank, step, phase, self.cfg.parallel.collective_timeout_s) from e
+            raise
