@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from longshard.train.faults import PreemptionWatch, collective_failure, is_collective_error, parse_fault
@@ -105,3 +107,35 @@ def test_checkpoint_entries_never_execute_code(tmp_path, monkeypatch):
     assert state["param_groups"] == groups and torch.equal(state["w"], torch.arange(2.0))
     dcp.load({"w": torch.zeros(2), "param_groups": None}, checkpoint_id=str(bad))  # the default planner runs it
     assert (tmp_path / "PWNED_BY_CHECKPOINT").exists()
+
+
+def test_full_disk_for_metrics_warns_once_and_training_goes_on(tmp_path, monkeypatch, caplog):
+    """metrics.jsonl on a full disk: a warning naming the file and the fix, once; the run is not stopped
+    (rank 0 raising there would leave the other ranks waiting in their next collective)."""
+    import errno
+    import logging
+
+    from longshard.train.metrics import MetricsLogger
+
+    m = MetricsLogger(tmp_path, enabled=True, total_steps=3, start_step=0, wandb_mode="disabled", project="p",
+                      run_name="r", group="g", config={}, progress=False)
+    m.log(1, {"loss": 1.0})
+    real_open = Path.open
+
+    def full(self, *a, **kw):
+        if self.name == "metrics.jsonl":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_open(self, *a, **kw)
+
+    monkeypatch.setattr(Path, "open", full)
+    with caplog.at_level(logging.WARNING, logger="longshard.train.metrics"):
+        m.log(2, {"loss": 0.5})
+        m.log(3, {"loss": 0.25})
+    warnings = [r.getMessage() for r in caplog.records if "metrics.jsonl" in r.getMessage()]
+    assert len(warnings) == 1 and "No space left" in warnings[0] and "output_dir" in warnings[0]
+    assert m.lost_records == 2
+    monkeypatch.setattr(Path, "open", real_open)
+    m.log(4, {"loss": 0.125})  # space again: records are appended again
+    steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 4]
+    m.close()

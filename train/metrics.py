@@ -73,6 +73,7 @@ class MetricsLogger:
     ) -> None:
         self.enabled = enabled
         self.path = Path(output_dir) / "metrics.jsonl"
+        self.lost_records = 0  # records metrics.jsonl could not take (disk full ...)
         self.wandb_run = None
         self.bar = None
         if not enabled:
@@ -99,8 +100,15 @@ class MetricsLogger:
         if not self.enabled:
             return
         rec = {"step": step, **metrics}
-        with self.path.open("a") as f:
-            f.write(json.dumps(rec) + "\n")
+        try:
+            with self.path.open("a") as f:
+                f.write(json.dumps(rec) + "\n")
+        except OSError as e:  # a full or vanished disk must not stop training (or leave ranks hanging)
+            self.lost_records += 1
+            if self.lost_records == 1:
+                log.warning("could not append to %s (%s): training goes on; metrics of this and later failing steps "
+                            "go only to wandb and the progress bar. Free space in output_dir or move it.",
+                            self.path, e.strerror or e)
         if self.wandb_run is not None:
             self.wandb_run.log(metrics, step=step)
         if self.bar is not None:

@@ -382,11 +382,10 @@ def launch_settings(kernel: str, block: int, share: int, block_d: int, f32: bool
 
 def _int_args(q: torch.Tensor, window_H, sink_H, doc_q_BS, doc_k_BS, select) -> tuple:
     """Device-side int32 window, sink, query/key document ids and selections (1-element dummies when absent)."""
-    H = q.shape[1]
-    zeros_H = torch.zeros(H, dtype=torch.long)
-    win = (window_H if window_H is not None else zeros_H).to(q.device, torch.int32).contiguous()
-    sink = (sink_H if sink_H is not None else zeros_H).to(q.device, torch.int32).contiguous()
-    dummy = q.new_zeros(1, dtype=torch.int32)
+    dummy = q.new_zeros(1, dtype=torch.int32)  # on the device: no host-to-device copy per launch
+    as_int = lambda t: dummy if t is None else t.to(q.device, torch.int32).contiguous()
+    win = as_int(window_H)
+    sink = q.new_zeros(q.shape[1], dtype=torch.int32) if sink_H is None and window_H is not None else as_int(sink_H)
     doc_q = doc_q_BS.to(torch.int32).contiguous() if doc_q_BS is not None else dummy
     doc_k = doc_k_BS.to(torch.int32).contiguous() if doc_k_BS is not None else doc_q
     sel = select if select is not None else dummy
