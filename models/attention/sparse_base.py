@@ -144,14 +144,14 @@ class BlockSparseAttention(CoreAttention):
         full_kv = full_q[:: H // Hkv]
         if not bool((full_q.view(Hkv, -1) == full_kv[:, None]).all()):
             raise ValueError("full-attention heads must be whole GQA groups")
-        band_q, dev = ~full_q, q_BHSD.device
-        parts = [self.full_heads_forward(q_BHSD[:, full_q.to(dev)], k_BHSD[:, full_kv.to(dev)],
-                                         v_BHSD[:, full_kv.to(dev)], batch)]
+        band_q = ~full_q
+        fq, fkv = full_q.to(q_BHSD.device), full_kv.to(q_BHSD.device)  # one copy each per call
+        parts = [self.full_heads_forward(q_BHSD[:, fq], k_BHSD[:, fkv], v_BHSD[:, fkv], batch)]
         if band_q.any():
-            parts.append(fn(q_BHSD[:, band_q.to(dev)], k_BHSD[:, ~full_kv.to(dev)], v_BHSD[:, ~full_kv.to(dev)],
-                            spec.select_heads(band_q), batch.doc_ids_BS))
+            parts.append(fn(q_BHSD[:, ~fq], k_BHSD[:, ~fkv], v_BHSD[:, ~fkv], spec.select_heads(band_q),
+                            batch.doc_ids_BS))
         order = torch.cat([torch.nonzero(full_q).flatten(), torch.nonzero(band_q).flatten()])
-        return torch.cat(parts, dim=1)[:, torch.argsort(order).to(dev)]
+        return torch.cat(parts, dim=1)[:, torch.argsort(order).to(q_BHSD.device)]
 
     def full_heads_forward(
         self, q_BHSD: torch.Tensor, k_BHSD: torch.Tensor, v_BHSD: torch.Tensor, batch: AttentionBatch
