@@ -10,7 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from longshard.errors import ConfigError
+from longshard.errors import EXIT_CHECKPOINT, EXIT_INVALID_INPUT, CheckpointError, ConfigError
 
 log = logging.getLogger("longshard")
 
@@ -178,15 +178,64 @@ def _launch_slurm(args: argparse.Namespace) -> int:
     return 0
 
 
+def _require_module(module: str, flag: str, extra: str) -> None:
+    """An optional dependency a flag needs, checked before any work (ConfigError with the install line)."""
+    import importlib.util
+
+    if importlib.util.find_spec(module) is None:
+        raise ConfigError(flag, f"needs the optional package {module}, which is not installed.",
+                          f"pip install 'longshard[{extra}]' (or pip install {module}).")
+
+
+def _check_outputs(args: argparse.Namespace, *flags: str) -> None:
+    """Before any work: each output file named by ``flags`` (``--output``, ``--plot``) can be written:
+    its folder is created if missing and a probe file written there, or a ConfigError names the flag."""
+    from longshard.train.run_lock import check_writable
+
+    for flag in flags:
+        value = getattr(args, flag.lstrip("-").replace("-", "_"), None)
+        if value is None:
+            continue
+        target = Path(value)
+        if target.is_dir():
+            raise ConfigError(flag, f"{target} is a folder; a file name is expected.", f"give {flag} a file path.")
+        check_writable(target.parent, flag)
+
+
+# What may be overridden on a saved checkpoint: how it is evaluated, never what the model is
+CHECKPOINT_OVERRIDABLE = ("eval.", "logging.", "data.", "train.micro_batch_size", "train.seq_len", "train.dtype",
+                          "train.device", "model.max_seq_len")
+
+
 def _load_checkpoint_model(ckpt: str, overrides: list[str]):
+    """The saved config (with evaluation-only overrides) and the model with the checkpoint's weights.
+    Nothing of the training machine is needed: files the config names are not checked unless an
+    override names them (data for a held-out loss), and the tokenizer saved in the checkpoint is used."""
     from longshard.models.model import Transformer
-    from longshard.train.checkpoint import CONFIG_FILE, load_model_weights
+    from longshard.train.checkpoint import CONFIG_FILE, TOKENIZER_FILE, load_model_weights
     from longshard.train.config import load_config
 
+    for o in overrides:
+        key = o.split("=", 1)[0]
+        if not any(key == a or (a.endswith(".") and key.startswith(a)) for a in CHECKPOINT_OVERRIDABLE):
+            raise ConfigError(key, "would change the saved model or its training settings; a checkpoint is "
+                              "evaluated, generated from and exported as it was trained.",
+                              f"drop {key}= (settings that may change here: "
+                              f"{', '.join(a + ('*' if a.endswith('.') else '') for a in CHECKPOINT_OVERRIDABLE)}).")
     cfg_file = Path(ckpt) / CONFIG_FILE
     if not cfg_file.is_file():
         raise ConfigError("checkpoint", f"{cfg_file} is missing.", "give a checkpoint folder written by longshard.")
-    cfg = load_config(cfg_file, overrides)
+    given = {o.split("=", 1)[0] for o in overrides}
+    saved_tokenizer = Path(ckpt) / TOKENIZER_FILE
+    if saved_tokenizer.is_file() and "data.tokenizer" not in given:
+        overrides = [*overrides, f"data.tokenizer={saved_tokenizer}"]
+    cfg = load_config(cfg_file, overrides, check_files=False)
+    if "data.path" in given and cfg.data.path and not Path(cfg.data.path).is_dir():
+        raise ConfigError("data.path", f"{cfg.data.path} does not exist.", "give a folder made by `longshard data "
+                          "prepare`, or leave data.path out (no held-out loss then).")
+    if cfg.data.tokenizer and not Path(cfg.data.tokenizer).exists():
+        raise ConfigError("data.tokenizer", f"{cfg.data.tokenizer} does not exist (the checkpoint holds no copy "
+                          "of it).", "pass data.tokenizer=PATH to the tokenizer the model was trained with.")
     model = Transformer(cfg.model)
     load_model_weights(ckpt, model)
     return cfg, model
@@ -197,6 +246,9 @@ def _eval(args: argparse.Namespace) -> int:
     from longshard.train.data import TokenWindows, build_tokenizer
     from longshard.train.evaluate import evaluate, passkey_grid, plot_results
 
+    _check_outputs(args, "--output", "--plot")
+    if args.plot:
+        _require_module("matplotlib", "--plot", "eval")
     cfg, model = _load_checkpoint_model(args.checkpoint, args.overrides)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
@@ -205,6 +257,9 @@ def _eval(args: argparse.Namespace) -> int:
     has_data = data is not None and (data / "meta.json").is_file()
     if has_data:
         val = TokenWindows(data, "val", cfg.train.seq_len)
+    elif data is not None:
+        log.warning("no held-out loss: the training data (%s) is not on this machine; pass data.path=DIR (a "
+                    "`longshard data prepare` folder) to measure it", data)
     autocast = torch.bfloat16 if cfg.train.dtype == "bf16" else None
     tokenizer = build_tokenizer(cfg.data.tokenizer)
     lengths = list(cfg.eval.passkey_lengths) or [cfg.train.seq_len, 2 * cfg.train.seq_len]
@@ -267,6 +322,7 @@ def _generate(args: argparse.Namespace) -> int:
         raise ConfigError("--prompt", "no prompt given.", "pass --prompt TEXT or --prompt-file PATH.")
     if args.prompt_file is not None and not Path(args.prompt_file).is_file():
         raise ConfigError("--prompt-file", f"{args.prompt_file} does not exist.")
+    _check_outputs(args, "--output")
     cfg, model = _load_checkpoint_model(args.checkpoint, args.overrides)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model.to(device).eval()
@@ -309,10 +365,12 @@ def _plan(args: argparse.Namespace) -> int:
 
 
 def _export_hf(args: argparse.Namespace) -> int:
-    from longshard.models.hf import export_hf
+    from longshard.models.hf import export_hf, prepare_export_dir
 
+    prepare_export_dir(args.output, args.overwrite, check_only=True)  # refused before the checkpoint is read
     _, model = _load_checkpoint_model(args.checkpoint, [])
-    path = export_hf(model, args.output, arch=args.arch, tokenizer_dir=args.tokenizer_dir, drop_gates=args.drop_gates)
+    path = export_hf(model, args.output, arch=args.arch, tokenizer_dir=args.tokenizer_dir, drop_gates=args.drop_gates,
+                     overwrite=args.overwrite)
     sys.stdout.write(f"wrote Hugging Face checkpoint {path}\n")
     return 0
 
@@ -321,6 +379,7 @@ def _heads(args: argparse.Namespace) -> int:
     import yaml
     from longshard.models.attention.streaming import retrieval_assignment
 
+    _check_outputs(args, "--output")
     cfg, model = _load_checkpoint_model(args.checkpoint, [])
     assignment = retrieval_assignment(model, args.threshold)
     if not assignment:
@@ -438,6 +497,8 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--output", required=True)
     x.add_argument("--arch", default=None, choices=["llama", "qwen2", "qwen3"])
     x.add_argument("--tokenizer-dir", default=None)
+    x.add_argument("--overwrite", action="store_true",
+                   help="export into a non-empty folder, removing its weight files, index and config.json first")
     x.add_argument("--drop-gates", action="store_true",
                    help="export a gated model without its output gates (transformers has none; changes the model)")
     x.set_defaults(func=_export_hf)
@@ -456,7 +517,10 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except ConfigError as e:
         log.error("invalid input: %s", e)
-        return 2
+        return EXIT_INVALID_INPUT
+    except CheckpointError as e:
+        log.error("checkpoint refused: %s", e)
+        return EXIT_CHECKPOINT
 
 
 if __name__ == "__main__":

@@ -1,6 +1,20 @@
-"""Errors raised for bad user input, before any real work starts."""
+"""Errors raised for bad user input, before any real work starts, and the exit codes the
+``longshard`` command and the training workers give for them."""
 
 from __future__ import annotations
+
+EXIT_INVALID_INPUT = 2  # ConfigError: a field, a flag or an input file is wrong (the message names it)
+EXIT_CHECKPOINT = 3  # CheckpointError (or a non-finite loss in training): a checkpoint is refused or damaged
+EXIT_COLLECTIVE = 4  # CollectiveError: a rank stopped answering (training only)
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, incomplete or corrupt (the message names the file)."""
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """A checkpoint file asks the unpickler for code (a global, an opcode or a path outside the
+    allow-list). Never skipped silently: resuming stops and names the file."""
 
 
 class ConfigError(ValueError):

@@ -9,6 +9,27 @@ from pathlib import Path
 
 from longshard.errors import ConfigError, require_positive
 
+# What each value written into an ``#SBATCH`` line may hold. Those lines are read by sbatch, and a
+# newline in a value would start a shell line of the script; quotes, ``$`` and ``%`` would be read by
+# sbatch or Slurm's filename patterns. Values that reach the shell command line are shlex-quoted instead.
+_SBATCH_VALUES = {
+    "--job-name": (r"[A-Za-z0-9._+-]{1,200}", "letters, digits and . _ + -"),
+    "--time": (r"[0-9]+(-[0-9]+)?(:[0-9]+){0,2}|[0-9]+(:[0-9]+){0,2}|UNLIMITED|INFINITE",
+               "minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS"),
+    "--partition": (r"[A-Za-z0-9._-]+(,[A-Za-z0-9._-]+)*", "a partition name (or a comma list)"),
+    "--account": (r"[A-Za-z0-9._-]+", "letters, digits and . _ -"),
+    "--mem": (r"[0-9]+[KMGT]?", "a number with an optional K/M/G/T suffix, e.g. 480G (0 = all)"),
+    "--log-dir": (r"[A-Za-z0-9._/+-]+", "a path of letters, digits and . _ / + - (no spaces, quotes, $ or %)"),
+}
+
+
+def _check_sbatch_value(flag: str, value: str | None) -> None:
+    if value is None:
+        return
+    pattern, allowed = _SBATCH_VALUES[flag]
+    if not re.fullmatch(pattern, value):
+        raise ConfigError(flag, f"{value!r} cannot be written into an #SBATCH line safely.", f"use {allowed}.")
+
 
 def render_sbatch(
     recipe: str,
@@ -45,6 +66,9 @@ def render_sbatch(
         log_dir: folder for Slurm's output file (created by :func:`write_sbatch`).
         python: interpreter on the compute nodes; default ``$LONGSHARD_PYTHON`` or ``python3`` there.
     """
+    for flag, value in (("--job-name", job_name), ("--time", time), ("--partition", partition),
+                        ("--account", account), ("--mem", mem), ("--log-dir", log_dir)):
+        _check_sbatch_value(flag, value)
     require_positive(nodes, "--nodes")
     require_positive(gpus_per_node, "--gpus-per-node")
     if cpus_per_task is not None:

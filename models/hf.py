@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+import os
 import pickle
 import re
 import shutil
@@ -252,6 +254,11 @@ def weight_files(path: Path) -> list[Path]:
         weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
         if not isinstance(weight_map, dict):
             raise ConfigError("init.hf_path", f"{index} has no 'weight_map' object.", "re-copy the checkpoint folder.")
+        bad = next(((k, f) for k, f in weight_map.items() if not isinstance(f, str) or not f
+                    or Path(f).is_absolute() or ".." in Path(f).parts), None)
+        if bad is not None:
+            raise ConfigError("init.hf_path", f"{index} maps {bad[0]!r} to {bad[1]!r}, not a file name in {path}.",
+                              "re-copy the checkpoint folder.")
         files = [path / f for f in sorted(set(weight_map.values()))]
         for f in files:
             if not f.exists():
@@ -266,20 +273,78 @@ def weight_files(path: Path) -> list[Path]:
     )
 
 
+# bytes per element of each safetensors dtype (the format's own list)
+SAFETENSORS_DTYPES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8,
+                      "U32": 4, "U16": 2, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+MAX_SAFETENSORS_HEADER = 100_000_000  # the safetensors library's own limit
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict:
+    keys = [k for k, _ in pairs]
+    dup = next((k for k in keys if keys.count(k) > 1), None)
+    if dup is not None:
+        raise ValueError(f"tensor {dup!r} is listed twice")
+    return dict(pairs)
+
+
 def safetensors_header(file: Path) -> tuple[dict, int]:
-    """The JSON header of a safetensors file and the offset where its data starts, after checking that
-    the header is readable and the file holds every byte it describes (ConfigError naming the file)."""
+    """The JSON header of a safetensors file and the offset where its data starts, validated as the
+    format defines it, so every loader (whole model or one rank's rows) can trust it: header size within
+    the file and the library's limit, one JSON object without duplicate names, every tensor with a known
+    dtype, a shape of non-negative integers and ``data_offsets`` [begin, end] with 0 <= begin <= end and
+    end - begin = dtype size x elements, the spans laid end to end without overlap or gap from 0, and
+    the file holding every byte they describe (ConfigError naming the file and the tensor)."""
     size = file.stat().st_size
+
+    def damaged(why: str) -> ConfigError:
+        return ConfigError("init.hf_path", f"{file} is not a valid safetensors file: {why}.",
+                           "re-copy or re-download that file (a file edited by hand or by a tool you do not trust "
+                           "is refused, not loaded).")
+
     with open(file, "rb") as f:
         head = f.read(8)
         n = int.from_bytes(head, "little") if len(head) == 8 else -1
-        header = f.read(n) if 0 < n <= size - 8 else b""
+        if not 0 < n <= min(size - 8, MAX_SAFETENSORS_HEADER):
+            raise ConfigError("init.hf_path", f"{file} is not a readable safetensors file ({size} bytes; its header "
+                              "is cut short or damaged).", "re-copy or re-download that file.")
+        header = f.read(n)
     try:
-        meta = json.loads(header)
-        end = max((int(v["data_offsets"][1]) for k, v in meta.items() if k != "__metadata__"), default=0)
-    except (ValueError, TypeError, KeyError, IndexError, AttributeError):
-        raise ConfigError("init.hf_path", f"{file} is not a readable safetensors file ({size} bytes; its header "
-                          "is cut short or damaged).", "re-copy or re-download that file.") from None
+        meta = json.loads(header.decode("utf-8"), object_pairs_hook=_no_duplicates)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise damaged(f"its header is not JSON ({str(e)[:200]})") from None
+    if not isinstance(meta, dict):
+        raise damaged("its header is not a JSON object")
+    spans = []
+    for key, entry in meta.items():
+        if key == "__metadata__":
+            if not isinstance(entry, dict) or not all(isinstance(v, str) for v in entry.values()):
+                raise damaged("__metadata__ is not an object of strings")
+            continue
+        if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
+            raise damaged(f"tensor {key!r} is not {{dtype, shape, data_offsets}}")
+        dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+        if dtype not in SAFETENSORS_DTYPES:
+            raise damaged(f"tensor {key!r} has an unknown dtype {dtype!r}")
+        if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+            raise damaged(f"tensor {key!r} has shape {shape!r}, not a list of non-negative integers")
+        if (not isinstance(offsets, list) or len(offsets) != 2 or not all(type(o) is int for o in offsets)
+                or not 0 <= offsets[0] <= offsets[1]):
+            raise damaged(f"tensor {key!r} has data_offsets {offsets!r}, not [begin, end] with 0 <= begin <= end")
+        need = SAFETENSORS_DTYPES[dtype] * math.prod(shape)
+        if offsets[1] - offsets[0] != need:
+            raise damaged(f"tensor {key!r} spans {offsets[1] - offsets[0]} bytes, its dtype and shape "
+                          f"({dtype} x {shape}) need {need}")
+        spans.append((offsets[0], offsets[1], key))
+    spans.sort()
+    end, gap = 0, None
+    for begin, stop, key in spans:  # an overlap (two names reading the same bytes) is named before a gap
+        if begin < end:
+            raise damaged(f"tensor {key!r} at bytes [{begin}, {stop}) overlaps the tensor before it")
+        if begin > end and gap is None:
+            gap = f"tensor {key!r} at bytes [{begin}, {stop}) leaves a gap of {begin - end} bytes"
+        end = stop
+    if gap is not None:
+        raise damaged(gap)
     if size < 8 + n + end:
         raise ConfigError("init.hf_path", f"{file} is truncated: {size} bytes, its header describes "
                           f"{8 + n + end} bytes of tensors.", "re-copy or re-download that file.")
@@ -483,6 +548,59 @@ def hf_config_dict(
     return out
 
 
+# What an earlier export (ours or transformers') leaves that a loader reads: removed by --overwrite
+EXPORT_FILES = ("config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json",
+                "pytorch_model.bin", "pytorch_model.bin.index.json")
+EXPORT_PATTERNS = ("model-*-of-*.safetensors", "pytorch_model-*-of-*.bin")
+
+
+def prepare_export_dir(path: str | Path, overwrite: bool = False, field: str = "--output",
+                       check_only: bool = False) -> Path:
+    """Check that an export can go to ``path`` before any work: a new or empty folder, or with
+    ``overwrite`` a folder whose previous weight files, index and config are removed now (so no stale
+    shard or index is left beside the new weights for a loader to pick). Creates the folder unless
+    ``check_only`` (then nothing is changed: the checks run before a checkpoint is even read).
+
+    Raises:
+        ConfigError: naming ``field``: a file in the way, a non-empty folder without ``overwrite``, or a
+            folder that cannot be written.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(field, f"{path} is a file, not a folder.", "give a new or empty folder.")
+    if path.is_dir() and any(path.iterdir()):
+        if not overwrite:
+            held = ", ".join(sorted(p.name for p in path.iterdir())[:6])
+            raise ConfigError(field, f"{path} is not empty (it holds {held}); exporting there would mix the new "
+                              "model with those files.", "give a new or empty folder, or pass --overwrite (removes "
+                              "the folder's weight files, index and config.json first; other files stay).")
+    if check_only:
+        existing = next(p for p in (path, *path.parents) if p.exists())
+        if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+            raise ConfigError(field, f"cannot write to {existing}.", "give a writable folder.")
+        return path
+    if overwrite and path.is_dir():
+        for f in [*(path / n for n in EXPORT_FILES), *(p for pat in EXPORT_PATTERNS for p in path.glob(pat))]:
+            if f.is_file():
+                f.unlink()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(field, f"cannot write to {path}: {e.strerror or e}.", "give a writable folder.") from None
+    return path
+
+
+def _readable(files: list[Path]) -> None:
+    """Give written files the usual mode (0644 under a 022 umask); safetensors writes them 0600."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for f in files:
+        os.chmod(f, 0o666 & ~umask)
+
+
 def export_hf(
     model: Transformer,
     path: str | Path,
@@ -491,6 +609,7 @@ def export_hf(
     max_shard_bytes: int = 5 * 1024**3,
     tokenizer_dir: str | Path | None = None,
     drop_gates: bool = False,
+    overwrite: bool = False,
 ) -> Path:
     """Write ``model`` as an HF checkpoint folder (config.json + safetensors, sharded when large).
 
@@ -503,6 +622,8 @@ def export_hf(
         tokenizer_dir: folder whose tokenizer files are copied beside the weights.
         drop_gates: leave out output gates (transformers has none; the exported model then computes
             something else). Without it a gated model is refused.
+        overwrite: export into a non-empty folder, removing its previous weights first
+            (:func:`prepare_export_dir`); without it only a new or empty folder is accepted.
 
     Sparse variants are exported with their projections only: transformers runs them as dense
     attention (their own parameters, e.g. NOSA's importance score, stay in longshard checkpoints).
@@ -512,8 +633,7 @@ def export_hf(
         raise ConfigError("export-hf", f"layers {gated} have output gates, which transformers models cannot run.",
                           "keep using longshard checkpoints, or pass --drop-gates to export without them "
                           "(the exported model then computes a different function).")
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
+    path = prepare_export_dir(path, overwrite)
     state = {n: p.detach() for n, p in model.named_parameters()
              if ".core_attention." not in n and ".attention.wg." not in n}
     dtype = dtype or next(iter(state.values())).dtype
@@ -544,6 +664,7 @@ def export_hf(
     if tokenizer_dir is not None:
         for f in Path(tokenizer_dir).glob("tokenizer*"):
             shutil.copy(f, path / f.name)
+    _readable([f for f in path.iterdir() if f.is_file()])
     return path
 
 

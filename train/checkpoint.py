@@ -6,8 +6,9 @@ Contents: DCP shards of the model and optimizer (any DDP/FSDP2 layout, reshardab
 ``trainer_state.json`` (step, data-loader position, metrics so far) and ``rank_<r>.pt`` with the
 scheduler and per-rank RNG states (loaded with ``weights_only=True``).
 
-Loading never executes code from a checkpoint: DCP's ``.metadata`` pickle is first read with an
-unpickler that only admits DCP's own metadata classes, torch sizes/dtypes and paths. The state
+Loading never executes code from a checkpoint: DCP's ``.metadata`` pickle is read (once, by
+:class:`SafeFileSystemReader`, DCP never unpickles it) with an unpickler that admits an exact list of
+(module, name) pairs: DCP's own metadata records, torch sizes/dtypes/layouts and paths. The state
 file lists every file with its size, so a truncated or missing file is named before loading, and
 ``resume: auto`` falls back to the previous complete checkpoint when the newest is damaged.
 """
@@ -31,6 +32,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from longshard.errors import CheckpointError, UnsafeCheckpointError
 from longshard.parallel.deepspeed_engine import (
     DeepSpeedLoadRefused,
     check_deepspeed_files_safe,
@@ -39,10 +41,13 @@ from longshard.parallel.deepspeed_engine import (
 )
 from longshard.parallel.env import all_agree, all_sum
 from longshard.train.fingerprint import check_resume
+from longshard.train.safe_pickle import UnsafePickleError, restricted_loads
 from torch import nn
 from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.filesystem import FileSystemReader
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.tensor import DTensor
 
@@ -50,26 +55,63 @@ log = logging.getLogger(__name__)
 _STEP_RE = re.compile(r"^step_(\d{8})$")
 STATE_FILE = "trainer_state.json"
 CONFIG_FILE = "config.yaml"
+TOKENIZER_FILE = "tokenizer.json"  # a copy of data.tokenizer, so a checkpoint is usable on another machine
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, incomplete or corrupt (the message names the file)."""
+class SafeFileSystemReader(FileSystemReader):
+    """DCP's file reader with the one unsafe step replaced: ``.metadata`` is read once into memory
+    and unpickled by :class:`~longshard.train.safe_pickle.RestrictedUnpickler` (exact allow-list),
+    so DCP never unpickles a checkpoint file itself and nothing can be swapped between a check and
+    its use. The result must be a DCP ``Metadata`` whose storage entries name files inside the
+    checkpoint folder with non-negative offsets. Tensors are read by DCP with
+    ``torch.load(weights_only=True)``; bytes entries by :class:`SafeLoadPlanner`.
+    """
+
+    refused: UnsafeCheckpointError | None = None
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        if self.refused is not None:  # DCP retries with a rank-local file after a failure: never past a refusal
+            raise self.refused
+        try:
+            return read_metadata_safe(Path(self.path), kwargs.get("rank"), load_id=self.load_id)
+        except UnsafeCheckpointError as e:
+            self.refused = e
+            raise
 
 
-class _MetadataUnpickler(pickle.Unpickler):
-    """Unpickler for DCP ``.metadata`` that refuses every global outside an allow-list."""
+def read_metadata_safe(path: Path, rank: int | None = None, load_id: str | None = None) -> Metadata:
+    """DCP metadata of checkpoint ``path``, read with the restricted unpickler and checked.
 
-    def find_class(self, module: str, name: str):
-        allowed = (
-            module.startswith("torch.distributed.checkpoint.")
-            or (module == "torch" and (name == "Size" or isinstance(getattr(torch, name, None), torch.dtype)))
-            or (module == "torch.serialization" and name == "_get_layout")
-            or (module == "pathlib" and name in ("PosixPath", "WindowsPath", "PurePosixPath", "PureWindowsPath"))
-            or (module == "collections" and name == "OrderedDict")
-        )
-        if not allowed:
-            raise pickle.UnpicklingError(f"refusing to load global {module}.{name}")
-        return super().find_class(module, name)
+    Raises:
+        CheckpointError: naming the file and what it refused (a global, an opcode, a path).
+    """
+    meta = path / (".metadata" if rank is None else f"__{rank}.metadata")
+    try:
+        data = meta.read_bytes()
+    except OSError as e:
+        raise CheckpointError(f"{meta} cannot be read ({e.strerror or e}).") from None
+    try:
+        metadata = restricted_loads(data)
+    except UnsafePickleError as e:
+        raise UnsafeCheckpointError(f"{meta} would run code while loading ({e}); nothing was loaded or run. "
+                                    "Delete that checkpoint: never load checkpoints from a source you do not "
+                                    "trust.") from None
+    except Exception as e:
+        raise CheckpointError(f"{meta} is corrupt or not a plain DCP metadata file ({e}); not loading it.") from None
+    if not isinstance(metadata, Metadata) or not isinstance(metadata.state_dict_metadata, dict):
+        raise CheckpointError(f"{meta} does not hold DCP metadata (found {type(metadata).__name__}); not loading it.")
+    for index, info in (metadata.storage_data or {}).items():
+        name = getattr(info, "relative_path", None)
+        offset, length = getattr(info, "offset", None), getattr(info, "length", None)
+        if (not isinstance(name, str) or not name or "/" in name or "\\" in name or name in (".", "..")
+                or type(offset) is not int or type(length) is not int or offset < 0 or length < 0):
+            raise UnsafeCheckpointError(f"{meta} describes entry {getattr(index, 'fqn', index)!r} at {name!r} "
+                                  f"[{offset}, +{length}]: not a file of this checkpoint folder; not loading it.")
+    if getattr(metadata, "storage_meta", None) is None:
+        metadata.storage_meta = StorageMeta()
+    if load_id is not None:
+        metadata.storage_meta.load_id = load_id
+    return metadata
 
 
 class SafeLoadPlanner(DefaultLoadPlanner):
@@ -81,21 +123,51 @@ class SafeLoadPlanner(DefaultLoadPlanner):
         try:
             obj = torch.load(value, weights_only=True)
         except pickle.UnpicklingError as e:
-            raise CheckpointError(f"entry {read_item.dest_index.fqn!r} is not plain data; not loading it ({e})") from e
+            raise UnsafeCheckpointError(f"entry {read_item.dest_index.fqn!r} is not plain data; not loading it "
+                                        f"({_refusal(e)})") from None
         if self.flatten_state_dict:
             set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
         else:
             self.state_dict[read_item.dest_index.fqn] = obj
 
 
-def check_metadata_safe(path: Path) -> None:
-    """Read ``path/.metadata`` with the restricted unpickler (raises CheckpointError naming the file)."""
-    meta = path / ".metadata"
+def read_dcp(state: dict, path: Path) -> None:
+    """``dcp.load`` of ``state`` from ``path`` through the safe reader and planner (collective when a
+    process group is up). Raises UnsafeCheckpointError when any rank's read refused a pickle, else
+    CheckpointError naming the folder."""
+    reader = SafeFileSystemReader(str(path))
     try:
-        with open(meta, "rb") as f:
-            _MetadataUnpickler(f).load()
-    except Exception as e:
-        raise CheckpointError(f"{meta} is corrupt or not a plain DCP metadata file ({e}); not loading it.") from e
+        dcp.load(state, storage_reader=reader, planner=SafeLoadPlanner())
+    except (Exception, CheckpointException) as e:  # DCP's own error derives from BaseException
+        unsafe = reader.refused or _find(e, (UnsafeCheckpointError, pickle.UnpicklingError))
+        if unsafe is not None:
+            raise UnsafeCheckpointError(f"{path}: {_refusal(unsafe)}; nothing was loaded or run. Delete that "
+                                        "checkpoint.") from None
+        raise CheckpointError(f"failed to read DCP checkpoint {path}: {str(e)[:2000]}") from e
+
+
+def _wrapped(error: BaseException) -> Iterator[BaseException]:
+    """``error``, its causes and contexts, and DCP's per-rank failures inside it."""
+    seen, todo = set(), [error]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        yield e
+        failures = [f[0] if isinstance(f, tuple) else f for f in getattr(e, "failures", {}).values()]
+        todo += [e.__cause__, e.__context__, *failures]  # DCP keeps (exception, traceback) per rank
+
+
+def _find(error: BaseException, kinds: tuple[type, ...]) -> BaseException | None:
+    """The first error of ``kinds`` in ``error`` or what it wraps."""
+    return next((e for e in _wrapped(error) if isinstance(e, kinds)), None)
+
+
+def check_metadata_safe(path: Path) -> None:
+    """Read ``path/.metadata`` as :class:`SafeFileSystemReader` does (raises CheckpointError naming the file):
+    a damaged or unsafe file is found before any collective read."""
+    read_metadata_safe(Path(path))
 
 
 def file_crc32(path: Path, chunk: int = 16 * 2**20) -> int:
@@ -119,6 +191,58 @@ def file_manifest(folder: Path, world_size: int = 1, rank: int = 0) -> dict[str,
 
 
 DS_TAG = "deepspeed"  # subfolder of a checkpoint holding DeepSpeed's own files
+
+
+def _refusal(error: BaseException) -> str:
+    """The line of a ``weights_only`` refusal that names the global (torch's message starts with advice)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return next((line for line in lines if "GLOBAL" in line or "global" in line), lines[0] if lines else "")[:300]
+
+
+def _is_int(x: Any) -> bool:
+    return type(x) is int and x >= 0
+
+
+def read_trainer_state(path: Path) -> dict[str, Any]:
+    """``trainer_state.json`` of checkpoint ``path``, checked field by field (raises CheckpointError
+    naming the file and the field): a complete checkpoint's folder is ``step_XXXXXXXX`` (never
+    ``*.tmp``), its state says the same step, lists every file as [size, crc32] (or a size), and holds
+    the data-loader position."""
+    path = Path(path)
+    state_file = path / STATE_FILE
+    found = _STEP_RE.match(path.name)
+    if found is None:
+        what = "an unfinished write (``*.tmp``)" if path.name.endswith(".tmp") else "not a checkpoint folder"
+        raise CheckpointError(f"{path} is {what}: complete checkpoints are folders named step_XXXXXXXX.")
+    if not state_file.is_file():
+        raise CheckpointError(f"{state_file} is missing: {path} is not a complete checkpoint.")
+    try:
+        state = json.loads(state_file.read_text())
+    except (ValueError, OSError) as e:
+        raise CheckpointError(f"{state_file} is corrupt: {e}") from None
+
+    def bad(field: str, why: str) -> CheckpointError:
+        return CheckpointError(f"{state_file} is corrupt: {field} {why}.")
+
+    if not isinstance(state, dict):
+        raise bad("the file", f"holds a {type(state).__name__}, not an object")
+    if not _is_int(state.get("step")) or state["step"] != int(found.group(1)):
+        raise bad("step", f"is {state.get('step')!r}, the folder says {int(found.group(1))}")
+    files = state.get("files")
+    if not isinstance(files, dict) or not files:
+        raise bad("files", "is not a non-empty object of file -> [size, crc32]")
+    for name, entry in files.items():
+        ok = _is_int(entry) or (isinstance(entry, list) and len(entry) == 2 and all(map(_is_int, entry)))
+        if not ok or Path(name).is_absolute() or ".." in Path(name).parts:
+            raise bad(f"files[{name!r}]", f"is {entry!r}, not [size, crc32] of a file inside the checkpoint")
+    loader = state.get("loader")
+    if not isinstance(loader, dict) or not all(_is_int(loader.get(k)) for k in ("epoch", "index")):
+        raise bad("loader", f"is {loader!r}, not the data-loader position {{epoch, index, ...}}")
+    if not isinstance(state.get("losses", []), list):
+        raise bad("losses", "is not a list")
+    if not isinstance(state.get("fingerprint"), (dict, type(None))):
+        raise bad("fingerprint", "is not an object")
+    return state
 
 
 def check_manifest(path: Path, manifest: dict[str, Any], world_size: int = 1, rank: int = 0) -> None:
@@ -174,18 +298,12 @@ def _tensors(obj: Any) -> Iterator[torch.Tensor]:
 def _out_of_space(error: BaseException) -> bool:
     """Whether ``error`` (or what it wraps: causes, DCP's per-rank failures) is a full disk. torch.save
     reports it as "unexpected pos N vs M" from its zip writer, DCP as the OSError inside its failures."""
-    seen, todo = set(), [error]
-    while todo:
-        e = todo.pop()
-        if e is None or id(e) in seen:
-            continue
-        seen.add(id(e))
+    for e in _wrapped(error):
         if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
             return True
         text = str(e)
         if "No space left on device" in text or "Disk quota exceeded" in text or "unexpected pos" in text:
             return True
-        todo += [e.__cause__, e.__context__, *getattr(e, "failures", {}).values()]
     return False
 
 
@@ -196,12 +314,18 @@ class Checkpointer:
         root: checkpoint folder.
         keep_last: complete checkpoints to keep.
         rank: this process's rank (rank 0 renames, prunes and writes the JSON state).
+        config_yaml: the resolved config, saved as ``config.yaml`` in every checkpoint.
+        fingerprint: what identifies this run's model and data (refuses resuming another run).
+        allow_changes: fingerprint fields that may differ on resume.
+        tokenizer: ``data.tokenizer``, copied into every checkpoint as ``tokenizer.json``.
     """
 
     def __init__(self, root: str | Path, keep_last: int, rank: int, config_yaml: str = "",
-                 fingerprint: dict | None = None, allow_changes: list[str] | None = None) -> None:
+                 fingerprint: dict | None = None, allow_changes: list[str] | None = None,
+                 tokenizer: str | Path | None = None) -> None:
         self.root, self.keep_last, self.rank = Path(root), keep_last, rank
         self.config_yaml = config_yaml
+        self.tokenizer = Path(tokenizer) if tokenizer else None
         self.fingerprint, self.allow_changes = fingerprint, list(allow_changes or [])
 
     def save(
@@ -244,6 +368,8 @@ class Checkpointer:
         dist.barrier()
         if self.rank == 0:
             (tmp / CONFIG_FILE).write_text(self.config_yaml)
+            if self.tokenizer is not None and self.tokenizer.is_file():
+                shutil.copyfile(self.tokenizer, tmp / TOKENIZER_FILE)
         dist.barrier()
         world = dist.get_world_size()
         shares: list = [None] * world  # every rank checksums its share of the files
@@ -321,13 +447,17 @@ class Checkpointer:
         """
         errors = []
         for path in reversed(complete_checkpoints(self.root)):
+            unsafe = False
             try:
                 state = self.load(path, model, optimizer, scheduler)
                 error = None
             except CheckpointError as e:
-                state, error = None, str(e)
+                state, error, unsafe = None, str(e), isinstance(e, UnsafeCheckpointError)
             if all_agree(error is None):  # all ranks loaded this one: take it
                 return path, state
+            if not all_agree(not unsafe):  # tampered, not damaged: stop, never fall back past it
+                raise UnsafeCheckpointError(error or f"{path}: another rank found a file that would run code "
+                                            "(see that rank's log); nothing was loaded.")
             # some rank could not load it (its own files): every rank falls back together
             error = error or f"{path}: another rank could not load its part (see that rank's log)"
             log.warning("skipping damaged checkpoint: %s", error)
@@ -340,13 +470,7 @@ class Checkpointer:
         """This rank's checks of ``path`` before any collective read: state file, manifest (sizes, its
         share of the checksums), DCP metadata safety, its scheduler/RNG file. Returns (trainer state,
         that file's contents)."""
-        state_file = path / STATE_FILE
-        if not state_file.is_file():
-            raise CheckpointError(f"{state_file} is missing: {path} is not a complete checkpoint.")
-        try:
-            trainer_state = json.loads(state_file.read_text())
-        except json.JSONDecodeError as e:
-            raise CheckpointError(f"{state_file} is corrupt: {e}") from e
+        trainer_state = read_trainer_state(path)
         if self.fingerprint is not None:  # a different run is refused here, before any file is read
             trainer_state["changed"] = check_resume(trainer_state.get("fingerprint"), self.fingerprint,
                                                     self.allow_changes, str(path))
@@ -368,6 +492,10 @@ class Checkpointer:
             extra_file = path / "rank_0.pt"
         try:
             extra = torch.load(extra_file, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:
+            raise UnsafeCheckpointError(f"{extra_file} would import more than tensors and plain data "
+                                        f"({_refusal(e)}); nothing was loaded or run. Delete that "
+                                        "checkpoint.") from None
         except Exception as e:
             raise CheckpointError(f"{extra_file} is corrupt: {e}") from e
         return trainer_state, extra
@@ -399,10 +527,7 @@ class Checkpointer:
         else:
             model_sd, optim_sd = get_state_dict(model, optimizer)
             state = {"model": model_sd, "optim": optim_sd}
-            try:
-                dcp.load(state, checkpoint_id=str(path), planner=SafeLoadPlanner())
-            except (Exception, CheckpointException) as e:  # DCP's own error derives from BaseException
-                raise CheckpointError(f"failed to read DCP checkpoint {path}: {str(e)[:2000]}") from e
+            read_dcp(state, path)
             set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
         scheduler.load_state_dict(extra["scheduler"])
         set_rng_state(extra["rng"])
@@ -413,18 +538,10 @@ class Checkpointer:
 def load_model_weights(path: str | Path, model: nn.Module) -> None:
     """Load only the model weights of checkpoint ``path`` into an unwrapped model (any process count)."""
     path = Path(path)
+    check_manifest(path, read_trainer_state(path)["files"])
     if not (path / ".metadata").is_file():
         raise CheckpointError(f"{path / '.metadata'} is missing: {path} is not a complete DCP checkpoint.")
-    state_file = path / STATE_FILE
-    if state_file.is_file():
-        try:
-            check_manifest(path, json.loads(state_file.read_text()).get("files", {}))
-        except json.JSONDecodeError as e:
-            raise CheckpointError(f"{state_file} is corrupt: {e}") from e
     check_metadata_safe(path)
     state = {"model": model.state_dict()}
-    try:
-        dcp.load(state, checkpoint_id=str(path), planner=SafeLoadPlanner())
-    except (Exception, CheckpointException) as e:
-        raise CheckpointError(f"failed to read DCP checkpoint {path}: {e}") from e
+    read_dcp(state, path)
     model.load_state_dict(state["model"])

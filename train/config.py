@@ -257,7 +257,8 @@ class DeepSpeedConfig:
         require(not self.offload_optimizer or self.zero_stage >= 1, "deepspeed.offload_optimizer",
                 "needs zero_stage >= 1.", "set deepspeed.zero_stage=1 (or higher).")
         if self.config_file is not None:
-            require(Path(self.config_file).is_file(), "deepspeed.config_file", f"{self.config_file} does not exist.",
+            require(not _CHECK_FILES.get() or Path(self.config_file).is_file(), "deepspeed.config_file",
+                    f"{self.config_file} does not exist.",
                     "give the path of a DeepSpeed JSON config.")
 
 
@@ -293,7 +294,8 @@ class CheckpointConfig:
         require(self.every >= 0, "checkpoint.every", f"must be >= 0, got {self.every}.")
         require_positive(self.keep_last, "checkpoint.keep_last")
         if self.resume not in ("auto", "none"):
-            require(Path(self.resume).is_dir(), "checkpoint.resume", f"{self.resume} does not exist.",
+            require(not _CHECK_FILES.get() or Path(self.resume).is_dir(), "checkpoint.resume",
+                    f"{self.resume} does not exist.",
                     "use auto, none, or an existing checkpoint folder.")
 
 
@@ -614,7 +616,9 @@ def load_config(recipe: str | Path | None = None, overrides: list[str] | None = 
     Args:
         recipe: path or shipped recipe name; None = all defaults.
         overrides: dotted overrides such as ``train.steps=100``.
-        check_files: check that ``data.path`` and ``data.tokenizer`` exist (off for planning).
+        check_files: check that the files the config names exist (``data.path``, ``data.tokenizer``,
+            ``checkpoint.resume``, ``deepspeed.config_file``): off for planning and for a saved
+            checkpoint's config, which must load on a machine without the training run's files.
     """
     token = _CHECK_FILES.set(check_files)
     try:

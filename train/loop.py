@@ -32,7 +32,7 @@ from longshard.train.faults import (
     maybe_inject_fault,
 )
 from longshard.train.metrics import MetricsLogger, peak_memory_bytes
-from longshard.train.run_lock import RunLock
+from longshard.train.run_lock import RunLocks
 
 if TYPE_CHECKING:  # the loop runs what the trainer builds
     from longshard.parallel import DistEnv
@@ -116,7 +116,7 @@ class TrainLoop:
         self.state, self.inputs, self.run_eval = state, inputs, run_eval
 
     # --- the loop ------------------------------------------------------------------------------
-    def fit(self, watch: PreemptionWatch, lock: RunLock) -> None:
+    def fit(self, watch: PreemptionWatch, lock: RunLocks) -> None:
         """Run the steps, stop cleanly on an agreed pre-emption, then save the final checkpoint."""
         cfg, state = self.cfg, self.state
         first = state.start_step + 1

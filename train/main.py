@@ -6,7 +6,7 @@ import argparse
 import logging
 import os
 
-from longshard.errors import ConfigError
+from longshard.errors import EXIT_CHECKPOINT, EXIT_COLLECTIVE, EXIT_INVALID_INPUT, ConfigError
 from longshard.parallel import destroy_distributed, exit_worker
 from longshard.train.config import load_config
 from longshard.train.faults import PreemptionWatch, die_with_parent
@@ -32,18 +32,18 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.recipe, args.overrides)
     except ConfigError as e:
         logging.getLogger("longshard").error("invalid configuration: %s", e)
-        return 2
+        return EXIT_INVALID_INPUT
     try:
         report = train(cfg, watch)
     except ConfigError as e:
         logging.getLogger("longshard").error("invalid configuration: %s", e)
-        return 2
+        return EXIT_INVALID_INPUT
     except (NonFiniteLossError, CheckpointError) as e:
         logging.getLogger("longshard").error("%s: %s", type(e).__name__, e)
-        return 3
+        return EXIT_CHECKPOINT
     except CollectiveError as e:
         logging.getLogger("longshard").error("CollectiveError: %s", e)
-        return 4
+        return EXIT_COLLECTIVE
     finally:
         watch.restore()
         destroy_distributed()

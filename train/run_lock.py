@@ -48,16 +48,20 @@ def check_writable(folder: str | Path, field: str) -> None:
 
 
 class RunLock:
-    """``output_dir/.lock`` held by this process (rank 0) for the length of a run.
+    """``<folder>/.lock`` held by this process (rank 0) for the length of a run.
 
     Args:
-        out_dir: the run's output directory (created if missing).
+        out_dir: the folder to lock (created if missing): the run's output directory, or another folder
+            it writes into (``checkpoint.dir``).
         stale_s: a lock whose heartbeat is older than this is treated as abandoned.
         heartbeat_s: at most one heartbeat write per this many seconds.
+        field: the config field that names the folder (for messages).
     """
 
-    def __init__(self, out_dir: str | Path, stale_s: float = 900.0, heartbeat_s: float = 30.0) -> None:
+    def __init__(self, out_dir: str | Path, stale_s: float = 900.0, heartbeat_s: float = 30.0,
+                 field: str = "output_dir") -> None:
         self.path = Path(out_dir) / LOCK_FILE
+        self.field = field
         self.stale_s, self.heartbeat_s = stale_s, heartbeat_s
         self.held = False
         self._last = 0.0
@@ -83,7 +87,7 @@ class RunLock:
 
     def acquire(self) -> None:
         """Take the lock or raise ConfigError naming the run that holds it."""
-        check_writable(self.path.parent, "output_dir")
+        check_writable(self.path.parent, self.field)
         me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}
         for _ in range(2):  # a second try after removing a stale lock
             try:
@@ -94,9 +98,9 @@ class RunLock:
                 if why is None:
                     since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(holder.get("started", 0)))
                     raise ConfigError(
-                        "output_dir", f"{self.path.parent} is in use by another run (pid {holder.get('pid')} on "
+                        self.field, f"{self.path.parent} is in use by another run (pid {holder.get('pid')} on "
                         f"{holder.get('host')}, started {since}; lock {self.path}).",
-                        "wait for it to finish, choose another output_dir, or delete the lock file if that run "
+                        f"wait for it to finish, choose another {self.field}, or delete the lock file if that run "
                         "is dead.") from None
                 log.warning("taking over the stale lock %s (%s)", self.path, why)
                 self.path.unlink(missing_ok=True)
@@ -106,8 +110,8 @@ class RunLock:
             self.held = True
             self._last = time.time()
             return
-        raise ConfigError("output_dir", f"could not take the lock {self.path} (another run took it first).",
-                          "choose another output_dir.")
+        raise ConfigError(self.field, f"could not take the lock {self.path} (another run took it first).",
+                          f"choose another {self.field}.")
 
     def heartbeat(self) -> None:
         """Refresh the lock's modification time (rate-limited)."""
@@ -125,3 +129,37 @@ class RunLock:
         if self.held and self._holder().get("pid") == os.getpid():
             self.path.unlink(missing_ok=True)
         self.held = False
+
+
+class RunLocks:
+    """Locks on every folder a run writes into, taken in order (all or none) and released together.
+
+    Args:
+        folders: (folder, config field) pairs; a folder listed twice is locked once.
+        stale_s: see :class:`RunLock`.
+    """
+
+    def __init__(self, folders: list[tuple[str | Path, str]], stale_s: float = 900.0) -> None:
+        seen, self.locks = set(), []
+        for folder, field in folders:
+            key = Path(folder).resolve()
+            if key not in seen:
+                seen.add(key)
+                self.locks.append(RunLock(folder, stale_s=stale_s, field=field))
+
+    def acquire(self) -> None:
+        """Take every lock, or none (raises the ConfigError of the first folder in use)."""
+        try:
+            for lock in self.locks:
+                lock.acquire()
+        except ConfigError:
+            self.release()
+            raise
+
+    def heartbeat(self) -> None:
+        for lock in self.locks:
+            lock.heartbeat()
+
+    def release(self) -> None:
+        for lock in self.locks:
+            lock.release()

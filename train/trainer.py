@@ -64,7 +64,7 @@ from longshard.train.faults import (
 from longshard.train.fingerprint import fingerprint
 from longshard.train.loop import NonFiniteLossError, StepInputs, TrainLoop, TrainState
 from longshard.train.metrics import MetricsLogger, flops_per_token, peak_tflops
-from longshard.train.run_lock import RunLock, check_writable
+from longshard.train.run_lock import RunLocks
 from longshard.train.schedule import build_scheduler
 
 log = logging.getLogger(__name__)
@@ -404,12 +404,13 @@ def train(cfg: Config, watch: PreemptionWatch | None = None) -> dict[str, Any]:
     dp_size, grad_accum = check_layout(cfg, mcfg, env.world_size)
     sp_size = cfg.parallel.sp_degree
     out_dir = Path(cfg.output_dir)
-    lock = RunLock(out_dir, stale_s=max(900.0, 2 * cfg.parallel.collective_timeout_s))
+    # checkpoint.dir is locked too, even inside output_dir: another run may point its checkpoint.dir here
+    lock = RunLocks([(out_dir, "output_dir"), (cfg.checkpoint.dir, "checkpoint.dir")],
+                    stale_s=max(900.0, 2 * cfg.parallel.collective_timeout_s))
     problem = None
     if env.is_main:  # one holder per run; every rank learns the verdict before anything is written
         try:
             lock.acquire()
-            check_writable(cfg.checkpoint.dir, "checkpoint.dir")
         except ConfigError as e:
             problem = e
     if not all_agree(problem is None, env.device):
@@ -423,7 +424,7 @@ def train(cfg: Config, watch: PreemptionWatch | None = None) -> dict[str, Any]:
 
 
 def _train_locked(cfg: Config, env, t0: float, use_ds: bool, dp_size: int, grad_accum: int, sp_size: int,
-                  mcfg, out_dir: Path, lock: RunLock, watch: PreemptionWatch) -> dict[str, Any]:
+                  mcfg, out_dir: Path, lock: RunLocks, watch: PreemptionWatch) -> dict[str, Any]:
     """The body of :func:`train` once this run holds its output directory's lock."""
     resolved_yaml = dump_config(replace(cfg, model=mcfg, init=replace(cfg.init, hf_path=None)))
     if env.is_main:
@@ -443,7 +444,7 @@ def _train_locked(cfg: Config, env, t0: float, use_ds: bool, dp_size: int, grad_
     )
     run_print = fingerprint(cfg, mcfg, Path(cfg.data.path) if cfg.data.source == "prepared" and cfg.data.path else None)
     ckpt = Checkpointer(cfg.checkpoint.dir, cfg.checkpoint.keep_last, env.rank, resolved_yaml, run_print,
-                        cfg.checkpoint.allow_changes)
+                        cfg.checkpoint.allow_changes, tokenizer=cfg.data.tokenizer)
     resume_from, start_step, history = resume_training(cfg, run.engine, ckpt, loader)
 
     metrics = MetricsLogger(
