@@ -538,7 +538,10 @@ class Checkpointer:
 def load_model_weights(path: str | Path, model: nn.Module) -> None:
     """Load only the model weights of checkpoint ``path`` into an unwrapped model (any process count)."""
     path = Path(path)
-    check_manifest(path, read_trainer_state(path)["files"])
+    if path.name.endswith(".tmp") or (path / STATE_FILE).exists():
+        check_manifest(path, read_trainer_state(path)["files"])
+    else:  # a bare DCP folder (written by hand or by another tool): loadable, but nothing to verify it against
+        log.warning("%s has no %s: its files cannot be checked against a manifest", path, STATE_FILE)
     if not (path / ".metadata").is_file():
         raise CheckpointError(f"{path / '.metadata'} is missing: {path} is not a complete DCP checkpoint.")
     check_metadata_safe(path)
