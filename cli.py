@@ -245,6 +245,7 @@ def _eval(args: argparse.Namespace) -> int:
     import torch
     from longshard.train.data import TokenWindows, build_tokenizer
     from longshard.train.evaluate import evaluate, passkey_grid, plot_results
+    from longshard.train.trainer import check_passkey_lengths
 
     _check_outputs(args, "--output", "--plot")
     if args.plot:
@@ -263,6 +264,7 @@ def _eval(args: argparse.Namespace) -> int:
     autocast = torch.bfloat16 if cfg.train.dtype == "bf16" else None
     tokenizer = build_tokenizer(cfg.data.tokenizer)
     lengths = list(cfg.eval.passkey_lengths) or [cfg.train.seq_len, 2 * cfg.train.seq_len]
+    check_passkey_lengths(tokenizer, lengths if cfg.eval.passkey_samples else [])
     res = evaluate(
         model, val_dataset=val, tokenizer=tokenizer, seq_len=cfg.train.seq_len,
         val_batches=cfg.eval.val_batches, batch_size=cfg.train.micro_batch_size,
@@ -331,6 +333,11 @@ def _generate(args: argparse.Namespace) -> int:
     ids = tok.encode(text)
     if not ids:
         raise ConfigError("--prompt", "the prompt encodes to no tokens.")
+    trained, limit = cfg.train.seq_len, cfg.model.max_seq_len
+    if len(ids) + args.max_new_tokens > trained:
+        log.warning("the prompt (%d tokens) plus --max-new-tokens %d exceeds the trained length %d%s: beyond it "
+                    "the model extrapolates and its output is not what it learned", len(ids), args.max_new_tokens,
+                    trained, f" (and model.max_seq_len {limit})" if len(ids) + args.max_new_tokens > limit else "")
     cache = OffloadedCache(args.offload_cache_blocks) if args.offload_cache_blocks else InferenceCache()
     gen = torch.Generator(device=device).manual_seed(args.seed)
     start = time.perf_counter()

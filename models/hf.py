@@ -101,11 +101,19 @@ _ROPE_REFUSED = {
 def _rope_from_hf(hf: dict[str, Any]) -> RopeConfig:
     """RoPE settings from an HF config, following transformers' ``ROPE_INIT_FUNCTIONS``; a type or key
     longshard does not implement is a ConfigError naming ``rope_scaling.<key>`` (never ignored)."""
+    for key in ("rope_parameters", "rope_scaling"):
+        if hf.get(key) is not None and not isinstance(hf[key], dict):
+            raise ConfigError("init.hf_path", f"config.json: {key} is {json.dumps(hf[key])[:60]}, not an object.",
+                              f"set {key} to an object such as {{\"rope_type\": \"yarn\", \"factor\": 4.0}} or "
+                              "null.")
     params = dict(hf.get("rope_parameters") or {})
     scaling = hf.get("rope_scaling") or {}
     params = {**scaling, **params}
-    theta = float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
+    theta = _hf_num({"rope_theta": params.get("rope_theta", hf.get("rope_theta", 10000.0))}, "rope_theta", float)
     kind = params.get("rope_type", params.get("type", "default")) or "default"
+    if not isinstance(kind, str):
+        raise ConfigError("init.hf_path", f"config.json: rope_type is {kind!r}, not a string.",
+                          "set rope_type to default, linear, yarn or llama3.")
     if kind in _ROPE_REFUSED:
         raise ConfigError("init.hf_path", f"rope_scaling.rope_type={kind!r}: {_ROPE_REFUSED[kind]}.",
                           "use a checkpoint with rope_type default, linear, yarn or llama3, or extend the "

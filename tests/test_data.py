@@ -202,7 +202,7 @@ def test_damaged_prepared_data_is_named(tmp_path):
     with pytest.raises(ConfigError, match=r"meta\.json is not a valid `data prepare` metadata file"):
         read_meta(data)
     (data / "meta.json").write_text(json.dumps({"splits": {}}))
-    with pytest.raises(ConfigError, match="KeyError"):
+    with pytest.raises(ConfigError, match="dtype is None, not an integer token type"):
         read_meta(data)
     (data / "meta.json").write_text(meta)
     windows = TokenWindows(data, "train", 64)

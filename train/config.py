@@ -35,6 +35,7 @@ DP_MODES = ("ddp", "fsdp2")
 SP_MODES = ("ulysses", "ring", "hybrid")
 WANDB_MODES = ("offline", "online", "disabled")
 NAN_POLICIES = ("stop", "skip")
+MAX_COLLECTIVE_TIMEOUT_S = 7 * 24 * 3600  # what a process group's timeout can hold without overflow, and then some
 DEVICES = ("auto", "cpu", "cuda")
 INIT_ROPE = ("keep", "linear", "ntk", "yarn", "llama3")
 
@@ -225,8 +226,9 @@ class ParallelConfig:
     def __post_init__(self) -> None:
         _choice(self.dp_mode, DP_MODES, "parallel.dp_mode")
         require_positive(self.sp_degree, "parallel.sp_degree")
-        require(self.collective_timeout_s > 0, "parallel.collective_timeout_s",
-                f"must be > 0 seconds, got {self.collective_timeout_s}.")
+        require(math.isfinite(self.collective_timeout_s) and 0 < self.collective_timeout_s <= MAX_COLLECTIVE_TIMEOUT_S,
+                "parallel.collective_timeout_s", f"must be > 0 and at most {MAX_COLLECTIVE_TIMEOUT_S} seconds (a "
+                f"week), got {self.collective_timeout_s}.", "give a finite number of seconds, e.g. 600.")
         _choice(self.sp_mode, SP_MODES, "parallel.sp_mode")
         require_positive(self.tp_degree, "parallel.tp_degree")
         if self.sp_mode == "hybrid":

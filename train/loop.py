@@ -12,7 +12,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -63,6 +63,7 @@ class TrainState:
         history: the loss of every applied step so far (a resumed run's earlier ones first).
         last_ckpt: the newest checkpoint written or resumed from, or None.
         skipped_in_row: updates skipped in a row (non-finite loss or gradient, fp16 overflow).
+        skipped: the steps of this launch whose update was skipped.
         preempted_at: the step a pre-emption stopped the run after, or None.
     """
 
@@ -70,6 +71,7 @@ class TrainState:
     history: list[float]
     last_ckpt: Path | None
     skipped_in_row: int = 0
+    skipped: list[int] = field(default_factory=list)
     preempted_at: int | None = None
 
 
@@ -139,6 +141,15 @@ class TrainLoop:
                             "checkpoint.resume=auto", watch.signal_name or "signal on another rank", step)
                 break
         watch.restore()
+        if state.preempted_at is None and state.skipped_in_row:  # never a clean finish, never relabelled weights
+            first_skip = cfg.train.steps - state.skipped_in_row + 1
+            self.metrics.close()
+            raise NonFiniteLossError(
+                f"the run ended while skipping updates: steps {first_skip}-{cfg.train.steps} ({state.skipped_in_row} "
+                f"in a row, {len(state.skipped)} in all) left the weights unchanged, so they are those of step "
+                f"{first_skip - 1}; no final checkpoint was written (the last complete one, "
+                f"{state.last_ckpt or 'none'}, is intact). Lower optim.lr, enable train.grad_clip, or use "
+                "train.dtype=fp32 to investigate.")
         if state.preempted_at is None and cfg.checkpoint.save_final and (
                 state.last_ckpt is None or not str(state.last_ckpt).endswith(f"{cfg.train.steps:08d}")):
             state.last_ckpt = self.save(cfg.train.steps)
@@ -218,6 +229,7 @@ class TrainLoop:
         An fp16 overflow (``overflow``) skips whatever the policy; only too many in a row stop."""
         cfg, state = self.cfg, self.state
         state.skipped_in_row += 1
+        state.skipped.append(step)
         if (cfg.train.nan_policy == "stop" and not overflow) or state.skipped_in_row > cfg.train.max_skipped_steps:
             self.metrics.close()
             raise NonFiniteLossError(

@@ -144,15 +144,18 @@ def human_summary(report: dict[str, Any]) -> str:
     start = report.get("resumed_from_step") or 0
     layout = f"dp {report['world_size'] // (report['sp_degree'] * report['tp_degree'])} x sp {report['sp_degree']}" \
              f" x tp {report['tp_degree']}"
-    head = f"{report['name']} finished: {max(len(losses) - start, 0)} steps" + \
-        (f" (resumed from step {start})" if start else "")
+    skipped = report.get("skipped_steps") or 0
+    head = f"{report['name']} finished: {max(report['steps'] - start, 0)} steps" + \
+        (f" (resumed from step {start})" if start else "") + \
+        (f", {skipped} update(s) skipped (non-finite; steps {report.get('skipped_at')})" if skipped else "")
     if report.get("preempted_at_step") is not None:
         head = f"{report['name']} stopped at step {report['preempted_at_step']} (pre-empted; resume with " \
                "checkpoint.resume=auto)"
     lines = [f"{head} in {report['wall_s']:.1f} s ({report['world_size']} process(es) on {report['device']}, "
              f"{layout})"]
     if losses:
-        lines.append(f"  training loss {losses[0]:.4g} (step 1) -> {losses[-1]:.4g} (step {len(losses)})")
+        last = f"step {len(losses)}" if not skipped else f"update {len(losses)}"
+        lines.append(f"  training loss {losses[0]:.4g} (step 1) -> {losses[-1]:.4g} ({last})")
     if report.get("conversion"):
         c = report["conversion"]
         lines.append(f"  conversion: held-out loss {c['original_loss']:.4g} as loaded, {c['converted_loss']:.4g} "

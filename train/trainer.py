@@ -478,6 +478,8 @@ def _train_locked(cfg: Config, env, t0: float, use_ds: bool, dp_size: int, grad_
         "preempted_at_step": state.preempted_at,
         "losses": state.history,
         "final_loss": state.history[-1] if state.history else None,
+        "skipped_steps": len(state.skipped),  # updates left out (non-finite loss/gradient, fp16 overflow)
+        "skipped_at": state.skipped,
         "conversion": run.conversion,
         **eval_results,
         "world_size": env.world_size,

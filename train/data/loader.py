@@ -62,10 +62,12 @@ class TokenWindows:
         if not 0 <= i < self.n:
             raise IndexError(i)
         w = torch.from_numpy(self.tokens[i * self.seq_len : (i + 1) * self.seq_len + 1].astype(np.int64))
-        if int(w.max()) >= self.vocab_size:  # a damaged or foreign file: name it, never an IndexError in the model
-            at = i * self.seq_len + int(torch.argmax((w >= self.vocab_size).int()))
-            raise ConfigError("data.path", f"{self.file} holds token id {int(w.max())} (at token {at}), but its "
-                              f"vocabulary has {self.vocab_size} ids ({META_NAME}).",
+        outside = (w >= self.vocab_size) | (w < 0)  # a damaged or foreign file: named, never an IndexError
+        if bool(outside.any()):
+            at = int(torch.argmax(outside.int()))
+            raise ConfigError("data.path", f"{self.file} holds token id {int(w[at])} (at token "
+                              f"{i * self.seq_len + at}), but its vocabulary has ids 0-{self.vocab_size - 1} "
+                              f"({META_NAME}).",
                               "re-run `longshard data prepare`; the file is damaged or from another tokenizer.")
         tokens, labels = w[:-1], w[1:]
         return Sample(tokens, labels, torch.cumsum(tokens == self.bos_id, 0))

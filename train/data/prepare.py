@@ -40,8 +40,13 @@ def iter_documents(inputs: Iterable[str | Path], text_field: str = "text") -> It
         files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
         for f in files:
             if f.suffix == ".jsonl":
-                with f.open(encoding="utf-8") as fh:
-                    for n, line in enumerate(fh, 1):
+                with f.open("rb") as fh:
+                    for n, raw in enumerate(fh, 1):
+                        try:
+                            line = raw.decode("utf-8")
+                        except UnicodeDecodeError as e:
+                            raise ConfigError("data prepare --input", f"{f}:{n} is not valid UTF-8 (byte "
+                                              f"{e.start + 1} of the line).", "re-encode the file as UTF-8.") from None
                         if not line.strip():
                             continue
                         try:
@@ -51,6 +56,10 @@ def iter_documents(inputs: Iterable[str | Path], text_field: str = "text") -> It
                                               "fix or remove that line.") from None
                         if not isinstance(rec, dict) or text_field not in rec:
                             raise ConfigError("data prepare --text-field", f"{f}:{n} has no field {text_field!r}.")
+                        if not isinstance(rec[text_field], str):
+                            raise ConfigError("data prepare --input", f"{f}:{n}: {text_field!r} is "
+                                              f"{json.dumps(rec[text_field])[:40]}, not a string.",
+                                              "fix or remove that line.")
                         yield rec[text_field]
             else:
                 yield f.read_text(encoding="utf-8", errors="replace")
@@ -168,29 +177,55 @@ def prepare_default(output: str | Path, max_bytes: int, val_fraction: float = 0.
                    sources=[f"python-stdlib (first {max_bytes} bytes)"])
 
 
+TOKEN_DTYPES = ("uint16", "uint32", "int32", "int64")  # what a token file may hold (data prepare writes uint16/32)
+
+
 def read_meta(path: str | Path) -> dict:
-    """Metadata of a prepared folder, with clear errors for missing or empty data."""
+    """Metadata of a prepared folder, checked field by field (ConfigError naming the file and field):
+    an integer token dtype, integer token counts that match the files' sizes, a vocabulary size,
+    BOS/EOS ids inside it, and both the ``train`` and ``val`` splits."""
     p = Path(path)
     meta_file = p / META
     if not meta_file.is_file():
         raise ConfigError("data.path", f"{meta_file} does not exist.",
                           "run `longshard data prepare --input FILES --output DIR` first.")
+
+    def bad(why: str) -> ConfigError:
+        return ConfigError("data.path", f"{meta_file} is not a valid `data prepare` metadata file: {why}.",
+                           "re-run `longshard data prepare` into a new folder.")
+
     try:
         meta = json.loads(meta_file.read_text())
-        splits = {split: (info["file"], int(info["n_tokens"])) for split, info in meta["splits"].items()}
-        itemsize = np.dtype(meta["dtype"]).itemsize
-        int(meta["vocab_size"]), meta["splits"]["train"]  # noqa: B018 - required keys
-    except (ValueError, KeyError, TypeError) as e:
-        raise ConfigError("data.path", f"{meta_file} is not a valid `data prepare` metadata file "
-                          f"({type(e).__name__}: {e}).", "re-run `longshard data prepare` into a new folder.") from None
-    for split, (name, n_tokens) in splits.items():
-        f = p / name
+    except (ValueError, OSError) as e:
+        raise bad(f"{type(e).__name__}: {e}") from None
+    if not isinstance(meta, dict):
+        raise bad("it is not a JSON object")
+    if meta.get("dtype") not in TOKEN_DTYPES:
+        raise bad(f"dtype is {meta.get('dtype')!r}, not an integer token type ({', '.join(TOKEN_DTYPES)})")
+    vocab = meta.get("vocab_size")
+    if type(vocab) is not int or vocab <= 0:
+        raise bad(f"vocab_size is {vocab!r}, not a positive integer")
+    for key in ("bos_id", "eos_id"):
+        if type(meta.get(key)) is not int or not 0 <= meta[key] < vocab:
+            raise bad(f"{key} is {meta.get(key)!r}, not a token id below vocab_size={vocab}")
+    splits = meta.get("splits")
+    if not isinstance(splits, dict) or not {"train", "val"} <= set(splits):
+        raise bad(f"splits has {sorted(splits) if isinstance(splits, dict) else splits!r}, not train and val")
+    itemsize = np.dtype(meta["dtype"]).itemsize
+    for split in ("train", "val"):
+        info = splits[split]
+        if not isinstance(info, dict) or not isinstance(info.get("file"), str) or "/" in info["file"]:
+            raise bad(f"splits.{split} is {info!r}, not {{file, n_tokens}}")
+        n_tokens = info.get("n_tokens")
+        if type(n_tokens) is not int or n_tokens < 0:
+            raise bad(f"splits.{split}.n_tokens is {n_tokens!r}, not a non-negative integer")
+        f = p / info["file"]
         if not f.is_file():
             raise ConfigError("data.path", f"{f} listed in {META} is missing.")
         expect = n_tokens * itemsize
         if f.stat().st_size != expect:
             raise ConfigError("data.path", f"{f} has {f.stat().st_size} bytes, {META} says {expect} ({split}).",
                               "re-run data prepare; the file is truncated or from another run.")
-    if meta["splits"]["train"]["n_tokens"] == 0:
+    if splits["train"]["n_tokens"] == 0:
         raise ConfigError("data.path", f"{p} holds no training tokens.")
     return meta

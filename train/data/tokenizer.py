@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Protocol
 
@@ -56,7 +57,15 @@ class HFTokenizer:
             path = path / "tokenizer.json"
         if not path.is_file():
             raise ConfigError("data.tokenizer", f"{path} does not exist.", "give a local tokenizer.json.")
-        self._tok = _Tok.from_file(str(path))
+        try:
+            json.loads(path.read_text(encoding="utf-8"))
+            self._tok = _Tok.from_file(str(path))
+        except json.JSONDecodeError as e:
+            raise ConfigError("data.tokenizer", f"{path} is not valid JSON (line {e.lineno}, column {e.colno}: "
+                              f"{e.msg}); the file is cut short or damaged.", "re-copy the tokenizer.json.") from None
+        except Exception as e:  # tokenizers' own parse error (valid JSON, not a tokenizer)
+            raise ConfigError("data.tokenizer", f"{path} is not a tokenizers file ({str(e)[:200]}).",
+                              "give the tokenizer.json of a Hugging Face tokenizer.") from None
         self.name = str(path)
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
         self.bos_id = self._find(bos_token, ("<|begin_of_text|>", "<s>", "<|endoftext|>", "<bos>"))
