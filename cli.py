@@ -105,8 +105,9 @@ def _host_available_bytes() -> int:
 def _run_forwarding_signals(cmd: list[str]) -> tuple[int, bool]:
     """Run ``cmd`` (torchrun), passing SIGTERM / SIGINT / SIGHUP on to it and waiting for it to end, so
     its workers checkpoint and stop instead of running on; it also dies if this process is killed.
-    Returns its exit code and whether torchrun reported a worker killed by SIGKILL (its stderr is
-    passed through as it comes)."""
+    Returns its exit code and whether torchrun reported a worker killed by SIGKILL with no worker's
+    own error before it (its stderr is passed through as it comes): a worker torchrun kills after
+    another stopped with a named error was not killed by the kernel."""
     import signal
     import threading
 
@@ -114,8 +115,10 @@ def _run_forwarding_signals(cmd: list[str]) -> tuple[int, bool]:
 
     proc = subprocess.Popen(cmd, preexec_fn=die_with_parent if sys.platform.startswith("linux") else None,
                             stderr=subprocess.PIPE)
-    killed = threading.Event()
+    killed, named = threading.Event(), threading.Event()
     markers = (b"exitcode  : -9", b"Signal 9 (SIGKILL)")
+    # a worker's own named error (then torchrun SIGKILLs the workers that do not stop: not the OOM killer)
+    errors = (b"CollectiveError:", b"CheckpointError:", b"NonFiniteLossError:", b"invalid configuration:")
 
     def relay() -> None:  # raw chunks as they come: a progress bar's carriage returns keep working
         tail = b""
@@ -129,6 +132,8 @@ def _run_forwarding_signals(cmd: list[str]) -> tuple[int, bool]:
             seen = tail + chunk
             if any(m in seen for m in markers):
                 killed.set()
+            if any(m in seen for m in errors):
+                named.set()
             tail = seen[-32:]
 
     reader = threading.Thread(target=relay, daemon=True)
@@ -138,7 +143,7 @@ def _run_forwarding_signals(cmd: list[str]) -> tuple[int, bool]:
     try:
         rc = proc.wait()
         reader.join(timeout=10)
-        return rc, killed.is_set()
+        return rc, killed.is_set() and not named.is_set()
     finally:
         for s, h in previous.items():
             signal.signal(s, h)

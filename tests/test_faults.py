@@ -13,8 +13,9 @@ from longshard.train.faults import PreemptionWatch, collective_failure, is_colle
 
 
 def test_parse_fault_spec():
-    assert parse_fault("kill:rank=1:step=4") == ("kill", 1, 4)
-    assert parse_fault("hang:step=2:rank=0") == ("hang", 0, 2)
+    assert parse_fault("kill:rank=1:step=4") == ("kill", 1, 4, "step")
+    assert parse_fault("hang:step=2:rank=0") == ("hang", 0, 2, "step")
+    assert parse_fault("hang:rank=1:step=2:at=save") == ("hang", 1, 2, "save")
     for bad in ("explode:rank=1:step=2", "kill:rank=1", "kill:rank=1:step=2:when=now"):
         with pytest.raises(ValueError, match="LONGSHARD_INJECT_FAULT"):
             parse_fault(bad)
@@ -139,3 +140,28 @@ def test_full_disk_for_metrics_warns_once_and_training_goes_on(tmp_path, monkeyp
     steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 4]
     m.close()
+
+
+@pytest.mark.dist
+def test_a_rank_stalled_in_a_checkpoint_save_is_named_and_not_blamed_on_memory(tmp_path):
+    """Rank 1 hangs as step 2's checkpoint save starts: rank 0's save collective times out with a
+    CollectiveError naming the phase; torchrun then SIGKILLs the hung rank, which the launcher does not
+    report as the out-of-memory killer."""
+    import os
+    import re
+    import time
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", WANDB_MODE="disabled",
+               LONGSHARD_INJECT_FAULT="hang:rank=1:step=2:at=save")
+    t0 = time.time()
+    proc = subprocess.run(
+        [sys.executable, "-m", "longshard.cli", "train", "quickstart", "train.steps=3", "checkpoint.every=2",
+         "model.n_layers=1", "train.seq_len=64", "train.global_batch_size=8", "data.default_corpus_bytes=100000",
+         "eval.passkey_samples=0", "logging.wandb=disabled", "logging.progress=false",
+         "parallel.collective_timeout_s=5", f"output_dir={tmp_path / 'run'}"],
+        env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and time.time() - t0 < 240
+    assert re.search(r"CollectiveError: rank 0: a collective failed during the checkpoint save of step 2 ",
+                     proc.stderr), proc.stderr[-4000:]
+    assert "out-of-memory" not in proc.stderr
+    assert not (tmp_path / "run" / "checkpoints" / "step_00000002").exists()

@@ -11,7 +11,7 @@
   killed, the ``longshard train`` wrapper killed), so no worker trains on unseen in the background.
 * :func:`maybe_inject_fault` is a drill hook: ``LONGSHARD_INJECT_FAULT="kill:rank=1:step=4"`` makes
   rank 1 SIGKILL itself when step 4 starts (``hang:`` sleeps forever instead, ``term:`` sends itself
-  SIGTERM; step 0 is start-up), on the first launch
+  SIGTERM; step 0 is start-up; ``:at=save`` fires as step 4's checkpoint save starts), on the first launch
   only (torchrun's ``TORCHELASTIC_RESTART_COUNT`` = 0), so restarts and resumption can be tested
   end to end. Unset in normal runs.
 """
@@ -118,26 +118,32 @@ def die_with_parent(sig: int = signal.SIGTERM) -> bool:
     return True
 
 
-def parse_fault(spec: str) -> tuple[str, int, int]:
-    """``kind:rank=R:step=S`` -> (kind, R, S); kind is ``kill``, ``hang`` or ``term`` (SIGTERM to itself).
-    Step 0 is start-up (after the model is built, before a checkpoint is loaded)."""
+FAULT_PHASES = ("step", "save")  # where a drill fires: when the step starts, or as its checkpoint save starts
+
+
+def parse_fault(spec: str) -> tuple[str, int, int, str]:
+    """``kind:rank=R:step=S[:at=PHASE]`` -> (kind, R, S, PHASE); kind is ``kill``, ``hang`` or ``term``
+    (SIGTERM to itself); PHASE ``step`` (default: when step S starts; step 0 is start-up, after the model
+    is built, before a checkpoint is loaded) or ``save`` (as the checkpoint of step S starts)."""
     parts = spec.split(":")
     fields = dict(p.split("=", 1) for p in parts[1:] if "=" in p)
-    if parts[0] not in ("kill", "hang", "term") or set(fields) != {"rank", "step"}:
+    phase = fields.pop("at", "step")
+    if parts[0] not in ("kill", "hang", "term") or set(fields) != {"rank", "step"} or phase not in FAULT_PHASES:
         raise ValueError(f"{FAULT_ENV}={spec!r}: expected 'kill:rank=R:step=S', 'hang:rank=R:step=S' or "
-                         "'term:rank=R:step=S'")
-    return parts[0], int(fields["rank"]), int(fields["step"])
+                         "'term:rank=R:step=S', optionally with ':at=save'")
+    return parts[0], int(fields["rank"]), int(fields["step"]), phase
 
 
-def maybe_inject_fault(step: int, rank: int) -> None:
-    """Fire the drill fault configured in ``LONGSHARD_INJECT_FAULT`` when this rank reaches its step."""
+def maybe_inject_fault(step: int, rank: int, phase: str = "step") -> None:
+    """Fire the drill fault configured in ``LONGSHARD_INJECT_FAULT`` when this rank reaches its step
+    (``phase``: ``step`` as the step starts, ``save`` as its checkpoint save starts)."""
     spec = os.environ.get(FAULT_ENV)
     if not spec or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
         return
-    kind, fault_rank, fault_step = parse_fault(spec)
-    if rank != fault_rank or step != fault_step:
+    kind, fault_rank, fault_step, fault_phase = parse_fault(spec)
+    if rank != fault_rank or step != fault_step or phase != fault_phase:
         return
-    log.warning("fault drill: %s on rank %d at step %d", kind, rank, step)
+    log.warning("fault drill: %s on rank %d at step %d (%s)", kind, rank, step, phase)
     if kind == "kill":
         os.kill(os.getpid(), signal.SIGKILL)
     if kind == "term":

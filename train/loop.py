@@ -26,6 +26,7 @@ from longshard.train.config import Config
 from longshard.train.data import DistributedLoader
 from longshard.train.evaluate import forward_loss
 from longshard.train.faults import (
+    CollectiveError,
     PreemptionWatch,
     collective_failure,
     is_collective_error,
@@ -135,7 +136,7 @@ class TrainLoop:
             state.last_ckpt = saved or state.last_ckpt
             if rec is not None and self.guarded(lambda: watch.agreed(self.env.device), step, "pre-emption check"):
                 if saved is None:
-                    state.last_ckpt = self.save(step)
+                    state.last_ckpt = self.guarded(lambda s=step: self.save(s), step, "checkpoint save")
                 state.preempted_at = step
                 log.warning("pre-empted (%s): wrote the checkpoint of step %d and stopped; resume with "
                             "checkpoint.resume=auto", watch.signal_name or "signal on another rank", step)
@@ -152,7 +153,7 @@ class TrainLoop:
                 "train.dtype=fp32 to investigate.")
         if state.preempted_at is None and cfg.checkpoint.save_final and (
                 state.last_ckpt is None or not str(state.last_ckpt).endswith(f"{cfg.train.steps:08d}")):
-            state.last_ckpt = self.save(cfg.train.steps)
+            state.last_ckpt = self.guarded(lambda: self.save(cfg.train.steps), cfg.train.steps, "checkpoint save")
 
     def step(self, step: int) -> tuple[dict[str, Any] | None, Path | None]:
         """One optimizer step; returns its metrics (None when the update was skipped) and its checkpoint."""
@@ -177,8 +178,9 @@ class TrainLoop:
             rec.update(self.run_eval())
         if step % cfg.train.log_every == 0 or step == cfg.train.steps:
             self.metrics.log(step, rec)
-        saved = self.save(step) if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 else None
-        return rec, saved
+        if cfg.checkpoint.every and step % cfg.checkpoint.every == 0:
+            return rec, self.guarded(lambda: self.save(step), step, "checkpoint save")
+        return rec, None
 
     # --- parts of a step -----------------------------------------------------------------------
     def _batches(self, step: int) -> tuple[list[dict[str, torch.Tensor]], float]:
@@ -263,6 +265,7 @@ class TrainLoop:
     # --- checkpoints and failures --------------------------------------------------------------
     def save(self, step: int) -> Path:
         """Checkpoint the weights, optimizer, loader position and losses (never non-finite weights)."""
+        maybe_inject_fault(step, self.env.rank, "save")
         if not parameters_finite(self.run.dmodel, self.env.device):
             self.metrics.close()
             raise NonFiniteLossError(
@@ -275,6 +278,8 @@ class TrainLoop:
         """Run ``fn``; a backend failure becomes a CollectiveError naming rank, step and phase."""
         try:
             return fn()
+        except CollectiveError:  # already named by an inner phase
+            raise
         except Exception as e:
             if is_collective_error(e):
                 self.metrics.close()
