@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -102,12 +103,24 @@ def _host_available_bytes() -> int:
     return 0
 
 
+# A worker's own error that makes torchrun stop (and SIGKILL) the others: then a SIGKILL is torchrun's, not the
+# out-of-memory killer's. A collective error after a peer *died* (connection reset) does not count: that peer's
+# SIGKILL is the cause. One that timed out (a peer hung) does.
+_OWN_ERROR = re.compile(rb"(CheckpointError:|NonFiniteLossError:|invalid configuration:|CollectiveError:[^\n]*"
+                        rb"[Tt]imed out)")
+
+
+def _sigkill_unexplained(stderr_tail: bytes) -> bool:
+    """Whether torchrun's output reports a worker killed by SIGKILL that no worker's own error explains."""
+    killed = b"exitcode  : -9" in stderr_tail or b"Signal 9 (SIGKILL)" in stderr_tail
+    return killed and _OWN_ERROR.search(stderr_tail) is None
+
+
 def _run_forwarding_signals(cmd: list[str]) -> tuple[int, bool]:
     """Run ``cmd`` (torchrun), passing SIGTERM / SIGINT / SIGHUP on to it and waiting for it to end, so
     its workers checkpoint and stop instead of running on; it also dies if this process is killed.
-    Returns its exit code and whether torchrun reported a worker killed by SIGKILL with no worker's
-    own error before it (its stderr is passed through as it comes): a worker torchrun kills after
-    another stopped with a named error was not killed by the kernel."""
+    Returns its exit code and whether a worker was killed by SIGKILL with nothing else to explain it
+    (:func:`_sigkill_unexplained`; stderr is passed through as it comes)."""
     import signal
     import threading
 
@@ -115,13 +128,9 @@ def _run_forwarding_signals(cmd: list[str]) -> tuple[int, bool]:
 
     proc = subprocess.Popen(cmd, preexec_fn=die_with_parent if sys.platform.startswith("linux") else None,
                             stderr=subprocess.PIPE)
-    killed, named = threading.Event(), threading.Event()
-    markers = (b"exitcode  : -9", b"Signal 9 (SIGKILL)")
-    # a worker's own named error (then torchrun SIGKILLs the workers that do not stop: not the OOM killer)
-    errors = (b"CollectiveError:", b"CheckpointError:", b"NonFiniteLossError:", b"invalid configuration:")
+    kept = bytearray()  # the last 4 MB of stderr, to explain the ending
 
     def relay() -> None:  # raw chunks as they come: a progress bar's carriage returns keep working
-        tail = b""
         out = getattr(sys.stderr, "buffer", None)
         while chunk := os.read(proc.stderr.fileno(), 65536):
             if out is not None:
@@ -129,12 +138,8 @@ def _run_forwarding_signals(cmd: list[str]) -> tuple[int, bool]:
                 out.flush()
             else:
                 sys.stderr.write(chunk.decode(errors="replace"))
-            seen = tail + chunk
-            if any(m in seen for m in markers):
-                killed.set()
-            if any(m in seen for m in errors):
-                named.set()
-            tail = seen[-32:]
+            kept.extend(chunk)
+            del kept[:-4 * 2**20]
 
     reader = threading.Thread(target=relay, daemon=True)
     reader.start()
@@ -143,7 +148,7 @@ def _run_forwarding_signals(cmd: list[str]) -> tuple[int, bool]:
     try:
         rc = proc.wait()
         reader.join(timeout=10)
-        return rc, killed.is_set() and not named.is_set()
+        return rc, _sigkill_unexplained(bytes(kept))
     finally:
         for s, h in previous.items():
             signal.signal(s, h)

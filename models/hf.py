@@ -388,10 +388,34 @@ def _unsafe_pickle(file: Path, what: str) -> ConfigError:
 
 
 def check_hf_checkpoint(path: str | Path) -> None:
-    """Check a local HF checkpoint's config.json and weight files before any weight is read."""
-    read_hf_config(path)
+    """Check a local HF checkpoint's config.json and weight files before any weight is read or any
+    model is built: each file's header (or pickle opcodes), and the layer count and embedding shape
+    config.json states against the tensors the safetensors headers describe."""
+    hf = read_hf_config(path)
+    tensors: dict[str, dict] = {}
     for f in weight_files(Path(path)):
         check_weight_file(f)
+        if f.suffix == ".safetensors":
+            tensors.update((k, v) for k, v in safetensors_header(f)[0].items() if k != "__metadata__")
+    if tensors:
+        _check_config_against_tensors(Path(path), hf, tensors)
+
+
+def _check_config_against_tensors(path: Path, hf: dict[str, Any], tensors: dict[str, dict]) -> None:
+    """config.json's num_hidden_layers and (vocab_size, hidden_size) match the weights' headers."""
+    layers = {int(m.group(1)) for k in tensors if (m := re.match(r"model\.layers\.(\d+)\.", k))}
+    n = _hf_num(hf, "num_hidden_layers", int)
+    if layers != set(range(n)):
+        held = f"layers 0-{max(layers)} ({len(layers)} in all)" if layers else "no layers"
+        raise ConfigError("init.hf_path", f"{path}/config.json says num_hidden_layers={n}, but its weights hold "
+                          f"{held}.", "use the config.json the weights were saved with.")
+    embed = tensors.get("model.embed_tokens.weight")
+    want = [_hf_num(hf, "vocab_size", int), _hf_num(hf, "hidden_size", int)]
+    if embed is not None and list(embed["shape"]) != want:
+        raise ConfigError("init.hf_path", f"{path}/config.json says vocab_size x hidden_size = {want[0]} x "
+                          f"{want[1]}, but model.embed_tokens.weight is {embed['shape'][0]} x "
+                          f"{embed['shape'][1] if len(embed['shape']) > 1 else '?'}.",
+                          "use the config.json the weights were saved with.")
 
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:

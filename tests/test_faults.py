@@ -165,3 +165,18 @@ def test_a_rank_stalled_in_a_checkpoint_save_is_named_and_not_blamed_on_memory(t
                      proc.stderr), proc.stderr[-4000:]
     assert "out-of-memory" not in proc.stderr
     assert not (tmp_path / "run" / "checkpoints" / "step_00000002").exists()
+
+
+def test_which_sigkill_gets_the_out_of_memory_explanation():
+    """A peer killed first (the others see a reset connection) is explained as memory; a worker torchrun
+    kills after another's own error (a timeout of a hung peer, a refused checkpoint) is not."""
+    from longshard.cli import _sigkill_unexplained
+
+    summary = b"[1]:\n  exitcode  : -9 (pid: 17587)  (SIGKILL)\n  traceback : Signal 9 (SIGKILL) received by PID 1\n"
+    reset = b"[rank0] ERROR longshard: CollectiveError: rank 0: ... Connection reset by peer. ...\n"
+    timeout = b"[rank0] ERROR longshard: CollectiveError: rank 0: ... (Timed out waiting 5000ms for recv)\n"
+    assert _sigkill_unexplained(summary)
+    assert _sigkill_unexplained(reset + summary)
+    assert not _sigkill_unexplained(timeout + summary)
+    assert not _sigkill_unexplained(b"[rank1] ERROR longshard: CheckpointError: x\n" + summary)
+    assert not _sigkill_unexplained(reset)  # no SIGKILL at all

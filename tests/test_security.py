@@ -632,3 +632,25 @@ def test_slurm_values_on_the_command_line_arrive_as_one_word(tmp_path, capsys):
     argv = json.loads(args_file.read_text())
     assert not marker.exists()
     assert f"python3 $(touch {marker})" in argv and all(o in argv for o in nasty)
+
+
+def test_a_malformed_state_file_falls_back_to_the_previous_checkpoint(small_run, tmp_path, caplog):
+    """Damaged (not tampered): the newest checkpoint's state file lists a file as a string; resume names
+    it and takes the previous checkpoint instead of stopping with a traceback."""
+    import shutil
+
+    from longshard.cli import main
+
+    out = tmp_path / "run"
+    shutil.copytree(small_run, out)
+    state_file = out / "checkpoints" / "step_00000002" / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    state["files"][".metadata"] = "12"
+    state_file.write_text(json.dumps(state))
+    rc = main(["train", "quickstart", "train.nproc=1", "train.steps=3", "checkpoint.every=1",
+               "train.global_batch_size=4", "data.default_corpus_bytes=100000", "eval.passkey_samples=0",
+               "eval.val_batches=1", "logging.wandb=disabled", f"output_dir={out}"])
+    assert rc == 0
+    assert re.search(r"skipping damaged checkpoint: .*step_00000002/trainer_state\.json is corrupt: "
+                     r"files\['\.metadata'\] is '12'", caplog.text)
+    assert json.loads((out / "report.json").read_text())["resumed_from_step"] == 1

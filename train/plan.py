@@ -103,16 +103,28 @@ def param_count(mcfg: ModelConfig, tp: int = 1) -> tuple[float, float]:
 
 
 def _param_count(mcfg: ModelConfig, tp: int) -> tuple[float, float]:
-    with torch.device("meta"):
-        model = Transformer(mcfg)
+    """From shapes, one meta-device layer per kind: layers with the same attention spec (and the same
+    :meth:`~longshard.models.attention.AttentionOptions.layer_variant`) have the same parameters, so a
+    200,000-layer config plans as fast as a 2-layer one."""
+    from dataclasses import replace
+
+    from longshard.models.attention import parse_options
+    from longshard.models.model import TransformerBlock
 
     def local(named) -> float:  # the row-parallel output bias stays whole on every rank
         return sum(p.numel() / (tp if any(k in n for k in TP_SPLIT) and n.split(".")[-2:] != ["wo", "bias"]
                                 else 1) for n, p in named)
 
-    total = local(model.named_parameters())
-    block = max(local(layer.named_parameters()) for layer in model.layers)
-    return total, block
+    kinds: dict[tuple, list[int]] = {}  # kind -> layer indices
+    for i in range(mcfg.n_layers):
+        spec = mcfg.layer_attention(i)
+        kinds.setdefault((repr(spec), parse_options(spec.name, spec.options).layer_variant(i)), []).append(i)
+    with torch.device("meta"):
+        blocks = {kind: local(TransformerBlock(mcfg, idx[0]).named_parameters()) for kind, idx in kinds.items()}
+        shell = Transformer(replace(mcfg, n_layers=1, attention=[mcfg.layer_attention(0)]))
+    outside = local(shell.named_parameters()) - local(shell.layers[0].named_parameters())
+    total = outside + sum(blocks[kind] * len(idx) for kind, idx in kinds.items())
+    return total, max(blocks.values())
 
 
 _CORE_BYTES: dict = {}

@@ -11,7 +11,7 @@ import dataclasses
 import math
 import types
 import typing
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -87,6 +87,12 @@ class AttentionOptions:
 
     def tensor_parallel_problem(self) -> str | None:
         """Why tensor parallelism cannot split these layers' heads, or None when it can."""
+        return None
+
+    def layer_variant(self, layer_idx: int) -> Hashable:
+        """What makes layer ``layer_idx``'s parameters differ from another layer's with the same options
+        (its index alone), or None when every such layer has the same parameters. Lets the planner build
+        one layer of each kind instead of the whole model."""
         return None
 
 

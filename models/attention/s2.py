@@ -74,6 +74,9 @@ class S2Options(AttentionOptions):
     def ring_seq_multiple(self, ring_degree: int) -> int:
         return 2 * ring_degree * self.block  # whole blocks in each of the 2 x ring zigzag chunks
 
+    def layer_variant(self, layer_idx: int) -> bool:
+        return s2_is_dense_layer(layer_idx, self)  # dense_every_n_layers: those layers are built dense
+
 
 S2_SHARDS = ("auto", "kv", "query")
 
