@@ -116,18 +116,30 @@ def _sigkill_unexplained(stderr_tail: bytes) -> bool:
     return killed and _OWN_ERROR.search(stderr_tail) is None
 
 
+def _children(pid: int) -> list[int]:
+    """Process ids of ``pid``'s children (Linux /proc; empty elsewhere)."""
+    found = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            found += [int(c) for c in (task / "children").read_text().split()]
+        except (OSError, ValueError):
+            continue
+    return found
+
+
 def _run_forwarding_signals(cmd: list[str]) -> tuple[int, bool]:
-    """Run ``cmd`` (torchrun), passing SIGTERM / SIGINT / SIGHUP on to it and waiting for it to end, so
-    its workers checkpoint and stop instead of running on; it also dies if this process is killed.
-    Returns its exit code and whether a worker was killed by SIGKILL with nothing else to explain it
-    (:func:`_sigkill_unexplained`; stderr is passed through as it comes)."""
+    """Run ``cmd`` (torchrun) in its own session and pass SIGTERM / SIGINT / SIGHUP on as SIGTERM to its
+    workers (torchrun's children), so they checkpoint, stop and exit 0 and torchrun ends cleanly; torchrun
+    itself is signalled only when it has no workers (or, on Ctrl-C, it never sees the terminal's SIGINT).
+    It also dies if this process is killed. Returns its exit code and whether a worker was killed by
+    SIGKILL with nothing else to explain it (:func:`_sigkill_unexplained`; stderr is passed through)."""
     import signal
     import threading
 
     from longshard.train.faults import die_with_parent
 
     proc = subprocess.Popen(cmd, preexec_fn=die_with_parent if sys.platform.startswith("linux") else None,
-                            stderr=subprocess.PIPE)
+                            stderr=subprocess.PIPE, start_new_session=True)
     kept = bytearray()  # the last 4 MB of stderr, to explain the ending
 
     def relay() -> None:  # raw chunks as they come: a progress bar's carriage returns keep working
@@ -141,9 +153,18 @@ def _run_forwarding_signals(cmd: list[str]) -> tuple[int, bool]:
             kept.extend(chunk)
             del kept[:-4 * 2**20]
 
+    def forward(signum, frame) -> None:  # noqa: ARG001 - signal handler signature
+        workers = _children(proc.pid)
+        for pid in workers:
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        if not workers:
+            proc.send_signal(signum)
+
     reader = threading.Thread(target=relay, daemon=True)
     reader.start()
-    forward = lambda signum, frame: proc.send_signal(signum)  # noqa: E731
     previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
     try:
         rc = proc.wait()
@@ -172,10 +193,19 @@ def _data_prepare(args: argparse.Namespace) -> int:
 def _launch_slurm(args: argparse.Namespace) -> int:
     from longshard.launch.slurm import render_sbatch, write_sbatch
     from longshard.train.config import load_config
+    from longshard.train.trainer import check_layout, resolve_model_config
 
-    load_config(args.recipe, args.overrides)  # reject a bad recipe before it reaches the queue
+    cfg = load_config(args.recipe, args.overrides)  # reject a bad recipe before it reaches the queue
+    procs = args.procs_per_node or args.gpus_per_node or cfg.train.nproc
+    world = args.nodes * procs
+    try:  # the whole layout at this world size, as `train` will check it on the nodes
+        check_layout(cfg, resolve_model_config(cfg), world)
+    except ConfigError as e:
+        raise ConfigError(e.field, f"with --nodes {args.nodes} x {procs} processes per node = {world} processes: "
+                          f"{e.problem}", e.fix or "change --nodes / --gpus-per-node or the recipe's layout.") from None
     text = render_sbatch(
-        args.recipe, nodes=args.nodes, gpus_per_node=args.gpus_per_node, overrides=args.overrides,
+        args.recipe, nodes=args.nodes, gpus_per_node=args.gpus_per_node, procs_per_node=procs,
+        overrides=args.overrides,
         job_name=args.job_name, time=args.time, partition=args.partition, account=args.account, port=args.port,
         max_restarts=args.max_restarts, cpus_per_task=args.cpus_per_task, mem=args.mem, exclusive=args.exclusive,
         log_dir=args.log_dir, python=args.python,
@@ -452,7 +482,9 @@ def build_parser() -> argparse.ArgumentParser:
     sl.add_argument("recipe")
     sl.add_argument("overrides", nargs="*")
     sl.add_argument("--nodes", type=int, required=True)
-    sl.add_argument("--gpus-per-node", type=int, required=True)
+    sl.add_argument("--gpus-per-node", type=int, required=True, help="GPUs per node (one process each); 0 = CPU nodes")
+    sl.add_argument("--procs-per-node", type=int, default=None,
+                    help="processes per node on CPU nodes (default: the recipe's train.nproc)")
     sl.add_argument("--output", default="longshard.sbatch")
     sl.add_argument("--job-name", default="longshard")
     sl.add_argument("--time", default="24:00:00")

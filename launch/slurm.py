@@ -36,6 +36,7 @@ def render_sbatch(
     *,
     nodes: int,
     gpus_per_node: int,
+    procs_per_node: int | None = None,
     overrides: list[str] | None = None,
     job_name: str = "longshard",
     time: str = "24:00:00",
@@ -49,12 +50,14 @@ def render_sbatch(
     account: str | None = None,
     python: str | None = None,
 ) -> str:
-    """The sbatch script text for ``recipe`` on ``nodes`` x ``gpus_per_node`` GPUs.
+    """The sbatch script text for ``recipe`` on ``nodes`` nodes of ``gpus_per_node`` GPUs (0: CPU nodes).
 
     Args:
         recipe: recipe path or shipped name (passed to ``longshard.train.main``).
         nodes: Slurm nodes (one task each).
-        gpus_per_node: processes torchrun starts per node.
+        gpus_per_node: GPUs per node, one process each; 0 for CPU nodes (no GPU request is written).
+        procs_per_node: processes torchrun starts per node (default: ``gpus_per_node``; required on
+            CPU nodes).
         overrides: ``key=value`` recipe overrides; a ``checkpoint.resume=...`` among them is used by
             the first launch, re-queued launches resume from their own newest checkpoint.
         job_name, time, partition, account: Slurm settings.
@@ -70,7 +73,13 @@ def render_sbatch(
                         ("--account", account), ("--mem", mem), ("--log-dir", log_dir)):
         _check_sbatch_value(flag, value)
     require_positive(nodes, "--nodes")
-    require_positive(gpus_per_node, "--gpus-per-node")
+    if gpus_per_node < 0:
+        raise ConfigError("--gpus-per-node", f"must be >= 0, got {gpus_per_node}.", "give 0 for CPU nodes.")
+    procs = procs_per_node if procs_per_node is not None else gpus_per_node
+    require_positive(procs, "--procs-per-node")
+    if gpus_per_node and procs != gpus_per_node:
+        raise ConfigError("--procs-per-node", f"{procs} processes on nodes of {gpus_per_node} GPUs (one process per "
+                          "GPU).", "omit --procs-per-node on GPU nodes.")
     if cpus_per_task is not None:
         require_positive(cpus_per_task, "--cpus-per-task")
     if port is not None and not 1024 <= port <= 65535:
@@ -83,7 +92,8 @@ def render_sbatch(
     rest = [o for o in overrides or [] if not o.startswith("checkpoint.resume=")]
     first = [o for o in overrides or [] if o.startswith("checkpoint.resume=")]
     values = {
-        "job_name": job_name, "nodes": nodes, "gpus_per_node": gpus_per_node,
+        "job_name": job_name, "nodes": nodes, "procs": procs,
+        "gpu_line": f"#SBATCH --gpus-per-node={gpus_per_node}" if gpus_per_node else "# CPU nodes: no GPU request",
         "time": time, "log_dir": log_dir, "extra_sbatch": "\n".join(extra),
         "port": port if port is not None else "$(( 20000 + SLURM_JOB_ID % 20000 ))",
         "max_restarts": max_restarts, "python": shlex.quote(python) if python else '"${LONGSHARD_PYTHON:-python3}"',

@@ -108,19 +108,20 @@ def test_data_prepare_cli(tmp_path):
 def test_slurm_dry_run(tmp_path):
     import os
 
-    proc = _cli("launch", "slurm", "quickstart", "train.steps=1000", "--nodes", "4", "--gpus-per-node", "8",
-                "--partition", "gpu", "--dry-run", env=dict(os.environ))
+    proc = _cli("launch", "slurm", "quickstart", "train.steps=1000", "train.global_batch_size=128", "--nodes", "4",
+                "--gpus-per-node", "8", "--partition", "gpu", "--dry-run", env=dict(os.environ))
     assert proc.returncode == 0, proc.stderr
     text = proc.stdout
     for needle in ("#SBATCH --nodes=4", "#SBATCH --ntasks-per-node=1", "#SBATCH --gpus-per-node=8",
                    "#SBATCH --partition=gpu", "srun", "--rdzv-backend=c10d", "procs=8",
-                   '-m longshard.train.main quickstart train.steps=1000 "$resume"', "resume=checkpoint.resume=auto",
+                   '-m longshard.train.main quickstart train.steps=1000 train.global_batch_size=128 "$resume"',
+                   "resume=checkpoint.resume=auto",
                    "scontrol requeue", "#SBATCH --open-mode=append", "#SBATCH --signal=B:USR1@120"):
         assert needle in text, needle
     assert "{{" not in text
     for hard_coded in ("29500", "cpus-per-task=32", sys.executable):  # friction 7: nothing of the submit host
         assert hard_coded not in text, hard_coded
-    proc = _cli("launch", "slurm", "quickstart", "--nodes", "2", "--gpus-per-node", "4", "--output",
+    proc = _cli("launch", "slurm", "quickstart", "--nodes", "2", "--gpus-per-node", "2", "--output",
                 str(tmp_path / "job.sbatch"), "--log-dir", str(tmp_path / "slurm-logs"), env=dict(os.environ))
     assert (tmp_path / "slurm-logs").is_dir()  # Slurm does not create its output folder
     assert proc.returncode == 0 and (tmp_path / "job.sbatch").read_text().startswith("#!/bin/bash")
@@ -129,6 +130,19 @@ def test_slurm_dry_run(tmp_path):
     bad = _cli("launch", "slurm", "quickstart", "train.nope=1", "--nodes", "2", "--gpus-per-node", "4",
                "--dry-run", env=dict(os.environ))
     assert bad.returncode == 2 and "train.nope" in bad.stderr
+    # the layout is checked at nodes x processes per node, as `train` will check it on the nodes
+    bad = _cli("launch", "slurm", "quickstart", "--nodes", "3", "--gpus-per-node", "7", "--dry-run",
+               env=dict(os.environ))
+    assert bad.returncode == 2 and "train.global_batch_size: with --nodes 3 x 7 processes per node = 21 " \
+        "processes: 16 is not divisible" in bad.stderr, bad.stderr[-1000:]
+    # CPU nodes: no GPU request (sbatch rejects one on nodes without GPUs); processes from the recipe
+    cpu = _cli("launch", "slurm", "quickstart", "--nodes", "2", "--gpus-per-node", "0", "--dry-run",
+               env=dict(os.environ))
+    assert cpu.returncode == 0, cpu.stderr[-1000:]
+    assert "--gpus-per-node" not in cpu.stdout.split("srun")[0] and "procs=2\n" in cpu.stdout
+    cpu4 = _cli("launch", "slurm", "quickstart", "--nodes", "2", "--gpus-per-node", "0", "--procs-per-node", "4",
+                "--dry-run", env=dict(os.environ))
+    assert cpu4.returncode == 2 and "= 8 processes" in cpu4.stderr
 
 
 def test_launch_scripts_are_valid_shell():

@@ -124,13 +124,24 @@ def test_passkey_sample():
 
 
 def test_mqar_sample():
+    """Zoology's layout: distinct keys and values, each key queried once at an even position after the
+    prefix, the label its value, the answer never shown after the query, the filler free of keys."""
     ds = MQARDataset(64, 100, 6, 10, seed=0)
-    s = ds[3]
-    kv = {int(s.tokens[2 * i]): int(s.tokens[2 * i + 1]) for i in range(6)}
-    q = (s.labels != IGNORE_INDEX).nonzero().flatten()
-    assert len(q) == 6
-    for p in q.tolist():
-        assert kv[int(s.tokens[p])] == int(s.labels[p])
+    for i in range(10):
+        s = ds[i]
+        keys, values = s.tokens[0:12:2], s.tokens[1:12:2]
+        assert len(set(keys.tolist())) == 6 and len(set(values.tolist())) == 6
+        assert bool((keys >= 1).all() and (keys < 50).all() and (values >= 50).all() and (values < 100).all())
+        kv = dict(zip(keys.tolist(), values.tolist()))
+        q = (s.labels != IGNORE_INDEX).nonzero().flatten()
+        assert len(q) == 6 and bool((q >= 12).all()) and bool((q % 2 == 0).all())
+        assert sorted(int(s.tokens[p]) for p in q) == sorted(kv)
+        for p in q.tolist():
+            assert kv[int(s.tokens[p])] == int(s.labels[p])
+        rest = torch.ones(64, dtype=torch.bool)
+        rest[:12] = False
+        rest[q] = False
+        assert not any(int(t) in kv for t in s.tokens[rest])  # the filler never repeats a key
 
 
 def test_hf_tokenizer_from_local_file(tmp_path):

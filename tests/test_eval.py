@@ -49,8 +49,11 @@ class MQAROracle(LogitsModel):
 
 def test_mqar_accuracy_counts_queries():
     dev = torch.device("cpu")
-    assert mqar_accuracy(MQAROracle(4), 64, V, 4, 3, dev, None) == 1.0
-    assert mqar_accuracy(MQAROracle(4, wrong_every=2), 64, V, 4, 3, dev, None) == 0.5  # 4 queries a row
+    right = mqar_accuracy(MQAROracle(4), 64, V, 4, 3, dev, None)
+    assert right["mqar_acc"] == 1.0 and all(v == 1.0 for k, v in right.items())
+    half = mqar_accuracy(MQAROracle(4, wrong_every=2), 64, V, 4, 3, dev, None)
+    assert half["mqar_acc"] == 0.5  # 4 queries a row, every second one wrong
+    assert set(half) - {"mqar_acc"} <= {"mqar_acc@16", "mqar_acc@32", "mqar_acc@64"} and len(half) > 1
 
 
 class Copier(LogitsModel):

@@ -11,7 +11,7 @@ from longshard.models.model import IGNORE_INDEX, LossOutput
 from longshard.parallel.data_parallel import unwrap
 from longshard.parallel.layout import SeqShard
 from longshard.train.data.loader import MQARDataset, PasskeyDataset, Sample, collate
-from longshard.train.data.synthetic import passkey_sample
+from longshard.train.data.synthetic import mqar_distances, passkey_sample
 from longshard.train.data.tokenizer import Tokenizer
 from torch import nn
 
@@ -132,21 +132,52 @@ def perplexity_by_length(
     return out
 
 
+def mqar_buckets(seq_len: int) -> list[int]:
+    """Upper bounds of the key-to-query distance buckets of ``mqar_acc@<D>``: powers of two from 16 up to
+    the sequence length (a bucket holds distances in (D/2, D], the first one all up to 16)."""
+    bounds, d = [], 16
+    while d < seq_len:
+        bounds.append(d)
+        d *= 2
+    return [*bounds, seq_len]
+
+
 @torch.no_grad()
 def mqar_accuracy(
     model: nn.Module, seq_len: int, vocab_size: int, num_kv_pairs: int, samples: int, device: torch.device,
     autocast_dtype: torch.dtype | None, seed: int = 4321, sp: SeqShard | None = None,
-) -> float:
-    """Share of MQAR queries whose value is the argmax prediction (Zoology's accuracy)."""
+) -> dict[str, float]:
+    """Share of MQAR queries whose value is the argmax prediction (Zoology's accuracy), overall
+    (``mqar_acc``) and by the distance from the key to its query (``mqar_acc@<D>``, see
+    :func:`mqar_buckets`; a bucket without queries is left out)."""
     ds = MQARDataset(seq_len, vocab_size, num_kv_pairs, samples, seed)
-    right = torch.zeros(2)
+    bounds = torch.tensor(mqar_buckets(seq_len))
+    counts = torch.zeros(2, len(bounds))  # (right, total) per distance bucket
     for i in range(samples):
-        out = forward_loss(model, collate([ds[i]]), device, autocast_dtype, False, sp, want_correct=True)
-        counts = torch.stack([out.correct_BS.sum().float(), out.n_tokens.float()])
-        if sp is not None:
-            dist.all_reduce(counts, group=sp.group)
-        right += counts.cpu()
-    return float(right[0] / right[1].clamp_min(1))
+        sample = ds[i]
+        batch = collate([sample])
+        if sp is not None:  # this rank's shard, with the global positions of its tokens
+            batch = sp.shard(batch["tokens"], batch["labels"], None)
+        out = forward_loss(model, batch, device, autocast_dtype, False, None, want_correct=True)
+        positions = batch["position_ids"][0].cpu() if sp is not None else torch.arange(seq_len)
+        distance = torch.full((seq_len,), -1, dtype=torch.long)
+        distance[(sample.labels != IGNORE_INDEX).nonzero().flatten()] = mqar_distances(
+            sample.tokens, sample.labels, num_kv_pairs)
+        local = distance[positions]
+        asked = local >= 0
+        bucket = torch.bucketize(local[asked], bounds)
+        counts[0].index_add_(0, bucket, out.correct_BS[0].cpu()[asked].float())
+        counts[1].index_add_(0, bucket, torch.ones(int(asked.sum())))
+    if sp is not None:
+        counts = counts.to(device)
+        dist.all_reduce(counts, group=sp.group)
+        counts = counts.cpu()
+    right, total = counts
+    out_acc = {"mqar_acc": float(right.sum() / total.sum().clamp_min(1))}
+    for d, r, t in zip(bounds.tolist(), right.tolist(), total.tolist()):
+        if t:
+            out_acc[f"mqar_acc@{d}"] = r / t
+    return out_acc
 
 
 def evaluate(
@@ -178,8 +209,8 @@ def evaluate(
             out[f"ppl@{n}"] = ppl
     if mqar_samples > 0:
         vocab = unwrap(model).cfg.vocab_size
-        out["mqar_acc"] = mqar_accuracy(model, seq_len, vocab, mqar_num_kv_pairs, mqar_samples, device,
-                                        autocast_dtype, sp=sp)
+        out.update(mqar_accuracy(model, seq_len, vocab, mqar_num_kv_pairs, mqar_samples, device, autocast_dtype,
+                                 sp=sp))
     model.train(was_training)
     return out
 

@@ -1,9 +1,10 @@
 """Surviving faults: pre-emption signals, collective failures, and fault-injection drills.
 
 * :class:`PreemptionWatch` turns SIGTERM (Slurm pre-emption / time limit, ``scancel``, torchrun
-  shutting its workers down) into a flag; every rank agrees on it once per step (one scalar
-  all-reduce), so all ranks write the same checkpoint and leave the loop together. A second
-  SIGTERM terminates at once (the default action), for a process stuck where it cannot stop.
+  shutting its workers down) and SIGINT (Ctrl-C) into a flag; every rank agrees on it once per step
+  (one scalar all-reduce), so all ranks write the same checkpoint and leave the loop together. The
+  same request delivered twice, or a repeat during the checkpoint, is tolerated; a later repeat
+  terminates at once (the default action), for a process stuck where it cannot stop.
 * :func:`collective_failure` rewrites a failed or timed-out collective into an error naming the
   rank, the step and the phase, instead of a bare backend message (or a hang: the process group
   is created with ``parallel.collective_timeout_s``).
@@ -18,6 +19,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -39,13 +41,24 @@ class CollectiveError(RuntimeError):
 class PreemptionWatch:
     """Record pre-emption signals; :meth:`agreed` tells every rank whether any rank got one.
 
+    SIGTERM and SIGINT (Ctrl-C) both ask for a checkpoint and a clean stop. The same request often
+    arrives twice (Slurm signals every process of a job step, and torchrun passes its own signal on to
+    its workers): a repeat within ``repeat_window_s`` of the first is that same request, and no repeat
+    interrupts a checkpoint being written (:meth:`saving`). A repeat after the window, outside a save,
+    insists: the process terminates at once, as by default.
+
     Args:
-        signals: signals to catch (default SIGTERM).
+        signals: signals to catch (default SIGTERM and SIGINT).
+        repeat_window_s: seconds after the first signal during which repeats are the same request.
     """
 
-    def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM,)) -> None:
+    def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT),
+                 repeat_window_s: float = 10.0) -> None:
         self.requested = False
         self.signal_name: str | None = None
+        self.repeat_window_s = repeat_window_s
+        self._first_at = 0.0
+        self._saving = 0
         self._previous = {}
         for sig in signals:
             try:
@@ -54,12 +67,26 @@ class PreemptionWatch:
                 log.warning("cannot install a %s handler outside the main thread", signal.Signals(sig).name)
 
     def _handler(self, signum, frame) -> None:  # noqa: ARG002 - signal handler signature
-        if self.requested:  # a second signal: the sender insists (e.g. we are stuck): die as by default
-            self.restore()
-            os.kill(os.getpid(), signum)
+        name = signal.Signals(signum).name
+        if not self.requested:
+            self.requested, self.signal_name, self._first_at = True, name, time.monotonic()
             return
-        self.requested = True
-        self.signal_name = signal.Signals(signum).name
+        if self._saving or time.monotonic() - self._first_at < self.repeat_window_s:
+            log.warning("%s again: already stopping (%s)", name,
+                        "writing the checkpoint" if self._saving else "the same request delivered twice")
+            return
+        self.restore()  # insisting: die as by default (SIGINT too, not a KeyboardInterrupt)
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+
+    @contextlib.contextmanager
+    def saving(self):
+        """A block (a checkpoint being written) that no repeated signal interrupts."""
+        self._saving += 1
+        try:
+            yield
+        finally:
+            self._saving -= 1
 
     def agreed(self, device: torch.device) -> bool:
         """All-reduce (max) of the flag: True on every rank when any rank was signalled."""

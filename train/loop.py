@@ -8,6 +8,7 @@ pre-emption. Every rank runs the same loop and the same collectives in the same 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -122,6 +123,7 @@ class TrainLoop:
     def fit(self, watch: PreemptionWatch, lock: RunLocks) -> None:
         """Run the steps, stop cleanly on an agreed pre-emption, then save the final checkpoint."""
         cfg, state = self.cfg, self.state
+        self.watch = watch
         first = state.start_step + 1
         if self.guarded(lambda: watch.agreed(self.env.device), first, "pre-emption check"):  # during start-up
             state.preempted_at, first = state.start_step, cfg.train.steps + 1
@@ -272,7 +274,9 @@ class TrainLoop:
                 f"parameters are not finite at step {step}: checkpoint not written (the last complete one, "
                 f"{self.state.last_ckpt or 'none'}, is intact). Lower optim.lr or enable train.grad_clip.")
         extra = {"loader": self.loader.state_dict(), "losses": self.state.history, "world_size": self.env.world_size}
-        return self.engine.save(self.ckpt, step, extra)
+        watch = getattr(self, "watch", None)
+        with watch.saving() if watch is not None else contextlib.nullcontext():  # no repeated signal cuts it
+            return self.engine.save(self.ckpt, step, extra)
 
     def guarded(self, fn: Callable[[], Any], step: int, phase: str) -> Any:
         """Run ``fn``; a backend failure becomes a CollectiveError naming rank, step and phase."""

@@ -31,6 +31,7 @@ from longshard.models.attention.registry import (
     AttentionOptions,
     CoreAttention,
     DecodePlan,
+    budget_kept_fraction,
     dense_attention_flops,
     gqa_kv_slice,
     register_attention,
@@ -125,6 +126,10 @@ class NOSAAttention(CoreAttention):
     def attention_flops_per_token(self, seq_len: int) -> float:
         """Each query reads at most its block budget (sinks + local + far blocks)."""
         return dense_attention_flops(self.ctx.n_heads, self.ctx.head_dim, seq_len, self.geo.n_slots * self.opts.block)
+
+    def kept_fraction(self, seq_len: int) -> float:
+        """Each query reads at most its block budget of its prefix."""
+        return budget_kept_fraction(seq_len, self.geo.n_slots * self.opts.block)
 
     def decode_block_budget(self) -> int:
         """Most blocks one decoding step reads per KV head (sinks + local + far)."""

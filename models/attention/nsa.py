@@ -22,6 +22,7 @@ from longshard.models.attention.registry import (
     AttentionContext,
     AttentionOptions,
     CoreAttention,
+    budget_kept_fraction,
     dense_attention_flops,
     gqa_kv_slice,
     register_attention,
@@ -130,6 +131,16 @@ class NSAAttention(CoreAttention):
         cmp = dense_attention_flops(H, D, seq_len, g.n_compressed(seq_len) / 2)
         sel = dense_attention_flops(H, D, seq_len, g.n_select * g.select_block)
         return cmp + sel + dense_attention_flops(H, D, seq_len, g.window)
+
+    def tokens_per_query(self) -> int:
+        """Most key tokens one query reads exactly: the union of its selected blocks (the initial and
+        local ones among them) and its sliding window (the compressed branch reads summaries)."""
+        g = self.geo
+        recent = max(g.window, g.n_local * g.select_block)  # local blocks and window overlap
+        return recent + (g.n_select - g.n_local) * g.select_block
+
+    def kept_fraction(self, seq_len: int) -> float:
+        return budget_kept_fraction(seq_len, self.tokens_per_query())
 
     def head_features(self, x_BSE: torch.Tensor) -> torch.Tensor:
         """(B, S, H, 3) gate logits of the compressed, selected and window branches."""

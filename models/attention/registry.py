@@ -207,6 +207,16 @@ class CoreAttention(nn.Module):
         raise NotImplementedError
 
 
+def budget_kept_fraction(seq_len: int, budget: int) -> float:
+    """Share of the causal (query, key) pairs kept when each query reads at most ``budget`` keys of its
+    prefix: sum_t min(t + 1, budget) / sum_t (t + 1) over the ``seq_len`` queries."""
+    if seq_len <= 0:
+        return 1.0
+    b = min(budget, seq_len)
+    kept = b * (b + 1) / 2 + (seq_len - b) * b
+    return kept / (seq_len * (seq_len + 1) / 2)
+
+
 def dense_attention_flops(n_heads: int, head_dim: int, seq_len: int, keys_per_query: float | None = None) -> float:
     """Forward QK^T + PV FLOPs per query token: 4 x head_dim per key read, per head.
 

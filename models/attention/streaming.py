@@ -34,7 +34,8 @@ class StreamingOptions(AttentionOptions):
     Args:
         sink: attention-sink tokens at the start every streaming head reads.
         window: most recent tokens a streaming head reads (its own position included).
-        retrieval_heads: KV-head indices that keep full attention.
+        retrieval_heads: KV-head indices (not query heads) that keep full attention; each brings its
+            whole GQA group of query heads.
         learned_gates: learn alpha per KV head between full and streaming attention (identification).
         gate_l1: weight of the L1 penalty on alpha (added to the training loss).
         block: block size of the sparse computation.
@@ -74,9 +75,13 @@ class StreamingAttention(BlockSparseAttention):
     def __init__(self, ctx: AttentionContext, opts: StreamingOptions) -> None:
         super().__init__(ctx, opts.block, opts.path)
         self.opts = opts
+        field = f"model.attention[{ctx.layer_idx}].options.retrieval_heads"
         for h in opts.retrieval_heads:
-            require(0 <= h < ctx.n_kv_heads, f"model.attention[{ctx.layer_idx}].options.retrieval_heads",
-                    f"KV head {h} does not exist (the layer has {ctx.n_kv_heads}).")
+            require(0 <= h < ctx.n_kv_heads, field, f"KV head {h} does not exist (the layer has {ctx.n_kv_heads} KV "
+                    f"heads; retrieval_heads counts KV heads, each with its {ctx.n_heads // ctx.n_kv_heads} query "
+                    "heads).", f"give KV-head indices 0..{ctx.n_kv_heads - 1}.")
+        require(len(set(opts.retrieval_heads)) == len(opts.retrieval_heads), field,
+                f"{opts.retrieval_heads} lists a KV head twice.", "list each KV head once.")
         group = ctx.n_heads // ctx.n_kv_heads
         stream_kv = torch.tensor([h not in opts.retrieval_heads for h in range(ctx.n_kv_heads)])
         self.register_buffer("streaming_H", stream_kv.repeat_interleave(group), persistent=False)

@@ -48,35 +48,56 @@ def passkey_sample(
     return tokens, labels
 
 
-def mqar_sample(
-    seq_len: int, vocab_size: int, num_kv_pairs: int, generator: torch.Generator
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One multi-query associative recall sequence (Zoology).
+MQAR_POWER_A = 0.01  # Zoology's default: query gaps p(g) ~ g^(a-1), most queries near their key
 
-    Key/value pairs ``k1 v1 k2 v2 ...`` open the sequence; the rest holds queries ``k_i v_i`` of
-    previously seen keys at random slots among filler tokens (id 0). Labels ask for ``v_i`` after
-    each queried ``k_i`` and are ``IGNORE_INDEX`` elsewhere.
+
+def mqar_sample(
+    seq_len: int, vocab_size: int, num_kv_pairs: int, generator: torch.Generator, power_a: float = MQAR_POWER_A,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One multi-query associative recall sequence as Zoology defines it (Arora et al., 2023;
+    ``zoology/data/multiquery_ar.py``).
+
+    ``K`` key/value pairs ``k1 v1 ... kK vK`` open the sequence: keys drawn without replacement from
+    ``[1, V/2)``, values without replacement from ``[V/2, V)``. The rest is ``(S - 2K) / 2`` slots of two
+    tokens; each key is queried once, in the first token of a slot drawn without replacement with
+    probability ~ slot^(a-1) (a power law: most queries near the start, a long tail far away). The
+    answer is never shown: the label of a query position is its value, and the token after it, like
+    every other free position, is random filler, so no answer can be inferred from earlier answers
+    (a model that does not recall scores 1/K, not the elimination rate of a shown-answer layout).
+    The filler excludes this sequence's keys (Zoology's filler may repeat a key; here every query has
+    one answer).
 
     Args:
         seq_len: tokens per sequence.
-        vocab_size: ids used: 0 filler, keys in [1, V/2), values in [V/2, V).
-        num_kv_pairs: pairs to memorise (<= keys available and 4*pairs <= seq_len).
+        vocab_size: ids used: keys in [1, V/2), values in [V/2, V), filler anywhere but the keys.
+        num_kv_pairs: pairs to memorise (K <= V/2 - 1, K <= V - V/2 and 4K <= seq_len).
         generator: RNG.
+        power_a: the power law's exponent parameter (1.0 = uniform slots).
     """
     half = vocab_size // 2
-    if num_kv_pairs > half - 1 or 4 * num_kv_pairs > seq_len:
+    slots = (seq_len - 2 * num_kv_pairs) // 2
+    if num_kv_pairs > half - 1 or num_kv_pairs > vocab_size - half or num_kv_pairs > slots:
         raise ValueError(f"MQAR: {num_kv_pairs} pairs do not fit vocab {vocab_size} / seq_len {seq_len}")
     keys = torch.randperm(half - 1, generator=generator)[:num_kv_pairs] + 1
-    values = torch.randint(half, vocab_size, (num_kv_pairs,), generator=generator)
-    tokens = torch.zeros(seq_len, dtype=torch.long)
+    values = torch.randperm(vocab_size - half, generator=generator)[:num_kv_pairs] + half
+    weights = power_a * torch.arange(1, slots + 1, dtype=torch.float64) ** (power_a - 1)
+    gaps = torch.multinomial(weights / weights.sum(), num_kv_pairs, replacement=False, generator=generator)
+    allowed = torch.ones(vocab_size, dtype=torch.bool)
+    allowed[keys] = False
+    fill_ids = allowed.nonzero().flatten()
+    tokens = fill_ids[torch.randint(len(fill_ids), (seq_len,), generator=generator)]
     labels = torch.full((seq_len,), IGNORE_INDEX, dtype=torch.long)
     tokens[0 : 2 * num_kv_pairs : 2] = keys
     tokens[1 : 2 * num_kv_pairs : 2] = values
-    n_slots = (seq_len - 2 * num_kv_pairs) // 2
-    slots = torch.randperm(n_slots, generator=generator)[:num_kv_pairs].sort().values
-    order = torch.randperm(num_kv_pairs, generator=generator)
-    pos = 2 * num_kv_pairs + 2 * slots
-    tokens[pos] = keys[order]
-    tokens[pos + 1] = values[order]
-    labels[pos] = values[order]
+    pos = 2 * num_kv_pairs + 2 * gaps
+    tokens[pos] = keys  # key i queried in slot gaps[i]; the answer position keeps its filler
+    labels[pos] = values
     return tokens, labels
+
+
+def mqar_distances(tokens: torch.Tensor, labels: torch.Tensor, num_kv_pairs: int) -> torch.Tensor:
+    """Distance from each query (labelled position, in order) back to its key's pair in the prefix."""
+    pos = (labels != IGNORE_INDEX).nonzero().flatten()
+    prefix = tokens[0 : 2 * num_kv_pairs : 2]
+    index = (prefix[None, :] == tokens[pos][:, None]).int().argmax(1)
+    return pos - 2 * index
