@@ -27,6 +27,7 @@ def _train(args: argparse.Namespace) -> int:
         _check_host(nproc, cfg.train.device, args.nproc is not None)
     mcfg = resolve_model_config(cfg)  # an HF checkpoint's config and weight files, checked now
     dp, accum = check_layout(cfg, mcfg, nproc)  # the whole layout, before any worker exists
+    _check_resumable(cfg, mcfg)  # a different run's checkpoints: one message now, not a worker's traceback
     if local:
         _warn_memory(cfg, mcfg, nproc, dp, args.recipe)
     if args.dry_run:
@@ -39,7 +40,7 @@ def _train(args: argparse.Namespace) -> int:
         from longshard.train.main import main as train_main
 
         return train_main([args.recipe, *args.overrides])
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+    cmd = [sys.executable, "-m", "longshard.launch.agent", "--standalone", f"--nproc-per-node={nproc}",
            "-m", "longshard.train.main", args.recipe, *args.overrides]
     log.info("launching: %s", " ".join(cmd))
     rc, killed = _run_forwarding_signals(cmd)
@@ -49,6 +50,28 @@ def _train(args: argparse.Namespace) -> int:
                   "train.micro_batch_size or train.seq_len, or train.activation_checkpointing=full; "
                   "`longshard plan` estimates the memory per process.")
     return rc
+
+
+def _check_resumable(cfg, mcfg) -> None:
+    """What the workers check first when they resume, checked here (``--dry-run`` too): the checkpoint
+    ``checkpoint.resume`` picks (``auto``: the newest complete one in ``checkpoint.dir``) was written by
+    this run's model and settings (:func:`~longshard.train.fingerprint.check_resume`). A checkpoint whose
+    state cannot be read is left to the workers (they name it and fall back)."""
+    from longshard.train.checkpoint import CheckpointError, complete_checkpoints, read_trainer_state
+    from longshard.train.fingerprint import check_resume, fingerprint
+
+    if cfg.checkpoint.resume == "none":
+        return
+    resume = cfg.checkpoint.resume
+    found = complete_checkpoints(cfg.checkpoint.dir) if resume == "auto" else [Path(resume)]
+    if not found:
+        return
+    try:
+        saved = read_trainer_state(found[-1]).get("fingerprint")
+    except CheckpointError:
+        return
+    data = Path(cfg.data.path) if cfg.data.source == "prepared" and cfg.data.path else None
+    check_resume(saved, fingerprint(cfg, mcfg, data), cfg.checkpoint.allow_changes, str(found[-1]))
 
 
 def _check_host(nproc: int, device: str, from_flag: bool) -> None:
@@ -112,7 +135,7 @@ _OWN_ERROR = re.compile(rb"(CheckpointError:|NonFiniteLossError:|invalid configu
 
 def _sigkill_unexplained(stderr_tail: bytes) -> bool:
     """Whether torchrun's output reports a worker killed by SIGKILL that no worker's own error explains."""
-    killed = b"exitcode  : -9" in stderr_tail or b"Signal 9 (SIGKILL)" in stderr_tail
+    killed = any(m in stderr_tail for m in (b"exitcode  : -9", b"Signal 9 (SIGKILL)", b"killed by signal 9"))
     return killed and _OWN_ERROR.search(stderr_tail) is None
 
 
@@ -128,18 +151,20 @@ def _children(pid: int) -> list[int]:
 
 
 def _run_forwarding_signals(cmd: list[str]) -> tuple[int, bool]:
-    """Run ``cmd`` (torchrun) in its own session and pass SIGTERM / SIGINT / SIGHUP on as SIGTERM to its
-    workers (torchrun's children), so they checkpoint, stop and exit 0 and torchrun ends cleanly; torchrun
-    itself is signalled only when it has no workers (or, on Ctrl-C, it never sees the terminal's SIGINT).
-    It also dies if this process is killed. Returns its exit code and whether a worker was killed by
-    SIGKILL with nothing else to explain it (:func:`_sigkill_unexplained`; stderr is passed through)."""
+    """Run ``cmd`` (:mod:`longshard.launch.agent`, torchrun) in its own session and pass SIGTERM / SIGINT /
+    SIGHUP on as SIGTERM to its workers (torchrun's children), so they checkpoint, stop and exit 0 and
+    torchrun ends cleanly; torchrun itself gets SIGINT only when it has no workers (a terminal's Ctrl-C
+    never reaches it directly). It also stops (SIGINT) if this process is killed. Returns its exit code
+    and whether a worker was killed by SIGKILL with nothing else to explain it
+    (:func:`_sigkill_unexplained`; stderr is passed through)."""
     import signal
     import threading
 
     from longshard.train.faults import die_with_parent
 
-    proc = subprocess.Popen(cmd, preexec_fn=die_with_parent if sys.platform.startswith("linux") else None,
-                            stderr=subprocess.PIPE, start_new_session=True)
+    # the agent ignores SIGTERM (it ends with its workers): it is stopped by SIGINT if this process dies
+    stop_agent = (lambda: die_with_parent(signal.SIGINT)) if sys.platform.startswith("linux") else None
+    proc = subprocess.Popen(cmd, preexec_fn=stop_agent, stderr=subprocess.PIPE, start_new_session=True)
     kept = bytearray()  # the last 4 MB of stderr, to explain the ending
 
     def relay() -> None:  # raw chunks as they come: a progress bar's carriage returns keep working
@@ -160,8 +185,8 @@ def _run_forwarding_signals(cmd: list[str]) -> tuple[int, bool]:
                 os.kill(pid, signal.SIGTERM)
             except ProcessLookupError:
                 pass
-        if not workers:
-            proc.send_signal(signum)
+        if not workers:  # none started yet (or all gone): stop the agent itself
+            proc.send_signal(signal.SIGINT)
 
     reader = threading.Thread(target=relay, daemon=True)
     reader.start()

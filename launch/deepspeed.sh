@@ -6,6 +6,10 @@
 # Runs the DeepSpeed engine (train.engine=deepspeed; ZeRO stage from the recipe's `deepspeed`
 # section, default 1); later overrides win, e.g. deepspeed.zero_stage=3.
 set -euo pipefail
+if ! command -v deepspeed >/dev/null 2>&1; then
+  echo "launch/deepspeed.sh: the deepspeed launcher is not installed. Fix: pip install 'longshard[deepspeed]'" >&2
+  exit 2
+fi
 args=(--master_port "${MASTER_PORT:-29500}")
 [ -n "${HOSTFILE:-}" ] && args+=(--hostfile "$HOSTFILE")
 [ -n "${NUM_GPUS:-}" ] && args+=(--num_gpus "$NUM_GPUS")

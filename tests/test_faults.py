@@ -178,6 +178,10 @@ def test_a_rank_stalled_in_a_checkpoint_save_is_named_and_not_blamed_on_memory(t
                      proc.stderr), proc.stderr[-4000:]
     assert "out-of-memory" not in proc.stderr
     assert not (tmp_path / "run" / "checkpoints" / "step_00000002").exists()
+    # the worker named its error: the launcher ends with one line, not torchrun's traceback
+    assert "Traceback" not in proc.stderr and "ChildFailedError" not in proc.stderr, proc.stderr[-3000:]
+    assert re.search(r"longshard: workers ended \(rank 0 code 4, rank 1 (killed by signal 9 \(SIGKILL\)|code 0)\)",
+                     proc.stderr), proc.stderr[-2000:]
 
 
 def test_which_sigkill_gets_the_out_of_memory_explanation():

@@ -654,3 +654,27 @@ def test_a_malformed_state_file_falls_back_to_the_previous_checkpoint(small_run,
     assert re.search(r"skipping damaged checkpoint: .*step_00000002/trainer_state\.json is corrupt: "
                      r"files\['\.metadata'\] is '12'", caplog.text)
     assert json.loads((out / "report.json").read_text())["resumed_from_step"] == 1
+
+
+def test_a_different_model_in_a_used_output_dir_is_one_message_before_any_worker(small_run, tmp_path, caplog):
+    """`--dry-run` checks what the run checks: the checkpoints already in output_dir belong to another
+    model -> one named message (and the fix), from the command itself, with or without --dry-run."""
+    import shutil
+
+    from longshard.cli import main
+    from longshard.errors import EXIT_INVALID_INPUT
+
+    out = tmp_path / "run"
+    shutil.copytree(small_run, out)
+    for extra in (["--dry-run"], []):
+        caplog.clear()
+        rc = main(["train", "quickstart", "train.nproc=1", "model.n_layers=2", "train.steps=3",
+                   "train.global_batch_size=4", "data.default_corpus_bytes=100000", "logging.wandb=disabled",
+                   f"output_dir={out}", *extra])
+        assert rc == EXIT_INVALID_INPUT
+        assert re.search(r"model: the checkpoint .*step_00000002 was trained with a different model "
+                         r"\(model\.n_layers: checkpoint 4, now 2\)\. Fix: .*new output_dir", caplog.text), caplog.text
+        assert "launching" not in caplog.text
+    assert main(["train", "quickstart", "train.nproc=1", "model.n_layers=2", "train.steps=3",
+                 "train.global_batch_size=4", "logging.wandb=disabled", "checkpoint.resume=none",
+                 f"output_dir={out}", "--dry-run"]) == 0
