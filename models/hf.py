@@ -359,15 +359,15 @@ def safetensors_header(file: Path) -> tuple[dict, int]:
     return meta, 8 + n
 
 
-def check_weight_file(file: Path) -> None:
+def check_weight_file(file: Path) -> dict | None:
     """Refuse a damaged or unsafe weight file before anything is loaded: a safetensors file whose
     header or data is cut short, or a pickle ``.bin`` that would import anything beyond tensors.
-    Only the header (safetensors) or the pickle opcodes (``.bin``) are read."""
+    Only the header (safetensors) or the pickle opcodes (``.bin``) are read. Returns a safetensors
+    file's validated header (None for a pickle)."""
     if file.suffix == ".safetensors":
-        safetensors_header(file)
-        return
+        return safetensors_header(file)[0]
     if not zipfile.is_zipfile(file):  # legacy (pre-zip) torch pickle: weights_only=True load decides
-        return
+        return None
     try:
         unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(str(file))
     except Exception as e:
@@ -375,6 +375,7 @@ def check_weight_file(file: Path) -> None:
                           "re-copy the file, or use the checkpoint's safetensors weights.") from None
     if unsafe:
         raise _unsafe_pickle(file, ", ".join(sorted(unsafe)))
+    return None
 
 
 def _unsafe_pickle(file: Path, what: str) -> ConfigError:
@@ -394,9 +395,8 @@ def check_hf_checkpoint(path: str | Path) -> None:
     hf = read_hf_config(path)
     tensors: dict[str, dict] = {}
     for f in weight_files(Path(path)):
-        check_weight_file(f)
-        if f.suffix == ".safetensors":
-            tensors.update((k, v) for k, v in safetensors_header(f)[0].items() if k != "__metadata__")
+        header = check_weight_file(f)  # read once: checked here, compared with config.json below
+        tensors.update((k, v) for k, v in (header or {}).items() if k != "__metadata__")
     if tensors:
         _check_config_against_tensors(Path(path), hf, tensors)
 
