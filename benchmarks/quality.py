@@ -1,7 +1,7 @@
-"""Model quality per attention variant: the quickstart model trained with each, same data and steps.
+"""Model quality per attention variant: the tiny_lm model trained with each, same data and steps.
 
 Reports final training loss, held-out loss relative to dense, and passkey accuracy at the trained
-length. Each variant is one `longshard.train.main quickstart ...` run (2 processes).
+length. Each variant is one `longshard.train.main tiny_lm ...` run (2 processes).
 
     python benchmarks/quality.py --quick --json quality.json
     python benchmarks/quality.py --passkey --variants dense s2_hybrid   # retrieval, trained on passkey prompts
@@ -36,11 +36,11 @@ VARIANTS: dict[str, list[str]] = {
 }
 
 
-PASSKEY_LEN = 128  # retrieval training: the quickstart model learns it at this length within a few thousand steps
+PASSKEY_LEN = 128  # retrieval training: the tiny_lm model learns it at this length within a few thousand steps
 
 
 def run(name: str, overrides: list[str], steps: int, out: Path, passkey: bool = False) -> dict:
-    """Train the quickstart model with ``overrides`` and return its report.
+    """Train the tiny_lm model with ``overrides`` and return its report.
 
     Args:
         passkey: train on passkey prompts only (answer tokens carry the loss) at ``PASSKEY_LEN``,
@@ -55,7 +55,7 @@ def run(name: str, overrides: list[str], steps: int, out: Path, passkey: bool = 
         data = [f"data.path={out / 'data'}", "data.source=prepared", "eval.passkey_lengths=[256]",
                 "eval.passkey_samples=8"]
         launch = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "longshard.train.main"]
-    cmd = [sys.executable, *launch, "quickstart", *overrides, f"train.steps={steps}",
+    cmd = [sys.executable, *launch, "tiny_lm", *overrides, f"train.steps={steps}",
            f"output_dir={out / name}", "logging.wandb=disabled", "logging.progress=false",
            "checkpoint.save_final=false", "checkpoint.every=100000", *data]
     env = dict(os.environ, OMP_NUM_THREADS="1")

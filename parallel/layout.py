@@ -41,6 +41,27 @@ class CommCounter:
         return out
 
 
+def dense_ring_bytes(batch: int, local_len: int, n_kv_heads: int, head_dim: int, degree: int,
+                     element_size: int) -> int:
+    """Bytes one rank of a dense zigzag ring sends per forward + backward of one layer
+    (:class:`~longshard.parallel.ring.RingAttention`): K and V pass ``degree - 1`` hops forward and
+    again in backward, where their fp32 gradient accumulators travel with them and then home
+    (``degree`` hops).
+
+    Args:
+        batch: sequences per micro-batch.
+        local_len: tokens this rank holds (seq_len / degree).
+        n_kv_heads: KV heads this rank runs.
+        head_dim: per-head width.
+        degree: ranks in the ring.
+        element_size: bytes per K/V element (2 for bf16, 4 for fp32).
+    """
+    if degree <= 1:
+        return 0
+    n = batch * n_kv_heads * local_len * head_dim
+    return 2 * (degree - 1) * 2 * n * element_size + 2 * degree * n * 4
+
+
 class SequenceParallelCore(CoreAttention):
     """Base of the sequence-parallel wrappers of a layer's core attention.
 

@@ -25,7 +25,7 @@ from longshard.errors import require
 from longshard.kernels.attention.fused_cpu import merge_partials
 from longshard.kernels.attention.pairs import pair_kernel, shares_document
 from longshard.models.attention import AttentionBatch, CoreAttention
-from longshard.parallel.layout import CommCounter, SequenceParallelCore, shard_segments
+from longshard.parallel.layout import CommCounter, SequenceParallelCore, dense_ring_bytes, shard_segments
 from longshard.parallel.linear_state import LinearStateParallel
 from longshard.parallel.sparse_exchange import SparseExchangeAttention
 from longshard.parallel.ulysses import UlyssesAttention, kv_replication
@@ -154,6 +154,11 @@ class RingAttention(SequenceParallelCore):
         self.pair_backend = pair_backend
         self._ops: dict[str, object] = {}  # per device type: the pair kernels (they cache block lists)
 
+    def analytic_bytes(self, batch: int, seq_len: int, element_size: int) -> int:
+        """Bytes this rank sends per forward + backward (:func:`~longshard.parallel.layout.dense_ring_bytes`)."""
+        return dense_ring_bytes(batch, seq_len // self.P, self.ctx.n_kv_heads, self.ctx.head_dim, self.P,
+                                element_size)
+
     def forward(self, q_BHSD, k_BHSD, v_BHSD, batch: AttentionBatch):
         self.training_only(batch)
         if q_BHSD.shape[2] % 2:
@@ -218,3 +223,24 @@ def apply_ring(model, group: dist.ProcessGroup, counter: CommCounter | None = No
             wrapped = UlyssesAttention(wrapped, ulysses_group, kv_repeat, counter)
         layer.attention.core_attention = wrapped
     return model
+
+
+def sparse_exchange_traffic(model: torch.nn.Module, batch: int, seq_len: int,
+                            element_size: int) -> dict[str, int] | None:
+    """Analytic bytes one rank sends per micro-batch (forward + backward) in the layers that use the
+    sparsity-aware exchange, and what a dense ring would send for the same layers; None when no layer
+    exchanges sparsely or a Ulysses group splits the heads (hybrid: each rank's share differs).
+
+    Args:
+        model: the parallelized model.
+        batch: sequences per micro-batch.
+        seq_len: tokens per sequence (the whole sequence, before sharding).
+        element_size: bytes per K/V element in the attention (2 for bf16, 4 for fp32).
+    """
+    mods = list(model.modules())
+    cores = [m for m in mods if isinstance(m, SparseExchangeAttention)]
+    if not cores or any(isinstance(m, UlyssesAttention) for m in mods):
+        return None
+    return {"layers": len(cores),
+            "sparse_exchange_bytes": sum(c.analytic_bytes(batch, seq_len, element_size) for c in cores),
+            "dense_ring_bytes": sum(c.dense_ring_bytes(batch, seq_len, element_size) for c in cores)}

@@ -19,7 +19,7 @@ from longshard.errors import ConfigError
 from longshard.kernels.block_sparse.gathered import BufferLayout, gathered_block_attention
 from longshard.kernels.block_sparse.pattern import SparsePattern
 from longshard.models.attention import AttentionBatch, CoreAttention
-from longshard.parallel.layout import CommCounter, SequenceParallelCore, zigzag_positions
+from longshard.parallel.layout import CommCounter, SequenceParallelCore, dense_ring_bytes, zigzag_positions
 
 
 def owned_blocks(rank: int, degree: int, n_blocks: int) -> torch.Tensor:
@@ -161,6 +161,11 @@ class SparseExchangeAttention(SequenceParallelCore):
         _, send, recv = self._plan(seq_len // self.inner.block)
         pairs = sum(len(s) for s in send) + sum(len(r) for r in recv)
         return 2 * batch * pairs * self.inner.block * self.ctx.head_dim * element_size
+
+    def dense_ring_bytes(self, batch: int, seq_len: int, element_size: int) -> int:
+        """What a dense ring would send for this layer instead (the baseline of the savings)."""
+        return dense_ring_bytes(batch, seq_len // self.P, self.ctx.n_kv_heads, self.ctx.head_dim, self.P,
+                                element_size)
 
     def forward(self, q_BHSD, k_BHSD, v_BHSD, batch: AttentionBatch):
         self.training_only(batch)

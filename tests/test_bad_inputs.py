@@ -137,7 +137,7 @@ def test_an_unbounded_collective_timeout_is_named(value):
     from longshard.train.config import load_config
 
     with pytest.raises(ConfigError, match=r"parallel\.collective_timeout_s: must be > 0 and at most 604800 seconds"):
-        load_config("quickstart", [f"parallel.collective_timeout_s={value}"])
+        load_config("tiny_lm", [f"parallel.collective_timeout_s={value}"])
 
 
 def test_eval_passkey_too_short_and_generate_past_the_context(tmp_path, caplog):
@@ -149,7 +149,7 @@ def test_eval_passkey_too_short_and_generate_past_the_context(tmp_path, caplog):
     from longshard.models.model import Transformer
     from longshard.train.config import dump_config, load_config
 
-    cfg = load_config("quickstart", ["model.n_layers=1", "train.seq_len=64", f"output_dir={tmp_path}"])
+    cfg = load_config("tiny_lm", ["model.n_layers=1", "train.seq_len=64", f"output_dir={tmp_path}"])
     ckpt = tmp_path / "step_00000001"
     dcp.save({"model": Transformer(cfg.model).state_dict()}, checkpoint_id=str(ckpt))
     (ckpt / "config.yaml").write_text(dump_config(cfg))

@@ -84,10 +84,10 @@ def big_scale_variant():
 def test_a_new_variant_needs_no_edit_elsewhere(big_scale_variant):
     """Config validation and the ring take the variant's own declarations (and its softmax scale)."""
     att = f"model.attention=[{{name: {big_scale_variant}}}]"
-    load_config("quickstart", ["parallel.sp_degree=2", "parallel.sp_mode=ring", "train.nproc=2", att])
-    load_config("quickstart", ["parallel.tp_degree=2", "parallel.dp_mode=fsdp2", "train.nproc=2", att])
+    load_config("tiny_lm", ["parallel.sp_degree=2", "parallel.sp_mode=ring", "train.nproc=2", att])
+    load_config("tiny_lm", ["parallel.tp_degree=2", "parallel.dp_mode=fsdp2", "train.nproc=2", att])
     with pytest.raises(ConfigError, match="parallel.sp_mode.*nsa"):  # a variant declaring no ring form
-        load_config("quickstart", ["parallel.sp_degree=2", "parallel.sp_mode=ring", "train.nproc=2",
+        load_config("tiny_lm", ["parallel.sp_degree=2", "parallel.sp_mode=ring", "train.nproc=2",
                                    "model.attention=[{name: nsa}]"])
     from longshard.parallel.ring import apply_ring
 

@@ -61,21 +61,21 @@ BAD = [
 @pytest.mark.parametrize("overrides,field,pattern", BAD, ids=[b[1] + ":" + b[2][:20] for b in BAD])
 def test_bad_input_names_field(overrides, field, pattern):
     with pytest.raises(ConfigError) as info:
-        load_config("quickstart", overrides)
+        load_config("tiny_lm", overrides)
     msg = str(info.value)
     assert field in msg, msg
     assert pytest.importorskip("re").search(pattern, msg), msg
 
 
 def test_unknown_recipe_lists_shipped():
-    with pytest.raises(ConfigError, match="quickstart"):
+    with pytest.raises(ConfigError, match="tiny_lm"):
         recipe_path("no_such_recipe")
 
 
 def test_overrides_apply_and_roundtrip(tmp_path):
     from longshard.train.config import dump_config
 
-    cfg = load_config("quickstart", ["train.steps=7", "model.n_layers=2", "model.attention=[{name: dense}]"])
+    cfg = load_config("tiny_lm", ["train.steps=7", "model.n_layers=2", "model.attention=[{name: dense}]"])
     assert cfg.train.steps == 7 and cfg.model.n_layers == 2
     (tmp_path / "c.yaml").write_text(dump_config(cfg))
     again = load_config(tmp_path / "c.yaml")
@@ -84,11 +84,11 @@ def test_overrides_apply_and_roundtrip(tmp_path):
 
 def test_derived_model_fields_follow_overrides():
     """head_dim, ffn width, KV/query heads are derived from the *final* sizes, not the defaults."""
-    cfg = load_config("quickstart", ["model.dim=96", "model.n_heads=3", "model.n_kv_heads=null"])
+    cfg = load_config("tiny_lm", ["model.dim=96", "model.n_heads=3", "model.n_kv_heads=null"])
     m = cfg.model
     assert (m.head_dim, m.n_query_heads, m.n_kv_heads) == (32, 3, 3)
     assert m.ffn_hidden_dim == 256  # 8/3 * 96 = 256, already a multiple of 64
-    q = load_config("quickstart").model
+    q = load_config("tiny_lm").model
     assert (q.dim, q.n_heads, q.head_dim, q.n_kv_heads) == (192, 6, 32, 2)
 
 
@@ -96,10 +96,10 @@ def test_allow_changes_names_only_changeable_settings():
     from longshard.errors import ConfigError
     from longshard.train.config import load_config
 
-    assert load_config("quickstart", ["checkpoint.allow_changes=[optim.lr, data]"]).checkpoint.allow_changes == [
+    assert load_config("tiny_lm", ["checkpoint.allow_changes=[optim.lr, data]"]).checkpoint.allow_changes == [
         "optim.lr", "data"]
     with pytest.raises(ConfigError, match=r"checkpoint.allow_changes.*'model.dim' is not a setting"):
-        load_config("quickstart", ["checkpoint.allow_changes=[model.dim]"])
+        load_config("tiny_lm", ["checkpoint.allow_changes=[model.dim]"])
 
 
 def test_recipe_yaml_syntax_error_names_file_and_line(tmp_path):
@@ -113,9 +113,9 @@ def test_silent_settings_now_warn_and_the_engine_implies_data_parallel(caplog):
     """Friction 6: warmup longer than the run and passkey lengths past the model's context are named;
     DeepSpeed replaces a recipe's dp_mode instead of refusing it (launch/deepspeed.sh pretrain_small)."""
     with caplog.at_level("WARNING"):
-        load_config("quickstart", ["train.steps=5"])
-        load_config("quickstart", ["eval.passkey_lengths=[256,2048]"])
+        load_config("tiny_lm", ["train.steps=5"])
+        load_config("tiny_lm", ["eval.passkey_lengths=[256,2048]"])
     assert "optim.warmup_steps=15 exceeds train.steps=5: the learning rate only reaches 33% of optim.lr" in caplog.text
     assert "eval.passkey_lengths: 2048 exceeds model.max_seq_len=1024" in caplog.text
-    cfg = load_config("quickstart", ["train.engine=deepspeed", "parallel.dp_mode=fsdp2"])
+    cfg = load_config("tiny_lm", ["train.engine=deepspeed", "parallel.dp_mode=fsdp2"])
     assert cfg.parallel.dp_mode == "ddp"

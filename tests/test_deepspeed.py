@@ -102,7 +102,7 @@ def test_deepspeed_config_merge_and_errors(tmp_path):
 ])
 def test_deepspeed_bad_settings_name_the_field(overrides, field):
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
-        load_config("quickstart", overrides)
+        load_config("tiny_lm", overrides)
 
 
 class _Payload:

@@ -71,5 +71,5 @@ def test_loss_scale_state_round_trips():
 
 def test_fp16_with_deepspeed_is_refused():
     with pytest.raises(ConfigError, match="train.dtype.*native engine"):
-        load_config("quickstart", ["train.dtype=fp16", "train.engine=deepspeed"])
-    assert load_config("quickstart", ["train.dtype=fp16"]).train.dtype == "fp16"
+        load_config("tiny_lm", ["train.dtype=fp16", "train.engine=deepspeed"])
+    assert load_config("tiny_lm", ["train.dtype=fp16"]).train.dtype == "fp16"

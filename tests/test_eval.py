@@ -108,10 +108,10 @@ def test_eval_config_errors():
     from longshard.train.config import load_config
 
     with pytest.raises(ConfigError, match="eval.passkey_depths"):
-        load_config("quickstart", ["eval.passkey_depths=[1.5]"])
+        load_config("tiny_lm", ["eval.passkey_depths=[1.5]"])
     with pytest.raises(ConfigError, match="eval.ppl_lengths"):
-        load_config("quickstart", ["eval.ppl_lengths=[7]"])
+        load_config("tiny_lm", ["eval.ppl_lengths=[7]"])
     with pytest.raises(ConfigError, match="eval.ppl_lengths.*max_seq_len"):
-        load_config("quickstart", ["eval.ppl_lengths=[1048576]"])
+        load_config("tiny_lm", ["eval.ppl_lengths=[1048576]"])
     with pytest.raises(ConfigError, match="eval.mqar_num_kv_pairs"):
-        load_config("quickstart", ["eval.mqar_samples=2", "eval.mqar_num_kv_pairs=1000"])
+        load_config("tiny_lm", ["eval.mqar_samples=2", "eval.mqar_num_kv_pairs=1000"])

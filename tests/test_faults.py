@@ -168,7 +168,7 @@ def test_a_rank_stalled_in_a_checkpoint_save_is_named_and_not_blamed_on_memory(t
                LONGSHARD_INJECT_FAULT="hang:rank=1:step=2:at=save")
     t0 = time.time()
     proc = subprocess.run(
-        [sys.executable, "-m", "longshard.cli", "train", "quickstart", "train.steps=3", "checkpoint.every=2",
+        [sys.executable, "-m", "longshard.cli", "train", "tiny_lm", "train.steps=3", "checkpoint.every=2",
          "model.n_layers=1", "train.seq_len=64", "train.global_batch_size=8", "data.default_corpus_bytes=100000",
          "eval.passkey_samples=0", "logging.wandb=disabled", "logging.progress=false",
          "parallel.collective_timeout_s=5", f"output_dir={tmp_path / 'run'}"],
@@ -211,7 +211,7 @@ def test_ctrl_c_or_sigterm_to_longshard_train_checkpoints_and_exits_cleanly(tmp_
     out = tmp_path / "run"
     env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", WANDB_MODE="disabled")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "longshard.cli", "train", "quickstart", "train.steps=400", "checkpoint.every=1000",
+        [sys.executable, "-m", "longshard.cli", "train", "tiny_lm", "train.steps=400", "checkpoint.every=1000",
          "model.n_layers=1", "train.seq_len=64", "train.global_batch_size=8", "data.default_corpus_bytes=100000",
          "eval.passkey_samples=0", "eval.val_batches=1", "logging.wandb=disabled", f"output_dir={out}"],
         env=env, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True)

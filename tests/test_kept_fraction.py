@@ -27,7 +27,7 @@ def test_nsa_and_nosa_declare_their_kept_fraction(name, options, budget):
     from longshard.models.model import Transformer
     from longshard.train.config import load_config
 
-    cfg = load_config("quickstart", [f"model.attention=[{{name: {name}, options: {options}}}]", "model.n_layers=1"])
+    cfg = load_config("tiny_lm", [f"model.attention=[{{name: {name}, options: {options}}}]", "model.n_layers=1"])
     core = Transformer(cfg.model).layers[0].attention.core_attention
     assert core.kept_fraction(budget) == 1.0  # a prefix within the budget is read whole
     for seq_len in (1024, 4096):
@@ -45,7 +45,7 @@ def test_retrieval_heads_are_kv_heads_and_validated_as_such(heads, message):
     from longshard.models.model import Transformer
     from longshard.train.config import load_config
 
-    cfg = load_config("quickstart", [f"model.attention=[{{name: streaming, options: {{retrieval_heads: {heads}}}}}]",
+    cfg = load_config("tiny_lm", [f"model.attention=[{{name: streaming, options: {{retrieval_heads: {heads}}}}}]",
                                      "model.n_layers=1"])  # 6 query heads, 2 KV heads
     with pytest.raises(ConfigError, match=r"model\.attention\[0\]\.options\.retrieval_heads: " + message):
         Transformer(cfg.model)

@@ -63,3 +63,49 @@ def test_query_gaps_follow_a_power_law():
     near = (slot < slots / 8).float().mean()
     assert 0.5 < near < 0.78, near
     assert float(d.max()) > seq / 2  # the tail reaches far
+
+
+def test_curriculum_packs_short_documents_first_with_the_same_query_density():
+    """A sequence-length warmup: phase i of equal share packs seq_len / L_i independent documents, each a
+    whole MQAR instance (its own keys, K * L / S pairs, its queries after its own pairs)."""
+    S, k, total = 64, 8, 30
+    ds = MQARDataset(S, 320, k, 100, seed=3, curriculum=[16, 32, 64], curriculum_samples=total)
+    assert [ds.doc_len(i) for i in (0, 9, 10, 19, 20, 29, 99)] == [16, 16, 32, 32, 64, 64, 64]
+    for i, L in ((0, 16), (15, 32), (25, 64)):
+        s = ds[i]
+        assert s.tokens.shape == s.labels.shape == s.doc_ids.shape == (S,)
+        assert s.doc_ids.tolist() == [d for d in range(S // L) for _ in range(L)]
+        for d in range(S // L):
+            tok, lab = s.tokens[d * L:(d + 1) * L], s.labels[d * L:(d + 1) * L]
+            pairs = k * L // S
+            asked = (lab != IGNORE_INDEX).nonzero().flatten()
+            assert len(asked) == pairs and bool((asked >= 2 * pairs).all())  # queries follow the pairs
+            keys, values = tok[0:2 * pairs:2], tok[1:2 * pairs:2]
+            for p in asked.tolist():  # each query asks a key of this document and wants its value
+                j = keys.tolist().index(int(tok[p]))
+                assert int(lab[p]) == int(values[j])
+    assert torch.equal(ds[7].tokens, ds[7].tokens) and not torch.equal(ds[7].tokens, ds[8].tokens)
+    plain = MQARDataset(S, 320, k, 10, seed=3)[0]
+    assert plain.doc_ids is None and int((plain.labels != IGNORE_INDEX).sum()) == k
+
+
+def test_curriculum_settings_are_checked_by_name():
+    import pytest
+    from longshard.errors import ConfigError
+    from longshard.train.config import load_config
+
+    base = ["data.source=mqar", "data.mqar_num_kv_pairs=16", "train.seq_len=256", "model.max_seq_len=256"]
+    for extra, message in (
+        (["data.mqar_curriculum=[64,256]", "data.source=default"], "applies to data.source=mqar"),
+        (["data.mqar_curriculum=[64,128]"], "must ascend and end with train.seq_len=256"),
+        (["data.mqar_curriculum=[128,64,256]"], "must ascend"),
+        (["data.mqar_curriculum=[96,256]"], "96: each length must divide train.seq_len=256"),
+        (["data.mqar_curriculum=[2,256]"], "2: each length must divide train.seq_len=256 and hold its 1 pair(s) (>= 4"),
+        (["data.mqar_curriculum=[64,256]", "data.doc_mask=false"], "needs data.doc_mask=true"),
+        (["data.mqar_curriculum=[64,256]", "data.synthetic_samples=100"], "data.synthetic_samples: 100 samples"),
+    ):
+        with pytest.raises(ConfigError) as e:
+            load_config("quickstart", base + extra)
+        assert message in str(e.value), str(e.value)
+    cfg = load_config("quickstart", base + ["data.mqar_curriculum=[64,128,256]"])
+    assert cfg.data.mqar_curriculum == [64, 128, 256]

@@ -119,7 +119,7 @@ def test_generate_cli_with_offload(tmp_path):
     from longshard.train.config import dump_config, load_config
 
     attention = json.dumps([{"name": "nosa", "options": NOSA}])
-    cfg = load_config("quickstart", [f"model.attention={attention}"])
+    cfg = load_config("tiny_lm", [f"model.attention={attention}"])
     model = Transformer(cfg.model)
     ckpt = tmp_path / "step_00000001"
     dcp.save({"model": model.state_dict()}, checkpoint_id=str(ckpt))
@@ -219,9 +219,9 @@ def test_activation_offload_config_errors():
     from longshard.train.config import load_config
 
     with pytest.raises(ConfigError, match="train.activation_offload"):
-        load_config("quickstart", ["train.activation_offload=disk"])
+        load_config("tiny_lm", ["train.activation_offload=disk"])
     with pytest.raises(ConfigError, match="train.activation_offload.*attention_boundary"):
-        load_config("quickstart", ["train.activation_offload=kv", "train.activation_checkpointing=full"])
+        load_config("tiny_lm", ["train.activation_offload=kv", "train.activation_checkpointing=full"])
 
 
 def test_decode_copy_in_orders_streams(monkeypatch):

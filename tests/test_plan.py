@@ -63,14 +63,14 @@ def test_memory_estimate_within_15_percent_of_measured_peak(checkpointing, extra
     from longshard.train.config import load_config
     from longshard.train.trainer import resolve_model_config
 
-    cfg = load_config("quickstart", [*SMALL, *extra, f"train.activation_checkpointing={checkpointing}"])
+    cfg = load_config("tiny_lm", [*SMALL, *extra, f"train.activation_checkpointing={checkpointing}"])
     est = estimate(cfg, resolve_model_config(cfg), Layout(1, 1, "ulysses", "ddp", checkpointing, "none"), 1)
     measured = _measured_peak(cfg, checkpointing)
     assert abs(est.total - measured) <= 0.15 * measured, (est, measured)
 
 
 def test_plan_rows_and_recommendation():
-    rows, best = plan("quickstart", [*SMALL, "train.global_batch_size=8"], 4, parse_bytes("80GB"))
+    rows, best = plan("tiny_lm", [*SMALL, "train.global_batch_size=8"], 4, parse_bytes("80GB"))
     valid = [r for r in rows if r.estimate is not None]
     assert {r.layout.sp for r in valid} == {1, 2, 4}
     # seq_len 256 with sp 4 ring needs 2 x 4 = 8 | 256: fine; hybrid needs sp_ulysses_degree | sp
@@ -93,7 +93,7 @@ def test_plan_rows_and_recommendation():
     assert row(2, 1).estimate.activations < row(1, 1).estimate.activations
     assert row(2, 1).estimate.states < row(1, 1).estimate.states
     assert row(2, 2).estimate.comm_bytes > 0
-    tiny_mem = plan("quickstart", SMALL, 1, parse_bytes("1MB"))
+    tiny_mem = plan("tiny_lm", SMALL, 1, parse_bytes("1MB"))
     assert tiny_mem[1] is None  # nothing fits in 1 MB
 
 
@@ -101,16 +101,16 @@ def test_plan_errors():
     with pytest.raises(ConfigError, match="--gpu-mem"):
         parse_bytes("lots")
     with pytest.raises(ConfigError, match="--gpus"):
-        plan("quickstart", SMALL, 0, parse_bytes("80GB"))
+        plan("tiny_lm", SMALL, 0, parse_bytes("80GB"))
     with pytest.raises(ConfigError, match="train.nonsense"):
-        plan("quickstart", [*SMALL, "train.nonsense=1"], 2, parse_bytes("80GB"))
+        plan("tiny_lm", [*SMALL, "train.nonsense=1"], 2, parse_bytes("80GB"))
 
 
 def test_plan_cli():
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
     big = ["model.dim=2048", "model.n_layers=16", "model.attention=[{name: dense}]", "model.n_heads=16",
            "model.n_kv_heads=8", "model.max_seq_len=65536", "train.seq_len=65536", "train.global_batch_size=8"]
-    proc = subprocess.run([sys.executable, "-m", "longshard.cli", "plan", "quickstart", *big, "--gpus", "8",
+    proc = subprocess.run([sys.executable, "-m", "longshard.cli", "plan", "tiny_lm", *big, "--gpus", "8",
                            "--gpu-mem", "80GB", "--json"], env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout)
@@ -119,7 +119,7 @@ def test_plan_cli():
     assert all(r["total_bytes"] <= 0.9 * 80 * 2**30 for r in fits)
     # 64K tokens of a 1.5B-class model do not fit one GPU's activations without sequence parallelism
     assert out["recommended"]["sp"] > 1 or out["recommended"]["activation_checkpointing"] != "none"
-    proc = subprocess.run([sys.executable, "-m", "longshard.cli", "plan", "quickstart", *big, "--gpus", "8"],
+    proc = subprocess.run([sys.executable, "-m", "longshard.cli", "plan", "tiny_lm", *big, "--gpus", "8"],
                           env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0 and "recommended: parallel.sp_degree=" in proc.stdout, proc.stderr[-2000:]
 

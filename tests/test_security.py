@@ -176,11 +176,11 @@ def _tamper(ckpt: Path, name: str, data: bytes) -> None:
 
 @pytest.fixture(scope="module")
 def small_run(tmp_path_factory):
-    """A 1-process quickstart of 2 steps with a checkpoint at each (run in this process)."""
+    """A 1-process tiny_lm of 2 steps with a checkpoint at each (run in this process)."""
     from longshard.cli import main
 
     out = tmp_path_factory.mktemp("sec") / "run"
-    rc = main(["train", "quickstart", "train.nproc=1", "train.steps=2", "checkpoint.every=1",
+    rc = main(["train", "tiny_lm", "train.nproc=1", "train.steps=2", "checkpoint.every=1",
                "train.global_batch_size=4", "data.default_corpus_bytes=100000", "eval.passkey_samples=0",
                "eval.val_batches=1", "logging.wandb=disabled", f"output_dir={out}"])
     assert rc == 0
@@ -188,7 +188,7 @@ def small_run(tmp_path_factory):
 
 
 COMMANDS = {
-    "train (resume)": lambda out, ck, tmp: ["train", "quickstart", "train.nproc=1", "train.steps=3",
+    "train (resume)": lambda out, ck, tmp: ["train", "tiny_lm", "train.nproc=1", "train.steps=3",
                                             "checkpoint.every=1", "train.global_batch_size=4",
                                             "data.default_corpus_bytes=100000", "eval.passkey_samples=0",
                                             "eval.val_batches=1", "logging.wandb=disabled", f"output_dir={out}"],
@@ -330,7 +330,7 @@ def test_a_second_run_on_a_used_checkpoint_dir_is_refused_before_writing(small_r
     held.acquire()  # run A, alive (this process)
     try:
         b = tmp_path / "b"
-        rc = main(["train", "quickstart", "train.nproc=1", "train.steps=3", "train.global_batch_size=4",
+        rc = main(["train", "tiny_lm", "train.nproc=1", "train.steps=3", "train.global_batch_size=4",
                    "data.default_corpus_bytes=100000", "logging.wandb=disabled", f"output_dir={b}",
                    f"checkpoint.dir={a / 'checkpoints'}"])
         assert rc == EXIT_INVALID_INPUT
@@ -339,7 +339,7 @@ def test_a_second_run_on_a_used_checkpoint_dir_is_refused_before_writing(small_r
         assert not b.exists() or not any(p.is_file() for p in b.rglob("*"))  # B wrote nothing
         # and the other way round: B's output_dir is A's checkpoint folder
         caplog.clear()
-        rc = main(["train", "quickstart", "train.nproc=1", "train.steps=3", "logging.wandb=disabled",
+        rc = main(["train", "tiny_lm", "train.nproc=1", "train.steps=3", "logging.wandb=disabled",
                    f"output_dir={a / 'checkpoints'}"])
         assert rc == EXIT_INVALID_INPUT and "is in use by another run" in caplog.text
     finally:
@@ -423,7 +423,7 @@ def test_training_from_a_tampered_checkpoint_stops_before_any_step(tmp_path, cap
     folder = tmp_path / "hf"
     _tiny_llama(folder)
     _rewrite_header(folder / "model.safetensors", TAMPERINGS["overlapping offsets"][0])
-    rc = main(["train", "quickstart", f"init.hf_path={folder}", "train.nproc=1", "train.steps=2",
+    rc = main(["train", "tiny_lm", f"init.hf_path={folder}", "train.nproc=1", "train.steps=2",
                "train.global_batch_size=4", "train.seq_len=64", "data.default_corpus_bytes=100000",
                "logging.wandb=disabled", f"parallel.dp_mode={dp_mode}", f"output_dir={tmp_path / 'run'}"])
     assert rc == EXIT_INVALID_INPUT
@@ -571,7 +571,7 @@ def test_a_saved_tokenizer_travels_with_the_checkpoint(tmp_path, monkeypatch):
     tok_file = tmp_path / "tok" / "tokenizer.json"
     tok_file.parent.mkdir()
     tok.save(str(tok_file))
-    cfg = load_config("quickstart", [f"data.tokenizer={tok_file}", "model.n_layers=1", f"output_dir={tmp_path}"])
+    cfg = load_config("tiny_lm", [f"data.tokenizer={tok_file}", "model.n_layers=1", f"output_dir={tmp_path}"])
     model = Transformer(cfg.model)
     optimizer = torch.optim.AdamW(model.parameters())
     sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
@@ -600,7 +600,7 @@ def test_slurm_values_that_would_become_shell_lines_are_refused(flag, value, cap
     from longshard.cli import main
     from longshard.errors import EXIT_INVALID_INPUT
 
-    rc = main(["launch", "slurm", "quickstart", "--nodes", "1", "--gpus-per-node", "2", flag, value, "--dry-run"])
+    rc = main(["launch", "slurm", "tiny_lm", "--nodes", "1", "--gpus-per-node", "2", flag, value, "--dry-run"])
     assert rc == EXIT_INVALID_INPUT
     assert f"{flag}: {value!r} cannot be written into an #SBATCH line safely" in caplog.text
 
@@ -614,7 +614,7 @@ def test_slurm_values_on_the_command_line_arrive_as_one_word(tmp_path, capsys):
 
     marker = tmp_path / "PWNED"
     nasty = [f"logging.run_name=$(touch {marker})", f"logging.project=a\ntouch {marker}", "logging.run_name='\"x"]
-    text = render_sbatch("quickstart", nodes=1, gpus_per_node=2, overrides=nasty, python=f"python3 $(touch {marker})")
+    text = render_sbatch("tiny_lm", nodes=1, gpus_per_node=2, overrides=nasty, python=f"python3 $(touch {marker})")
     script = tmp_path / "job.sbatch"
     script.write_text(text)
     bin_dir = tmp_path / "bin"
@@ -647,7 +647,7 @@ def test_a_malformed_state_file_falls_back_to_the_previous_checkpoint(small_run,
     state = json.loads(state_file.read_text())
     state["files"][".metadata"] = "12"
     state_file.write_text(json.dumps(state))
-    rc = main(["train", "quickstart", "train.nproc=1", "train.steps=3", "checkpoint.every=1",
+    rc = main(["train", "tiny_lm", "train.nproc=1", "train.steps=3", "checkpoint.every=1",
                "train.global_batch_size=4", "data.default_corpus_bytes=100000", "eval.passkey_samples=0",
                "eval.val_batches=1", "logging.wandb=disabled", f"output_dir={out}"])
     assert rc == 0
@@ -668,13 +668,13 @@ def test_a_different_model_in_a_used_output_dir_is_one_message_before_any_worker
     shutil.copytree(small_run, out)
     for extra in (["--dry-run"], []):
         caplog.clear()
-        rc = main(["train", "quickstart", "train.nproc=1", "model.n_layers=2", "train.steps=3",
+        rc = main(["train", "tiny_lm", "train.nproc=1", "model.n_layers=2", "train.steps=3",
                    "train.global_batch_size=4", "data.default_corpus_bytes=100000", "logging.wandb=disabled",
                    f"output_dir={out}", *extra])
         assert rc == EXIT_INVALID_INPUT
         assert re.search(r"model: the checkpoint .*step_00000002 was trained with a different model "
                          r"\(model\.n_layers: checkpoint 4, now 2\)\. Fix: .*new output_dir", caplog.text), caplog.text
         assert "launching" not in caplog.text
-    assert main(["train", "quickstart", "train.nproc=1", "model.n_layers=2", "train.steps=3",
+    assert main(["train", "tiny_lm", "train.nproc=1", "model.n_layers=2", "train.steps=3",
                  "train.global_batch_size=4", "logging.wandb=disabled", "checkpoint.resume=none",
                  f"output_dir={out}", "--dry-run"]) == 0

@@ -44,13 +44,13 @@ def test_sp_training_equals_sp1(tmp_path, env_cpu, mode):
               "train.global_batch_size=4", "train.steps=3", "logging.wandb=disabled", "logging.progress=false",
               "eval.passkey_samples=1", "eval.passkey_lengths=[128]", "eval.val_batches=2",
               "data.source=prepared", f"data.path={tmp_path / 'data'}"]
-    one = subprocess.run([sys.executable, "-m", "longshard.train.main", "quickstart", *common,
+    one = subprocess.run([sys.executable, "-m", "longshard.train.main", "tiny_lm", *common,
                           f"output_dir={tmp_path / 'sp1'}"], env=env_cpu, capture_output=True, text=True)
     assert one.returncode == 0, one.stderr[-3000:]
     # hybrid also shards parameters (FSDP2 over the flattened ring x Ulysses group)
     layout = ["parallel.sp_degree=4", "parallel.sp_ulysses_degree=2", "parallel.dp_mode=fsdp2"] \
         if mode == "hybrid" else ["parallel.sp_degree=2"]
-    two = subprocess.run(torchrun_cmd(4 if mode == "hybrid" else 2, "-m", "longshard.train.main", "quickstart",
+    two = subprocess.run(torchrun_cmd(4 if mode == "hybrid" else 2, "-m", "longshard.train.main", "tiny_lm",
                                       *common, *layout, f"parallel.sp_mode={mode.split('_')[0]}",
                                       # remat-aware checkpointing: same numerics, attention not recomputed
                                       "train.activation_checkpointing=attention_boundary",
@@ -73,30 +73,30 @@ def test_sp_training_equals_sp1(tmp_path, env_cpu, mode):
 
 def test_sp_layout_errors():
     with pytest.raises(ConfigError, match="train.seq_len.*sp_degree=3"):
-        load_config("quickstart", ["parallel.sp_degree=3"])  # 256 tokens
+        load_config("tiny_lm", ["parallel.sp_degree=3"])  # 256 tokens
     with pytest.raises(ConfigError, match="train.seq_len.*divisible by 8.*ring"):
-        load_config("quickstart", ["parallel.sp_degree=4", "parallel.sp_mode=ring", "train.seq_len=260",
+        load_config("tiny_lm", ["parallel.sp_degree=4", "parallel.sp_mode=ring", "train.seq_len=260",
                                    "eval.passkey_lengths=[512]"])
     with pytest.raises(ConfigError, match="parallel.sp_mode"):
-        load_config("quickstart", ["parallel.sp_mode=ring9"])
+        load_config("tiny_lm", ["parallel.sp_mode=ring9"])
     # sparsity-aware ring: whole blocks in each of the 2 x sp zigzag chunks; unsupported variants named
     with pytest.raises(ConfigError, match="train.seq_len.*divisible by 192"):
-        load_config("quickstart", ["parallel.sp_degree=2", "parallel.sp_mode=ring",
+        load_config("tiny_lm", ["parallel.sp_degree=2", "parallel.sp_mode=ring",
                                    "model.attention=[{name: s2, options: {block: 48}}]"])
     with pytest.raises(ConfigError, match="parallel.sp_mode.*'nsa'.*ulysses"):
-        load_config("quickstart", ["parallel.sp_degree=2", "parallel.sp_mode=ring", "model.attention=[{name: nsa}]"])
+        load_config("tiny_lm", ["parallel.sp_degree=2", "parallel.sp_mode=ring", "model.attention=[{name: nsa}]"])
     with pytest.raises(ConfigError, match="parallel.sp_mode.*'mixed'.*ulysses"):
-        load_config("quickstart", ["parallel.sp_degree=4", "parallel.sp_mode=hybrid", "parallel.sp_ulysses_degree=2",
+        load_config("tiny_lm", ["parallel.sp_degree=4", "parallel.sp_mode=hybrid", "parallel.sp_ulysses_degree=2",
                                    "model.attention=[{name: mixed, options: {groups: [{name: dense, heads: 6}]}}]"])
     # hybrid: block-sparse layers need whole blocks in the 2 x (sp / ulysses) zigzag chunks of the ring
     with pytest.raises(ConfigError, match="train.seq_len.*divisible by 384"):
-        load_config("quickstart", ["parallel.sp_degree=4", "parallel.sp_mode=hybrid", "parallel.sp_ulysses_degree=2",
+        load_config("tiny_lm", ["parallel.sp_degree=4", "parallel.sp_mode=hybrid", "parallel.sp_ulysses_degree=2",
                                    "model.attention=[{name: s2, options: {block: 96}}]"])
     with pytest.raises(ConfigError, match="parallel.sp_mode.*learned_gates"):
-        load_config("quickstart", ["parallel.sp_degree=2", "parallel.sp_mode=ring",
+        load_config("tiny_lm", ["parallel.sp_degree=2", "parallel.sp_mode=ring",
                                    "model.attention=[{name: streaming, options: {learned_gates: true}}]"])
     with pytest.raises(ConfigError, match="parallel.sp_ulysses_degree"):
-        load_config("quickstart", ["parallel.sp_mode=hybrid", "parallel.sp_degree=4", "parallel.sp_ulysses_degree=3"])
+        load_config("tiny_lm", ["parallel.sp_mode=hybrid", "parallel.sp_degree=4", "parallel.sp_ulysses_degree=3"])
 
 
 def test_one_rank_ring_equals_the_dense_model():

@@ -44,7 +44,7 @@ def test_planning_from_one_layer_per_kind_counts_what_the_whole_model_holds(over
     from longshard.train.config import load_config
     from longshard.train.plan import TP_SPLIT, _param_count
 
-    mcfg = load_config("quickstart", overrides).model
+    mcfg = load_config("tiny_lm", overrides).model
     with torch.device("meta"):
         model = Transformer(mcfg)
 
@@ -61,9 +61,9 @@ def test_a_huge_layer_count_plans_without_building_the_model():
     from longshard.train.config import load_config
     from longshard.train.plan import _param_count
 
-    mcfg = load_config("quickstart", ["model.n_layers=200000"]).model
+    mcfg = load_config("tiny_lm", ["model.n_layers=200000"]).model
     t0 = time.time()
     total, block = _param_count(mcfg, 1)
     assert time.time() - t0 < 60
-    small_total, small_block = _param_count(load_config("quickstart", ["model.n_layers=2"]).model, 1)
+    small_total, small_block = _param_count(load_config("tiny_lm", ["model.n_layers=2"]).model, 1)
     assert block == small_block and total == small_total + 199_998 * block

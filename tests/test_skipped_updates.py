@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 
-BASE = ["train", "quickstart", "train.nproc=1", "train.steps=5", "train.global_batch_size=4",
+BASE = ["train", "tiny_lm", "train.nproc=1", "train.steps=5", "train.global_batch_size=4",
         "data.default_corpus_bytes=100000", "eval.passkey_samples=0", "eval.val_batches=1", "logging.wandb=disabled",
         "train.nan_policy=skip", "optim.warmup_steps=0"]
 

@@ -113,7 +113,7 @@ def _submit(tmp_path: Path, env: dict, name: str) -> tuple[str, Path, Path]:
 
     out, logs = tmp_path / name, tmp_path / f"{name}-logs"
     script = tmp_path / f"{name}.sbatch"
-    assert main(["launch", "slurm", "quickstart", "--nodes", "1", "--gpus-per-node", "0", "--time", "15:00",
+    assert main(["launch", "slurm", "tiny_lm", "--nodes", "1", "--gpus-per-node", "0", "--time", "15:00",
                  "--python", sys.executable, "--output", str(script), "--log-dir", str(logs),
                  "train.steps=2000", "checkpoint.every=100000", "model.n_layers=1", "train.seq_len=64",
                  "train.global_batch_size=8", "data.default_corpus_bytes=100000", "eval.passkey_samples=0",

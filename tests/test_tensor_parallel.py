@@ -33,10 +33,10 @@ def test_tp_x_sp_training_equals_single_process(tmp_path, env_cpu):
               "logging.wandb=disabled", "logging.progress=false", "eval.passkey_samples=1",
               "eval.passkey_lengths=[128]", "eval.val_batches=2", "data.source=prepared",
               f"data.path={tmp_path / 'data'}"]
-    one = subprocess.run([sys.executable, "-m", "longshard.train.main", "quickstart", *common,
+    one = subprocess.run([sys.executable, "-m", "longshard.train.main", "tiny_lm", *common,
                           f"output_dir={tmp_path / 'one'}"], env=env_cpu, capture_output=True, text=True)
     assert one.returncode == 0, one.stderr[-3000:]
-    four = subprocess.run(torchrun_cmd(4, "-m", "longshard.train.main", "quickstart", *common,
+    four = subprocess.run(torchrun_cmd(4, "-m", "longshard.train.main", "tiny_lm", *common,
                                        "parallel.tp_degree=2", "parallel.sp_degree=2", "parallel.dp_mode=fsdp2",
                                        f"output_dir={tmp_path / 'four'}"),
                           env=env_cpu, capture_output=True, text=True)
@@ -51,16 +51,16 @@ def test_tp_x_sp_training_equals_single_process(tmp_path, env_cpu):
 
 def test_tp_layout_errors():
     with pytest.raises(ConfigError, match="parallel.dp_mode.*FSDP2"):
-        load_config("quickstart", ["parallel.tp_degree=2"])
+        load_config("tiny_lm", ["parallel.tp_degree=2"])
     with pytest.raises(ConfigError, match="parallel.tp_degree.*nosa"):
-        load_config("quickstart", ["parallel.tp_degree=2", "parallel.dp_mode=fsdp2",
+        load_config("tiny_lm", ["parallel.tp_degree=2", "parallel.dp_mode=fsdp2",
                                    "model.attention=[{name: nosa}]"])
     with pytest.raises(ConfigError, match="parallel.tp_degree.*heads do not split"):
-        load_config("quickstart", ["parallel.tp_degree=4", "parallel.dp_mode=fsdp2"])  # 6 query / 2 KV heads
+        load_config("tiny_lm", ["parallel.tp_degree=4", "parallel.dp_mode=fsdp2"])  # 6 query / 2 KV heads
     with pytest.raises(ConfigError, match="parallel.tp_degree.*native"):
-        load_config("quickstart", ["parallel.tp_degree=2", "train.engine=deepspeed"])
+        load_config("tiny_lm", ["parallel.tp_degree=2", "train.engine=deepspeed"])
     with pytest.raises(ConfigError, match="parallel.tp_degree"):
-        load_config("quickstart", ["parallel.tp_degree=0"])
+        load_config("tiny_lm", ["parallel.tp_degree=0"])
 
 
 @pytest.mark.dist
@@ -78,7 +78,7 @@ def test_tp_checkpoint_resume_repeats_straight_run(tmp_path, env_cpu):
     runs = [("cut", ["train.steps=4"]), ("cut", ["train.steps=6", "checkpoint.resume=auto"]),
             ("straight", ["train.steps=6"])]
     for out, extra in runs:
-        proc = subprocess.run(torchrun_cmd(2, "-m", "longshard.train.main", "quickstart", *common, *extra,
+        proc = subprocess.run(torchrun_cmd(2, "-m", "longshard.train.main", "tiny_lm", *common, *extra,
                                            f"output_dir={tmp_path / out}"),
                               env=env_cpu, capture_output=True, text=True)
         assert proc.returncode == 0, proc.stderr[-3000:]

@@ -33,7 +33,7 @@ def data_dir(tmp_path_factory) -> Path:
 
 # timeout: generous (a loaded 2-core machine is slow); a hang still ends the test
 def _run(nproc: int, out: Path, data: Path, extra: list[str], env: dict, check: bool = True, timeout: int = 900):
-    args = ["quickstart", *TINY, "data.source=prepared", f"data.path={data}", f"output_dir={out}", *extra]
+    args = ["tiny_lm", *TINY, "data.source=prepared", f"data.path={data}", f"output_dir={out}", *extra]
     if nproc == 1:
         cmd = [sys.executable, "-m", "longshard.train.main", *args]
     else:
@@ -85,7 +85,7 @@ def test_kill_and_resume_is_exact(tmp_path, data_dir, env_cpu):
     straight = _losses(tmp_path / "straight")
 
     out = tmp_path / "killed"
-    args = ["quickstart", *TINY, "data.source=prepared", f"data.path={data_dir}", f"output_dir={out}", *extra]
+    args = ["tiny_lm", *TINY, "data.source=prepared", f"data.path={data_dir}", f"output_dir={out}", *extra]
     proc = subprocess.Popen(torchrun_cmd(2, "-m", "longshard.train.main", *args), env=env_cpu,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     ckpt3 = out / "checkpoints" / "step_00000003"
@@ -133,7 +133,7 @@ def test_sigterm_writes_checkpoint_and_resume_is_exact(tmp_path, data_dir, env_c
     checkpoint and exits cleanly; resuming continues with exactly the losses of an uninterrupted run."""
     extra = ["checkpoint.every=0", "optim.schedule=constant", "parallel.dp_mode=ddp", "eval.at_end=false"]
     out = tmp_path / "pre"
-    args = ["quickstart", *TINY, "data.source=prepared", f"data.path={data_dir}", f"output_dir={out}", *extra,
+    args = ["tiny_lm", *TINY, "data.source=prepared", f"data.path={data_dir}", f"output_dir={out}", *extra,
             "train.steps=500", "checkpoint.save_final=false"]
     proc = subprocess.Popen(torchrun_cmd(2, "-m", "longshard.train.main", *args), env=env_cpu, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -503,7 +503,7 @@ def _tiny_hf_qwen2(path: Path) -> None:
 
 QWEN_TINY = ["model.vocab_size=320", "model.dim=112", "model.n_heads=14", "model.n_kv_heads=2"]
 RECIPE_STEP = {  # recipe: (processes, overrides shrinking its layout to 2 CPU processes)
-    "quickstart": (2, ["train.dtype=bf16", *QWEN_TINY]),  # ships fp32: its bf16 run on a Qwen layout
+    "tiny_lm": (2, ["train.dtype=bf16", *QWEN_TINY]),  # ships fp32: its bf16 run on a Qwen layout
     "pretrain_small": (2, ["model.max_seq_len=512", "model.n_layers=2", *QWEN_TINY]),
     "continue_hf_yarn": (2, []),
     "continue_hf_gated": (2, []),  # Ulysses 2 over 14 / 2 heads
@@ -587,7 +587,7 @@ def test_no_worker_outlives_the_launcher(tmp_path, data_dir, env_cpu, how):
     """`longshard train` with 2 workers: SIGTERM to it is forwarded (workers checkpoint and stop);
     SIGKILL to it takes torchrun and the workers down with it (parent-death signals). No orphan."""
     out = tmp_path / f"orphans_{how}"
-    args = [sys.executable, "-m", "longshard.cli", "train", "quickstart", *TINY,
+    args = [sys.executable, "-m", "longshard.cli", "train", "tiny_lm", *TINY,
             "data.source=prepared", f"data.path={data_dir}", f"output_dir={out}", "train.steps=100000",
             "train.log_every=1", "checkpoint.every=0", "--nproc", "2"]
     cli = subprocess.Popen(args, env=env_cpu, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -732,7 +732,7 @@ def test_damaged_tokens_read_by_one_rank_stop_every_rank(tmp_path, data_dir, env
 
     data = tmp_path / "data"
     shutil.copytree(data_dir, data)
-    cfg = load_config("quickstart", TINY)
+    cfg = load_config("tiny_lm", TINY)
     windows = TokenWindows(data, "train", cfg.train.seq_len)
     order = DistributedLoader(list(range(len(windows))), micro_batch_size=2, grad_accum=2, dp_rank=1, dp_size=2,
                               seed=cfg.train.seed)._perm

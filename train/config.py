@@ -21,6 +21,7 @@ from longshard.models.activation_offload import ACTIVATION_OFFLOAD_MODES
 from longshard.models.attention.registry import parse_options
 from longshard.models.config import ModelConfig
 from longshard.models.model import AC_MODES
+from longshard.train.data.synthetic import mqar_pairs_for
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -57,6 +58,12 @@ class DataConfig:
         doc_mask: give the model document ids so packed documents never attend to each other.
         shuffle: reshuffle every epoch (deterministic from ``train.seed``).
         mqar_num_kv_pairs: key/value pairs per MQAR sequence.
+        mqar_curriculum: MQAR sequence-length warmup (as DeepSpeed's seqlen curriculum): document
+            lengths, ascending, the last = ``train.seq_len``, each one phase of equal share of
+            ``train.steps``. In a phase every sequence packs ``seq_len / L`` independent MQAR documents
+            of ``L`` tokens (document-masked) with ``mqar_num_kv_pairs * L / seq_len`` pairs each, so
+            recall is learned at short range first. The samples are then read in order (each is drawn
+            from its index alone; shuffling would only mix the phases). Empty: full length throughout.
         synthetic_samples: size of a synthetic dataset.
     """
 
@@ -67,6 +74,7 @@ class DataConfig:
     doc_mask: bool = True
     shuffle: bool = True
     mqar_num_kv_pairs: int = 8
+    mqar_curriculum: list[int] = field(default_factory=list)
     synthetic_samples: int = 100_000
 
     def __post_init__(self) -> None:
@@ -477,6 +485,29 @@ class Config:
                     f"{self.data.mqar_num_kv_pairs} pairs need seq_len >= {4 * self.data.mqar_num_kv_pairs}.")
             require(self.data.mqar_num_kv_pairs < self.model.vocab_size // 2 - 1, "data.mqar_num_kv_pairs",
                     f"too many pairs for vocab_size={self.model.vocab_size}.")
+        if self.data.mqar_curriculum:
+            self._check_mqar_curriculum()
+
+    def _check_mqar_curriculum(self) -> None:
+        """Document lengths that divide the sequence, hold their pairs, ascend to seq_len, fit the data."""
+        d, S, field_ = self.data, self.train.seq_len, "data.mqar_curriculum"
+        require(d.source == "mqar", field_, f"applies to data.source=mqar, not {d.source!r}.",
+                "remove it or use data.source=mqar.")
+        require(d.doc_mask, field_, "packs independent documents, so it needs data.doc_mask=true.",
+                "set data.doc_mask=true (or drop the curriculum).")
+        lengths = list(d.mqar_curriculum)
+        require(lengths == sorted(lengths) and lengths[-1] == S, field_,
+                f"{lengths} must ascend and end with train.seq_len={S}.", f"e.g. [{S // 4}, {S // 2}, {S}].")
+        for n in lengths:
+            k = mqar_pairs_for(d.mqar_num_kv_pairs, n, S)
+            require(n > 0 and S % n == 0 and 4 * k <= n, field_,
+                    f"{n}: each length must divide train.seq_len={S} and hold its {k} pair(s) (>= {4 * k} tokens).",
+                    "use divisors of seq_len such as powers of two.")
+        need_samples = self.train.steps * self.train.global_batch_size
+        require(d.synthetic_samples >= need_samples, "data.synthetic_samples",
+                f"{d.synthetic_samples} samples are fewer than the run reads ({need_samples} = steps x "
+                "global_batch_size); a second epoch would restart the curriculum.",
+                f"set data.synthetic_samples >= {need_samples}.")
 
     def _check_tensor_parallel(self) -> None:
         """Tensor parallel: native engine with FSDP2, heads and FFN divisible, no core-attention parameters."""

@@ -89,8 +89,9 @@ def check_resume(saved: dict[str, Any] | None, now: dict[str, Any], allowed: lis
     if model:
         fields = "; ".join(f"{k}: checkpoint {a!r}, now {b!r}" for k, (a, b) in model.items())
         raise ConfigError("model", f"the checkpoint {where} was trained with a different model ({fields}).",
-                          "resume with the checkpoint's model settings, or start a new output_dir / "
-                          "checkpoint.resume=none.")
+                          "resume with the checkpoint's model settings; or train this model in a new output_dir; "
+                          "or add checkpoint.resume=none to start afresh here (the earlier run's files are moved, "
+                          "unchanged, into output_dir/previous-<time>/).")
     changed = sorted({"data" if k.startswith("data.") else k for k in diff})
     refused = [k for k in changed if k not in allowed]
     if refused:

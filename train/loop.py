@@ -67,6 +67,7 @@ class TrainState:
         skipped_in_row: updates skipped in a row (non-finite loss or gradient, fp16 overflow).
         skipped: the steps of this launch whose update was skipped.
         preempted_at: the step a pre-emption stopped the run after, or None.
+        last_comm: the sequence-parallel bytes and calls of this rank's last applied step.
     """
 
     start_step: int
@@ -75,6 +76,7 @@ class TrainState:
     skipped_in_row: int = 0
     skipped: list[int] = field(default_factory=list)
     preempted_at: int | None = None
+    last_comm: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -258,8 +260,9 @@ class TrainLoop:
             "peak_mem_gb": peak_memory_bytes(self.env.device) / 1e9, "step_time_s": dt,
             "tokens_seen": step * x.tokens_per_step, "attn_kept_fraction": x.kept_fraction,
             "offloaded_act_gb": offload.offloaded_bytes / 1e9 if offload else 0.0,
-            **{f"comm/{k}": v for k, v in self.run.comm.reset().items()},
         }
+        self.state.last_comm = self.run.comm.reset()
+        rec.update({f"comm/{k}": v for k, v in self.state.last_comm.items()})
         if self.engine.loss_scale() is not None:  # fp16: the dynamic loss scale after this step
             rec["loss_scale"] = self.engine.loss_scale()
         return rec

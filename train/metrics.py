@@ -160,6 +160,11 @@ def human_summary(report: dict[str, Any]) -> str:
         c = report["conversion"]
         lines.append(f"  conversion: held-out loss {c['original_loss']:.4g} as loaded, {c['converted_loss']:.4g} "
                      f"converted (gap {c['loss_gap']:+.3g})")
+    t = report.get("sp_traffic")
+    if t:
+        lines.append(f"  sequence parallel: the sparse K/V exchange of {t['sparse_exchange_layers']} layer(s) sent "
+                     f"{t['sparse_exchange_bytes_per_step'] / 1e6:.3g} MB per step on rank 0, a dense ring "
+                     f"{t['dense_ring_bytes_per_step'] / 1e6:.3g} MB ({100 * t['saved_fraction']:.0f}% saved)")
     evals = []
     if report.get("val_loss") is not None:
         evals.append(f"held-out loss {report['val_loss']:.4g} (ppl {report['val_ppl']:.4g})")

@@ -65,6 +65,7 @@ class RunLock:
         self.stale_s, self.heartbeat_s = stale_s, heartbeat_s
         self.held = False
         self._last = 0.0
+        self.started: float | None = None  # the start time written into the lock (what every rank must read back)
 
     def _holder(self) -> dict:
         try:
@@ -107,11 +108,17 @@ class RunLock:
                 continue
             with os.fdopen(fd, "w") as f:
                 json.dump(me, f)
+            self.started = me["started"]
             self.held = True
             self._last = time.time()
             return
         raise ConfigError(self.field, f"could not take the lock {self.path} (another run took it first).",
                           f"choose another {self.field}.")
+
+    def seen_started(self) -> float | None:
+        """The start time in the lock file as this process reads it (None: no readable lock here)."""
+        started = self._holder().get("started")
+        return started if isinstance(started, float) else None
 
     def heartbeat(self) -> None:
         """Refresh the lock's modification time (rate-limited)."""
@@ -163,3 +170,40 @@ class RunLocks:
     def release(self) -> None:
         for lock in self.locks:
             lock.release()
+
+
+# what a run leaves in output_dir besides checkpoints (the lock stays: this run holds it)
+RUN_FILES = ("config.yaml", "metrics.jsonl", "report.json", "wandb")
+
+
+def set_aside_previous_run(out_dir: str | Path, ckpt_dir: str | Path) -> Path | None:
+    """Move an earlier run's files out of the way of a fresh one (``checkpoint.resume=none``), unchanged,
+    into ``output_dir/previous-<UTC time>/``: its config, metrics, report, wandb folder and checkpoints
+    (``checkpoints/`` there, or ``<checkpoint.dir>/previous-<UTC time>/`` when checkpoint.dir lies outside
+    output_dir). Nothing is deleted or relabelled. Call with the run's locks held. Returns the folder,
+    or None when there was nothing to move.
+    """
+    out_dir, ckpt_dir = Path(out_dir), Path(ckpt_dir)
+    stamp = time.strftime("previous-%Y%m%dT%H%M%SZ", time.gmtime())
+    n = 1
+    while (out_dir / stamp).exists() or (ckpt_dir / stamp).exists():  # two fresh starts within a second
+        n += 1
+        stamp = f"{stamp.split('.')[0]}.{n}"
+    dest = out_dir / stamp
+    files = [out_dir / n for n in RUN_FILES if (out_dir / n).exists()]
+    steps = sorted(p for p in ckpt_dir.glob("step_*")) if ckpt_dir.is_dir() else []
+    if not files and not steps:
+        return None
+    try:
+        inside = ckpt_dir.resolve().relative_to(out_dir.resolve())
+        ckpt_dest = dest / inside
+    except ValueError:
+        ckpt_dest = ckpt_dir / stamp
+    for src, to in [(f, dest / f.name) for f in files] + [(p, ckpt_dest / p.name) for p in steps]:
+        to.parent.mkdir(parents=True, exist_ok=True)
+        src.rename(to)
+    log.warning("checkpoint.resume=none: %s held an earlier run; its files (%s) were moved unchanged to %s%s. "
+                "Delete that folder when it is not needed.", out_dir,
+                ", ".join([f.name for f in files] + ([f"{len(steps)} checkpoint(s)"] if steps else [])), dest,
+                f" and {ckpt_dest}" if steps and not str(ckpt_dest).startswith(str(dest)) else "")
+    return dest

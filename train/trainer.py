@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
 import time
 from dataclasses import dataclass, replace
 from functools import partial
@@ -37,8 +38,9 @@ from longshard.parallel import (
 from longshard.parallel.data_parallel import reshard
 from longshard.parallel.deepspeed_engine import deepspeed_config, import_deepspeed
 from longshard.parallel.deepspeed_engine import initialize as ds_initialize
-from longshard.parallel.env import all_agree
+from longshard.parallel.env import all_agree, all_sum
 from longshard.parallel.layout import CommCounter, SeqShard
+from longshard.parallel.ring import sparse_exchange_traffic
 from longshard.parallel.sharded_load import hf_names_of, load_hf_sharded, parameters_on_meta
 from longshard.parallel.tensor_parallel import check_tensor_parallel
 from longshard.parallel.ulysses import kv_replication
@@ -64,7 +66,7 @@ from longshard.train.faults import (
 from longshard.train.fingerprint import fingerprint
 from longshard.train.loop import NonFiniteLossError, StepInputs, TrainLoop, TrainState
 from longshard.train.metrics import MetricsLogger, flops_per_token, peak_tflops
-from longshard.train.run_lock import RunLocks
+from longshard.train.run_lock import RunLocks, set_aside_previous_run
 from longshard.train.schedule import build_scheduler
 
 log = logging.getLogger(__name__)
@@ -143,7 +145,8 @@ def build_datasets(cfg: Config, env: DistEnv, mcfg: ModelConfig):
         return (PasskeyDataset(tokenizer, S, n, cfg.train.seed), PasskeyDataset(tokenizer, S, 64, cfg.train.seed + 1),
                 tokenizer)
     k = cfg.data.mqar_num_kv_pairs
-    return (MQARDataset(S, mcfg.vocab_size, k, n, cfg.train.seed),
+    return (MQARDataset(S, mcfg.vocab_size, k, n, cfg.train.seed, cfg.data.mqar_curriculum,
+                        cfg.train.steps * cfg.train.global_batch_size),
             MQARDataset(S, mcfg.vocab_size, k, 64, cfg.train.seed + 1), tokenizer)
 
 
@@ -160,6 +163,21 @@ def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimize
     on_cuda = any(p.is_cuda for p in decay + no_decay)
     impl = {"fused": True} if on_cuda else {"foreach": True}
     return torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, **impl)
+
+
+def sp_traffic_report(run: TrainingRun, cfg: Config, grad_accum: int, last_comm: dict[str, int]) -> dict | None:
+    """This rank's sequence-parallel K/V traffic per optimizer step in the layers that exchange only the
+    blocks their pattern reads, measured (the last step's counter) and analytic, against what a dense
+    ring would send for the same layers; None without such layers."""
+    el = torch.empty((), dtype=compute_dtype(cfg) or torch.float32).element_size()
+    t = sparse_exchange_traffic(run.dmodel, cfg.train.micro_batch_size, cfg.train.seq_len, el)
+    if t is None:
+        return None
+    sparse, dense = grad_accum * t["sparse_exchange_bytes"], grad_accum * t["dense_ring_bytes"]
+    return {"sparse_exchange_layers": t["layers"], "sparse_exchange_bytes_per_step": sparse,
+            "measured_sparse_exchange_bytes_per_step": last_comm.get("sparse_kv_bytes"),
+            "dense_ring_bytes_per_step": dense, "saved_bytes_per_step": dense - sparse,
+            "saved_fraction": (1 - sparse / dense) if dense else 0.0}
 
 
 def attention_kept_fraction(model: Transformer, seq_len: int) -> float:
@@ -385,6 +403,25 @@ def resume_training(cfg: Config, engine: NativeEngine, ckpt: Checkpointer,
     return resume_from, start_step, history
 
 
+def check_shared_output(lock: RunLocks, env) -> None:
+    """Every rank must read the lock rank 0 just wrote into each locked folder: output_dir and
+    checkpoint.dir are one folder that all nodes share, or checkpoints, metrics and resumes split
+    per node (and a later collective read fails with a raw backend error)."""
+    if env.world_size == 1:
+        return
+    for one in lock.locks:
+        stamp = all_sum((one.started or 0.0) if env.is_main else 0.0, env.device)  # rank 0's start time, everywhere
+        ok = one.seen_started() == stamp
+        if not all_agree(ok, env.device):
+            if not ok:
+                log.error("rank %d on %s does not see rank 0's lock %s in %s", env.rank, socket.gethostname(),
+                          one.path.name, one.path.parent.resolve())
+            raise ConfigError(one.field, f"{one.path.parent} is not the same folder on every node: some ranks do "
+                              "not see the lock rank 0 wrote there (their names are in the log).",
+                              f"put {one.field} on a filesystem every node mounts at the same path (NFS, Lustre, "
+                              "GPFS) and give it as an absolute path.")
+
+
 def train(cfg: Config, watch: PreemptionWatch | None = None) -> dict[str, Any]:
     """Run training as described by ``cfg`` on this rank; returns the final report (all ranks).
 
@@ -417,6 +454,9 @@ def train(cfg: Config, watch: PreemptionWatch | None = None) -> dict[str, Any]:
         lock.release()
         raise problem or ConfigError("output_dir", f"rank 0 could not lock {out_dir} (see its log).")
     try:
+        check_shared_output(lock, env)
+        if env.is_main and cfg.checkpoint.resume == "none":
+            set_aside_previous_run(out_dir, cfg.checkpoint.dir)
         return _train_locked(cfg, env, t0, use_ds, dp_size, grad_accum, sp_size, mcfg, out_dir, lock,
                              watch or PreemptionWatch())
     finally:
@@ -440,7 +480,8 @@ def _train_locked(cfg: Config, env, t0: float, use_ds: bool, dp_size: int, grad_
     run = build_training(cfg, env, mcfg, use_ds, grad_accum, val_ds)
     loader = DistributedLoader(
         train_ds, micro_batch_size=cfg.train.micro_batch_size, grad_accum=grad_accum,
-        dp_rank=run.mesh["dp"].get_local_rank(), dp_size=dp_size, seed=cfg.train.seed, shuffle=cfg.data.shuffle,
+        dp_rank=run.mesh["dp"].get_local_rank(), dp_size=dp_size, seed=cfg.train.seed,
+        shuffle=cfg.data.shuffle and not cfg.data.mqar_curriculum,  # a curriculum is read in order (its phases)
     )
     run_print = fingerprint(cfg, mcfg, Path(cfg.data.path) if cfg.data.source == "prepared" and cfg.data.path else None)
     ckpt = Checkpointer(cfg.checkpoint.dir, cfg.checkpoint.keep_last, env.rank, resolved_yaml, run_print,
@@ -473,6 +514,7 @@ def _train_locked(cfg: Config, env, t0: float, use_ds: bool, dp_size: int, grad_
         metrics.log(cfg.train.steps, eval_results)
     report = {
         "name": cfg.name,
+        "sp_traffic": sp_traffic_report(run, cfg, grad_accum, state.last_comm),
         "steps": cfg.train.steps,
         "resumed_from_step": start_step,
         "preempted_at_step": state.preempted_at,

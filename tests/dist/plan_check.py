@@ -51,7 +51,7 @@ def main() -> int:
     failures = []
     for name, attention in ATTENTION.items():
         for seq_len in (256, 512):
-            cfg = load_config("quickstart", [*SMALL, attention, f"train.seq_len={seq_len}",
+            cfg = load_config("tiny_lm", [*SMALL, attention, f"train.seq_len={seq_len}",
                                              f"parallel.sp_degree={P}", "parallel.sp_mode=ring"])
             est = estimate(cfg, resolve_model_config(cfg), Layout(1, P, "ring", "ddp", "none", "none"), P)
             peak = measured_peak(cfg, r, P)

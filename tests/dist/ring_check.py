@@ -42,6 +42,9 @@ def main() -> int:
         expect = 2 * (2 * (P - 1) * kv_bytes + 2 * (P - 1) * kv_bytes + 2 * P * kv_bytes)
         if counter.bytes["ring_p2p"] != expect:
             failures.append(f"{name} ring bytes {counter.bytes['ring_p2p']} != analytic {expect}")
+        declared = sum(layer.attention.core_attention.analytic_bytes(2, S, 4) for layer in par.layers)
+        if declared != expect:  # the formula the run report's dense-ring baseline uses
+            failures.append(f"{name} RingAttention.analytic_bytes {declared} != {expect}")
     # linear attention under the ring layout: the recurrent states of both zigzag chunks of every rank
     # travel in one all-gather; each chunk starts from the decayed state of all chunks before it
     for n_heads, n_kv in ((4, 2), (3, 3)):

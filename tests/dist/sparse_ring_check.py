@@ -12,7 +12,7 @@ from common import finish, random_batch, run_and_compare
 from longshard.models import ModelConfig, Transformer
 from longshard.parallel.env import exit_worker
 from longshard.parallel.layout import CommCounter, shard_batch, zigzag_positions
-from longshard.parallel.ring import apply_ring
+from longshard.parallel.ring import apply_ring, sparse_exchange_traffic
 from longshard.parallel.sparse_exchange import SparseExchangeAttention
 
 VARIANTS = [
@@ -50,6 +50,9 @@ def main() -> int:
             got = counter.bytes["sparse_kv"]
             if got != expect:
                 failures.append(f"{label} bytes {got} != analytic {expect}")
+            traffic = sparse_exchange_traffic(par, 2, S, 4)
+            if traffic != {"layers": 2, "sparse_exchange_bytes": expect, "dense_ring_bytes": dense_ring}:
+                failures.append(f"{label} sparse_exchange_traffic {traffic} != ({expect}, {dense_ring})")
             if P > 1 and not got < dense_ring:
                 failures.append(f"{label} sparse bytes {got} not below dense ring {dense_ring}")
             if r == 0 and not packed:

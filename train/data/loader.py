@@ -10,7 +10,7 @@ import torch
 from longshard.errors import ConfigError
 from longshard.train.data.prepare import META as META_NAME
 from longshard.train.data.prepare import read_meta
-from longshard.train.data.synthetic import mqar_sample, passkey_sample
+from longshard.train.data.synthetic import mqar_pairs_for, mqar_sample, passkey_sample
 from longshard.train.data.tokenizer import Tokenizer
 
 
@@ -90,18 +90,48 @@ class PasskeyDataset:
 
 
 class MQARDataset:
-    """Multi-query associative recall sequences; deterministic per index."""
+    """Multi-query associative recall sequences; deterministic per index.
 
-    def __init__(self, seq_len: int, vocab_size: int, num_kv_pairs: int, n: int, seed: int) -> None:
+    Args:
+        seq_len: tokens per sequence.
+        vocab_size: ids the task draws from (see :func:`mqar_sample`).
+        num_kv_pairs: key/value pairs of a ``seq_len``-token document.
+        n: samples.
+        seed: base seed (sample ``i`` is drawn from ``seed`` and ``i`` alone).
+        curriculum: document lengths of a sequence-length warmup; sample ``i`` belongs to phase
+            ``i * len(curriculum) // curriculum_samples`` (the last phase from then on) and packs
+            ``seq_len / L`` independent documents of ``L`` tokens (document ids set, so a document-masked
+            model never reads across them), each with ``mqar_pairs_for(num_kv_pairs, L, seq_len)``
+            pairs: the same queries per token in every phase.
+            Empty: one document per sequence.
+        curriculum_samples: samples the curriculum spans (a run's steps x global batch); default ``n``.
+    """
+
+    def __init__(self, seq_len: int, vocab_size: int, num_kv_pairs: int, n: int, seed: int,
+                 curriculum: list[int] | None = None, curriculum_samples: int | None = None) -> None:
         self.seq_len, self.vocab_size, self.num_kv_pairs, self.n, self.seed = seq_len, vocab_size, num_kv_pairs, n, seed
+        self.curriculum = list(curriculum or [])
+        self.curriculum_samples = max(1, curriculum_samples or n)
 
     def __len__(self) -> int:
         return self.n
 
+    def doc_len(self, i: int) -> int:
+        """Document length of sample ``i``."""
+        if not self.curriculum:
+            return self.seq_len
+        return self.curriculum[min(i * len(self.curriculum) // self.curriculum_samples, len(self.curriculum) - 1)]
+
     def __getitem__(self, i: int) -> Sample:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + i)
-        tokens, labels = mqar_sample(self.seq_len, self.vocab_size, self.num_kv_pairs, g)
-        return Sample(tokens, labels)
+        if not self.curriculum:
+            tokens, labels = mqar_sample(self.seq_len, self.vocab_size, self.num_kv_pairs, g)
+            return Sample(tokens, labels)
+        L = self.doc_len(i)
+        k = mqar_pairs_for(self.num_kv_pairs, L, self.seq_len)
+        docs = [mqar_sample(L, self.vocab_size, k, g) for _ in range(self.seq_len // L)]
+        doc_ids = torch.arange(len(docs)).repeat_interleave(L)
+        return Sample(torch.cat([t for t, _ in docs]), torch.cat([lab for _, lab in docs]), doc_ids)
 
 
 def collate(samples: list[Sample]) -> dict[str, torch.Tensor | None]:

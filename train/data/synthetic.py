@@ -95,6 +95,11 @@ def mqar_sample(
     return tokens, labels
 
 
+def mqar_pairs_for(num_kv_pairs: int, doc_len: int, seq_len: int) -> int:
+    """Pairs of a ``doc_len``-token MQAR document with the query density of ``num_kv_pairs`` per ``seq_len``."""
+    return max(1, num_kv_pairs * doc_len // seq_len)
+
+
 def mqar_distances(tokens: torch.Tensor, labels: torch.Tensor, num_kv_pairs: int) -> torch.Tensor:
     """Distance from each query (labelled position, in order) back to its key's pair in the prefix."""
     pos = (labels != IGNORE_INDEX).nonzero().flatten()
