@@ -310,6 +310,7 @@ def _eval(args: argparse.Namespace) -> int:
     import torch
     from longshard.train.data import TokenWindows, build_tokenizer
     from longshard.train.evaluate import evaluate, passkey_grid, plot_results
+    from longshard.train.precision import compute_dtype
     from longshard.train.trainer import check_passkey_lengths
 
     _check_outputs(args, "--output", "--plot")
@@ -326,7 +327,7 @@ def _eval(args: argparse.Namespace) -> int:
     elif data is not None:
         log.warning("no held-out loss: the training data (%s) is not on this machine; pass data.path=DIR (a "
                     "`longshard data prepare` folder) to measure it", data)
-    autocast = torch.bfloat16 if cfg.train.dtype == "bf16" else None
+    autocast = compute_dtype(cfg.train.dtype)  # what the trainer evaluated in (fp16 too)
     tokenizer = build_tokenizer(cfg.data.tokenizer)
     lengths = list(cfg.eval.passkey_lengths) or [cfg.train.seq_len, 2 * cfg.train.seq_len]
     check_passkey_lengths(tokenizer, lengths if cfg.eval.passkey_samples else [])

@@ -43,6 +43,7 @@ import torch
 from longshard.errors import ConfigError
 from longshard.models.config import ModelConfig
 from longshard.models.model import Transformer
+from longshard.train.precision import activation_bytes
 
 GIB = 1024**3
 log = logging.getLogger(__name__)
@@ -225,7 +226,7 @@ def sp_bytes_per_layer(mode: str, sp: int, uly: int, local_tokens: int, mcfg: Mo
 def estimate(cfg, mcfg: ModelConfig, layout: Layout, gpus: int) -> Estimate:
     """Per-GPU memory and per-step communication of ``layout`` for config ``cfg`` (a train Config)."""
     P, block_P = param_count(mcfg, layout.tp)
-    act_bytes = 2 if cfg.train.dtype == "bf16" else 4
+    act_bytes = activation_bytes(cfg.train.dtype)
     shard = (layout.sp if layout.sp > 1 else layout.dp) if layout.dp_mode == "fsdp2" else 1
     states = 16 * P / shard
     if layout.dp_mode == "fsdp2" and shard > 1:

@@ -66,6 +66,7 @@ from longshard.train.faults import (
 from longshard.train.fingerprint import fingerprint
 from longshard.train.loop import NonFiniteLossError, StepInputs, TrainLoop, TrainState
 from longshard.train.metrics import MetricsLogger, flops_per_token, peak_tflops
+from longshard.train.precision import activation_bytes, compute_dtype
 from longshard.train.run_lock import RunLocks, set_aside_previous_run
 from longshard.train.schedule import build_scheduler
 
@@ -85,11 +86,6 @@ def apply_optim_settings(optimizer: torch.optim.Optimizer, scheduler, cfg: Confi
     for g, lam in zip(optimizer.param_groups, scheduler.lr_lambdas, strict=True):
         g["lr"] = cfg.optim.lr * lam(scheduler.last_epoch)
     scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
-
-
-def compute_dtype(cfg: Config) -> torch.dtype | None:
-    """The autocast dtype of ``train.dtype`` (None: fp32 throughout)."""
-    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.dtype)
 
 
 def resolve_model_config(cfg: Config) -> ModelConfig:
@@ -169,7 +165,7 @@ def sp_traffic_report(run: TrainingRun, cfg: Config, grad_accum: int, last_comm:
     """This rank's sequence-parallel K/V traffic per optimizer step in the layers that exchange only the
     blocks their pattern reads, measured (the last step's counter) and analytic, against what a dense
     ring would send for the same layers; None without such layers."""
-    el = torch.empty((), dtype=compute_dtype(cfg) or torch.float32).element_size()
+    el = activation_bytes(cfg.train.dtype)
     t = sparse_exchange_traffic(run.dmodel, cfg.train.micro_batch_size, cfg.train.seq_len, el)
     if t is None:
         return None
@@ -235,7 +231,7 @@ def convert_from_hf(model: Transformer, cfg: Config, val_ds, device: torch.devic
     """
     if not is_conversion(model.cfg):
         return None
-    autocast = compute_dtype(cfg)
+    autocast = compute_dtype(cfg.train.dtype)
     n = cfg.init.conversion_eval_batches
     loss = lambda: heldout_loss(model, val_ds, n, cfg.train.micro_batch_size, device, autocast, cfg.data.doc_mask)
     measure = val_ds is not None and n > 0 and len(val_ds) > 0
@@ -281,7 +277,7 @@ def convert_sharded(dmodel, model: Transformer, cfg: Config, val_ds, device: tor
     wrapping (``apply_sp``) for the measurement."""
     if not is_conversion(model.cfg):
         return None
-    autocast = compute_dtype(cfg)
+    autocast = compute_dtype(cfg.train.dtype)
     n = cfg.init.conversion_eval_batches
     if val_ds is None or n <= 0 or len(val_ds) == 0:
         log.info("converted %s; no held-out data to measure the initial loss gap", cfg.init.hf_path)
@@ -354,8 +350,8 @@ def build_training(cfg: Config, env: DistEnv, mcfg: ModelConfig, use_ds: bool, g
     mesh = build_mesh(env, sp_size, uly, tp_size)
     comm = CommCounter()
     # TP -> SP -> activation checkpointing -> data parallel (DeepSpeed does its own data parallelism)
-    dmodel, sp = parallelize(model, mesh, cfg.parallel, comm, dtype=compute_dtype(cfg), data_parallel_wrap=not use_ds,
-                             activation_checkpointing=cfg.train.activation_checkpointing)
+    dmodel, sp = parallelize(model, mesh, cfg.parallel, comm, dtype=compute_dtype(cfg.train.dtype),
+                             data_parallel_wrap=not use_ds, activation_checkpointing=cfg.train.activation_checkpointing)
     if use_ds:  # ZeRO over every rank replaces DDP/FSDP2; the schedule stays ours
         optimizer = build_optimizer(model, cfg)
         scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.steps)
@@ -493,7 +489,7 @@ def _train_locked(cfg: Config, env, t0: float, use_ds: bool, dp_size: int, grad_
         wandb_mode=cfg.logging.wandb, project=cfg.logging.project, run_name=cfg.logging.run_name or cfg.name,
         group=cfg.name, config=cfg.to_dict(), progress=cfg.logging.progress,
     )
-    autocast = compute_dtype(cfg)
+    autocast = compute_dtype(cfg.train.dtype)
     run_eval = partial(
         evaluate, run.dmodel, val_dataset=val_ds, tokenizer=tokenizer, seq_len=cfg.train.seq_len,
         val_batches=cfg.eval.val_batches, batch_size=cfg.train.micro_batch_size,

@@ -126,7 +126,7 @@ class BlockSparseAttention(CoreAttention):
             "flex": block_sparse_attention_flex,
             "triton": block_sparse_attention_triton,
         }[path]
-        return fn(q_BHSD, k_BHSD, v_BHSD, pat, batch.doc_ids_BS)
+        return fn(q_BHSD, k_BHSD, v_BHSD, pat, batch.doc_ids_BS, scale=self.softmax_scale)
 
     def banded_forward(
         self, q_BHSD: torch.Tensor, k_BHSD: torch.Tensor, v_BHSD: torch.Tensor, batch: AttentionBatch,
@@ -138,7 +138,7 @@ class BlockSparseAttention(CoreAttention):
         if spec is None:
             raise ValueError(f"{type(self).__name__} has no band + far form: use path gather")
         if not spec.has_full_heads():
-            return fn(q_BHSD, k_BHSD, v_BHSD, spec, batch.doc_ids_BS)
+            return fn(q_BHSD, k_BHSD, v_BHSD, spec, batch.doc_ids_BS, scale=self.softmax_scale)
         H, Hkv = q_BHSD.shape[1], k_BHSD.shape[1]
         full_q = spec.full_H.cpu()
         full_kv = full_q[:: H // Hkv]
@@ -149,7 +149,7 @@ class BlockSparseAttention(CoreAttention):
         parts = [self.full_heads_forward(q_BHSD[:, fq], k_BHSD[:, fkv], v_BHSD[:, fkv], batch)]
         if band_q.any():
             parts.append(fn(q_BHSD[:, ~fq], k_BHSD[:, ~fkv], v_BHSD[:, ~fkv], spec.select_heads(band_q),
-                            batch.doc_ids_BS))
+                            batch.doc_ids_BS, scale=self.softmax_scale))
         order = torch.cat([torch.nonzero(full_q).flatten(), torch.nonzero(band_q).flatten()])
         return torch.cat(parts, dim=1)[:, torch.argsort(order).to(q_BHSD.device)]
 
@@ -190,4 +190,4 @@ class BlockSparseAttention(CoreAttention):
         kpos = kpos_BKL.repeat_interleave(H // Hkv, dim=1)  # (B, H, L)
         heads = torch.arange(H, device=kpos.device)[None, :, None]
         keep = token_keep(pat, torch.full_like(kpos, k_len - 1), kpos.clamp_min(0), heads) & (kpos >= 0)
-        return attention_gathered(q_BH1D, k_BKLD, v_BKLD, keep, bias_BKL, 1.0 / math.sqrt(q_BH1D.shape[-1]))
+        return attention_gathered(q_BH1D, k_BKLD, v_BKLD, keep, bias_BKL, self.softmax_scale)
