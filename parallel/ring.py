@@ -119,6 +119,9 @@ class _RingAttnFn(torch.autograd.Function):
         for step in range(P):
             src = (r - step) % P
             kb, vb, dk_acc, dv_acc = state
+            # K/V go on to the next rank while this step computes with them (as in forward); their
+            # gradient accumulators follow once this step has added to them
+            kv_next = ring.start([kb, vb]) if step < P - 1 else None
             for qs, ks, causal in _chunk_pairs(r, src, P, L):
                 dq_, dk_ = _docs(doc_all, r, qs), _docs(doc_all, src, ks)
                 if not shares_document(dq_, dk_):
@@ -128,10 +131,12 @@ class _RingAttnFn(torch.autograd.Function):
                 dq[:, :, qs] += g[0]
                 dk_acc[:, :, ks] += g[1]
                 dv_acc[:, :, ks] += g[2]
-            # K/V move on for the next step; their gradient accumulators follow them home (P hops in all)
-            handle = ring.start([kb, vb, dk_acc, dv_acc] if step < P - 1 else [dk_acc, dv_acc])
-            ring.wait(handle)
-            state = handle[1] if step < P - 1 else [None, None, *handle[1]]
+            # the accumulators travel one hop per step, P in all: they end at the rank that owns their K/V
+            acc_next = ring.start([dk_acc, dv_acc])
+            ring.wait(acc_next)
+            if kv_next is not None:
+                ring.wait(kv_next)
+            state = [*(kv_next[1] if kv_next is not None else (None, None)), *acc_next[1]]
         dk, dv = state[2], state[3]
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None
 

@@ -30,6 +30,7 @@ OPTIONS = {
     "sliding_window": {"block": 4, "window": 8},
     "nsa": {"compress_block": 4, "compress_stride": 2, "select_block": 8, "n_select": 4, "window": 8},
     "nosa": {"block": 4},
+    "power": {"block": 4, "local_blocks": 1},
     "mixed": {"groups": [{"name": "dense", "heads": 2}, {"name": "linear", "heads": 2, "options": {"chunk": 4}}]},
 }
 CTX = AttentionContext(layer_idx=0, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, model_dim=32)

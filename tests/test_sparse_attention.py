@@ -107,12 +107,22 @@ def test_chunked_forms_match_naive(chunk_blocks, fused, packed, monkeypatch):
             assert_rel(f"{name} chunk {chunk_blocks} fused={fused} {label}", r, o, TOL)
 
 
-def _dkernel_strided(j: int, head: int, n_query_heads: int, vert_stride: int, offset: int) -> bool:
-    """DKernel's get_sparse_attn_mask rule, written out: head ``head`` keeps older block j when
-    (j + head * max(1, vert_stride // n_heads) + head_sliding_offset + 1) % vert_stride == 0, with
-    n_heads the query heads."""
+def _phi3_strided(j: int, head: int, n_query_heads: int, vert_stride: int, offset: int) -> bool:
+    """Phi-3-small's get_block_mask rule (vLLM's blocksparse kernels too), written out, plus our global
+    offset: head ``head`` keeps older block j when (j + head * max(1, vert_stride // n_heads) + offset + 1)
+    % vert_stride == 0, with n_heads the query heads."""
     step = max(1, int(vert_stride / n_query_heads))
     return (j + head * step + offset + 1) % vert_stride == 0
+
+
+def _dkernel_strided(j: int, head: int, n_query_heads: int, vert_stride: int, offset: int) -> bool:
+    """DKernel's get_sparse_attn_mask rule, written out: (j + head * step + head_sliding_offset) %
+    vert_stride == 0, step = max(1, int(vert_stride / num_heads)) over the query heads."""
+    step = max(1, int(vert_stride / n_query_heads))
+    return (j + head * step + offset) % vert_stride == 0
+
+
+STRIDED = {"phi3": _phi3_strided, "dkernel": _dkernel_strided}
 
 
 def _explicit_s2_mask(S, blk, H, kv, opts: S2Options, shard: str = "kv"):
@@ -125,8 +135,8 @@ def _explicit_s2_mask(S, blk, H, kv, opts: S2Options, shard: str = "kv"):
             for s in range(t + 1):
                 i, j = t // blk, s // blk
                 keep = i - j < opts.local_blocks or j < opts.sink_blocks
-                keep = keep or (opts.heterogeneous and _dkernel_strided(j, shard_index, H, opts.vert_stride,
-                                                                        opts.offset))
+                keep = keep or (opts.heterogeneous and STRIDED[opts.phase_rule](j, shard_index, H, opts.vert_stride,
+                                                                                opts.offset))
                 m[h, t, s] = keep
     return m
 
@@ -153,28 +163,75 @@ def test_s2_matches_definition(H, kv, shard, path):
     assert_rel(f"s2 {shard} {path} vs definition", ref, mod(q, k, v, AttentionBatch()), TOL)
 
 
-def test_s2_pattern_follows_dkernel_rule_for_every_layout():
-    """Issue 18: the block pattern equals DKernel's rule (written out above) for every GQA layout with
-    up to 16 query heads, strides 1-16 and offsets 0-2, in both shard modes; auto picks kv exactly when
-    the KV heads cover the stride."""
+@pytest.mark.parametrize("rule", ["phi3", "dkernel"])
+def test_s2_pattern_follows_its_phase_rule_for_every_layout(rule):
+    """Issue 18 / 28: the block pattern equals the rule it names (written out above) for every GQA layout
+    with up to 16 query heads, strides 1-16 and offsets 0-2, in both shard modes; auto picks kv exactly
+    when the KV heads cover the stride."""
     n, checked = 40, 0
     for n_q in range(1, 17):
         for kv in [d for d in range(1, n_q + 1) if n_q % d == 0]:
             for stride in range(1, 17):
                 for offset in range(3):
                     for shard in ("kv", "query"):
-                        opts = S2Options(block=16, local_blocks=2, vert_stride=stride, offset=offset, shard=shard)
+                        opts = S2Options(block=16, local_blocks=2, vert_stride=stride, offset=offset, shard=shard,
+                                         phase_rule=rule)
                         kept = s2_kept_blocks(n, kv, opts, n_q)
                         for h in range(n_q):
                             index = h // (n_q // kv) if shard == "kv" else h
-                            row = torch.tensor([_dkernel_strided(j, index, n_q, stride, offset) for j in range(n)])
+                            row = torch.tensor([STRIDED[rule](j, index, n_q, stride, offset) for j in range(n)])
                             far = kept[h, n - 1, : n - 2]  # the last query block's older blocks
                             assert torch.equal(far, row[: n - 2]), (n_q, kv, stride, offset, shard, h)
                         checked += 1
-                    auto = S2Options(block=16, local_blocks=2, vert_stride=stride, offset=offset)
+                    auto = S2Options(block=16, local_blocks=2, vert_stride=stride, offset=offset, phase_rule=rule)
                     covered = not s2_uncovered_residues(kv, S2Options(**{**auto.__dict__, "shard": "kv"}), n_q)
                     assert s2_shard_mode(kv, auto, n_q) == ("kv" if covered else "query")
     assert checked > 3000
+
+
+def _dkernel_block_mask(num_heads, num_kv_heads, blocks, local_blocks, vert_stride, head_sliding_offset):
+    """DKernel's get_sparse_attn_mask block mask as its source computes it: one strided row per KV head,
+    repeated for the query heads of its group; step from the query heads."""
+    q_pos, k_pos = torch.arange(blocks)[None, :, None], torch.arange(blocks)[None, None]
+    step = max(1, int(vert_stride / num_heads))
+    rows = [(torch.arange(blocks) + h * step + head_sliding_offset) % vert_stride == 0
+            for h in range(num_kv_heads) for _ in range(num_heads // num_kv_heads)]
+    strided = torch.vstack(rows).unsqueeze(1)
+    return (q_pos >= k_pos) & ((q_pos - k_pos < local_blocks) | strided)
+
+
+def _phi3_block_mask(num_layout, blocks, local_blocks, vert_stride):
+    """Phi-3-small's get_block_mask as its source computes it: one strided row per (query) head."""
+    q_pos, k_pos = torch.arange(blocks)[None, :, None], torch.arange(blocks)[None, None]
+    step = max(1, int(vert_stride / num_layout))
+    strided = torch.vstack([(torch.arange(blocks) + h * step + 1) % vert_stride == 0
+                            for h in range(num_layout)]).unsqueeze(1)
+    return (q_pos >= k_pos) & ((q_pos - k_pos < local_blocks) | strided)
+
+
+@pytest.mark.parametrize("H,kv", [(8, 8), (32, 8), (14, 2), (4, 1)])  # MHA, Llama-3, Qwen2.5, MQA
+def test_s2_phase_rules_reproduce_dkernel_and_phi3_small_masks(H, kv):
+    """A model trained with DKernel (pattern per KV head) or with Phi-3-small's attention (per head) gets
+    its own blocks: phase_rule=dkernel with KV shards equals DKernel's mask for any head_sliding_offset,
+    phase_rule=phi3 with query shards equals Phi-3-small's, and the two differ (the old docstring named
+    one for the other)."""
+    n = 37
+    for stride in (2, 4, 8, 16):
+        for local in (1, 3):
+            for off in range(3):
+                ours = s2_kept_blocks(n, kv, S2Options(block=16, local_blocks=local, vert_stride=stride, offset=off,
+                                                       shard="kv", phase_rule="dkernel",
+                                                       allow_incomplete_coverage=True), H)
+                assert torch.equal(ours, _dkernel_block_mask(H, kv, n, local, stride, off)), (stride, local, off)
+            ours = s2_kept_blocks(n, kv, S2Options(block=16, local_blocks=local, vert_stride=stride, shard="query",
+                                                   phase_rule="phi3", allow_incomplete_coverage=True), H)
+            assert torch.equal(ours, _phi3_block_mask(H, n, local, stride)), (stride, local)
+    base = {"block": 16, "local_blocks": 1, "vert_stride": 4, "shard": "query"}
+    dk = s2_kept_blocks(n, kv, S2Options(**base, phase_rule="dkernel"), H)
+    p3 = s2_kept_blocks(n, kv, S2Options(**base, phase_rule="phi3"), H)
+    assert not torch.equal(dk, p3)
+    shifted = S2Options(**base, phase_rule="dkernel", offset=1)
+    assert torch.equal(s2_kept_blocks(n, kv, shifted, H), p3)  # phi3 at offset o == dkernel at offset o + 1
 
 
 def test_streaming_matches_definition():

@@ -1,9 +1,16 @@
 """S2-Attention: heterogeneous head-sharded block-sparse attention.
 
 A shard ``h`` reads the ``local_blocks`` most recent key blocks, the first ``sink_blocks``
-blocks, and every older block ``j`` with ``(j + h*step + offset + 1) % vert_stride == 0`` where
-``step = max(1, vert_stride // n_query_heads)`` — DKernel's ``get_sparse_attn_mask`` rule (its
-``head_sliding_offset`` is our ``offset``; under tensor parallelism ``h`` stays the global index).
+blocks, and every older block ``j`` of its phase, ``step = max(1, vert_stride // n_query_heads)``
+(under tensor parallelism ``h`` stays the global index). Two conventions exist (option ``phase_rule``):
+
+* ``phi3`` (default): ``(j + h*step + offset + 1) % vert_stride == 0`` — the block-sparse attention of
+  Phi-3-small (``get_block_mask``, no offset there) and vLLM's blocksparse kernels.
+* ``dkernel``: ``(j + h*step + offset) % vert_stride == 0`` — DKernel's ``get_sparse_attn_mask``
+  (``offset`` is its ``head_sliding_offset``; block 0 is read by head 0 when the offset is 0).
+
+``phi3`` with ``offset = o`` equals ``dkernel`` with ``offset = o + 1``: a model trained with one library
+keeps its blocks when the rule (or the offset) is set to that library's.
 
 Shards (option ``shard``):
 
@@ -40,7 +47,9 @@ class S2Options(AttentionOptions):
         vert_stride: stride of the older blocks a head keeps.
         sink_blocks: leading blocks every head keeps.
         heterogeneous: shift the stride phase per shard (False = same phase for all heads).
-        offset: global phase offset (DKernel's ``head_sliding_offset``).
+        offset: global phase offset (DKernel's ``head_sliding_offset`` under ``phase_rule: dkernel``).
+        phase_rule: ``phi3`` (Phi-3-small / vLLM: ``(j + h*step + offset + 1) % vert_stride == 0``) or
+            ``dkernel`` (DKernel: ``(j + h*step + offset) % vert_stride == 0``).
         shard: ``kv``, ``query`` or ``auto`` (see the module docstring).
         dense_every_n_layers: >0 makes layers with ``(layer_idx + 1) % n == 0`` dense (hybrid).
         allow_incomplete_coverage: accept heads whose union misses blocks.
@@ -54,6 +63,7 @@ class S2Options(AttentionOptions):
     sink_blocks: int = 0
     heterogeneous: bool = True
     offset: int = 0
+    phase_rule: str = "phi3"
     shard: str = "auto"
     dense_every_n_layers: int = 0
     allow_incomplete_coverage: bool = False
@@ -66,6 +76,10 @@ class S2Options(AttentionOptions):
         require(self.dense_every_n_layers >= 0, "dense_every_n_layers", "must be >= 0.")
         require(self.shard in S2_SHARDS, "shard", f"{self.shard!r} is not one of {', '.join(S2_SHARDS)}.",
                 "kv: a pattern per KV head; query: per query head; auto: kv when the KV heads cover the stride.")
+        require(self.phase_rule in S2_PHASE_RULES, "phase_rule",
+                f"{self.phase_rule!r} is not one of {', '.join(S2_PHASE_RULES)}.",
+                "phi3: Phi-3-small's / vLLM's rule (j + h*step + offset + 1); "
+                "dkernel: DKernel's (j + h*step + offset).")
         check_path(self.path)
 
     def context_parallel(self) -> str | None:
@@ -79,13 +93,16 @@ class S2Options(AttentionOptions):
 
 
 S2_SHARDS = ("auto", "kv", "query")
+S2_PHASE_RULES = ("phi3", "dkernel")
 
 
 def s2_phase(head: int, n_query_heads: int, opts: S2Options) -> int:
-    """Residue r such that shard ``head`` keeps older blocks with j % vert_stride == r (DKernel's rule:
-    ``(j + head * step + offset + 1) % vert_stride == 0``, ``step = max(1, vert_stride // n_query_heads)``)."""
+    """Residue r such that shard ``head`` keeps older blocks with j % vert_stride == r:
+    ``(j + head * step + offset [+ 1 under phase_rule phi3]) % vert_stride == 0``,
+    ``step = max(1, vert_stride // n_query_heads)``."""
     step = max(1, opts.vert_stride // n_query_heads) if opts.heterogeneous else 0
-    return (-(head * step + opts.offset + 1)) % opts.vert_stride
+    shift = 1 if opts.phase_rule == "phi3" else 0
+    return (-(head * step + opts.offset + shift)) % opts.vert_stride
 
 
 def _missing(phases: list[int], opts: S2Options) -> list[int]:

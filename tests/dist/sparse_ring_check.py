@@ -20,6 +20,7 @@ VARIANTS = [
     ("s2", {"block": 4, "local_blocks": 1, "vert_stride": 2, "sink_blocks": 1}, 4, 2),
     ("streaming", {"block": 4, "sink": 3, "window": 6, "retrieval_heads": [1]}, 4, 2),
     ("sliding_window", {"block": 4, "window": 5}, 3, 1),
+    ("power", {"block": 4, "local_blocks": 1}, 4, 2),
 ]
 
 

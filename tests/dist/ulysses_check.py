@@ -25,6 +25,7 @@ NOSA = {"name": "nosa", "options": {"block": 4, "sink_blocks": 1, "local_blocks"
 NSA = {"name": "nsa", "options": {"compress_block": 4, "compress_stride": 2, "select_block": 4, "n_select": 3,
                                   "n_local": 1, "window": 5}}
 GATED_STREAMING = {"name": "streaming", "options": {"block": 4, "sink": 2, "window": 5, "learned_gates": True}}
+POWER = {"name": "power", "options": {"block": 4, "local_blocks": 1, "sink_blocks": 1}}
 
 
 def mixed(*groups) -> dict:
@@ -36,13 +37,13 @@ CASES = {
                                           {"name": "streaming", "options": {"block": 4, "sink": 2, "window": 5,
                                                                             "retrieval_heads": [1]}},
                                           {"name": "sliding_window", "options": {"block": 4, "window": 6}},
-                                          {"name": "linear", "options": {"chunk": 4}}, NOSA, NSA, GATED_STREAMING,
+                                          {"name": "linear", "options": {"chunk": 4}}, NOSA, NSA, GATED_STREAMING, POWER,
                                           # each rank runs one group: the other's parameters get zero gradients
                                           mixed({"name": "dense", "heads": 2}, {**NSA, "heads": 2})]),
     3: dict(n_heads=6, n_kv_heads=3, attn=[{"name": "dense"}, S2, {"name": "linear", "options": {"chunk": 8}}, NSA,
                                           # rank 1's slice straddles both groups
                                           mixed({**S2, "heads": 4}, {"name": "linear", "heads": 2})]),
-    4: dict(n_heads=8, n_kv_heads=2, attn=[{"name": "dense"}, S2, GATED_STREAMING,  # KV heads replicated 2x
+    4: dict(n_heads=8, n_kv_heads=2, attn=[{"name": "dense"}, S2, GATED_STREAMING, POWER,  # KV heads replicated 2x
                                           mixed({"name": "dense", "heads": 4}, {**S2, "heads": 4})],
             # selection shared by a GQA group of 4 query heads cannot run on 2 of them: a clear error
             rejected=[NOSA, NSA]),
