@@ -18,7 +18,7 @@ log = logging.getLogger("longshard")
 
 def _train(args: argparse.Namespace) -> int:
     from longshard.train.config import load_config
-    from longshard.train.trainer import check_layout, resolve_model_config
+    from longshard.train.resolve import check_layout, resolve_model_config
 
     cfg = load_config(args.recipe, args.overrides)  # validate before starting any process
     nproc = args.nproc or cfg.train.nproc
@@ -218,7 +218,7 @@ def _data_prepare(args: argparse.Namespace) -> int:
 def _launch_slurm(args: argparse.Namespace) -> int:
     from longshard.launch.slurm import render_sbatch, write_sbatch
     from longshard.train.config import load_config
-    from longshard.train.trainer import check_layout, resolve_model_config
+    from longshard.train.resolve import check_layout, resolve_model_config
 
     cfg = load_config(args.recipe, args.overrides)  # reject a bad recipe before it reaches the queue
     procs = args.procs_per_node or args.gpus_per_node or cfg.train.nproc
@@ -311,7 +311,7 @@ def _eval(args: argparse.Namespace) -> int:
     from longshard.train.data import TokenWindows, build_tokenizer
     from longshard.train.evaluate import evaluate, passkey_grid, plot_results
     from longshard.train.precision import compute_dtype
-    from longshard.train.trainer import check_passkey_lengths
+    from longshard.train.resolve import check_passkey_lengths, passkey_lengths
 
     _check_outputs(args, "--output", "--plot")
     if args.plot:
@@ -329,7 +329,7 @@ def _eval(args: argparse.Namespace) -> int:
                     "`longshard data prepare` folder) to measure it", data)
     autocast = compute_dtype(cfg.train.dtype)  # what the trainer evaluated in (fp16 too)
     tokenizer = build_tokenizer(cfg.data.tokenizer)
-    lengths = list(cfg.eval.passkey_lengths) or [cfg.train.seq_len, 2 * cfg.train.seq_len]
+    lengths = passkey_lengths(cfg)
     check_passkey_lengths(tokenizer, lengths if cfg.eval.passkey_samples else [])
     res = evaluate(
         model, val_dataset=val, tokenizer=tokenizer, seq_len=cfg.train.seq_len,

@@ -44,7 +44,7 @@ def test_no_network_at_import_or_when_building_the_default_recipe():
         "    if m.name.split('.')[1] not in ('tests', 'benchmarks', 'build'):\n"
         "        importlib.import_module(m.name)\n"
         "from longshard.train.config import load_config\n"
-        "from longshard.train.trainer import resolve_model_config\n"
+        "from longshard.train.resolve import resolve_model_config\n"
         "from longshard.models import Transformer\n"
         "cfg = load_config('quickstart', [])\n"
         "Transformer(resolve_model_config(cfg))\n"

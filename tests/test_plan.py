@@ -61,7 +61,7 @@ def test_tracker_counts_live_storages():
                          ids=["base", "wide", "deep_long", "vocab_chunked", "vocab_one_pass"])
 def test_memory_estimate_within_15_percent_of_measured_peak(checkpointing, extra):
     from longshard.train.config import load_config
-    from longshard.train.trainer import resolve_model_config
+    from longshard.train.resolve import resolve_model_config
 
     cfg = load_config("tiny_lm", [*SMALL, *extra, f"train.activation_checkpointing={checkpointing}"])
     est = estimate(cfg, resolve_model_config(cfg), Layout(1, 1, "ulysses", "ddp", checkpointing, "none"), 1)

@@ -12,7 +12,7 @@ import torch
 from longshard.train.config import load_config
 from longshard.train.plan import Layout, estimate
 from longshard.train.precision import activation_bytes, compute_dtype
-from longshard.train.trainer import resolve_model_config
+from longshard.train.resolve import resolve_model_config
 
 
 def test_every_dtype_maps_once():
@@ -49,3 +49,15 @@ def test_eval_of_an_fp16_run_evaluates_in_fp16(tmp_path, env_cpu):
     # the same operations in the same dtype give the same number (bitwise here; 1e-7 = fp32 rounding allows
     # a different summation order); evaluated in fp32 instead, this run's loss moved by 3.7e-6 relative
     assert abs(evaluated - trained) / trained < 1e-7, (evaluated, trained)
+
+
+def test_planning_and_checking_never_load_the_trainer():
+    """The build is linear: `longshard plan`, `train --dry-run` and the config checks resolve the model and
+    the layout from `train/resolve.py`; the module that runs training is not imported for them."""
+    code = ("import sys; from longshard.cli import main; "
+            "assert main(['plan', 'tiny_lm', '--gpus', '2']) == 0; "
+            "assert main(['train', 'tiny_lm', '--dry-run']) == 0; "
+            "assert 'longshard.train.trainer' not in sys.modules, 'trainer imported'")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          cwd="/tmp")
+    assert proc.returncode == 0, proc.stderr[-3000:]

@@ -304,7 +304,7 @@ def plan(
     split.
     """
     from longshard.train.config import load_config
-    from longshard.train.trainer import check_layout, resolve_model_config
+    from longshard.train.resolve import check_layout, resolve_model_config
 
     if gpus < 1:
         raise ConfigError("--gpus", f"must be >= 1, got {gpus}.")

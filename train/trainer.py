@@ -15,16 +15,13 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from longshard.errors import ConfigError, require
-from longshard.models.config import ModelConfig, RopeConfig
+from longshard.models.config import ModelConfig
 from longshard.models.hf import (
-    check_hf_checkpoint,
-    config_from_hf,
     dense_reference,
     init_converted,
     is_conversion,
     load_hf_state_dict,
     load_into,
-    read_hf_config,
 )
 from longshard.models.model import Transformer
 from longshard.parallel import (
@@ -32,7 +29,6 @@ from longshard.parallel import (
     apply_sequence_parallel,
     build_mesh,
     init_distributed,
-    mesh_shape,
     parallelize,
 )
 from longshard.parallel.data_parallel import reshard
@@ -43,7 +39,6 @@ from longshard.parallel.layout import CommCounter, SeqShard
 from longshard.parallel.ring import sparse_exchange_traffic
 from longshard.parallel.sharded_load import hf_names_of, load_hf_sharded, parameters_on_meta
 from longshard.parallel.tensor_parallel import check_tensor_parallel
-from longshard.parallel.ulysses import kv_replication
 from longshard.train.checkpoint import Checkpointer, CheckpointError
 from longshard.train.config import Config, dump_config
 from longshard.train.data import (
@@ -55,7 +50,6 @@ from longshard.train.data import (
     prepare_default,
     read_meta,
 )
-from longshard.train.data.synthetic import passkey_sample
 from longshard.train.engine import DeepSpeedTrainEngine, NativeEngine
 from longshard.train.evaluate import evaluate, heldout_loss
 from longshard.train.faults import (
@@ -67,6 +61,8 @@ from longshard.train.fingerprint import fingerprint
 from longshard.train.loop import NonFiniteLossError, StepInputs, TrainLoop, TrainState
 from longshard.train.metrics import MetricsLogger, flops_per_token, peak_tflops
 from longshard.train.precision import activation_bytes, compute_dtype
+from longshard.train.resolve import check_layout, check_passkey_lengths, resolve_model_config
+from longshard.train.resolve import passkey_lengths as default_passkey_lengths
 from longshard.train.run_lock import RunLocks, set_aside_previous_run
 from longshard.train.schedule import build_scheduler
 
@@ -86,26 +82,6 @@ def apply_optim_settings(optimizer: torch.optim.Optimizer, scheduler, cfg: Confi
     for g, lam in zip(optimizer.param_groups, scheduler.lr_lambdas, strict=True):
         g["lr"] = cfg.optim.lr * lam(scheduler.last_epoch)
     scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
-
-
-def resolve_model_config(cfg: Config) -> ModelConfig:
-    """The model config: the recipe's, or the HF checkpoint's with the recipe's attention and RoPE extension."""
-    if cfg.init.hf_path is None:
-        return cfg.model
-    hf = read_hf_config(cfg.init.hf_path)
-    mcfg = config_from_hf(hf, cfg.model.attention)
-    check_hf_checkpoint(cfg.init.hf_path)  # damaged or unsafe weight files named before any work
-    if cfg.init.rope_scaling != "keep":
-        if mcfg.rope.scaling != "none":
-            raise ConfigError("init.rope_scaling", f"the checkpoint already uses {mcfg.rope.scaling} RoPE scaling.",
-                              "use init.rope_scaling=keep, or start from an unscaled checkpoint.")
-        rope = RopeConfig(theta=mcfg.rope.theta, scaling=cfg.init.rope_scaling, factor=cfg.init.rope_factor,
-                          original_max_seq_len=mcfg.max_seq_len)
-        mcfg = replace(mcfg, rope=rope, max_seq_len=int(mcfg.max_seq_len * cfg.init.rope_factor))
-    require(cfg.train.seq_len <= mcfg.max_seq_len, "train.seq_len",
-            f"{cfg.train.seq_len} exceeds the checkpoint's context {mcfg.max_seq_len}.",
-            "extend RoPE with init.rope_scaling=yarn and init.rope_factor, or train shorter.")
-    return mcfg
 
 
 def windows_for_length(cfg: Config):
@@ -181,45 +157,6 @@ def attention_kept_fraction(model: Transformer, seq_len: int) -> float:
     at ``seq_len`` (as each variant declares: 1.0 for dense and linear, block-sparse from its pattern)."""
     fracs = [layer.attention.core_attention.kept_fraction(seq_len) for layer in model.layers]
     return sum(fracs) / len(fracs)
-
-
-def check_layout(cfg: Config, mcfg: ModelConfig, world_size: int) -> tuple[int, int]:
-    """Validate the whole layout for ``world_size`` processes before any process group exists (the CLI
-    calls it before spawning workers); return (dp, grad accumulation).
-
-    Checks that sp x tp divides the world, the global batch splits over micro-batches x dp, and the
-    heads split over tensor-parallel and Ulysses ranks.
-    """
-    t, par = cfg.train, cfg.parallel
-    dp, _ = mesh_shape(world_size, par.sp_degree, par.tp_degree)
-    per_step = t.micro_batch_size * dp
-    require(t.global_batch_size % per_step == 0, "train.global_batch_size",
-            f"{t.global_batch_size} is not divisible by micro_batch_size x data-parallel size "
-            f"= {t.micro_batch_size} x {dp}.",
-            "choose global_batch_size as a multiple of micro_batch_size x (processes / (sp_degree x tp_degree)).")
-    heads, kv, tp = mcfg.n_query_heads, mcfg.n_kv_heads, par.tp_degree
-    require(heads % tp == 0 and kv % tp == 0, "parallel.tp_degree",
-            f"{heads} query / {kv} KV heads do not split over tp_degree={tp}.", "choose a tp_degree dividing both.")
-    uly = {"ulysses": par.sp_degree, "hybrid": par.sp_ulysses_degree}.get(par.sp_mode, 1) if par.sp_degree > 1 else 1
-    if uly > 1:
-        try:
-            kv_replication(heads // tp, kv // tp, uly)
-        except ConfigError as e:
-            per = f" per tensor-parallel rank (tp_degree={tp})" if tp > 1 else ""
-            raise ConfigError(e.field, f"{e.problem[:-1]}{per}.",
-                              "choose another sp_degree / sp_ulysses_degree, or parallel.sp_mode=ring (it does "
-                              "not split heads).") from None
-    return dp, t.global_batch_size // per_step
-
-
-def check_passkey_lengths(tokenizer, lengths: list[int]) -> None:
-    """Fail before training when a passkey evaluation length cannot hold the prompt."""
-    for n in lengths:
-        try:
-            passkey_sample(tokenizer, n, 0.5, torch.Generator().manual_seed(0))
-        except ValueError as e:
-            raise ConfigError("eval.passkey_lengths", f"{e}.",
-                              "set eval.passkey_lengths to longer lengths or eval.passkey_samples=0.") from None
 
 
 def convert_from_hf(model: Transformer, cfg: Config, val_ds, device: torch.device) -> dict[str, float] | None:
@@ -471,7 +408,7 @@ def _train_locked(cfg: Config, env, t0: float, use_ds: bool, dp_size: int, grad_
     torch.manual_seed(cfg.train.seed)
 
     train_ds, val_ds, tokenizer = build_datasets(cfg, env, mcfg)
-    passkey_lengths = list(cfg.eval.passkey_lengths) or [cfg.train.seq_len, 2 * cfg.train.seq_len]
+    passkey_lengths = default_passkey_lengths(cfg)
     check_passkey_lengths(tokenizer, passkey_lengths if cfg.eval.passkey_samples else [])
     run = build_training(cfg, env, mcfg, use_ds, grad_accum, val_ds)
     loader = DistributedLoader(

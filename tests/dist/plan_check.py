@@ -12,7 +12,7 @@ from longshard.parallel.ring import apply_ring
 from longshard.train.config import load_config
 from longshard.train.memory import TensorMemoryTracker
 from longshard.train.plan import Layout, estimate
-from longshard.train.trainer import resolve_model_config
+from longshard.train.resolve import resolve_model_config
 
 SMALL = ["model.dim=128", "model.n_layers=3", "model.n_heads=4", "model.n_kv_heads=2", "train.micro_batch_size=2",
          "train.global_batch_size=2", "model.max_seq_len=1024"]
