@@ -154,19 +154,25 @@ class ModelConfig:
             "give one entry (used by every layer) or exactly one per layer.",
         )
         self.attention = list(self.attention)  # never rewrite the caller's list
+        self._options = []  # parsed options of each entry (not a field: read by layer_attention)
         for i, spec in enumerate(self.attention):
             if isinstance(spec, dict):  # built from Python with plain dicts
                 spec = AttentionSpec(**spec)
                 self.attention[i] = spec
-            parse_options(spec.name, spec.options, f"model.attention[{i}]")
+            self._options.append(parse_options(spec.name, spec.options, f"model.attention[{i}]"))
             require(spec.gate in GATES, f"model.attention[{i}].gate", f"unknown gate {spec.gate!r}.",
                     f"use one of: {', '.join(GATES)}.")
 
     def layer_attention(self, layer_idx: int) -> AttentionSpec:
-        """The attention spec of layer ``layer_idx``."""
+        """The attention spec layer ``layer_idx`` is built with: its entry, or the variant its entry's
+        options schedule for that layer (:meth:`AttentionOptions.layer_spec`, e.g. S2's dense layers)."""
         if not 0 <= layer_idx < self.n_layers:
             raise ConfigError("layer_idx", f"{layer_idx} outside 0..{self.n_layers - 1}.")
-        return self.attention[0] if len(self.attention) == 1 else self.attention[layer_idx]
+        k = 0 if len(self.attention) == 1 else layer_idx
+        spec, other = self.attention[k], self._options[k].layer_spec(layer_idx)
+        if other is None:
+            return spec
+        return AttentionSpec(name=other[0], options=dict(other[1]), gate=spec.gate)  # e.g. S2's dense layers
 
     def num_params(self, include_embedding: bool = True) -> int:
         """Parameter count implied by the config (attention-variant parameters such as gates alpha or NSA

@@ -1,4 +1,6 @@
-"""Packaging: a non-editable install must contain every subpackage of the repository."""
+"""Packaging: the package list setup.py gives the build holds every subpackage of the repository under
+the longshard name (checked on setup.py's discovery; no wheel is built here), and importing longshard
+or building the default recipe's model needs no network."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Sequence parallelism (Ulysses) on gloo: sharded == unsharded, and training losses equal sp=1."""
+"""Sequence parallelism on gloo (Ulysses, ring, the sparsity-aware exchange, hybrid): sharded == unsharded
+(outputs and every gradient, tests/dist/*_check.py), and training losses equal sp=1."""
 
 from __future__ import annotations
 
@@ -14,10 +15,10 @@ from longshard.train.config import load_config
 pytestmark = pytest.mark.dist
 
 
-@pytest.mark.parametrize("mode", ["ulysses", "ring", "sparse_ring"])
+@pytest.mark.parametrize("script", ["ulysses_check.py", "ring_check.py", "sparse_ring_check.py"])
 @pytest.mark.parametrize("nproc", [2, 3, 4])
-def test_sharded_matches_single_process(mode, nproc, env_cpu):
-    proc = subprocess.run(torchrun_cmd(nproc, str(REPO / "tests" / "dist" / f"{mode}_check.py")), env=env_cpu,
+def test_sharded_matches_single_process(script, nproc, env_cpu):
+    proc = subprocess.run(torchrun_cmd(nproc, str(REPO / "tests" / "dist" / script)), env=env_cpu,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
 

@@ -104,22 +104,20 @@ def param_count(mcfg: ModelConfig, tp: int = 1) -> tuple[float, float]:
 
 
 def _param_count(mcfg: ModelConfig, tp: int) -> tuple[float, float]:
-    """From shapes, one meta-device layer per kind: layers with the same attention spec (and the same
-    :meth:`~longshard.models.attention.AttentionOptions.layer_variant`) have the same parameters, so a
-    200,000-layer config plans as fast as a 2-layer one."""
+    """From shapes, one meta-device layer per kind: layers built with the same attention spec
+    (:meth:`~longshard.models.config.ModelConfig.layer_attention`, per-layer schedules resolved) have the
+    same parameters, so a 200,000-layer config plans as fast as a 2-layer one."""
     from dataclasses import replace
 
-    from longshard.models.attention import parse_options
     from longshard.models.model import TransformerBlock
 
     def local(named) -> float:  # the row-parallel output bias stays whole on every rank
         return sum(p.numel() / (tp if any(k in n for k in TP_SPLIT) and n.split(".")[-2:] != ["wo", "bias"]
                                 else 1) for n, p in named)
 
-    kinds: dict[tuple, list[int]] = {}  # kind -> layer indices
+    kinds: dict[str, list[int]] = {}  # kind (the layer's resolved attention spec) -> layer indices
     for i in range(mcfg.n_layers):
-        spec = mcfg.layer_attention(i)
-        kinds.setdefault((repr(spec), parse_options(spec.name, spec.options).layer_variant(i)), []).append(i)
+        kinds.setdefault(repr(mcfg.layer_attention(i)), []).append(i)
     with torch.device("meta"):
         blocks = {kind: local(TransformerBlock(mcfg, idx[0]).named_parameters()) for kind, idx in kinds.items()}
         shell = Transformer(replace(mcfg, n_layers=1, attention=[mcfg.layer_attention(0)]))

@@ -11,7 +11,7 @@ import dataclasses
 import math
 import types
 import typing
-from collections.abc import Callable, Hashable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -89,10 +89,11 @@ class AttentionOptions:
         """Why tensor parallelism cannot split these layers' heads, or None when it can."""
         return None
 
-    def layer_variant(self, layer_idx: int) -> Hashable:
-        """What makes layer ``layer_idx``'s parameters differ from another layer's with the same options
-        (its index alone), or None when every such layer has the same parameters. Lets the planner build
-        one layer of each kind instead of the whole model."""
+    def layer_spec(self, layer_idx: int) -> tuple[str, dict[str, Any]] | None:
+        """Another registered variant (name, options) layer ``layer_idx`` is built as, or None for this
+        one: a per-layer schedule inside the options (S2's ``dense_every_n_layers``) resolved where a
+        layer's attention is read (:meth:`ModelConfig.layer_attention`, :func:`build_attention`), so the
+        layer's module, options and capabilities are that variant's own."""
         return None
 
 
@@ -132,8 +133,7 @@ class CoreAttention(nn.Module):
         self.last_aux_loss: torch.Tensor | None = None  # set by forwards with an auxiliary loss
 
     def context_parallel_core(self) -> tuple[str | None, CoreAttention]:
-        """(form, core): how this layer runs over a ring and the core the form wraps (a layer may
-        delegate, e.g. an S2 layer made dense by ``dense_every_n_layers``)."""
+        """(form, core): how this layer runs over a ring and the core the form wraps."""
         return self.cp_form, self
 
     @property
@@ -372,6 +372,9 @@ def build_attention(name: str, options: Mapping[str, Any] | None, ctx: Attention
     """Instantiate the core attention ``name`` with ``options`` for the layer described by ``ctx``."""
     entry = get_entry(name)
     opts = parse_options(name, options, f"model.attention[{ctx.layer_idx}]")
+    other = opts.layer_spec(ctx.layer_idx)
+    if other is not None:  # e.g. a dense layer of an S2 hybrid schedule
+        return build_attention(*other, ctx)
     return entry.module_cls(ctx, opts)
 
 

@@ -32,8 +32,7 @@ from dataclasses import dataclass
 import torch
 from longshard.errors import ConfigError, require, require_positive
 from longshard.kernels.block_sparse.pattern import BandFarSpec
-from longshard.models.attention.dense import DenseAttention, DenseOptions
-from longshard.models.attention.registry import AttentionContext, AttentionOptions, CoreAttention, register_attention
+from longshard.models.attention.registry import AttentionContext, AttentionOptions, register_attention
 from longshard.models.attention.sparse_base import BlockSparseAttention, check_path
 
 
@@ -88,8 +87,8 @@ class S2Options(AttentionOptions):
     def ring_seq_multiple(self, ring_degree: int) -> int:
         return 2 * ring_degree * self.block  # whole blocks in each of the 2 x ring zigzag chunks
 
-    def layer_variant(self, layer_idx: int) -> bool:
-        return s2_is_dense_layer(layer_idx, self)  # dense_every_n_layers: those layers are built dense
+    def layer_spec(self, layer_idx: int) -> tuple[str, dict] | None:
+        return ("dense", {}) if s2_is_dense_layer(layer_idx, self) else None  # the hybrid schedule's dense layers
 
 
 S2_SHARDS = ("auto", "kv", "query")
@@ -163,16 +162,15 @@ def s2_is_dense_layer(layer_idx: int, opts: S2Options) -> bool:
 
 @register_attention("s2", S2Options)
 class S2Attention(BlockSparseAttention):
-    """S2 heterogeneous head-sharded sparse attention (dense on the hybrid schedule's layers)."""
+    """S2 heterogeneous head-sharded sparse attention (the hybrid schedule's dense layers are built as
+    ``dense`` from :meth:`S2Options.layer_spec`)."""
 
     def __init__(self, ctx: AttentionContext, opts: S2Options) -> None:
         super().__init__(ctx, opts.block, opts.path)
         self.opts = opts
-        self.dense = DenseAttention(ctx, DenseOptions()) if s2_is_dense_layer(ctx.layer_idx, opts) else None
         self.shard = s2_shard_mode(ctx.n_kv_heads, opts, ctx.n_heads)
         missing = s2_uncovered_residues(ctx.n_kv_heads, opts, ctx.n_heads)
-        self.covers_context = self.dense is not None or not missing
-        self.supports_offload = self.dense is None  # hybrid schedule's dense layers keep their full KV
+        self.covers_context = not missing
         if not self.covers_context and not (opts.allow_incomplete_coverage or ctx.context_covered_elsewhere):
             heads = f"{ctx.n_kv_heads} KV heads" if self.shard == "kv" else f"{ctx.n_heads} query heads"
             raise ConfigError(
@@ -184,21 +182,6 @@ class S2Attention(BlockSparseAttention):
                 + "add dense heads (mixed), or set allow_incomplete_coverage=true.",
             )
 
-    def attention_flops_per_token(self, seq_len: int) -> float:
-        if self.dense is not None:  # a dense layer of the hybrid schedule
-            return self.dense.attention_flops_per_token(seq_len)
-        return super().attention_flops_per_token(seq_len)
-
-    def context_parallel_core(self) -> tuple[str | None, CoreAttention]:
-        return ("ring", self.dense) if self.dense is not None else super().context_parallel_core()
-
-    def kept_fraction(self, seq_len: int) -> float:
-        return 1.0 if self.dense is not None else super().kept_fraction(seq_len)
-
     def band_spec(self, n_blocks: int) -> BandFarSpec:
         return s2_band_spec(n_blocks, self.ctx.n_kv_heads, self.opts, self.ctx.n_heads)
 
-    def forward(self, q_BHSD, k_BHSD, v_BHSD, batch):
-        if self.dense is not None:
-            return self.dense(q_BHSD, k_BHSD, v_BHSD, batch)
-        return super().forward(q_BHSD, k_BHSD, v_BHSD, batch)
