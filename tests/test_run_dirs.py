@@ -82,3 +82,13 @@ def test_an_output_dir_that_differs_between_nodes_is_named(tmp_path, env_cpu):
     assert not (tmp_path / "node1" / "runs" / "q" / "metrics.jsonl").exists()
     assert not (tmp_path / "node0" / "runs" / "q" / "checkpoints").exists() or \
         not any((tmp_path / "node0" / "runs" / "q" / "checkpoints").iterdir())
+
+
+def test_the_final_checkpoint_is_recognised_by_its_step_not_a_name_suffix():
+    """The loop writes a final checkpoint unless the last one holds step train.steps; a resumed-from folder
+    whose name merely ends in those digits (e.g. a copy named best-00000300) is not that checkpoint."""
+    from longshard.train.checkpoint import checkpoint_step
+
+    assert checkpoint_step("runs/q/checkpoints/step_00000300") == 300
+    assert checkpoint_step(Path("/x/best-00000300")) is None
+    assert checkpoint_step("runs/q/checkpoints/step_00000300.tmp") is None

@@ -261,6 +261,12 @@ def check_manifest(path: Path, manifest: dict[str, Any], world_size: int = 1, ra
             raise CheckpointError(f"{f} is corrupt: its checksum differs from the one written with it.")
 
 
+def checkpoint_step(path: str | Path) -> int | None:
+    """The step a checkpoint folder holds by its name (``step_00000300`` -> 300), or None."""
+    found = _STEP_RE.match(Path(path).name)
+    return int(found.group(1)) if found else None
+
+
 def complete_checkpoints(root: str | Path) -> list[Path]:
     """Complete checkpoints under ``root``, oldest first (``*.tmp`` folders are ignored)."""
     root = Path(root)

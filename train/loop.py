@@ -22,7 +22,7 @@ import torch.distributed as dist
 from longshard.errors import ConfigError
 from longshard.parallel import unwrap
 from longshard.parallel.env import all_agree
-from longshard.train.checkpoint import Checkpointer
+from longshard.train.checkpoint import Checkpointer, checkpoint_step
 from longshard.train.config import Config
 from longshard.train.data import DistributedLoader
 from longshard.train.evaluate import forward_loss
@@ -123,7 +123,15 @@ class TrainLoop:
 
     # --- the loop ------------------------------------------------------------------------------
     def fit(self, watch: PreemptionWatch, lock: RunLocks) -> None:
-        """Run the steps, stop cleanly on an agreed pre-emption, then save the final checkpoint."""
+        """Run the steps, stop cleanly on an agreed pre-emption, then save the final checkpoint. Any error
+        closes the progress bar and the wandb run first (here, once), then propagates."""
+        try:
+            self._fit(watch, lock)
+        except BaseException:
+            self.metrics.close()
+            raise
+
+    def _fit(self, watch: PreemptionWatch, lock: RunLocks) -> None:
         cfg, state = self.cfg, self.state
         self.watch = watch
         first = state.start_step + 1
@@ -148,7 +156,6 @@ class TrainLoop:
         watch.restore()
         if state.preempted_at is None and state.skipped_in_row:  # never a clean finish, never relabelled weights
             first_skip = cfg.train.steps - state.skipped_in_row + 1
-            self.metrics.close()
             raise NonFiniteLossError(
                 f"the run ended while skipping updates: steps {first_skip}-{cfg.train.steps} ({state.skipped_in_row} "
                 f"in a row, {len(state.skipped)} in all) left the weights unchanged, so they are those of step "
@@ -156,7 +163,7 @@ class TrainLoop:
                 f"{state.last_ckpt or 'none'}, is intact). Lower optim.lr, enable train.grad_clip, or use "
                 "train.dtype=fp32 to investigate.")
         if state.preempted_at is None and cfg.checkpoint.save_final and (
-                state.last_ckpt is None or not str(state.last_ckpt).endswith(f"{cfg.train.steps:08d}")):
+                state.last_ckpt is None or checkpoint_step(state.last_ckpt) != cfg.train.steps):
             state.last_ckpt = self.guarded(lambda: self.save(cfg.train.steps), cfg.train.steps, "checkpoint save")
 
     def step(self, step: int) -> tuple[dict[str, Any] | None, Path | None]:
@@ -203,7 +210,6 @@ class TrainLoop:
         counts = torch.tensor([float(n_local), float(bad_data is not None)], device=env.device)
         dist.all_reduce(counts)  # the token count, and whether any rank's batch could not be read
         if counts[1] > 0:
-            self.metrics.close()
             raise bad_data or ConfigError("data.path", f"another rank could not read its batch of step {step} "
                                           "(damaged data; see that rank's log).",
                                           "re-run longshard data prepare for that corpus.")
@@ -237,7 +243,6 @@ class TrainLoop:
         state.skipped_in_row += 1
         state.skipped.append(step)
         if (cfg.train.nan_policy == "stop" and not overflow) or state.skipped_in_row > cfg.train.max_skipped_steps:
-            self.metrics.close()
             raise NonFiniteLossError(
                 f"{what} at step {step} (rank {self.env.rank}); nan_policy={cfg.train.nan_policy}"
                 + (f", {state.skipped_in_row} steps in a row" if cfg.train.nan_policy == "skip" else "")
@@ -272,7 +277,6 @@ class TrainLoop:
         """Checkpoint the weights, optimizer, loader position and losses (never non-finite weights)."""
         maybe_inject_fault(step, self.env.rank, "save")
         if not parameters_finite(self.run.dmodel, self.env.device):
-            self.metrics.close()
             raise NonFiniteLossError(
                 f"parameters are not finite at step {step}: checkpoint not written (the last complete one, "
                 f"{self.state.last_ckpt or 'none'}, is intact). Lower optim.lr or enable train.grad_clip.")
@@ -289,6 +293,5 @@ class TrainLoop:
             raise
         except Exception as e:
             if is_collective_error(e):
-                self.metrics.close()
                 raise collective_failure(e, self.env.rank, step, phase, self.cfg.parallel.collective_timeout_s) from e
             raise
