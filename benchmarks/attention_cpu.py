@@ -31,6 +31,9 @@ VARIANTS = {
     "nosa": ("nosa", dict(NOSA, path="gather")),
     "nsa": ("nsa", {"path": "gather"}),
     "linear": ("linear", {"chunk": 64}),
+    # PowerAttention at a sliding window's local width (8 blocks of 64 = 512 tokens) plus its log2 blocks
+    "power": ("power", {"block": 64, "local_blocks": 8, "path": "gather"}),
+    "power_naive": ("power", {"block": 64, "local_blocks": 8, "path": "naive"}),
 }
 
 
@@ -46,6 +49,14 @@ def variant_pairs(name: str, opts: dict, S: int) -> float:
         diag = kept.diagonal(dim1=1, dim2=2).sum() * o.block * (o.block + 1) / 2
         off = (kept.sum() - kept.diagonal(dim1=1, dim2=2).sum()) * o.block**2
         return float((diag + off) * (H // KV))
+    if name.startswith("power"):
+        from longshard.models.attention.power import PowerOptions, power_block_mask
+
+        o = PowerOptions(**{k: v for k, v in opts.items() if k != "path"})
+        n = math.ceil(S / o.block)
+        kept = power_block_mask(n, o).double()
+        diag = n * o.block * (o.block + 1) / 2
+        return float((diag + (kept.sum() - n) * o.block**2) * H)
     if name in ("streaming", "sliding_window"):
         w, sink = opts["window"], opts.get("sink", 0)
         per_stream = torch.minimum(t + 1, torch.full_like(t, w + sink)).sum()
@@ -117,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     reps = 1 if args.quick else 3
     records = []
     if args.quick and args.variants == list(VARIANTS):
-        args.variants = [v for v in VARIANTS if v not in ("s2_gather", "s2_banded")]
+        args.variants = [v for v in VARIANTS if v not in ("s2_gather", "s2_banded", "power_naive")]
     sys.stdout.write(f"{'variant':15s} {'S':>6s} {'fwd+bwd s':>10s} {'sdpa s':>8s} {'speedup':>8s} "
                      f"{'flop ratio':>10s} {'eff.':>5s} {'peak MB':>8s}\n")
     for S in lengths:
