@@ -562,7 +562,7 @@ def test_a_saved_tokenizer_travels_with_the_checkpoint(tmp_path, monkeypatch):
     import torch.distributed as dist
     from longshard.cli import _load_checkpoint_model
     from longshard.models.model import Transformer
-    from longshard.train.checkpoint import TOKENIZER_FILE, Checkpointer
+    from longshard.train.checkpoint import TOKENIZER_FILE, Checkpointer, DCPStates
     from longshard.train.config import dump_config, load_config
 
     tok = tokenizers.Tokenizer(tokenizers.models.BPE(unk_token="<unk>"))
@@ -578,7 +578,7 @@ def test_a_saved_tokenizer_travels_with_the_checkpoint(tmp_path, monkeypatch):
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
     try:
         path = Checkpointer(tmp_path / "ck", 1, 0, dump_config(cfg), tokenizer=tok_file).save(
-            1, model, optimizer, sched, {"loader": {"epoch": 0, "index": 0}})
+            1, DCPStates(model, optimizer), sched, {"loader": {"epoch": 0, "index": 0}})
     finally:
         dist.destroy_process_group()
     assert (path / TOKENIZER_FILE).read_bytes() == tok_file.read_bytes()

@@ -687,7 +687,7 @@ def test_disk_full_while_writing_is_named(tmp_path, small_disk, monkeypatch):
     a 1 MB model, the pre-flight estimate forced to 0)."""
     import torch
     import torch.distributed as dist
-    from longshard.train.checkpoint import Checkpointer, CheckpointError
+    from longshard.train.checkpoint import Checkpointer, CheckpointError, DCPStates
 
     root = small_disk("512k") / "ckpt"
     fresh = not dist.is_initialized()
@@ -698,9 +698,9 @@ def test_disk_full_while_writing_is_named(tmp_path, small_disk, monkeypatch):
         opt = torch.optim.AdamW(model.parameters())
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
         ckpt = Checkpointer(root, keep_last=1, rank=0)
-        monkeypatch.setattr(Checkpointer, "_bytes_needed", lambda self, model, state: 0)
+        monkeypatch.setattr(Checkpointer, "_bytes_needed", lambda self, states, snapshot: 0)
         with pytest.raises(CheckpointError, match=r"no space left on device writing \S+step_00000001\.tmp"):
-            ckpt.save(1, model, opt, sched, {})
+            ckpt.save(1, DCPStates(model, opt), sched, {})
         assert not (root / "step_00000001.tmp").exists() and not (root / "step_00000001").exists()
     finally:
         if fresh:

@@ -36,7 +36,6 @@ from longshard.errors import CheckpointError, UnsafeCheckpointError
 from longshard.parallel.deepspeed_engine import (
     DeepSpeedLoadRefused,
     check_deepspeed_files_safe,
-    is_deepspeed_engine,
     weights_only_loading,
 )
 from longshard.parallel.env import all_agree, all_sum
@@ -313,6 +312,78 @@ def _out_of_space(error: BaseException) -> bool:
     return False
 
 
+class DCPStates:
+    """How the native engine's model and optimizer reach a checkpoint folder and come back:
+    torch.distributed.checkpoint (DDP or FSDP2; each rank writes its shards), read through the safe
+    reader (:func:`read_dcp`). The engine hands this to the :class:`Checkpointer`."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        self.model, self.optimizer = model, optimizer
+
+    def snapshot(self) -> dict:
+        """The state to write (taken once: the byte estimate and the write use the same tensors)."""
+        return dict(zip(("model", "optim"), get_state_dict(self.model, self.optimizer)))
+
+    def local_bytes(self, snapshot: dict, rank: int) -> int:
+        """Bytes this rank writes: DTensor shards by every rank, replicated tensors once (rank 0)."""
+        local = 0
+        for t in _tensors(snapshot):
+            if isinstance(t, DTensor):
+                local += t.to_local().numel() * t.element_size()
+            elif rank == 0:
+                local += t.numel() * t.element_size()
+        return local
+
+    def write(self, folder: Path, snapshot: dict) -> None:
+        dcp.save(snapshot, checkpoint_id=str(folder))
+
+    def verify(self, path: Path) -> None:
+        """This rank's checks before any collective read: the DCP metadata exists and runs no code."""
+        if not (path / ".metadata").is_file():
+            raise CheckpointError(f"{path / '.metadata'} is missing: the DCP checkpoint is incomplete.")
+        check_metadata_safe(path)
+
+    def read(self, path: Path) -> None:
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+        state = {"model": model_sd, "optim": optim_sd}
+        read_dcp(state, path)
+        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+
+
+class DeepSpeedStates:
+    """How a DeepSpeed engine's ZeRO-partitioned states reach a checkpoint folder (``deepspeed/``, in
+    DeepSpeed's own collective format) and come back (files checked first, read with weights_only)."""
+
+    def __init__(self, engine: nn.Module) -> None:
+        self.engine = engine
+
+    def snapshot(self) -> None:
+        return None  # the partitioned states are not enumerable before DeepSpeed writes them
+
+    def local_bytes(self, snapshot: None, rank: int) -> int:
+        """Weights, fp32 master copy and two Adam moments, counted once (rank 0)."""
+        return 4 * sum(p.numel() * 4 for p in self.engine.parameters()) if rank == 0 else 0
+
+    def write(self, folder: Path, snapshot: None) -> None:
+        self.engine.save_checkpoint(str(folder), tag=DS_TAG, save_latest=False)
+
+    def verify(self, path: Path) -> None:
+        if not (path / DS_TAG).is_dir():
+            raise CheckpointError(f"{path / DS_TAG} is missing: {path} was not written by the deepspeed engine.")
+        try:
+            check_deepspeed_files_safe(path / DS_TAG)
+        except DeepSpeedLoadRefused as e:
+            raise CheckpointError(str(e)) from None
+
+    def read(self, path: Path) -> None:
+        try:  # files checked against the manifest written with them; read with weights_only=True
+            with weights_only_loading(str(path)):
+                self.engine.load_checkpoint(str(path), tag=DS_TAG, load_optimizer_states=True,
+                                            load_lr_scheduler_states=False)
+        except Exception as e:
+            raise CheckpointError(f"failed to read DeepSpeed checkpoint {path / DS_TAG}: {e}") from e
+
+
 class Checkpointer:
     """Save/load training state.
 
@@ -334,10 +405,9 @@ class Checkpointer:
         self.tokenizer = Path(tokenizer) if tokenizer else None
         self.fingerprint, self.allow_changes = fingerprint, list(allow_changes or [])
 
-    def save(
-        self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, trainer_state: dict
-    ) -> Path:
-        """Write checkpoint ``step`` (collective: every rank must call it)."""
+    def save(self, step: int, states: DCPStates | DeepSpeedStates, scheduler: Any, trainer_state: dict) -> Path:
+        """Write checkpoint ``step`` (collective: every rank must call it); ``states`` is the engine's
+        writer of its model and optimizer."""
         final = self.root / f"step_{step:08d}"
         tmp = self.root / f"step_{step:08d}.tmp"
         if self.rank == 0:
@@ -345,19 +415,15 @@ class Checkpointer:
                 shutil.rmtree(tmp)
             tmp.mkdir(parents=True)
         dist.barrier()
-        deepspeed = is_deepspeed_engine(model)
-        state = None if deepspeed else dict(zip(("model", "optim"), get_state_dict(model, optimizer)))
-        need = self._bytes_needed(model, state)
+        snapshot = states.snapshot()
+        need = self._bytes_needed(states, snapshot)
         free = shutil.disk_usage(tmp).free
         if not all_agree(free >= need):  # refused before a byte is written: the last checkpoint stays usable
             self._discard(tmp)
             raise CheckpointError(self._no_space(tmp, need, free))
         problem: BaseException | None = None
         try:
-            if deepspeed:  # ZeRO-partitioned states: DeepSpeed's own (collective) format
-                model.save_checkpoint(str(tmp), tag=DS_TAG, save_latest=False)
-            else:
-                dcp.save(state, checkpoint_id=str(tmp))
+            states.write(tmp, snapshot)
             extra = {"scheduler": scheduler.state_dict(), "rng": rng_state()}
             torch.save(extra, tmp / f"rank_{self.rank}.pt")
         except (Exception, CheckpointException) as e:  # DCP's own error derives from BaseException
@@ -395,24 +461,13 @@ class Checkpointer:
         log.info("saved checkpoint %s", final)
         return final
 
-    def _bytes_needed(self, model: nn.Module, state: dict | None) -> int:
+    def _bytes_needed(self, states: DCPStates | DeepSpeedStates, snapshot: dict | None) -> int:
         """Bytes checkpoint ``step`` will take (collective): the newest complete checkpoint's size when
-        there is one, else the tensors each rank writes (DTensor shards by every rank, replicated tensors
-        once) plus, for DeepSpeed, weights, fp32 master copy and two Adam moments."""
+        there is one, else what the engine's states say each rank writes."""
         latest = self.latest()
         if latest is not None:
             return sum(f.stat().st_size for f in latest.rglob("*") if f.is_file())
-        local = 0
-        if state is None:  # deepspeed: the partitioned states are not enumerable before they are written
-            if self.rank == 0:
-                local = 4 * sum(p.numel() * 4 for p in model.parameters())
-        else:
-            for t in _tensors(state):
-                if isinstance(t, DTensor):
-                    local += t.to_local().numel() * t.element_size()
-                elif self.rank == 0:
-                    local += t.numel() * t.element_size()
-        return int(all_sum(local))
+        return int(all_sum(states.local_bytes(snapshot, self.rank)))
 
     def _discard(self, tmp: Path) -> None:
         if self.rank == 0:
@@ -444,9 +499,7 @@ class Checkpointer:
         found = complete_checkpoints(self.root)
         return found[-1] if found else None
 
-    def load_latest(
-        self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any
-    ) -> tuple[Path | None, dict | None]:
+    def load_latest(self, states: DCPStates | DeepSpeedStates, scheduler: Any) -> tuple[Path | None, dict | None]:
         """Load the newest checkpoint that loads; damaged ones are reported and skipped.
 
         Every rank checks the same files, so all ranks agree on the checkpoint they take.
@@ -455,7 +508,7 @@ class Checkpointer:
         for path in reversed(complete_checkpoints(self.root)):
             unsafe = False
             try:
-                state = self.load(path, model, optimizer, scheduler)
+                state = self.load(path, states, scheduler)
                 error = None
             except CheckpointError as e:
                 state, error, unsafe = None, str(e), isinstance(e, UnsafeCheckpointError)
@@ -472,7 +525,7 @@ class Checkpointer:
             raise CheckpointError("no checkpoint under " f"{self.root} loads: " + " | ".join(errors))
         return None, None
 
-    def _verify(self, path: Path, deepspeed: bool) -> tuple[dict, dict]:
+    def _verify(self, path: Path, states: DCPStates | DeepSpeedStates) -> tuple[dict, dict]:
         """This rank's checks of ``path`` before any collective read: state file, manifest (sizes, its
         share of the checksums), DCP metadata safety, its scheduler/RNG file. Returns (trainer state,
         that file's contents)."""
@@ -482,17 +535,7 @@ class Checkpointer:
                                                     self.allow_changes, str(path))
         world = dist.get_world_size() if dist.is_initialized() else 1
         check_manifest(path, trainer_state.get("files", {}), world, self.rank)
-        if deepspeed:
-            if not (path / DS_TAG).is_dir():
-                raise CheckpointError(f"{path / DS_TAG} is missing: {path} was not written by the deepspeed engine.")
-            try:
-                check_deepspeed_files_safe(path / DS_TAG)
-            except DeepSpeedLoadRefused as e:
-                raise CheckpointError(str(e)) from None
-        else:
-            if not (path / ".metadata").is_file():
-                raise CheckpointError(f"{path / '.metadata'} is missing: the DCP checkpoint is incomplete.")
-            check_metadata_safe(path)
+        states.verify(path)
         extra_file = path / f"rank_{self.rank}.pt"
         if not extra_file.is_file():  # resumed with more ranks than saved: take rank 0's schedule
             extra_file = path / "rank_0.pt"
@@ -506,35 +549,21 @@ class Checkpointer:
             raise CheckpointError(f"{extra_file} is corrupt: {e}") from e
         return trainer_state, extra
 
-    def load(
-        self, path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any
-    ) -> dict:
+    def load(self, path: str | Path, states: DCPStates | DeepSpeedStates, scheduler: Any) -> dict:
         """Restore model, optimizer, scheduler and RNG from ``path``; return the trainer state.
 
         Collective: every rank verifies its part first and all agree before the (collective) read, so
         a file only one rank finds damaged fails every rank alike instead of hanging the others.
         """
         path = Path(path)
-        deepspeed = is_deepspeed_engine(model)
         try:
-            trainer_state, extra = self._verify(path, deepspeed)
+            trainer_state, extra = self._verify(path, states)
             problem = None
         except CheckpointError as e:
             problem = e
         if not all_agree(problem is None):
             raise problem or CheckpointError(f"{path}: another rank found its part damaged (see that rank's log).")
-        if deepspeed:
-            try:  # files checked against the manifest written with them; read with weights_only=True
-                with weights_only_loading(str(path)):
-                    model.load_checkpoint(str(path), tag=DS_TAG, load_optimizer_states=True,
-                                          load_lr_scheduler_states=False)
-            except Exception as e:
-                raise CheckpointError(f"failed to read DeepSpeed checkpoint {path / DS_TAG}: {e}") from e
-        else:
-            model_sd, optim_sd = get_state_dict(model, optimizer)
-            state = {"model": model_sd, "optim": optim_sd}
-            read_dcp(state, path)
-            set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        states.read(path)
         scheduler.load_state_dict(extra["scheduler"])
         set_rng_state(extra["rng"])
         log.info("resumed from %s (step %d)", path, trainer_state["step"])

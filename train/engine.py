@@ -1,5 +1,6 @@
-"""What the training loop asks of the thing that owns gradients and the optimizer: one interface,
-two engines, so the loop has no engine branches.
+"""What the training loop asks of the thing that owns gradients and the optimizer: one interface
+(:class:`TrainEngine`), two engines, so neither the loop nor the checkpointer has engine branches.
+Each engine hands the checkpointer its state writer/reader (``engine.states``).
 
 * :class:`NativeEngine`: our DDP/FSDP2 module, AdamW and schedule; global-norm clipping; fp16 runs
   scale the loss dynamically (``torch.amp.GradScaler``; ``ShardedGradScaler`` under FSDP2, which
@@ -23,6 +24,7 @@ from typing import Any
 
 import torch
 from longshard.parallel.data_parallel import clip_grad_norm, gradient_sync
+from longshard.train.checkpoint import DCPStates, DeepSpeedStates
 from torch import nn
 
 log = logging.getLogger(__name__)
@@ -44,7 +46,62 @@ class StepOutcome:
     overflow: bool = False
 
 
-class NativeEngine:
+class TrainEngine:
+    """What the loop drives: gradient accumulation, backward, the optimizer step, and the engine's
+    persistence (``states``: how the checkpointer writes and reads its model and optimizer). Subclasses:
+    :class:`NativeEngine` (DDP/FSDP2, fp16 loss scaling) and :class:`DeepSpeedTrainEngine`.
+
+    Args:
+        model: the module the loop runs.
+        optimizer, scheduler: the torch optimizer and our LR schedule.
+        states: the engine's state writer/reader (:class:`~longshard.train.checkpoint.DCPStates` or
+            :class:`~longshard.train.checkpoint.DeepSpeedStates`).
+    """
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
+                 states: DCPStates | DeepSpeedStates) -> None:
+        self.model, self.optimizer, self.scheduler, self.states = model, optimizer, scheduler, states
+
+    def accumulating(self, last: bool):
+        """Context of one micro-batch's forward and backward (``last``: the step's last one)."""
+        raise NotImplementedError
+
+    def backward(self, objective: torch.Tensor, last: bool) -> None:
+        raise NotImplementedError
+
+    def step(self) -> StepOutcome:
+        raise NotImplementedError
+
+    def skip(self) -> None:
+        """Drop this step's gradients (the schedule advances in the loop)."""
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def state(self) -> dict[str, Any]:
+        """Engine state that goes into the checkpoint's trainer state (JSON); none by default."""
+        return {}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state`."""
+
+    def loss_scale(self) -> float | None:
+        """The dynamic loss scale, for engines that scale (None otherwise)."""
+        return None
+
+    def save(self, ckpt, step: int, trainer_state: dict) -> Path:
+        return ckpt.save(step, self.states, self.scheduler, {**trainer_state, **self.state()})
+
+    def load(self, ckpt, path: Path | None) -> tuple[Path | None, dict | None]:
+        """Load ``path`` (None: the newest checkpoint that loads); returns (path, trainer state)."""
+        if path is None:
+            path, state = ckpt.load_latest(self.states, self.scheduler)
+        else:
+            state = ckpt.load(path, self.states, self.scheduler)
+        if state is not None:
+            self.load_state(state)
+        return path, state
+
+
+class NativeEngine(TrainEngine):
     """DDP/FSDP2 (or a single device) with a torch optimizer.
 
     Args:
@@ -57,7 +114,8 @@ class NativeEngine:
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, grad_clip: float,
                  loss_scaling: bool = False, sharded: bool = False) -> None:
-        self.model, self.optimizer, self.scheduler, self.grad_clip = model, optimizer, scheduler, grad_clip
+        super().__init__(model, optimizer, scheduler, DCPStates(model, optimizer))
+        self.grad_clip = grad_clip
         self.scaler = None
         if loss_scaling:
             device = next(model.parameters()).device.type
@@ -98,10 +156,6 @@ class NativeEngine:
         self.optimizer.zero_grad(set_to_none=True)
         return StepOutcome(norm, True)
 
-    def skip(self) -> None:
-        """Drop this step's gradients (the schedule advances in the loop)."""
-        self.optimizer.zero_grad(set_to_none=True)
-
     def state(self) -> dict[str, Any]:
         """Engine state that goes into the checkpoint's trainer state (JSON): the loss scale."""
         if self.scaler is None:
@@ -119,21 +173,8 @@ class NativeEngine:
     def loss_scale(self) -> float | None:
         return self.scaler.get_scale() if self.scaler is not None else None
 
-    def save(self, ckpt, step: int, trainer_state: dict) -> Path:
-        return ckpt.save(step, self.model, self.optimizer, self.scheduler, {**trainer_state, **self.state()})
 
-    def load(self, ckpt, path: Path | None) -> tuple[Path | None, dict | None]:
-        """Load ``path`` (None: the newest checkpoint that loads); returns (path, trainer state)."""
-        if path is None:
-            path, state = ckpt.load_latest(self.model, self.optimizer, self.scheduler)
-        else:
-            state = ckpt.load(path, self.model, self.optimizer, self.scheduler)
-        if state is not None:
-            self.load_state(state)
-        return path, state
-
-
-class DeepSpeedTrainEngine(NativeEngine):
+class DeepSpeedTrainEngine(TrainEngine):
     """A DeepSpeed engine: its ``backward``/``step`` own accumulation, clipping and ZeRO reductions.
 
     Args:
@@ -142,7 +183,7 @@ class DeepSpeedTrainEngine(NativeEngine):
     """
 
     def __init__(self, engine: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any) -> None:
-        super().__init__(engine, optimizer, scheduler, grad_clip=0.0)
+        super().__init__(engine, optimizer, scheduler, DeepSpeedStates(engine))  # ZeRO: DeepSpeed's own format
 
     @contextlib.contextmanager
     def accumulating(self, last: bool) -> Iterator[None]:

@@ -50,7 +50,7 @@ from longshard.train.data import (
     prepare_default,
     read_meta,
 )
-from longshard.train.engine import DeepSpeedTrainEngine, NativeEngine
+from longshard.train.engine import DeepSpeedTrainEngine, NativeEngine, TrainEngine
 from longshard.train.evaluate import evaluate, heldout_loss
 from longshard.train.faults import (
     CollectiveError,
@@ -255,7 +255,7 @@ class TrainingRun:
     model: Transformer
     dmodel: torch.nn.Module
     sp: SeqShard | None
-    engine: NativeEngine
+    engine: TrainEngine
     mesh: Any
     comm: CommCounter
     conversion: dict[str, float] | None
@@ -308,7 +308,7 @@ def build_training(cfg: Config, env: DistEnv, mcfg: ModelConfig, use_ds: bool, g
     return TrainingRun(model, dmodel, sp, engine, mesh, comm, conversion, kept_fraction, fpt)
 
 
-def resume_training(cfg: Config, engine: NativeEngine, ckpt: Checkpointer,
+def resume_training(cfg: Config, engine: TrainEngine, ckpt: Checkpointer,
                     loader: DistributedLoader) -> tuple[Path | None, int, list[float]]:
     """Load the checkpoint ``checkpoint.resume`` names (``auto``: the newest that loads) into the engine
     and the loader; returns (its path or None, the step it holds, the losses so far).
