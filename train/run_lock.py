@@ -185,12 +185,12 @@ def set_aside_previous_run(out_dir: str | Path, ckpt_dir: str | Path) -> Path | 
     """
     out_dir, ckpt_dir = Path(out_dir), Path(ckpt_dir)
     stamp = time.strftime("previous-%Y%m%dT%H%M%SZ", time.gmtime())
-    n = 1
+    tries = 1
     while (out_dir / stamp).exists() or (ckpt_dir / stamp).exists():  # two fresh starts within a second
-        n += 1
-        stamp = f"{stamp.split('.')[0]}.{n}"
+        tries += 1
+        stamp = f"{stamp.split('.')[0]}.{tries}"
     dest = out_dir / stamp
-    files = [out_dir / n for n in RUN_FILES if (out_dir / n).exists()]
+    files = [out_dir / name for name in RUN_FILES if (out_dir / name).exists()]
     steps = sorted(p for p in ckpt_dir.glob("step_*")) if ckpt_dir.is_dir() else []
     if not files and not steps:
         return None
