@@ -309,7 +309,7 @@ def _load_checkpoint_model(ckpt: str, overrides: list[str]):
 def _eval(args: argparse.Namespace) -> int:
     import torch
     from longshard.train.data import TokenWindows, build_tokenizer
-    from longshard.train.evaluate import evaluate, passkey_grid, plot_results
+    from longshard.train.evaluate import evaluate_config, passkey_grid, plot_results
     from longshard.train.precision import compute_dtype
     from longshard.train.resolve import check_passkey_lengths, passkey_lengths
 
@@ -331,16 +331,7 @@ def _eval(args: argparse.Namespace) -> int:
     tokenizer = build_tokenizer(cfg.data.tokenizer)
     lengths = passkey_lengths(cfg)
     check_passkey_lengths(tokenizer, lengths if cfg.eval.passkey_samples else [])
-    res = evaluate(
-        model, val_dataset=val, tokenizer=tokenizer, seq_len=cfg.train.seq_len,
-        val_batches=cfg.eval.val_batches, batch_size=cfg.train.micro_batch_size,
-        passkey_lengths=lengths, passkey_samples=0 if args.grid else cfg.eval.passkey_samples,
-        device=device, autocast_dtype=autocast, doc_mask=cfg.data.doc_mask,
-        ppl_lengths=list(cfg.eval.ppl_lengths),
-        windows_for_length=(lambda n: TokenWindows(data, "val", n)) if has_data else None,
-        ppl_windows=cfg.eval.ppl_windows, mqar_samples=cfg.eval.mqar_samples,
-        mqar_num_kv_pairs=cfg.eval.mqar_num_kv_pairs,
-    )
+    res = evaluate_config(model, cfg, val_dataset=val, tokenizer=tokenizer, device=device, passkey=not args.grid)
     if args.grid and cfg.eval.passkey_samples:
         model.eval()
         grid = passkey_grid(model, tokenizer, lengths, list(cfg.eval.passkey_depths), cfg.eval.passkey_samples,

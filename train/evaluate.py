@@ -10,9 +10,12 @@ import torch.distributed as dist
 from longshard.models.model import IGNORE_INDEX, LossOutput
 from longshard.parallel.data_parallel import unwrap
 from longshard.parallel.layout import SeqShard
-from longshard.train.data.loader import MQARDataset, PasskeyDataset, Sample, collate
+from longshard.train.config import Config
+from longshard.train.data.loader import MQARDataset, PasskeyDataset, Sample, TokenWindows, collate
 from longshard.train.data.synthetic import mqar_distances, passkey_sample
 from longshard.train.data.tokenizer import Tokenizer
+from longshard.train.precision import compute_dtype
+from longshard.train.resolve import passkey_lengths
 from torch import nn
 
 
@@ -264,3 +267,38 @@ def plot_results(results: dict[str, Any], path: str) -> str:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def held_out_windows(cfg: Config):
+    """``L -> held-out windows of L tokens`` when the run's prepared held-out data is on this machine,
+    else None."""
+    data = cfg.data_dir
+    if data is None or not (data / "meta.json").is_file():
+        return None
+    return lambda length: TokenWindows(data, "val", length)
+
+
+def evaluate_config(model: nn.Module, cfg: Config, *, val_dataset, tokenizer: Tokenizer, device: torch.device,
+                    sp: SeqShard | None = None, passkey: bool = True) -> dict[str, Any]:
+    """:func:`evaluate` with every setting read from the run's config (``eval.*``, ``train.seq_len``,
+    the micro-batch, the compute dtype, ``data.doc_mask``): the one mapping the trainer and
+    ``longshard eval`` share.
+
+    Args:
+        model: the model to evaluate (sharded: every rank calls this).
+        cfg: the run's config.
+        val_dataset: held-out windows of ``train.seq_len`` tokens, or None.
+        tokenizer: the run's tokenizer (passkey prompts).
+        device: where the model runs.
+        sp: this rank's sequence shard under sequence parallelism.
+        passkey: False leaves passkey accuracy out (``longshard eval --grid`` measures it per depth).
+    """
+    return evaluate(
+        model, val_dataset=val_dataset, tokenizer=tokenizer, seq_len=cfg.train.seq_len,
+        val_batches=cfg.eval.val_batches, batch_size=cfg.train.micro_batch_size,
+        passkey_lengths=passkey_lengths(cfg), passkey_samples=cfg.eval.passkey_samples if passkey else 0,
+        device=device, autocast_dtype=compute_dtype(cfg.train.dtype), doc_mask=cfg.data.doc_mask, sp=sp,
+        ppl_lengths=list(cfg.eval.ppl_lengths), windows_for_length=held_out_windows(cfg),
+        ppl_windows=cfg.eval.ppl_windows, mqar_samples=cfg.eval.mqar_samples,
+        mqar_num_kv_pairs=cfg.eval.mqar_num_kv_pairs,
+    )

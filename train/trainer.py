@@ -51,7 +51,7 @@ from longshard.train.data import (
     read_meta,
 )
 from longshard.train.engine import DeepSpeedTrainEngine, NativeEngine, TrainEngine
-from longshard.train.evaluate import evaluate, heldout_loss
+from longshard.train.evaluate import evaluate_config, heldout_loss
 from longshard.train.faults import (
     CollectiveError,
     PreemptionWatch,
@@ -82,14 +82,6 @@ def apply_optim_settings(optimizer: torch.optim.Optimizer, scheduler, cfg: Confi
     for g, lam in zip(optimizer.param_groups, scheduler.lr_lambdas, strict=True):
         g["lr"] = cfg.optim.lr * lam(scheduler.last_epoch)
     scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
-
-
-def windows_for_length(cfg: Config):
-    """``L -> held-out windows of L tokens`` when prepared held-out data exists, else None."""
-    data = cfg.data_dir
-    if data is None or not (data / "meta.json").is_file():
-        return None
-    return lambda length: TokenWindows(data, "val", length)
 
 
 def build_datasets(cfg: Config, env: DistEnv, mcfg: ModelConfig):
@@ -427,15 +419,8 @@ def _train_locked(cfg: Config, env, t0: float, use_ds: bool, dp_size: int, grad_
         group=cfg.name, config=cfg.to_dict(), progress=cfg.logging.progress,
     )
     autocast = compute_dtype(cfg.train.dtype)
-    run_eval = partial(
-        evaluate, run.dmodel, val_dataset=val_ds, tokenizer=tokenizer, seq_len=cfg.train.seq_len,
-        val_batches=cfg.eval.val_batches, batch_size=cfg.train.micro_batch_size,
-        passkey_lengths=passkey_lengths, passkey_samples=cfg.eval.passkey_samples,
-        device=env.device, autocast_dtype=autocast, doc_mask=cfg.data.doc_mask, sp=run.sp,
-        ppl_lengths=list(cfg.eval.ppl_lengths), windows_for_length=windows_for_length(cfg),
-        ppl_windows=cfg.eval.ppl_windows, mqar_samples=cfg.eval.mqar_samples,
-        mqar_num_kv_pairs=cfg.eval.mqar_num_kv_pairs,
-    )
+    run_eval = partial(evaluate_config, run.dmodel, cfg, val_dataset=val_ds, tokenizer=tokenizer, device=env.device,
+                       sp=run.sp)
     inputs = StepInputs(autocast, cfg.train.global_batch_size * cfg.train.seq_len, run.flops_per_token,
                         peak_tflops(env.device, cfg.train.peak_tflops), run.kept_fraction)
     state = TrainState(start_step, history, resume_from)
