@@ -447,12 +447,12 @@ def _heads(args: argparse.Namespace) -> int:
     cfg, model = _load_checkpoint_model(args.checkpoint, [])
     assignment = retrieval_assignment(model, args.threshold)
     if not assignment:
-        raise ConfigError("checkpoint", "the model has no streaming layers with learned_gates=true.")
+        raise ConfigError("checkpoint", "the model has no streaming_gated layers (learned gates to export).")
     attention = []
     for i in range(cfg.model.n_layers):
         spec = cfg.model.layer_attention(i)
         if i in assignment:
-            opts = {k: v for k, v in spec.options.items() if k not in ("learned_gates", "gate_l1")}
+            opts = {k: v for k, v in spec.options.items() if k != "gate_l1"}
             attention.append({"name": "streaming", "options": {**opts, "retrieval_heads": assignment[i]},
                               "gate": spec.gate})
         else:

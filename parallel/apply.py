@@ -6,7 +6,7 @@ rank) and applies, in this order:
 1. **tensor parallel** over ``mesh["tp"]``: projections split by heads / FFN width, each layer given
    its head range (:meth:`~longshard.models.model.Attention.set_head_range`);
 2. **sequence parallel** over ``mesh["sp"]``: every layer's core attention behind its Ulysses, ring or
-   hybrid wrapper, as the variant declares (:meth:`CoreAttention.context_parallel_core`);
+   hybrid wrapper, as the variant declares (:attr:`CoreAttention.cp_form`);
 3. **activation checkpointing** (a mode of the model's blocks; ``attention_boundary`` never recomputes
    a distributed attention);
 4. **data parallel**: DDP or FSDP2 over the (dp, sp) ranks, or nothing when an engine (DeepSpeed)

@@ -74,7 +74,7 @@ class SequenceParallelCore(CoreAttention):
 
     def __init__(self, inner: CoreAttention, group: dist.ProcessGroup, counter: CommCounter | None = None,
                  zigzag: bool = False) -> None:
-        super().__init__(inner.ctx)
+        super().__init__(inner.ctx, inner.opts)
         self.inner, self.group, self.counter, self.zigzag = inner, group, counter, zigzag
         self.P, self.rank = dist.get_world_size(group), dist.get_rank(group)
         self.uses_kv_cache = inner.uses_kv_cache

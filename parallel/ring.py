@@ -179,27 +179,27 @@ def ring_form(core: CoreAttention, group: dist.ProcessGroup, counter: CommCounte
               where: str = "a layer", pair_backend: str = "auto") -> CoreAttention:
     """``core`` made context-parallel over ``group`` for zigzag-sharded inputs.
 
-    Dense cores get :class:`RingAttention`; block-sparse cores (``s2``, ``streaming`` without
-    learned gates, ``sliding_window``) the sparsity-aware exchange
+    Dense cores get :class:`RingAttention`; block-sparse cores (``s2``, ``power``, ``streaming``,
+    ``sliding_window``) the sparsity-aware exchange
     (:class:`~longshard.parallel.sparse_exchange.SparseExchangeAttention`), which moves only the
     K/V blocks the pattern reads; ``linear`` cores pass their recurrent states along the zigzag
     order (:class:`~longshard.parallel.linear_state.LinearStateParallel`).
 
     Raises:
-        ConfigError: a variant with no ring form (``nsa``, ``nosa``, ``mixed``, ``streaming`` with
-            learned gates: their selection or gates need every key of a head; use ``ulysses``).
+        ConfigError: a variant with no ring form (``nsa``, ``nosa``, ``mixed``, ``streaming_gated``:
+            their selection or gates need every key of a head; use ``ulysses``).
     """
-    form, inner = core.context_parallel_core()  # declared by the variant
+    form = core.cp_form  # declared by the variant's options
     require(form is not None, "parallel.sp_mode",
-            f"ring and hybrid run variants with a ring form (dense, linear, s2, streaming without learned gates, "
-            f"sliding_window); {where} uses {type(core).__name__}, whose block selection or gates need all of a "
-            "head's keys.", "use sp_mode=ulysses for this variant.")
+            f"ring and hybrid run variants whose options declare a ring form; {where} uses "
+            f"{type(core).__name__}, which declares none (its block selection or gates need all of a head's keys).",
+            "use sp_mode=ulysses for this variant.")
     if form == "ring":
-        return RingAttention(inner, group, counter, pair_backend)
+        return RingAttention(core, group, counter, pair_backend)
     if form == "state":
-        return LinearStateParallel(inner, group, counter, zigzag=True)
+        return LinearStateParallel(core, group, counter, zigzag=True)
     if form == "sparse_exchange":
-        return SparseExchangeAttention(inner, group, counter)
+        return SparseExchangeAttention(core, group, counter)
     raise ValueError(f"{type(core).__name__} declares an unknown context-parallel form {form!r}")
 
 

@@ -123,7 +123,7 @@ class SparseExchangeAttention(SequenceParallelCore):
     """Context-parallel block-sparse attention that moves only the K/V blocks the pattern reads.
 
     Args:
-        inner: a block-sparse core (``s2``, ``streaming`` without learned gates, ``sliding_window``)
+        inner: a block-sparse core whose options declare the ``sparse_exchange`` form
             holding the pattern.
         group: the sequence-parallel process group (zigzag-sharded inputs, as for ``ring``).
         counter: optional communication counter (``sparse_kv`` bytes and calls).

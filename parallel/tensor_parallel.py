@@ -25,7 +25,7 @@ def check_tensor_parallel(model: Transformer, tp: int) -> None:
 
     Raises:
         ConfigError: query or KV heads not divisible by ``tp``, or a core attention with its own
-            parameters (``nsa``, ``nosa``, learned streaming gates: their per-head parameters
+            parameters (``nsa``, ``nosa``, ``streaming_gated``: their per-head parameters
             would need a tensor-parallel gradient reduction of their own).
     """
     for i, layer in enumerate(model.layers):

@@ -130,7 +130,7 @@ def apply_ulysses(model: Transformer, group: dist.ProcessGroup, counter: CommCou
         kv_repeat = kv_replication(attn.n_heads, attn.n_kv_heads, P)
         H = attn.n_heads
         core = attn.core_attention
-        if core.context_parallel_core()[0] == "state":  # recurrent: pass D x D states, not activations
+        if core.cp_form == "state":  # recurrent: pass D x D states, not activations
             attn.core_attention = LinearStateParallel(core, group, counter)
             continue
         off = attn.head_offset  # tensor parallel: this rank's heads start here

@@ -1,8 +1,9 @@
-"""What a variant supports is declared on its options and module classes, and only there.
+"""What a variant supports is declared once, on its options class; the module built from them reads it.
 
-The options answer config validation (before anything is built); the module answers the parallel
-wrappers, metrics and decoding. The two must agree, every registered variant is covered, and a
-variant defined outside the package (one module, nothing else edited) is accepted by the ring.
+Config validation (before anything is built) and the parallel wrappers therefore ask the same
+declaration; every registered variant is covered, a variant defined outside the package (one module,
+nothing else edited) is accepted by the ring, and a variant with parameters that claims tensor
+parallelism can split it is refused when built.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ OPTIONS = {
     "nsa": {"compress_block": 4, "compress_stride": 2, "select_block": 8, "n_select": 4, "window": 8},
     "nosa": {"block": 4},
     "power": {"block": 4, "local_blocks": 1},
+    "streaming_gated": {"block": 4, "sink": 1, "window": 2},
     "mixed": {"groups": [{"name": "dense", "heads": 2}, {"name": "linear", "heads": 2, "options": {"chunk": 4}}]},
 }
 CTX = AttentionContext(layer_idx=0, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, model_dim=32)
@@ -40,27 +42,56 @@ SHIPPED = sorted(n for n in available_attention() if not n.startswith("test_")) 
 
 
 @pytest.mark.parametrize("name", SHIPPED)
-def test_options_and_module_agree(name):
+def test_every_variant_declares_well_formed_capabilities(name):
     """Every registered variant, a new one included without touching this file (its defaults are used
-    unless OPTIONS above gives smaller ones)."""
+    unless OPTIONS above gives smaller ones): a known ring form, whole zigzag chunks, sane work counts,
+    and a module with parameters declares why tensor parallelism cannot split it (else it is not built)."""
     options = OPTIONS.get(name, {})
     opts = parse_options(name, options)
     core = build_attention(name, options, CTX)
-    form, inner = core.context_parallel_core()
-    assert form == opts.context_parallel() and (form is None or form in CP_FORMS)
-    assert (core.tensor_parallel_problem() is None) == (opts.tensor_parallel_problem() is None), \
-        (core.tensor_parallel_problem(), opts.tensor_parallel_problem())
+    assert core.opts == opts and (core.cp_form is None or core.cp_form in CP_FORMS)
+    if any(True for _ in core.parameters()):
+        assert opts.tensor_parallel_problem() is not None
     assert opts.ring_seq_multiple(2) % 4 == 0  # two zigzag chunks per rank at least
     assert 0.0 < core.kept_fraction(64) <= 1.0
     assert core.attention_flops_per_token(64) >= 0.0
     assert core.pop_aux_loss() is None
 
 
-def test_learned_gates_change_what_streaming_supports():
-    opts = parse_options("streaming", {"learned_gates": True})
-    core = build_attention("streaming", {"learned_gates": True}, CTX)
-    assert opts.context_parallel() is None and core.context_parallel_core()[0] is None
-    assert "gate" in opts.tensor_parallel_problem() and core.kept_fraction(64) == 1.0
+def test_learned_gates_are_their_own_variant():
+    """Learned gates used to change what `streaming` supports through a flag; they are `streaming_gated`
+    now, with its own declarations, and the old option names the new variant."""
+    with pytest.raises(ConfigError, match=r"options\.learned_gates.*use name: streaming_gated"):
+        parse_options("streaming", {"learned_gates": True}, "model.attention[0]")
+    opts = parse_options("streaming_gated", {})
+    core = build_attention("streaming_gated", {"block": 4, "sink": 1, "window": 2}, CTX)
+    assert opts.context_parallel() is None and core.cp_form is None
+    assert "gate" in core.tensor_parallel_problem() and core.kept_fraction(64) == 1.0
+    plain = build_attention("streaming", {"block": 4, "sink": 1, "window": 2}, CTX)
+    assert plain.cp_form == "sparse_exchange" and plain.tensor_parallel_problem() is None
+    assert plain.kept_fraction(64) < 1.0
+
+
+@dataclass(kw_only=True)
+class _LeakyOptions(AttentionOptions):
+    """A test-only variant whose options forget to declare its parameters block tensor parallelism."""
+
+
+class _Leaky(DenseAttention):
+    def __init__(self, ctx: AttentionContext, opts: _LeakyOptions) -> None:
+        super().__init__(ctx, DenseOptions())
+        self.opts = opts
+        self.w = torch.nn.Parameter(torch.ones(ctx.n_heads))
+
+
+def test_a_variant_with_parameters_must_declare_tensor_parallelism():
+    register_attention("test_leaky", _LeakyOptions)(_Leaky)
+    try:
+        with pytest.raises(TypeError, match=r"'test_leaky': _Leaky has parameters of its own \(w\) but "
+                                            r"_LeakyOptions.tensor_parallel_problem\(\) returns None"):
+            build_attention("test_leaky", {}, CTX)
+    finally:
+        _REGISTRY.pop("test_leaky")
 
 
 @dataclass(kw_only=True)
@@ -130,5 +161,5 @@ def test_s2_dense_schedule_layers_are_dense_layers():
         spec = cfg.layer_attention(i)
         core = layer.attention.core_attention
         assert type(core).__name__ == ("DenseAttention" if names[i] == "dense" else "S2Attention")
-        assert core.context_parallel_core()[0] == parse_options(spec.name, spec.options).context_parallel()
+        assert core.cp_form == parse_options(spec.name, spec.options).context_parallel()
         assert (core.kept_fraction(64) == 1.0) == (names[i] == "dense")

@@ -116,7 +116,7 @@ class _ScaledDense(CoreAttention):
     """A toy variant registered by the test: dense attention times a constant."""
 
     def __init__(self, ctx, opts):
-        super().__init__(ctx)
+        super().__init__(ctx, opts)
         self.factor = opts.factor
 
     def forward(self, q, k, v, batch):

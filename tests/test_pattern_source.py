@@ -23,7 +23,7 @@ LAYOUTS = {  # name, options, query heads, KV heads (Qwen2.5-like 14/2 and Llama
     "s2-kv": ("s2", {"block": 4, "local_blocks": 2, "vert_stride": 2, "sink_blocks": 1, "shard": "kv"}, 8, 2),
     "s2-query": ("s2", {"block": 4, "local_blocks": 1, "vert_stride": 7, "offset": 1, "shard": "query"}, 14, 2),
     "streaming-retrieval": ("streaming", {"block": 4, "sink": 5, "window": 7, "retrieval_heads": [1]}, 8, 4),
-    "streaming-gates": ("streaming", {"block": 8, "sink": 3, "window": 9, "learned_gates": True}, 4, 2),
+    "streaming-gates": ("streaming_gated", {"block": 8, "sink": 3, "window": 9}, 4, 2),
     "sliding": ("sliding_window", {"block": 4, "window": 6}, 4, 1),
     "sliding-sink": ("sliding_window", {"block": 8, "window": 17, "sink": 9}, 14, 2),
 }

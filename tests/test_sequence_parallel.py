@@ -93,9 +93,9 @@ def test_sp_layout_errors():
     with pytest.raises(ConfigError, match="train.seq_len.*divisible by 384"):
         load_config("tiny_lm", ["parallel.sp_degree=4", "parallel.sp_mode=hybrid", "parallel.sp_ulysses_degree=2",
                                    "model.attention=[{name: s2, options: {block: 96}}]"])
-    with pytest.raises(ConfigError, match="parallel.sp_mode.*learned_gates"):
+    with pytest.raises(ConfigError, match="parallel.sp_mode.*streaming_gated"):
         load_config("tiny_lm", ["parallel.sp_degree=2", "parallel.sp_mode=ring",
-                                   "model.attention=[{name: streaming, options: {learned_gates: true}}]"])
+                                   "model.attention=[{name: streaming_gated}]"])
     with pytest.raises(ConfigError, match="parallel.sp_ulysses_degree"):
         load_config("tiny_lm", ["parallel.sp_mode=hybrid", "parallel.sp_degree=4", "parallel.sp_ulysses_degree=3"])
 

@@ -337,7 +337,7 @@ def test_mixed_equals_groups_run_separately():
 def test_learned_gates_mix_full_and_streaming():
     H, S = 4, 19
     q, k, v = _qkv(1, H, 2, S, 8)
-    mod = build_attention("streaming", {"block": 4, "sink": 1, "window": 3, "learned_gates": True}, _ctx(H, 2))
+    mod = build_attention("streaming_gated", {"block": 4, "sink": 1, "window": 3}, _ctx(H, 2))
     full = attention_naive(q, k, v, torch.ones(S, S, dtype=torch.bool).tril()[None, None])
     b = AttentionBatch()
     assert_rel("alpha=1 -> full", full, mod(q, k, v, b), TOL)
@@ -352,7 +352,7 @@ def test_learned_gates_mix_full_and_streaming():
     assert mod.alpha.grad is not None and mod.alpha.grad.abs().min() > 0
 
     cfg = ModelConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=128,
-                      attention=[{"name": "streaming", "options": {"learned_gates": True, "block": 4, "window": 4}}])
+                      attention=[{"name": "streaming_gated", "options": {"block": 4, "window": 4}}])
     model = Transformer(cfg)
     with torch.no_grad():
         model.layers[1].attention.core_attention.alpha.copy_(torch.tensor([0.3, 0.7]))

@@ -436,8 +436,7 @@ def test_fp16_loss_scaling_trains_and_resumes_its_scale(tmp_path, data_dir, env_
 
 def test_learned_gates_train_and_export_assignment(tmp_path, data_dir, env_cpu):
     """Identification run: alpha gets the L1 penalty in the loss; `longshard heads` exports the split."""
-    att = ("model.attention=[{name: streaming, options: {learned_gates: true, gate_l1: 0.05, block: 16, "
-           "sink: 4, window: 16}}]")
+    att = "model.attention=[{name: streaming_gated, options: {gate_l1: 0.05, block: 16, sink: 4, window: 16}}]"
     _run(1, tmp_path / "duo", data_dir, ["train.steps=3", att, "eval.at_end=false", "train.log_every=1"], env_cpu)
     lines = [json.loads(x) for x in (tmp_path / "duo" / "metrics.jsonl").read_text().splitlines()]
     # 2 layers x 2 KV heads with alpha = 1 at step 1
@@ -452,7 +451,8 @@ def test_learned_gates_train_and_export_assignment(tmp_path, data_dir, env_cpu):
     assert "&id" not in out.stdout and "*id" not in out.stdout  # plain YAML: no anchors or aliases
     assert set(doc["retrieval_heads"]) == {0, 1}
     assert doc["model"]["attention"][0]["name"] == "streaming"
-    assert "learned_gates" not in doc["model"]["attention"][0]["options"]
+    assert doc["model"]["attention"][0]["options"] == {"block": 16, "sink": 4, "window": 16,
+                                                       "retrieval_heads": doc["retrieval_heads"][0]}
 
 
 @pytest.mark.parametrize("recipe,nproc,extra", [

@@ -71,11 +71,8 @@ def _doc_cu_seqlens(doc_ids_BS: torch.Tensor) -> tuple[torch.Tensor, int]:
 class DenseAttention(CoreAttention):
     """Full causal softmax attention (GQA/MQA, packed documents)."""
 
-    cp_form = "ring"
-
     def __init__(self, ctx: AttentionContext, opts: DenseOptions) -> None:
-        super().__init__(ctx)
-        self.opts = opts
+        super().__init__(ctx, opts)
         self.scale = opts.softmax_scale or 1.0 / math.sqrt(ctx.head_dim)
 
     @property

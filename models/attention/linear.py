@@ -91,8 +91,7 @@ class LinearAttention(CoreAttention):
     uses_kv_cache = False
 
     def __init__(self, ctx: AttentionContext, opts: LinearOptions) -> None:
-        super().__init__(ctx)
-        self.opts = opts
+        super().__init__(ctx, opts)
         self.register_buffer("log_decay", decay_rates(ctx.n_heads, ctx.layer_idx, ctx.n_layers, opts.decay),
                              persistent=False)
 

@@ -63,7 +63,7 @@ class MixedAttention(CoreAttention):
     uses_kv_cache = False
 
     def __init__(self, ctx: AttentionContext, opts: MixedOptions) -> None:
-        super().__init__(ctx)
+        super().__init__(ctx, opts)
         field_name = f"model.attention[{ctx.layer_idx}].options.groups"
         total = sum(g["heads"] for g in opts.groups)
         if total != ctx.n_heads:

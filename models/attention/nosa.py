@@ -89,8 +89,7 @@ class NOSAAttention(CoreAttention):
     supports_offload = True
 
     def __init__(self, ctx: AttentionContext, opts: NOSAOptions) -> None:
-        super().__init__(ctx)
-        self.opts = opts
+        super().__init__(ctx, opts)
         self.geo = opts.geometry()
         self.scale = 1.0 / math.sqrt(ctx.head_dim)
         self.importance_w = nn.Parameter(torch.empty(ctx.n_kv_heads, ctx.head_dim))

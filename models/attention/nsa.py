@@ -81,9 +81,8 @@ class NSAAttention(CoreAttention):
     """Native sparse attention with learned compression and gated branches."""
 
     def __init__(self, ctx: AttentionContext, opts: NSAOptions) -> None:
-        super().__init__(ctx)
+        super().__init__(ctx, opts)
         require(ctx.model_dim > 0, "model_dim", "NSA gates need the layer input width.")
-        self.opts = opts
         self.geo = NSAGeometry(opts.compress_block, opts.compress_stride, opts.select_block, opts.n_select,
                                opts.n_local, opts.window)
         Hkv, D, L = ctx.n_kv_heads, ctx.head_dim, opts.compress_block

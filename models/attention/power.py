@@ -72,8 +72,7 @@ class PowerAttention(BlockSparseAttention):
     covers_context = False  # one layer does not reach every block; layers together do
 
     def __init__(self, ctx: AttentionContext, opts: PowerOptions) -> None:
-        super().__init__(ctx, opts.block, opts.path)
-        self.opts = opts
+        super().__init__(ctx, opts)
 
     def build_pattern(self, n_blocks: int) -> SparsePattern:
         lo, hi = self.head_slice or (0, self.ctx.n_heads)

@@ -69,10 +69,14 @@ CP_FORMS = ("ring", "sparse_exchange", "state")  # context-parallel forms a vari
 
 @dataclass(kw_only=True)
 class AttentionOptions:
-    """Base of every variant's options: what layers with these options support, answerable from
-    the config alone (before any model or process group exists). Defaults: no ring form (Ulysses
-    only), heads splittable by tensor parallelism.
+    """Base of every variant's options and the one place a variant declares what its layers support,
+    answerable from the config alone (before any model or process group exists); the module built
+    from these options reads them (:attr:`CoreAttention.cp_form`, :meth:`CoreAttention.tensor_parallel_problem`).
+    Defaults: no ring form (Ulysses only), heads splittable by tensor parallelism.
     """
+
+    # options a variant no longer takes -> the fix (named in the unknown-option error)
+    moved_options: typing.ClassVar[dict[str, str]] = {}
 
     def context_parallel(self) -> str | None:
         """How these layers run over a ring of ranks (one of :data:`CP_FORMS`): ``ring`` (K/V rotate),
@@ -110,10 +114,9 @@ class CoreAttention(nn.Module):
     * ``covers_context``: the union over heads reaches every earlier token;
     * ``uses_kv_cache``: decoding appends keys/values to a cache and passes all of them (False for
       recurrent variants, which keep their own state in ``batch.cache_slot``);
-    * ``cp_form`` / :meth:`context_parallel_core`: the context-parallel form (see
-      :meth:`AttentionOptions.context_parallel`) and the core it applies to;
+    * :attr:`cp_form`, :meth:`tensor_parallel_problem`: the context-parallel form and why not under
+      tensor parallelism, both read from the options (:class:`AttentionOptions`, declared there only);
     * :meth:`set_head_slice`: run a slice of the heads (Ulysses, tensor parallel);
-      :meth:`tensor_parallel_problem`: why not under tensor parallelism;
     * :meth:`attention_flops_per_token`, :meth:`kept_fraction`: the work done (metrics, planner);
     * ``supports_offload``, :meth:`decode_block_budget` and ``block`` / ``decode_plan`` /
       ``attend_blocks``: decoding with the KV cache in host memory (:mod:`longshard.models.offload`);
@@ -125,16 +128,17 @@ class CoreAttention(nn.Module):
     covers_context = True
     uses_kv_cache = True
     supports_offload = False  # implements decode_plan/attend_blocks (KV cache in host memory)
-    cp_form: str | None = None  # context-parallel form (CP_FORMS) or None: Ulysses only
 
-    def __init__(self, ctx: AttentionContext) -> None:
+    def __init__(self, ctx: AttentionContext, opts: AttentionOptions) -> None:
         super().__init__()
-        self.ctx = ctx
+        self.ctx, self.opts = ctx, opts
         self.last_aux_loss: torch.Tensor | None = None  # set by forwards with an auxiliary loss
 
-    def context_parallel_core(self) -> tuple[str | None, CoreAttention]:
-        """(form, core): how this layer runs over a ring and the core the form wraps."""
-        return self.cp_form, self
+    @property
+    def cp_form(self) -> str | None:
+        """How this layer runs over a ring (one of :data:`CP_FORMS`, or None: Ulysses only), as its
+        options declare (:meth:`AttentionOptions.context_parallel`)."""
+        return self.opts.context_parallel()
 
     @property
     def softmax_scale(self) -> float:
@@ -142,12 +146,9 @@ class CoreAttention(nn.Module):
         return 1.0 / math.sqrt(self.ctx.head_dim)
 
     def tensor_parallel_problem(self) -> str | None:
-        """Why tensor parallelism cannot split this core's heads (None: it can). Default: a core with
-        parameters of its own cannot (they would need a tensor-parallel gradient reduction)."""
-        names = [n for n, _ in self.named_parameters()]
-        if names:
-            return f"{type(self).__name__} has parameters of its own ({', '.join(names[:3])})"
-        return None
+        """Why tensor parallelism cannot split this core's heads (None: it can), as its options declare
+        (:meth:`AttentionOptions.tensor_parallel_problem`)."""
+        return self.opts.tensor_parallel_problem()
 
     def kept_fraction(self, seq_len: int) -> float:
         """Share of the causal (query, key) pairs this core attends at ``seq_len`` (1.0: dense)."""
@@ -352,10 +353,11 @@ def parse_options(name: str, options: Mapping[str, Any] | None, field_name: str 
     fields = {f.name for f in dataclasses.fields(entry.options_cls)}
     for key, value in options.items():
         if key not in fields:
+            moved = entry.options_cls.moved_options.get(key)
             raise ConfigError(
                 f"{field_name}.options.{key}",
                 f"unknown option for attention {name!r}.",
-                f"valid options: {', '.join(sorted(fields)) or '(none)'}.",
+                moved or f"valid options: {', '.join(sorted(fields)) or '(none)'}.",
             )
         if not _check_type(value, hints[key]):
             raise ConfigError(
@@ -375,7 +377,13 @@ def build_attention(name: str, options: Mapping[str, Any] | None, ctx: Attention
     other = opts.layer_spec(ctx.layer_idx)
     if other is not None:  # e.g. a dense layer of an S2 hybrid schedule
         return build_attention(*other, ctx)
-    return entry.module_cls(ctx, opts)
+    core = entry.module_cls(ctx, opts)
+    own = [n for n, _ in core.named_parameters()]
+    if own and opts.tensor_parallel_problem() is None:  # a variant author's mistake, not a user's
+        raise TypeError(f"attention {name!r}: {type(core).__name__} has parameters of its own ({', '.join(own[:3])}) "
+                        f"but {type(opts).__name__}.tensor_parallel_problem() returns None; declare why tensor "
+                        "parallelism cannot split it (its per-head parameters would need their own reduction)")
+    return core
 
 
 @dataclass(kw_only=True)

@@ -166,8 +166,7 @@ class S2Attention(BlockSparseAttention):
     ``dense`` from :meth:`S2Options.layer_spec`)."""
 
     def __init__(self, ctx: AttentionContext, opts: S2Options) -> None:
-        super().__init__(ctx, opts.block, opts.path)
-        self.opts = opts
+        super().__init__(ctx, opts)
         self.shard = s2_shard_mode(ctx.n_kv_heads, opts, ctx.n_heads)
         missing = s2_uncovered_residues(ctx.n_kv_heads, opts, ctx.n_heads)
         self.covers_context = not missing

@@ -22,7 +22,13 @@ from longshard.kernels.block_sparse.triton import (
     triton_block_ok,
 )
 from longshard.kernels.triton_support import triton_installed
-from longshard.models.attention.registry import AttentionBatch, AttentionContext, CoreAttention, DecodePlan
+from longshard.models.attention.registry import (
+    AttentionBatch,
+    AttentionContext,
+    AttentionOptions,
+    CoreAttention,
+    DecodePlan,
+)
 
 SPARSE_PATHS = ("auto", "naive", "gather", "banded", "chunked", "flex", "triton")
 BAND_PATHS = {"banded": band_far_attention, "chunked": band_far_attention_chunked}
@@ -49,10 +55,11 @@ class BlockSparseAttention(CoreAttention):
     """
 
     supports_offload = True
-    cp_form = "sparse_exchange"
 
-    def __init__(self, ctx: AttentionContext, block: int, path: str) -> None:
-        super().__init__(ctx)
+    def __init__(self, ctx: AttentionContext, opts: AttentionOptions) -> None:
+        """Args: ``opts`` carries the variant's ``block`` (tokens per block) and ``path``."""
+        super().__init__(ctx, opts)
+        block, path = opts.block, opts.path
         require(path != "triton" or triton_block_ok(block), "block",
                 f"path triton needs a block in {TRITON_BLOCKS} (the kernel tile), got {block}.",
                 "change block or use path auto/gather.")

@@ -1,8 +1,8 @@
 """Streaming / retrieval heads (DuoAttention layout) and plain sliding-window attention.
 
 Retrieval KV heads keep full causal attention; streaming KV heads read ``sink`` leading tokens
-plus the ``window`` most recent ones. The split comes from the config (``retrieval_heads``) or,
-with ``learned_gates``, from a trainable mixing value alpha per KV head:
+plus the ``window`` most recent ones. The split comes from the config (``retrieval_heads``);
+``streaming_gated`` identifies it, from a trainable mixing value alpha per KV head:
 ``out = alpha * full + (1 - alpha) * streaming`` with an L1 penalty pulling alpha to 0; heads
 whose alpha stays above a threshold are exported as retrieval heads
 (:func:`retrieval_assignment`).
@@ -20,7 +20,6 @@ from longshard.models.attention.registry import (
     AttentionBatch,
     AttentionContext,
     AttentionOptions,
-    CoreAttention,
     register_attention,
 )
 from longshard.models.attention.sparse_base import BlockSparseAttention, check_path
@@ -36,17 +35,78 @@ class StreamingOptions(AttentionOptions):
         window: most recent tokens a streaming head reads (its own position included).
         retrieval_heads: KV-head indices (not query heads) that keep full attention; each brings its
             whole GQA group of query heads.
-        learned_gates: learn alpha per KV head between full and streaming attention (identification).
-        gate_l1: weight of the L1 penalty on alpha (added to the training loss).
         block: block size of the sparse computation.
         path: ``auto``, ``naive``, ``gather``, ``banded``, ``chunked``, ``flex`` or ``triton``
             (see :class:`~longshard.models.attention.sparse_base.BlockSparseAttention`).
     """
 
+    moved_options = {
+        "learned_gates": "learned gates are the variant streaming_gated: use name: streaming_gated (options sink, "
+                         "window, gate_l1, block, path).",
+        "gate_l1": "gate_l1 is an option of the variant streaming_gated.",
+    }
+
     sink: int = 128
     window: int = 256
     retrieval_heads: list[int] = field(default_factory=list)
-    learned_gates: bool = False
+    block: int = 64
+    path: str = "auto"
+
+    def __post_init__(self) -> None:
+        require(self.sink >= 0, "sink", f"must be >= 0, got {self.sink}.")
+        require_positive(self.window, "window")
+        require_positive(self.block, "block")
+        check_path(self.path)
+
+    def context_parallel(self) -> str | None:
+        return "sparse_exchange"
+
+    def ring_seq_multiple(self, ring_degree: int) -> int:
+        return 2 * ring_degree * self.block  # whole blocks in each of the 2 x ring zigzag chunks
+
+
+@register_attention("streaming", StreamingOptions)
+class StreamingAttention(BlockSparseAttention):
+    """DuoAttention-style retrieval (full) and streaming (sink + window) heads."""
+
+    def __init__(self, ctx: AttentionContext, opts: StreamingOptions) -> None:
+        super().__init__(ctx, opts)
+        field = f"model.attention[{ctx.layer_idx}].options.retrieval_heads"
+        for h in opts.retrieval_heads:
+            require(0 <= h < ctx.n_kv_heads, field, f"KV head {h} does not exist (the layer has {ctx.n_kv_heads} KV "
+                    f"heads; retrieval_heads counts KV heads, each with its {ctx.n_heads // ctx.n_kv_heads} query "
+                    "heads).", f"give KV-head indices 0..{ctx.n_kv_heads - 1}.")
+        require(len(set(opts.retrieval_heads)) == len(opts.retrieval_heads), field,
+                f"{opts.retrieval_heads} lists a KV head twice.", "list each KV head once.")
+        group = ctx.n_heads // ctx.n_kv_heads
+        stream_kv = torch.tensor([h not in opts.retrieval_heads for h in range(ctx.n_kv_heads)])
+        self.register_buffer("streaming_H", stream_kv.repeat_interleave(group), persistent=False)
+        self.covers_context = len(opts.retrieval_heads) > 0  # union over heads
+        self.full = DenseAttention(ctx, DenseOptions())  # the retrieval heads
+        self.supports_offload = not opts.retrieval_heads  # retrieval heads read every block: full KV
+
+    def band_spec(self, n_blocks: int) -> BandFarSpec:
+        """Sink + window on the streaming heads; retrieval heads are full heads (run dense)."""
+        return sink_window_spec(self.block, self.streaming_H, self.opts.sink, self.opts.window)
+
+    def full_heads_forward(self, q_BHSD, k_BHSD, v_BHSD, batch: AttentionBatch):
+        return self.full(q_BHSD, k_BHSD, v_BHSD, batch)
+
+
+@dataclass(kw_only=True)
+class StreamingGatedOptions(AttentionOptions):
+    """Options of ``streaming_gated`` (DuoAttention's identification of retrieval heads).
+
+    Args:
+        sink: attention-sink tokens at the start the streaming branch reads.
+        window: most recent tokens the streaming branch reads (its own position included).
+        gate_l1: weight of the L1 penalty on alpha (added to the training loss).
+        block: block size of the streaming branch's sparse computation.
+        path: block-sparse path of the streaming branch (see ``streaming``).
+    """
+
+    sink: int = 128
+    window: int = 256
     gate_l1: float = 0.05
     block: int = 64
     path: str = "auto"
@@ -59,62 +119,40 @@ class StreamingOptions(AttentionOptions):
         check_path(self.path)
 
     def context_parallel(self) -> str | None:
-        return None if self.learned_gates else "sparse_exchange"  # the gates' full branch needs all keys
+        return None  # the full branch of every head needs all keys: Ulysses only
 
     def ring_seq_multiple(self, ring_degree: int) -> int:
-        return 2 * ring_degree * self.block  # whole blocks in each of the 2 x ring zigzag chunks
+        return 2 * ring_degree * self.block
 
     def tensor_parallel_problem(self) -> str | None:
-        return "streaming with learned_gates has per-head gate parameters" if self.learned_gates else None
+        return "streaming_gated has per-KV-head gate parameters (alpha)"
 
 
-@register_attention("streaming", StreamingOptions)
-class StreamingAttention(BlockSparseAttention):
-    """DuoAttention-style retrieval (full) and streaming (sink + window) heads."""
+@register_attention("streaming_gated", StreamingGatedOptions)
+class StreamingGatedAttention(BlockSparseAttention):
+    """Learned mixing per KV head between full and streaming (sink + window) attention."""
 
-    def __init__(self, ctx: AttentionContext, opts: StreamingOptions) -> None:
-        super().__init__(ctx, opts.block, opts.path)
-        self.opts = opts
-        field = f"model.attention[{ctx.layer_idx}].options.retrieval_heads"
-        for h in opts.retrieval_heads:
-            require(0 <= h < ctx.n_kv_heads, field, f"KV head {h} does not exist (the layer has {ctx.n_kv_heads} KV "
-                    f"heads; retrieval_heads counts KV heads, each with its {ctx.n_heads // ctx.n_kv_heads} query "
-                    "heads).", f"give KV-head indices 0..{ctx.n_kv_heads - 1}.")
-        require(len(set(opts.retrieval_heads)) == len(opts.retrieval_heads), field,
-                f"{opts.retrieval_heads} lists a KV head twice.", "list each KV head once.")
-        group = ctx.n_heads // ctx.n_kv_heads
-        stream_kv = torch.tensor([h not in opts.retrieval_heads for h in range(ctx.n_kv_heads)])
-        self.register_buffer("streaming_H", stream_kv.repeat_interleave(group), persistent=False)
-        self.covers_context = len(opts.retrieval_heads) > 0 or opts.learned_gates  # union over heads
-        self.alpha = nn.Parameter(torch.ones(ctx.n_kv_heads)) if opts.learned_gates else None
-        self.full = DenseAttention(ctx, DenseOptions())  # retrieval heads / the full branch of the gates
-        # retrieval heads and the gates' full branch read every block: those layers keep their full KV
-        self.supports_offload = not opts.retrieval_heads and not opts.learned_gates
+    supports_offload = False  # the full branch reads every block
+
+    def __init__(self, ctx: AttentionContext, opts: StreamingGatedOptions) -> None:
+        super().__init__(ctx, opts)
+        self.alpha = nn.Parameter(torch.ones(ctx.n_kv_heads))
+        self.full = DenseAttention(ctx, DenseOptions())  # the full branch
 
     def attention_flops_per_token(self, seq_len: int) -> float:
-        if self.alpha is not None:  # learned gates: every head runs its full and its streaming branch
-            return self.full.attention_flops_per_token(seq_len) + super().attention_flops_per_token(seq_len)
-        return super().attention_flops_per_token(seq_len)
-
-    def context_parallel_core(self) -> tuple[str | None, CoreAttention]:
-        return (None, self) if self.alpha is not None else super().context_parallel_core()
+        # every head runs its full and its streaming branch
+        return self.full.attention_flops_per_token(seq_len) + super().attention_flops_per_token(seq_len)
 
     def kept_fraction(self, seq_len: int) -> float:
-        return 1.0 if self.alpha is not None else super().kept_fraction(seq_len)  # gates: a full branch too
+        return 1.0  # the full branch reads every key
 
     def band_spec(self, n_blocks: int) -> BandFarSpec:
-        """Sink + window on the streaming heads; retrieval heads are full heads (run dense). With
-        learned gates: the streaming branch of every head."""
-        streaming = self.streaming_H if self.alpha is None else torch.ones_like(self.streaming_H)
-        return sink_window_spec(self.block, streaming, self.opts.sink, self.opts.window)
-
-    def full_heads_forward(self, q_BHSD, k_BHSD, v_BHSD, batch: AttentionBatch):
-        return self.full(q_BHSD, k_BHSD, v_BHSD, batch)
+        """The streaming branch: sink + window on every head."""
+        every = torch.ones(self.ctx.n_heads, dtype=torch.bool)
+        return sink_window_spec(self.block, every, self.opts.sink, self.opts.window)
 
     def forward(self, q_BHSD, k_BHSD, v_BHSD, batch: AttentionBatch):
         streamed = super().forward(q_BHSD, k_BHSD, v_BHSD, batch)
-        if self.alpha is None:
-            return streamed
         full = self.full(q_BHSD, k_BHSD, v_BHSD, batch)
         alpha = self.alpha.clamp(0, 1)
         # read by Transformer.aux_loss(); on all heads even when this rank runs a slice of them, so
@@ -162,8 +200,7 @@ class SlidingWindowAttention(BlockSparseAttention):
     covers_context = False
 
     def __init__(self, ctx: AttentionContext, opts: SlidingWindowOptions) -> None:
-        super().__init__(ctx, opts.block, opts.path)
-        self.opts = opts
+        super().__init__(ctx, opts)
 
     def band_spec(self, n_blocks: int) -> BandFarSpec:
         every = torch.ones(self.ctx.n_heads, dtype=torch.bool)
@@ -173,11 +210,11 @@ class SlidingWindowAttention(BlockSparseAttention):
 def retrieval_assignment(model: nn.Module, threshold: float = 0.5) -> dict[int, list[int]]:
     """Per layer, the KV heads whose learned alpha exceeds ``threshold`` (the retrieval heads).
 
-    Feed the result back as ``retrieval_heads`` of a ``streaming`` layer with ``learned_gates=false``.
+    Feed the result back as ``retrieval_heads`` of a ``streaming`` layer.
     """
     out: dict[int, list[int]] = {}
     for mod in model.modules():
-        if isinstance(mod, StreamingAttention) and mod.alpha is not None:
+        if isinstance(mod, StreamingGatedAttention):
             alpha = mod.alpha.detach().clamp(0, 1)
             out[mod.ctx.layer_idx] = [int(h) for h in torch.nonzero(alpha > threshold).flatten()]
     return out

@@ -24,7 +24,7 @@ NOSA = {"name": "nosa", "options": {"block": 4, "sink_blocks": 1, "local_blocks"
 # input-dependent gates: computed on the sequence shard, exchanged with one more all-to-all
 NSA = {"name": "nsa", "options": {"compress_block": 4, "compress_stride": 2, "select_block": 4, "n_select": 3,
                                   "n_local": 1, "window": 5}}
-GATED_STREAMING = {"name": "streaming", "options": {"block": 4, "sink": 2, "window": 5, "learned_gates": True}}
+GATED_STREAMING = {"name": "streaming_gated", "options": {"block": 4, "sink": 2, "window": 5}}
 POWER = {"name": "power", "options": {"block": 4, "local_blocks": 1, "sink_blocks": 1}}
 
 
