@@ -26,6 +26,7 @@ from longshard.models.attention import AttentionSpec
 from longshard.models.config import ModelConfig, RopeConfig
 from longshard.models.model import Transformer
 from safetensors.torch import load_file, save_file
+from torch import nn
 
 log = logging.getLogger(__name__)
 
@@ -706,11 +707,25 @@ def is_conversion(cfg: ModelConfig) -> bool:
                for i in range(cfg.n_layers))
 
 
+class _HalfGate(nn.Module):
+    """An output gate fixed at sigmoid(0) = 1/2 (what :func:`init_converted` starts a gate at)."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.width = width
+
+    def forward(self, x_BSE: torch.Tensor) -> torch.Tensor:
+        return x_BSE.new_zeros(*x_BSE.shape[:-1], self.width)
+
+
 @contextmanager
 def dense_reference(model: Transformer) -> Iterator[Transformer]:
-    """Temporarily run every layer as the original checkpoint did: dense attention, no output gate.
+    """Temporarily run every layer of a converted model, after :func:`init_converted`, as the original
+    checkpoint did: dense attention, and each output gate fixed at the 1/2 that, with ``wo`` doubled by
+    the conversion, is exactly the original projection (x0.5, x2: bitwise in every float format).
 
-    Used to measure the loss gap a conversion introduces; the model is restored on exit.
+    Used to measure the loss gap a conversion introduces, on the model as it is (whole, or sharded and
+    sequence-parallel: wrap the dense cores the same way inside the block); restored on exit.
     """
     from longshard.models.attention.dense import DenseAttention, DenseOptions
 
@@ -719,7 +734,8 @@ def dense_reference(model: Transformer) -> Iterator[Transformer]:
         attn = layer.attention
         saved.append((attn, attn.core_attention, attn.wg))
         attn.core_attention = DenseAttention(attn.ctx, DenseOptions())
-        attn.wg = None
+        if attn.wg is not None:  # this rank's heads (tensor parallel splits them)
+            attn.wg = _HalfGate(attn.n_heads * (1 if attn.gate_kind == "headwise" else attn.head_dim))
     try:
         yield model
     finally:

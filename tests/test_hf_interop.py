@@ -106,11 +106,16 @@ def test_gated_conversion_is_exact_and_export_refuses_gates(tmp_path):
     tokens = torch.randint(0, 97, (2, 37))
     with torch.no_grad():
         ref = plain(tokens)
-        with dense_reference(gated):
-            assert torch.equal(gated(tokens), ref)  # the original computation, gates bypassed
         assert not torch.equal(gated(tokens), ref)  # random gate init: not the original
         init_converted(gated)
-        assert torch.equal(gated(tokens), ref)
+        assert torch.equal(gated(tokens), ref)  # gates at 1/2, wo doubled
+        with dense_reference(gated):  # what the conversion gap compares with: the original computation
+            assert torch.equal(gated(tokens), ref)
+        with torch.no_grad():
+            gated.layers[0].attention.wg.weight.normal_()  # trained gates: the reference still is the original
+        assert not torch.equal(gated(tokens), ref)
+        with dense_reference(gated):
+            assert torch.equal(gated(tokens), ref)
     with pytest.raises(ConfigError, match="export-hf.*gates.*--drop-gates"):
         export_hf(gated, tmp_path / "out")
     export_hf(gated, tmp_path / "out", drop_gates=True)

@@ -16,13 +16,6 @@ import torch
 import torch.distributed as dist
 from longshard.errors import ConfigError, require
 from longshard.models.config import ModelConfig
-from longshard.models.hf import (
-    dense_reference,
-    init_converted,
-    is_conversion,
-    load_hf_state_dict,
-    load_into,
-)
 from longshard.models.model import Transformer
 from longshard.parallel import (
     DistEnv,
@@ -31,13 +24,11 @@ from longshard.parallel import (
     init_distributed,
     parallelize,
 )
-from longshard.parallel.data_parallel import reshard
 from longshard.parallel.deepspeed_engine import deepspeed_config, import_deepspeed
 from longshard.parallel.deepspeed_engine import initialize as ds_initialize
 from longshard.parallel.env import all_agree, all_sum
 from longshard.parallel.layout import CommCounter, SeqShard
 from longshard.parallel.ring import sparse_exchange_traffic
-from longshard.parallel.sharded_load import hf_names_of, load_hf_sharded, parameters_on_meta
 from longshard.parallel.tensor_parallel import check_tensor_parallel
 from longshard.train.checkpoint import Checkpointer, CheckpointError
 from longshard.train.config import Config, dump_config
@@ -51,13 +42,14 @@ from longshard.train.data import (
     read_meta,
 )
 from longshard.train.engine import DeepSpeedTrainEngine, NativeEngine, TrainEngine
-from longshard.train.evaluate import evaluate_config, heldout_loss
+from longshard.train.evaluate import evaluate_config
 from longshard.train.faults import (
     CollectiveError,
     PreemptionWatch,
     maybe_inject_fault,
 )
 from longshard.train.fingerprint import fingerprint
+from longshard.train.hf_init import build_model, finish_after_parallelize, load_whole
 from longshard.train.loop import NonFiniteLossError, StepInputs, TrainLoop, TrainState
 from longshard.train.metrics import MetricsLogger, flops_per_token, peak_tflops
 from longshard.train.precision import activation_bytes, compute_dtype
@@ -151,83 +143,6 @@ def attention_kept_fraction(model: Transformer, seq_len: int) -> float:
     return sum(fracs) / len(fracs)
 
 
-def convert_from_hf(model: Transformer, cfg: Config, val_ds, device: torch.device) -> dict[str, float] | None:
-    """Initialise what converting an HF checkpoint added (gates, variant parameters) and measure the gap.
-
-    Returns ``{"original_loss", "converted_loss", "loss_gap"}`` on ``init.conversion_eval_batches``
-    held-out batches (the original = the same weights with dense attention and no gates), or None
-    when the model is not a conversion or there is no held-out data.
-    """
-    if not is_conversion(model.cfg):
-        return None
-    autocast = compute_dtype(cfg.train.dtype)
-    n = cfg.init.conversion_eval_batches
-    loss = lambda: heldout_loss(model, val_ds, n, cfg.train.micro_batch_size, device, autocast, cfg.data.doc_mask)
-    measure = val_ds is not None and n > 0 and len(val_ds) > 0
-    was_training = model.training
-    model.eval()
-    original = None
-    if measure:
-        with dense_reference(model):
-            original = loss()
-    init_converted(model)
-    converted = loss() if measure else None
-    model.train(was_training)
-    if original is None or converted is None:
-        log.info("converted %s; no held-out data to measure the initial loss gap", cfg.init.hf_path)
-        return None
-    gap = {"original_loss": original, "converted_loss": converted, "loss_gap": converted - original}
-    log.info("converted %s: held-out loss %.4f with its own attention, %.4f converted (gap %+.4f)",
-             cfg.init.hf_path, original, converted, converted - original)
-    return gap
-
-
-def build_model(cfg: Config, mcfg: ModelConfig, use_ds: bool, tp_size: int) -> tuple[Transformer, bool]:
-    """The model, and whether its HF weights are to be loaded shard by shard after FSDP2 sharding.
-
-    An HF checkpoint under FSDP2 (native engine, no tensor parallel) whose every parameter the
-    checkpoint holds is built with its parameters on the meta device: no rank ever holds the whole
-    fp32 model (see :mod:`longshard.parallel.sharded_load`). Otherwise the model is built whole.
-    """
-    if cfg.init.hf_path is None or use_ds or cfg.parallel.dp_mode != "fsdp2" or tp_size > 1:
-        return Transformer(mcfg), False
-    with parameters_on_meta():
-        model = Transformer(mcfg)
-    if hf_names_of(model) is None:  # the conversion adds parameters (gates, NSA/NOSA weights): initialise whole
-        log.info("this conversion adds parameters the checkpoint lacks: loading %s unsharded", cfg.init.hf_path)
-        return Transformer(mcfg), False
-    return model, True
-
-
-def convert_sharded(dmodel, model: Transformer, cfg: Config, val_ds, device: torch.device, sp: SeqShard | None,
-                    apply_sp) -> dict[str, float] | None:
-    """The conversion gap of :func:`convert_from_hf`, measured on the sharded (FSDP2, sequence-parallel)
-    model: the original is the same weights with dense cores, put behind the same sequence-parallel
-    wrapping (``apply_sp``) for the measurement."""
-    if not is_conversion(model.cfg):
-        return None
-    autocast = compute_dtype(cfg.train.dtype)
-    n = cfg.init.conversion_eval_batches
-    if val_ds is None or n <= 0 or len(val_ds) == 0:
-        log.info("converted %s; no held-out data to measure the initial loss gap", cfg.init.hf_path)
-        return None
-
-    def loss() -> float:
-        return heldout_loss(dmodel, val_ds, n, cfg.train.micro_batch_size, device, autocast, cfg.data.doc_mask, sp)
-
-    dmodel.eval()
-    with dense_reference(model):
-        if apply_sp is not None:
-            apply_sp(model)
-        original = loss()
-    converted = loss()
-    dmodel.train()
-    reshard(dmodel)
-    log.info("converted %s (loaded sharded): held-out loss %.4f with its own attention, %.4f converted (gap %+.4f)",
-             cfg.init.hf_path, original, converted, converted - original)
-    return {"original_loss": original, "converted_loss": converted, "loss_gap": converted - original}
-
-
 @dataclass
 class TrainingRun:
     """What :func:`build_training` assembles: the model, its parallel form and the engine that trains it.
@@ -262,18 +177,16 @@ def build_training(cfg: Config, env: DistEnv, mcfg: ModelConfig, use_ds: bool, g
     mode, sp_size = cfg.parallel.sp_mode, cfg.parallel.sp_degree
     uly = cfg.parallel.sp_ulysses_degree if mode == "hybrid" else 1
     tp_size = cfg.parallel.tp_degree
-    model, sharded_hf = build_model(cfg, mcfg, use_ds, tp_size)
+    model, sharded_hf = build_model(cfg, mcfg, use_ds, tp_size)  # whole, or on meta for sharded HF reads
     maybe_inject_fault(0, env.rank)  # drill hook for "signalled during start-up"
     kept_fraction = attention_kept_fraction(model, cfg.train.seq_len)  # before any parallel wrapper
     fpt = flops_per_token(mcfg, cfg.train.seq_len, model)  # the attention FLOPs each variant performs
-    if cfg.init.hf_path is not None and not sharded_hf:
-        load_into(model, load_hf_state_dict(cfg.init.hf_path, mcfg), cfg.init.hf_path)
+    if cfg.init.hf_path is not None and not sharded_hf:  # weights (whole checkpoints) before parallelizing
+        load_whole(model, cfg, mcfg)
     model.set_activation_offload(cfg.train.activation_offload)
     model.set_loss_chunking(None if cfg.train.loss_chunk_tokens < 0 else cfg.train.loss_chunk_tokens)
-    conversion = None
     if not sharded_hf:
         model.to(env.device)
-        conversion = convert_from_hf(model, cfg, val_ds, env.device) if cfg.init.hf_path is not None else None
     if tp_size > 1:  # heads and variants checked before the mesh's groups are created
         check_tensor_parallel(model, tp_size)
     mesh = build_mesh(env, sp_size, uly, tp_size)
@@ -287,12 +200,13 @@ def build_training(cfg: Config, env: DistEnv, mcfg: ModelConfig, use_ds: bool, g
         dmodel = ds_initialize(model, optimizer, deepspeed_config(
             cfg.train.micro_batch_size, grad_accum, env.world_size, cfg.train.grad_clip, cfg.deepspeed.zero_stage,
             cfg.deepspeed.offload_optimizer, cfg.deepspeed.config_file))
+    # sharded checkpoint reads, then the conversion gap on the model as it trains
+    conversion = finish_after_parallelize(
+        dmodel, model, cfg, sharded=sharded_hf, val_ds=val_ds, device=env.device, sp=sp,
+        wrap_reference=(lambda m: apply_sequence_parallel(m, mesh, mode)) if sp is not None else None)
+    if use_ds:
         engine = DeepSpeedTrainEngine(dmodel, optimizer, scheduler)
     else:
-        if sharded_hf:  # each rank reads only its shards of the checkpoint, then the gap is measured sharded
-            load_hf_sharded(dmodel, cfg.init.hf_path, env.device)
-            conversion = convert_sharded(dmodel, model, cfg, val_ds, env.device, sp,
-                                         (lambda m: apply_sequence_parallel(m, mesh, mode)) if sp is not None else None)
         optimizer = build_optimizer(dmodel, cfg)
         scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.steps)
         engine = NativeEngine(dmodel, optimizer, scheduler, cfg.train.grad_clip, loss_scaling=cfg.train.dtype == "fp16",
