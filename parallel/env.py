@@ -79,6 +79,19 @@ def mesh_shape(world_size: int, sp: int = 1, tp: int = 1) -> tuple[int, int]:
     return world_size // (sp * tp), sp
 
 
+def check_tp_heads(n_heads: int, n_kv_heads: int, tp: int, where: str = "") -> None:
+    """Raise a :class:`ConfigError` naming ``parallel.tp_degree`` when ``tp`` does not divide the query and
+    the KV heads (tensor parallelism gives each rank whole heads of both). The one check of it: config
+    validation, the layout check after an HF config is resolved, and the model's own split use it.
+
+    Args:
+        where: what the heads belong to, for the message (e.g. "of layer 3").
+    """
+    if n_heads % tp or n_kv_heads % tp:
+        raise ConfigError("parallel.tp_degree", f"{n_heads} query / {n_kv_heads} KV heads{where and ' ' + where} "
+                          f"do not split over tp_degree={tp}.", "choose a tp_degree dividing both.")
+
+
 def build_mesh(env: DistEnv, sp: int = 1, ulysses: int = 1, tp: int = 1) -> DeviceMesh:
     """A DeviceMesh (``dp``, ``sp``) over all ranks; consecutive ranks share a sequence group.
 

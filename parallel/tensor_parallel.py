@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from longshard.errors import ConfigError, require
 from longshard.models.model import Transformer
+from longshard.parallel.env import check_tp_heads
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
@@ -30,9 +31,7 @@ def check_tensor_parallel(model: Transformer, tp: int) -> None:
     """
     for i, layer in enumerate(model.layers):
         attn = layer.attention
-        require(attn.n_heads % tp == 0 and attn.n_kv_heads % tp == 0, "parallel.tp_degree",
-                f"{attn.n_heads} query / {attn.n_kv_heads} KV heads of layer {i} do not split over {tp} "
-                "tensor-parallel ranks.", "choose a tp_degree dividing both.")
+        check_tp_heads(attn.n_heads, attn.n_kv_heads, tp, f"of layer {i}")
         problem = attn.core_attention.tensor_parallel_problem()
         if problem is not None:
             raise ConfigError("parallel.tp_degree", f"layer {i}: {problem}, which tensor parallelism does not "

@@ -21,6 +21,7 @@ from longshard.models.activation_offload import ACTIVATION_OFFLOAD_MODES
 from longshard.models.attention.registry import parse_options
 from longshard.models.config import ModelConfig
 from longshard.models.model import AC_MODES
+from longshard.parallel.env import check_tp_heads
 from longshard.train.data.synthetic import mqar_pairs_for
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -524,10 +525,7 @@ class Config:
                     "use tp_degree=1 (sequence parallel runs this variant).")
         if self.init.hf_path is None:  # an HF checkpoint's head counts are checked when the model is built
             m = self.model
-            heads, kv = m.n_query_heads or m.n_heads, m.n_kv_heads or m.n_heads
-            require(heads % tp == 0 and kv % tp == 0, "parallel.tp_degree",
-                    f"{heads} query / {kv} KV heads do not split over tp_degree={tp}.",
-                    "choose a tp_degree dividing both.")
+            check_tp_heads(m.n_query_heads or m.n_heads, m.n_kv_heads or m.n_heads, tp)
 
     def _ring_granularity(self, need: int) -> int:
         """Check every layer can run under ring/hybrid; block-sparse layers (sparsity-aware exchange)

@@ -11,7 +11,7 @@ import torch
 from longshard.errors import ConfigError, require
 from longshard.models.config import ModelConfig, RopeConfig
 from longshard.models.hf import check_hf_checkpoint, config_from_hf, read_hf_config
-from longshard.parallel.env import mesh_shape
+from longshard.parallel.env import check_tp_heads, mesh_shape
 from longshard.parallel.ulysses import kv_replication
 from longshard.train.config import Config
 from longshard.train.data.synthetic import passkey_sample
@@ -52,8 +52,7 @@ def check_layout(cfg: Config, mcfg: ModelConfig, world_size: int) -> tuple[int, 
             f"= {t.micro_batch_size} x {dp}.",
             "choose global_batch_size as a multiple of micro_batch_size x (processes / (sp_degree x tp_degree)).")
     heads, kv, tp = mcfg.n_query_heads, mcfg.n_kv_heads, par.tp_degree
-    require(heads % tp == 0 and kv % tp == 0, "parallel.tp_degree",
-            f"{heads} query / {kv} KV heads do not split over tp_degree={tp}.", "choose a tp_degree dividing both.")
+    check_tp_heads(heads, kv, tp)
     uly = {"ulysses": par.sp_degree, "hybrid": par.sp_ulysses_degree}.get(par.sp_mode, 1) if par.sp_degree > 1 else 1
     if uly > 1:
         try:

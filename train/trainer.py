@@ -170,10 +170,10 @@ class TrainingRun:
     flops_per_token: float
 
 
-def build_training(cfg: Config, env: DistEnv, mcfg: ModelConfig, use_ds: bool, grad_accum: int,
-                   val_ds) -> TrainingRun:
+def build_training(cfg: Config, env: DistEnv, layout: RunLayout, val_ds) -> TrainingRun:
     """Build the model, load or convert its weights, parallelize it (TP -> SP -> AC -> DP) and wrap it
     in its engine (native, or DeepSpeed with ZeRO over every rank)."""
+    mcfg, use_ds, grad_accum = layout.mcfg, layout.use_ds, layout.grad_accum
     mode, sp_size = cfg.parallel.sp_mode, cfg.parallel.sp_degree
     uly = cfg.parallel.sp_ulysses_degree if mode == "hybrid" else 1
     tp_size = cfg.parallel.tp_degree
@@ -261,6 +261,25 @@ def check_shared_output(lock: RunLocks, env) -> None:
                               "GPFS) and give it as an absolute path.")
 
 
+@dataclass(frozen=True)
+class RunLayout:
+    """What :func:`train` resolves before taking the output directory's lock.
+
+    Args:
+        mcfg: the resolved model config (an HF checkpoint's architecture filled in).
+        use_ds: the DeepSpeed engine trains (``train.engine=deepspeed``).
+        dp_size: data-parallel ranks.
+        grad_accum: micro-batches per optimizer step on each data-parallel rank.
+        t0: wall-clock start of the run (``report.json``'s ``wall_s``).
+    """
+
+    mcfg: ModelConfig
+    use_ds: bool
+    dp_size: int
+    grad_accum: int
+    t0: float
+
+
 def train(cfg: Config, watch: PreemptionWatch | None = None) -> dict[str, Any]:
     """Run training as described by ``cfg`` on this rank; returns the final report (all ranks).
 
@@ -277,8 +296,7 @@ def train(cfg: Config, watch: PreemptionWatch | None = None) -> dict[str, Any]:
         import_deepspeed()  # a missing install is a config error, raised before any process group work
     env = init_distributed(cfg.train.device, cfg.parallel.collective_timeout_s)
     mcfg = resolve_model_config(cfg)
-    dp_size, grad_accum = check_layout(cfg, mcfg, env.world_size)
-    sp_size = cfg.parallel.sp_degree
+    layout = RunLayout(mcfg, use_ds, *check_layout(cfg, mcfg, env.world_size), t0)
     out_dir = Path(cfg.output_dir)
     # checkpoint.dir is locked too, even inside output_dir: another run may point its checkpoint.dir here
     lock = RunLocks([(out_dir, "output_dir"), (cfg.checkpoint.dir, "checkpoint.dir")],
@@ -296,15 +314,17 @@ def train(cfg: Config, watch: PreemptionWatch | None = None) -> dict[str, Any]:
         check_shared_output(lock, env)
         if env.is_main and cfg.checkpoint.resume == "none":
             set_aside_previous_run(out_dir, cfg.checkpoint.dir)
-        return _train_locked(cfg, env, t0, use_ds, dp_size, grad_accum, sp_size, mcfg, out_dir, lock,
-                             watch or PreemptionWatch())
+        return _train_locked(cfg, env, layout, lock, watch or PreemptionWatch())
     finally:
         lock.release()
 
 
-def _train_locked(cfg: Config, env, t0: float, use_ds: bool, dp_size: int, grad_accum: int, sp_size: int,
-                  mcfg, out_dir: Path, lock: RunLocks, watch: PreemptionWatch) -> dict[str, Any]:
-    """The body of :func:`train` once this run holds its output directory's lock."""
+def _train_locked(cfg: Config, env: DistEnv, layout: RunLayout, lock: RunLocks,
+                  watch: PreemptionWatch) -> dict[str, Any]:
+    """The body of :func:`train` once this run holds its output directory's lock: config written ->
+    data -> model, weights, parallel form and engine -> loader -> checkpointer (resume) -> metrics ->
+    the loop -> final evaluation and report."""
+    mcfg, grad_accum, out_dir = layout.mcfg, layout.grad_accum, Path(cfg.output_dir)
     resolved_yaml = dump_config(replace(cfg, model=mcfg, init=replace(cfg.init, hf_path=None)))
     if env.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -316,10 +336,10 @@ def _train_locked(cfg: Config, env, t0: float, use_ds: bool, dp_size: int, grad_
     train_ds, val_ds, tokenizer = build_datasets(cfg, env, mcfg)
     passkey_lengths = default_passkey_lengths(cfg)
     check_passkey_lengths(tokenizer, passkey_lengths if cfg.eval.passkey_samples else [])
-    run = build_training(cfg, env, mcfg, use_ds, grad_accum, val_ds)
+    run = build_training(cfg, env, layout, val_ds)
     loader = DistributedLoader(
         train_ds, micro_batch_size=cfg.train.micro_batch_size, grad_accum=grad_accum,
-        dp_rank=run.mesh["dp"].get_local_rank(), dp_size=dp_size, seed=cfg.train.seed,
+        dp_rank=run.mesh["dp"].get_local_rank(), dp_size=layout.dp_size, seed=cfg.train.seed,
         shuffle=cfg.data.shuffle and not cfg.data.mqar_curriculum,  # a curriculum is read in order (its phases)
     )
     run_print = fingerprint(cfg, mcfg, Path(cfg.data.path) if cfg.data.source == "prepared" and cfg.data.path else None)
@@ -360,10 +380,10 @@ def _train_locked(cfg: Config, env, t0: float, use_ds: bool, dp_size: int, grad_
         "seq_len": cfg.train.seq_len,
         "data_source": cfg.data.source,
         "dp_mode": cfg.parallel.dp_mode,
-        "sp_degree": sp_size,
+        "sp_degree": cfg.parallel.sp_degree,
         "tp_degree": cfg.parallel.tp_degree,
         "device": str(env.device),
-        "wall_s": time.time() - t0,
+        "wall_s": time.time() - layout.t0,
         "checkpoint": str(state.last_ckpt) if state.last_ckpt else None,
         "metrics_file": str(metrics.path),
         "wandb_dir": metrics.wandb_dir,
