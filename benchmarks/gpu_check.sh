@@ -46,15 +46,15 @@ if (( SMOKE )); then
   export TRITON_INTERPRET=1 CUDA_VISIBLE_DEVICES=""
   step compile 120 bash -c "env -u TRITON_INTERPRET python3 -m longshard.kernels.triton_compile --kernel fwd \
        --limit 2 --jobs 2 >'$OUT/compile.jsonl'"
-  step pytest 240 python3 -m pytest -q -p no:cacheprovider tests/test_triton_kernels.py -k "half or tensor_core" \
+  step pytest 240 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_triton_kernels.py -k "half or tensor_core" \
        --junitxml="$OUT/pytest.xml"
   step kernels_bench 120 python3 benchmarks/kernels.py --smoke --json "$OUT/kernels.json"
   step train_step 120 python3 benchmarks/train_step.py --cpu-smoke --json "$OUT/train_step.json"
 else
   ARCH=$(python3 -c "import torch;m=torch.cuda.get_device_capability()[0];print(90 if m>=9 else 80)")
   step compile 90 bash -c "python3 -m longshard.kernels.triton_compile --jobs 8 >'$OUT/compile.jsonl'"
-  step pytest 150 python3 -m pytest -q -p no:cacheprovider -m "gpu or triton" tests/test_triton_kernels.py \
-       tests/test_flex.py tests/test_offload.py tests/test_doc_chunked.py tests/test_ring_pairs.py --junitxml="$OUT/pytest.xml"
+  step pytest 150 python3 -m pytest -q -p no:cacheprovider -m "gpu or triton" tests/kernels/test_triton_kernels.py \
+       tests/kernels/test_flex.py tests/models/test_offload.py tests/kernels/test_doc_chunked.py tests/kernels/test_ring_pairs.py --junitxml="$OUT/pytest.xml"
   step kernels_bench 90 python3 benchmarks/kernels.py --lengths 8192 32768 --json "$OUT/kernels.json"
   step train_step 140 python3 benchmarks/train_step.py --lengths 8192 32768 --json "$OUT/train_step.json"
   echo "arch sm_$ARCH" >>"$OUT/env.txt"

@@ -10,7 +10,7 @@ block) and whether it is fast (spills go to local memory).
 bf16 / fp16 / fp32, GQA stacking, windows and documents, NSA selection), each built exactly as its
 launcher builds it (the ``launch_settings`` of each Triton module, from its ``LAUNCH`` table), and
 :func:`check` states the limits. ``python -m longshard.kernels.triton_compile --kernel fwd`` prints
-one JSON record per case; ``tests/test_triton_compile.py`` runs it (Triton's interpreter off).
+one JSON record per case; ``tests/kernels/test_triton_compile.py`` runs it (Triton's interpreter off).
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ and estimates for each:
   The core attention's bytes per token are measured, not assumed: each distinct layer's core is
   run alone with the real head layout at two probe lengths on CPU
   (:func:`longshard.train.memory.core_saved_bytes_per_token`), which every path and
-  sequence-parallel form keeps flat per local token (``tests/test_memory_scale.py``);
+  sequence-parallel form keeps flat per local token (``tests/models/test_memory_scale.py``);
 * the loss head: one chunk's logits, their fp32 log-softmax and its gradient
   (``train.loss_chunk_tokens``; all of them with ``-1``);
 * communication per optimizer step and GPU: gradient all-reduce (DDP) or all-gather x 2 +

@@ -338,7 +338,7 @@ def _batch_strides(t: torch.Tensor) -> tuple[int, int, int]:
     return (0 if t.shape[0] == 1 else t.stride(0)), t.stride(1), t.stride(2)
 
 
-# Launch settings per kernel, walked by tests/test_triton_compile.py (compiled for sm_80 and sm_90:
+# Launch settings per kernel, walked by tests/kernels/test_triton_compile.py (compiled for sm_80 and sm_90:
 # shared memory within the device limit, <= 255 registers, no spills for the bf16/fp16 forward and
 # dQ). Keyed by kernel and branch (tensor cores for fp16/bf16, IEEE fp32); each entry maps the head
 # dim tile to (query rows BLOCK_M, keys BLOCK_N, num_warps, num_stages). Both sub-tiles are capped at

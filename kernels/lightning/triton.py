@@ -191,7 +191,7 @@ if triton is not None:
 
 TRITON_CHUNKS = (16, 32, 64, 128)
 
-# Launch settings, walked by tests/test_triton_compile.py for sm_80 and sm_90. TILES: per branch
+# Launch settings, walked by tests/kernels/test_triton_compile.py for sm_80 and sm_90. TILES: per branch
 # (tensor cores for fp16/bf16 inputs, IEEE fp32) and head-dim tile, the largest chunk the kernels
 # use and the value-dim block BLOCK_E shared by the three kernels. The blocked form is exact for
 # any chunk, so a larger requested chunk runs as several kernel chunks (same result up to rounding);

@@ -8,7 +8,7 @@ import pytest
 from longshard.errors import ConfigError
 from longshard.train.config import load_config, recipe_path
 
-RECIPES = sorted(p.stem for p in (Path(__file__).parent.parent / "recipes").glob("*.yaml"))
+RECIPES = sorted(p.stem for p in (Path(__file__).parents[2] / "recipes").glob("*.yaml"))
 
 
 @pytest.mark.parametrize("recipe", RECIPES)

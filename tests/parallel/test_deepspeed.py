@@ -11,7 +11,7 @@ from helpers import REPO
 from longshard.errors import ConfigError
 from longshard.parallel.deepspeed_engine import deepspeed_config
 from longshard.train.config import load_config
-from test_train import _losses, _run
+from train_runs import _losses, _run
 
 pytestmark = pytest.mark.dist
 pytest.importorskip("deepspeed", reason="deepspeed not installed (pip install 'longshard[deepspeed]')")

@@ -1,0 +1,169 @@
+"""Signals and failing processes: SIGTERM checkpoints (also during start-up), a hung or failing rank is
+named, exit codes and logs survive, no worker outlives the launcher, a damaged file read by one rank
+stops every rank."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from helpers import torchrun_cmd
+from longshard.train.data import prepare_default
+from train_runs import TINY, _losses, _run, _worker_pids
+
+pytestmark = pytest.mark.dist
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("data") / "default"
+    prepare_default(path, 300_000)
+    return path
+
+
+def test_sigterm_writes_checkpoint_and_resume_is_exact(tmp_path, data_dir, env_cpu):
+    """SIGTERM to the launcher (what Slurm pre-emption does): every rank finishes its step, writes one
+    checkpoint and exits cleanly; resuming continues with exactly the losses of an uninterrupted run."""
+    extra = ["checkpoint.every=0", "optim.schedule=constant", "parallel.dp_mode=ddp", "eval.at_end=false"]
+    out = tmp_path / "pre"
+    args = ["tiny_lm", *TINY, "data.source=prepared", f"data.path={data_dir}", f"output_dir={out}", *extra,
+            "train.steps=500", "checkpoint.save_final=false"]
+    proc = subprocess.Popen(torchrun_cmd(2, "-m", "longshard.train.main", *args), env=env_cpu, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None and (
+            not metrics.exists() or len(metrics.read_text().splitlines()) < 2):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert "pre-empted (SIGTERM): wrote the checkpoint of step" in err, err[-4000:]
+    report = json.loads((out / "report.json").read_text())
+    k = report["preempted_at_step"]
+    assert k is not None and 2 <= k < 500 and len(report["losses"]) == k
+    assert [p.name for p in (out / "checkpoints").iterdir()] == [f"step_{k:08d}"]
+
+    _run(2, out, data_dir, [*extra, f"train.steps={k + 2}", "checkpoint.resume=auto"], env_cpu)
+    resumed = json.loads((out / "report.json").read_text())
+    assert resumed["resumed_from_step"] == k and resumed["preempted_at_step"] is None
+    _run(2, tmp_path / "straight", data_dir, [*extra, f"train.steps={k + 2}"], env_cpu)
+    assert resumed["losses"] == _losses(tmp_path / "straight")
+
+
+def test_hung_rank_times_out_with_an_error_naming_it(tmp_path, data_dir, env_cpu):
+    """Rank 1 hangs at step 2: rank 0's collective times out after parallel.collective_timeout_s with an
+    error naming rank, step and phase (no endless hang, no bare backend trace)."""
+    env = dict(env_cpu, LONGSHARD_INJECT_FAULT="hang:rank=1:step=2")
+    t0 = time.time()
+    proc = _run(2, tmp_path / "hang", data_dir, ["train.steps=4", "parallel.collective_timeout_s=5"], env,
+                check=False, timeout=180)
+    assert proc.returncode != 0
+    assert time.time() - t0 < 150
+    assert re.search(r"CollectiveError: rank 0: a collective failed during the training step of step 2 "
+                     r"\(.*[Tt]imed out", proc.stderr), proc.stderr[-4000:]
+    assert "parallel.collective_timeout_s=5" in proc.stderr
+
+
+@pytest.mark.parametrize("world", ["1", "2"])
+def test_worker_exit_keeps_code_and_flushes_logs(world):
+    """A torchrun worker leaves through os._exit (no interpreter teardown to abort a finished run);
+    its exit code and its last log line must survive that."""
+    code = ("import logging, sys; from longshard.parallel.env import exit_worker; "
+            "logging.basicConfig(stream=sys.stderr); logging.getLogger('x').warning('last line'); "
+            "sys.stdout.write('buffered'); exit_worker(3)")
+    env = {**os.environ, "WORLD_SIZE": world}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 3
+    assert "last line" in proc.stderr and proc.stdout == "buffered"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="parent-death signal and /proc are Linux")
+@pytest.mark.parametrize("how", ["sigterm", "sigkill"])
+def test_no_worker_outlives_the_launcher(tmp_path, data_dir, env_cpu, how):
+    """`longshard train` with 2 workers: SIGTERM to it is forwarded (workers checkpoint and stop);
+    SIGKILL to it takes torchrun and the workers down with it (parent-death signals). No orphan."""
+    out = tmp_path / f"orphans_{how}"
+    args = [sys.executable, "-m", "longshard.cli", "train", "tiny_lm", *TINY,
+            "data.source=prepared", f"data.path={data_dir}", f"output_dir={out}", "train.steps=100000",
+            "train.log_every=1", "checkpoint.every=0", "--nproc", "2"]
+    cli = subprocess.Popen(args, env=env_cpu, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                           start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while cli.poll() is None and time.time() < deadline and not ((out / "metrics.jsonl").is_file()
+                                              and (out / "metrics.jsonl").read_text().count("\n") >= 2):
+            time.sleep(0.5)
+        workers = _worker_pids(str(out))
+        assert cli.poll() is None and len(workers) >= 2, workers  # torchrun and its workers carry the marker
+        cli.send_signal(signal.SIGTERM if how == "sigterm" else signal.SIGKILL)
+        deadline = time.time() + 90
+        while time.time() < deadline and _worker_pids(str(out)):
+            time.sleep(0.5)
+        assert not _worker_pids(str(out)), "workers outlived the launcher"
+        if how == "sigterm":
+            assert cli.wait(timeout=30) is not None
+            assert json.loads((out / "report.json").read_text())["preempted_at_step"] is not None
+    finally:
+        for pid in _worker_pids(str(out)):
+            os.kill(pid, signal.SIGKILL)
+        if cli.poll() is None:
+            cli.kill()
+
+
+def test_sigterm_during_start_up_stops_every_rank_cleanly(tmp_path, data_dir, env_cpu):
+    """Issue 17 item 8: a SIGTERM that reaches one rank while the run is starting (drill: rank 1 sends
+    itself SIGTERM right after building the model, before any checkpoint is loaded) used to kill it
+    with the default action and leave its peer in a CollectiveError; now both ranks stop before the
+    first step, exit 0, and a resume continues from the previous checkpoint."""
+    out = tmp_path / "r"
+    _run(2, out, data_dir, ["train.steps=2", "checkpoint.every=2"], env_cpu)
+    env = dict(env_cpu, LONGSHARD_INJECT_FAULT="term:rank=1:step=0")
+    proc = _run(2, out, data_dir, ["train.steps=4", "checkpoint.every=2", "checkpoint.resume=auto"], env)
+    assert "pre-empted (signal on another rank) during start-up, before step 3" in proc.stderr, proc.stderr[-3000:]
+    assert "CollectiveError" not in proc.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert report["preempted_at_step"] == 2 and report["resumed_from_step"] == 2
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step_00000002"]
+
+
+def test_damaged_tokens_read_by_one_rank_stop_every_rank(tmp_path, data_dir, env_cpu):
+    """A token id beyond the vocabulary inside a window only rank 1 reads at step 1: rank 1 names the
+    file and the token position, rank 0 stops with it at the same step (the flag rides on the step's
+    token-count all-reduce) instead of waiting for the collective timeout."""
+    import shutil
+
+    import numpy as np
+    from longshard.train.config import load_config
+    from longshard.train.data import DistributedLoader, TokenWindows, read_meta
+
+    data = tmp_path / "data"
+    shutil.copytree(data_dir, data)
+    cfg = load_config("tiny_lm", TINY)
+    windows = TokenWindows(data, "train", cfg.train.seq_len)
+    order = DistributedLoader(list(range(len(windows))), micro_batch_size=2, grad_accum=2, dp_rank=1, dp_size=2,
+                              seed=cfg.train.seed)._perm
+    rank1 = {int(i) for i in order[2:4]} | {int(i) for i in order[6:8]}  # rank 1's two micro-batches, step 1
+    rank0 = {int(i) for i in order[0:2]} | {int(i) for i in order[4:6]}
+    target = min(rank1)
+    at = target * cfg.train.seq_len + 5  # inside that window only (windows overlap by one token)
+    assert all(at not in range(i * cfg.train.seq_len, (i + 1) * cfg.train.seq_len + 1) for i in rank0)
+    meta = read_meta(data)
+    tokens = np.memmap(data / "train.bin", dtype=meta["dtype"], mode="r+")
+    tokens[at] = meta["vocab_size"] + 3
+    tokens.flush()
+    del tokens
+    t0 = time.time()
+    proc = _run(2, tmp_path / "r", data, ["train.steps=2", "parallel.collective_timeout_s=600"], env_cpu,
+                check=False)
+    assert proc.returncode != 0 and time.time() - t0 < 120
+    assert "[rank1]" in proc.stderr and f"holds token id {meta['vocab_size'] + 3} (at token {at})" in proc.stderr
+    assert "another rank could not read its batch of step 1" in proc.stderr, proc.stderr[-3000:]
+    assert "CollectiveError" not in proc.stderr
+
