@@ -34,6 +34,9 @@ VARIANTS = {
     # PowerAttention at a sliding window's local width (8 blocks of 64 = 512 tokens) plus its log2 blocks
     "power": ("power", {"block": 64, "local_blocks": 8, "path": "gather"}),
     "power_naive": ("power", {"block": 64, "local_blocks": 8, "path": "naive"}),
+    # DMA with the same 8-block budget per query block (8 x 64 = 512 keys)
+    "dma": ("dma", {"block": 64, "keep_blocks": 8, "path": "gather"}),
+    "dma_naive": ("dma", {"block": 64, "keep_blocks": 8, "path": "naive"}),
 }
 
 
@@ -57,6 +60,10 @@ def variant_pairs(name: str, opts: dict, S: int) -> float:
         kept = power_block_mask(n, o).double()
         diag = n * o.block * (o.block + 1) / 2
         return float((diag + (kept.sum() - n) * o.block**2) * H)
+    if name.startswith("dma"):
+        from longshard.kernels.dma import dma_kept_fraction
+
+        return H * S * (S + 1) / 2 * dma_kept_fraction(S, opts["block"], opts["keep_blocks"])
     if name in ("streaming", "sliding_window"):
         w, sink = opts["window"], opts.get("sink", 0)
         per_stream = torch.minimum(t + 1, torch.full_like(t, w + sink)).sum()
@@ -128,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     reps = 1 if args.quick else 3
     records = []
     if args.quick and args.variants == list(VARIANTS):
-        args.variants = [v for v in VARIANTS if v not in ("s2_gather", "s2_banded", "power_naive")]
+        args.variants = [v for v in VARIANTS if v not in ("s2_gather", "s2_banded", "power_naive", "dma_naive")]
     sys.stdout.write(f"{'variant':15s} {'S':>6s} {'fwd+bwd s':>10s} {'sdpa s':>8s} {'speedup':>8s} "
                      f"{'flop ratio':>10s} {'eff.':>5s} {'peak MB':>8s}\n")
     for S in lengths:

@@ -26,6 +26,9 @@ NSA = {"name": "nsa", "options": {"compress_block": 4, "compress_stride": 2, "se
                                   "n_local": 1, "window": 5}}
 GATED_STREAMING = {"name": "streaming_gated", "options": {"block": 4, "sink": 2, "window": 5}}
 POWER = {"name": "power", "options": {"block": 4, "local_blocks": 1, "sink_blocks": 1}}
+# per-KV-head bias parameters (A, Delta); its selection reads only its KV head's values, so a rank may run
+# part of a GQA group (4 ranks, 8/2 heads: KV heads replicated)
+DMA = {"name": "dma", "options": {"block": 4, "keep_blocks": 2, "a_init": 0.5, "delta_std": 1.0}}
 
 
 def mixed(*groups) -> dict:
@@ -37,13 +40,13 @@ CASES = {
                                           {"name": "streaming", "options": {"block": 4, "sink": 2, "window": 5,
                                                                             "retrieval_heads": [1]}},
                                           {"name": "sliding_window", "options": {"block": 4, "window": 6}},
-                                          {"name": "linear", "options": {"chunk": 4}}, NOSA, NSA, GATED_STREAMING, POWER,
+                                          {"name": "linear", "options": {"chunk": 4}}, NOSA, NSA, GATED_STREAMING, POWER, DMA,
                                           # each rank runs one group: the other's parameters get zero gradients
                                           mixed({"name": "dense", "heads": 2}, {**NSA, "heads": 2})]),
     3: dict(n_heads=6, n_kv_heads=3, attn=[{"name": "dense"}, S2, {"name": "linear", "options": {"chunk": 8}}, NSA,
                                           # rank 1's slice straddles both groups
                                           mixed({**S2, "heads": 4}, {"name": "linear", "heads": 2})]),
-    4: dict(n_heads=8, n_kv_heads=2, attn=[{"name": "dense"}, S2, GATED_STREAMING, POWER,  # KV heads replicated 2x
+    4: dict(n_heads=8, n_kv_heads=2, attn=[{"name": "dense"}, S2, GATED_STREAMING, POWER, DMA,  # KV replicated 2x
                                           mixed({"name": "dense", "heads": 4}, {**S2, "heads": 4})],
             # selection shared by a GQA group of 4 query heads cannot run on 2 of them: a clear error
             rejected=[NOSA, NSA]),

@@ -25,6 +25,10 @@ CASES = {
     **{f"nsa_{p}": {"name": "nsa", "options": {**NSA, "path": p}} for p in ("naive", "gather")},
     **{f"nosa_{p}": {"name": "nosa", "options": {"block": 16, "path": p}} for p in ("naive", "gather")},
     **{f"linear_{p}": {"name": "linear", "options": {"chunk": 16, "path": p}} for p in ("naive", "chunk", "triton")},
+    # DMA's top-k is discrete: block scores within bf16 rounding of each other may be chosen differently
+    # in bf16 and fp32 (a different, equally valid mask). Delta of unit scale separates the scores.
+    **{f"dma_{p}": {"name": "dma", "options": {"block": 16, "keep_blocks": 2, "a_init": 0.5, "delta_std": 1.0,
+                                               "path": p}} for p in ("naive", "gather")},
 }
 for _p in ("naive", "gather", "banded", "chunked", "flex", "triton"):
     CASES[f"s2_{_p}"] = {"name": "s2", "options": {**SP, "path": _p}}
@@ -86,7 +90,7 @@ def test_bf16_step_every_variant_and_path(case, packed):
 # fp16 on CPU is emulated (~10x slower than fp32): every variant once, on its default CPU training path
 # and the paths whose arithmetic differs (naive, gather); packed documents (the harder masks).
 FP16_CASES = ["dense_sdpa", "dense_naive", "gated", "mixed", "nsa_naive", "nsa_gather", "nosa_gather",
-              "linear_chunk", "s2_chunked", "s2_gather", "streaming_chunked", "sliding_window_banded"]
+              "linear_chunk", "s2_chunked", "s2_gather", "streaming_chunked", "sliding_window_banded", "dma_gather"]
 
 
 @pytest.mark.parametrize("case", FP16_CASES)

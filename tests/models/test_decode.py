@@ -23,6 +23,8 @@ VARIANTS = {
                                         "n_select": 3, "n_local": 1, "window": 5}}],
     "nosa": [{"name": "nosa", "options": {"block": 4, "sink_blocks": 1, "local_blocks": 1, "query_blocks": 1,
                                           "static_blocks": 2}}],
+    # a bias that matters (A = 0.5, Delta of unit scale): the decoding step must choose the same blocks
+    "dma": [{"name": "dma", "options": {"block": 4, "keep_blocks": 2, "a_init": 0.5, "delta_std": 1.0}}],
     "based-hybrid": [{"name": "mixed", "options": {"groups": [
         {"name": "linear", "heads": 2, "options": {"chunk": 8, "feature_map": "elu1"}},
         {"name": "sliding_window", "heads": 2, "options": {"block": 4, "window": 4}}]}}],

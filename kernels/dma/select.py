@@ -1,0 +1,85 @@
+"""DMA's content-aware mask: a bias per key from its value, and the key blocks each query block keeps.
+
+Per KV head h and key j: ``bias_j = A_h * softplus(Delta_h . v_j)`` (trainable A_h, Delta_h), added to
+the logits of the keys a query reads. Each query block keeps its own (diagonal) block and the
+``keep_blocks - 1`` earlier key blocks with the highest mean *detached* bias (ties: the earlier block),
+so the selection is a constant of the step and no gradient passes through the top-k; the bias itself is
+trained through the kept keys' logits. Shapes: B batch, K KV heads, S positions, D head dim, Q query
+blocks, N key blocks, M kept blocks per query block.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def acc_dtype(t: torch.Tensor) -> torch.dtype:
+    """The dtype DMA accumulates in: fp32, or fp64 for fp64 inputs (gradient checks)."""
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def dma_key_bias(v_BKSD: torch.Tensor, a_K: torch.Tensor, delta_KD: torch.Tensor) -> torch.Tensor:
+    """(B, K, S) logit bias of every key: ``A_h * softplus(Delta_h . v_j)``, in fp32 (fp64 for fp64 input).
+
+    softplus is computed stably for any magnitude (``F.softplus`` switches to the identity above its
+    threshold), so large values give large finite biases, not Inf.
+    """
+    dt = acc_dtype(v_BKSD)
+    proj_BKS = torch.einsum("bksd,kd->bks", v_BKSD.to(dt), delta_KD.to(dt))
+    return a_K.to(dt)[None, :, None] * F.softplus(proj_BKS)
+
+
+def block_scores(bias_BKS: torch.Tensor, block: int) -> torch.Tensor:
+    """(B, K, N) mean bias of each key block (the last block may be partial: mean of its keys)."""
+    B, K, S = bias_BKS.shape
+    n = -(-S // block)
+    padded = F.pad(bias_BKS, (0, n * block - S))
+    counts = torch.full((n,), float(block), dtype=bias_BKS.dtype, device=bias_BKS.device)
+    counts[-1] = S - (n - 1) * block
+    return padded.view(B, K, n, block).sum(-1) / counts
+
+
+@torch.no_grad()
+def select_key_blocks(bias_BKS: torch.Tensor, block: int, keep_blocks: int, q_len: int,
+                      k_len: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Key blocks each query block reads, chosen by the detached bias.
+
+    Args:
+        bias_BKS: per-key bias (its values only are used).
+        block: tokens per block.
+        keep_blocks: blocks each query block reads, its own included.
+        q_len: query positions: the last ``q_len`` of the ``k_len`` key positions.
+        k_len: key positions.
+
+    Returns:
+        ``(idx_BKQM, ok_BKQM, q0)``: block indices (the diagonal block last), whether each slot is a real
+        choice (a query block with fewer earlier blocks than the budget leaves slots unused), and the
+        absolute index of the first query block.
+    """
+    B, K, _ = bias_BKS.shape
+    n = -(-k_len // block)
+    q0 = (k_len - q_len) // block
+    qb_Q = torch.arange(q0, n, device=bias_BKS.device)
+    score = block_scores(bias_BKS.detach(), block)  # (B, K, N)
+    earlier_QN = torch.arange(n, device=bias_BKS.device)[None, :] < qb_Q[:, None]
+    cand = score[:, :, None, :].expand(B, K, qb_Q.numel(), n).masked_fill(~earlier_QN, float("-inf"))
+    m = min(keep_blocks - 1, n)
+    vals, idx = torch.sort(cand, dim=-1, descending=True, stable=True)  # ties: the earlier block first
+    far_idx, far_ok = idx[..., :m], vals[..., :m] > float("-inf")
+    diag = qb_Q[None, None, :, None].expand(B, K, qb_Q.numel(), 1)
+    idx = torch.cat([far_idx, diag], dim=-1)
+    ok = torch.cat([far_ok, torch.ones_like(diag, dtype=torch.bool)], dim=-1)
+    return idx, ok, q0
+
+
+def dma_kept_fraction(seq_len: int, block: int, keep_blocks: int) -> float:
+    """Share of the causal (query, key) pairs DMA reads at ``seq_len``: a query in block i reads
+    min(i, keep_blocks - 1) whole earlier blocks and its own block up to itself."""
+    if seq_len <= 0:
+        return 1.0
+    kept = 0
+    for i in range(-(-seq_len // block)):
+        n_q = min(block, seq_len - i * block)
+        kept += n_q * min(i, keep_blocks - 1) * block + n_q * (n_q + 1) // 2
+    return kept / (seq_len * (seq_len + 1) / 2)
