@@ -1,5 +1,6 @@
 """What the training loop asks of the thing that owns gradients and the optimizer: one interface
-(:class:`TrainEngine`), two engines, so neither the loop nor the checkpointer has engine branches.
+(the :class:`TrainEngine` protocol), two engines implementing it, so neither the loop nor the
+checkpointer has engine branches.
 Each engine hands the checkpointer its state writer/reader (``engine.states``).
 
 * :class:`NativeEngine`: our DDP/FSDP2 module, AdamW and schedule; global-norm clipping; fp16 runs
@@ -20,7 +21,7 @@ import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from longshard.parallel.data_parallel import clip_grad_norm, gradient_sync
@@ -46,62 +47,64 @@ class StepOutcome:
     overflow: bool = False
 
 
-class TrainEngine:
+@runtime_checkable
+class TrainEngine(Protocol):
     """What the loop drives: gradient accumulation, backward, the optimizer step, and the engine's
-    persistence (``states``: how the checkpointer writes and reads its model and optimizer). Subclasses:
-    :class:`NativeEngine` (DDP/FSDP2, fp16 loss scaling) and :class:`DeepSpeedTrainEngine`.
+    persistence (``states``: how the checkpointer writes and reads its model and optimizer). Implemented,
+    not inherited, by :class:`NativeEngine` (DDP/FSDP2, fp16 loss scaling) and
+    :class:`DeepSpeedTrainEngine`; checkpoints go through :func:`save_checkpoint` / :func:`load_checkpoint`.
 
-    Args:
+    Attributes:
         model: the module the loop runs.
         optimizer, scheduler: the torch optimizer and our LR schedule.
         states: the engine's state writer/reader (:class:`~longshard.train.checkpoint.DCPStates` or
             :class:`~longshard.train.checkpoint.DeepSpeedStates`).
     """
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
-                 states: DCPStates | DeepSpeedStates) -> None:
-        self.model, self.optimizer, self.scheduler, self.states = model, optimizer, scheduler, states
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    states: DCPStates | DeepSpeedStates
 
-    def accumulating(self, last: bool):
+    def accumulating(self, last: bool) -> contextlib.AbstractContextManager:
         """Context of one micro-batch's forward and backward (``last``: the step's last one)."""
-        raise NotImplementedError
 
     def backward(self, objective: torch.Tensor, last: bool) -> None:
-        raise NotImplementedError
+        """Backward of one micro-batch's objective."""
 
     def step(self) -> StepOutcome:
-        raise NotImplementedError
+        """The optimizer step at the end of a step's micro-batches."""
 
     def skip(self) -> None:
         """Drop this step's gradients (the schedule advances in the loop)."""
-        self.optimizer.zero_grad(set_to_none=True)
 
     def state(self) -> dict[str, Any]:
-        """Engine state that goes into the checkpoint's trainer state (JSON); none by default."""
-        return {}
+        """Engine state that goes into the checkpoint's trainer state (JSON)."""
 
     def load_state(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state`."""
 
     def loss_scale(self) -> float | None:
         """The dynamic loss scale, for engines that scale (None otherwise)."""
-        return None
-
-    def save(self, ckpt, step: int, trainer_state: dict) -> Path:
-        return ckpt.save(step, self.states, self.scheduler, {**trainer_state, **self.state()})
-
-    def load(self, ckpt, path: Path | None) -> tuple[Path | None, dict | None]:
-        """Load ``path`` (None: the newest checkpoint that loads); returns (path, trainer state)."""
-        if path is None:
-            path, state = ckpt.load_latest(self.states, self.scheduler)
-        else:
-            state = ckpt.load(path, self.states, self.scheduler)
-        if state is not None:
-            self.load_state(state)
-        return path, state
 
 
-class NativeEngine(TrainEngine):
+def save_checkpoint(engine: TrainEngine, ckpt, step: int, trainer_state: dict) -> Path:
+    """Write a checkpoint of ``engine`` at ``step`` through its own state writer; returns its folder."""
+    return ckpt.save(step, engine.states, engine.scheduler, {**trainer_state, **engine.state()})
+
+
+def load_checkpoint(engine: TrainEngine, ckpt, path: Path | None) -> tuple[Path | None, dict | None]:
+    """Load ``path`` (None: the newest checkpoint that loads) into ``engine``; returns (path, trainer state)."""
+    if path is None:
+        path, state = ckpt.load_latest(engine.states, engine.scheduler)
+    else:
+        state = ckpt.load(path, engine.states, engine.scheduler)
+    if state is not None:
+        engine.load_state(state)
+    return path, state
+
+
+class NativeEngine:
     """DDP/FSDP2 (or a single device) with a torch optimizer.
 
     Args:
@@ -114,7 +117,8 @@ class NativeEngine(TrainEngine):
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, grad_clip: float,
                  loss_scaling: bool = False, sharded: bool = False) -> None:
-        super().__init__(model, optimizer, scheduler, DCPStates(model, optimizer))
+        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+        self.states = DCPStates(model, optimizer)
         self.grad_clip = grad_clip
         self.scaler = None
         if loss_scaling:
@@ -173,8 +177,11 @@ class NativeEngine(TrainEngine):
     def loss_scale(self) -> float | None:
         return self.scaler.get_scale() if self.scaler is not None else None
 
+    def skip(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
 
-class DeepSpeedTrainEngine(TrainEngine):
+
+class DeepSpeedTrainEngine:
     """A DeepSpeed engine: its ``backward``/``step`` own accumulation, clipping and ZeRO reductions.
 
     Args:
@@ -183,7 +190,8 @@ class DeepSpeedTrainEngine(TrainEngine):
     """
 
     def __init__(self, engine: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any) -> None:
-        super().__init__(engine, optimizer, scheduler, DeepSpeedStates(engine))  # ZeRO: DeepSpeed's own format
+        self.model, self.optimizer, self.scheduler = engine, optimizer, scheduler
+        self.states = DeepSpeedStates(engine)  # ZeRO: DeepSpeed's own format
 
     @contextlib.contextmanager
     def accumulating(self, last: bool) -> Iterator[None]:
@@ -198,3 +206,15 @@ class DeepSpeedTrainEngine(TrainEngine):
         self.model.step()  # the boundary: clip, optimizer step, zero grads
         norm = self.model.get_global_grad_norm()
         return StepOutcome(float(norm) if norm is not None else float("nan"), True)
+
+    def skip(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def state(self) -> dict[str, Any]:
+        return {}  # DeepSpeed keeps its own state in its checkpoint
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        """Nothing beyond DeepSpeed's own checkpoint."""
+
+    def loss_scale(self) -> float | None:
+        return None  # bf16/fp32 only (fp16 runs the native engine)

@@ -25,6 +25,7 @@ from longshard.parallel.env import all_agree
 from longshard.train.checkpoint import Checkpointer, checkpoint_step
 from longshard.train.config import Config
 from longshard.train.data import DistributedLoader
+from longshard.train.engine import save_checkpoint
 from longshard.train.evaluate import forward_loss
 from longshard.train.faults import (
     CollectiveError,
@@ -123,15 +124,8 @@ class TrainLoop:
 
     # --- the loop ------------------------------------------------------------------------------
     def fit(self, watch: PreemptionWatch, lock: RunLocks) -> None:
-        """Run the steps, stop cleanly on an agreed pre-emption, then save the final checkpoint. Any error
-        closes the progress bar and the wandb run first (here, once), then propagates."""
-        try:
-            self._fit(watch, lock)
-        except BaseException:
-            self.metrics.close()
-            raise
-
-    def _fit(self, watch: PreemptionWatch, lock: RunLocks) -> None:
+        """Run the steps, stop cleanly on an agreed pre-emption, then save the final checkpoint. (The
+        caller holds ``metrics`` in a ``with`` block: any error closes the progress bar and wandb run.)"""
         cfg, state = self.cfg, self.state
         self.watch = watch
         first = state.start_step + 1
@@ -283,7 +277,7 @@ class TrainLoop:
         extra = {"loader": self.loader.state_dict(), "losses": self.state.history, "world_size": self.env.world_size}
         watch = getattr(self, "watch", None)
         with watch.saving() if watch is not None else contextlib.nullcontext():  # no repeated signal cuts it
-            return self.engine.save(self.ckpt, step, extra)
+            return save_checkpoint(self.engine, self.ckpt, step, extra)
 
     def guarded(self, fn: Callable[[], Any], step: int, phase: str) -> Any:
         """Run ``fn``; a backend failure becomes a CollectiveError naming rank, step and phase."""

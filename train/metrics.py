@@ -127,8 +127,14 @@ class MetricsLogger:
     def wandb_dir(self) -> str | None:
         return None if self.wandb_run is None else str(Path(self.wandb_run.dir).parent)
 
+    def __enter__(self) -> MetricsLogger:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def close(self) -> None:
-        """Close the bar and the wandb run (once; later calls do nothing)."""
+        """Close the bar and the wandb run (once; later calls do nothing). Leaving a ``with`` block calls it."""
         if self.bar is not None:
             self.bar.close()
             self._redirect.__exit__(None, None, None)

@@ -41,7 +41,7 @@ from longshard.train.data import (
     prepare_default,
     read_meta,
 )
-from longshard.train.engine import DeepSpeedTrainEngine, NativeEngine, TrainEngine
+from longshard.train.engine import DeepSpeedTrainEngine, NativeEngine, TrainEngine, load_checkpoint
 from longshard.train.evaluate import evaluate_config
 from longshard.train.faults import (
     CollectiveError,
@@ -225,7 +225,8 @@ def resume_training(cfg: Config, engine: TrainEngine, ckpt: Checkpointer,
     start_step, history = 0, []
     resume_from, state = None, None
     if cfg.checkpoint.resume != "none":
-        resume_from, state = engine.load(ckpt, None if cfg.checkpoint.resume == "auto" else Path(cfg.checkpoint.resume))
+        where = None if cfg.checkpoint.resume == "auto" else Path(cfg.checkpoint.resume)
+        resume_from, state = load_checkpoint(engine, ckpt, where)
     if state is not None:
         if any(k.startswith("optim.") for k in state.get("changed", [])):
             apply_optim_settings(engine.optimizer, engine.scheduler, cfg)
@@ -347,49 +348,48 @@ def _train_locked(cfg: Config, env: DistEnv, layout: RunLayout, lock: RunLocks,
                         cfg.checkpoint.allow_changes, tokenizer=cfg.data.tokenizer)
     resume_from, start_step, history = resume_training(cfg, run.engine, ckpt, loader)
 
-    metrics = MetricsLogger(
+    with MetricsLogger(
         out_dir, enabled=env.is_main, total_steps=cfg.train.steps, start_step=start_step,
         wandb_mode=cfg.logging.wandb, project=cfg.logging.project, run_name=cfg.logging.run_name or cfg.name,
         group=cfg.name, config=cfg.to_dict(), progress=cfg.logging.progress,
-    )
-    autocast = compute_dtype(cfg.train.dtype)
-    run_eval = partial(evaluate_config, run.dmodel, cfg, val_dataset=val_ds, tokenizer=tokenizer, device=env.device,
-                       sp=run.sp)
-    inputs = StepInputs(autocast, cfg.train.global_batch_size * cfg.train.seq_len, run.flops_per_token,
-                        peak_tflops(env.device, cfg.train.peak_tflops), run.kept_fraction)
-    state = TrainState(start_step, history, resume_from)
-    TrainLoop(cfg, env, run, loader, ckpt, metrics, state, inputs, run_eval).fit(watch, lock)
+    ) as metrics:  # closed (progress bar, wandb run) however the run ends
+        autocast = compute_dtype(cfg.train.dtype)
+        run_eval = partial(evaluate_config, run.dmodel, cfg, val_dataset=val_ds, tokenizer=tokenizer, device=env.device,
+                           sp=run.sp)
+        inputs = StepInputs(autocast, cfg.train.global_batch_size * cfg.train.seq_len, run.flops_per_token,
+                            peak_tflops(env.device, cfg.train.peak_tflops), run.kept_fraction)
+        state = TrainState(start_step, history, resume_from)
+        TrainLoop(cfg, env, run, loader, ckpt, metrics, state, inputs, run_eval).fit(watch, lock)
 
-    eval_results: dict[str, Any] = {}
-    if cfg.eval.at_end and state.preempted_at is None:
-        eval_results = run_eval()
-        metrics.log(cfg.train.steps, eval_results)
-    report = {
-        "name": cfg.name,
-        "sp_traffic": sp_traffic_report(run, cfg, grad_accum, state.last_comm),
-        "steps": cfg.train.steps,
-        "resumed_from_step": start_step,
-        "preempted_at_step": state.preempted_at,
-        "losses": state.history,
-        "final_loss": state.history[-1] if state.history else None,
-        "skipped_steps": len(state.skipped),  # updates left out (non-finite loss/gradient, fp16 overflow)
-        "skipped_at": state.skipped,
-        "conversion": run.conversion,
-        **eval_results,
-        "world_size": env.world_size,
-        "seq_len": cfg.train.seq_len,
-        "data_source": cfg.data.source,
-        "dp_mode": cfg.parallel.dp_mode,
-        "sp_degree": cfg.parallel.sp_degree,
-        "tp_degree": cfg.parallel.tp_degree,
-        "device": str(env.device),
-        "wall_s": time.time() - layout.t0,
-        "checkpoint": str(state.last_ckpt) if state.last_ckpt else None,
-        "metrics_file": str(metrics.path),
-        "wandb_dir": metrics.wandb_dir,
-    }
-    metrics.summary(report)
-    metrics.close()
+        eval_results: dict[str, Any] = {}
+        if cfg.eval.at_end and state.preempted_at is None:
+            eval_results = run_eval()
+            metrics.log(cfg.train.steps, eval_results)
+        report = {
+            "name": cfg.name,
+            "sp_traffic": sp_traffic_report(run, cfg, grad_accum, state.last_comm),
+            "steps": cfg.train.steps,
+            "resumed_from_step": start_step,
+            "preempted_at_step": state.preempted_at,
+            "losses": state.history,
+            "final_loss": state.history[-1] if state.history else None,
+            "skipped_steps": len(state.skipped),  # updates left out (non-finite loss/gradient, fp16 overflow)
+            "skipped_at": state.skipped,
+            "conversion": run.conversion,
+            **eval_results,
+            "world_size": env.world_size,
+            "seq_len": cfg.train.seq_len,
+            "data_source": cfg.data.source,
+            "dp_mode": cfg.parallel.dp_mode,
+            "sp_degree": cfg.parallel.sp_degree,
+            "tp_degree": cfg.parallel.tp_degree,
+            "device": str(env.device),
+            "wall_s": time.time() - layout.t0,
+            "checkpoint": str(state.last_ckpt) if state.last_ckpt else None,
+            "metrics_file": str(metrics.path),
+            "wandb_dir": metrics.wandb_dir,
+        }
+        metrics.summary(report)
     if env.is_main:
         (out_dir / "report.json").write_text(json.dumps(report, indent=2))
     return report

@@ -73,3 +73,15 @@ def test_fp16_with_deepspeed_is_refused():
     with pytest.raises(ConfigError, match="train.dtype.*native engine"):
         load_config("tiny_lm", ["train.dtype=fp16", "train.engine=deepspeed"])
     assert load_config("tiny_lm", ["train.dtype=fp16"]).train.dtype == "fp16"
+
+
+def test_engines_implement_the_protocol_without_inheriting():
+    """Both engines provide every member the loop and checkpointer use (TrainEngine is a Protocol)."""
+    from longshard.train.engine import DeepSpeedTrainEngine, NativeEngine, TrainEngine
+
+    model = torch.nn.Linear(2, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for engine in (NativeEngine(model, opt, None, 1.0), DeepSpeedTrainEngine(model, opt, None)):
+        assert isinstance(engine, TrainEngine)
+        assert TrainEngine not in type(engine).__mro__
+    assert not isinstance(object(), TrainEngine)
