@@ -11,7 +11,7 @@ import pytest
 from helpers import REPO
 
 
-@pytest.mark.slow  # ~60 s: run before a device session (pytest -m slow tests/e2e/test_gpu_check.py)
+@pytest.mark.slow  # ~60 s: run before a GPU check on a lent device (pytest -m slow tests/e2e/test_gpu_check.py)
 def test_gpu_check_cpu_smoke(tmp_path):
     out = tmp_path / "out"
     env = {**os.environ, "OUT": str(out), "DEADLINE": "600"}

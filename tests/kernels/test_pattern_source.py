@@ -1,4 +1,4 @@
-"""One pattern source per block-sparse variant (issue 19): every form derives from ``band_spec``.
+"""One pattern source per block-sparse variant: every form derives from ``band_spec``.
 
 The block mask, token window/sinks, head slices, kept fraction and the band paths' head split all
 come from the variant's :class:`BandFarSpec`; these tests hold each derived form to the spec's own

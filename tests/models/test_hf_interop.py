@@ -127,7 +127,7 @@ def test_gated_conversion_is_exact_and_export_refuses_gates(tmp_path):
 
 
 def test_damaged_or_unsafe_hf_checkpoints_are_named(tmp_path, monkeypatch):
-    """Issue 17 item 8: a truncated safetensors file, a bad config.json, a damaged shard index and a
+    """A truncated safetensors file, a bad config.json, a damaged shard index and a
     pickle .bin that would import code are ConfigErrors naming the file (and key) and the fix, raised by
     the check that runs before any weight is read; the payload never runs."""
     from longshard.models.hf import check_hf_checkpoint

@@ -1,4 +1,4 @@
-"""Checks of shapes and sizes come before allocation; the planner plans from shapes (issue 25 item 8)."""
+"""Checks of shapes and sizes come before allocation; the planner plans from shapes."""
 
 from __future__ import annotations
 

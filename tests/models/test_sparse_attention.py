@@ -165,7 +165,7 @@ def test_s2_matches_definition(H, kv, shard, path):
 
 @pytest.mark.parametrize("rule", ["phi3", "dkernel"])
 def test_s2_pattern_follows_its_phase_rule_for_every_layout(rule):
-    """Issue 18 / 28: the block pattern equals the rule it names (written out above) for every GQA layout
+    """The block pattern equals the rule it names (written out above) for every GQA layout
     with up to 16 query heads, strides 1-16 and offsets 0-2, in both shard modes; auto picks kv exactly
     when the KV heads cover the stride."""
     n, checked = 40, 0

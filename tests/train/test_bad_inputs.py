@@ -1,5 +1,5 @@
 """Bad input from a careless user or a damaged file: each one a named error (file, field, fix) before
-any work, never a raw traceback or a silent wrong result (issue 25 item 7)."""
+any work, never a raw traceback or a silent wrong result."""
 
 from __future__ import annotations
 

@@ -46,7 +46,7 @@ BAD = [
     (["checkpoint.resume=/nonexistent/ckpt"], "checkpoint.resume", "does not exist"),
     (["train.steps"], "train.steps", "key=value"),
     (["parallel.collective_timeout_s=0"], "parallel.collective_timeout_s", "must be > 0"),
-    # issue 18 friction 5: torch's errors after the model is built, OmegaConf jargon, paths lost
+    # torch's errors after the model is built, OmegaConf jargon, paths lost
     (["optim.beta2=1.5"], "optim.beta2", r"must be in \[0, 1\)"),
     (["optim.beta1=-0.1"], "optim.beta1", r"must be in \[0, 1\)"),
     (["optim.eps=0"], "optim.eps", "must be > 0"),

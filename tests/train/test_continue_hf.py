@@ -96,7 +96,7 @@ def test_continue_recipes_convert_measure_the_gap_and_train(tmp_path, data_dir, 
 
 @pytest.mark.slow  # ~35 s measurement; the sharded path's e2e test stays in the default suite
 def test_sharded_hf_load_halves_memory_and_keeps_the_model(tmp_path):
-    """Issue 18: under FSDP2 each rank reads only its shards of the HF checkpoint: peak memory of the
+    """Under FSDP2 each rank reads only its shards of the HF checkpoint: peak memory of the
     load on each of 2 ranks is half that of 1 rank (+-15%), the shards equal the checkpoint's tensors and
     the sharded model's logits equal the model loaded whole (a 530 MB fp32 Llama-shaped checkpoint)."""
     import torch

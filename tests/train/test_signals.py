@@ -118,7 +118,7 @@ def test_no_worker_outlives_the_launcher(tmp_path, data_dir, env_cpu, how):
 
 
 def test_sigterm_during_start_up_stops_every_rank_cleanly(tmp_path, data_dir, env_cpu):
-    """Issue 17 item 8: a SIGTERM that reaches one rank while the run is starting (drill: rank 1 sends
+    """A SIGTERM that reaches one rank while the run is starting (drill: rank 1 sends
     itself SIGTERM right after building the model, before any checkpoint is loaded) used to kill it
     with the default action and leave its peer in a CollectiveError; now both ranks stop before the
     first step, exit 0, and a resume continues from the previous checkpoint."""

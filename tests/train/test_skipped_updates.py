@@ -1,5 +1,5 @@
 """``train.nan_policy=skip``: skipped updates are counted, and a run that ends while skipping is not a
-clean finish (issue 25 item 10)."""
+clean finish."""
 
 from __future__ import annotations
 
