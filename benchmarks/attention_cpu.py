@@ -37,6 +37,10 @@ VARIANTS = {
     # DMA with the same 8-block budget per query block (8 x 64 = 512 keys)
     "dma": ("dma", {"block": 64, "keep_blocks": 8, "path": "gather"}),
     "dma_naive": ("dma", {"block": 64, "keep_blocks": 8, "path": "naive"}),
+    # MoH over the 8 heads: every head active, half of them, a quarter (shared + routed top-k per token)
+    "moh_8of8": ("moh", {"shared_heads": 2, "top_k": 6, "path": "routed"}),
+    "moh_4of8": ("moh", {"shared_heads": 2, "top_k": 2, "path": "routed"}),
+    "moh_2of8": ("moh", {"shared_heads": 1, "top_k": 1, "path": "routed"}),
 }
 
 
@@ -64,6 +68,8 @@ def variant_pairs(name: str, opts: dict, S: int) -> float:
         from longshard.kernels.dma import dma_kept_fraction
 
         return H * S * (S + 1) / 2 * dma_kept_fraction(S, opts["block"], opts["keep_blocks"])
+    if name.startswith("moh"):
+        return (opts["shared_heads"] + opts["top_k"]) * S * (S + 1) / 2
     if name in ("streaming", "sliding_window"):
         w, sink = opts["window"], opts.get("sink", 0)
         per_stream = torch.minimum(t + 1, torch.full_like(t, w + sink)).sum()

@@ -461,6 +461,8 @@ class Config:
             self._check_tensor_parallel()
         sp = self.parallel.sp_degree
         need = 2 * sp if (self.parallel.sp_mode in ("ring", "hybrid") and sp > 1) else sp  # zigzag: 2 chunks/rank
+        if self.parallel.sp_mode in ("ulysses", "hybrid") and sp > 1:
+            self._check_head_parallel()
         if self.parallel.sp_mode in ("ring", "hybrid") and sp > 1:
             need = self._ring_granularity(need)
         require(self.train.seq_len % need == 0, "train.seq_len",
@@ -527,6 +529,14 @@ class Config:
             m = self.model
             check_tp_heads(m.n_query_heads or m.n_heads, m.n_kv_heads or m.n_heads, tp)
 
+    def _check_head_parallel(self) -> None:
+        """Ulysses (and hybrid's Ulysses part) runs each rank on a slice of every layer's heads."""
+        for i, spec in enumerate(self.model.attention):
+            problem = parse_options(spec.name, spec.options, f"model.attention[{i}]").head_parallel_problem()
+            require(problem is None, "parallel.sp_mode",
+                    f"sp_mode={self.parallel.sp_mode} splits heads over ranks; model.attention[{i}] ({spec.name}): "
+                    f"{problem}.", "use parallel.sp_degree=1 for this variant (data parallel over the ranks).")
+
     def _ring_granularity(self, need: int) -> int:
         """Check every layer can run under ring/hybrid; block-sparse layers (sparsity-aware exchange)
         need whole blocks in each of the 2 x sp zigzag chunks. Returns the sequence-length multiple."""
@@ -538,7 +548,8 @@ class Config:
                     f"sp_mode={mode} needs a ring form for every layer; model.attention[{i}] ({spec.name!r}"
                     f"{f' with {dict(spec.options)}' if spec.options else ''}) has none: its block selection or "
                     "gates need all of a head's keys.",
-                    "use sp_mode=ulysses for this variant.")
+                    "use sp_mode=ulysses for this variant." if opts.head_parallel_problem() is None
+                    else "use parallel.sp_degree=1 for this variant (its heads cannot be split either).")
             need = math.lcm(need, opts.ring_seq_multiple(ring))
         return need
 

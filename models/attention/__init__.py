@@ -29,7 +29,7 @@ X     per-head feature width (gates: 1 or D; NSA gate logits: 3)
 ====  ==========================================================================================
 """
 
-from longshard.models.attention import dense, dma, linear, mixed, nosa, nsa, power, s2, streaming  # noqa: F401  (registrations)
+from longshard.models.attention import dense, dma, linear, mixed, moh, nosa, nsa, power, s2, streaming  # noqa: F401  (registrations)
 from longshard.models.attention.registry import (
     AttentionBatch,
     AttentionContext,

@@ -51,6 +51,13 @@ class MixedOptions(AttentionOptions):
                 return f"group {i}: {problem}"
         return None
 
+    def head_parallel_problem(self) -> str | None:
+        for i, g in enumerate(self.groups):
+            problem = parse_options(g["name"], g.get("options"), f"groups[{i}]").head_parallel_problem()
+            if problem is not None:
+                return f"group {i}: {problem}"
+        return None
+
 
 @register_attention("mixed", MixedOptions)
 class MixedAttention(CoreAttention):

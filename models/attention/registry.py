@@ -93,6 +93,10 @@ class AttentionOptions:
         """Why tensor parallelism cannot split these layers' heads, or None when it can."""
         return None
 
+    def head_parallel_problem(self) -> str | None:
+        """Why these layers cannot run on a slice of their heads (Ulysses, hybrid), or None when they can."""
+        return None
+
     def layer_spec(self, layer_idx: int) -> tuple[str, dict[str, Any]] | None:
         """Another registered variant (name, options) layer ``layer_idx`` is built as, or None for this
         one: a per-layer schedule inside the options (S2's ``dense_every_n_layers``) resolved where a

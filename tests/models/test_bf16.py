@@ -29,6 +29,7 @@ CASES = {
     # in bf16 and fp32 (a different, equally valid mask). Delta of unit scale separates the scores.
     **{f"dma_{p}": {"name": "dma", "options": {"block": 16, "keep_blocks": 2, "a_init": 0.5, "delta_std": 1.0,
                                                "path": p}} for p in ("naive", "gather")},
+    **{f"moh_{p}": {"name": "moh", "options": {"shared_heads": 1, "top_k": 1, "path": p}} for p in ("naive", "routed")},
 }
 for _p in ("naive", "gather", "banded", "chunked", "flex", "triton"):
     CASES[f"s2_{_p}"] = {"name": "s2", "options": {**SP, "path": _p}}
@@ -90,7 +91,8 @@ def test_bf16_step_every_variant_and_path(case, packed):
 # fp16 on CPU is emulated (~10x slower than fp32): every variant once, on its default CPU training path
 # and the paths whose arithmetic differs (naive, gather); packed documents (the harder masks).
 FP16_CASES = ["dense_sdpa", "dense_naive", "gated", "mixed", "nsa_naive", "nsa_gather", "nosa_gather",
-              "linear_chunk", "s2_chunked", "s2_gather", "streaming_chunked", "sliding_window_banded", "dma_gather"]
+              "linear_chunk", "s2_chunked", "s2_gather", "streaming_chunked", "sliding_window_banded", "dma_gather",
+              "moh_routed"]
 
 
 @pytest.mark.parametrize("case", FP16_CASES)

@@ -34,6 +34,7 @@ OPTIONS = {
     "power": {"block": 4, "local_blocks": 1},
     "streaming_gated": {"block": 4, "sink": 1, "window": 2},
     "dma": {"block": 4, "keep_blocks": 2},
+    "moh": {"shared_heads": 1, "top_k": 2},
     "mixed": {"groups": [{"name": "dense", "heads": 2}, {"name": "linear", "heads": 2, "options": {"chunk": 4}}]},
 }
 CTX = AttentionContext(layer_idx=0, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, model_dim=32)

@@ -25,6 +25,8 @@ VARIANTS = {
                                           "static_blocks": 2}}],
     # a bias that matters (A = 0.5, Delta of unit scale): the decoding step must choose the same blocks
     "dma": [{"name": "dma", "options": {"block": 4, "keep_blocks": 2, "a_init": 0.5, "delta_std": 1.0}}],
+    # routing from the layer input of each decoded token: the same heads as in the full forward
+    "moh": [{"name": "moh", "options": {"shared_heads": 1, "top_k": 2, "router_std": 1.0}}],
     "based-hybrid": [{"name": "mixed", "options": {"groups": [
         {"name": "linear", "heads": 2, "options": {"chunk": 8, "feature_map": "elu1"}},
         {"name": "sliding_window", "heads": 2, "options": {"block": 4, "window": 4}}]}}],

@@ -1,0 +1,68 @@
+"""MoH's per-token head weights.
+
+Heads [0, Hs) are shared (always on), heads [Hs, H) routed. For a token x (fp32):
+
+* ``alpha = 2 softmax(W0 x)`` weighs the shared group (alpha_1) against the routed group (alpha_2);
+* shared head i: ``g_i = alpha_1 * Hs * softmax(Ws x)_i``;
+* routed: the top-k of the router logits ``Wr x`` (detached: the choice passes no gradient; ties go to
+  the lower head), renormalised over the chosen heads: ``g_i = alpha_2 * k * softmax_{chosen}(Wr x)_i``,
+  0 for the others.
+
+The group-size factors (Hs, k) make every active head's weight exactly 1 when the router weights are 0,
+so a dense checkpoint converted with zero routers computes its own heads unchanged (only the routed
+heads not chosen are dropped). The load-balance loss is ``Hr * sum_i f_i P_i`` over routed heads
+(f_i: share of the k choices that went to head i, P_i: mean router probability), 1 when balanced.
+Shapes: B batch, S positions, E model width, H heads (Hs shared, Hr routed).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class MoHGates:
+    """What :func:`moh_gates` returns.
+
+    Args:
+        g_BSH: weight of every head for every token (0 for routed heads not chosen).
+        chosen_BSR: (B, S, Hr) bool: the routed heads each token runs.
+        balance: the load-balance loss (a scalar; 0 when there are no routed heads).
+    """
+
+    g_BSH: torch.Tensor
+    chosen_BSR: torch.Tensor
+    balance: torch.Tensor
+
+
+def moh_gates(x_BSE: torch.Tensor, w_shared_HE: torch.Tensor, w_routed_HE: torch.Tensor, w_mix_2E: torch.Tensor,
+              top_k: int) -> MoHGates:
+    """Head weights of every token (see the module doc).
+
+    Args:
+        x_BSE: the layer's (normed) input.
+        w_shared_HE: (Hs, E) shared-head router.
+        w_routed_HE: (Hr, E) routed-head router.
+        w_mix_2E: (2, E) weights of the shared vs the routed group.
+        top_k: routed heads each token runs.
+    """
+    x = x_BSE.float()
+    Hs, Hr = w_shared_HE.shape[0], w_routed_HE.shape[0]
+    alpha_BS2 = 2.0 * torch.softmax(x @ w_mix_2E.float().t(), dim=-1)
+    parts = []
+    if Hs:
+        parts.append(alpha_BS2[..., :1] * Hs * torch.softmax(x @ w_shared_HE.float().t(), dim=-1))
+    chosen = torch.zeros(*x.shape[:-1], Hr, dtype=torch.bool, device=x.device)
+    balance = x.new_zeros(())
+    if Hr:
+        logits_BSR = x @ w_routed_HE.float().t()
+        order = torch.sort(logits_BSR.detach(), dim=-1, descending=True, stable=True).indices[..., :top_k]
+        chosen = chosen.scatter(-1, order, True)
+        routed = torch.softmax(logits_BSR.masked_fill(~chosen, float("-inf")), dim=-1)
+        parts.append(alpha_BS2[..., 1:] * top_k * routed)
+        f_R = chosen.float().flatten(0, -2).mean(0) / top_k
+        p_R = torch.softmax(logits_BSR, dim=-1).flatten(0, -2).mean(0)
+        balance = Hr * (f_R * p_R).sum()
+    return MoHGates(torch.cat(parts, dim=-1), chosen, balance)

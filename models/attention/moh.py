@@ -1,0 +1,110 @@
+"""Mixture-of-Head attention (MoH): heads as experts.
+
+Shared heads run for every token; each token runs its top-k routed heads (router over the layer
+input, renormalised over the chosen heads); the head outputs are weighted per token, the shared and
+routed groups by ``2 softmax(W0 x)``, before the output projection, and a load-balance loss keeps the
+routed heads in use (see :mod:`longshard.kernels.moh`). The ``routed`` path computes only the
+(token, head) pairs used, so attention FLOPs fall with the share of active heads. The routing of a
+token needs every head: no Ulysses or ring, no tensor parallelism (router parameters over all heads).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from longshard.errors import require
+from longshard.kernels.moh import moh_attention_naive, moh_attention_routed, moh_gates
+from longshard.models.attention.registry import (
+    AttentionBatch,
+    AttentionContext,
+    AttentionOptions,
+    CoreAttention,
+    dense_attention_flops,
+    register_attention,
+)
+from torch import nn
+
+
+@dataclass(kw_only=True)
+class MoHOptions(AttentionOptions):
+    """Options of ``moh``.
+
+    Args:
+        shared_heads: heads every token runs (the first ones).
+        top_k: routed heads each token runs (of the remaining heads).
+        balance_coef: weight of the load-balance loss (added to the training loss).
+        router_std: standard deviation of the routers' initial weights; 0 makes a converted dense
+            checkpoint compute its own heads unchanged at step 0 (only the routed heads not chosen drop).
+        path: ``auto`` (= routed), ``routed`` or ``naive`` (every head computed, then gated).
+    """
+
+    shared_heads: int = 2
+    top_k: int = 2
+    balance_coef: float = 0.01
+    router_std: float = 0.02
+    path: str = "auto"
+
+    def __post_init__(self) -> None:
+        require(self.shared_heads >= 0, "shared_heads", f"must be >= 0, got {self.shared_heads}.")
+        require(self.top_k >= 0, "top_k", f"must be >= 0, got {self.top_k}.")
+        require(self.balance_coef >= 0, "balance_coef", "must be >= 0.")
+        require(self.router_std >= 0, "router_std", "must be >= 0.")
+        require(self.path in ("auto", "routed", "naive"), "path", f"unknown path {self.path!r}.",
+                "use auto, routed or naive.")
+
+    def tensor_parallel_problem(self) -> str | None:
+        return "moh has router parameters over all heads"
+
+    def head_parallel_problem(self) -> str | None:
+        return "moh routes each token over all of its heads"
+
+
+@register_attention("moh", MoHOptions)
+class MoHAttention(CoreAttention):
+    """Mixture-of-Head attention: shared heads plus per-token top-k routed heads, weighted outputs."""
+
+    def __init__(self, ctx: AttentionContext, opts: MoHOptions) -> None:
+        super().__init__(ctx, opts)
+        field = f"model.attention[{ctx.layer_idx}].options"
+        routed = ctx.n_heads - opts.shared_heads
+        require(0 <= routed and opts.shared_heads + routed > 0, f"{field}.shared_heads",
+                f"{opts.shared_heads} shared heads, but the layer has {ctx.n_heads}.", "use at most the layer's heads.")
+        require(opts.top_k <= routed and (routed == 0 or opts.top_k >= 1), f"{field}.top_k",
+                f"top_k={opts.top_k} of {routed} routed heads.", f"choose 1..{routed}." if routed else "use 0.")
+        require(ctx.model_dim > 0, "model_dim", "MoH's routers need the layer input width.")
+        self.scale = 1.0 / math.sqrt(ctx.head_dim)
+        self.w_shared = nn.Parameter(torch.empty(opts.shared_heads, ctx.model_dim))
+        self.w_routed = nn.Parameter(torch.empty(routed, ctx.model_dim))
+        self.w_mix = nn.Parameter(torch.empty(2, ctx.model_dim))
+        self.reset_variant_parameters()
+
+    @torch.no_grad()
+    def reset_variant_parameters(self) -> None:
+        """Routers ~ N(0, router_std^2); the group weights start equal (W0 = 0: alpha = 1, 1)."""
+        self.w_shared.normal_(0.0, self.opts.router_std)
+        self.w_routed.normal_(0.0, self.opts.router_std)
+        self.w_mix.zero_()
+
+    @property
+    def active_heads(self) -> int:
+        """Heads each token runs."""
+        return self.opts.shared_heads + self.opts.top_k
+
+    def forward(self, q_BHSD: torch.Tensor, k_BHSD: torch.Tensor, v_BHSD: torch.Tensor, batch: AttentionBatch):
+        if batch.x_BSE is None:
+            raise ValueError("moh routes on the layer input: pass AttentionBatch.x_BSE")
+        gates = moh_gates(batch.x_BSE, self.w_shared, self.w_routed, self.w_mix, self.opts.top_k)
+        self.last_aux_loss = self.opts.balance_coef * gates.balance  # Transformer.aux_loss() adds it
+        fn = moh_attention_naive if self.opts.path == "naive" else moh_attention_routed
+        return fn(q_BHSD, k_BHSD, v_BHSD, gates, self.scale, batch.doc_ids_BS)
+
+    def kept_fraction(self, seq_len: int) -> float:
+        """Share of the (token, head) pairs computed (every key of a computed pair is read)."""
+        return self.active_heads / self.ctx.n_heads
+
+    def attention_flops_per_token(self, seq_len: int) -> float:
+        """The active heads' causal attention, plus the routers (2 FLOPs per weight)."""
+        routers = 2.0 * self.ctx.model_dim * (self.ctx.n_heads + 2)
+        return dense_attention_flops(self.active_heads, self.ctx.head_dim, seq_len) + routers

@@ -1,0 +1,163 @@
+"""MoH (Mixture-of-Head attention): the gates as defined (exactly 1 per active head at zero routers,
+top-k renormalised, balance 1 when the router is uniform); the routed path, which computes only the
+(token, head) pairs used, against the naive reference (every head computed, then gated) in outputs
+and every gradient (q, k, v and the three routers) for MHA, GQA, MQA and Qwen2.5's 14/2 heads, odd
+lengths, packed documents, fp32 and bf16; the router in bf16; what it declares; an HF conversion."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from helpers import assert_rel, rel_err
+from longshard.errors import ConfigError
+from longshard.kernels.moh import moh_attention_naive, moh_attention_routed, moh_gates
+from longshard.models.attention import AttentionContext, build_attention
+from longshard.train.config import load_config
+
+
+def _routers(Hs, Hr, E, std=1.0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(Hs, E, generator=g) * std, torch.randn(Hr, E, generator=g) * std,
+            torch.randn(2, E, generator=g) * std)
+
+
+def test_gates_follow_the_definition():
+    x = torch.randn(2, 9, 16)
+    ws, wr, w0 = _routers(2, 4, 16)
+    g = moh_gates(x, ws, wr, w0, 2)
+    alpha = 2 * torch.softmax(x @ w0.t(), -1)
+    assert_rel("shared", alpha[..., :1] * 2 * torch.softmax(x @ ws.t(), -1), g.g_BSH[..., :2], 1e-6)
+    logits = x @ wr.t()
+    assert (g.chosen_BSR.sum(-1) == 2).all()
+    top = logits.topk(2, -1).indices
+    assert torch.equal(torch.zeros_like(g.chosen_BSR).scatter(-1, top, True), g.chosen_BSR)
+    ren = torch.softmax(logits.masked_fill(~g.chosen_BSR, float("-inf")), -1)
+    assert_rel("routed", alpha[..., 1:] * 2 * ren, g.g_BSH[..., 2:], 1e-6)
+    zero = moh_gates(x, ws * 0, wr * 0, w0 * 0, 2)  # zero routers: every active head weighs exactly 1
+    assert torch.equal(zero.g_BSH[..., :2], torch.ones(2, 9, 2))
+    assert torch.equal(zero.g_BSH[..., 2:], zero.chosen_BSR.float())
+    assert float(zero.balance) == pytest.approx(1.0)  # uniform router probabilities
+
+
+LAYOUTS = [(4, 2, 1, 2), (4, 1, 2, 1), (14, 2, 4, 3), (8, 8, 2, 3)]  # H, K, shared, top_k
+
+
+@pytest.mark.parametrize("H,K,Hs,k", LAYOUTS)
+@pytest.mark.parametrize("packed", [False, True])
+def test_routed_matches_naive_with_every_gradient(H, K, Hs, k, packed):
+    """fp32, 1e-5: the same attention for the computed pairs, SDPA vs the explicit softmax (~1e-7)."""
+    B, S, D, E = 2, 37, 8, 16
+    g = torch.Generator().manual_seed(1)
+    q, kk, v = (torch.randn(B, h, S, D, generator=g).requires_grad_() for h in (H, K, K))
+    x = torch.randn(B, S, E, generator=g)
+    routers = [w.requires_grad_() for w in _routers(Hs, H - Hs, E)]
+    doc = (torch.arange(S)[None] >= torch.tensor([[S // 3], [S // 2]])).long() if packed else None
+    results = []
+    for fn in (moh_attention_naive, moh_attention_routed):
+        gates = moh_gates(x, *routers, k)
+        out = fn(q, kk, v, gates, 1 / math.sqrt(D), doc)
+        ((out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum() + gates.balance).backward()
+        leaves = [q, kk, v, *routers]
+        results.append((out.detach(), [t.grad.clone() for t in leaves]))
+        for t in leaves:
+            t.grad = None
+    (o_ref, g_ref), (o, g_out) = results
+    assert_rel("out", o_ref, o, 1e-5)
+    for name, a, b in zip(("dq", "dk", "dv", "dW_shared", "dW_routed", "dW0"), g_ref, g_out):
+        assert_rel(name, a, b, 1e-5)
+    assert g_ref[4].abs().max() > 0 and g_ref[5].abs().max() > 0  # the routers and mixing weights train
+    chosen = moh_gates(x, *routers, k).chosen_BSR
+    unchosen = ~chosen.transpose(1, 2)  # (B, Hr, S): those rows are exactly 0
+    assert (o[:, Hs:][unchosen] == 0).all()
+
+
+def test_bf16_inputs_and_router():
+    """bf16 q, k, v within 2e-2 of the fp32 reference (bf16 inputs: ~4e-3 each); the router runs in fp32
+    from a bf16 layer input (finite, the same choice as fp32 on the rounded input)."""
+    B, H, K, S, D, E = 1, 4, 2, 40, 16, 32
+    g = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(B, h, S, D, generator=g) for h in (H, K, K))
+    x = torch.randn(B, S, E, generator=g)
+    routers = _routers(1, 3, E)
+    ref = moh_attention_naive(q, k, v, moh_gates(x, *routers, 2), 0.25)
+    gb = moh_gates(x.bfloat16(), *(w.bfloat16() for w in routers), 2)
+    assert gb.g_BSH.dtype == torch.float32 and torch.isfinite(gb.g_BSH).all() and torch.isfinite(gb.balance)
+    g32 = moh_gates(x.bfloat16().float(), *(w.bfloat16().float() for w in routers), 2)
+    assert torch.equal(gb.chosen_BSR, g32.chosen_BSR)
+    out = moh_attention_routed(q.bfloat16(), k.bfloat16(), v.bfloat16(), moh_gates(x, *routers, 2), 0.25)
+    assert out.dtype == torch.bfloat16 and rel_err(ref, out.float()) <= 2e-2
+
+
+def test_work_counts_the_active_heads():
+    ctx = AttentionContext(layer_idx=0, n_layers=1, n_heads=8, n_kv_heads=2, head_dim=16, model_dim=64)
+    dense = build_attention("dense", {}, ctx).attention_flops_per_token(1024)
+    for shared, k in ((2, 6), (2, 2), (1, 1)):
+        core = build_attention("moh", {"shared_heads": shared, "top_k": k}, ctx)
+        assert core.kept_fraction(1024) == (shared + k) / 8
+        attn = core.attention_flops_per_token(1024) - 2 * 64 * 10  # less the routers
+        assert attn == pytest.approx(dense * (shared + k) / 8)
+
+
+def test_declares_no_ring_and_no_tensor_parallelism_and_checks_its_heads():
+    for mode in ("ring", "ulysses", "hybrid"):
+        with pytest.raises(ConfigError, match=r"parallel.sp_mode.*moh.*parallel.sp_degree=1"):
+            load_config("tiny_lm", ["parallel.sp_degree=4", f"parallel.sp_mode={mode}", "train.nproc=4",
+                                    "parallel.sp_ulysses_degree=2", "model.attention=[{name: moh}]"])
+    with pytest.raises(ConfigError, match=r"parallel.tp_degree.*moh.*router"):
+        load_config("tiny_lm", ["parallel.tp_degree=2", "parallel.dp_mode=fsdp2", "train.nproc=2",
+                                "model.attention=[{name: moh}]"])
+    ctx = AttentionContext(layer_idx=3, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=8, model_dim=32)
+    with pytest.raises(ConfigError, match=r"model.attention\[3\].options.top_k.*top_k=3 of 2 routed"):
+        build_attention("moh", {"shared_heads": 2, "top_k": 3}, ctx)
+    with pytest.raises(ConfigError, match=r"shared_heads.*5 shared heads"):
+        build_attention("moh", {"shared_heads": 5, "top_k": 0}, ctx)
+
+
+def test_converted_hf_checkpoint_starts_where_the_maths_allows(tmp_path):
+    """Zero routers (`router_std: 0`): with every head shared the converted model gives transformers'
+    logits; with 1 shared + top-1 of 3 routed it differs only by the heads not chosen."""
+    import transformers
+    from longshard.models.attention import AttentionSpec
+    from longshard.models.hf import load_hf_model
+
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    transformers.LlamaForCausalLM(cfg).eval().save_pretrained(tmp_path / "hf", safe_serialization=True)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    tokens = torch.randint(0, 97, (2, 33))
+    with torch.no_grad():
+        ref = hf(tokens).logits
+        every = load_hf_model(tmp_path / "hf", [AttentionSpec(name="moh", options={"shared_heads": 4, "top_k": 0,
+                                                                                      "router_std": 0.0})])
+        assert rel_err(ref, every.eval()(tokens)) <= 1e-5  # fp32: SDPA with a mask vs transformers' SDPA
+        part = load_hf_model(tmp_path / "hf", [AttentionSpec(name="moh", options={"shared_heads": 1, "top_k": 1,
+                                                                                     "router_std": 0.0})])
+        assert rel_err(ref, part.eval()(tokens)) > 1e-3
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_quickstart_trains_with_moh(dtype, tmp_path, env_cpu):
+    """The main job with every layer `moh` (1 shared + top-1 of 3 routed heads: half the heads per
+    token), data parallel over its 2 ranks; the loss goes down, the balance loss is in the objective
+    and the kept fraction is the active share."""
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "longshard.cli", "train", "quickstart",
+                           "model.attention=[{name: moh, options: {shared_heads: 1, top_k: 1}}]",
+                           "parallel.sp_degree=1", "train.micro_batch_size=8", "train.steps=6",
+                           f"train.dtype={dtype}", "eval.mqar_samples=2", "eval.val_batches=1",
+                           "logging.wandb=disabled", "logging.progress=false",
+                           f"output_dir={out}"], env=env_cpu, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    assert report["losses"][-1] < report["losses"][0]
+    metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    first = next(m for m in metrics if "attn_kept_fraction" in m)
+    assert first["attn_kept_fraction"] == 0.5 and first["aux_loss"] > 0
