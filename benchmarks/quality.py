@@ -33,6 +33,11 @@ VARIANTS: dict[str, list[str]] = {
     "mixed_dense_s2": ["model.attention=[{name: mixed, options: {groups: [{name: dense, heads: 3}, "
                        f"{{name: s2, heads: 3, options: {json.dumps(S2)}}}]}}}}]"],
     "sqa": ["model.attention=[{name: dense}]", "model.n_query_heads=3", "model.n_kv_heads=1"],
+    # DMA: 4 blocks of 16 per query block (kept fraction 0.39 at 256); MoH: 4 of the 6 heads per token;
+    # PowerAttention: 2 local blocks of 16 + power-of-two distances
+    "dma": ["model.attention=[{name: dma, options: {block: 16, keep_blocks: 4}}]"],
+    "moh": ["model.attention=[{name: moh, options: {shared_heads: 2, top_k: 2}}]"],
+    "power": ["model.attention=[{name: power, options: {block: 16, local_blocks: 2}}]"],
 }
 
 
