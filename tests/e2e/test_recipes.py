@@ -45,6 +45,10 @@ RECIPE_STEP = {  # recipe: (processes, overrides shrinking its layout to 2 CPU p
     "continue_hf_s2": (2, ["parallel.sp_degree=2", "model.attention=[{name: s2, options: {block: 16, "
                            "local_blocks: 2, vert_stride: 8, shard: auto}}]"]),
     "continue_hf_nosa": (1, []),  # with host-memory activation offload
+    # MoH over Qwen2.5's 14 heads (the recipe ships 8 shared + top-16 of 24 for 32 heads): 4 + top-5 of 10
+    # (and YaRN: the tiny checkpoint's context is shorter than the 256 tokens; the recipe keeps the context)
+    "continue_hf_moh": (2, ["model.attention=[{name: moh, options: {shared_heads: 4, top_k: 5, router_std: 0.0}}]",
+                            "init.rope_scaling=yarn", "init.rope_factor=4.0"]),
 }
 
 

@@ -68,6 +68,9 @@ def test_continue_with_yarn_extends_context(tmp_path, data_dir, env_cpu):
     # small blocks so 256 tokens have far blocks: the importance bias and the budget change the loss a little
     ("continue_hf_nosa", 1, ["model.attention=[{name: nosa, options: {block: 16, local_blocks: 2, query_blocks: 2, "
                              "static_blocks: 2}}]"]),
+    # the tiny Llama's 4 heads: 1 shared + top-2 of 3 routed, zero routers
+    ("continue_hf_moh", 2, ["model.attention=[{name: moh, options: {shared_heads: 1, top_k: 2, router_std: 0.0}}]",
+                            "init.rope_scaling=yarn", "init.rope_factor=4.0"]),
 ])
 def test_continue_recipes_convert_measure_the_gap_and_train(tmp_path, data_dir, env_cpu, recipe, nproc, extra):
     """Each shipped continue-training recipe converts a tiny HF Llama, reports the initial loss gap
@@ -90,6 +93,8 @@ def test_continue_recipes_convert_measure_the_gap_and_train(tmp_path, data_dir, 
         assert gap["loss_gap"] == 0.0  # gates at sigmoid(0) = 1/2 with wo doubled: exact in fp32
     elif recipe == "continue_hf_s2":  # 256 tokens lie inside S2's 16 local blocks: the same attention
         assert abs(gap["loss_gap"]) < 1e-5 * gap["original_loss"]
+    elif recipe == "continue_hf_moh":  # each token drops 1 of its 4 heads; the other 3 compute what they did
+        assert gap["loss_gap"] != 0.0 and abs(gap["loss_gap"]) < 0.5 * gap["original_loss"]
     else:  # NOSA reads 6 of 16 blocks: a real but small gap for this random tiny model
         assert gap["loss_gap"] != 0.0 and abs(gap["loss_gap"]) < 0.05 * gap["original_loss"]
 
