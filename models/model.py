@@ -279,14 +279,24 @@ class Transformer(nn.Module):
                 m.reset_variant_parameters()
         self.rope.reset_parameters()
 
-    def aux_loss(self) -> torch.Tensor | None:
-        """Sum of auxiliary losses (e.g. gate L1 penalties) recorded by the last forward, then cleared.
+    def aux_losses(self) -> dict[int, torch.Tensor]:
+        """Auxiliary loss of each layer that recorded one in the last forward (a learned-gate L1 penalty,
+        MoH's load balance), by layer index; cleared on reading.
 
         Attention modules set ``last_aux_loss`` during their forward (so the parameters it uses
-        are materialised even under FSDP2); the trainer adds this to the language-model loss.
+        are materialised even under FSDP2); the trainer adds their sum to the language-model loss.
         """
-        found = [m.pop_aux_loss() for m in self.modules() if isinstance(m, CoreAttention)]
-        found = [v for v in found if v is not None]
+        out: dict[int, torch.Tensor] = {}
+        for i, layer in enumerate(self.layers):
+            found = [m.pop_aux_loss() for m in layer.modules() if isinstance(m, CoreAttention)]
+            found = [v for v in found if v is not None]
+            if found:
+                out[i] = torch.stack(found).sum()
+        return out
+
+    def aux_loss(self) -> torch.Tensor | None:
+        """Sum of :meth:`aux_losses` (None when no layer recorded one), then cleared."""
+        found = list(self.aux_losses().values())
         return torch.stack(found).sum() if found else None
 
     def set_activation_checkpointing(self, mode: str) -> None:

@@ -121,6 +121,7 @@ class TrainLoop:
         self.engine = run.engine
         self.loader, self.ckpt, self.metrics = loader, ckpt, metrics
         self.state, self.inputs, self.run_eval = state, inputs, run_eval
+        self.aux_by_layer: dict[int, float] = {}  # each layer's auxiliary loss in the last step (metrics)
 
     # --- the loop ------------------------------------------------------------------------------
     def fit(self, watch: PreemptionWatch, lock: RunLocks) -> None:
@@ -210,20 +211,25 @@ class TrainLoop:
         return micro, max(float(counts[0]), 1.0)
 
     def _accumulate(self, micro: list[dict[str, torch.Tensor]], n_global: float) -> tuple[float, float]:
-        """Forward and backward of every micro-batch; returns the global token-mean loss and the aux loss."""
+        """Forward and backward of every micro-batch; returns the global token-mean loss and the aux loss
+        (its per-layer parts are kept in ``self.aux_by_layer`` for the metrics)."""
         env, dmodel = self.env, self.run.dmodel
         loss_sum = torch.zeros((), device=env.device)
         aux_sum = 0.0
+        self.aux_by_layer = {}
         for i, b in enumerate(micro):
             last = i == len(micro) - 1
             with self.engine.accumulating(last):
                 ce = forward_loss(dmodel, b, env.device, self.inputs.autocast, self.cfg.data.doc_mask).loss_sum
                 # Gradient of the global token-mean loss: data parallel averages over ranks, so scale back up.
                 objective = ce * (env.world_size / n_global)
-                aux = unwrap(dmodel).aux_loss()
-                if aux is not None:  # parameter penalties: same on every rank, once per optimizer step
+                by_layer = unwrap(dmodel).aux_losses()
+                if by_layer:  # parameter penalties, load balance: once per optimizer step
+                    aux = torch.stack(list(by_layer.values())).sum()
                     objective = objective + aux / len(micro)
                     aux_sum += float(aux.detach()) / len(micro)
+                    for i, v in by_layer.items():
+                        self.aux_by_layer[i] = self.aux_by_layer.get(i, 0.0) + float(v.detach()) / len(micro)
                 self.engine.backward(objective, last)
             loss_sum += ce.detach()
         dist.all_reduce(loss_sum)
@@ -262,6 +268,7 @@ class TrainLoop:
         }
         self.state.last_comm = self.run.comm.reset()
         rec.update({f"comm/{k}": v for k, v in self.state.last_comm.items()})
+        rec.update({f"aux/layer{i}": v for i, v in sorted(self.aux_by_layer.items())})
         if self.engine.loss_scale() is not None:  # fp16: the dynamic loss scale after this step
             rec["loss_scale"] = self.engine.loss_scale()
         return rec

@@ -61,7 +61,7 @@ def dma_attention_gather(
     if Sq != Sk:
         return dma_attention_naive(q_BHSD, k_BKSD, v_BKSD, a_K, delta_KD, block, keep_blocks, scale, doc_ids_BS)
     bias_BKS = dma_key_bias(v_BKSD, a_K, delta_KD)
-    idx, ok, _ = select_key_blocks(bias_BKS, block, keep_blocks, Sq, Sk)
+    idx, ok, _ = select_key_blocks(bias_BKS, block, keep_blocks, Sq, Sk, doc_ids_BS)
     n = idx.shape[2]
     q_pad = F.pad(q_BHSD, (0, 0, 0, n * block - Sq)).view(B, H, n, block, D)
     outs = []

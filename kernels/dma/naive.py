@@ -51,7 +51,7 @@ def dma_attention_naive(
     K, Sk = k_BKSD.shape[1], k_BKSD.shape[2]
     dt = acc_dtype(q_BHSD)
     bias_BKS = dma_key_bias(v_BKSD, a_K, delta_KD)
-    idx, ok, q0 = select_key_blocks(bias_BKS, block, keep_blocks, Sq, Sk)
+    idx, ok, q0 = select_key_blocks(bias_BKS, block, keep_blocks, Sq, Sk, doc_ids_BS)
     keep_BKSS = dma_token_mask(idx, ok, q0, block, Sq, Sk, doc_ids_BS)
     s = torch.einsum("bkgtd,bksd->bkgts", q_BHSD.to(dt).view(B, K, H // K, Sq, D), k_BKSD.to(dt)) * scale
     s = (s + bias_BKS[:, :, None, None, :].to(dt)).masked_fill(~keep_BKSS[:, :, None], float("-inf"))

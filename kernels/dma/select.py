@@ -41,9 +41,13 @@ def block_scores(bias_BKS: torch.Tensor, block: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def select_key_blocks(bias_BKS: torch.Tensor, block: int, keep_blocks: int, q_len: int,
-                      k_len: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+def select_key_blocks(bias_BKS: torch.Tensor, block: int, keep_blocks: int, q_len: int, k_len: int,
+                      doc_ids_BS: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Key blocks each query block reads, chosen by the detached bias.
+
+    With packed documents an earlier key block is a candidate only when its last token belongs to the
+    document of the query block's first or last token (a block wholly inside another document would
+    spend the budget on keys the document mask hides).
 
     Args:
         bias_BKS: per-key bias (its values only are used).
@@ -51,6 +55,7 @@ def select_key_blocks(bias_BKS: torch.Tensor, block: int, keep_blocks: int, q_le
         keep_blocks: blocks each query block reads, its own included.
         q_len: query positions: the last ``q_len`` of the ``k_len`` key positions.
         k_len: key positions.
+        doc_ids_BS: (B, k_len) document ids, or None.
 
     Returns:
         ``(idx_BKQM, ok_BKQM, q0)``: block indices (the diagonal block last), whether each slot is a real
@@ -62,8 +67,15 @@ def select_key_blocks(bias_BKS: torch.Tensor, block: int, keep_blocks: int, q_le
     q0 = (k_len - q_len) // block
     qb_Q = torch.arange(q0, n, device=bias_BKS.device)
     score = block_scores(bias_BKS.detach(), block)  # (B, K, N)
-    earlier_QN = torch.arange(n, device=bias_BKS.device)[None, :] < qb_Q[:, None]
-    cand = score[:, :, None, :].expand(B, K, qb_Q.numel(), n).masked_fill(~earlier_QN, float("-inf"))
+    j_N = torch.arange(n, device=bias_BKS.device)
+    ok_BQN = (j_N[None, :] < qb_Q[:, None])[None]
+    if doc_ids_BS is not None:
+        last_doc_BN = doc_ids_BS[:, ((j_N + 1) * block).clamp_max(k_len) - 1]
+        q_first_BQ = doc_ids_BS[:, qb_Q * block]
+        q_last_BQ = doc_ids_BS[:, ((qb_Q + 1) * block).clamp_max(k_len) - 1]
+        ok_BQN = ok_BQN & ((last_doc_BN[:, None, :] == q_first_BQ[:, :, None])
+                           | (last_doc_BN[:, None, :] == q_last_BQ[:, :, None]))
+    cand = score[:, :, None, :].expand(B, K, qb_Q.numel(), n).masked_fill(~ok_BQN[:, None], float("-inf"))
     m = min(keep_blocks - 1, n)
     vals, idx = torch.sort(cand, dim=-1, descending=True, stable=True)  # ties: the earlier block first
     far_idx, far_ok = idx[..., :m], vals[..., :m] > float("-inf")

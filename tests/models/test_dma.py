@@ -24,7 +24,9 @@ from longshard.train.memory import saved_attention_bytes
 
 def _loop_reference(q, k, v, a, delta, block, keep, scale, doc):
     """DMA for one query at a time, as the paper states it (fp64): bias per key from its value, the query
-    block's own block plus the keep-1 earlier blocks of highest mean bias, softmax with the bias added."""
+    block's own block plus the keep-1 earlier blocks of highest mean bias, softmax with the bias added.
+    Packed: an earlier block is a candidate when its last token is in the document of the query block's
+    first or last token."""
     B, H, S, D = q.shape
     K = k.shape[1]
     out = torch.zeros(B, H, S, D, dtype=torch.float64)
@@ -36,7 +38,11 @@ def _loop_reference(q, k, v, a, delta, block, keep, scale, doc):
             score = [float(bias[j * block : (j + 1) * block].mean()) for j in range(n)]
             for t in range(S):
                 i = t // block
-                blocks = set(sorted(range(i), key=lambda j: (-score[j], j))[: keep - 1]) | {i}
+                cand = range(i)
+                if doc is not None:
+                    q_docs = {int(doc[b, i * block]), int(doc[b, min((i + 1) * block, S) - 1])}
+                    cand = [j for j in cand if int(doc[b, min((j + 1) * block, S) - 1]) in q_docs]
+                blocks = set(sorted(cand, key=lambda j: (-score[j], j))[: keep - 1]) | {i}
                 keys = [j for j in range(t + 1) if j // block in blocks and (doc is None or doc[b, j] == doc[b, t])]
                 logits = torch.stack([q[b, h, t] @ k[b, kh, j] * scale + bias[j] for j in keys])
                 p = torch.softmax(logits, 0)

@@ -161,3 +161,6 @@ def test_quickstart_trains_with_moh(dtype, tmp_path, env_cpu):
     metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     first = next(m for m in metrics if "attn_kept_fraction" in m)
     assert first["attn_kept_fraction"] == 0.5 and first["aux_loss"] > 0
+    # the balance loss of each of the 2 layers, logged apart (1 when balanced, times balance_coef 0.01)
+    parts = [first["aux/layer0"], first["aux/layer1"]]
+    assert sum(parts) == pytest.approx(first["aux_loss"]) and all(0.005 < p < 0.05 for p in parts)

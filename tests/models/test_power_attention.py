@@ -132,3 +132,26 @@ def test_quickstart_trains_with_power_attention_sequence_parallel(dtype, tmp_pat
     assert t["sparse_exchange_layers"] == 2
     measured, planned = t["measured_sparse_exchange_bytes_per_step"], t["sparse_exchange_bytes_per_step"]
     assert measured == planned < t["dense_ring_bytes_per_step"]
+
+
+def test_converted_hf_checkpoint_starts_where_it_was(tmp_path):
+    """`init.hf_path` to PowerAttention (no parameters of its own): with local blocks covering the
+    sequence the converted model gives transformers' logits; with a short band only the unread keys
+    differ (the gap the trainer measures)."""
+    import transformers
+    from helpers import rel_err
+    from longshard.models.attention import AttentionSpec
+    from longshard.models.hf import load_hf_model
+
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    transformers.LlamaForCausalLM(cfg).eval().save_pretrained(tmp_path / "hf", safe_serialization=True)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    tokens = torch.randint(0, 97, (2, 77))
+    with torch.no_grad():
+        ref = hf(tokens).logits
+        cover = load_hf_model(tmp_path / "hf", [AttentionSpec(name="power", options={"block": 8, "local_blocks": 10})])
+        assert rel_err(ref, cover.eval()(tokens)) <= 1e-5  # fp32: gathered blocks vs transformers' SDPA (~1e-7)
+        band = load_hf_model(tmp_path / "hf", [AttentionSpec(name="power", options={"block": 8, "local_blocks": 1})])
+        assert rel_err(ref, band.eval()(tokens)) > 1e-3
