@@ -21,6 +21,16 @@ def _seed() -> None:
     torch.manual_seed(0)
 
 
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    """The embedded corpus prepared once per test module (300K tokens)."""
+    from longshard.train.data import prepare_default
+
+    path = tmp_path_factory.mktemp("data") / "default"
+    prepare_default(path, 300_000)
+    return path
+
+
 @pytest.fixture
 def env_cpu() -> dict[str, str]:
     """Environment for subprocess training runs: CPU, wandb off, one thread per process."""

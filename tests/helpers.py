@@ -54,3 +54,13 @@ def train_tiny(model: torch.nn.Module, steps: int = 5, vocab: int = 64, lr: floa
         opt.step()
         losses.append(float(loss.detach()))
     return losses
+
+
+def tiny_llama_checkpoint(path: Path) -> None:
+    """Save a random Hugging Face Llama (2 layers, 4 query / 2 KV heads, dim 64, vocab 97) to ``path``."""
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    transformers.LlamaForCausalLM(cfg).eval().save_pretrained(path, safe_serialization=True)

@@ -27,7 +27,26 @@ from torch import nn
 
 
 @dataclass(kw_only=True)
-class StreamingOptions(AttentionOptions):
+class _SinkWindowOptions(AttentionOptions):
+    """Sink + window options shared by ``streaming`` and ``streaming_gated`` (checked when built)."""
+
+    sink: int = 128
+    window: int = 256
+    block: int = 64
+    path: str = "auto"
+
+    def __post_init__(self) -> None:
+        require(self.sink >= 0, "sink", f"must be >= 0, got {self.sink}.")
+        require_positive(self.window, "window")
+        require_positive(self.block, "block")
+        check_path(self.path)
+
+    def ring_seq_multiple(self, ring_degree: int) -> int:
+        return 2 * ring_degree * self.block  # whole blocks in each of the 2 x ring zigzag chunks
+
+
+@dataclass(kw_only=True)
+class StreamingOptions(_SinkWindowOptions):
     """Options of ``streaming``.
 
     Args:
@@ -46,23 +65,10 @@ class StreamingOptions(AttentionOptions):
         "gate_l1": "gate_l1 is an option of the variant streaming_gated.",
     }
 
-    sink: int = 128
-    window: int = 256
     retrieval_heads: list[int] = field(default_factory=list)
-    block: int = 64
-    path: str = "auto"
-
-    def __post_init__(self) -> None:
-        require(self.sink >= 0, "sink", f"must be >= 0, got {self.sink}.")
-        require_positive(self.window, "window")
-        require_positive(self.block, "block")
-        check_path(self.path)
 
     def context_parallel(self) -> str | None:
         return "sparse_exchange"
-
-    def ring_seq_multiple(self, ring_degree: int) -> int:
-        return 2 * ring_degree * self.block  # whole blocks in each of the 2 x ring zigzag chunks
 
 
 @register_attention("streaming", StreamingOptions)
@@ -94,7 +100,7 @@ class StreamingAttention(BlockSparseAttention):
 
 
 @dataclass(kw_only=True)
-class StreamingGatedOptions(AttentionOptions):
+class StreamingGatedOptions(_SinkWindowOptions):
     """Options of ``streaming_gated`` (DuoAttention's identification of retrieval heads).
 
     Args:
@@ -105,24 +111,14 @@ class StreamingGatedOptions(AttentionOptions):
         path: block-sparse path of the streaming branch (see ``streaming``).
     """
 
-    sink: int = 128
-    window: int = 256
     gate_l1: float = 0.05
-    block: int = 64
-    path: str = "auto"
 
     def __post_init__(self) -> None:
-        require(self.sink >= 0, "sink", f"must be >= 0, got {self.sink}.")
-        require_positive(self.window, "window")
-        require_positive(self.block, "block")
+        super().__post_init__()
         require(self.gate_l1 >= 0, "gate_l1", "must be >= 0.")
-        check_path(self.path)
 
     def context_parallel(self) -> str | None:
         return None  # the full branch of every head needs all keys: Ulysses only
-
-    def ring_seq_multiple(self, ring_degree: int) -> int:
-        return 2 * ring_degree * self.block
 
     def tensor_parallel_problem(self) -> str | None:
         return "streaming_gated has per-KV-head gate parameters (alpha)"

@@ -9,16 +9,8 @@ from pathlib import Path
 
 import pytest
 from helpers import torchrun_cmd
-from longshard.train.data import prepare_default
 
 pytestmark = pytest.mark.dist
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("data") / "default"
-    prepare_default(path, 300_000)
-    return path
 
 
 def _tiny_hf_qwen2(path: Path) -> None:

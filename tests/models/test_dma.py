@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import assert_rel, rel_err
+from helpers import assert_rel, rel_err, tiny_llama_checkpoint
 from longshard.errors import ConfigError
 from longshard.kernels.dma import dma_attention_gather, dma_attention_naive, dma_kept_fraction, select_key_blocks
 from longshard.kernels.dma.naive import dma_token_mask
@@ -204,10 +204,7 @@ def test_converted_hf_checkpoint_starts_where_it_was(tmp_path):
     from longshard.models.attention import AttentionSpec
     from longshard.models.hf import load_hf_model
 
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
-    transformers.LlamaForCausalLM(cfg).eval().save_pretrained(tmp_path / "hf", safe_serialization=True)
+    tiny_llama_checkpoint(tmp_path / "hf")
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
     tokens = torch.randint(0, 97, (2, 61))
     with torch.no_grad():

@@ -10,7 +10,7 @@ import math
 
 import pytest
 import torch
-from helpers import assert_rel, rel_err
+from helpers import assert_rel, rel_err, tiny_llama_checkpoint
 from longshard.errors import ConfigError
 from longshard.kernels.moh import moh_attention_naive, moh_attention_routed, moh_gates
 from longshard.models.attention import AttentionContext, build_attention
@@ -122,10 +122,7 @@ def test_converted_hf_checkpoint_starts_where_the_maths_allows(tmp_path):
     from longshard.models.attention import AttentionSpec
     from longshard.models.hf import load_hf_model
 
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
-    transformers.LlamaForCausalLM(cfg).eval().save_pretrained(tmp_path / "hf", safe_serialization=True)
+    tiny_llama_checkpoint(tmp_path / "hf")
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
     tokens = torch.randint(0, 97, (2, 33))
     with torch.no_grad():

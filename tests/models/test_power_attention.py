@@ -139,14 +139,11 @@ def test_converted_hf_checkpoint_starts_where_it_was(tmp_path):
     sequence the converted model gives transformers' logits; with a short band only the unread keys
     differ (the gap the trainer measures)."""
     import transformers
-    from helpers import rel_err
+    from helpers import rel_err, tiny_llama_checkpoint
     from longshard.models.attention import AttentionSpec
     from longshard.models.hf import load_hf_model
 
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
-    transformers.LlamaForCausalLM(cfg).eval().save_pretrained(tmp_path / "hf", safe_serialization=True)
+    tiny_llama_checkpoint(tmp_path / "hf")
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
     tokens = torch.randint(0, 97, (2, 77))
     with torch.no_grad():

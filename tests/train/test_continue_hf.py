@@ -7,21 +7,12 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 from helpers import torchrun_cmd
-from longshard.train.data import prepare_default
 from train_runs import _losses, _run, _tiny_hf_llama
 
 pytestmark = pytest.mark.dist
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("data") / "default"
-    prepare_default(path, 300_000)
-    return path
 
 
 def test_continue_from_hf_starts_from_its_weights(tmp_path, data_dir, env_cpu):

@@ -3,20 +3,11 @@
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import pytest
-from longshard.train.data import prepare_default
 from train_runs import _run
 
 pytestmark = pytest.mark.dist
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("data") / "default"
-    prepare_default(path, 300_000)
-    return path
 
 
 def test_full_disk_is_named_and_the_previous_checkpoint_survives(tmp_path, data_dir, env_cpu, small_disk):

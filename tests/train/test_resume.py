@@ -7,7 +7,6 @@ import json
 import re
 import subprocess
 import time
-from pathlib import Path
 
 import pytest
 from helpers import torchrun_cmd
@@ -15,13 +14,6 @@ from longshard.train.data import prepare_default
 from train_runs import TINY, _kill_all, _losses, _run
 
 pytestmark = pytest.mark.dist
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("data") / "default"
-    prepare_default(path, 300_000)
-    return path
 
 
 def test_kill_and_resume_is_exact(tmp_path, data_dir, env_cpu):
@@ -161,7 +153,6 @@ def test_resume_refuses_a_different_run_and_applies_allowed_changes(tmp_path, da
     """A 4-layer checkpoint: resuming with 2 layers is refused naming the field (and nothing is pruned);
     a changed lr, seq_len or corpus is refused unless listed in checkpoint.allow_changes; an allowed
     lr reaches the optimizer (the logged lr follows the new value)."""
-    from longshard.train.data import prepare_default
 
     out = tmp_path / "r"
     base = ["train.steps=2", "checkpoint.every=1", "checkpoint.keep_last=1", "train.log_every=1",

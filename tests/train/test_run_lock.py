@@ -7,20 +7,11 @@ import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
-from longshard.train.data import prepare_default
 from train_runs import _run
 
 pytestmark = pytest.mark.dist
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("data") / "default"
-    prepare_default(path, 300_000)
-    return path
 
 
 def test_second_run_into_a_locked_output_dir_stops_at_once(tmp_path, data_dir, env_cpu):

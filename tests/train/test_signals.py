@@ -11,21 +11,12 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 from helpers import torchrun_cmd
-from longshard.train.data import prepare_default
 from train_runs import TINY, _losses, _run, _worker_pids
 
 pytestmark = pytest.mark.dist
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("data") / "default"
-    prepare_default(path, 300_000)
-    return path
 
 
 def test_sigterm_writes_checkpoint_and_resume_is_exact(tmp_path, data_dir, env_cpu):

@@ -8,20 +8,11 @@ import json
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
-from longshard.train.data import prepare_default
 from train_runs import _losses, _run
 
 pytestmark = pytest.mark.dist
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("data") / "default"
-    prepare_default(path, 300_000)
-    return path
 
 
 @pytest.mark.parametrize("dp_mode", ["ddp", "fsdp2"])
