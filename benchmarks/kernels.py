@@ -3,6 +3,8 @@
 * block-sparse kernel with a dense causal mask, an S2 mask and a sink + sliding-window mask, vs
   flash-attn dense causal (or SDPA's flash backend when flash-attn is absent) and vs
   ``flex_attention`` (compiled) with the same per-head mask;
+* DMA (value-derived key bias, top ``DMA_KEEP`` blocks per query block) through the same kernel with
+  the bias as a per-key logit term, vs the dense baseline and vs DMA's PyTorch gather path;
 * lightning kernel vs our PyTorch blocked form.
 
 Forward and forward+backward times are medians over repetitions after warm-up (CUDA events).
@@ -27,6 +29,7 @@ from collections.abc import Callable
 import torch
 
 H, KV, D, BLOCK = 16, 16, 128, 64
+DMA_KEEP = 16  # DMA's key blocks per query block (1,024 keys at block 64)
 
 
 def masks(S: int, block: int, heads: int) -> dict:
@@ -124,6 +127,7 @@ def measure_length(S: int, dtype: torch.dtype, reps: int, heads: int, head_dim: 
                 rec["flex_error"] = f"{type(e).__name__}: {e}"[:200]
         records.append(rec)
         print(json.dumps(rec), flush=True)
+    records.append(dma_record(q, k, v, block, reps, common, base_name, base_fwd, base_fb))
     # lightning: feature dim = value dim = head_dim, per-head decays as in our linear attention
     log_decay = torch.linspace(0.5, 0.01, heads, device=dev)
     tri = lambda: lightning_attention_triton(q, k, v, log_decay, None, 64)[0]
@@ -136,6 +140,28 @@ def measure_length(S: int, dtype: torch.dtype, reps: int, heads: int, head_dim: 
     records.append(rec)
     print(json.dumps(rec), flush=True)
     return records
+
+
+def dma_record(q, k, v, block: int, reps: int, common: dict, base_name: str, base_fwd: float,
+               base_fb: float) -> dict:
+    """DMA through the Triton kernel vs the dense baseline, and its gather path (where it fits in time)."""
+    from longshard.kernels.dma import dma_attention_gather, dma_attention_triton, dma_kept_fraction
+
+    S, heads, head_dim = q.shape[2], q.shape[1], q.shape[3]
+    a = torch.full((heads,), 0.5, device=q.device, requires_grad=True)
+    delta = (torch.randn(heads, head_dim, device=q.device) * 0.02).requires_grad_()
+    keep = min(DMA_KEEP, math.ceil(S / block))
+    tri = lambda: dma_attention_triton(q, k, v, a, delta, block, keep, head_dim ** -0.5)
+    rec = {"kernel": "dma", "mask": f"dma_keep{keep}", **common,
+           "fwd_ms": timed(tri, reps, False), "fwd_bwd_ms": timed(tri, reps, True),
+           "baseline": base_name, "baseline_fwd_ms": base_fwd, "baseline_fwd_bwd_ms": base_fb,
+           "flop_ratio": 1.0 / dma_kept_fraction(S, block, keep)}
+    rec["speedup_vs_baseline"] = base_fb / rec["fwd_bwd_ms"]
+    if S <= 32768:  # the PyTorch gather path: the reference speed of the same selection
+        gat = lambda: dma_attention_gather(q, k, v, a, delta, block, keep, head_dim ** -0.5)
+        rec["gather_fwd_ms"], rec["gather_fwd_bwd_ms"] = timed(gat, reps, False), timed(gat, reps, True)
+    print(json.dumps(rec), flush=True)
+    return rec
 
 
 def run(lengths: list[int], dtype: torch.dtype, reps: int, heads: int, head_dim: int, block: int) -> list[dict]:

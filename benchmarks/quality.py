@@ -38,6 +38,10 @@ VARIANTS: dict[str, list[str]] = {
     "dma": ["model.attention=[{name: dma, options: {block: 16, keep_blocks: 4}}]"],
     "moh": ["model.attention=[{name: moh, options: {shared_heads: 2, top_k: 2}}]"],
     "power": ["model.attention=[{name: power, options: {block: 16, local_blocks: 2}}]"],
+    # passkey at 128 tokens, equal kept fraction 0.289: PowerAttention on blocks of 4 tokens (the last
+    # query reaches 97% of the prompt through the 4 layers) vs a 20-token window (60%: 4 x 20 tokens)
+    "power_b4": ["model.attention=[{name: power, options: {block: 4, local_blocks: 2}}]"],
+    "sliding_window_20": ["model.attention=[{name: sliding_window, options: {window: 20}}]"],
 }
 
 

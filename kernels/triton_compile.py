@@ -149,7 +149,7 @@ KERNELS = ("fwd", "dq", "dkdv")
 @dataclass(frozen=True)
 class Case:
     """One shipped launch: family (``block_sparse``/``lightning``), kernel, dtype, head dim, block or
-    chunk, stacked heads, flags (``win+doc``, ``select``, ``doc``), target arch."""
+    chunk, stacked heads, flags (``win+doc``, ``select``, ``bias+doc``, ``doc``), target arch."""
 
     family: str
     kernel: str
@@ -177,6 +177,8 @@ def cases(kernel: str) -> list[Case]:
             out.append(Case("lightning", kernel, "bf16", D, block, 1, "doc", 90))
         out.append(Case("block_sparse", kernel, "fp16", D, 64, 2, "win+doc", 90))
         out.append(Case("block_sparse", kernel, "bf16", D, 64, 1, "select", 90))  # NSA's selected branch
+        for block, share, arch in ((64, 2, 90), (128, 1, 90), (64, 2, 80)):  # DMA: per-key bias, packed
+            out.append(Case("block_sparse", kernel, "bf16", D, block, share, "bias+doc", arch))
         for block, share in ((128, 1), (64, 2), (16, 8)):  # A100: the largest tiles
             out.append(Case("block_sparse", kernel, "bf16", D, block, share, "win+doc", 80))
         out.append(Case("lightning", kernel, "fp32", D, 64, 1, "doc", 90))
@@ -187,7 +189,7 @@ def cases(kernel: str) -> list[Case]:
 def block_sparse_types(act: str) -> dict[str, str]:
     """Argument types of the block-sparse kernels with activations of dtype ``act``."""
     types = {n: pointer(act) for n in ("Q", "K", "V", "OUT", "DO", "DQ", "DK", "DV")}
-    types.update({n: "*fp32" for n in ("LSE", "DELTA")})
+    types.update({n: "*fp32" for n in ("LSE", "DELTA", "BIAS", "DBIAS")})
     types.update({n: "*i32" for n in ("IDX", "CNT", "IDXT", "CNTT", "WIN", "SINK", "DOCQ", "DOCK", "SEL")})
     types.update({n: "fp32" for n in ("qk_scale", "scale")})
     types.update({n: "i32" for n in ("si_b", "si_h", "si_q", "si_k", "sc_b", "sc_h", "H", "S", "D", "GROUP",
@@ -204,8 +206,9 @@ def build(case: Case) -> tuple[Any, dict[str, str], dict[str, Any], int, int]:
         launch = bst.launch_settings(case.kernel, case.block, case.share, case.head_dim, f32)
         warps, stages = launch.pop("num_warps"), launch.pop("num_stages")
         sel = case.flags == "select"
-        constexprs = dict(BLOCK=case.block, SHARE=case.share, BLOCK_D=case.head_dim, HAS_WIN=not sel,
-                          HAS_DOC=not sel, F32=f32, N_SEL=16 if sel else 1, HAS_SEL=sel, **launch)
+        constexprs = dict(BLOCK=case.block, SHARE=case.share, BLOCK_D=case.head_dim, HAS_WIN=case.flags == "win+doc",
+                          HAS_DOC=not sel, F32=f32, N_SEL=16 if sel else 1, HAS_SEL=sel,
+                          HAS_BIAS=case.flags == "bias+doc", **launch)
         fn = {"fwd": bst._bs_fwd, "dq": bst._bs_bwd_dq, "dkdv": bst._bs_bwd_dkdv}[case.kernel]
         return fn, block_sparse_types(case.dtype), constexprs, warps, stages
     import longshard.kernels.lightning.triton as lt

@@ -173,7 +173,7 @@ class TritonPairs:
         return triton_backward(do_BHQD.contiguous(), q_BHQD.contiguous(), k_BKND.contiguous(), v_BKND.contiguous(),
                                lse_BHQ.contiguous(), delta_BHQ.contiguous(), csr, block, self.scale,
                                doc_q_BS=doc_q_BQ, doc_k_BS=doc_k_BN, q_shift=0 if causal else n,
-                               grad_dtype=torch.float32)
+                               grad_dtype=torch.float32)[:3]
 
 
 def pair_kernel(device: torch.device, scale: float, backend: str = "auto") -> CpuPairs | TritonPairs:

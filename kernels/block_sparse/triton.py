@@ -150,10 +150,10 @@ if triton is not None:
         return x
 
     @triton.jit
-    def _load_kv(K_H, V_H, DOC_B, start, S, D, offs_d, d_ok, BLOCK_N: tl.constexpr, HAS_DOC: tl.constexpr,
-                 F32: tl.constexpr):
-        """BLOCK_N keys from position ``start`` of one KV head (``K_H``/``V_H`` point at its first row):
-        (k, v, positions, document ids)."""
+    def _load_kv(K_H, V_H, DOC_B, BIAS_H, start, S, D, offs_d, d_ok, BLOCK_N: tl.constexpr, HAS_DOC: tl.constexpr,
+                 HAS_BIAS: tl.constexpr, F32: tl.constexpr):
+        """BLOCK_N keys from position ``start`` of one KV head (``K_H``/``V_H``/``BIAS_H`` point at its first
+        row): (k, v, positions, document ids, per-key logit bias)."""
         offs_n = start + tl.arange(0, BLOCK_N)
         n_ok = offs_n < S
         kv_mask = n_ok[:, None] & d_ok[None, :]
@@ -162,7 +162,18 @@ if triton is not None:
         dk_doc = offs_n
         if HAS_DOC:
             dk_doc = tl.load(DOC_B + offs_n, mask=n_ok, other=-2)
-        return k, v, offs_n, dk_doc
+        kbias = offs_n
+        if HAS_BIAS:
+            kbias = tl.load(BIAS_H + offs_n, mask=n_ok, other=0.0)
+        return k, v, offs_n, dk_doc, kbias
+
+    @triton.jit
+    def _logits(q, k, kbias, qk_scale, F32: tl.constexpr, HAS_BIAS: tl.constexpr):
+        """Scores in log2 units: q.k * scale (+ the key's bias) times log2(e)."""
+        s = _mm(q, tl.trans(k), F32) * qk_scale
+        if HAS_BIAS:
+            s = s + kbias[None, :] * 1.4426950408889634
+        return s
 
     @triton.jit
     def _query_tile(Q_S, DO_S, LSE_S, DELTA_S, local, pos, S, D, offs_d, d_ok, F32: tl.constexpr):
@@ -189,12 +200,12 @@ if triton is not None:
 
     @triton.jit
     def _bs_fwd(
-        Q, K, V, OUT, LSE, IDX, CNT, WIN, SINK, DOCQ, DOCK, SEL,
+        Q, K, V, OUT, LSE, IDX, CNT, WIN, SINK, DOCQ, DOCK, SEL, BIAS,
         si_b, si_h, si_q, sc_b, sc_h,
         H, S, D, GROUP, KV_H, Q_SHIFT, qk_scale,
         BLOCK: tl.constexpr, SHARE: tl.constexpr, BLOCK_D: tl.constexpr, HAS_WIN: tl.constexpr,
         HAS_DOC: tl.constexpr, F32: tl.constexpr, N_SEL: tl.constexpr, HAS_SEL: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     ):
         # one program per BLOCK_M query rows of a query block (x SHARE stacked heads); the kept key
         # blocks of that query block are walked in sub-tiles of BLOCK_N keys
@@ -225,11 +236,11 @@ if triton is not None:
             kb = tl.load(IDX + b * si_b + hp * si_h + qb * si_q + t // (BLOCK // BLOCK_N))
             start_n = kb * BLOCK + (t % (BLOCK // BLOCK_N)) * BLOCK_N
             if start_n < start_m + BLOCK_M + Q_SHIFT:  # else every key is after every row (causal)
-                k, v, offs_n, dk_doc = _load_kv(K + kv_row * D, V + kv_row * D, DOCK + b * S, start_n, S, D,
-                                                offs_d, d_ok, BLOCK_N, HAS_DOC, F32)
+                k, v, offs_n, dk_doc, kbias = _load_kv(K + kv_row * D, V + kv_row * D, DOCK + b * S, BIAS + kv_row,
+                                                       start_n, S, D, offs_d, d_ok, BLOCK_N, HAS_DOC, HAS_BIAS, F32)
                 keep = _keep_tile(pos, offs_n, S, Q_SHIFT, win, sink, dq_doc, dk_doc, sel, kb, HAS_WIN, HAS_DOC,
                                   HAS_SEL)
-                s = tl.where(keep, _mm(q, tl.trans(k), F32) * qk_scale, float("-inf"))
+                s = tl.where(keep, _logits(q, k, kbias, qk_scale, F32, HAS_BIAS), float("-inf"))
                 m_new = tl.maximum(m_i, tl.max(s, 1))
                 m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
                 p = tl.exp2(s - m_safe[:, None])
@@ -246,12 +257,12 @@ if triton is not None:
 
     @triton.jit
     def _bs_bwd_dq(
-        Q, K, V, DO, LSE, DELTA, DQ, IDX, CNT, WIN, SINK, DOCQ, DOCK, SEL,
+        Q, K, V, DO, LSE, DELTA, DQ, IDX, CNT, WIN, SINK, DOCQ, DOCK, SEL, BIAS,
         si_b, si_h, si_q, sc_b, sc_h,
         H, S, D, GROUP, KV_H, Q_SHIFT, qk_scale, scale,
         BLOCK: tl.constexpr, SHARE: tl.constexpr, BLOCK_D: tl.constexpr, HAS_WIN: tl.constexpr,
         HAS_DOC: tl.constexpr, F32: tl.constexpr, N_SEL: tl.constexpr, HAS_SEL: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     ):
         qb = tl.program_id(0) // (BLOCK // BLOCK_M)
         start_m = qb * BLOCK + (tl.program_id(0) % (BLOCK // BLOCK_M)) * BLOCK_M
@@ -276,11 +287,11 @@ if triton is not None:
             kb = tl.load(IDX + b * si_b + hp * si_h + qb * si_q + t // (BLOCK // BLOCK_N))
             start_n = kb * BLOCK + (t % (BLOCK // BLOCK_N)) * BLOCK_N
             if start_n < start_m + BLOCK_M + Q_SHIFT:
-                k, v, offs_n, dk_doc = _load_kv(K + kv_row * D, V + kv_row * D, DOCK + b * S, start_n, S, D,
-                                                offs_d, d_ok, BLOCK_N, HAS_DOC, F32)
+                k, v, offs_n, dk_doc, kbias = _load_kv(K + kv_row * D, V + kv_row * D, DOCK + b * S, BIAS + kv_row,
+                                                       start_n, S, D, offs_d, d_ok, BLOCK_N, HAS_DOC, HAS_BIAS, F32)
                 keep = _keep_tile(pos, offs_n, S, Q_SHIFT, win, sink, dq_doc, dk_doc, sel, kb, HAS_WIN, HAS_DOC,
                                   HAS_SEL)
-                p = tl.where(keep, tl.exp2(_mm(q, tl.trans(k), F32) * qk_scale - lse[:, None]), 0.0)
+                p = tl.where(keep, tl.exp2(_logits(q, k, kbias, qk_scale, F32, HAS_BIAS) - lse[:, None]), 0.0)
                 ds = p * (_mm(do, tl.trans(v), F32) - delta[:, None])
                 dq += _mm(ds, k, F32)
         tl.store(DQ + row_base * D + ((local * S + pos) * D)[:, None] + offs_d[None, :],
@@ -288,12 +299,12 @@ if triton is not None:
 
     @triton.jit
     def _bs_bwd_dkdv(
-        Q, K, V, DO, LSE, DELTA, DK, DV, IDXT, CNTT, WIN, SINK, DOCQ, DOCK, SEL,
+        Q, K, V, DO, LSE, DELTA, DK, DV, DBIAS, IDXT, CNTT, WIN, SINK, DOCQ, DOCK, SEL, BIAS,
         si_b, si_h, si_k, sc_b, sc_h,
         H, S, D, GROUP, KV_H, N_QB, Q_SHIFT, qk_scale, scale,
         BLOCK: tl.constexpr, SHARE: tl.constexpr, BLOCK_D: tl.constexpr, HAS_WIN: tl.constexpr,
         HAS_DOC: tl.constexpr, F32: tl.constexpr, N_SEL: tl.constexpr, HAS_SEL: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     ):
         # one program per BLOCK_N keys of a key block (BLOCK // BLOCK_N programs per block); the query
         # blocks that read it are walked in sub-tiles of BLOCK_M rows (x SHARE stacked heads)
@@ -304,11 +315,12 @@ if triton is not None:
         g = bg % KV_H
         offs_d = tl.arange(0, BLOCK_D)
         d_ok = offs_d < D
-        k, v, offs_n, dk_doc = _load_kv(K + bg * S * D, V + bg * S * D, DOCK + b * S, start_n, S, D, offs_d, d_ok,
-                                        BLOCK_N, HAS_DOC, F32)
+        k, v, offs_n, dk_doc, kbias = _load_kv(K + bg * S * D, V + bg * S * D, DOCK + b * S, BIAS + bg * S, start_n,
+                                               S, D, offs_d, d_ok, BLOCK_N, HAS_DOC, HAS_BIAS, F32)
         kv_mask = (offs_n < S)[:, None] & d_ok[None, :]
         dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
         dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+        dbias = tl.zeros([BLOCK_N], tl.float32)  # d loss / d bias_j = sum over the rows reading j of dS
         cnt = tl.load(CNTT + b * sc_b + g * sc_h + kb)
         for t in range(0, cnt * (BLOCK // BLOCK_M)):  # (query block, head set) entries, BLOCK_M rows each
             c = tl.load(IDXT + b * si_b + g * si_h + kb * si_k + t // (BLOCK // BLOCK_M))
@@ -324,13 +336,17 @@ if triton is not None:
                 sel = _row_selection(SEL + bg * S * N_SEL, pos, m_ok, N_SEL, HAS_SEL)
                 keep = _keep_tile(pos, offs_n, S, Q_SHIFT, win, sink, dq_doc, dk_doc, sel, kb, HAS_WIN, HAS_DOC,
                                   HAS_SEL)
-                p = tl.where(keep, tl.exp2(_mm(q, tl.trans(k), F32) * qk_scale - lse[:, None]), 0.0)
+                p = tl.where(keep, tl.exp2(_logits(q, k, kbias, qk_scale, F32, HAS_BIAS) - lse[:, None]), 0.0)
                 ds = p * (_mm(do, tl.trans(v), F32) - delta[:, None])
                 dv += _mm(tl.trans(p), do, F32)
                 dk += _mm(tl.trans(ds), q, F32)
+                if HAS_BIAS:
+                    dbias += tl.sum(ds, 0)
         tl.store(DK + bg * S * D + offs_n[:, None] * D + offs_d[None, :], (dk * scale).to(DK.dtype.element_ty),
                  mask=kv_mask)
         tl.store(DV + bg * S * D + offs_n[:, None] * D + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=kv_mask)
+        if HAS_BIAS:
+            tl.store(DBIAS + bg * S + offs_n, dbias, mask=offs_n < S)
 
 
 def _batch_strides(t: torch.Tensor) -> tuple[int, int, int]:
@@ -392,8 +408,15 @@ def _int_args(q: torch.Tensor, window_H, sink_H, doc_q_BS, doc_k_BS, select) -> 
     return win, sink, doc_q, doc_k, sel
 
 
+def _bias_arg(q: torch.Tensor, bias_BKS: torch.Tensor | None) -> torch.Tensor:
+    """The (B, Hkv, S) fp32 key bias on q's device, or a 1-element fp32 dummy."""
+    if bias_BKS is None:
+        return q.new_zeros(1, dtype=torch.float32)
+    return bias_BKS.to(q.device, torch.float32).contiguous()
+
+
 def triton_forward(q, k, v, csr, block: int, scale: float, *, window_H=None, sink_H=None, doc_q_BS=None,
-                   doc_k_BS=None, select=None, q_shift: int = 0,
+                   doc_k_BS=None, select=None, q_shift: int = 0, bias_BKS=None,
                    out_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """One launch of the forward kernel (no autograd): ``(o_BHSD in q's dtype, lse_BHS fp32)``.
 
@@ -406,6 +429,7 @@ def triton_forward(q, k, v, csr, block: int, scale: float, *, window_H=None, sin
             the two differ when queries and keys are different chunks of a sequence, as in a ring).
         q_shift: query positions are this far ahead of the keys' (0: causal in one frame; >= S: every key
             visible to every query).
+        bias_BKS: (B, Hkv, S) logit bias of every key (natural-log units, added to q.k * scale), or None.
         out_dtype: dtype of the output (default q's; fp32 for partial outputs that are merged later).
     """
     B, H, S, D = q.shape
@@ -418,18 +442,20 @@ def triton_forward(q, k, v, csr, block: int, scale: float, *, window_H=None, sin
     block_d = next_pow2(D)
     launch = launch_settings("fwd", block, share, block_d, f32)
     _bs_fwd[(math.ceil(S / block) * (block // launch["BLOCK_M"]), B * H // share)](
-        q, k, v, o, lse, idx, cnt, win, sink, doc_q, doc_k, sel,
+        q, k, v, o, lse, idx, cnt, win, sink, doc_q, doc_k, sel, _bias_arg(q, bias_BKS),
         *_batch_strides(idx), *_batch_strides(cnt[..., None])[:2], H, S, D, H // Hkv, Hkv, q_shift, scale * LOG2E,
         BLOCK=block, SHARE=share, BLOCK_D=block_d, HAS_WIN=window_H is not None, HAS_DOC=doc_q_BS is not None,
-        F32=f32, N_SEL=sel.shape[-1] if select is not None else 1, HAS_SEL=select is not None, **launch,
+        F32=f32, N_SEL=sel.shape[-1] if select is not None else 1, HAS_SEL=select is not None,
+        HAS_BIAS=bias_BKS is not None, **launch,
     )
     return o, lse
 
 
 def triton_backward(do, q, k, v, lse, delta, csr, block: int, scale: float, *, window_H=None, sink_H=None,
-                    doc_q_BS=None, doc_k_BS=None, select=None, q_shift: int = 0,
+                    doc_q_BS=None, doc_k_BS=None, select=None, q_shift: int = 0, bias_BKS=None,
                     grad_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, ...]:
-    """The backward kernels (no autograd) given the softmax statistics: ``(dq, dk, dv)`` in the inputs' dtypes.
+    """The backward kernels (no autograd) given the softmax statistics: ``(dq, dk, dv, dbias)``, the first
+    three in the inputs' dtypes, ``dbias`` (B, Hkv, S) fp32 (None without ``bias_BKS``).
 
     Args:
         do: (B, H, S, D) output gradient, contiguous.
@@ -446,47 +472,51 @@ def triton_backward(do, q, k, v, lse, delta, csr, block: int, scale: float, *, w
     f32 = _ieee_branch(q.dtype)
     block_d = next_pow2(D)
     dq, dk, dv = (torch.empty_like(t, dtype=grad_dtype) for t in (q, k, v))
+    bias = _bias_arg(q, bias_BKS)
+    dbias = torch.empty_like(bias)
     flags = dict(BLOCK=block, SHARE=share, BLOCK_D=block_d, HAS_WIN=window_H is not None,
                  HAS_DOC=doc_q_BS is not None, F32=f32, N_SEL=sel.shape[-1] if select is not None else 1,
-                 HAS_SEL=select is not None)
+                 HAS_SEL=select is not None, HAS_BIAS=bias_BKS is not None)
     dq_launch = launch_settings("dq", block, share, block_d, f32)
     _bs_bwd_dq[(n * (block // dq_launch["BLOCK_M"]), B * H // share)](
-        q, k, v, do, lse, delta, dq, idx, cnt, win, sink, doc_q, doc_k, sel,
+        q, k, v, do, lse, delta, dq, idx, cnt, win, sink, doc_q, doc_k, sel, bias,
         *_batch_strides(idx), *_batch_strides(cnt[..., None])[:2], H, S, D, H // Hkv, Hkv, q_shift,
         scale * LOG2E, scale, **flags, **dq_launch,
     )
     kv_launch = launch_settings("dkdv", block, share, block_d, f32)
     _bs_bwd_dkdv[(n * (block // kv_launch["BLOCK_N"]), B * Hkv)](
-        q, k, v, do, lse, delta, dk, dv, idx_t, cnt_t, win, sink, doc_q, doc_k, sel,
+        q, k, v, do, lse, delta, dk, dv, dbias, idx_t, cnt_t, win, sink, doc_q, doc_k, sel, bias,
         *_batch_strides(idx_t), *_batch_strides(cnt_t[..., None])[:2],
         H, S, D, H // Hkv, Hkv, n, q_shift, scale * LOG2E, scale, **flags, **kv_launch,
     )
-    return dq, dk, dv
+    return dq, dk, dv, (dbias if bias_BKS is not None else None)
 
 
 class _BlockSparseTriton(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, csr, block, window_H, sink_H, doc_ids_BS, scale, select):
+    def forward(ctx, q, k, v, csr, block, window_H, sink_H, doc_ids_BS, scale, select, bias):
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        bias = None if bias is None else bias.detach().float().contiguous()
         o, lse = triton_forward(q, k, v, csr, block, scale, window_H=window_H, sink_H=sink_H, doc_q_BS=doc_ids_BS,
-                                select=select)
-        ctx.save_for_backward(q, k, v, o, lse, *csr[1:], *[t for t in (window_H, sink_H, doc_ids_BS, select)
-                                                          if t is not None])
-        ctx.meta = (block, csr[0], scale, [t is not None for t in (window_H, sink_H, doc_ids_BS, select)])
+                                select=select, bias_BKS=bias)
+        optional = (window_H, sink_H, doc_ids_BS, select, bias)
+        ctx.save_for_backward(q, k, v, o, lse, *csr[1:], *[t for t in optional if t is not None])
+        ctx.meta = (block, csr[0], scale, [t is not None for t in optional])
         return o, lse
 
     @staticmethod
     def backward(ctx, grad_o, grad_lse):
         q, k, v, o, lse, idx, cnt, idx_t, cnt_t, *rest = ctx.saved_tensors
         block, share, scale, present = ctx.meta
-        window_H, sink_H, doc_ids_BS, select = [rest.pop(0) if p else None for p in present]
+        window_H, sink_H, doc_ids_BS, select, bias = [rest.pop(0) if p else None for p in present]
         do = grad_o.contiguous()
         delta = (o.float() * do.float()).sum(-1).contiguous()  # (B, H, S)
         if grad_lse is not None:  # d lse / d s = p: folds into delta with the opposite sign
             delta = (delta - grad_lse.float()).contiguous()
-        dq, dk, dv = triton_backward(do, q, k, v, lse, delta, (share, idx, cnt, idx_t, cnt_t), block, scale,
-                                     window_H=window_H, sink_H=sink_H, doc_q_BS=doc_ids_BS, select=select)
-        return dq, dk, dv, None, None, None, None, None, None, None
+        dq, dk, dv, dbias = triton_backward(do, q, k, v, lse, delta, (share, idx, cnt, idx_t, cnt_t), block, scale,
+                                            window_H=window_H, sink_H=sink_H, doc_q_BS=doc_ids_BS, select=select,
+                                            bias_BKS=bias)
+        return dq, dk, dv, None, None, None, None, None, None, None, dbias
 
 
 def block_sparse_attention_triton_mask(
@@ -501,6 +531,7 @@ def block_sparse_attention_triton_mask(
     scale: float | None = None,
     csr: tuple[torch.Tensor, ...] | None = None,
     select_BKSN: torch.Tensor | None = None,
+    bias_BKS: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Block-sparse causal attention (Sq == Sk) from a block mask that may differ per batch element.
 
@@ -517,6 +548,8 @@ def block_sparse_attention_triton_mask(
             NSA-style selection): a token reads a kept block only if it selected it. The block mask
             must contain, per query block, the union of its tokens' selections (see
             :func:`selection_block_mask`).
+        bias_BKS: (B, Hkv, S) logit bias of each key (added to q.k * scale; DMA's value-derived mask),
+            differentiable (its gradient: the sum over the reading rows of dS), or None.
 
     Returns:
         ``(o_BHSD, lse_BHS)``: output in the input dtype and the natural-log log-sum-exp (fp32,
@@ -542,7 +575,7 @@ def block_sparse_attention_triton_mask(
         width = max(triton.next_power_of_2(n_sel), 2) if triton is not None else n_sel
         select_BKSN = torch.nn.functional.pad(select_BKSN.to(torch.int32), (0, width - n_sel), value=-1).contiguous()
     return _BlockSparseTriton.apply(q_BHSD, k_BHSD, v_BHSD, csr, block,
-                                    window_H, sink_H, doc_ids_BS, scale, select_BKSN)
+                                    window_H, sink_H, doc_ids_BS, scale, select_BKSN, bias_BKS)
 
 
 def selection_block_mask(select_BKSN: torch.Tensor, n_heads: int, block: int, n_blocks: int) -> torch.Tensor:

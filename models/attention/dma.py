@@ -14,7 +14,9 @@ from dataclasses import dataclass
 
 import torch
 from longshard.errors import require, require_positive
-from longshard.kernels.dma import dma_attention_gather, dma_attention_naive, dma_kept_fraction
+from longshard.kernels.block_sparse.triton import TRITON_BLOCKS, triton_block_ok
+from longshard.kernels.dma import dma_attention_gather, dma_attention_naive, dma_attention_triton, dma_kept_fraction
+from longshard.kernels.triton_support import triton_installed
 from longshard.models.attention.registry import (
     AttentionBatch,
     AttentionContext,
@@ -36,7 +38,9 @@ class DMAOptions(AttentionOptions):
         a_init: initial A of every KV head. 0 (the default) starts with no bias, so a converted dense
             checkpoint differs only by the keys it no longer reads; A then trains.
         delta_std: standard deviation of Delta's initial values.
-        path: ``auto`` (= gather), ``gather`` or ``naive`` (the full-matrix reference).
+        path: ``auto`` (``triton`` on CUDA when ``block`` is a Triton tile, else ``gather``), ``triton``
+            (the block-sparse CSR kernels with the bias as a per-key logit term), ``gather`` (PyTorch,
+            query-block runs under checkpointing) or ``naive`` (the full-matrix reference).
     """
 
     block: int = 64
@@ -49,8 +53,10 @@ class DMAOptions(AttentionOptions):
         require_positive(self.block, "block")
         require_positive(self.keep_blocks, "keep_blocks")
         require(self.delta_std >= 0, "delta_std", f"must be >= 0, got {self.delta_std}.")
-        require(self.path in ("auto", "gather", "naive"), "path", f"unknown path {self.path!r}.",
-                "use auto, gather or naive.")
+        require(self.path in ("auto", "triton", "gather", "naive"), "path", f"unknown path {self.path!r}.",
+                "use auto, triton, gather or naive.")
+        require(self.path != "triton" or triton_block_ok(self.block), "block",
+                f"path=triton needs block in {TRITON_BLOCKS}, got {self.block}.", "change block or use path=gather.")
 
     def tensor_parallel_problem(self) -> str | None:
         return "dma has per-KV-head parameters (A, Delta)"
@@ -83,8 +89,17 @@ class DMAAttention(CoreAttention):
         G = self.ctx.n_heads // self.ctx.n_kv_heads
         self.kv_slice = (start // G, -(-stop // G))
 
+    def resolve_path(self, q_BHSD: torch.Tensor) -> str:
+        """The path ``auto`` stands for on this input: Triton on CUDA where it can run, else gather."""
+        if self.opts.path != "auto":
+            return self.opts.path
+        if q_BHSD.is_cuda and triton_installed() and triton_block_ok(self.opts.block):
+            return "triton"
+        return "gather"
+
     def forward(self, q_BHSD: torch.Tensor, k_BHSD: torch.Tensor, v_BHSD: torch.Tensor, batch: AttentionBatch):
-        fn = dma_attention_naive if self.opts.path == "naive" else dma_attention_gather
+        fn = {"naive": dma_attention_naive, "gather": dma_attention_gather,
+              "triton": dma_attention_triton}[self.resolve_path(q_BHSD)]
         a, delta = self.a, self.delta
         if self.kv_slice is not None:
             a, delta = a[self.kv_slice[0] : self.kv_slice[1]], delta[self.kv_slice[0] : self.kv_slice[1]]

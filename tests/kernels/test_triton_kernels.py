@@ -271,6 +271,7 @@ def test_kernels_benchmark_smoke_writes_records(tmp_path):
     keys = {"kernel", "mask", "seq_len", "dtype", "device", "fwd_ms", "fwd_bwd_ms", "baseline",
             "baseline_fwd_bwd_ms", "flop_ratio"}
     assert {(r["kernel"], r["mask"]) for r in records} >= {("block_sparse", "s2"), ("lightning", "causal_decay")}
+    assert any(r["kernel"] == "dma" and "gather_fwd_bwd_ms" in r for r in records)
     for r in records:
         assert keys <= r.keys() and r["fwd_bwd_ms"] > 0 and r["flop_ratio"] >= 1.0
 
