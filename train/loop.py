@@ -233,6 +233,13 @@ class TrainLoop:
                 self.engine.backward(objective, last)
             loss_sum += ce.detach()
         dist.all_reduce(loss_sum)
+        if self.aux_by_layer:  # log the ranks' mean: what the averaged gradients optimise (under Ulysses a
+            # rank holds its heads' share of a load-balance loss, scaled so that the mean is the whole)
+            layers = sorted(self.aux_by_layer)
+            vals = torch.tensor([aux_sum, *(self.aux_by_layer[i] for i in layers)], device=env.device)
+            dist.all_reduce(vals)
+            vals = (vals / env.world_size).tolist()
+            aux_sum, self.aux_by_layer = vals[0], dict(zip(layers, vals[1:]))
         return float(loss_sum) / n_global, aux_sum
 
     def _skip_update(self, step: int, what: str, overflow: bool = False) -> tuple[None, None]:

@@ -30,11 +30,29 @@ class MoHGates:
         g_BSH: weight of every head for every token (0 for routed heads not chosen).
         chosen_BSR: (B, S, Hr) bool: the routed heads each token runs.
         balance: the load-balance loss (a scalar; 0 when there are no routed heads).
+        probs_BSR: (B, S, Hr) router probabilities (softmax over every routed head), what ``balance``
+            averages; None when there are no routed heads.
     """
 
     g_BSH: torch.Tensor
     chosen_BSR: torch.Tensor
     balance: torch.Tensor
+    probs_BSR: torch.Tensor | None = None
+
+
+def balance_loss(chosen_BSR: torch.Tensor, probs_BSR: torch.Tensor, top_k: int, n_routed: int) -> torch.Tensor:
+    """``n_routed * sum_i f_i P_i`` over the routed heads given (all of them, or a slice: the slices' sums
+    add up to the whole): f_i the share of the top-k choices that went to head i, P_i its mean router
+    probability, both over every token of the batch.
+
+    Args:
+        chosen_BSR, probs_BSR: (B, S, R) choices and probabilities of R routed heads.
+        top_k: routed heads each token runs.
+        n_routed: routed heads of the layer (Hr), the loss's scale.
+    """
+    f_R = chosen_BSR.float().flatten(0, -2).mean(0) / top_k
+    p_R = probs_BSR.float().flatten(0, -2).mean(0)
+    return n_routed * (f_R * p_R).sum()
 
 
 def moh_gates(x_BSE: torch.Tensor, w_shared_HE: torch.Tensor, w_routed_HE: torch.Tensor, w_mix_2E: torch.Tensor,
@@ -56,13 +74,13 @@ def moh_gates(x_BSE: torch.Tensor, w_shared_HE: torch.Tensor, w_routed_HE: torch
         parts.append(alpha_BS2[..., :1] * Hs * torch.softmax(x @ w_shared_HE.float().t(), dim=-1))
     chosen = torch.zeros(*x.shape[:-1], Hr, dtype=torch.bool, device=x.device)
     balance = x.new_zeros(())
+    probs = None
     if Hr:
         logits_BSR = x @ w_routed_HE.float().t()
         order = torch.sort(logits_BSR.detach(), dim=-1, descending=True, stable=True).indices[..., :top_k]
         chosen = chosen.scatter(-1, order, True)
         routed = torch.softmax(logits_BSR.masked_fill(~chosen, float("-inf")), dim=-1)
         parts.append(alpha_BS2[..., 1:] * top_k * routed)
-        f_R = chosen.float().flatten(0, -2).mean(0) / top_k
-        p_R = torch.softmax(logits_BSR, dim=-1).flatten(0, -2).mean(0)
-        balance = Hr * (f_R * p_R).sum()
-    return MoHGates(torch.cat(parts, dim=-1), chosen, balance)
+        probs = torch.softmax(logits_BSR, dim=-1)
+        balance = balance_loss(chosen, probs, top_k, Hr)
+    return MoHGates(torch.cat(parts, dim=-1), chosen, balance, probs)

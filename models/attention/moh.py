@@ -4,8 +4,13 @@ Shared heads run for every token; each token runs its top-k routed heads (router
 input, renormalised over the chosen heads); the head outputs are weighted per token, the shared and
 routed groups by ``2 softmax(W0 x)``, before the output projection, and a load-balance loss keeps the
 routed heads in use (see :mod:`longshard.kernels.moh`). The ``routed`` path computes only the
-(token, head) pairs used, so attention FLOPs fall with the share of active heads. The routing of a
-token needs every head: no Ulysses or ring, no tensor parallelism (router parameters over all heads).
+(token, head) pairs used, so attention FLOPs fall with the share of active heads.
+
+Ulysses: the routing of a token needs every head, so each rank routes its own sequence shard (all
+heads known there) and exchanges, per head, the gate, the choice and the router probability like a
+query; each rank then runs its heads over the whole sequence and its share of the load-balance loss
+(exact: f and P of a head are means over every token, and the heads' shares add up). No ring (a
+head's queries would be spread over ranks), no tensor parallelism (router parameters over all heads).
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 from longshard.errors import require
-from longshard.kernels.moh import moh_attention_naive, moh_attention_routed, moh_gates
+from longshard.kernels.moh import MoHGates, balance_loss, moh_attention_naive, moh_attention_routed, moh_gates
 from longshard.models.attention.registry import (
     AttentionBatch,
     AttentionContext,
@@ -57,9 +62,6 @@ class MoHOptions(AttentionOptions):
     def tensor_parallel_problem(self) -> str | None:
         return "moh has router parameters over all heads"
 
-    def head_parallel_problem(self) -> str | None:
-        return "moh routes each token over all of its heads"
-
 
 @register_attention("moh", MoHOptions)
 class MoHAttention(CoreAttention):
@@ -78,6 +80,7 @@ class MoHAttention(CoreAttention):
         self.w_shared = nn.Parameter(torch.empty(opts.shared_heads, ctx.model_dim))
         self.w_routed = nn.Parameter(torch.empty(routed, ctx.model_dim))
         self.w_mix = nn.Parameter(torch.empty(2, ctx.model_dim))
+        self.head_slice: tuple[int, int] | None = None
         self.reset_variant_parameters()
 
     @torch.no_grad()
@@ -92,10 +95,45 @@ class MoHAttention(CoreAttention):
         """Heads each token runs."""
         return self.opts.shared_heads + self.opts.top_k
 
+    def set_head_slice(self, start: int, stop: int) -> None:
+        """Run heads [start, stop) (Ulysses); their gates arrive as exchanged head features."""
+        self.head_slice = (start, stop)
+
+    def head_features(self, x_BSE: torch.Tensor) -> torch.Tensor:
+        """(B, S, H, 3) per head: its gate, whether the token runs it (1.0 / 0.0; shared heads 1) and its
+        router probability (0 for shared heads), fp32, from this sequence shard's input."""
+        gates = moh_gates(x_BSE, self.w_shared, self.w_routed, self.w_mix, self.opts.top_k)
+        Hs = self.opts.shared_heads
+        runs = torch.cat([gates.g_BSH.new_ones(*gates.g_BSH.shape[:-1], Hs), gates.chosen_BSR.float()], dim=-1)
+        probs = gates.g_BSH.new_zeros(*gates.g_BSH.shape[:-1], Hs)
+        if gates.probs_BSR is not None:
+            probs = torch.cat([probs, gates.probs_BSR], dim=-1)
+        return torch.stack([gates.g_BSH, runs, probs], dim=-1)
+
+    def _slice_gates(self, feats_BHSX: torch.Tensor) -> MoHGates:
+        """The gates of this rank's heads (over every token) from the exchanged features, and its share
+        of the load-balance loss scaled by the number of slices (the ranks' mean is the whole loss)."""
+        start, stop = self.head_slice
+        n_shared = max(0, min(stop, self.opts.shared_heads) - start)  # shared heads come first
+        g_BSH = feats_BHSX[..., 0].transpose(1, 2)
+        chosen_BSR = feats_BHSX[:, n_shared:, :, 1].transpose(1, 2) > 0.5
+        balance = 0.0 * feats_BHSX[..., 2].sum()  # connected even without routed heads here: the features'
+        routed = self.ctx.n_heads - self.opts.shared_heads  # all-to-all backward runs on every rank
+        if chosen_BSR.shape[-1]:
+            probs_BSR = feats_BHSX[:, n_shared:, :, 2].transpose(1, 2)
+            share = balance_loss(chosen_BSR, probs_BSR, self.opts.top_k, routed)
+            balance = balance + share * (self.ctx.n_heads / (stop - start))
+        return MoHGates(g_BSH, chosen_BSR, balance)
+
     def forward(self, q_BHSD: torch.Tensor, k_BHSD: torch.Tensor, v_BHSD: torch.Tensor, batch: AttentionBatch):
-        if batch.x_BSE is None:
+        if self.head_slice is not None:
+            if batch.head_feats_BHSX is None:
+                raise ValueError("moh on a slice of its heads needs their exchanged gates (head_feats_BHSX)")
+            gates = self._slice_gates(batch.head_feats_BHSX)
+        elif batch.x_BSE is None:
             raise ValueError("moh routes on the layer input: pass AttentionBatch.x_BSE")
-        gates = moh_gates(batch.x_BSE, self.w_shared, self.w_routed, self.w_mix, self.opts.top_k)
+        else:
+            gates = moh_gates(batch.x_BSE, self.w_shared, self.w_routed, self.w_mix, self.opts.top_k)
         self.last_aux_loss = self.opts.balance_coef * gates.balance  # Transformer.aux_loss() adds it
         fn = moh_attention_naive if self.opts.path == "naive" else moh_attention_routed
         return fn(q_BHSD, k_BHSD, v_BHSD, gates, self.scale, batch.doc_ids_BS)

@@ -100,11 +100,15 @@ def test_work_counts_the_active_heads():
         assert attn == pytest.approx(dense * (shared + k) / 8)
 
 
-def test_declares_no_ring_and_no_tensor_parallelism_and_checks_its_heads():
-    for mode in ("ring", "ulysses", "hybrid"):
-        with pytest.raises(ConfigError, match=r"parallel.sp_mode.*moh.*parallel.sp_degree=1"):
+def test_declares_ulysses_only_no_tensor_parallelism_and_checks_its_heads():
+    """Ulysses is accepted (gates exchanged per head: tests/dist/ulysses_check.py); a ring (alone or in
+    hybrid) would spread a head's queries over ranks and is refused naming sp_mode=ulysses."""
+    for mode in ("ring", "hybrid"):
+        with pytest.raises(ConfigError, match=r"parallel.sp_mode.*moh.*use sp_mode=ulysses"):
             load_config("tiny_lm", ["parallel.sp_degree=4", f"parallel.sp_mode={mode}", "train.nproc=4",
                                     "parallel.sp_ulysses_degree=2", "model.attention=[{name: moh}]"])
+    load_config("tiny_lm", ["parallel.sp_degree=2", "parallel.sp_mode=ulysses", "train.nproc=2",
+                            "model.attention=[{name: moh}]"])
     with pytest.raises(ConfigError, match=r"parallel.tp_degree.*moh.*router"):
         load_config("tiny_lm", ["parallel.tp_degree=2", "parallel.dp_mode=fsdp2", "train.nproc=2",
                                 "model.attention=[{name: moh}]"])
@@ -136,11 +140,12 @@ def test_converted_hf_checkpoint_starts_where_the_maths_allows(tmp_path):
 
 
 @pytest.mark.dist
-@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
-def test_quickstart_trains_with_moh(dtype, tmp_path, env_cpu):
+@pytest.mark.parametrize("dtype,sp", [("fp32", "ulysses"), ("bf16", "dp")])
+def test_quickstart_trains_with_moh(dtype, sp, tmp_path, env_cpu):
     """The main job with every layer `moh` (1 shared + top-1 of 3 routed heads: half the heads per
-    token), data parallel over its 2 ranks; the loss goes down, the balance loss is in the objective
-    and the kept fraction is the active share."""
+    token) on its 2 ranks, under Ulysses (each rank 2 of the 4 heads over the whole sequence) or data
+    parallel; the loss goes down, the balance loss (the ranks' mean) is in the objective and the kept
+    fraction is the active share."""
     import json
     import subprocess
     import sys
@@ -148,7 +153,8 @@ def test_quickstart_trains_with_moh(dtype, tmp_path, env_cpu):
     out = tmp_path / "run"
     proc = subprocess.run([sys.executable, "-m", "longshard.cli", "train", "quickstart",
                            "model.attention=[{name: moh, options: {shared_heads: 1, top_k: 1}}]",
-                           "parallel.sp_degree=1", "train.micro_batch_size=8", "train.steps=6",
+                           *(["parallel.sp_degree=1", "train.micro_batch_size=8"] if sp == "dp" else
+                             ["parallel.sp_mode=ulysses"]), "train.steps=6",
                            f"train.dtype={dtype}", "eval.mqar_samples=2", "eval.val_batches=1",
                            "logging.wandb=disabled", "logging.progress=false",
                            f"output_dir={out}"], env=env_cpu, capture_output=True, text=True, timeout=300)
