@@ -24,7 +24,9 @@ S2 = {"name": "s2", "options": {"block": 4, "local_blocks": 1, "vert_stride": 2}
 ATTENTION = [[{"name": "dense"}], [S2, {"name": "linear", "options": {"chunk": 4}}],
              [{"name": "mixed", "options": {"groups": [{"name": "dense", "heads": 2}, {**S2, "heads": 6}]}},
               {"name": "streaming", "options": {"block": 4, "sink": 2, "window": 5, "retrieval_heads": [1]}}],
-             [{"name": "dense", "gate": "elementwise"}]]
+             [{"name": "dense", "gate": "elementwise"}],
+             # PowerAttention: one pattern on every head, so each TP rank's heads read the same blocks
+             [{"name": "power", "options": {"block": 4, "local_blocks": 1, "sink_blocks": 1}}]]
 
 
 def _compare(ref, par, tokens, labels, doc, sh, index, mesh, SP: int, name: str, dtype) -> list[str]:
