@@ -23,11 +23,13 @@ def dma_key_bias(v_BKSD: torch.Tensor, a_K: torch.Tensor, delta_KD: torch.Tensor
     """(B, K, S) logit bias of every key: ``A_h * softplus(Delta_h . v_j)``, in fp32 (fp64 for fp64 input).
 
     softplus is computed stably for any magnitude (``F.softplus`` switches to the identity above its
-    threshold), so large values give large finite biases, not Inf.
+    threshold), so large values give large finite biases, not Inf. Computed in fp32 under autocast
+    too: the selection ranks blocks by this bias, and bf16 rounding would reorder close blocks.
     """
     dt = acc_dtype(v_BKSD)
-    proj_BKS = torch.einsum("bksd,kd->bks", v_BKSD.to(dt), delta_KD.to(dt))
-    return a_K.to(dt)[None, :, None] * F.softplus(proj_BKS)
+    with torch.autocast(v_BKSD.device.type, enabled=False):  # fp32 under bf16/fp16 autocast too
+        proj_BKS = torch.einsum("bksd,kd->bks", v_BKSD.to(dt), delta_KD.to(dt))
+        return a_K.to(dt)[None, :, None] * F.softplus(proj_BKS)
 
 
 def block_scores(bias_BKS: torch.Tensor, block: int) -> torch.Tensor:

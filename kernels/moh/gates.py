@@ -66,7 +66,12 @@ def moh_gates(x_BSE: torch.Tensor, w_shared_HE: torch.Tensor, w_routed_HE: torch
         w_mix_2E: (2, E) weights of the shared vs the routed group.
         top_k: routed heads each token runs.
     """
-    x = x_BSE.float()
+    with torch.autocast(x_BSE.device.type, enabled=False):  # fp32 under bf16/fp16 autocast too
+        return _gates_fp32(x_BSE.float(), w_shared_HE, w_routed_HE, w_mix_2E, top_k)
+
+
+def _gates_fp32(x: torch.Tensor, w_shared_HE: torch.Tensor, w_routed_HE: torch.Tensor, w_mix_2E: torch.Tensor,
+                top_k: int) -> MoHGates:
     Hs, Hr = w_shared_HE.shape[0], w_routed_HE.shape[0]
     alpha_BS2 = 2.0 * torch.softmax(x @ w_mix_2E.float().t(), dim=-1)
     parts = []

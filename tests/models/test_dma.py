@@ -186,6 +186,16 @@ def test_bf16_against_the_fp32_reference():
         assert rel_err(ref, out.float()) <= 2e-2
 
 
+def test_bias_is_fp32_under_autocast():
+    """The selection ranks blocks by the bias: under bf16 autocast (training) it is still computed in fp32
+    (1e-6 of the fp32 bias; bf16 would be ~4e-3 off and reorder close blocks)."""
+    _, _, v, a, delta = _inputs(2, 4, 2, 96, 16)
+    ref = dma_key_bias(v, a, delta)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = dma_key_bias(v, a, delta)
+    assert got.dtype == torch.float32 and rel_err(ref, got) <= 1e-6
+
+
 def test_huge_bias_stays_finite():
     """The reference's known failure: NaN/Inf in dV and the bias gradient for large A or values."""
     q, k, v, a, delta = _inputs(1, 4, 2, 40, 8, a_scale=1e4)

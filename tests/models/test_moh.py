@@ -90,6 +90,19 @@ def test_bf16_inputs_and_router():
     assert out.dtype == torch.bfloat16 and rel_err(ref, out.float()) <= 2e-2
 
 
+def test_router_is_fp32_under_autocast():
+    """Training runs under bf16 autocast: the routers must not follow it (bf16 logits flip close top-k
+    choices). Under autocast the gates equal the fp32 gates of the same inputs (1e-6: fp32 roundings)."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 64, 32, generator=g)
+    routers = _routers(2, 6, 32, std=0.5)
+    ref = moh_gates(x, *routers, 3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = moh_gates(x, *routers, 3)
+    assert got.g_BSH.dtype == torch.float32 and torch.equal(got.chosen_BSR, ref.chosen_BSR)
+    assert rel_err(ref.g_BSH, got.g_BSH) <= 1e-6 and rel_err(ref.balance, got.balance) <= 1e-6
+
+
 def test_work_counts_the_active_heads():
     ctx = AttentionContext(layer_idx=0, n_layers=1, n_heads=8, n_kv_heads=2, head_dim=16, model_dim=64)
     dense = build_attention("dense", {}, ctx).attention_flops_per_token(1024)
