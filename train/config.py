@@ -34,7 +34,7 @@ DATA_SOURCES = ("default", "prepared", "passkey", "mqar")
 DTYPES = ("fp32", "bf16", "fp16")
 SCHEDULES = ("cosine", "wsd", "constant")
 DP_MODES = ("ddp", "fsdp2")
-SP_MODES = ("ulysses", "ring", "hybrid")
+SP_MODES = ("ulysses", "ring", "hybrid", "auto")
 WANDB_MODES = ("offline", "online", "disabled")
 NAN_POLICIES = ("stop", "skip")
 MAX_COLLECTIVE_TIMEOUT_S = 7 * 24 * 3600  # what a process group's timeout can hold without overflow, and then some
@@ -216,7 +216,8 @@ class ParallelConfig:
             shards; dense layers rotate K/V around a ring with overlap, block-sparse layers exchange
             only the K/V blocks their pattern reads, linear layers pass their recurrent states) or
             ``hybrid`` (Ulysses inside groups of ``sp_ulysses_degree`` ranks x ring across them;
-            the same variants as ring).
+            the same variants as ring); ``auto``: ring when every layer has a ring form, else ulysses
+            (decided when the config is built, logged, and stored resolved).
         sp_ulysses_degree: Ulysses group size of ``hybrid`` (divides sp_degree).
         tp_degree: Megatron-style tensor parallel degree (heads and FFN split over neighbouring
             ranks, :mod:`longshard.parallel.tensor_parallel`); needs ``dp_mode: fsdp2`` and a
@@ -441,6 +442,8 @@ class Config:
                 f"{self.train.seq_len} exceeds model.max_seq_len={limit}.",
                 "train shorter, raise model.max_seq_len, or extend RoPE (model.rope.scaling) for longer context.",
             )
+        if self.parallel.sp_mode == "auto":
+            self.parallel.sp_mode = self._auto_sp_mode()
         if self.train.engine == "deepspeed" and self.parallel.dp_mode != "ddp":  # the engine implies its own
             log.info("parallel.dp_mode=%s does not apply under train.engine=deepspeed: ZeRO-%d shards instead",
                      self.parallel.dp_mode, self.deepspeed.zero_stage)
@@ -528,6 +531,17 @@ class Config:
         if self.init.hf_path is None:  # an HF checkpoint's head counts are checked when the model is built
             m = self.model
             check_tp_heads(m.n_query_heads or m.n_heads, m.n_kv_heads or m.n_heads, tp)
+
+    def _auto_sp_mode(self) -> str:
+        """``parallel.sp_mode=auto``: ring when every layer has a ring form (dense ring with overlap, the
+        sparsity-aware exchange, linear state passing), else Ulysses."""
+        for i, spec in enumerate(self.model.attention):
+            if parse_options(spec.name, spec.options, f"model.attention[{i}]").context_parallel() is None:
+                if self.parallel.sp_degree > 1:
+                    log.info("parallel.sp_mode=auto -> ulysses: model.attention[%d] (%s) has no ring form", i,
+                             spec.name)
+                return "ulysses"
+        return "ring"
 
     def _check_head_parallel(self) -> None:
         """Ulysses (and hybrid's Ulysses part) runs each rank on a slice of every layer's heads."""

@@ -119,3 +119,22 @@ def test_silent_settings_now_warn_and_the_engine_implies_data_parallel(caplog):
     assert "eval.passkey_lengths: 2048 exceeds model.max_seq_len=1024" in caplog.text
     cfg = load_config("tiny_lm", ["train.engine=deepspeed", "parallel.dp_mode=fsdp2"])
     assert cfg.parallel.dp_mode == "ddp"
+
+
+@pytest.mark.parametrize("attention,mode", [
+    (None, "ring"),  # the quickstart's S2 / dense hybrid: every layer has a ring form
+    ("[{name: power}]", "ring"),  # the sparsity-aware exchange
+    ("[{name: linear}]", "ring"),  # state passing
+    ("[{name: dma}]", "ulysses"),  # its selection needs all of a head's keys
+    ("[{name: moh}]", "ulysses"),
+    ("[{name: s2}, {name: nsa}]", "ulysses"),  # one layer without a ring form decides
+])
+def test_sp_mode_auto_picks_ring_where_every_layer_has_one(attention, mode, caplog):
+    """The quickstart says ``sp_mode: auto``: `longshard train quickstart 'model.attention=[{name: dma}]'`
+    runs (Ulysses, logged) instead of stopping on the ring; the resolved mode is what the config holds."""
+    overrides = [] if attention is None else [f"model.attention={attention}"]
+    with caplog.at_level("INFO", logger="longshard.train.config"):
+        cfg = load_config("quickstart", overrides)
+    assert cfg.parallel.sp_mode == mode
+    assert ("sp_mode=auto -> ulysses" in caplog.text) == (mode == "ulysses")
+    assert load_config("quickstart", [*overrides, "parallel.sp_mode=ulysses"]).parallel.sp_mode == "ulysses"
