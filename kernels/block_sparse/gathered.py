@@ -179,3 +179,28 @@ def gathered_block_attention(
         args = (q_BHLD[:, :, q0:q1], k_BKND, v_BKND, pattern, hl, q0, q1, scale)
         outs.append(checkpoint(_sdpa_chunk, *args, use_reentrant=False) if grad else _sdpa_chunk(*args))
     return torch.cat(outs, dim=2)
+
+
+def block_sparse_attention_fused(
+    q_BHSD: torch.Tensor, k_BKSD: torch.Tensor, v_BKSD: torch.Tensor, pattern: SparsePattern,
+    doc_ids_BS: torch.Tensor | None = None, scale: float | None = None, chunk_blocks: int = 2,
+) -> torch.Tensor:
+    """Block-sparse causal attention of one whole sequence (Sq == Sk) through the fused CPU kernel: the
+    buffer path above with every key in place (query chunks of ``chunk_blocks`` blocks, each with the
+    union of its blocks' kept key blocks gathered; saved for backward: q, k, v, output, log-sum-exp).
+    For patterns without a band + far form (PowerAttention: the far blocks move with the query).
+
+    Args: as :func:`longshard.kernels.block_sparse.naive.block_sparse_attention_naive`, plus
+        chunk_blocks: query blocks per fused call (more = fewer calls, more masked keys per call).
+    """
+    B, H, S, D = q_BHSD.shape
+    blk = pattern.block
+    n = math.ceil(S / blk)
+    pad = n * blk - S
+    q_p, k_p, v_p = (F.pad(t, (0, 0, 0, pad)) if pad else t for t in (q_BHSD, k_BKSD, v_BKSD))
+    pos = torch.arange(n * blk, device=q_BHSD.device)
+    k_pos_KN = torch.where(pos < S, pos, -1)[None].expand(k_BKSD.shape[1], -1)  # padded keys: none
+    if doc_ids_BS is not None and pad:  # padded query rows: a document of their own (they read nothing)
+        doc_ids_BS = F.pad(doc_ids_BS, (0, pad), value=-1)
+    lay = BufferLayout(pos, k_pos_KN, doc_ids_BS)
+    return gathered_block_attention(q_p, k_p, v_p, pattern, lay, scale, chunk_blocks)[:, :, :S]

@@ -7,8 +7,8 @@ for Effective Sparse Attention", at block granularity). A token therefore reache
 in at most ``log2(n_blocks)`` hops through the layers — ``2^d`` blocks after ``d`` layers — while each
 query block reads ``local_blocks + log2(i)`` blocks, a sliding window's cost plus a logarithm.
 
-The same pattern on every head; it runs on the block-sparse family's general paths (``gather`` on
-CPU, the Triton CSR kernels on CUDA, ``flex``, ``naive``) and over a ring through the sparsity-aware
+The same pattern on every head; it runs on the block-sparse family's general paths (``fused`` on
+CPU, the Triton CSR kernels on CUDA, ``gather``, ``flex``, ``naive``) and over a ring through the sparsity-aware
 exchange (only the blocks the pattern reads move).
 """
 
@@ -22,7 +22,7 @@ from longshard.kernels.block_sparse.pattern import SparsePattern
 from longshard.models.attention.registry import AttentionContext, AttentionOptions, register_attention
 from longshard.models.attention.sparse_base import BlockSparseAttention, check_path
 
-POWER_PATHS = ("auto", "naive", "gather", "flex", "triton")  # no band + far form: far blocks move with the query
+POWER_PATHS = ("auto", "naive", "gather", "fused", "flex", "triton")  # no band + far form: far blocks move
 
 
 @dataclass(kw_only=True)
@@ -33,7 +33,9 @@ class PowerOptions(AttentionOptions):
         block: block size in tokens.
         local_blocks: most recent blocks every query block reads (the diagonal block included).
         sink_blocks: leading blocks every query block also reads.
-        path: ``auto``, ``naive``, ``gather``, ``flex`` or ``triton``.
+        path: ``auto`` (``triton`` on CUDA, ``fused`` on CPU), ``naive``, ``gather``, ``fused`` (query
+            chunks with their kept blocks gathered through the fused CPU flash kernel), ``flex`` or
+            ``triton``.
     """
 
     block: int = 64

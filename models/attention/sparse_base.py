@@ -6,6 +6,7 @@ import math
 
 import torch
 from longshard.errors import require
+from longshard.kernels.attention.fused_cpu import fused_cpu_ops
 from longshard.kernels.attention.naive import attention_gathered
 from longshard.kernels.block_sparse import (
     SparsePattern,
@@ -15,6 +16,7 @@ from longshard.kernels.block_sparse import (
 from longshard.kernels.block_sparse.banded import BandFarSpec, band_far_attention
 from longshard.kernels.block_sparse.chunked import band_far_attention_chunked
 from longshard.kernels.block_sparse.flex import block_sparse_attention_flex, flex_available
+from longshard.kernels.block_sparse.gathered import block_sparse_attention_fused
 from longshard.kernels.block_sparse.pattern import kept_first, token_keep
 from longshard.kernels.block_sparse.triton import (
     TRITON_BLOCKS,
@@ -30,7 +32,7 @@ from longshard.models.attention.registry import (
     DecodePlan,
 )
 
-SPARSE_PATHS = ("auto", "naive", "gather", "banded", "chunked", "flex", "triton")
+SPARSE_PATHS = ("auto", "naive", "gather", "fused", "banded", "chunked", "flex", "triton")
 BAND_PATHS = {"banded": band_far_attention, "chunked": band_far_attention_chunked}
 
 
@@ -117,7 +119,9 @@ class BlockSparseAttention(CoreAttention):
             return "triton"
         if q_BHSD.is_cuda and flex_available():
             return "flex"
-        return "chunked" if self.band_spec(1) is not None else "gather"
+        if self.band_spec(1) is not None:
+            return "chunked"
+        return "fused" if q_BHSD.device.type == "cpu" and fused_cpu_ops() is not None else "gather"
 
     def forward(
         self, q_BHSD: torch.Tensor, k_BHSD: torch.Tensor, v_BHSD: torch.Tensor, batch: AttentionBatch
@@ -130,6 +134,7 @@ class BlockSparseAttention(CoreAttention):
         fn = {
             "naive": block_sparse_attention_naive,
             "gather": block_sparse_attention_gather,
+            "fused": block_sparse_attention_fused,
             "flex": block_sparse_attention_flex,
             "triton": block_sparse_attention_triton,
         }[path]

@@ -40,7 +40,7 @@ def _qkv(B, H, kv, S, D, dtype=torch.float32, seed=0):
 
 @pytest.mark.parametrize("H,kv", [(4, 4), (6, 2), (14, 2)])  # MHA, GQA, Qwen2.5-0.5B's 14 / 2
 @pytest.mark.parametrize("S", [13, 37])
-@pytest.mark.parametrize("path", ["naive", "gather"])
+@pytest.mark.parametrize("path", ["naive", "gather", "fused"])
 @pytest.mark.parametrize("packed", [False, True])
 def test_power_matches_definition_with_every_gradient(H, kv, S, path, packed):
     blk, D = 3, 8
@@ -152,3 +152,26 @@ def test_converted_hf_checkpoint_starts_where_it_was(tmp_path):
         assert rel_err(ref, cover.eval()(tokens)) <= 1e-5  # fp32: gathered blocks vs transformers' SDPA (~1e-7)
         band = load_hf_model(tmp_path / "hf", [AttentionSpec(name="power", options={"block": 8, "local_blocks": 1})])
         assert rel_err(ref, band.eval()(tokens)) > 1e-3
+
+
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16])
+def test_saved_bytes_per_token_flat_in_s(dtype):
+    """The fused path (the CPU default) saves q, k, v, the output and the log-sum-exp: bytes per token
+    equal at S and 2S. The gather path keeps its gathered blocks, local + log2(i) per query block: one
+    more block at 2S (5 -> 6 of 32 tokens here, x1.2), no S^2 term. The naive path's grow with S, so the
+    measure can tell."""
+    from longshard.models import ModelConfig, Transformer
+    from longshard.train.memory import saved_attention_bytes
+
+    per_token = {}
+    for path in ("fused", "gather", "naive"):
+        for S in (512, 1024):
+            torch.manual_seed(0)
+            model = Transformer(ModelConfig(vocab_size=64, dim=64, n_layers=1, n_heads=4, n_kv_heads=2, max_seq_len=S,
+                                            attention=[{"name": "power", "options": {"block": 32, "local_blocks": 2,
+                                                                                     "path": path}}]))
+            per_token[path, S] = saved_attention_bytes(model, torch.randint(0, 64, (1, S)), None, dtype) / S
+    assert per_token["fused", 1024] <= 1.05 * per_token["fused", 512], per_token
+    assert per_token["gather", 1024] <= 1.25 * per_token["gather", 512], per_token
+    assert per_token["naive", 1024] > 1.5 * per_token["naive", 512], per_token
+    assert per_token["fused", 1024] < per_token["gather", 1024], per_token  # saves q, k, v, o, lse only
