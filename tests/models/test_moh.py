@@ -7,6 +7,7 @@ lengths, packed documents, fp32 and bf16; the router in bf16; what it declares; 
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import pytest
 import torch
@@ -46,8 +47,10 @@ LAYOUTS = [(4, 2, 1, 2), (4, 1, 2, 1), (14, 2, 4, 3), (8, 8, 2, 3)]  # H, K, sha
 
 @pytest.mark.parametrize("H,K,Hs,k", LAYOUTS)
 @pytest.mark.parametrize("packed", [False, True])
-def test_routed_matches_naive_with_every_gradient(H, K, Hs, k, packed):
-    """fp32, 1e-5: the same attention for the computed pairs, SDPA vs the explicit softmax (~1e-7)."""
+@pytest.mark.parametrize("q_chunk", [256, 5])
+def test_routed_matches_naive_with_every_gradient(H, K, Hs, k, packed, q_chunk):
+    """fp32, 1e-5: the same attention for the computed pairs, SDPA vs the explicit softmax (~1e-7).
+    ``q_chunk`` 5: several chunks of gathered queries per head, each reading keys up to its last query."""
     B, S, D, E = 2, 37, 8, 16
     g = torch.Generator().manual_seed(1)
     q, kk, v = (torch.randn(B, h, S, D, generator=g).requires_grad_() for h in (H, K, K))
@@ -55,7 +58,7 @@ def test_routed_matches_naive_with_every_gradient(H, K, Hs, k, packed):
     routers = [w.requires_grad_() for w in _routers(Hs, H - Hs, E)]
     doc = (torch.arange(S)[None] >= torch.tensor([[S // 3], [S // 2]])).long() if packed else None
     results = []
-    for fn in (moh_attention_naive, moh_attention_routed):
+    for fn in (moh_attention_naive, partial(moh_attention_routed, q_chunk=q_chunk)):
         gates = moh_gates(x, *routers, k)
         out = fn(q, kk, v, gates, 1 / math.sqrt(D), doc)
         ((out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum() + gates.balance).backward()
