@@ -107,6 +107,7 @@ def test_gather_matches_naive_with_every_gradient(H, K, S, packed):
 
 
 TRITON = pytest.mark.skipif(not triton_installed(), reason="triton is not installed (pip install triton>=3.0)")
+DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # CPU: the Triton interpreter (conftest)
 
 
 @TRITON
@@ -120,12 +121,12 @@ def test_triton_matches_naive_with_every_gradient(H, K, S, packed):
     from longshard.kernels.block_sparse.triton import csr_indices
     from longshard.kernels.dma.triton import dma_block_mask
 
-    leaves = [t.requires_grad_() for t in _inputs(2, H, K, S, 16)]
-    doc = _docs(2, S) if packed else None
+    leaves = [t.to(DEV).requires_grad_() for t in _inputs(2, H, K, S, 16)]
+    doc = _docs(2, S).to(DEV) if packed else None
     grads = []
     for fn in (dma_attention_naive, dma_attention_triton):
         out = fn(*leaves, 16, 2, 0.25, doc)
-        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        (out * torch.linspace(-1, 1, out.numel(), device=DEV).view_as(out)).sum().backward()
         grads.append((out.detach(), [t.grad.clone() for t in leaves]))
         for t in leaves:
             t.grad = None
@@ -144,12 +145,12 @@ def test_triton_fp16_and_huge_bias():
     """fp16 takes the tensor-core branch (fp16 tl.dot, fp32 accumulation) under the interpreter too:
     within 1e-2 of the fp32 reference (11-bit mantissas, P rounded to fp16 before PV). A = 1e4 and 100x
     values: outputs and every gradient finite (bias and dbias stay fp32 in the kernel)."""
-    q, k, v, a, delta = _inputs(1, 4, 2, 48, 16)
+    q, k, v, a, delta = (t.to(DEV) for t in _inputs(1, 4, 2, 48, 16))
     ref = dma_attention_naive(q, k, v, a, delta, 16, 2, 0.25)
     out = dma_attention_triton(q.half(), k.half(), v.half(), a, delta, 16, 2, 0.25)
     assert out.dtype == torch.float16
     assert rel_err(ref, out.float()) <= 1e-2
-    q, k, v, a, delta = _inputs(1, 4, 2, 40, 16, a_scale=1e4)
+    q, k, v, a, delta = (t.to(DEV) for t in _inputs(1, 4, 2, 40, 16, a_scale=1e4))
     leaves = [q.requires_grad_(), k.requires_grad_(), (v * 100).requires_grad_(), a.requires_grad_(),
               delta.requires_grad_()]
     out = dma_attention_triton(*leaves, 16, 2, 0.3)
@@ -168,10 +169,12 @@ def test_triton_path_through_the_model_and_its_checks():
     tri = build_attention("dma", {"block": 16, "keep_blocks": 2, "path": "triton", "a_init": 0.5}, ctx)
     gat = build_attention("dma", {"block": 16, "keep_blocks": 2, "path": "gather", "a_init": 0.5}, ctx)
     gat.load_state_dict(tri.state_dict())
-    q, k, v, _, _ = _inputs(1, 4, 2, 45, 16)
+    tri, gat = tri.to(DEV), gat.to(DEV)
+    q, k, v, _, _ = (t.to(DEV) for t in _inputs(1, 4, 2, 45, 16))
     batch = AttentionBatch()
     assert_rel("triton vs gather", gat(q, k, v, batch), tri(q, k, v, batch), 2e-5)
-    assert gat.resolve_path(q) == "gather"  # auto on CPU
+    auto = build_attention("dma", {"block": 16}, ctx)
+    assert auto.resolve_path(q) == ("triton" if DEV.type == "cuda" else "gather")
     with pytest.raises(ConfigError, match=r"block.*path=triton needs block in"):
         build_attention("dma", {"block": 8, "path": "triton"}, ctx)
 
