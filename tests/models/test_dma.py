@@ -91,18 +91,22 @@ LAYOUTS = [(4, 2), (4, 1), (14, 2), (8, 8)]  # GQA, MQA, Qwen2.5's 14/2, MHA
 def test_gather_matches_naive_with_every_gradient(H, K, S, packed):
     """fp32, 1e-5: the same fp32 sums in another order (gathered blocks; observed ~1e-7)."""
     leaves = [t.requires_grad_() for t in _inputs(2, H, K, S, 8)]
-    doc = _docs(2, S) if packed else None
+    _assert_matches_naive(dma_attention_gather, leaves, 8, 3, 1 / math.sqrt(8), _docs(2, S) if packed else None, 1e-5)
+
+
+def _assert_matches_naive(fn, leaves, block, keep, scale, doc, tol):
+    """``fn`` against the naive reference: the output and the gradients of q, k, v, A and Delta."""
     grads = []
-    for fn in (dma_attention_naive, dma_attention_gather):
-        out = fn(*leaves, 8, 3, 1 / math.sqrt(8), doc)
-        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+    for f in (dma_attention_naive, fn):
+        out = f(*leaves, block, keep, scale, doc)
+        (out * torch.linspace(-1, 1, out.numel(), device=out.device).view_as(out)).sum().backward()
         grads.append((out.detach(), [t.grad.clone() for t in leaves]))
         for t in leaves:
             t.grad = None
     (o_ref, g_ref), (o, g) = grads
-    assert_rel("out", o_ref, o, 1e-5)
+    assert_rel("out", o_ref, o, tol)
     for name, x, y in zip(("dq", "dk", "dv", "dA", "dDelta"), g_ref, g):
-        assert_rel(name, x, y, 1e-5)
+        assert_rel(name, x, y, tol)
     assert g_ref[3].abs().min() > 0 and g_ref[4].abs().max() > 0  # A and Delta train
 
 
@@ -123,17 +127,7 @@ def test_triton_matches_naive_with_every_gradient(H, K, S, packed):
 
     leaves = [t.to(DEV).requires_grad_() for t in _inputs(2, H, K, S, 16)]
     doc = _docs(2, S).to(DEV) if packed else None
-    grads = []
-    for fn in (dma_attention_naive, dma_attention_triton):
-        out = fn(*leaves, 16, 2, 0.25, doc)
-        (out * torch.linspace(-1, 1, out.numel(), device=DEV).view_as(out)).sum().backward()
-        grads.append((out.detach(), [t.grad.clone() for t in leaves]))
-        for t in leaves:
-            t.grad = None
-    (o_ref, g_ref), (o, g) = grads
-    assert_rel("out", o_ref, o, 2e-5)
-    for name, x, y in zip(("dq", "dk", "dv", "dA", "dDelta"), g_ref, g):
-        assert_rel(name, x, y, 2e-5)
+    _assert_matches_naive(dma_attention_triton, leaves, 16, 2, 0.25, doc, 2e-5)
     idx, ok, _ = select_key_blocks(dma_key_bias(*leaves[2:]), 16, 2, S, S, doc)
     _, _, cnt, _, _ = csr_indices(dma_block_mask(idx, ok, -(-S // 16)), -(-S // 16), K, 16)
     assert int(cnt.sum()) == int(ok.sum())  # the kernel walks exactly the kept blocks
