@@ -236,10 +236,10 @@ class TrainLoop:
         if self.aux_by_layer:  # log the ranks' mean: what the averaged gradients optimise (under Ulysses a
             # rank holds its heads' share of a load-balance loss, scaled so that the mean is the whole)
             layers = sorted(self.aux_by_layer)
-            vals = torch.tensor([aux_sum, *(self.aux_by_layer[i] for i in layers)], device=env.device)
+            vals = torch.tensor([self.aux_by_layer[i] for i in layers], device=env.device)
             dist.all_reduce(vals)
-            vals = (vals / env.world_size).tolist()
-            aux_sum, self.aux_by_layer = vals[0], dict(zip(layers, vals[1:]))
+            self.aux_by_layer = dict(zip(layers, (vals / env.world_size).tolist()))
+            aux_sum = sum(self.aux_by_layer.values())
         return float(loss_sum) / n_global, aux_sum
 
     def _skip_update(self, step: int, what: str, overflow: bool = False) -> tuple[None, None]:

@@ -25,7 +25,7 @@ import math
 
 import torch
 from longshard.kernels.block_sparse.pattern import SparsePattern, kept_first
-from longshard.kernels.triton_support import interpreting, next_pow2, require_triton
+from longshard.kernels.triton_support import interpreting, next_pow2, require_triton, triton_installed
 
 try:
     import triton
@@ -41,6 +41,11 @@ MAX_ROWS = 128  # query rows per program (stacked GQA heads x block): bounds reg
 def triton_block_ok(block: int) -> bool:
     """Whether ``block`` can be this kernel's tile size."""
     return block in TRITON_BLOCKS
+
+
+def triton_runs(x: torch.Tensor, block: int) -> bool:
+    """Whether ``auto`` paths run this kernel for ``x``: a CUDA tensor, Triton installed, ``block`` a tile."""
+    return x.is_cuda and triton_installed() and triton_block_ok(block)
 
 
 def block_csr(block_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 
 import torch
-from longshard.kernels.block_sparse.triton import block_sparse_attention_triton_mask, triton_block_ok
+from longshard.kernels.block_sparse.triton import block_sparse_attention_triton_mask
 from longshard.kernels.dma.naive import dma_attention_naive
 from longshard.kernels.dma.select import dma_key_bias, select_key_blocks
 
@@ -40,11 +40,9 @@ def dma_attention_triton(
 ) -> torch.Tensor:
     """Same result as :func:`~longshard.kernels.dma.naive.dma_attention_naive` with the Triton kernels.
 
-    Args: as the naive reference; ``block`` must be a Triton tile (16, 32, 64 or 128). Decoding steps
-    (Sq < Sk) use the naive form.
+    Args: as the naive reference; ``block`` must be a Triton tile (16, 32, 64 or 128; the kernel's entry
+    checks it). Decoding steps (Sq < Sk) use the naive form.
     """
-    if not triton_block_ok(block):
-        raise ValueError(f"dma's Triton path needs block in 16, 32, 64, 128 (got {block}); use path=gather")
     B, H, Sq, D = q_BHSD.shape
     K, Sk = k_BKSD.shape[1], k_BKSD.shape[2]
     if Sq != Sk:

@@ -6,9 +6,9 @@ import torch
 from longshard.kernels.block_sparse import block_sparse_attention_gather
 from longshard.kernels.block_sparse.pattern import sink_window_pattern
 from longshard.kernels.block_sparse.triton import (
-    TRITON_BLOCKS,
     block_sparse_attention_triton_mask,
     selection_block_mask,
+    triton_runs,
 )
 from longshard.kernels.nsa.naive import nsa_branches_naive
 from longshard.kernels.nsa.select import (
@@ -18,7 +18,6 @@ from longshard.kernels.nsa.select import (
     query_positions,
     select_blocks,
 )
-from longshard.kernels.triton_support import triton_installed
 from torch.utils.checkpoint import checkpoint
 
 
@@ -107,7 +106,7 @@ def nsa_branches_gather(
     o_cmp, p_cmp = compressed_attention(q_BHSD, k_cmp_BKCD, v_cmp_BKCD, valid, scale)
     idx, ok = select_blocks(geo, p_cmp, Hkv, Sq, Sk)
     if triton is None:
-        triton = q_BHSD.is_cuda and triton_installed() and geo.select_block in TRITON_BLOCKS
+        triton = triton_runs(q_BHSD, geo.select_block)
     selected = _selected_triton if triton else _selected_gather
     o_slc = selected(q_BHSD, k_BHSD, v_BHSD, idx, ok, geo, scale, doc_ids_BS)
     H = q_BHSD.shape[1]

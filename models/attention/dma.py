@@ -14,9 +14,8 @@ from dataclasses import dataclass
 
 import torch
 from longshard.errors import require, require_positive
-from longshard.kernels.block_sparse.triton import TRITON_BLOCKS, triton_block_ok
+from longshard.kernels.block_sparse.triton import TRITON_BLOCKS, triton_block_ok, triton_runs
 from longshard.kernels.dma import dma_attention_gather, dma_attention_naive, dma_attention_triton, dma_kept_fraction
-from longshard.kernels.triton_support import triton_installed
 from longshard.models.attention.registry import (
     AttentionBatch,
     AttentionContext,
@@ -93,9 +92,7 @@ class DMAAttention(CoreAttention):
         """The path ``auto`` stands for on this input: Triton on CUDA where it can run, else gather."""
         if self.opts.path != "auto":
             return self.opts.path
-        if q_BHSD.is_cuda and triton_installed() and triton_block_ok(self.opts.block):
-            return "triton"
-        return "gather"
+        return "triton" if triton_runs(q_BHSD, self.opts.block) else "gather"
 
     def forward(self, q_BHSD: torch.Tensor, k_BHSD: torch.Tensor, v_BHSD: torch.Tensor, batch: AttentionBatch):
         fn = {"naive": dma_attention_naive, "gather": dma_attention_gather,

@@ -22,8 +22,8 @@ from longshard.kernels.block_sparse.triton import (
     TRITON_BLOCKS,
     block_sparse_attention_triton,
     triton_block_ok,
+    triton_runs,
 )
-from longshard.kernels.triton_support import triton_installed
 from longshard.models.attention.registry import (
     AttentionBatch,
     AttentionContext,
@@ -115,7 +115,7 @@ class BlockSparseAttention(CoreAttention):
             return self.path
         if q_BHSD.shape[2] != k_len:
             return "naive"
-        if q_BHSD.is_cuda and triton_installed() and triton_block_ok(self.block):
+        if triton_runs(q_BHSD, self.block):
             return "triton"
         if q_BHSD.is_cuda and flex_available():
             return "flex"
