@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from longshard.errors import EXIT_CHECKPOINT, EXIT_INVALID_INPUT, CheckpointError, ConfigError
+from longshard.files import write_file
 
 log = logging.getLogger("longshard")
 
@@ -339,14 +340,21 @@ def _eval(args: argparse.Namespace) -> int:
         res["passkey_grid"] = grid
         for n, row in grid.items():
             res[f"passkey_acc@{n}"] = sum(row.values()) / len(row)
+    no_plot = None
     if args.plot:
-        res["plot"] = plot_results(res, args.plot)
+        try:
+            res["plot"] = plot_results(res, args.plot)
+        except ValueError as e:  # the results are still printed and written below
+            no_plot = ConfigError("--plot", f"{e}: the evaluation above has no passkey grid and no ppl@L.",
+                                  "add --grid (passkey heatmap) or eval.ppl_lengths=[...] (perplexity by length).")
     if cfg.logging.wandb != "disabled":
         _eval_to_wandb(cfg, args.checkpoint, res)
     text = json.dumps({"checkpoint": args.checkpoint, **res}, indent=2)
     if args.output:
-        Path(args.output).write_text(text + "\n")
+        write_file(args.output, text + "\n")
     sys.stdout.write(text + "\n")
+    if no_plot is not None:
+        raise no_plot
     return 0
 
 
@@ -377,6 +385,8 @@ def _generate(args: argparse.Namespace) -> int:
 
     if args.max_new_tokens < 1:
         raise ConfigError("--max-new-tokens", f"must be >= 1, got {args.max_new_tokens}.")
+    if not 0 <= args.temperature < float("inf"):  # nan and negatives used to decode greedily without a word
+        raise ConfigError("--temperature", f"must be a finite number >= 0 (0: greedy), got {args.temperature}.")
     if args.prompt is None and args.prompt_file is None:
         raise ConfigError("--prompt", "no prompt given.", "pass --prompt TEXT or --prompt-file PATH.")
     if args.prompt_file is not None and not Path(args.prompt_file).is_file():
@@ -410,7 +420,7 @@ def _generate(args: argparse.Namespace) -> int:
                              "full_kv_layers": sorted(cache.stats.full_kv_layers)}
     out = json.dumps(result, indent=2)
     if args.output:
-        Path(args.output).write_text(out + "\n")
+        write_file(args.output, out + "\n")
     sys.stdout.write(out + "\n")
     return 0
 
@@ -464,7 +474,7 @@ def _heads(args: argparse.Namespace) -> int:
     text = yaml.dump({"retrieval_heads": assignment, "model": {"attention": attention}}, Dumper=_PlainDumper,
                      sort_keys=False)
     if args.output:
-        Path(args.output).write_text(text)
+        write_file(args.output, text)
     sys.stdout.write(text)
     return 0
 

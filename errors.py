@@ -43,5 +43,6 @@ def require(cond: bool, field: str, problem: str, fix: str = "") -> None:
 
 
 def require_positive(value: int | float, field: str) -> None:
-    """Raise :class:`ConfigError` unless ``value`` > 0."""
-    require(value > 0, field, f"must be > 0, got {value!r}.", f"set {field} to a positive number.")
+    """Raise :class:`ConfigError` unless ``value`` is a finite number > 0 (``inf`` and ``nan`` are refused)."""
+    require(value > 0 and value != float("inf"), field, f"must be a finite number > 0, got {value!r}.",
+            f"set {field} to a positive number.")

@@ -8,6 +8,7 @@ from importlib import resources
 from pathlib import Path
 
 from longshard.errors import ConfigError, require_positive
+from longshard.files import check_path_names, default_mode, write_file
 
 # What each value written into an ``#SBATCH`` line may hold. Those lines are read by sbatch, and a
 # newline in a value would start a shell line of the script; quotes, ``$`` and ``%`` would be read by
@@ -100,13 +101,18 @@ def render_sbatch(
         "recipe": shlex.quote(recipe), "overrides": " ".join(shlex.quote(o) for o in rest),
         "first_resume": shlex.quote(first[-1] if first else "checkpoint.resume=auto"),
     }
-    text = (resources.files("longshard") / "launch" / "slurm.sbatch").read_text()
-    for key, value in values.items():
-        text = text.replace("{{" + key + "}}", str(value))
-    left = re.findall(r"\{\{(\w+)\}\}", text)
-    if left:
-        raise ConfigError("launch slurm", f"template placeholders without values: {left}.")
-    return text
+    template = (resources.files("longshard") / "launch" / "slurm.sbatch").read_text()
+    return fill_template(template, values)
+
+
+def fill_template(template: str, values: dict[str, object]) -> str:
+    """Every ``{{name}}`` of ``template`` replaced by ``values[name]`` in one pass over the template: a
+    value that itself holds ``{{...}}`` (an override, a --python path, a recipe file name) is written as
+    it is, never expanded again (raises ConfigError for a placeholder without a value)."""
+    missing = sorted(set(re.findall(r"\{\{(\w+)\}\}", template)) - set(values))
+    if missing:
+        raise ConfigError("launch slurm", f"template placeholders without values: {missing}.")
+    return re.sub(r"\{\{(\w+)\}\}", lambda m: str(values[m.group(1)]), template)
 
 
 def write_sbatch(path: str | Path, text: str, log_dir: str | Path | None = None) -> Path:
@@ -114,9 +120,19 @@ def write_sbatch(path: str | Path, text: str, log_dir: str | Path | None = None)
     a job whose folder is missing fails without a log). A relative ``log_dir`` is relative to the
     folder ``sbatch`` is run from, as Slurm resolves it; here the current one."""
     p = Path(path)
+    check_path_names(p, "--output")
+    if p.is_dir():
+        raise ConfigError("--output", f"{p} is a folder.", "give the path of the script file to write, e.g. "
+                          f"{p / 'job.sbatch'}.")
     if log_dir is not None:
-        Path(log_dir).mkdir(parents=True, exist_ok=True)
+        check_path_names(Path(log_dir), "--log-dir")
+        if Path(log_dir).exists() and not Path(log_dir).is_dir():
+            raise ConfigError("--log-dir", f"{log_dir} is a file, not a folder.", "give a folder for Slurm's logs.")
+        try:
+            Path(log_dir).mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ConfigError("--log-dir", f"cannot create {log_dir}: {e.strerror or e}.",
+                              "give a folder you can write.") from None
     p.parent.mkdir(parents=True, exist_ok=True)
-    p.write_text(text)
-    p.chmod(0o755)
+    write_file(p, text, mode=default_mode(0o755))  # a fresh file, renamed into place: never through a link
     return p

@@ -13,7 +13,7 @@ import math
 import os
 import pickle
 import re
-import shutil
+import secrets
 import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -22,6 +22,16 @@ from typing import Any
 
 import torch
 from longshard.errors import ConfigError
+from longshard.files import (
+    copy_file,
+    create_exclusive,
+    default_mode,
+    load_json,
+    probe_writable,
+    read_json,
+    set_mode,
+    write_file,
+)
 from longshard.models.attention import AttentionSpec
 from longshard.models.config import ModelConfig, RopeConfig
 from longshard.models.model import Transformer
@@ -289,11 +299,12 @@ MAX_SAFETENSORS_HEADER = 100_000_000  # the safetensors library's own limit
 
 
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict:
-    keys = [k for k, _ in pairs]
-    dup = next((k for k in keys if keys.count(k) > 1), None)
-    if dup is not None:
+    out = dict(pairs)
+    if len(out) != len(pairs):  # linear: 40,000 names take milliseconds (a count per name took a minute)
+        seen = set()
+        dup = next(k for k, _ in pairs if k in seen or seen.add(k))
         raise ValueError(f"tensor {dup!r} is listed twice")
-    return dict(pairs)
+    return out
 
 
 def safetensors_header(file: Path) -> tuple[dict, int]:
@@ -318,7 +329,8 @@ def safetensors_header(file: Path) -> tuple[dict, int]:
                               "is cut short or damaged).", "re-copy or re-download that file.")
         header = f.read(n)
     try:
-        meta = json.loads(header.decode("utf-8"), object_pairs_hook=_no_duplicates)
+        meta = load_json(header.decode("utf-8"), max_depth=8, max_bytes=MAX_SAFETENSORS_HEADER,
+                         object_pairs_hook=_no_duplicates)
     except (ValueError, UnicodeDecodeError) as e:
         raise damaged(f"its header is not JSON ({str(e)[:200]})") from None
     if not isinstance(meta, dict):
@@ -453,9 +465,10 @@ def read_hf_config(path: str | Path) -> dict[str, Any]:
 
 def _read_json(file: Path) -> Any:
     try:
-        return json.loads(file.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        where = f" (line {e.lineno}, column {e.colno}: {e.msg})" if isinstance(e, json.JSONDecodeError) else ""
+        return read_json(file)
+    except (UnicodeDecodeError, ValueError, OSError) as e:
+        where = (f" (line {e.lineno}, column {e.colno}: {e.msg})" if isinstance(e, json.JSONDecodeError)
+                 else f" ({e})")
         raise ConfigError("init.hf_path", f"{file} is not valid JSON{where}.",
                           "re-copy the checkpoint folder; the file is damaged or truncated.") from None
 
@@ -614,24 +627,29 @@ def prepare_export_dir(path: str | Path, overwrite: bool = False, field: str = "
         return path
     if overwrite and path.is_dir():
         for f in [*(path / n for n in EXPORT_FILES), *(p for pat in EXPORT_PATTERNS for p in path.glob(pat))]:
-            if f.is_file():
+            if f.is_symlink() or f.is_file():  # a link itself is removed, never what it points at
                 f.unlink()
     try:
         path.mkdir(parents=True, exist_ok=True)
-        probe = path / f".write-test-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
+        probe_writable(path)
     except OSError as e:
         raise ConfigError(field, f"cannot write to {path}: {e.strerror or e}.", "give a writable folder.") from None
     return path
 
 
-def _readable(files: list[Path]) -> None:
-    """Give written files the usual mode (0644 under a 022 umask); safetensors writes them 0600."""
-    umask = os.umask(0)
-    os.umask(umask)
-    for f in files:
-        os.chmod(f, 0o666 & ~umask)
+def _save_safetensors(tensors: dict[str, torch.Tensor], file: Path) -> None:
+    """``save_file`` into a fresh random name beside ``file`` (created exclusively here, so never a
+    planted link), given the usual mode on our own descriptor (safetensors writes 0600), then renamed
+    over ``file``."""
+    tmp = file.with_name(f".{file.name}.{secrets.token_hex(8)}.tmp")
+    os.close(create_exclusive(tmp))
+    try:
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
+        set_mode(tmp, default_mode())
+        os.replace(tmp, file)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def export_hf(
@@ -673,7 +691,7 @@ def export_hf(
     tensors = {to_hf_name(n): t.to(dtype).contiguous().cpu() for n, t in state.items()}
     if model.cfg.tie_embeddings:
         tensors.pop("lm_head.weight", None)
-    (path / "config.json").write_text(json.dumps(hf_config_dict(model.cfg, arch, dtype, drop_gates), indent=2))
+    write_file(path / "config.json", json.dumps(hf_config_dict(model.cfg, arch, dtype, drop_gates), indent=2))
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
     for name in sorted(tensors):
@@ -684,20 +702,19 @@ def export_hf(
         shards[-1][name] = tensors[name]
         size += nbytes
     if len(shards) == 1:
-        save_file(shards[0], str(path / "model.safetensors"), metadata={"format": "pt"})
+        _save_safetensors(shards[0], path / "model.safetensors")
     else:
         weight_map = {}
         for i, shard in enumerate(shards):
             fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            save_file(shard, str(path / fname), metadata={"format": "pt"})
+            _save_safetensors(shard, path / fname)
             weight_map.update({n: fname for n in shard})
         total = sum(t.numel() * t.element_size() for t in tensors.values())
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        write_file(path / "model.safetensors.index.json", json.dumps(index, indent=2))
     if tokenizer_dir is not None:
         for f in Path(tokenizer_dir).glob("tokenizer*"):
-            shutil.copy(f, path / f.name)
-    _readable([f for f in path.iterdir() if f.is_file()])
+            copy_file(f, path / f.name)
     return path
 
 

@@ -10,13 +10,13 @@ gradient clipping is DeepSpeed's (``gradient_clipping``).
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import pickle
 from typing import Any
 
 import torch
 from longshard.errors import ConfigError
+from longshard.files import read_json
 from torch import nn
 
 
@@ -54,9 +54,12 @@ def deepspeed_config(
     user: dict[str, Any] = {}
     if config_file is not None:
         try:
-            user = json.loads(open(config_file).read())
-        except json.JSONDecodeError as e:
+            user = read_json(config_file)
+        except (ValueError, OSError) as e:
             raise ConfigError("deepspeed.config_file", f"{config_file} is not valid JSON: {e}") from None
+        if not isinstance(user, dict):
+            raise ConfigError("deepspeed.config_file", f"{config_file} holds a {type(user).__name__}, "
+                              "not a JSON object.")
     ours: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": micro_batch_size,
         "gradient_accumulation_steps": grad_accum,

@@ -19,6 +19,7 @@ import errno
 import io
 import json
 import logging
+import os
 import pickle
 import random
 import re
@@ -33,6 +34,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from longshard.errors import CheckpointError, UnsafeCheckpointError
+from longshard.files import copy_file, is_regular_inside, read_json, read_regular, write_file
 from longshard.parallel.deepspeed_engine import (
     DeepSpeedLoadRefused,
     check_deepspeed_files_safe,
@@ -40,7 +42,7 @@ from longshard.parallel.deepspeed_engine import (
 )
 from longshard.parallel.env import all_agree, all_sum
 from longshard.train.fingerprint import check_resume
-from longshard.train.safe_pickle import UnsafePickleError, restricted_loads
+from longshard.train.safe_pickle import UnsafePickleError, check_dcp_metadata, restricted_loads
 from torch import nn
 from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.api import CheckpointException
@@ -54,6 +56,7 @@ log = logging.getLogger(__name__)
 _STEP_RE = re.compile(r"^step_(\d{8})$")
 STATE_FILE = "trainer_state.json"
 CONFIG_FILE = "config.yaml"
+MAX_METADATA_BYTES = 2**30  # DCP metadata of a 70B model with its optimizer is tens of MB
 TOKENIZER_FILE = "tokenizer.json"  # a copy of data.tokenizer, so a checkpoint is usable on another machine
 
 
@@ -86,26 +89,31 @@ def read_metadata_safe(path: Path, rank: int | None = None, load_id: str | None 
     """
     meta = path / (".metadata" if rank is None else f"__{rank}.metadata")
     try:
-        data = meta.read_bytes()
-    except OSError as e:
-        raise CheckpointError(f"{meta} cannot be read ({e.strerror or e}).") from None
+        data = read_regular(meta, MAX_METADATA_BYTES)
+    except (OSError, ValueError) as e:
+        why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        raise CheckpointError(f"{meta} cannot be read ({why}).") from None
     try:
         metadata = restricted_loads(data)
     except UnsafePickleError as e:
-        raise UnsafeCheckpointError(f"{meta} would run code while loading ({e}); nothing was loaded or run. "
-                                    "Delete that checkpoint: never load checkpoints from a source you do not "
-                                    "trust.") from None
-    except Exception as e:
-        raise CheckpointError(f"{meta} is corrupt or not a plain DCP metadata file ({e}); not loading it.") from None
-    if not isinstance(metadata, Metadata) or not isinstance(metadata.state_dict_metadata, dict):
-        raise CheckpointError(f"{meta} does not hold DCP metadata (found {type(metadata).__name__}); not loading it.")
+        raise UnsafeCheckpointError(f"{meta} would run code or exhaust memory while loading ({e}); nothing was "
+                                    "loaded or run. Delete that checkpoint: never load checkpoints from a source you "
+                                    "do not trust.") from None
+    except (Exception, RecursionError) as e:
+        raise CheckpointError(f"{meta} is corrupt or not a plain DCP metadata file ({str(e)[:300]}); not loading "
+                              "it.") from None
+    wrong = check_dcp_metadata(metadata)
+    if wrong is not None:
+        raise CheckpointError(f"{meta} does not hold well-formed DCP metadata: {wrong}; not loading it.")
     for index, info in (metadata.storage_data or {}).items():
-        name = getattr(info, "relative_path", None)
-        offset, length = getattr(info, "offset", None), getattr(info, "length", None)
-        if (not isinstance(name, str) or not name or "/" in name or "\\" in name or name in (".", "..")
-                or type(offset) is not int or type(length) is not int or offset < 0 or length < 0):
-            raise UnsafeCheckpointError(f"{meta} describes entry {getattr(index, 'fqn', index)!r} at {name!r} "
-                                  f"[{offset}, +{length}]: not a file of this checkpoint folder; not loading it.")
+        name, offset, length = info.relative_path, info.offset, info.length
+        outside = not name or "/" in name or "\\" in name or name in (".", "..") or offset < 0 or length < 0
+        if not outside and not os.path.lexists(path / name):
+            raise CheckpointError(f"{path / name} is missing: the checkpoint is incomplete.")
+        if outside or not is_regular_inside(path / name, path):
+            raise UnsafeCheckpointError(f"{meta} describes entry {index.fqn!r} at {name!r} [{offset}, +{length}]: "
+                                        "not a file of this checkpoint folder (a path outside it, a link or not a "
+                                        "regular file); not loading it.")
     if getattr(metadata, "storage_meta", None) is None:
         metadata.storage_meta = StorageMeta()
     if load_id is not None:
@@ -216,7 +224,7 @@ def read_trainer_state(path: Path) -> dict[str, Any]:
     if not state_file.is_file():
         raise CheckpointError(f"{state_file} is missing: {path} is not a complete checkpoint.")
     try:
-        state = json.loads(state_file.read_text())
+        state = read_json(state_file, follow_links=False)
     except (ValueError, OSError) as e:
         raise CheckpointError(f"{state_file} is corrupt: {e}") from None
 
@@ -252,8 +260,9 @@ def check_manifest(path: Path, manifest: dict[str, Any], world_size: int = 1, ra
     for i, (name, entry) in enumerate(sorted(manifest.items())):
         size, crc = (entry, None) if isinstance(entry, int) else entry
         f = path / name
-        if not f.is_file():
-            raise CheckpointError(f"{f} is missing from the checkpoint.")
+        if not is_regular_inside(f, path):
+            what = "a link or not a regular file" if os.path.lexists(f) else "missing from the checkpoint"
+            raise CheckpointError(f"{f} is {what}; a checkpoint's files are never read through links.")
         if f.stat().st_size != size:
             raise CheckpointError(f"{f} is truncated or altered: {f.stat().st_size} bytes, {size} when saved.")
         if crc is not None and i % world_size == rank and file_crc32(f) != crc:
@@ -403,6 +412,8 @@ class Checkpointer:
         self.root, self.keep_last, self.rank = Path(root), keep_last, rank
         self.config_yaml = config_yaml
         self.tokenizer = Path(tokenizer) if tokenizer else None
+        if self.tokenizer is not None and self.tokenizer.is_dir():  # a tokenizer folder: its tokenizer.json
+            self.tokenizer = self.tokenizer / TOKENIZER_FILE
         self.fingerprint, self.allow_changes = fingerprint, list(allow_changes or [])
 
     def save(self, step: int, states: DCPStates | DeepSpeedStates, scheduler: Any, trainer_state: dict) -> Path:
@@ -411,7 +422,9 @@ class Checkpointer:
         final = self.root / f"step_{step:08d}"
         tmp = self.root / f"step_{step:08d}.tmp"
         if self.rank == 0:
-            if tmp.exists():
+            if tmp.is_symlink():  # never write a checkpoint through a link (or delete what it points at)
+                tmp.unlink()
+            elif tmp.exists():
                 shutil.rmtree(tmp)
             tmp.mkdir(parents=True)
         dist.barrier()
@@ -439,9 +452,9 @@ class Checkpointer:
                                   "the folder was removed and the previous checkpoint is intact.") from problem
         dist.barrier()
         if self.rank == 0:
-            (tmp / CONFIG_FILE).write_text(self.config_yaml)
+            write_file(tmp / CONFIG_FILE, self.config_yaml)
             if self.tokenizer is not None and self.tokenizer.is_file():
-                shutil.copyfile(self.tokenizer, tmp / TOKENIZER_FILE)
+                copy_file(self.tokenizer, tmp / TOKENIZER_FILE)
         dist.barrier()
         world = dist.get_world_size()
         shares: list = [None] * world  # every rank checksums its share of the files
@@ -449,7 +462,7 @@ class Checkpointer:
         if self.rank == 0:
             files = {k: v for share in shares for k, v in share.items()}
             state = {"step": step, **trainer_state, "files": files, "fingerprint": self.fingerprint}
-            (tmp / STATE_FILE).write_text(json.dumps(state, indent=2))
+            write_file(tmp / STATE_FILE, json.dumps(state, indent=2))
             if final.exists():  # a damaged or incomplete folder of this step: keep it aside, never delete it
                 aside = final.with_name(f"{final.name}.replaced-{int(time.time())}")
                 final.rename(aside)
@@ -487,8 +500,8 @@ class Checkpointer:
         keep = []
         for p in paths:
             try:
-                saved = json.loads((p / STATE_FILE).read_text()).get("fingerprint")
-            except (OSError, ValueError):
+                saved = read_trainer_state(p).get("fingerprint")
+            except CheckpointError:
                 continue
             if saved is None or saved.get("model") == self.fingerprint["model"]:
                 keep.append(p)

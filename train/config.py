@@ -17,6 +17,7 @@ from typing import Any
 
 import yaml
 from longshard.errors import ConfigError, require, require_positive
+from longshard.files import check_path_names
 from longshard.models.activation_offload import ACTIVATION_OFFLOAD_MODES
 from longshard.models.attention.registry import parse_options
 from longshard.models.config import ModelConfig
@@ -83,6 +84,9 @@ class DataConfig:
         require_positive(self.default_corpus_bytes, "data.default_corpus_bytes")
         require_positive(self.mqar_num_kv_pairs, "data.mqar_num_kv_pairs")
         require_positive(self.synthetic_samples, "data.synthetic_samples")
+        for name in ("path", "tokenizer"):
+            if getattr(self, name):
+                check_path_names(getattr(self, name), f"data.{name}")
         if self.source == "prepared":
             require(bool(self.path), "data.path", "is required with data.source=prepared.",
                     "set data.path to a folder made by `longshard data prepare`.")
@@ -119,7 +123,8 @@ class OptimConfig:
     def __post_init__(self) -> None:
         require_positive(self.lr, "optim.lr")
         require(0 <= self.min_lr_ratio <= 1, "optim.min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}.")
-        require(self.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {self.weight_decay}.")
+        require(0 <= self.weight_decay < float("inf"), "optim.weight_decay",
+                f"must be a finite number >= 0, got {self.weight_decay}.")
         require(self.warmup_steps >= 0, "optim.warmup_steps", f"must be >= 0, got {self.warmup_steps}.")
         for name in ("beta1", "beta2"):
             value = getattr(self, name)
@@ -188,7 +193,8 @@ class TrainConfig:
         for name in ("steps", "seq_len", "micro_batch_size", "global_batch_size", "nproc", "log_every",
                      "max_skipped_steps"):
             require_positive(getattr(self, name), f"train.{name}")
-        require(self.grad_clip >= 0, "train.grad_clip", f"must be >= 0, got {self.grad_clip}.")
+        require(0 <= self.grad_clip < float("inf"), "train.grad_clip",
+                f"must be a finite number >= 0 (0: no clipping), got {self.grad_clip}.")
         require(self.global_batch_size % self.micro_batch_size == 0, "train.global_batch_size",
                 f"{self.global_batch_size} is not a multiple of micro_batch_size={self.micro_batch_size}.")
         _choice(self.dtype, DTYPES, "train.dtype")
@@ -269,6 +275,7 @@ class DeepSpeedConfig:
         require(not self.offload_optimizer or self.zero_stage >= 1, "deepspeed.offload_optimizer",
                 "needs zero_stage >= 1.", "set deepspeed.zero_stage=1 (or higher).")
         if self.config_file is not None:
+            check_path_names(self.config_file, "deepspeed.config_file")
             require(not _CHECK_FILES.get() or Path(self.config_file).is_file(), "deepspeed.config_file",
                     f"{self.config_file} does not exist.",
                     "give the path of a DeepSpeed JSON config.")
@@ -305,7 +312,10 @@ class CheckpointConfig:
                     "on resume.", f"use any of: {', '.join(CHANGEABLE)}.")
         require(self.every >= 0, "checkpoint.every", f"must be >= 0, got {self.every}.")
         require_positive(self.keep_last, "checkpoint.keep_last")
+        if self.dir:
+            check_path_names(self.dir, "checkpoint.dir")
         if self.resume not in ("auto", "none"):
+            check_path_names(self.resume, "checkpoint.resume")
             require(not _CHECK_FILES.get() or Path(self.resume).is_dir(), "checkpoint.resume",
                     f"{self.resume} does not exist.",
                     "use auto, none, or an existing checkpoint folder.")
@@ -401,6 +411,7 @@ class InitConfig:
         require(self.conversion_eval_batches >= 0, "init.conversion_eval_batches",
                 f"must be >= 0, got {self.conversion_eval_batches}.")
         if self.hf_path is not None:
+            check_path_names(self.hf_path, "init.hf_path")
             require(Path(self.hf_path, "config.json").is_file(), "init.hf_path",
                     f"{self.hf_path} is not a Hugging Face checkpoint folder (no config.json).",
                     "point it at a local folder with config.json and *.safetensors.")
@@ -430,6 +441,7 @@ class Config:
 
     def __post_init__(self) -> None:
         require(bool(self.name), "name", "must not be empty.")
+        check_path_names(self.output_dir or Path("runs") / self.name, "output_dir" if self.output_dir else "name")
         if self.output_dir is None:
             self.output_dir = str(Path("runs") / self.name)
         if self.checkpoint.dir is None:

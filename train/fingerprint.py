@@ -1,8 +1,10 @@
 """What a checkpoint was trained with, so a resume never silently continues something else.
 
 Each checkpoint's state file records a fingerprint: the resolved model config, the tokenizer,
-the data (source, path, a hash of ``meta.json``, the token file's size and a sampled digest), the
-sequence length, global batch, seed and the optimizer settings. On resume the current run's
+the data (source, path, a hash of ``meta.json``, the token file's size and a sampled digest, and
+every ``data.*`` setting that changes what a step sees: document masking, shuffling, the synthetic
+tasks' size, MQAR's pairs and curriculum), the sequence length, global batch, seed and the
+optimizer settings. On resume the current run's
 fingerprint is compared with it before anything is loaded: a different model is refused, naming
 each field (``model.n_layers: checkpoint 4, now 2``); other differences are refused unless listed in
 ``checkpoint.allow_changes``, and then they take effect. ``train.steps`` (extending a run),
@@ -43,10 +45,20 @@ def _data_digest(path: Path) -> dict[str, Any]:
     return out
 
 
+# data.* settings recorded since they were found to change a resumed run silently: a checkpoint
+# written before lacks them, and its resume compares none of them (it cannot know what they were)
+STEP_DATA_FIELDS = ("doc_mask", "shuffle", "synthetic_samples", "mqar_num_kv_pairs", "mqar_curriculum")
+
+
 def fingerprint(cfg, mcfg, data_path: Path | None) -> dict[str, Any]:
     """The fingerprint of a run (JSON-ready). ``data_path``: the prepared data folder in use, if any."""
-    data = {"source": cfg.data.source, "tokenizer": cfg.data.tokenizer,
-            "default_corpus_bytes": cfg.data.default_corpus_bytes if cfg.data.source == "default" else None}
+    d = cfg.data
+    data = {"source": d.source, "tokenizer": d.tokenizer,
+            "default_corpus_bytes": d.default_corpus_bytes if d.source == "default" else None,
+            "doc_mask": d.doc_mask, "shuffle": d.shuffle,
+            "synthetic_samples": d.synthetic_samples if d.source in ("passkey", "mqar") else None,
+            "mqar_num_kv_pairs": d.mqar_num_kv_pairs if d.source == "mqar" else None,
+            "mqar_curriculum": list(d.mqar_curriculum) if d.source == "mqar" else None}
     if data_path is not None:
         data.update(path=str(Path(data_path).resolve()), **_data_digest(Path(data_path)))
     return {
@@ -85,6 +97,9 @@ def check_resume(saved: dict[str, Any] | None, now: dict[str, Any], allowed: lis
     if saved is None:  # a checkpoint written before fingerprints: nothing to compare
         return []
     diff = differences(saved, now)
+    recorded = saved.get("data", {}) if isinstance(saved.get("data"), dict) else {}
+    diff = {k: v for k, v in diff.items()
+            if not (k.startswith("data.") and k[5:] in STEP_DATA_FIELDS and k[5:] not in recorded)}
     model = {k: v for k, v in diff.items() if k.startswith("model.")}
     if model:
         fields = "; ".join(f"{k}: checkpoint {a!r}, now {b!r}" for k, (a, b) in model.items())

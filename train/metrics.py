@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from longshard.files import append_text
 from longshard.models.config import ModelConfig
 from torch import nn
 
@@ -101,8 +102,7 @@ class MetricsLogger:
             return
         rec = {"step": step, **metrics}
         try:
-            with self.path.open("a") as f:
-                f.write(json.dumps(rec) + "\n")
+            append_text(self.path, json.dumps(rec) + "\n")
         except OSError as e:  # a full or vanished disk must not stop training (or leave ranks hanging)
             self.lost_records += 1
             if self.lost_records == 1:

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from longshard.errors import ConfigError, require
+from longshard.files import write_file
 from longshard.models.config import ModelConfig
 from longshard.models.model import Transformer
 from longshard.parallel import (
@@ -329,7 +330,7 @@ def _train_locked(cfg: Config, env: DistEnv, layout: RunLayout, lock: RunLocks,
     resolved_yaml = dump_config(replace(cfg, model=mcfg, init=replace(cfg.init, hf_path=None)))
     if env.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "config.yaml").write_text(resolved_yaml)
+        write_file(out_dir / "config.yaml", resolved_yaml)
     if cfg.train.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
     torch.manual_seed(cfg.train.seed)
@@ -391,7 +392,7 @@ def _train_locked(cfg: Config, env: DistEnv, layout: RunLayout, lock: RunLocks,
         }
         metrics.summary(report)
     if env.is_main:
-        (out_dir / "report.json").write_text(json.dumps(report, indent=2))
+        write_file(out_dir / "report.json", json.dumps(report, indent=2))
     return report
 
 

@@ -231,7 +231,7 @@ def test_prepare_on_a_full_or_read_only_disk_is_named(small_disk):
     (was a raw OSError traceback); nothing is left on the disk, a previous output stays."""
     full = small_disk("1m")
     prepare_default(full / "small", 100_000)  # fits: ~0.2 MB of tokens
-    with pytest.raises(ConfigError, match=r"--output: no space left on device writing \S+big\.tmp\d+: [\d.]+ MB "
+    with pytest.raises(ConfigError, match=r"--output: no space left on device writing \S+big\.tmp\w+: [\d.]+ MB "
                                           r"written when the disk filled"):
         prepare_default(full / "big", 3_000_000)
     assert sorted(p.name for p in full.iterdir()) == ["small"]

@@ -43,6 +43,7 @@ def test_run_lock_staleness(tmp_path):
     a.acquire()
     with pytest.raises(ConfigError, match="in use by another run"):
         b.acquire()
+    a.release()  # what flock cannot see: a holder on another node (node-local locks), named by the contents
     (tmp_path / ".lock").write_text(json.dumps({"pid": 1, "host": "another-node", "started": 0}))
     with pytest.raises(ConfigError, match="another-node"):  # fresh heartbeat on another host: alive
         b.acquire()

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
+from attack_helpers import tamper as _tamper
 from longshard.errors import EXIT_CHECKPOINT, CheckpointError, UnsafeCheckpointError
 from longshard.train.safe_pickle import DCP_METADATA_GLOBALS, UnsafePickleError, restricted_loads
 
@@ -164,28 +165,6 @@ def test_a_file_swapped_after_the_check_is_still_refused(genuine, tmp_path, monk
 
 
 # --- through the commands -------------------------------------------------------------------------
-
-def _tamper(ckpt: Path, name: str, data: bytes) -> None:
-    """Replace ``ckpt/name`` and fix the manifest too (an attacker controls every file of the folder)."""
-    (ckpt / name).write_bytes(data)
-    state_file = ckpt / "trainer_state.json"
-    state = json.loads(state_file.read_text())
-    state["files"][name] = [len(data), zlib.crc32(data)]
-    state_file.write_text(json.dumps(state))
-
-
-@pytest.fixture(scope="module")
-def small_run(tmp_path_factory):
-    """A 1-process tiny_lm of 2 steps with a checkpoint at each (run in this process)."""
-    from longshard.cli import main
-
-    out = tmp_path_factory.mktemp("sec") / "run"
-    rc = main(["train", "tiny_lm", "train.nproc=1", "train.steps=2", "checkpoint.every=1",
-               "train.global_batch_size=4", "data.default_corpus_bytes=100000", "eval.passkey_samples=0",
-               "eval.val_batches=1", "logging.wandb=disabled", f"output_dir={out}"])
-    assert rc == 0
-    return out
-
 
 COMMANDS = {
     "train (resume)": lambda out, ck, tmp: ["train", "tiny_lm", "train.nproc=1", "train.steps=3",
@@ -555,9 +534,11 @@ def test_a_checkpoint_moved_to_another_machine_still_works(small_run, tmp_path, 
     assert main(["eval", str(moved), f"data.path={tmp_path / 'nope'}", "data.source=prepared"]) == 2
 
 
-def test_a_saved_tokenizer_travels_with_the_checkpoint(tmp_path, monkeypatch):
-    """A run with data.tokenizer copies it into each checkpoint (listed in its manifest); eval/generate
-    use that copy once the original is gone."""
+@pytest.mark.parametrize("given", ["file", "folder"])
+def test_a_saved_tokenizer_travels_with_the_checkpoint(tmp_path, monkeypatch, given):
+    """A run with data.tokenizer (a tokenizer.json, or a folder holding one) copies it into each
+    checkpoint (listed in its manifest); eval/generate use that copy once the original is gone or
+    changed (a folder was not copied before: generate read whatever it held later)."""
     tokenizers = pytest.importorskip("tokenizers")
     import torch.distributed as dist
     from longshard.cli import _load_checkpoint_model
@@ -571,19 +552,22 @@ def test_a_saved_tokenizer_travels_with_the_checkpoint(tmp_path, monkeypatch):
     tok_file = tmp_path / "tok" / "tokenizer.json"
     tok_file.parent.mkdir()
     tok.save(str(tok_file))
-    cfg = load_config("tiny_lm", [f"data.tokenizer={tok_file}", "model.n_layers=1", f"output_dir={tmp_path}"])
+    named = tok_file if given == "file" else tok_file.parent
+    cfg = load_config("tiny_lm", [f"data.tokenizer={named}", "model.n_layers=1", f"output_dir={tmp_path}"])
     model = Transformer(cfg.model)
     optimizer = torch.optim.AdamW(model.parameters())
     sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
     try:
-        path = Checkpointer(tmp_path / "ck", 1, 0, dump_config(cfg), tokenizer=tok_file).save(
+        path = Checkpointer(tmp_path / "ck", 1, 0, dump_config(cfg), tokenizer=named).save(
             1, DCPStates(model, optimizer), sched, {"loader": {"epoch": 0, "index": 0}})
     finally:
         dist.destroy_process_group()
     assert (path / TOKENIZER_FILE).read_bytes() == tok_file.read_bytes()
     assert TOKENIZER_FILE in json.loads((path / "trainer_state.json").read_text())["files"]
-    tok_file.unlink()
+    saved = tok_file.read_bytes()
+    tok_file.write_text("{}") if given == "folder" else tok_file.unlink()
+    assert (path / TOKENIZER_FILE).read_bytes() == saved
     loaded_cfg, loaded = _load_checkpoint_model(str(path), [])
     assert loaded_cfg.data.tokenizer == str(path / TOKENIZER_FILE)
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))

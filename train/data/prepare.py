@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 from longshard.errors import ConfigError
+from longshard.files import fresh_dir, load_json, read_json
 from longshard.train.data.corpus import default_documents
 from longshard.train.data.tokenizer import Tokenizer, build_tokenizer
 
@@ -50,9 +51,10 @@ def iter_documents(inputs: Iterable[str | Path], text_field: str = "text") -> It
                         if not line.strip():
                             continue
                         try:
-                            rec = json.loads(line)
-                        except json.JSONDecodeError as e:
-                            raise ConfigError("data prepare --input", f"{f}:{n} is not valid JSON ({e.msg}).",
+                            rec = load_json(line)
+                        except ValueError as e:
+                            why = e.msg if isinstance(e, json.JSONDecodeError) else str(e)
+                            raise ConfigError("data prepare --input", f"{f}:{n} is not valid JSON ({why}).",
                                               "fix or remove that line.") from None
                         if not isinstance(rec, dict) or text_field not in rec:
                             raise ConfigError("data prepare --text-field", f"{f}:{n} has no field {text_field!r}.")
@@ -111,11 +113,12 @@ def prepare(
         is complete; on any failure the temporary folder is removed and ``output`` is untouched.
     """
     out = check_output(output, inputs)
-    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     try:
-        tmp.mkdir(parents=True, exist_ok=True)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = fresh_dir(out.parent, f".{out.name}.tmp")  # a random name, created here: never a planted link
     except OSError as e:
-        raise ConfigError("--output", f"cannot create {tmp}: {e.strerror or e} (errno {e.errno}).",
+        raise ConfigError("--output", f"cannot create {out.parent}/.{out.name}.tmp*: {e.strerror or e} "
+                          f"(errno {e.errno}).",
                           "choose a writable --output folder.") from None
     try:
         meta = _write(tmp, documents, tokenizer, val_fraction, sources)
@@ -195,7 +198,7 @@ def read_meta(path: str | Path) -> dict:
                            "re-run `longshard data prepare` into a new folder.")
 
     try:
-        meta = json.loads(meta_file.read_text())
+        meta = read_json(meta_file)
     except (ValueError, OSError) as e:
         raise bad(f"{type(e).__name__}: {e}") from None
     if not isinstance(meta, dict):

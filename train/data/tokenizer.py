@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Protocol
 
 from longshard.errors import ConfigError
+from longshard.files import read_json
 
 
 class Tokenizer(Protocol):
@@ -58,11 +59,14 @@ class HFTokenizer:
         if not path.is_file():
             raise ConfigError("data.tokenizer", f"{path} does not exist.", "give a local tokenizer.json.")
         try:
-            json.loads(path.read_text(encoding="utf-8"))
+            read_json(path)
             self._tok = _Tok.from_file(str(path))
         except json.JSONDecodeError as e:
             raise ConfigError("data.tokenizer", f"{path} is not valid JSON (line {e.lineno}, column {e.colno}: "
                               f"{e.msg}); the file is cut short or damaged.", "re-copy the tokenizer.json.") from None
+        except (ValueError, UnicodeDecodeError) as e:
+            raise ConfigError("data.tokenizer", f"{path} is not a tokenizer file we accept ({e}).",
+                              "re-copy the tokenizer.json.") from None
         except Exception as e:  # tokenizers' own parse error (valid JSON, not a tokenizer)
             raise ConfigError("data.tokenizer", f"{path} is not a tokenizers file ({str(e)[:200]}).",
                               "give the tokenizer.json of a Hugging Face tokenizer.") from None
