@@ -130,8 +130,8 @@ def _host_available_bytes() -> int:
 # A worker's own error that makes torchrun stop (and SIGKILL) the others: then a SIGKILL is torchrun's, not the
 # out-of-memory killer's. A collective error after a peer *died* (connection reset) does not count: that peer's
 # SIGKILL is the cause. One that timed out (a peer hung) does.
-_OWN_ERROR = re.compile(rb"(CheckpointError:|NonFiniteLossError:|invalid configuration:|CollectiveError:[^\n]*"
-                        rb"[Tt]imed out)")
+_OWN_ERROR = re.compile(rb"(CheckpointError:|NonFiniteLossError:|invalid configuration:|OutOfMemory:|CollectiveError:"
+                        rb"[^\n]*([Tt]imed out|pair closure|[Aa]pplication timeout))")
 
 
 def _sigkill_unexplained(stderr_tail: bytes) -> bool:

@@ -6,6 +6,7 @@ from __future__ import annotations
 EXIT_INVALID_INPUT = 2  # ConfigError: a field, a flag or an input file is wrong (the message names it)
 EXIT_CHECKPOINT = 3  # CheckpointError (or a non-finite loss in training): a checkpoint is refused or damaged
 EXIT_COLLECTIVE = 4  # CollectiveError: a rank stopped answering (training only)
+EXIT_OUT_OF_MEMORY = 5  # the allocator refused (host or device memory): the layout does not fit
 
 
 class CheckpointError(RuntimeError):

@@ -418,7 +418,17 @@ class Checkpointer:
 
     def save(self, step: int, states: DCPStates | DeepSpeedStates, scheduler: Any, trainer_state: dict) -> Path:
         """Write checkpoint ``step`` (collective: every rank must call it); ``states`` is the engine's
-        writer of its model and optimizer."""
+        writer of its model and optimizer. Whatever stops it (a failed collective: a peer died or hung),
+        rank 0 removes the unfinished ``step_XXXXXXXX.tmp`` folder before the error goes on."""
+        tmp = self.root / f"step_{step:08d}.tmp"
+        try:
+            return self._save(step, states, scheduler, trainer_state)
+        except BaseException:
+            if self.rank == 0 and tmp.is_dir() and not tmp.is_symlink():
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+    def _save(self, step: int, states: DCPStates | DeepSpeedStates, scheduler: Any, trainer_state: dict) -> Path:
         final = self.root / f"step_{step:08d}"
         tmp = self.root / f"step_{step:08d}.tmp"
         if self.rank == 0:
@@ -441,28 +451,27 @@ class Checkpointer:
             torch.save(extra, tmp / f"rank_{self.rank}.pt")
         except (Exception, CheckpointException) as e:  # DCP's own error derives from BaseException
             problem = e
-        if not all_agree(problem is None):
-            self._discard(tmp)
-            if problem is None:
-                raise CheckpointError(f"writing checkpoint {tmp} failed on another rank (see its log); the folder "
-                                      "was removed and the previous checkpoint is intact.")
-            if _out_of_space(problem):
-                raise CheckpointError(self._no_space(tmp, need, free)) from None
-            raise CheckpointError(f"writing checkpoint {tmp} failed on rank {self.rank}: {str(problem)[:1000]}; "
-                                  "the folder was removed and the previous checkpoint is intact.") from problem
-        dist.barrier()
-        if self.rank == 0:
-            write_file(tmp / CONFIG_FILE, self.config_yaml)
-            if self.tokenizer is not None and self.tokenizer.is_file():
-                copy_file(self.tokenizer, tmp / TOKENIZER_FILE)
-        dist.barrier()
+        self._agreed(problem, tmp, need, free)
+        try:
+            if self.rank == 0:
+                write_file(tmp / CONFIG_FILE, self.config_yaml)
+                if self.tokenizer is not None and self.tokenizer.is_file():
+                    copy_file(self.tokenizer, tmp / TOKENIZER_FILE)
+        except OSError as e:  # a disk that fills on these last kilobytes: named, nothing left behind
+            problem = e
+        self._agreed(problem, tmp, need, free)
         world = dist.get_world_size()
         shares: list = [None] * world  # every rank checksums its share of the files
         dist.all_gather_object(shares, file_manifest(tmp, world, self.rank))
+        try:
+            if self.rank == 0:
+                files = {k: v for share in shares for k, v in share.items()}
+                state = {"step": step, **trainer_state, "files": files, "fingerprint": self.fingerprint}
+                write_file(tmp / STATE_FILE, json.dumps(state, indent=2))
+        except OSError as e:
+            problem = e
+        self._agreed(problem, tmp, need, free)
         if self.rank == 0:
-            files = {k: v for share in shares for k, v in share.items()}
-            state = {"step": step, **trainer_state, "files": files, "fingerprint": self.fingerprint}
-            write_file(tmp / STATE_FILE, json.dumps(state, indent=2))
             if final.exists():  # a damaged or incomplete folder of this step: keep it aside, never delete it
                 aside = final.with_name(f"{final.name}.replaced-{int(time.time())}")
                 final.rename(aside)
@@ -473,6 +482,20 @@ class Checkpointer:
         dist.barrier()
         log.info("saved checkpoint %s", final)
         return final
+
+    def _agreed(self, problem: BaseException | None, tmp: Path, need: int, free: int) -> None:
+        """Every rank learns whether any rank's part of the save failed; if one did, the folder is removed
+        and every rank raises a CheckpointError (a full disk named as such)."""
+        if all_agree(problem is None):
+            return
+        self._discard(tmp)
+        if problem is None:
+            raise CheckpointError(f"writing checkpoint {tmp} failed on another rank (see its log); the folder "
+                                  "was removed and the previous checkpoint is intact.")
+        if _out_of_space(problem):
+            raise CheckpointError(self._no_space(tmp, need, free)) from None
+        raise CheckpointError(f"writing checkpoint {tmp} failed on rank {self.rank}: {str(problem)[:1000]}; "
+                              "the folder was removed and the previous checkpoint is intact.") from problem
 
     def _bytes_needed(self, states: DCPStates | DeepSpeedStates, snapshot: dict | None) -> int:
         """Bytes checkpoint ``step`` will take (collective): the newest complete checkpoint's size when

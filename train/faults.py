@@ -118,9 +118,30 @@ def is_collective_error(error: BaseException) -> bool:
     if dist_error is not None and isinstance(error, dist_error):
         return True
     text = str(error).lower()
-    return isinstance(error, RuntimeError) and any(
-        key in text for key in ("gloo", "nccl", "timed out", "connection closed", "connection reset", "broken pipe")
+    return isinstance(error, RuntimeError) and not is_out_of_memory(error) and any(
+        key in text for key in ("gloo", "nccl", "timed out", "connection closed", "connection reset", "broken pipe",
+                                "pair closure", "application timeout", "connection refused")
     )
+
+
+_OOM_TEXT = ("can't allocate memory", "cuda out of memory", "out of memory", "not enough memory")
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """Whether ``error`` is the allocator refusing (torch's OutOfMemoryError, the CPU allocator's
+    "can't allocate memory", a MemoryError), not a bug."""
+    if isinstance(error, MemoryError) or isinstance(error, getattr(torch, "OutOfMemoryError", ())):
+        return True
+    return isinstance(error, RuntimeError) and any(k in str(error).lower() for k in _OOM_TEXT)
+
+
+def out_of_memory_message(error: BaseException, rank: int) -> str:
+    """The one-line explanation of an allocator refusal, with the fixes."""
+    first = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
+    return (f"rank {rank} ran out of memory ({first}). The model, sequence and batch of this layout do not fit "
+            "here. Fix: `longshard plan RECIPE` lists layouts that fit; or lower train.micro_batch_size or "
+            "train.seq_len, set train.activation_checkpointing=full, or spread the sequence over more processes "
+            "(parallel.sp_degree); then resume with checkpoint.resume=auto.")
 
 
 def die_with_parent(sig: int = signal.SIGTERM) -> bool:

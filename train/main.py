@@ -6,10 +6,10 @@ import argparse
 import logging
 import os
 
-from longshard.errors import EXIT_CHECKPOINT, EXIT_COLLECTIVE, EXIT_INVALID_INPUT, ConfigError
+from longshard.errors import EXIT_CHECKPOINT, EXIT_COLLECTIVE, EXIT_INVALID_INPUT, EXIT_OUT_OF_MEMORY, ConfigError
 from longshard.parallel import destroy_distributed, exit_worker
 from longshard.train.config import load_config
-from longshard.train.faults import PreemptionWatch, die_with_parent
+from longshard.train.faults import PreemptionWatch, die_with_parent, is_out_of_memory, out_of_memory_message
 from longshard.train.metrics import human_summary
 from longshard.train.trainer import CheckpointError, CollectiveError, NonFiniteLossError, train
 
@@ -44,6 +44,11 @@ def main(argv: list[str] | None = None) -> int:
     except CollectiveError as e:
         logging.getLogger("longshard").error("CollectiveError: %s", e)
         return EXIT_COLLECTIVE
+    except (RuntimeError, MemoryError) as e:
+        if not is_out_of_memory(e):
+            raise
+        logging.getLogger("longshard").error("OutOfMemory: %s", out_of_memory_message(e, rank))
+        return EXIT_OUT_OF_MEMORY
     finally:
         watch.restore()
         destroy_distributed()

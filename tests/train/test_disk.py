@@ -55,6 +55,39 @@ def test_disk_full_while_writing_is_named(tmp_path, small_disk, monkeypatch):
             dist.destroy_process_group()
 
 
+@pytest.mark.parametrize("last", ["config.yaml", "trainer_state.json"])
+def test_disk_full_on_the_last_kilobytes_is_named(tmp_path, monkeypatch, last):
+    """With 12-16 KB of slack the disk filled while rank 0 wrote config.yaml or the state file after the
+    shards: a raw ENOSPC and a ``.tmp`` folder were left. Now the same named error, nothing left."""
+    import errno
+
+    import torch
+    import torch.distributed as dist
+    from longshard.train import checkpoint as ck
+
+    real = ck.write_file
+
+    def full(path, data, *a, **k):
+        if path.name == last:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real(path, data, *a, **k)
+
+    monkeypatch.setattr(ck, "write_file", full)
+    fresh = not dist.is_initialized()
+    if fresh:
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        model = torch.nn.Linear(8, 8)
+        opt = torch.optim.AdamW(model.parameters())
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+        with pytest.raises(ck.CheckpointError, match=r"no space left on device writing \S+step_00000001\.tmp"):
+            ck.Checkpointer(tmp_path / "c", 1, 0, "a: 1").save(1, ck.DCPStates(model, opt), sched, {"loader": {}})
+        assert list((tmp_path / "c").iterdir()) == []
+    finally:
+        if fresh:
+            dist.destroy_process_group()
+
+
 def test_read_only_output_dir_is_named_before_work(tmp_path, data_dir, env_cpu, small_disk):
     """A read-only output_dir (or checkpoint.dir) is a ConfigError naming the field and errno, not a
     PermissionError traceback from the first write."""

@@ -178,10 +178,46 @@ def test_a_rank_stalled_in_a_checkpoint_save_is_named_and_not_blamed_on_memory(t
                      proc.stderr), proc.stderr[-4000:]
     assert "out-of-memory" not in proc.stderr
     assert not (tmp_path / "run" / "checkpoints" / "step_00000002").exists()
+    assert not list((tmp_path / "run" / "checkpoints").glob("*.tmp"))  # rank 0 removed its unfinished folder
     # the worker named its error: the launcher ends with one line, not torchrun's traceback
     assert "Traceback" not in proc.stderr and "ChildFailedError" not in proc.stderr, proc.stderr[-3000:]
     assert re.search(r"longshard: workers ended \(rank 0 code 4, rank 1 (killed by signal 9 \(SIGKILL\)|code 0)\)",
                      proc.stderr), proc.stderr[-2000:]
+
+
+def test_pair_closure_is_a_collective_error_and_allocator_refusals_are_out_of_memory():
+    import torch
+    from longshard.train.faults import is_out_of_memory
+
+    closure = RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Application timeout caused pair "
+                           "closure")
+    assert is_collective_error(closure) and not is_out_of_memory(closure)
+    try:
+        torch.empty(2**62, dtype=torch.uint8)
+    except RuntimeError as e:
+        refused = e
+    assert is_out_of_memory(refused) and not is_collective_error(refused)
+    assert not is_out_of_memory(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
+
+
+def test_a_sequence_that_does_not_fit_is_named_with_its_fixes(tmp_path, monkeypatch, caplog):
+    """After the planner's warning the allocator's RuntimeError used to end the run as a traceback."""
+    import torch
+    from attack_helpers import SMALL_RUN
+    from longshard.cli import main
+    from longshard.errors import EXIT_OUT_OF_MEMORY
+    from longshard.train import loop
+
+    real = loop.forward_loss
+
+    def huge(*args, **kwargs):  # the activations of a sequence far too long for this host
+        torch.empty(2**62, dtype=torch.uint8)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "forward_loss", huge)
+    rc = main(["train", *SMALL_RUN, "train.steps=2", f"output_dir={tmp_path / 'r'}"])
+    assert rc == EXIT_OUT_OF_MEMORY
+    assert "OutOfMemory: rank 0 ran out of memory" in caplog.text and "longshard plan" in caplog.text
 
 
 def test_which_sigkill_gets_the_out_of_memory_explanation():
@@ -195,6 +231,11 @@ def test_which_sigkill_gets_the_out_of_memory_explanation():
     assert _sigkill_unexplained(summary)
     assert _sigkill_unexplained(reset + summary)
     assert not _sigkill_unexplained(timeout + summary)
+    closure = (b"[rank0] ERROR longshard: CollectiveError: rank 0: a collective failed during the checkpoint save of "
+               b"step 2 ([../third_party/gloo/gloo/transport/tcp/pair.cc:534] Application timeout caused pair "
+               b"closure). ...\n")
+    assert not _sigkill_unexplained(closure + summary)  # a SIGSTOPped peer past the timeout: not memory
+    assert not _sigkill_unexplained(b"[rank0] ERROR longshard: OutOfMemory: rank 0 ran out of memory\n" + summary)
     assert not _sigkill_unexplained(b"[rank1] ERROR longshard: CheckpointError: x\n" + summary)
     assert not _sigkill_unexplained(reset)  # no SIGKILL at all
 

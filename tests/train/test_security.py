@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
+from attack_helpers import run_sbatch_with_stub_srun
 from attack_helpers import tamper as _tamper
 from longshard.errors import EXIT_CHECKPOINT, CheckpointError, UnsafeCheckpointError
 from longshard.train.safe_pickle import DCP_METADATA_GLOBALS, UnsafePickleError, restricted_loads
@@ -592,28 +593,13 @@ def test_slurm_values_that_would_become_shell_lines_are_refused(flag, value, cap
 def test_slurm_values_on_the_command_line_arrive_as_one_word(tmp_path, capsys):
     """Overrides, the recipe path and --python reach srun quoted: a newline, $(...) or quotes in them
     run nothing and arrive whole (the script is run with a stub srun that records its arguments)."""
-    import os
 
     from longshard.launch.slurm import render_sbatch
 
     marker = tmp_path / "PWNED"
     nasty = [f"logging.run_name=$(touch {marker})", f"logging.project=a\ntouch {marker}", "logging.run_name='\"x"]
     text = render_sbatch("tiny_lm", nodes=1, gpus_per_node=2, overrides=nasty, python=f"python3 $(touch {marker})")
-    script = tmp_path / "job.sbatch"
-    script.write_text(text)
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    args_file = tmp_path / "args"
-    (bin_dir / "srun").write_text(f"#!/usr/bin/env python3\nimport sys, json\n"
-                                  f"open({str(args_file)!r}, 'w').write(json.dumps(sys.argv[1:]))\n")
-    (bin_dir / "scontrol").write_text("#!/bin/bash\necho node1\n")
-    for f in ("srun", "scontrol"):
-        (bin_dir / f).chmod(0o755)
-    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_JOB_NODELIST="node1", SLURM_JOB_ID="7")
-    import subprocess
-
-    subprocess.run(["bash", str(script)], env=env, timeout=60, check=True)
-    argv = json.loads(args_file.read_text())
+    argv = run_sbatch_with_stub_srun(text, tmp_path)
     assert not marker.exists()
     assert f"python3 $(touch {marker})" in argv and all(o in argv for o in nasty)
 
