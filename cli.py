@@ -229,12 +229,21 @@ def _launch_slurm(args: argparse.Namespace) -> int:
     except ConfigError as e:
         raise ConfigError(e.field, f"with --nodes {args.nodes} x {procs} processes per node = {world} processes: "
                           f"{e.problem}", e.fix or "change --nodes / --gpus-per-node or the recipe's layout.") from None
+    lead = args.signal_lead
+    if lead is None:
+        from longshard.launch.stop_budget import measured_save_s, signal_lead_for
+
+        save_s = measured_save_s(cfg.checkpoint.dir)
+        lead = signal_lead_for(save_s)
+        log.info("signal lead %d s (%s)", lead, f"twice the {save_s:.1f} s save measured in {cfg.checkpoint.dir} + 60 s"
+                 if save_s is not None else "no checkpoint measured yet: the default; the run warns at its first "
+                 "save if that is too short")
     text = render_sbatch(
         args.recipe, nodes=args.nodes, gpus_per_node=args.gpus_per_node, procs_per_node=procs,
         overrides=args.overrides,
         job_name=args.job_name, time=args.time, partition=args.partition, account=args.account, port=args.port,
         max_restarts=args.max_restarts, cpus_per_task=args.cpus_per_task, mem=args.mem, exclusive=args.exclusive,
-        log_dir=args.log_dir, python=args.python,
+        log_dir=args.log_dir, python=args.python, signal_lead=lead,
     )
     if args.dry_run:
         sys.stdout.write(text)
@@ -525,6 +534,9 @@ def build_parser() -> argparse.ArgumentParser:
     sl.add_argument("--python", default=None,
                     help="interpreter on the compute nodes (default: $LONGSHARD_PYTHON or python3 there)")
     sl.add_argument("--max-restarts", type=int, default=0)
+    sl.add_argument("--signal-lead", type=int, default=None,
+                    help="seconds before the time limit at which the job checkpoints and stops (default: twice the "
+                    "save time measured in checkpoint.dir + 60 s, at least 120)")
     sl.add_argument("--dry-run", action="store_true", help="print the script instead of writing it")
     sl.set_defaults(func=_launch_slurm)
 

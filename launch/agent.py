@@ -7,9 +7,11 @@ ChildFailedError traceback. Here the agent ends with one line and the first fail
 Slurm delivers a pre-emption or ``scancel`` signal to every process of a job step: the torchrun agent
 as well as its workers. Plain torchrun answers SIGTERM by stopping its workers and killing any still
 running after 30 s, then exits with an error, so a checkpoint that takes longer is lost and the step
-is recorded as failed. Here the agent ignores SIGTERM (its workers keep their own handler: they finish
-the step, write the checkpoint and exit 0), and torchrun then ends normally with them. SIGINT, SIGHUP
-and SIGQUIT still stop the agent as usual.
+is recorded as failed. Here the agent blocks SIGTERM (its workers keep their own handler: they finish
+the micro-batch, write the checkpoint and exit 0), and torchrun then ends normally with them. Blocked,
+not ignored: the workers inherit the mask, so a SIGTERM that reaches a worker before it installed its
+handler stays pending and is delivered when it does (:mod:`longshard.train.early_signals`), where an
+inherited "ignore" lost it. SIGINT, SIGHUP and SIGQUIT still stop the agent as usual.
 """
 
 from __future__ import annotations
@@ -22,8 +24,10 @@ HANDLED = "SIGINT,SIGHUP,SIGQUIT"  # what the agent still stops on (torchrun's d
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Run torchrun with ``argv`` (default: this process's arguments), SIGTERM ignored by the agent."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    """Run torchrun with ``argv`` (default: this process's arguments), SIGTERM blocked in the agent."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a TERM already pending is dropped, then the mask holds
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # what the workers inherit: blocked, default action
     # torchrun installs its stopping handler for the signals of --signals-to-handle (read from this
     # variable as its default); without SIGTERM there, the ignore above stays in force
     os.environ["PET_SIGNALS_TO_HANDLE"] = HANDLED

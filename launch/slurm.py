@@ -9,6 +9,7 @@ from pathlib import Path
 
 from longshard.errors import ConfigError, require_positive
 from longshard.files import check_path_names, default_mode, write_file
+from longshard.launch.stop_budget import DEFAULT_LEAD_S
 
 # What each value written into an ``#SBATCH`` line may hold. Those lines are read by sbatch, and a
 # newline in a value would start a shell line of the script; quotes, ``$`` and ``%`` would be read by
@@ -50,6 +51,7 @@ def render_sbatch(
     partition: str | None = None,
     account: str | None = None,
     python: str | None = None,
+    signal_lead: int = DEFAULT_LEAD_S,
 ) -> str:
     """The sbatch script text for ``recipe`` on ``nodes`` nodes of ``gpus_per_node`` GPUs (0: CPU nodes).
 
@@ -69,11 +71,15 @@ def render_sbatch(
         max_restarts: torchrun restarts on worker failure (resume is automatic).
         log_dir: folder for Slurm's output file (created by :func:`write_sbatch`).
         python: interpreter on the compute nodes; default ``$LONGSHARD_PYTHON`` or ``python3`` there.
+        signal_lead: seconds before the time limit at which Slurm sends USR1 (the stop's checkpoint must
+            fit: see :func:`~longshard.launch.stop_budget.signal_lead_for`).
     """
     for flag, value in (("--job-name", job_name), ("--time", time), ("--partition", partition),
                         ("--account", account), ("--mem", mem), ("--log-dir", log_dir)):
         _check_sbatch_value(flag, value)
     require_positive(nodes, "--nodes")
+    if not 30 <= signal_lead <= 65535:  # Slurm's own upper bound on the --signal time
+        raise ConfigError("--signal-lead", f"{signal_lead} s is not a usable warning time.", "give 30-65535 seconds.")
     if gpus_per_node < 0:
         raise ConfigError("--gpus-per-node", f"must be >= 0, got {gpus_per_node}.", "give 0 for CPU nodes.")
     procs = procs_per_node if procs_per_node is not None else gpus_per_node
@@ -95,7 +101,7 @@ def render_sbatch(
     values = {
         "job_name": job_name, "nodes": nodes, "procs": procs,
         "gpu_line": f"#SBATCH --gpus-per-node={gpus_per_node}" if gpus_per_node else "# CPU nodes: no GPU request",
-        "time": time, "log_dir": log_dir, "extra_sbatch": "\n".join(extra),
+        "time": time, "log_dir": log_dir, "signal_lead": signal_lead, "extra_sbatch": "\n".join(extra),
         "port": port if port is not None else "$(( 20000 + SLURM_JOB_ID % 20000 ))",
         "max_restarts": max_restarts, "python": shlex.quote(python) if python else '"${LONGSHARD_PYTHON:-python3}"',
         "recipe": shlex.quote(recipe), "overrides": " ".join(shlex.quote(o) for o in rest),

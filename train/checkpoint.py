@@ -415,6 +415,7 @@ class Checkpointer:
         if self.tokenizer is not None and self.tokenizer.is_dir():  # a tokenizer folder: its tokenizer.json
             self.tokenizer = self.tokenizer / TOKENIZER_FILE
         self.fingerprint, self.allow_changes = fingerprint, list(allow_changes or [])
+        self.last_save_s: float | None = None  # seconds the last save took (rank 0)
 
     def save(self, step: int, states: DCPStates | DeepSpeedStates, scheduler: Any, trainer_state: dict) -> Path:
         """Write checkpoint ``step`` (collective: every rank must call it); ``states`` is the engine's
@@ -429,6 +430,7 @@ class Checkpointer:
             raise
 
     def _save(self, step: int, states: DCPStates | DeepSpeedStates, scheduler: Any, trainer_state: dict) -> Path:
+        t0 = time.monotonic()
         final = self.root / f"step_{step:08d}"
         tmp = self.root / f"step_{step:08d}.tmp"
         if self.rank == 0:
@@ -466,7 +468,9 @@ class Checkpointer:
         try:
             if self.rank == 0:
                 files = {k: v for share in shares for k, v in share.items()}
-                state = {"step": step, **trainer_state, "files": files, "fingerprint": self.fingerprint}
+                self.last_save_s = round(time.monotonic() - t0, 3)  # what `launch slurm` sizes its lead from
+                state = {"step": step, **trainer_state, "files": files, "fingerprint": self.fingerprint,
+                         "save_s": self.last_save_s}
                 write_file(tmp / STATE_FILE, json.dumps(state, indent=2))
         except OSError as e:
             problem = e

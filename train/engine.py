@@ -75,6 +75,9 @@ class TrainEngine(Protocol):
     def step(self) -> StepOutcome:
         """The optimizer step at the end of a step's micro-batches."""
 
+    abandons_steps: bool
+    """Whether a step may be abandoned between micro-batches (its gradients dropped by :meth:`skip`)."""
+
     def skip(self) -> None:
         """Drop this step's gradients (the schedule advances in the loop)."""
 
@@ -114,6 +117,8 @@ class NativeEngine:
         loss_scaling: dynamic loss scaling for fp16 compute.
         sharded: the module is FSDP2-sharded (overflow checks agree across ranks).
     """
+
+    abandons_steps = True  # gradients are plain tensors: dropping them mid-accumulation undoes the step
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, grad_clip: float,
                  loss_scaling: bool = False, sharded: bool = False) -> None:
@@ -188,6 +193,8 @@ class DeepSpeedTrainEngine:
         engine: the engine of :func:`longshard.parallel.deepspeed_engine.initialize`.
         optimizer, scheduler: the torch optimizer it wraps and our schedule.
     """
+
+    abandons_steps = False  # DeepSpeed counts micro-steps itself: a step it began is finished
 
     def __init__(self, engine: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any) -> None:
         self.model, self.optimizer, self.scheduler = engine, optimizer, scheduler

@@ -28,6 +28,7 @@ import time
 
 import torch
 import torch.distributed as dist
+from longshard.train import early_signals
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +66,10 @@ class PreemptionWatch:
                 self._previous[sig] = signal.signal(sig, self._handler)
             except ValueError:  # not the main thread (e.g. called from a notebook worker): cannot install
                 log.warning("cannot install a %s handler outside the main thread", signal.Signals(sig).name)
+        early = [(name, at) for name, at in early_signals.received() if signal.Signals[name] in signals]
+        if early:  # caught by the worker's first handler, before this one existed: the same request
+            self.requested, self.signal_name, self._first_at = True, early[0][0], early[0][1]
+            log.warning("%s arrived during start-up: stopping before the first step", early[0][0])
 
     def _handler(self, signum, frame) -> None:  # noqa: ARG002 - signal handler signature
         name = signal.Signals(signum).name

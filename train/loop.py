@@ -4,6 +4,12 @@
 metrics) and hands it here; the loop reads batches, accumulates gradients, steps the engine (which
 hides DDP / FSDP2 / DeepSpeed), skips non-finite updates, logs, evaluates, checkpoints and stops on
 pre-emption. Every rank runs the same loop and the same collectives in the same order.
+
+A pre-emption does not wait for the optimizer step: the ranks agree on the flag after every
+micro-batch, and a step interrupted between micro-batches is abandoned (gradients dropped, the data
+loader and random state put back): the weights are still those of the previous step, which is
+checkpointed, so the stop takes at most one micro-batch plus the save (DeepSpeed, which owns its
+accumulation, finishes the step first).
 """
 
 from __future__ import annotations
@@ -20,9 +26,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.distributed as dist
 from longshard.errors import ConfigError
+from longshard.launch.stop_budget import slurm_budget_warnings
 from longshard.parallel import unwrap
 from longshard.parallel.env import all_agree
-from longshard.train.checkpoint import Checkpointer, checkpoint_step
+from longshard.train.checkpoint import Checkpointer, checkpoint_step, rng_state, set_rng_state
 from longshard.train.config import Config
 from longshard.train.data import DistributedLoader
 from longshard.train.engine import save_checkpoint
@@ -42,6 +49,9 @@ if TYPE_CHECKING:  # the loop runs what the trainer builds
     from longshard.train.trainer import TrainingRun
 
 log = logging.getLogger(__name__)
+
+
+ABANDONED: Any = "abandoned"  # what step() returns for a step a pre-emption stopped between micro-batches
 
 
 class NonFiniteLossError(RuntimeError):
@@ -140,6 +150,9 @@ class TrainLoop:
             maybe_inject_fault(step, self.env.rank)
             lock.heartbeat()
             rec, saved = self.guarded(lambda s=step: self.step(s), step, "training step")
+            if rec is ABANDONED:
+                self._stop_within(step)
+                break
             state.last_ckpt = saved or state.last_ckpt
             if rec is not None and self.guarded(lambda: watch.agreed(self.env.device), step, "pre-emption check"):
                 if saved is None:
@@ -161,11 +174,32 @@ class TrainLoop:
                 state.last_ckpt is None or checkpoint_step(state.last_ckpt) != cfg.train.steps):
             state.last_ckpt = self.guarded(lambda: self.save(cfg.train.steps), cfg.train.steps, "checkpoint save")
 
+    def _stop_within(self, step: int) -> None:
+        """Step ``step`` was abandoned on an agreed pre-emption: checkpoint step ``step - 1`` (the weights
+        are its weights) unless that checkpoint exists, and record the stop."""
+        state, done = self.state, step - 1
+        if done > 0 and (state.last_ckpt is None or checkpoint_step(state.last_ckpt) != done):
+            state.last_ckpt = self.guarded(lambda: self.save(done), done, "checkpoint save")
+        state.preempted_at = done
+        log.warning("pre-empted (%s) during step %d, after micro-batch %d of %d: its update was not applied; %s "
+                    "stopped; resume with checkpoint.resume=auto", self.watch.signal_name or "signal on another rank",
+                    step, self._micro_done, self._micro_total,
+                    f"the checkpoint of step {done} ({state.last_ckpt}) holds the weights," if done > 0 else
+                    "nothing was trained yet, nothing to save;")
+
     def step(self, step: int) -> tuple[dict[str, Any] | None, Path | None]:
-        """One optimizer step; returns its metrics (None when the update was skipped) and its checkpoint."""
+        """One optimizer step; returns its metrics (None when the update was skipped, ABANDONED when a
+        pre-emption stopped it between micro-batches) and its checkpoint."""
         step_t0 = time.time()
+        before = (self.loader.state_dict(), rng_state())
         micro, n_global = self._batches(step)
-        loss, aux = self._accumulate(micro, n_global)
+        accumulated = self._accumulate(micro, n_global)
+        if accumulated is None:  # put back what the step consumed: a resume replays it exactly
+            self.loader.load_state_dict(before[0])
+            set_rng_state(before[1])
+            self.engine.skip()
+            return ABANDONED, None
+        loss, aux = accumulated
         if not math.isfinite(loss):
             return self._skip_update(step, f"loss is {loss}")
         lr = self.engine.scheduler.get_last_lr()[0]
@@ -210,14 +244,21 @@ class TrainLoop:
                                           "re-run longshard data prepare for that corpus.")
         return micro, max(float(counts[0]), 1.0)
 
-    def _accumulate(self, micro: list[dict[str, torch.Tensor]], n_global: float) -> tuple[float, float]:
+    def _accumulate(self, micro: list[dict[str, torch.Tensor]], n_global: float) -> tuple[float, float] | None:
         """Forward and backward of every micro-batch; returns the global token-mean loss and the aux loss
-        (its per-layer parts are kept in ``self.aux_by_layer`` for the metrics)."""
+        (its per-layer parts are kept in ``self.aux_by_layer`` for the metrics), or None when the ranks
+        agreed on a pre-emption between two micro-batches (the step is then abandoned)."""
         env, dmodel = self.env, self.run.dmodel
         loss_sum = torch.zeros((), device=env.device)
         aux_sum = 0.0
         self.aux_by_layer = {}
+        watch = getattr(self, "watch", None)
+        may_stop = watch is not None and self.engine.abandons_steps and len(micro) > 1
+        self._micro_total = len(micro)
         for i, b in enumerate(micro):
+            if i > 0 and may_stop and watch.agreed(env.device):
+                self._micro_done = i
+                return None
             last = i == len(micro) - 1
             with self.engine.accumulating(last):
                 ce = forward_loss(dmodel, b, env.device, self.inputs.autocast, self.cfg.data.doc_mask).loss_sum
@@ -291,7 +332,12 @@ class TrainLoop:
         extra = {"loader": self.loader.state_dict(), "losses": self.state.history, "world_size": self.env.world_size}
         watch = getattr(self, "watch", None)
         with watch.saving() if watch is not None else contextlib.nullcontext():  # no repeated signal cuts it
-            return save_checkpoint(self.engine, self.ckpt, step, extra)
+            path = save_checkpoint(self.engine, self.ckpt, step, extra)
+        if not getattr(self, "_budget_checked", False) and self.env.is_main:  # the first measured save on Slurm
+            self._budget_checked = True
+            for warning in slurm_budget_warnings(self.ckpt.last_save_s):
+                log.warning("%s", warning)
+        return path
 
     def guarded(self, fn: Callable[[], Any], step: int, phase: str) -> Any:
         """Run ``fn``; a backend failure becomes a CollectiveError naming rank, step and phase."""

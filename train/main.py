@@ -2,16 +2,31 @@
 
 from __future__ import annotations
 
-import argparse
-import logging
-import os
+from longshard.train import early_signals
 
-from longshard.errors import EXIT_CHECKPOINT, EXIT_COLLECTIVE, EXIT_INVALID_INPUT, EXIT_OUT_OF_MEMORY, ConfigError
-from longshard.parallel import destroy_distributed, exit_worker
-from longshard.train.config import load_config
-from longshard.train.faults import PreemptionWatch, die_with_parent, is_out_of_memory, out_of_memory_message
-from longshard.train.metrics import human_summary
-from longshard.train.trainer import CheckpointError, CollectiveError, NonFiniteLossError, train
+early_signals.install()  # before the heavy imports below: a stop signal during start-up is kept, not lost
+
+import argparse  # noqa: E402
+import logging  # noqa: E402
+import os  # noqa: E402
+
+from longshard.errors import (  # noqa: E402
+    EXIT_CHECKPOINT,
+    EXIT_COLLECTIVE,
+    EXIT_INVALID_INPUT,
+    EXIT_OUT_OF_MEMORY,
+    ConfigError,
+)
+from longshard.parallel import destroy_distributed, exit_worker  # noqa: E402
+from longshard.train.config import load_config  # noqa: E402
+from longshard.train.faults import (  # noqa: E402
+    PreemptionWatch,
+    die_with_parent,
+    is_out_of_memory,
+    out_of_memory_message,
+)
+from longshard.train.metrics import human_summary  # noqa: E402
+from longshard.train.trainer import CheckpointError, CollectiveError, NonFiniteLossError, train  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 from longshard.errors import ConfigError, require
 from longshard.files import write_file
+from longshard.launch.stop_budget import measured_save_s, slurm_budget_warnings
 from longshard.models.config import ModelConfig
 from longshard.models.model import Transformer
 from longshard.parallel import (
@@ -53,7 +54,7 @@ from longshard.train.fingerprint import fingerprint
 from longshard.train.hf_init import build_model, finish_after_parallelize, load_whole
 from longshard.train.loop import NonFiniteLossError, StepInputs, TrainLoop, TrainState
 from longshard.train.metrics import MetricsLogger, flops_per_token, peak_tflops
-from longshard.train.precision import activation_bytes, compute_dtype
+from longshard.train.precision import activation_bytes, compute_dtype, warn_if_slow_cpu_bf16
 from longshard.train.resolve import check_layout, check_passkey_lengths, resolve_model_config
 from longshard.train.resolve import passkey_lengths as default_passkey_lengths
 from longshard.train.run_lock import RunLocks, set_aside_previous_run
@@ -297,6 +298,8 @@ def train(cfg: Config, watch: PreemptionWatch | None = None) -> dict[str, Any]:
     if use_ds:
         import_deepspeed()  # a missing install is a config error, raised before any process group work
     env = init_distributed(cfg.train.device, cfg.parallel.collective_timeout_s)
+    if env.is_main:
+        warn_if_slow_cpu_bf16(cfg.train.dtype, env.device.type)
     mcfg = resolve_model_config(cfg)
     layout = RunLayout(mcfg, use_ds, *check_layout(cfg, mcfg, env.world_size), t0)
     out_dir = Path(cfg.output_dir)
@@ -316,6 +319,9 @@ def train(cfg: Config, watch: PreemptionWatch | None = None) -> dict[str, Any]:
         check_shared_output(lock, env)
         if env.is_main and cfg.checkpoint.resume == "none":
             set_aside_previous_run(out_dir, cfg.checkpoint.dir)
+        if env.is_main:  # on Slurm: would a stop's save fit in the time Slurm gives it? (the last run measured it)
+            for warning in slurm_budget_warnings(measured_save_s(cfg.checkpoint.dir)):
+                log.warning("%s", warning)
         return _train_locked(cfg, env, layout, lock, watch or PreemptionWatch())
     finally:
         lock.release()

@@ -35,7 +35,8 @@ def test_sigterm_writes_checkpoint_and_resume_is_exact(tmp_path, data_dir, env_c
         time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
-    assert "pre-empted (SIGTERM): wrote the checkpoint of step" in err, err[-4000:]
+    assert re.search(r"pre-empted \(SIGTERM\)(: wrote the checkpoint of step| during step \d+, after micro-batch 1 "
+                     r"of 2: its update was not applied)", err), err[-4000:]
     report = json.loads((out / "report.json").read_text())
     k = report["preempted_at_step"]
     assert k is not None and 2 <= k < 500 and len(report["losses"]) == k
@@ -45,6 +46,25 @@ def test_sigterm_writes_checkpoint_and_resume_is_exact(tmp_path, data_dir, env_c
     resumed = json.loads((out / "report.json").read_text())
     assert resumed["resumed_from_step"] == k and resumed["preempted_at_step"] is None
     _run(2, tmp_path / "straight", data_dir, [*extra, f"train.steps={k + 2}"], env_cpu)
+    assert resumed["losses"] == _losses(tmp_path / "straight")
+
+
+def test_a_stop_does_not_wait_for_the_optimizer_step_and_resume_is_exact(tmp_path, data_dir, env_cpu):
+    """SIGTERM as step 3 starts, with 8 micro-batches per step: the ranks stop after the first micro-batch
+    (not after all 8), drop its gradients and put back the data position and random state; step 2's
+    checkpoint holds the weights, and resuming gives exactly the losses of an uninterrupted run."""
+    extra = ["train.micro_batch_size=1", "checkpoint.every=0", "eval.at_end=false", "train.steps=4"]
+    out = tmp_path / "stopped"
+    proc = _run(1, out, data_dir, extra, dict(env_cpu, LONGSHARD_INJECT_FAULT="term:rank=0:step=3"))
+    assert "pre-empted (SIGTERM) during step 3, after micro-batch 1 of 8: its update was not applied; the " \
+           "checkpoint of step 2" in proc.stderr, proc.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    assert report["preempted_at_step"] == 2 and len(report["losses"]) == 2
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step_00000002"]
+    _run(1, out, data_dir, [*extra, "checkpoint.resume=auto"], env_cpu)
+    resumed = json.loads((out / "report.json").read_text())
+    assert resumed["resumed_from_step"] == 2
+    _run(1, tmp_path / "straight", data_dir, extra, env_cpu)
     assert resumed["losses"] == _losses(tmp_path / "straight")
 
 
@@ -122,6 +142,26 @@ def test_sigterm_during_start_up_stops_every_rank_cleanly(tmp_path, data_dir, en
     report = json.loads((out / "report.json").read_text())
     assert report["preempted_at_step"] == 2 and report["resumed_from_step"] == 2
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["step_00000002"]
+
+
+def test_ctrl_c_as_the_workers_start_is_never_lost(tmp_path, data_dir, env_cpu):
+    """Ctrl-C (SIGINT to ``longshard train``, passed on as SIGTERM) the moment the worker processes exist,
+    long before they finished importing torch: workers inherited SIGTERM *ignored* from the agent and the
+    run trained on. Now the agent blocks it, the signal waits until the worker's first handler (installed
+    before the heavy imports) and every rank stops before its first step, exit 0."""
+    out = tmp_path / "r"
+    args = ["tiny_lm", *TINY, "data.source=prepared", f"data.path={data_dir}", f"output_dir={out}", "train.steps=40",
+            "train.nproc=2"]
+    proc = subprocess.Popen([sys.executable, "-m", "longshard.cli", "train", *args], env=env_cpu, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(_worker_pids(str(out))) < 2 and proc.poll() is None:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    assert "during start-up" in err and "stopped without training" in err, err[-3000:]
+    assert json.loads((out / "report.json").read_text())["losses"] == []
 
 
 def test_damaged_tokens_read_by_one_rank_stop_every_rank(tmp_path, data_dir, env_cpu):
