@@ -452,9 +452,17 @@ def _export_hf(args: argparse.Namespace) -> int:
 
     prepare_export_dir(args.output, args.overwrite, check_only=True)  # refused before the checkpoint is read
     _, model = _load_checkpoint_model(args.checkpoint, [])
+    if args.verify:
+        _require_module("transformers", "--verify", "hf")
     path = export_hf(model, args.output, arch=args.arch, tokenizer_dir=args.tokenizer_dir, drop_gates=args.drop_gates,
                      overwrite=args.overwrite)
     sys.stdout.write(f"wrote Hugging Face checkpoint {path}\n")
+    if args.verify:
+        from longshard.models.hf_attention import verify_export
+
+        impl, err = verify_export(model, path)
+        sys.stdout.write(f"transformers (attn_implementation={impl}) gives the checkpoint's logits: max relative "
+                         f"error {err:.1e}\n")
     return 0
 
 
@@ -589,6 +597,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="export into a non-empty folder, removing its weight files, index and config.json first")
     x.add_argument("--drop-gates", action="store_true",
                    help="export a gated model without its output gates (transformers has none; changes the model)")
+    x.add_argument("--verify", action="store_true",
+                   help="load the export with transformers (attn_implementation=longshard for a sparse model) and "
+                   "check it gives the checkpoint's logits")
     x.set_defaults(func=_export_hf)
     return p
 

@@ -45,5 +45,5 @@ def require(cond: bool, field: str, problem: str, fix: str = "") -> None:
 
 def require_positive(value: int | float, field: str) -> None:
     """Raise :class:`ConfigError` unless ``value`` is a finite number > 0 (``inf`` and ``nan`` are refused)."""
-    require(value > 0 and value != float("inf"), field, f"must be a finite number > 0, got {value!r}.",
+    require(value > 0 and value != float("inf"), field, f"must be > 0 and finite, got {value!r}.",
             f"set {field} to a positive number.")

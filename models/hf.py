@@ -72,11 +72,19 @@ _HF_TO_OURS_LAYER = {v: k for k, v in _LAYER_MAP.items()}
 _HF_TO_OURS_TOP = {v: k for k, v in _TOP_MAP.items()}
 
 
+# what a variant adds (its core's parameters, an output gate) -> where longshard.models.hf_swap keeps it
+_PARTS_MAP = (("attention.core_attention.", "self_attn.longshard.core."), ("attention.wg.", "self_attn.longshard.wg."))
+
+
 def to_hf_name(name: str) -> str:
-    """Our parameter name -> HF parameter name."""
+    """Our parameter name -> HF parameter name (a variant's own parameters and gates: under the
+    ``self_attn.longshard`` submodule :mod:`longshard.models.hf_swap` adds)."""
     if name in _TOP_MAP:
         return _TOP_MAP[name]
     m = _LAYER_RE.match(name)
+    part = next(((ours, theirs) for ours, theirs in _PARTS_MAP if m and m.group(2).startswith(ours)), None)
+    if part is not None:
+        return f"model.layers.{m.group(1)}.{part[1]}{m.group(2)[len(part[0]):]}"
     if m is None or m.group(2) not in _LAYER_MAP:
         raise KeyError(f"no Hugging Face name for parameter {name!r}")
     return f"model.layers.{m.group(1)}.{_LAYER_MAP[m.group(2)]}"
@@ -89,6 +97,9 @@ def from_hf_name(name: str) -> str | None:
     if name in _HF_TO_OURS_TOP:
         return _HF_TO_OURS_TOP[name]
     m = _HF_LAYER_RE.match(name)
+    part = next(((ours, theirs) for ours, theirs in _PARTS_MAP if m and m.group(2).startswith(theirs)), None)
+    if part is not None:
+        return f"layers.{m.group(1)}.{part[0]}{m.group(2)[len(part[1]):]}"
     if m is None or m.group(2) not in _HF_TO_OURS_LAYER:
         raise ConfigError("init.hf_path", f"checkpoint tensor {name!r} has no counterpart in longshard.")
     return f"layers.{m.group(1)}.{_HF_TO_OURS_LAYER[m.group(2)]}"
@@ -184,6 +195,7 @@ HF_NO_EFFECT_KEYS = frozenset({
     "transformers_version", "dtype", "torch_dtype", "use_cache", "output_attentions", "output_hidden_states",
     "return_dict", "problem_type", "initializer_range", "chunk_size_feed_forward", "sliding_window",
     "max_window_layers", "pretraining_tp",
+    "longshard_attention", "attn_implementation",  # an exported sparse model's: the recipe's model.attention decides
 })
 
 
@@ -547,11 +559,6 @@ def hf_config_dict(
     if cfg.n_query_heads != cfg.n_heads:
         raise ConfigError("arch", "SQA query-head reduction has no HF Llama/Qwen equivalent.",
                           "export a model without it.")
-    if any(spec.gate != "none" for spec in cfg.attention) and not drop_gates:
-        raise ConfigError("arch", "attention output gates have no HF Llama/Qwen equivalent.",
-                          "export without them (drop_gates) or keep longshard checkpoints.")
-    if any(spec.name != "dense" for spec in cfg.attention):
-        log.warning("exporting a model with non-dense attention: HF will run it as dense attention")
     rope: dict[str, Any] = {"rope_theta": cfg.rope.theta, "rope_type": "default"}
     r = cfg.rope
     if r.scaling == "ntk":
@@ -591,6 +598,14 @@ def hf_config_dict(
     }
     if arch == "qwen2":
         out["use_sliding_window"] = False
+    if any(spec.name != "dense" or (spec.gate != "none" and not drop_gates) for spec in cfg.attention):
+        # loads as trained with longshard's backend; without it transformers refuses the unknown
+        # attn_implementation instead of running dense attention
+        entries = [{"name": spec.name, "options": dict(spec.options),
+                    **({"gate": spec.gate} if spec.gate != "none" and not drop_gates else {})}
+                   for spec in cfg.attention]
+        out["longshard_attention"] = entries[0] if len(entries) == 1 else entries
+        out["attn_implementation"] = "longshard"
     return out
 
 
@@ -671,22 +686,21 @@ def export_hf(
         dtype: dtype of the written tensors (default: the model's).
         max_shard_bytes: shard size above which an index file is written.
         tokenizer_dir: folder whose tokenizer files are copied beside the weights.
-        drop_gates: leave out output gates (transformers has none; the exported model then computes
-            something else). Without it a gated model is refused.
+        drop_gates: leave out output gates (the exported model then computes something else: plain
+            transformers runs it). Without it gates are exported with the variants' own parameters.
         overwrite: export into a non-empty folder, removing its previous weights first
             (:func:`prepare_export_dir`); without it only a new or empty folder is accepted.
 
-    Sparse variants are exported with their projections only: transformers runs them as dense
-    attention (their own parameters, e.g. NOSA's importance score, stay in longshard checkpoints).
+    A model whose attention is not dense gets ``longshard_attention`` (its ``model.attention``) and
+    ``attn_implementation: longshard`` in ``config.json``: with :mod:`longshard.models.hf_attention`
+    imported, transformers runs each layer's variant as trained; without it, transformers refuses the
+    unknown implementation rather than run dense attention. What a variant adds (its own parameters,
+    e.g. NOSA's importance score, and output gates) is written under ``model.layers.N.self_attn.longshard``,
+    where :func:`longshard.models.hf_swap.from_pretrained` reads it back; the backend alone refuses such
+    layers by name.
     """
-    gated = [i for i in range(model.cfg.n_layers) if model.cfg.layer_attention(i).gate != "none"]
-    if gated and not drop_gates:
-        raise ConfigError("export-hf", f"layers {gated} have output gates, which transformers models cannot run.",
-                          "keep using longshard checkpoints, or pass --drop-gates to export without them "
-                          "(the exported model then computes a different function).")
     path = prepare_export_dir(path, overwrite)
-    state = {n: p.detach() for n, p in model.named_parameters()
-             if ".core_attention." not in n and ".attention.wg." not in n}
+    state = {n: p.detach() for n, p in model.named_parameters() if not (drop_gates and ".attention.wg." in n)}
     dtype = dtype or next(iter(state.values())).dtype
     tensors = {to_hf_name(n): t.to(dtype).contiguous().cpu() for n, t in state.items()}
     if model.cfg.tie_embeddings:

@@ -95,7 +95,7 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(hd, cfg.norm_eps) if cfg.qk_norm else None
         spec = cfg.layer_attention(layer_idx)
         self.gate_kind = spec.gate
-        gate_out = {"none": 0, "headwise": self.n_heads, "elementwise": self.n_heads * hd}[spec.gate]
+        gate_out = gate_width(spec.gate, self.n_heads, hd)
         self.wg = nn.Linear(cfg.dim, gate_out, bias=False) if gate_out else None
         ctx = AttentionContext(
             layer_idx=layer_idx,
@@ -144,9 +144,7 @@ class Attention(nn.Module):
         """Optional sigmoid output gate from the layer input (Gated Attention, G1), then wo."""
         B, S, _ = x_BSE.shape
         if self.wg is not None:
-            g = torch.sigmoid(self.wg(x_BSE).float()).to(o_BHSD.dtype)
-            g_BHSX = g.view(B, S, self.n_heads, -1).transpose(1, 2)  # X = 1 (headwise) or D (elementwise)
-            o_BHSD = o_BHSD * g_BHSX
+            o_BHSD = apply_output_gate(o_BHSD, x_BSE, self.wg)
         return self.wo(o_BHSD.transpose(1, 2).reshape(B, S, -1))
 
     def forward(
@@ -177,6 +175,26 @@ class FeedForward(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+def apply_output_gate(o_BHSD: torch.Tensor, x_BSE: torch.Tensor, wg: nn.Linear) -> torch.Tensor:
+    """Gated Attention's G1 gate: ``o * sigmoid(wg(x))`` per head (``wg`` gives H values) or per channel
+    (H x D values), the sigmoid in fp32.
+
+    Args:
+        o_BHSD: attention output of the H heads.
+        x_BSE: the layer input the gate is computed from.
+        wg: the gate projection.
+    """
+    B, S, _ = x_BSE.shape
+    g = torch.sigmoid(wg(x_BSE).float()).to(o_BHSD.dtype)
+    g_BHSX = g.view(B, S, o_BHSD.shape[1], -1).transpose(1, 2)  # X = 1 (headwise) or D (elementwise)
+    return o_BHSD * g_BHSX
+
+
+def gate_width(kind: str, n_heads: int, head_dim: int) -> int:
+    """Outputs of the gate projection of a ``kind`` gate (``none``: 0, ``headwise``: H, ``elementwise``: H x D)."""
+    return {"none": 0, "headwise": n_heads, "elementwise": n_heads * head_dim}[kind]
 
 
 class TransformerBlock(nn.Module):

@@ -93,9 +93,9 @@ def test_hf_errors(tmp_path):
         load_hf_model(tmp_path / "noweights")
 
 
-def test_gated_conversion_is_exact_and_export_refuses_gates(tmp_path):
-    """Converting to gated attention with init_converted keeps the logits (bitwise: x0.5, x2); transformers
-    has no gates, so export refuses them unless told to drop them; sparse variants export their projections."""
+def test_gated_conversion_is_exact_and_exports_with_its_gates(tmp_path):
+    """Converting to gated attention with init_converted keeps the logits (bitwise: x0.5, x2); export writes
+    the gates (and a sparse variant's own parameters) where longshard's transformers module swap reads them."""
     from longshard.models.attention import AttentionSpec
     from longshard.models.hf import dense_reference, init_converted
 
@@ -116,14 +116,23 @@ def test_gated_conversion_is_exact_and_export_refuses_gates(tmp_path):
         assert not torch.equal(gated(tokens), ref)
         with dense_reference(gated):
             assert torch.equal(gated(tokens), ref)
-    with pytest.raises(ConfigError, match="export-hf.*gates.*--drop-gates"):
-        export_hf(gated, tmp_path / "out")
-    export_hf(gated, tmp_path / "out", drop_gates=True)
+    # gates and a variant's own parameters are exported under self_attn.longshard and load back with
+    # hf_swap.from_pretrained as trained; --drop-gates gives plain transformers the projections only
+    from longshard.models import hf_swap
+
+    export_hf(gated, tmp_path / "out")
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["longshard_attention"] == {
+        "name": "dense", "options": {}, "gate": "headwise"}
+    back = hf_swap.from_pretrained(tmp_path / "out").eval()
+    with torch.no_grad():
+        assert _rel(gated(tokens), back(tokens).logits) <= TOL  # the trained (non-zero) gates too
+    export_hf(gated, tmp_path / "dropped", drop_gates=True)
+    assert "longshard_attention" not in json.loads((tmp_path / "dropped" / "config.json").read_text())
     nosa = load_hf_model(tmp_path / "hf", [AttentionSpec(name="nosa", options={"block": 8})]).eval()
     export_hf(nosa, tmp_path / "nosa_out")
-    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "nosa_out").eval()
+    back = hf_swap.from_pretrained(tmp_path / "nosa_out").eval()
     with torch.no_grad():
-        assert _rel(ref, back(tokens).logits) <= TOL  # same projections, run dense by transformers
+        assert _rel(nosa(tokens), back(tokens).logits) <= TOL  # NOSA's importance score travels with it
 
 
 def test_damaged_or_unsafe_hf_checkpoints_are_named(tmp_path, monkeypatch):

@@ -6,7 +6,6 @@ import json
 import signal
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 from longshard.train.faults import PreemptionWatch, collective_failure, is_collective_error, parse_fault
@@ -134,21 +133,21 @@ def test_full_disk_for_metrics_warns_once_and_training_goes_on(tmp_path, monkeyp
     m = MetricsLogger(tmp_path, enabled=True, total_steps=3, start_step=0, wandb_mode="disabled", project="p",
                       run_name="r", group="g", config={}, progress=False)
     m.log(1, {"loss": 1.0})
-    real_open = Path.open
+    from longshard.train import metrics as metrics_module
 
-    def full(self, *a, **kw):
-        if self.name == "metrics.jsonl":
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real_open(self, *a, **kw)
+    real_append = metrics_module.append_text
 
-    monkeypatch.setattr(Path, "open", full)
+    def full(path, text):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(metrics_module, "append_text", full)
     with caplog.at_level(logging.WARNING, logger="longshard.train.metrics"):
         m.log(2, {"loss": 0.5})
         m.log(3, {"loss": 0.25})
     warnings = [r.getMessage() for r in caplog.records if "metrics.jsonl" in r.getMessage()]
     assert len(warnings) == 1 and "No space left" in warnings[0] and "output_dir" in warnings[0]
     assert m.lost_records == 2
-    monkeypatch.setattr(Path, "open", real_open)
+    monkeypatch.setattr(metrics_module, "append_text", real_append)
     m.log(4, {"loss": 0.125})  # space again: records are appended again
     steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 4]
