@@ -76,6 +76,12 @@ _HF_TO_OURS_TOP = {v: k for k, v in _TOP_MAP.items()}
 _PARTS_MAP = (("attention.core_attention.", "self_attn.longshard.core."), ("attention.wg.", "self_attn.longshard.wg."))
 
 
+def is_variant_parameter(name: str) -> bool:
+    """Whether our parameter ``name`` is one a variant or a gate adds (not in a plain HF checkpoint)."""
+    m = _LAYER_RE.match(name)
+    return m is not None and any(m.group(2).startswith(ours) for ours, _ in _PARTS_MAP)
+
+
 def to_hf_name(name: str) -> str:
     """Our parameter name -> HF parameter name (a variant's own parameters and gates: under the
     ``self_attn.longshard`` submodule :mod:`longshard.models.hf_swap` adds)."""

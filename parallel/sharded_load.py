@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 from longshard.errors import ConfigError
-from longshard.models.hf import from_hf_name, safetensors_header, to_hf_name, weight_files
+from longshard.models.hf import from_hf_name, is_variant_parameter, safetensors_header, to_hf_name, weight_files
 from torch import nn
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
@@ -53,6 +53,8 @@ def hf_names_of(model: nn.Module) -> dict[str, str] | None:
     counterpart (a conversion that adds parameters: gates, NSA / NOSA weights)."""
     names = {}
     for name, _ in model.named_parameters():
+        if is_variant_parameter(name):  # added by the conversion: a plain HF checkpoint has no such tensor
+            return None
         try:
             hf = to_hf_name(name)
         except KeyError:
