@@ -28,7 +28,7 @@ def _train(args: argparse.Namespace) -> int:
         _check_host(nproc, cfg.train.device, args.nproc is not None)
     mcfg = resolve_model_config(cfg)  # an HF checkpoint's config and weight files, checked now
     dp, accum = check_layout(cfg, mcfg, nproc)  # the whole layout, before any worker exists
-    _check_resumable(cfg, mcfg)  # a different run's checkpoints: one message now, not a worker's traceback
+    resumes = _check_resumable(cfg, mcfg)  # a different run's checkpoints: one message now, not a worker's traceback
     if local:
         _warn_memory(cfg, mcfg, nproc, dp, args.recipe)
     if args.dry_run:
@@ -36,6 +36,9 @@ def _train(args: argparse.Namespace) -> int:
         sys.stdout.write(f"ok: {nproc} processes = dp {dp} x sp {sp} ({cfg.parallel.sp_mode}) x tp {tp}, "
                          f"{accum} accumulation steps, {mcfg.n_layers} layers, {mcfg.n_query_heads} query / "
                          f"{mcfg.n_kv_heads} KV heads, seq_len {cfg.train.seq_len}; output {cfg.output_dir}\n")
+        sys.stdout.write(f"resumes from {resumes} (step {int(resumes.name.split('_')[-1])})\n" if resumes else
+                         "fresh start (no checkpoint to resume" + (": checkpoint.resume=none)\n"
+                                                                   if cfg.checkpoint.resume == "none" else ")\n"))
         return 0
     if nproc == 1 and "WORLD_SIZE" not in os.environ:
         from longshard.train.main import main as train_main
@@ -53,26 +56,28 @@ def _train(args: argparse.Namespace) -> int:
     return rc
 
 
-def _check_resumable(cfg, mcfg) -> None:
+def _check_resumable(cfg, mcfg) -> Path | None:
     """What the workers check first when they resume, checked here (``--dry-run`` too): the checkpoint
     ``checkpoint.resume`` picks (``auto``: the newest complete one in ``checkpoint.dir``) was written by
     this run's model and settings (:func:`~longshard.train.fingerprint.check_resume`). A checkpoint whose
-    state cannot be read is left to the workers (they name it and fall back)."""
+    state cannot be read is left to the workers (they name it and fall back). Returns the checkpoint the
+    run would resume from (None: a fresh start)."""
     from longshard.train.checkpoint import CheckpointError, complete_checkpoints, read_trainer_state
     from longshard.train.fingerprint import check_resume, fingerprint
 
     if cfg.checkpoint.resume == "none":
-        return
+        return None
     resume = cfg.checkpoint.resume
     found = complete_checkpoints(cfg.checkpoint.dir) if resume == "auto" else [Path(resume)]
     if not found:
-        return
+        return None
     try:
         saved = read_trainer_state(found[-1]).get("fingerprint")
     except CheckpointError:
-        return
+        return found[-1]
     data = Path(cfg.data.path) if cfg.data.source == "prepared" and cfg.data.path else None
     check_resume(saved, fingerprint(cfg, mcfg, data), cfg.checkpoint.allow_changes, str(found[-1]))
+    return found[-1]
 
 
 def _check_host(nproc: int, device: str, from_flag: bool) -> None:
@@ -153,7 +158,8 @@ def _children(pid: int) -> list[int]:
 
 def _run_forwarding_signals(cmd: list[str]) -> tuple[int, bool]:
     """Run ``cmd`` (:mod:`longshard.launch.agent`, torchrun) in its own session and pass SIGTERM / SIGINT /
-    SIGHUP on as SIGTERM to its workers (torchrun's children), so they checkpoint, stop and exit 0 and
+    SIGHUP on as SIGTERM to its workers (torchrun's children; the one received is logged), so they
+    checkpoint, stop and exit 0 and
     torchrun ends cleanly; torchrun itself gets SIGINT only when it has no workers (a terminal's Ctrl-C
     never reaches it directly). It also stops (SIGINT) if this process is killed. Returns its exit code
     and whether a worker was killed by SIGKILL with nothing else to explain it
@@ -163,7 +169,7 @@ def _run_forwarding_signals(cmd: list[str]) -> tuple[int, bool]:
 
     from longshard.train.faults import die_with_parent
 
-    # the agent ignores SIGTERM (it ends with its workers): it is stopped by SIGINT if this process dies
+    # the agent blocks SIGTERM (it ends with its workers): it is stopped by SIGINT if this process dies
     stop_agent = (lambda: die_with_parent(signal.SIGINT)) if sys.platform.startswith("linux") else None
     proc = subprocess.Popen(cmd, preexec_fn=stop_agent, stderr=subprocess.PIPE, start_new_session=True)
     kept = bytearray()  # the last 4 MB of stderr, to explain the ending
@@ -181,6 +187,8 @@ def _run_forwarding_signals(cmd: list[str]) -> tuple[int, bool]:
 
     def forward(signum, frame) -> None:  # noqa: ARG001 - signal handler signature
         workers = _children(proc.pid)
+        log.warning("%s received: asking the workers to checkpoint and stop (as SIGTERM, which a starting worker "
+                    "keeps until its handler is installed)", signal.Signals(signum).name)
         for pid in workers:
             try:
                 os.kill(pid, signal.SIGTERM)
@@ -210,6 +218,9 @@ def _data_prepare(args: argparse.Namespace) -> int:
     else:
         if not args.input:
             raise ConfigError("--input", "no input files given.", "pass --input FILES or --default.")
+        missing = [p for p in args.input if not Path(p).exists()]
+        if missing:  # before the tokenizer (a missing tokenizers package came first)
+            raise ConfigError("--input", f"{missing[0]} does not exist.", "give existing files or folders.")
         meta = prepare(args.output, iter_documents(args.input, args.text_field), build_tokenizer(args.tokenizer),
                        args.val_fraction, sources=[str(p) for p in args.input], inputs=args.input)
     sys.stdout.write(json.dumps(meta, indent=2) + "\n")
@@ -529,11 +540,12 @@ def build_parser() -> argparse.ArgumentParser:
     sl.add_argument("--gpus-per-node", type=int, required=True, help="GPUs per node (one process each); 0 = CPU nodes")
     sl.add_argument("--procs-per-node", type=int, default=None,
                     help="processes per node on CPU nodes (default: the recipe's train.nproc)")
-    sl.add_argument("--output", default="longshard.sbatch")
-    sl.add_argument("--job-name", default="longshard")
-    sl.add_argument("--time", default="24:00:00")
-    sl.add_argument("--partition", default=None)
-    sl.add_argument("--account", default=None)
+    sl.add_argument("--output", default="longshard.sbatch", help="the sbatch script to write (a file path)")
+    sl.add_argument("--job-name", default="longshard", help="Slurm job name (letters, digits and . _ + -)")
+    sl.add_argument("--time", default="24:00:00",
+                    help="time limit (MM, HH:MM:SS, D-HH:MM...); the job checkpoints and re-queues before it")
+    sl.add_argument("--partition", default=None, help="Slurm partition(s), comma-separated (default: the cluster's)")
+    sl.add_argument("--account", default=None, help="Slurm account to charge (default: yours)")
     sl.add_argument("--port", type=int, default=None, help="rendezvous port (default: from the job id)")
     sl.add_argument("--cpus-per-task", type=int, default=None, help="CPUs per node task (default: cluster's)")
     sl.add_argument("--mem", default=None, help="memory per node, e.g. 480G or 0 for all (default: cluster's)")
@@ -541,7 +553,8 @@ def build_parser() -> argparse.ArgumentParser:
     sl.add_argument("--log-dir", default="logs", help="Slurm output folder (created)")
     sl.add_argument("--python", default=None,
                     help="interpreter on the compute nodes (default: $LONGSHARD_PYTHON or python3 there)")
-    sl.add_argument("--max-restarts", type=int, default=0)
+    sl.add_argument("--max-restarts", type=int, default=0,
+                    help="torchrun restarts of failed workers inside one job (each resumes from the newest checkpoint)")
     sl.add_argument("--signal-lead", type=int, default=None,
                     help="seconds before the time limit at which the job checkpoints and stops (default: twice the "
                     "save time measured in checkpoint.dir + 60 s, at least 120)")

@@ -76,6 +76,7 @@ class MetricsLogger:
         self.path = Path(output_dir) / "metrics.jsonl"
         self.lost_records = 0  # records metrics.jsonl could not take (disk full ...)
         self.wandb_run = None
+        self._wandb_dir: str | None = None
         self.bar = None
         if not enabled:
             return
@@ -87,6 +88,7 @@ class MetricsLogger:
                 mode=wandb_mode, dir=str(output_dir), project=project, name=run_name, group=group,
                 config=config, reinit="finish_previous", settings=wandb.Settings(quiet=True),
             )
+            self._wandb_dir = str(Path(self.wandb_run.dir).parent)
         if progress:
             from tqdm import tqdm
             from tqdm.contrib.logging import logging_redirect_tqdm
@@ -109,8 +111,7 @@ class MetricsLogger:
                 log.warning("could not append to %s (%s): training goes on; metrics of this and later failing steps "
                             "go only to wandb and the progress bar. Free space in output_dir or move it.",
                             self.path, e.strerror or e)
-        if self.wandb_run is not None:
-            self.wandb_run.log(metrics, step=step)
+        self._wandb("log", lambda run: run.log(metrics, step=step))
         if self.bar is not None:
             self.bar.n = step
             show = {k: metrics[k] for k in ("loss", "tokens_per_s", "mfu", "peak_mem_gb") if metrics.get(k) is not None}
@@ -118,14 +119,31 @@ class MetricsLogger:
 
     def summary(self, values: dict[str, Any]) -> None:
         """Final values (wandb run summary)."""
-        if self.wandb_run is not None:
+
+        def write(run) -> None:
             for k, v in values.items():
                 if isinstance(v, (int, float, str)):
-                    self.wandb_run.summary[k] = v
+                    run.summary[k] = v
+
+        self._wandb("summary", write)
+
+    def _wandb(self, what: str, op) -> None:
+        """Run ``op(wandb_run)``; a failure of wandb (its service process stopped: Slurm signals every
+        process of a job step, wandb's included) is logged once and ends wandb logging for this run.
+        The run's own files (metrics.jsonl, checkpoints, report.json) never depend on it."""
+        if self.wandb_run is None:
+            return
+        try:
+            op(self.wandb_run)
+        except Exception as e:  # wandb raises ConnectionResetError, BrokenPipeError, its own errors ...
+            log.warning("wandb %s failed (%s: %s); wandb logging stops here, the run's own files are complete%s",
+                        what, type(e).__name__, str(e)[:200],
+                        "; `wandb sync` the offline run later" if self._wandb_dir else "")
+            self.wandb_run = None
 
     @property
     def wandb_dir(self) -> str | None:
-        return None if self.wandb_run is None else str(Path(self.wandb_run.dir).parent)
+        return self._wandb_dir
 
     def __enter__(self) -> MetricsLogger:
         return self
@@ -139,9 +157,8 @@ class MetricsLogger:
             self.bar.close()
             self._redirect.__exit__(None, None, None)
             self.bar = None
-        if self.wandb_run is not None:
-            self.wandb_run.finish()
-            self.wandb_run = None
+        self._wandb("finish", lambda run: run.finish())
+        self.wandb_run = None
 
 
 def human_summary(report: dict[str, Any]) -> str:

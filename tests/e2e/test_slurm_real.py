@@ -73,8 +73,8 @@ def slurm(tmp_path_factory):
         "ReturnToService=2", "JobRequeue=1", "KillWait=30", "MpiDefault=none", "MinJobAge=600",
         f"NodeName={host} CPUs={os.cpu_count()} RealMemory={mem_mb} State=UNKNOWN",
         f"PartitionName=test Nodes={host} Default=YES MaxTime=INFINITE State=UP OverSubscribe=YES", ""]))
-    env = dict(os.environ, SLURM_CONF=str(conf), OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="",
-               WANDB_MODE="disabled")
+    env = {k: v for k, v in os.environ.items() if k != "WANDB_MODE"}  # the recipes' default: wandb offline
+    env.update(SLURM_CONF=str(conf), OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
     subprocess.run(["slurmctld", "-f", str(conf)], env=env, check=True, capture_output=True)
     subprocess.run(["slurmd", "-f", str(conf)], env=env, check=True, capture_output=True)
     deadline = time.time() + 60
@@ -117,7 +117,7 @@ def _submit(tmp_path: Path, env: dict, name: str) -> tuple[str, Path, Path]:
                  "--python", sys.executable, "--output", str(script), "--log-dir", str(logs),
                  "train.steps=2000", "checkpoint.every=100000", "model.n_layers=1", "train.seq_len=64",
                  "train.global_batch_size=8", "data.default_corpus_bytes=100000", "eval.passkey_samples=0",
-                 "eval.val_batches=1", "logging.wandb=disabled", "logging.progress=false", "train.log_every=1",
+                 "eval.val_batches=1", "logging.progress=false", "train.log_every=1",
                  f"output_dir={out}"]) == 0
     jid = _run("sbatch", "--parsable", str(script), env=env).strip()
     deadline = time.time() + 180

@@ -55,7 +55,12 @@ def test_checkpoints_record_their_save_time_and_launch_slurm_sizes_the_lead_from
     slurm = ["launch", "slurm", *base, "--nodes", "1", "--gpus-per-node", "0", "--procs-per-node", "1", "--dry-run"]
     assert main(slurm) == 0
     assert "#SBATCH --signal=B:USR1@120\n" in capsys.readouterr().out and "no checkpoint measured yet" in caplog.text
+    assert main(["train", *base, "--dry-run"]) == 0
+    assert "fresh start (no checkpoint to resume)" in capsys.readouterr().out
     assert main(["train", *base]) == 0
+    capsys.readouterr()
+    assert main(["train", *base, "train.steps=2", "--dry-run"]) == 0  # says what it would resume
+    assert f"resumes from {out / 'checkpoints' / 'step_00000001'} (step 1)" in capsys.readouterr().out
     save_s = read_trainer_state(out / "checkpoints" / "step_00000001")["save_s"]
     assert 0 < save_s < 120 and measured_save_s(out / "checkpoints") == save_s
     caplog.clear()

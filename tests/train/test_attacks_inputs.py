@@ -86,3 +86,23 @@ def test_slurm_log_dir_and_output_must_be_what_they_name(tmp_path, caplog):
         assert main([*base, *extra]) == EXIT_INVALID_INPUT, (flag, value)
         assert expect in caplog.text and "Traceback" not in caplog.text, caplog.text[-1000:]
     assert a_file.read_text() == "x"
+
+
+def test_data_prepare_names_the_missing_input_first_and_the_special_tokens_with_the_fix(tmp_path, caplog):
+    tokenizers = pytest.importorskip("tokenizers")
+    from longshard.cli import main
+
+    rc = main(["data", "prepare", "--input", str(tmp_path / "nope"), "--output", str(tmp_path / "o"),
+               "--tokenizer", str(tmp_path / "no-tokenizer.json")])
+    assert rc == EXIT_INVALID_INPUT and f"--input: {tmp_path / 'nope'} does not exist" in caplog.text
+    tok = tokenizers.Tokenizer(tokenizers.models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel()
+    tok.train_from_iterator(["the quick brown fox"] * 20, tokenizers.trainers.BpeTrainer(vocab_size=280,
+                                                                                         special_tokens=["<unk>"]))
+    tok.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "in.txt").write_text("a document")
+    caplog.clear()
+    rc = main(["data", "prepare", "--input", str(tmp_path / "in.txt"), "--output", str(tmp_path / "o"),
+               "--tokenizer", str(tmp_path / "tokenizer.json")])
+    assert rc == EXIT_INVALID_INPUT
+    assert "has no beginning-of-document token" in caplog.text and "Fix:" in caplog.text and "EOS" in caplog.text

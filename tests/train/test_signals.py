@@ -161,6 +161,7 @@ def test_ctrl_c_as_the_workers_start_is_never_lost(tmp_path, data_dir, env_cpu):
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err[-3000:]
     assert "during start-up" in err and "stopped without training" in err, err[-3000:]
+    assert "SIGINT received: asking the workers to checkpoint and stop" in err  # the stop names what the user sent
     assert json.loads((out / "report.json").read_text())["losses"] == []
 
 
@@ -198,3 +199,53 @@ def test_damaged_tokens_read_by_one_rank_stop_every_rank(tmp_path, data_dir, env
     assert "another rank could not read its batch of step 1" in proc.stderr, proc.stderr[-3000:]
     assert "CollectiveError" not in proc.stderr
 
+
+
+def _descendants(root: int) -> list[int]:
+    """``root`` and every process below it (Linux /proc), as a Slurm job step's cgroup holds them."""
+    children: dict[int, list[int]] = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                ppid = int(open(f"/proc/{d}/stat").read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(d))
+    out, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        out.append(pid)
+        todo += children.get(pid, [])
+    return out
+
+
+def test_signalling_every_process_with_wandb_offline_still_checkpoints_and_exits_0(tmp_path, data_dir, env_cpu):
+    """A cluster signals every process of the job step, wandb's service (a child of rank 0) included:
+    with the recipes' default ``logging.wandb: offline`` rank 0 then died in wandb's finish
+    (ConnectionResetError), rank 1 in the pre-emption check, no checkpoint and no report. Now a wandb
+    failure is logged and ends wandb logging only: the interrupted step's checkpoint, report.json, exit 0."""
+    env = {k: v for k, v in env_cpu.items() if k != "WANDB_MODE"}
+    out = tmp_path / "r"
+    args = ["tiny_lm", *TINY, "data.source=prepared", f"data.path={data_dir}", f"output_dir={out}", "train.steps=400",
+            "train.nproc=2", "checkpoint.every=0", "checkpoint.save_final=false", "logging.wandb=offline",
+            "eval.at_end=false"]
+    proc = subprocess.Popen([sys.executable, "-m", "longshard.cli", "train", *args], env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None and (
+            not metrics.exists() or len(metrics.read_text().splitlines()) < 3):
+        time.sleep(0.05)
+    everyone = _descendants(proc.pid)
+    assert any("wandb" in open(f"/proc/{p}/cmdline").read() for p in everyone if os.path.exists(f"/proc/{p}")), \
+        "no wandb service process to signal"
+    for pid in everyone:
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    _, err = proc.communicate(timeout=240)
+    assert proc.returncode == 0, err[-4000:]
+    report = json.loads((out / "report.json").read_text())
+    k = report["preempted_at_step"]
+    assert k is not None and (out / "checkpoints" / f"step_{k:08d}").is_dir(), err[-3000:]

@@ -72,15 +72,20 @@ class HFTokenizer:
                               "give the tokenizer.json of a Hugging Face tokenizer.") from None
         self.name = str(path)
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
-        self.bos_id = self._find(bos_token, ("<|begin_of_text|>", "<s>", "<|endoftext|>", "<bos>"))
-        self.eos_id = self._find(eos_token, ("<|end_of_text|>", "</s>", "<|endoftext|>", "<eos>"))
+        self.bos_id = self._find(bos_token, ("<|begin_of_text|>", "<s>", "<|endoftext|>", "<bos>"), "beginning")
+        self.eos_id = self._find(eos_token, ("<|end_of_text|>", "</s>", "<|endoftext|>", "<eos>"), "end")
 
-    def _find(self, given: str | None, candidates: tuple[str, ...]) -> int:
-        for tok in ((given,) if given else candidates):
+    def _find(self, given: str | None, candidates: tuple[str, ...], which: str) -> int:
+        tried = (given,) if given else candidates
+        for tok in tried:
             idx = self._tok.token_to_id(tok)
             if idx is not None:
                 return idx
-        raise ConfigError("data.tokenizer", f"none of the special tokens {candidates} is in {self.name}.")
+        raise ConfigError("data.tokenizer", f"{self.name} has no {which}-of-document token (looked for "
+                          f"{', '.join(tried)}); every document is wrapped in a beginning and an end token.",
+                          "use a tokenizer whose vocabulary holds one of each (BOS: <|begin_of_text|>, <s>, "
+                          "<|endoftext|> or <bos>; EOS: <|end_of_text|>, </s>, <|endoftext|> or <eos>), or add "
+                          "them as special tokens when training it.")
 
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids
