@@ -9,12 +9,8 @@ from __future__ import annotations
 
 import json
 import logging
-import math
-import os
 import pickle
 import re
-import secrets
-import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -23,19 +19,19 @@ from typing import Any
 import torch
 from longshard.errors import ConfigError
 from longshard.files import (
-    copy_file,
-    create_exclusive,
-    default_mode,
-    load_json,
-    probe_writable,
     read_json,
-    set_mode,
-    write_file,
 )
 from longshard.models.attention import AttentionSpec
 from longshard.models.config import ModelConfig, RopeConfig
+from longshard.models.hf_files import (  # noqa: F401 - re-exported: the loaders' checks
+    MAX_SAFETENSORS_HEADER,
+    SAFETENSORS_DTYPES,
+    _unsafe_pickle,
+    check_weight_file,
+    safetensors_header,
+)
 from longshard.models.model import Transformer
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 log = logging.getLogger(__name__)
@@ -310,115 +306,6 @@ def weight_files(path: Path) -> list[Path]:
     )
 
 
-# bytes per element of each safetensors dtype (the format's own list)
-SAFETENSORS_DTYPES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8,
-                      "U32": 4, "U16": 2, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
-MAX_SAFETENSORS_HEADER = 100_000_000  # the safetensors library's own limit
-
-
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict:
-    out = dict(pairs)
-    if len(out) != len(pairs):  # linear: 40,000 names take milliseconds (a count per name took a minute)
-        seen = set()
-        dup = next(k for k, _ in pairs if k in seen or seen.add(k))
-        raise ValueError(f"tensor {dup!r} is listed twice")
-    return out
-
-
-def safetensors_header(file: Path) -> tuple[dict, int]:
-    """The JSON header of a safetensors file and the offset where its data starts, validated as the
-    format defines it, so every loader (whole model or one rank's rows) can trust it: header size within
-    the file and the library's limit, one JSON object without duplicate names, every tensor with a known
-    dtype, a shape of non-negative integers and ``data_offsets`` [begin, end] with 0 <= begin <= end and
-    end - begin = dtype size x elements, the spans laid end to end without overlap or gap from 0, and
-    the file holding every byte they describe (ConfigError naming the file and the tensor)."""
-    size = file.stat().st_size
-
-    def damaged(why: str) -> ConfigError:
-        return ConfigError("init.hf_path", f"{file} is not a valid safetensors file: {why}.",
-                           "re-copy or re-download that file (a file edited by hand or by a tool you do not trust "
-                           "is refused, not loaded).")
-
-    with open(file, "rb") as f:
-        head = f.read(8)
-        n = int.from_bytes(head, "little") if len(head) == 8 else -1
-        if not 0 < n <= min(size - 8, MAX_SAFETENSORS_HEADER):
-            raise ConfigError("init.hf_path", f"{file} is not a readable safetensors file ({size} bytes; its header "
-                              "is cut short or damaged).", "re-copy or re-download that file.")
-        header = f.read(n)
-    try:
-        meta = load_json(header.decode("utf-8"), max_depth=8, max_bytes=MAX_SAFETENSORS_HEADER,
-                         object_pairs_hook=_no_duplicates)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise damaged(f"its header is not JSON ({str(e)[:200]})") from None
-    if not isinstance(meta, dict):
-        raise damaged("its header is not a JSON object")
-    spans = []
-    for key, entry in meta.items():
-        if key == "__metadata__":
-            if not isinstance(entry, dict) or not all(isinstance(v, str) for v in entry.values()):
-                raise damaged("__metadata__ is not an object of strings")
-            continue
-        if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
-            raise damaged(f"tensor {key!r} is not {{dtype, shape, data_offsets}}")
-        dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
-        if dtype not in SAFETENSORS_DTYPES:
-            raise damaged(f"tensor {key!r} has an unknown dtype {dtype!r}")
-        if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
-            raise damaged(f"tensor {key!r} has shape {shape!r}, not a list of non-negative integers")
-        if (not isinstance(offsets, list) or len(offsets) != 2 or not all(type(o) is int for o in offsets)
-                or not 0 <= offsets[0] <= offsets[1]):
-            raise damaged(f"tensor {key!r} has data_offsets {offsets!r}, not [begin, end] with 0 <= begin <= end")
-        need = SAFETENSORS_DTYPES[dtype] * math.prod(shape)
-        if offsets[1] - offsets[0] != need:
-            raise damaged(f"tensor {key!r} spans {offsets[1] - offsets[0]} bytes, its dtype and shape "
-                          f"({dtype} x {shape}) need {need}")
-        spans.append((offsets[0], offsets[1], key))
-    spans.sort()
-    end, gap = 0, None
-    for begin, stop, key in spans:  # an overlap (two names reading the same bytes) is named before a gap
-        if begin < end:
-            raise damaged(f"tensor {key!r} at bytes [{begin}, {stop}) overlaps the tensor before it")
-        if begin > end and gap is None:
-            gap = f"tensor {key!r} at bytes [{begin}, {stop}) leaves a gap of {begin - end} bytes"
-        end = stop
-    if gap is not None:
-        raise damaged(gap)
-    if size < 8 + n + end:
-        raise ConfigError("init.hf_path", f"{file} is truncated: {size} bytes, its header describes "
-                          f"{8 + n + end} bytes of tensors.", "re-copy or re-download that file.")
-    return meta, 8 + n
-
-
-def check_weight_file(file: Path) -> dict | None:
-    """Refuse a damaged or unsafe weight file before anything is loaded: a safetensors file whose
-    header or data is cut short, or a pickle ``.bin`` that would import anything beyond tensors.
-    Only the header (safetensors) or the pickle opcodes (``.bin``) are read. Returns a safetensors
-    file's validated header (None for a pickle)."""
-    if file.suffix == ".safetensors":
-        return safetensors_header(file)[0]
-    if not zipfile.is_zipfile(file):  # legacy (pre-zip) torch pickle: weights_only=True load decides
-        return None
-    try:
-        unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(str(file))
-    except Exception as e:
-        raise ConfigError("init.hf_path", f"{file} is not a readable torch file ({e}).",
-                          "re-copy the file, or use the checkpoint's safetensors weights.") from None
-    if unsafe:
-        raise _unsafe_pickle(file, ", ".join(sorted(unsafe)))
-    return None
-
-
-def _unsafe_pickle(file: Path, what: str) -> ConfigError:
-    return ConfigError(
-        "init.hf_path",
-        f"{file} is a pickle that would import {what}, which can run code stored in the file; longshard "
-        "loads pickles only with weights_only=True and never relaxes that.",
-        "convert it to safetensors on a machine you trust (transformers: "
-        "model.save_pretrained(out, safe_serialization=True)) and point init.hf_path at the result.",
-    )
-
-
 def check_hf_checkpoint(path: str | Path) -> None:
     """Check a local HF checkpoint's config.json and weight files before any weight is read or any
     model is built: each file's header (or pickle opcodes), and the layer count and embedding shape
@@ -542,200 +429,6 @@ def load_into(model: Transformer, sd: dict[str, torch.Tensor], source: str) -> N
                     f"{source}: {name} has shape {tuple(t.shape)}, model expects {tuple(own[name].shape)}.",
                 )
             own[name].copy_(t.to(own[name].dtype))
-
-
-def hf_config_dict(
-    cfg: ModelConfig, arch: str | None = None, dtype: torch.dtype = torch.float32, drop_gates: bool = False
-) -> dict[str, Any]:
-    """HF ``config.json`` content for ``cfg`` (``arch`` inferred: qk_norm→qwen3, q/k/v bias without an
-    output bias→qwen2, else llama; Llama's and Qwen3's ``attention_bias`` puts a bias on q, k, v and o)."""
-    if arch is None:
-        arch = "qwen3" if cfg.qk_norm else ("qwen2" if cfg.qkv_bias and not cfg.o_bias else "llama")
-    if arch not in SUPPORTED_ARCHS:
-        raise ConfigError("arch", f"unsupported architecture {arch!r}.", f"use one of {SUPPORTED_ARCHS}.")
-    if arch == "llama" and cfg.qk_norm:
-        raise ConfigError("arch", "Llama has no QK-norm.", "export as qwen3.")
-    if arch in ("llama", "qwen3") and cfg.qkv_bias != cfg.o_bias:
-        raise ConfigError("arch", f"{arch}'s attention_bias puts a bias on q, k, v and o together; this model has "
-                          f"qkv_bias={cfg.qkv_bias}, o_bias={cfg.o_bias}.",
-                          "export as qwen2 (q/k/v bias only) or keep longshard checkpoints.")
-    if arch == "qwen2" and (cfg.qk_norm or not cfg.qkv_bias or cfg.o_bias):
-        raise ConfigError("arch", "Qwen2 needs q/k/v bias, no output bias and no QK-norm.",
-                          "export as llama or qwen3.")
-    if cfg.n_query_heads != cfg.n_heads:
-        raise ConfigError("arch", "SQA query-head reduction has no HF Llama/Qwen equivalent.",
-                          "export a model without it.")
-    rope: dict[str, Any] = {"rope_theta": cfg.rope.theta, "rope_type": "default"}
-    r = cfg.rope
-    if r.scaling == "ntk":
-        rope["rope_theta"] = r.theta * r.factor ** (cfg.head_dim / (cfg.head_dim - 2))  # static NTK = new base
-    elif r.scaling == "linear":
-        rope.update(rope_type="linear", factor=r.factor)
-    elif r.scaling == "yarn":
-        rope.update(rope_type="yarn", factor=r.factor, original_max_position_embeddings=r.original_max_seq_len,
-                    beta_fast=r.beta_fast, beta_slow=r.beta_slow)
-        for key in ("attention_factor", "mscale", "mscale_all_dim"):
-            if getattr(r, key) is not None:
-                rope[key] = getattr(r, key)
-        if not r.truncate:
-            rope["truncate"] = False
-    elif r.scaling == "llama3":
-        rope.update(rope_type="llama3", factor=r.factor, original_max_position_embeddings=r.original_max_seq_len,
-                    low_freq_factor=r.low_freq_factor, high_freq_factor=r.high_freq_factor)
-    out = {
-        "architectures": [HF_CLASSES[arch]],
-        "model_type": arch,
-        "vocab_size": cfg.vocab_size,
-        "hidden_size": cfg.dim,
-        "intermediate_size": cfg.ffn_hidden_dim,
-        "num_hidden_layers": cfg.n_layers,
-        "num_attention_heads": cfg.n_heads,
-        "num_key_value_heads": cfg.n_kv_heads,
-        "head_dim": cfg.head_dim,
-        "hidden_act": "silu",
-        "rms_norm_eps": cfg.norm_eps,
-        "max_position_embeddings": cfg.max_seq_len,
-        "tie_word_embeddings": cfg.tie_embeddings,
-        "attention_bias": cfg.o_bias,
-        "rope_theta": rope["rope_theta"],
-        "rope_parameters": rope,
-        "rope_scaling": None if r.scaling in ("none", "ntk") else {k: v for k, v in rope.items() if k != "rope_theta"},
-        "torch_dtype": str(dtype).removeprefix("torch."),
-    }
-    if arch == "qwen2":
-        out["use_sliding_window"] = False
-    if any(spec.name != "dense" or (spec.gate != "none" and not drop_gates) for spec in cfg.attention):
-        # loads as trained with longshard's backend; without it transformers refuses the unknown
-        # attn_implementation instead of running dense attention
-        entries = [{"name": spec.name, "options": dict(spec.options),
-                    **({"gate": spec.gate} if spec.gate != "none" and not drop_gates else {})}
-                   for spec in cfg.attention]
-        out["longshard_attention"] = entries[0] if len(entries) == 1 else entries
-        out["attn_implementation"] = "longshard"
-    return out
-
-
-# What an earlier export (ours or transformers') leaves that a loader reads: removed by --overwrite
-EXPORT_FILES = ("config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json",
-                "pytorch_model.bin", "pytorch_model.bin.index.json")
-EXPORT_PATTERNS = ("model-*-of-*.safetensors", "pytorch_model-*-of-*.bin")
-
-
-def prepare_export_dir(path: str | Path, overwrite: bool = False, field: str = "--output",
-                       check_only: bool = False) -> Path:
-    """Check that an export can go to ``path`` before any work: a new or empty folder, or with
-    ``overwrite`` a folder whose previous weight files, index and config are removed now (so no stale
-    shard or index is left beside the new weights for a loader to pick). Creates the folder unless
-    ``check_only`` (then nothing is changed: the checks run before a checkpoint is even read).
-
-    Raises:
-        ConfigError: naming ``field``: a file in the way, a non-empty folder without ``overwrite``, or a
-            folder that cannot be written.
-    """
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise ConfigError(field, f"{path} is a file, not a folder.", "give a new or empty folder.")
-    if path.is_dir() and any(path.iterdir()):
-        if not overwrite:
-            held = ", ".join(sorted(p.name for p in path.iterdir())[:6])
-            raise ConfigError(field, f"{path} is not empty (it holds {held}); exporting there would mix the new "
-                              "model with those files.", "give a new or empty folder, or pass --overwrite (removes "
-                              "the folder's weight files, index and config.json first; other files stay).")
-    if check_only:
-        existing = next(p for p in (path, *path.parents) if p.exists())
-        if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-            raise ConfigError(field, f"cannot write to {existing}.", "give a writable folder.")
-        return path
-    if overwrite and path.is_dir():
-        for f in [*(path / n for n in EXPORT_FILES), *(p for pat in EXPORT_PATTERNS for p in path.glob(pat))]:
-            if f.is_symlink() or f.is_file():  # a link itself is removed, never what it points at
-                f.unlink()
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe_writable(path)
-    except OSError as e:
-        raise ConfigError(field, f"cannot write to {path}: {e.strerror or e}.", "give a writable folder.") from None
-    return path
-
-
-def _save_safetensors(tensors: dict[str, torch.Tensor], file: Path) -> None:
-    """``save_file`` into a fresh random name beside ``file`` (created exclusively here, so never a
-    planted link), given the usual mode on our own descriptor (safetensors writes 0600), then renamed
-    over ``file``."""
-    tmp = file.with_name(f".{file.name}.{secrets.token_hex(8)}.tmp")
-    os.close(create_exclusive(tmp))
-    try:
-        save_file(tensors, str(tmp), metadata={"format": "pt"})
-        set_mode(tmp, default_mode())
-        os.replace(tmp, file)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def export_hf(
-    model: Transformer,
-    path: str | Path,
-    arch: str | None = None,
-    dtype: torch.dtype | None = None,
-    max_shard_bytes: int = 5 * 1024**3,
-    tokenizer_dir: str | Path | None = None,
-    drop_gates: bool = False,
-    overwrite: bool = False,
-) -> Path:
-    """Write ``model`` as an HF checkpoint folder (config.json + safetensors, sharded when large).
-
-    Args:
-        model: the model to export (unsharded state).
-        path: output folder (created).
-        arch: ``llama``, ``qwen2`` or ``qwen3``; inferred from the config when None.
-        dtype: dtype of the written tensors (default: the model's).
-        max_shard_bytes: shard size above which an index file is written.
-        tokenizer_dir: folder whose tokenizer files are copied beside the weights.
-        drop_gates: leave out output gates (the exported model then computes something else: plain
-            transformers runs it). Without it gates are exported with the variants' own parameters.
-        overwrite: export into a non-empty folder, removing its previous weights first
-            (:func:`prepare_export_dir`); without it only a new or empty folder is accepted.
-
-    A model whose attention is not dense gets ``longshard_attention`` (its ``model.attention``) and
-    ``attn_implementation: longshard`` in ``config.json``: with :mod:`longshard.models.hf_attention`
-    imported, transformers runs each layer's variant as trained; without it, transformers refuses the
-    unknown implementation rather than run dense attention. What a variant adds (its own parameters,
-    e.g. NOSA's importance score, and output gates) is written under ``model.layers.N.self_attn.longshard``,
-    where :func:`longshard.models.hf_swap.from_pretrained` reads it back; the backend alone refuses such
-    layers by name.
-    """
-    path = prepare_export_dir(path, overwrite)
-    state = {n: p.detach() for n, p in model.named_parameters() if not (drop_gates and ".attention.wg." in n)}
-    dtype = dtype or next(iter(state.values())).dtype
-    tensors = {to_hf_name(n): t.to(dtype).contiguous().cpu() for n, t in state.items()}
-    if model.cfg.tie_embeddings:
-        tensors.pop("lm_head.weight", None)
-    write_file(path / "config.json", json.dumps(hf_config_dict(model.cfg, arch, dtype, drop_gates), indent=2))
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    for name in sorted(tensors):
-        nbytes = tensors[name].numel() * tensors[name].element_size()
-        if shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][name] = tensors[name]
-        size += nbytes
-    if len(shards) == 1:
-        _save_safetensors(shards[0], path / "model.safetensors")
-    else:
-        weight_map = {}
-        for i, shard in enumerate(shards):
-            fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            _save_safetensors(shard, path / fname)
-            weight_map.update({n: fname for n in shard})
-        total = sum(t.numel() * t.element_size() for t in tensors.values())
-        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        write_file(path / "model.safetensors.index.json", json.dumps(index, indent=2))
-    if tokenizer_dir is not None:
-        for f in Path(tokenizer_dir).glob("tokenizer*"):
-            copy_file(f, path / f.name)
-    return path
 
 
 def is_conversion(cfg: ModelConfig) -> bool:

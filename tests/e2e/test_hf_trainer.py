@@ -17,7 +17,7 @@ pytest.importorskip("accelerate")
 SCRIPT = str(REPO / "launch" / "hf_trainer_sp.py")
 
 
-@pytest.mark.parametrize("mode", ["ring", "ulysses"])
+@pytest.mark.parametrize("mode", ["ring", pytest.param("ulysses", marks=pytest.mark.slow)])
 def test_trainer_with_sequence_parallel_2_trains_the_losses_of_one_process(tmp_path, env_cpu, mode):
     one = subprocess.run([sys.executable, SCRIPT, "--sp", "1", "--output", str(tmp_path / "sp1")], env=env_cpu,
                          capture_output=True, text=True, timeout=600, cwd=tmp_path)

@@ -166,7 +166,7 @@ def test_an_exported_s2_model_loads_as_trained_and_never_silently_dense(tmp_path
     'longshard' (a ValueError from transformers), not a dense model."""
     from longshard.models.attention import AttentionSpec
     from longshard.models.config import ModelConfig
-    from longshard.models.hf import export_hf
+    from longshard.models.hf_export import export_hf
 
     torch.manual_seed(0)
     spec = VARIANTS["s2_phi3"]

@@ -7,7 +7,8 @@ import json
 import pytest
 import torch
 from longshard.errors import ConfigError
-from longshard.models.hf import export_hf, load_hf_model
+from longshard.models.hf import load_hf_model
+from longshard.models.hf_export import export_hf
 
 transformers = pytest.importorskip("transformers")
 

@@ -160,7 +160,7 @@ def test_deep_json_in_a_checkpoint_given_by_name_is_exit_3(small_run, tmp_path, 
 
 def _hf_folder(tmp_path: Path) -> Path:
     from longshard.models import ModelConfig, Transformer
-    from longshard.models.hf import export_hf
+    from longshard.models.hf_export import export_hf
 
     cfg = ModelConfig(vocab_size=64, dim=32, n_layers=1, n_heads=4, n_kv_heads=2, ffn_hidden_dim=64, max_seq_len=32)
     return export_hf(Transformer(cfg), tmp_path / "hf", max_shard_bytes=4_000)

@@ -171,7 +171,7 @@ def test_export_overwrite_never_chmods_or_writes_through_links(tmp_path):
     secret in the folder and a 0600 key outside it became world-readable) and a dangling
     ``config.json`` link made it create a file outside the folder."""
     from longshard.models import ModelConfig, Transformer
-    from longshard.models.hf import export_hf
+    from longshard.models.hf_export import export_hf
 
     key = _victim(tmp_path, "key")
     out = tmp_path / "export"

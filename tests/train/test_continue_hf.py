@@ -98,7 +98,7 @@ def test_sharded_hf_load_halves_memory_and_keeps_the_model(tmp_path):
     import torch
     from helpers import REPO
     from longshard.models import ModelConfig, Transformer
-    from longshard.models.hf import export_hf
+    from longshard.models.hf_export import export_hf
 
     torch.manual_seed(0)
     cfg = ModelConfig(vocab_size=32000, dim=1024, n_layers=6, n_heads=16, n_kv_heads=4, ffn_hidden_dim=2816,

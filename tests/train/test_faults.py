@@ -222,7 +222,7 @@ def test_a_sequence_that_does_not_fit_is_named_with_its_fixes(tmp_path, monkeypa
 def test_which_sigkill_gets_the_out_of_memory_explanation():
     """A peer killed first (the others see a reset connection) is explained as memory; a worker torchrun
     kills after another's own error (a timeout of a hung peer, a refused checkpoint) is not."""
-    from longshard.cli import _sigkill_unexplained
+    from longshard.launch.local import sigkill_unexplained as _sigkill_unexplained
 
     summary = b"[1]:\n  exitcode  : -9 (pid: 17587)  (SIGKILL)\n  traceback : Signal 9 (SIGKILL) received by PID 1\n"
     reset = b"[rank0] ERROR longshard: CollectiveError: rank 0: ... Connection reset by peer. ...\n"

@@ -429,7 +429,8 @@ def _logits_agree(folder: Path) -> None:
 def test_export_hf_never_mixes_with_what_a_folder_holds(small_run, tmp_path, caplog):
     from longshard.cli import main
     from longshard.errors import EXIT_INVALID_INPUT
-    from longshard.models.hf import export_hf, load_hf_model
+    from longshard.models.hf import load_hf_model
+    from longshard.models.hf_export import export_hf
 
     ckpt = small_run / "checkpoints" / "step_00000002"
     out = tmp_path / "hf"
@@ -542,7 +543,7 @@ def test_a_saved_tokenizer_travels_with_the_checkpoint(tmp_path, monkeypatch, gi
     changed (a folder was not copied before: generate read whatever it held later)."""
     tokenizers = pytest.importorskip("tokenizers")
     import torch.distributed as dist
-    from longshard.cli import _load_checkpoint_model
+    from longshard.cli_checkpoint import _load_checkpoint_model
     from longshard.models.model import Transformer
     from longshard.train.checkpoint import TOKENIZER_FILE, Checkpointer, DCPStates
     from longshard.train.config import dump_config, load_config
