@@ -27,6 +27,7 @@ def _train(args: argparse.Namespace) -> int:
     mcfg = resolve_model_config(cfg)  # an HF checkpoint's config and weight files, checked now
     dp, accum = check_layout(cfg, mcfg, nproc)  # the whole layout, before any worker exists
     resumes = _check_resumable(cfg, mcfg)  # a different run's checkpoints: one message now, not a worker's traceback
+    _check_data(cfg)  # what only the data decides (enough samples for one global batch), before any worker
     if local:
         _warn_memory(cfg, mcfg, nproc, dp, args.recipe)
     if args.dry_run:
@@ -54,6 +55,21 @@ def _train(args: argparse.Namespace) -> int:
                   "train.micro_batch_size or train.seq_len, or train.activation_checkpointing=full; "
                   "`longshard plan` estimates the memory per process.")
     return rc
+
+
+def _check_data(cfg) -> None:
+    """A prepared corpus holds at least one global batch of ``train.seq_len`` samples (every worker would
+    otherwise stop with the same error after starting)."""
+    if cfg.data.source != "prepared":
+        return
+    from longshard.train.data.prepare import read_meta
+
+    n = read_meta(cfg.data.path)["splits"]["train"]["n_tokens"]
+    samples = max((n - 1) // cfg.train.seq_len, 0)
+    if samples < cfg.train.global_batch_size:
+        raise ConfigError("train.global_batch_size", f"{cfg.data.path} holds {n} training tokens: {samples} samples of "
+                          f"seq_len {cfg.train.seq_len}, fewer than one global batch ({cfg.train.global_batch_size}).",
+                          "lower train.global_batch_size or train.seq_len, or prepare more data.")
 
 
 def _check_resumable(cfg, mcfg) -> Path | None:

@@ -221,7 +221,8 @@ def test_every_readme_command_works(quickstart_run, lm_run, tmp_path, monkeypatc
     lm_ckpt = str(sorted((lm_run[0] / "checkpoints").iterdir())[-1])
     (tmp_path / "corpus").mkdir()
     for i in range(20):
-        (tmp_path / "corpus" / f"doc{i}.txt").write_text(f"document {i}: the quick brown fox jumps over it. " * 40)
+        # ~31K tokens each: pretrain_small needs one global batch (64 x 8192 tokens) after the 1% held out
+        (tmp_path / "corpus" / f"doc{i}.txt").write_text(f"document {i}: the quick brown fox jumps over it. " * 2200)
     tok = tokenizers.Tokenizer(tokenizers.models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel()
     tok.train_from_iterator(["the quick brown fox", "document jumps over"] * 50,

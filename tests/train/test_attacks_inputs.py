@@ -106,3 +106,15 @@ def test_data_prepare_names_the_missing_input_first_and_the_special_tokens_with_
                "--tokenizer", str(tmp_path / "tokenizer.json")])
     assert rc == EXIT_INVALID_INPUT
     assert "has no beginning-of-document token" in caplog.text and "Fix:" in caplog.text and "EOS" in caplog.text
+
+
+def test_a_corpus_smaller_than_one_global_batch_is_refused_before_any_worker(tmp_path, caplog):
+    """It passed --dry-run, started the workers, and every rank printed the same error."""
+    from longshard.cli import main
+
+    (tmp_path / "small.txt").write_text("a short corpus " * 12)  # ~180 tokens: 2 samples of 64
+    assert main(["data", "prepare", "--input", str(tmp_path / "small.txt"), "--output", str(tmp_path / "d")]) == 0
+    rc = main(["train", *SMALL_RUN, "data.source=prepared", f"data.path={tmp_path / 'd'}", "train.seq_len=64",
+               f"output_dir={tmp_path / 'o'}", "--dry-run"])
+    assert rc == EXIT_INVALID_INPUT
+    assert "train.global_batch_size:" in caplog.text and "fewer than one global batch (4)" in caplog.text
