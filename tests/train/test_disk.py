@@ -29,40 +29,44 @@ def test_full_disk_is_named_and_the_previous_checkpoint_survives(tmp_path, data_
     assert not list((out / "checkpoints").glob("*.tmp"))
 
 
-def test_disk_full_while_writing_is_named(tmp_path, small_disk, monkeypatch):
+@pytest.fixture
+def one_gloo_rank():
+    """A gloo process group of one rank for a checkpoint save in this process (left as found)."""
+    import torch.distributed as dist
+
+    fresh = not dist.is_initialized()
+    if fresh:
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    yield
+    if fresh:
+        dist.destroy_process_group()
+
+
+def test_disk_full_while_writing_is_named(tmp_path, small_disk, monkeypatch, one_gloo_rank):
     """When the estimate misses (another writer filled the disk), the failure inside DCP / torch.save is
     recognised as ENOSPC, the partial folder removed and the error names it (one gloo rank, 512 KB disk,
     a 1 MB model, the pre-flight estimate forced to 0)."""
     import torch
-    import torch.distributed as dist
     from longshard.train.checkpoint import Checkpointer, CheckpointError, DCPStates
 
     root = small_disk("512k") / "ckpt"
-    fresh = not dist.is_initialized()
-    if fresh:
-        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    try:
-        model = torch.nn.Linear(512, 512)
-        opt = torch.optim.AdamW(model.parameters())
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-        ckpt = Checkpointer(root, keep_last=1, rank=0)
-        monkeypatch.setattr(Checkpointer, "_bytes_needed", lambda self, states, snapshot: 0)
-        with pytest.raises(CheckpointError, match=r"no space left on device writing \S+step_00000001\.tmp"):
-            ckpt.save(1, DCPStates(model, opt), sched, {})
-        assert not (root / "step_00000001.tmp").exists() and not (root / "step_00000001").exists()
-    finally:
-        if fresh:
-            dist.destroy_process_group()
+    model = torch.nn.Linear(512, 512)
+    opt = torch.optim.AdamW(model.parameters())
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    ckpt = Checkpointer(root, keep_last=1, rank=0)
+    monkeypatch.setattr(Checkpointer, "_bytes_needed", lambda self, states, snapshot: 0)
+    with pytest.raises(CheckpointError, match=r"no space left on device writing \S+step_00000001\.tmp"):
+        ckpt.save(1, DCPStates(model, opt), sched, {})
+    assert not (root / "step_00000001.tmp").exists() and not (root / "step_00000001").exists()
 
 
 @pytest.mark.parametrize("last", ["config.yaml", "trainer_state.json"])
-def test_disk_full_on_the_last_kilobytes_is_named(tmp_path, monkeypatch, last):
+def test_disk_full_on_the_last_kilobytes_is_named(tmp_path, monkeypatch, last, one_gloo_rank):
     """With 12-16 KB of slack the disk filled while rank 0 wrote config.yaml or the state file after the
     shards: a raw ENOSPC and a ``.tmp`` folder were left. Now the same named error, nothing left."""
     import errno
 
     import torch
-    import torch.distributed as dist
     from longshard.train import checkpoint as ck
 
     real = ck.write_file
@@ -73,19 +77,12 @@ def test_disk_full_on_the_last_kilobytes_is_named(tmp_path, monkeypatch, last):
         return real(path, data, *a, **k)
 
     monkeypatch.setattr(ck, "write_file", full)
-    fresh = not dist.is_initialized()
-    if fresh:
-        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    try:
-        model = torch.nn.Linear(8, 8)
-        opt = torch.optim.AdamW(model.parameters())
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-        with pytest.raises(ck.CheckpointError, match=r"no space left on device writing \S+step_00000001\.tmp"):
-            ck.Checkpointer(tmp_path / "c", 1, 0, "a: 1").save(1, ck.DCPStates(model, opt), sched, {"loader": {}})
-        assert list((tmp_path / "c").iterdir()) == []
-    finally:
-        if fresh:
-            dist.destroy_process_group()
+    model = torch.nn.Linear(8, 8)
+    opt = torch.optim.AdamW(model.parameters())
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    with pytest.raises(ck.CheckpointError, match=r"no space left on device writing \S+step_00000001\.tmp"):
+        ck.Checkpointer(tmp_path / "c", 1, 0, "a: 1").save(1, ck.DCPStates(model, opt), sched, {"loader": {}})
+    assert list((tmp_path / "c").iterdir()) == []
 
 
 def test_read_only_output_dir_is_named_before_work(tmp_path, data_dir, env_cpu, small_disk):
