@@ -73,7 +73,14 @@ def _load_checkpoint_model(ckpt: str, overrides: list[str]):
     if cfg.data.tokenizer and not Path(cfg.data.tokenizer).exists():
         raise ConfigError("data.tokenizer", f"{cfg.data.tokenizer} does not exist (the checkpoint holds no copy "
                           "of it).", "pass data.tokenizer=PATH to the tokenizer the model was trained with.")
-    model = Transformer(cfg.model)
+    if cfg.init.hf_model == "transformers":  # the architecture is the folder's config.json; weights are ours
+        from longshard.models import hf_causal
+        from longshard.train.resolve import resolve_model_config
+
+        model = hf_causal.build(cfg.init.hf_path, resolve_model_config(cfg), cfg.init.rope_scaling,
+                                cfg.init.rope_factor, weights=False)
+    else:
+        model = Transformer(cfg.model)
     load_model_weights(ckpt, model)
     return cfg, model
 
@@ -197,14 +204,23 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _export_hf(args: argparse.Namespace) -> int:
-    from longshard.models.hf_export import export_hf, prepare_export_dir
+    from longshard.models.hf_causal import HFCausalLM
+    from longshard.models.hf_export import export_hf, export_transformers_model, prepare_export_dir
 
     prepare_export_dir(args.output, args.overwrite, check_only=True)  # refused before the checkpoint is read
     _, model = _load_checkpoint_model(args.checkpoint, [])
     if args.verify:
         _require_module("transformers", "--verify", "hf")
-    path = export_hf(model, args.output, arch=args.arch, tokenizer_dir=args.tokenizer_dir, drop_gates=args.drop_gates,
-                     overwrite=args.overwrite)
+    if isinstance(model, HFCausalLM):  # trained as a transformers model: written back as one
+        if args.arch or args.drop_gates:
+            raise ConfigError("--arch" if args.arch else "--drop-gates", "does not apply to a model trained with "
+                              "init.hf_model=transformers (it is written as the architecture it was loaded as).",
+                              "leave it out.")
+        path = export_transformers_model(model, args.output, tokenizer_dir=args.tokenizer_dir,
+                                         overwrite=args.overwrite)
+    else:
+        path = export_hf(model, args.output, arch=args.arch, tokenizer_dir=args.tokenizer_dir,
+                         drop_gates=args.drop_gates, overwrite=args.overwrite)
     sys.stdout.write(f"wrote Hugging Face checkpoint {path}\n")
     if args.verify:
         from longshard.models.hf_attention import verify_export

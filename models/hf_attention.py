@@ -35,6 +35,9 @@ from longshard.models.attention import AttentionSpec, build_attention
 from longshard.models.attention.registry import AttentionBatch, AttentionContext, CoreAttention, parse_options
 
 ATTN_IMPLEMENTATION = "longshard"
+# the same backend with documents given as ``longshard_doc_ids`` and no mask built: transformers skips mask
+# creation for an implementation without a mask function (a packed 32K batch otherwise materialises S x S)
+ATTN_IMPLEMENTATION_IDS = "longshard_ids"
 CONFIG_FIELD = "longshard_attention"
 _CORES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # transformers attention module -> our core
 _PARALLEL: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # module -> its sequence-parallel core
@@ -100,6 +103,12 @@ def layer_core(module: torch.nn.Module, n_heads: int, n_kv_heads: int,
     core.to(device if device is not None else next(module.parameters()).device)
     _CORES[module] = core
     return core
+
+
+def running_core(module: torch.nn.Module, n_heads: int, n_kv_heads: int) -> CoreAttention:
+    """The core ``module`` runs now: the one :func:`set_layer_core` gave it, else :func:`layer_core`'s."""
+    core = _PARALLEL.get(module)
+    return core if core is not None else layer_core(module, n_heads, n_kv_heads)
 
 
 def set_layer_core(module: torch.nn.Module, core: CoreAttention) -> None:
@@ -206,7 +215,8 @@ def longshard_attention_forward(module: torch.nn.Module, query: torch.Tensor, ke
         doc_ids = kwargs.get("longshard_doc_ids")
     else:
         core = layer_core(module, query.shape[1], key.shape[1], query.device)
-        doc_ids = _documents(attention_mask, kwargs.get("position_ids"), query, key, where)
+        doc_ids = kwargs["longshard_doc_ids"] if "longshard_doc_ids" in kwargs else \
+            _documents(attention_mask, kwargs.get("position_ids"), query, key, where)
     device = query.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else query.dtype
     query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)  # RoPE in fp32 under autocast: one dtype
@@ -227,6 +237,7 @@ def register() -> None:
 
     AttentionInterface.register(ATTN_IMPLEMENTATION, longshard_attention_forward)
     AttentionMaskInterface.register(ATTN_IMPLEMENTATION, sdpa_mask)
+    AttentionInterface.register(ATTN_IMPLEMENTATION_IDS, longshard_attention_forward)  # no mask function: none built
 
 
 register()

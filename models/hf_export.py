@@ -193,6 +193,48 @@ def export_hf(
     if model.cfg.tie_embeddings:
         tensors.pop("lm_head.weight", None)
     write_file(path / "config.json", json.dumps(hf_config_dict(model.cfg, arch, dtype, drop_gates), indent=2))
+    _write_weights(path, tensors, max_shard_bytes)
+    if tokenizer_dir is not None:
+        for f in Path(tokenizer_dir).glob("tokenizer*"):
+            copy_file(f, path / f.name)
+    return path
+
+
+def export_transformers_model(model: torch.nn.Module, path: str | Path, dtype: torch.dtype | None = None,
+                              max_shard_bytes: int = 5 * 1024**3, tokenizer_dir: str | Path | None = None,
+                              overwrite: bool = False) -> Path:
+    """Write a model trained with ``init.hf_model=transformers`` (an
+    :class:`~longshard.models.hf_causal.HFCausalLM`) as the transformers folder it came from: its own
+    ``config.json`` (RoPE extension included) with ``longshard_attention`` and, when some layer is not
+    dense, ``attn_implementation: longshard``; the weights under transformers' names, what a variant
+    adds under ``self_attn.longshard`` (:func:`longshard.models.hf_swap.from_pretrained` reads it back).
+    Arguments as :func:`export_hf`."""
+    from longshard.models.hf_attention import CONFIG_FIELD
+
+    path = prepare_export_dir(path, overwrite)
+    hf = model.hf
+    config = hf.config.to_dict()
+    config.pop("_attn_implementation_autoset", None)
+    specs = config.get(CONFIG_FIELD) or []
+    config.pop("attn_implementation", None)
+    if any(s.get("name") != "dense" or s.get("gate", "none") != "none" for s in specs):
+        config["attn_implementation"] = "longshard"
+    else:
+        config.pop(CONFIG_FIELD, None)
+    state = {n: p.detach() for n, p in hf.named_parameters()}  # a tied output matrix appears once
+    dtype = dtype or next(iter(state.values())).dtype
+    config["dtype"] = str(dtype).removeprefix("torch.")
+    tensors = {n: t.to(dtype).contiguous().cpu() for n, t in state.items()}
+    write_file(path / "config.json", json.dumps(config, indent=2))
+    _write_weights(path, tensors, max_shard_bytes)
+    if tokenizer_dir is not None:
+        for f in Path(tokenizer_dir).glob("tokenizer*"):
+            copy_file(f, path / f.name)
+    return path
+
+
+def _write_weights(path: Path, tensors: dict[str, torch.Tensor], max_shard_bytes: int) -> None:
+    """``tensors`` as model.safetensors, or as shards of at most ``max_shard_bytes`` with their index."""
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
     for name in sorted(tensors):
@@ -213,7 +255,3 @@ def export_hf(
         total = sum(t.numel() * t.element_size() for t in tensors.values())
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         write_file(path / "model.safetensors.index.json", json.dumps(index, indent=2))
-    if tokenizer_dir is not None:
-        for f in Path(tokenizer_dir).glob("tokenizer*"):
-            copy_file(f, path / f.name)
-    return path

@@ -91,12 +91,14 @@ def _attach(model: nn.Module) -> list[nn.Module]:
     return attached
 
 
-def add_longshard_attention(model: nn.Module, attention: dict | list | None = None) -> nn.Module:
+def add_longshard_attention(model: nn.Module, attention: dict | list | None = None,
+                            implementation: str = hf_attention.ATTN_IMPLEMENTATION) -> nn.Module:
     """Make ``model`` (a transformers causal LM) run longshard attention ``attention`` (the schema of
     ``model.attention`` in recipes; default: its config's ``longshard_attention``), with what the variants
     add initialised so the model starts at its current logits where the variant can (gates exactly; a
     sparse pattern or a selection only at lengths it keeps whole). Sets ``attn_implementation`` to
-    ``longshard``. Returns ``model``.
+    ``implementation`` (``longshard``; ``longshard_ids`` when documents come as ids, as in longshard's
+    trainer). Returns ``model``.
     """
     if attention is not None:
         setattr(model.config, hf_attention.CONFIG_FIELD, attention)
@@ -107,7 +109,7 @@ def add_longshard_attention(model: nn.Module, attention: dict | list | None = No
             if parts.wg is not None:  # sigmoid(0) = 1/2 on every channel, o_proj doubled: the same output
                 parts.wg.weight.zero_()
                 module.o_proj.weight.mul_(2.0)
-    model.set_attn_implementation(hf_attention.ATTN_IMPLEMENTATION)
+    model.set_attn_implementation(implementation)
     return model
 
 

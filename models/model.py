@@ -243,6 +243,18 @@ class TransformerBlock(nn.Module):
         return checkpoint(self._post_attention, o, x_BSE, use_reentrant=False)
 
 
+def layer_aux_losses(layers) -> dict[int, torch.Tensor]:
+    """The auxiliary loss each of ``layers`` recorded in the last forward (summed over its core attentions),
+    by layer index; cleared on reading."""
+    out: dict[int, torch.Tensor] = {}
+    for i, layer in enumerate(layers):
+        found = [m.pop_aux_loss() for m in layer.modules() if isinstance(m, CoreAttention)]
+        found = [v for v in found if v is not None]
+        if found:
+            out[i] = torch.stack(found).sum()
+    return out
+
+
 def positions_from_docs(doc_ids_BS: torch.Tensor) -> torch.Tensor:
     """Position ids that restart at 0 at every document start.
 
@@ -304,13 +316,7 @@ class Transformer(nn.Module):
         Attention modules set ``last_aux_loss`` during their forward (so the parameters it uses
         are materialised even under FSDP2); the trainer adds their sum to the language-model loss.
         """
-        out: dict[int, torch.Tensor] = {}
-        for i, layer in enumerate(self.layers):
-            found = [m.pop_aux_loss() for m in layer.modules() if isinstance(m, CoreAttention)]
-            found = [v for v in found if v is not None]
-            if found:
-                out[i] = torch.stack(found).sum()
-        return out
+        return layer_aux_losses(self.layers)
 
     def aux_loss(self) -> torch.Tensor | None:
         """Sum of :meth:`aux_losses` (None when no layer recorded one), then cleared."""

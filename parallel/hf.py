@@ -12,9 +12,10 @@ sparsity-aware exchange around each layer's longshard attention.
     loss.backward()                                          # DDP / FSDP2 average over the ranks as usual
 
 Each layer's core attention (the one :mod:`longshard.models.hf_attention` runs, or the one
-:mod:`longshard.models.hf_swap` attached with its parameters) is wrapped by the same functions our own
-``parallelize`` uses (:class:`~longshard.parallel.ulysses.UlyssesAttention`,
-:func:`~longshard.parallel.ring.ring_form`): dense layers run ring attention, block-sparse ones the
+:mod:`longshard.models.hf_swap` attached with its parameters) is wrapped by the functions our own
+``parallelize`` applies (:func:`~longshard.parallel.ulysses.apply_ulysses`,
+:func:`~longshard.parallel.ring.apply_ring`, over the decoder layers' attention views of
+:func:`longshard.models.hf_causal.decoder_layers`): dense layers run ring attention, block-sparse ones the
 sparsity-aware exchange, under ``ring`` and ``hybrid``. :func:`shard_inputs` shards a batch like our
 trainer does (positions computed on the whole sequence first, labels shifted before sharding so no
 target crosses a shard, a document's last token predicting nothing) and sets ``num_items_in_batch``
@@ -27,14 +28,15 @@ from __future__ import annotations
 
 import weakref
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
 from longshard.errors import ConfigError
-from longshard.models import hf_attention, hf_swap
+from longshard.models import hf_attention, hf_causal
 from longshard.parallel.layout import CommCounter, SeqShard, shard_batch
-from longshard.parallel.ring import ring_form
-from longshard.parallel.ulysses import UlyssesAttention, kv_replication
+from longshard.parallel.ring import apply_ring
+from longshard.parallel.ulysses import apply_ulysses
 
 IGNORE_INDEX = -100
 SP_MODES = ("ulysses", "ring", "hybrid")
@@ -76,28 +78,16 @@ def sequence_parallel(model: torch.nn.Module, group: dist.ProcessGroup, mode: st
     if (mode == "hybrid") != (ulysses_group is not None):
         raise ConfigError("ulysses_group", "is needed by mode=hybrid and only by it.", "pass it with hybrid only.")
     model.set_attn_implementation(hf_attention.ATTN_IMPLEMENTATION)
-    config = model.config
-    H = int(config.num_attention_heads)
-    Hkv = int(getattr(config, "num_key_value_heads", None) or H)
-    for module in hf_swap.attention_modules(model):
-        core = hf_attention.layer_core(module, H, Hkv)
-        where = f"layer {module.layer_idx}"
-        try:
-            if mode == "ulysses":
-                P, r = dist.get_world_size(group), dist.get_rank(group)
-                repeat = kv_replication(H, Hkv, P)
-                core.set_head_slice(r * H // P, (r + 1) * H // P)
-                wrapped = UlyssesAttention(core, group, repeat, counter)
-            elif mode == "ring":
-                wrapped = ring_form(core, group, counter, where)
-            else:
-                U, u = dist.get_world_size(ulysses_group), dist.get_rank(ulysses_group)
-                repeat = kv_replication(H, Hkv, U)
-                core.set_head_slice(u * H // U, (u + 1) * H // U)
-                wrapped = UlyssesAttention(ring_form(core, group, counter, where), ulysses_group, repeat, counter)
-        except NotImplementedError as e:
-            raise ConfigError("mode", f"{mode}: {where}: {e}.", "use another mode or variant.") from None
-        hf_attention.set_layer_core(module, wrapped)
+    layers = SimpleNamespace(layers=hf_causal.decoder_layers(model))  # what apply_ulysses / apply_ring read
+    try:
+        if mode == "ulysses":
+            apply_ulysses(layers, group, counter)
+        else:
+            apply_ring(layers, group, counter, ulysses_group=ulysses_group)
+    except ConfigError as e:
+        raise ConfigError("mode", f"{mode}: {e.problem}", e.fix) from None
+    except NotImplementedError as e:  # hybrid: a variant that cannot run on a slice of its heads
+        raise ConfigError("mode", f"{mode}: {e}.", "use another mode or variant.") from None
     degree = dist.get_world_size(group) * (dist.get_world_size(ulysses_group) if ulysses_group is not None else 1)
     inner = dist.get_world_size(ulysses_group) if ulysses_group is not None else 1
     rank = dist.get_rank(group) * inner + (dist.get_rank(ulysses_group) if ulysses_group is not None else 0)

@@ -237,12 +237,12 @@ def sparse_exchange_traffic(model: torch.nn.Module, batch: int, seq_len: int,
     exchanges sparsely or a Ulysses group splits the heads (hybrid: each rank's share differs).
 
     Args:
-        model: the parallelized model.
+        model: the parallelized model (unwrapped: its ``layers``).
         batch: sequences per micro-batch.
         seq_len: tokens per sequence (the whole sequence, before sharding).
         element_size: bytes per K/V element in the attention (2 for bf16, 4 for fp32).
     """
-    mods = list(model.modules())
+    mods = [m for layer in model.layers for m in layer.attention.core_attention.modules()]
     cores = [m for m in mods if isinstance(m, SparseExchangeAttention)]
     if not cores or any(isinstance(m, UlyssesAttention) for m in mods):
         return None

@@ -12,8 +12,10 @@ import logging
 from collections.abc import Callable
 
 import torch
+from longshard.models import hf_causal
 from longshard.models.config import ModelConfig
 from longshard.models.hf import dense_reference, init_converted, is_conversion, load_hf_state_dict, load_into
+from longshard.models.hf_causal import HFCausalLM
 from longshard.models.model import Transformer
 from longshard.parallel.data_parallel import reshard
 from longshard.parallel.layout import SeqShard
@@ -25,13 +27,18 @@ from longshard.train.precision import compute_dtype
 log = logging.getLogger(__name__)
 
 
-def build_model(cfg: Config, mcfg: ModelConfig, use_ds: bool, tp_size: int) -> tuple[Transformer, bool]:
+def build_model(cfg: Config, mcfg: ModelConfig, use_ds: bool,
+                tp_size: int) -> tuple[Transformer | HFCausalLM, bool]:
     """The model, and whether its HF weights are to be loaded shard by shard after FSDP2 sharding.
 
-    An HF checkpoint under FSDP2 (native engine, no tensor parallel) whose every parameter the
+    ``init.hf_model=transformers``: transformers builds the model and reads its weights
+    (:func:`longshard.models.hf_causal.build`, whole on every rank). Otherwise an HF checkpoint under
+    FSDP2 (native engine, no tensor parallel) whose every parameter the
     checkpoint holds is built with its parameters on the meta device: no rank ever holds the whole
     fp32 model (see :mod:`longshard.parallel.sharded_load`). Otherwise the model is built whole.
     """
+    if cfg.init.hf_path is not None and cfg.init.hf_model == "transformers":
+        return hf_causal.build(cfg.init.hf_path, mcfg, cfg.init.rope_scaling, cfg.init.rope_factor), False
     if cfg.init.hf_path is None or use_ds or cfg.parallel.dp_mode != "fsdp2" or tp_size > 1:
         return Transformer(mcfg), False
     with parameters_on_meta():
@@ -42,17 +49,20 @@ def build_model(cfg: Config, mcfg: ModelConfig, use_ds: bool, tp_size: int) -> t
     return model, True
 
 
-def load_whole(model: Transformer, cfg: Config, mcfg: ModelConfig) -> None:
+def load_whole(model: Transformer | HFCausalLM, cfg: Config, mcfg: ModelConfig) -> None:
     """Read the whole checkpoint into ``model`` and initialise what the conversion adds (output gates
     exact: :func:`~longshard.models.hf.init_converted`). Before ``parallelize``: tensor parallelism and
-    DeepSpeed take the model as it is then."""
+    DeepSpeed take the model as it is then. A transformers model read its weights when it was built."""
+    if isinstance(model, HFCausalLM):
+        return
     load_into(model, load_hf_state_dict(cfg.init.hf_path, mcfg), cfg.init.hf_path)
     init_converted(model)
 
 
-def finish_after_parallelize(dmodel: torch.nn.Module, model: Transformer, cfg: Config, *, sharded: bool, val_ds,
+def finish_after_parallelize(dmodel: torch.nn.Module, model: Transformer | HFCausalLM, cfg: Config, *,
+                             sharded: bool, val_ds,
                              device: torch.device, sp: SeqShard | None,
-                             wrap_reference: Callable[[Transformer], None] | None) -> dict[str, float] | None:
+                             wrap_reference: Callable[[torch.nn.Module], None] | None) -> dict[str, float] | None:
     """After ``parallelize``: each rank reads its shards of the checkpoint (``sharded``), then the
     conversion's loss gap is measured on the model as it will train.
 
@@ -63,7 +73,7 @@ def finish_after_parallelize(dmodel: torch.nn.Module, model: Transformer, cfg: C
 
     Args:
         dmodel: the module the loop runs (DDP / FSDP2 module / DeepSpeed engine).
-        model: the :class:`Transformer` inside it.
+        model: the :class:`Transformer` (or :class:`HFCausalLM`) inside it.
         cfg: the run's config.
         sharded: the model was built on the meta device (:func:`build_model`).
         val_ds: held-out windows of ``train.seq_len`` tokens, or None.
@@ -89,7 +99,7 @@ def finish_after_parallelize(dmodel: torch.nn.Module, model: Transformer, cfg: C
 
     was_training = dmodel.training
     dmodel.eval()
-    with dense_reference(model):
+    with model.dense_reference() if isinstance(model, HFCausalLM) else dense_reference(model):
         if wrap_reference is not None:
             wrap_reference(model)
         original = loss()

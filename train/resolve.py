@@ -9,6 +9,7 @@ from dataclasses import replace
 
 import torch
 from longshard.errors import ConfigError, require
+from longshard.models import hf_causal
 from longshard.models.config import ModelConfig, RopeConfig
 from longshard.models.hf import check_hf_checkpoint, config_from_hf, read_hf_config
 from longshard.parallel.env import check_tp_heads, mesh_shape
@@ -22,6 +23,13 @@ def resolve_model_config(cfg: Config) -> ModelConfig:
     if cfg.init.hf_path is None:
         return cfg.model
     hf = read_hf_config(cfg.init.hf_path)
+    if cfg.init.hf_model == "transformers":  # transformers' config decides the forward; these are its shapes
+        mcfg = hf_causal.model_config(hf, cfg.model.attention, cfg.init.rope_scaling, cfg.init.rope_factor)
+        hf_causal.check_files(cfg.init.hf_path)
+        require(cfg.train.seq_len <= mcfg.max_seq_len, "train.seq_len",
+                f"{cfg.train.seq_len} exceeds the checkpoint's context {mcfg.max_seq_len}.",
+                "extend RoPE with init.rope_scaling=yarn and init.rope_factor, or train shorter.")
+        return mcfg
     mcfg = config_from_hf(hf, cfg.model.attention)
     check_hf_checkpoint(cfg.init.hf_path)  # damaged or unsafe weight files named before any work
     if cfg.init.rope_scaling != "keep":

@@ -128,7 +128,7 @@ def sp_traffic_report(run: TrainingRun, cfg: Config, grad_accum: int, last_comm:
     blocks their pattern reads, measured (the last step's counter) and analytic, against what a dense
     ring would send for the same layers; None without such layers."""
     el = activation_bytes(cfg.train.dtype)
-    t = sparse_exchange_traffic(run.dmodel, cfg.train.micro_batch_size, cfg.train.seq_len, el)
+    t = sparse_exchange_traffic(run.model, cfg.train.micro_batch_size, cfg.train.seq_len, el)
     if t is None:
         return None
     sparse, dense = grad_accum * t["sparse_exchange_bytes"], grad_accum * t["dense_ring_bytes"]
@@ -333,7 +333,10 @@ def _train_locked(cfg: Config, env: DistEnv, layout: RunLayout, lock: RunLocks,
     data -> model, weights, parallel form and engine -> loader -> checkpointer (resume) -> metrics ->
     the loop -> final evaluation and report."""
     mcfg, grad_accum, out_dir = layout.mcfg, layout.grad_accum, Path(cfg.output_dir)
-    resolved_yaml = dump_config(replace(cfg, model=mcfg, init=replace(cfg.init, hf_path=None)))
+    # converted weights live in the checkpoints from now on; a transformers model keeps the folder whose
+    # config.json defines its architecture
+    init = replace(cfg.init, hf_path=None) if cfg.init.hf_model == "convert" else cfg.init
+    resolved_yaml = dump_config(replace(cfg, model=mcfg, init=init))
     if env.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         write_file(out_dir / "config.yaml", resolved_yaml)

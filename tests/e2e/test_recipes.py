@@ -36,6 +36,9 @@ RECIPE_STEP = {  # recipe: (processes, overrides shrinking its layout to 2 CPU p
     # sparsity-aware ring over 2 ranks; small blocks so 256 tokens have far blocks (query shards on 14 / 2)
     "continue_hf_s2": (2, ["parallel.sp_degree=2", "model.attention=[{name: s2, options: {block: 16, "
                            "local_blocks: 2, vert_stride: 8, shard: auto}}]"]),
+    # the model as transformers' own Qwen2 class with longshard's backend, S2 over the sparsity-aware ring
+    "continue_transformers_s2": (2, ["parallel.sp_degree=2", "model.attention=[{name: s2, options: {block: 16, "
+                                     "local_blocks: 2, vert_stride: 8, shard: auto}}]"]),
     "continue_hf_nosa": (1, []),  # with host-memory activation offload
     # MoH over Qwen2.5's 14 heads (the recipe ships 8 shared + top-16 of 24 for 32 heads): 4 + top-5 of 10
     # (and YaRN: the tiny checkpoint's context is shorter than the 256 tokens; the recipe keeps the context)
