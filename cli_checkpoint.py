@@ -210,7 +210,7 @@ def _export_hf(args: argparse.Namespace) -> int:
     prepare_export_dir(args.output, args.overwrite, check_only=True)  # refused before the checkpoint is read
     _, model = _load_checkpoint_model(args.checkpoint, [])
     if args.verify:
-        _require_module("transformers", "--verify", "hf")
+        _require_module("transformers", "--verify", "transformers")
     if isinstance(model, HFCausalLM):  # trained as a transformers model: written back as one
         if args.arch or args.drop_gates:
             raise ConfigError("--arch" if args.arch else "--drop-gates", "does not apply to a model trained with "

@@ -6,12 +6,18 @@ Trainer's DDP averages over the ranks are those of the unsharded batch. Runs as 
 GPUs (nccl)::
 
     torchrun --nproc-per-node 2 launch/hf_trainer_sp.py --sp 2 --mode ring --output runs/hf_trainer
+    accelerate launch --multi_gpu --num_processes 2 launch/hf_trainer_sp.py --sp 2 --output runs/hf_acc
     python launch/hf_trainer_sp.py --sp 1 --output runs/hf_trainer_sp1      # the same run on one process
+
+(``accelerate launch --multi_gpu`` on a machine without GPUs runs the processes on CPU over gloo.)
 
 Without ``--model`` a small random Qwen2 (14 query / 2 KV heads) is trained on a copy task; with
 ``--model PATH`` that local checkpoint. ``--attention`` sets each layer's variant (the schema of
 ``model.attention`` in recipes, as JSON). The losses of every step are written to
-``<output>/losses.json``. One micro-batch per optimizer step (no gradient accumulation).
+``<output>/losses.json``. ``--grad-accum N`` accumulates N micro-batches per optimizer step: each
+micro-batch's loss is its share of the step's token mean (the Trainer's ``num_items_in_batch``, which
+counts every rank's copy of a sequence, divided by the sequence-parallel degree), so the step trains
+what one micro-batch of N times the sequences would.
 """
 
 from __future__ import annotations
@@ -71,7 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--attention", default=None, help='JSON, e.g. \'{"name": "s2", "options": {"block": 16}}\'')
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=128)
-    ap.add_argument("--batch", type=int, default=4, help="sequences per step per data-parallel rank")
+    ap.add_argument("--batch", type=int, default=4, help="sequences per micro-batch per data-parallel rank")
+    ap.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--output", required=True)
@@ -86,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     targs = transformers.TrainingArguments(
         output_dir=args.output, max_steps=args.steps, per_device_train_batch_size=args.batch, learning_rate=args.lr,
         lr_scheduler_type="constant", logging_steps=1, save_strategy="no", report_to=[], seed=args.seed,
-        use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0, gradient_accumulation_steps=1,
+        use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0, gradient_accumulation_steps=args.grad_accum,
         disable_tqdm=True)
     model = build_model(args)
     shard = None
@@ -95,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         groups = [dist.new_group(list(range(g * args.sp, (g + 1) * args.sp))) for g in range(world // args.sp)]
         shard = sequence_parallel(model, groups[rank // args.sp], args.mode)
     dp, dp_rank = world // args.sp, (dist.get_rank() // args.sp if world > 1 else 0)
-    data = CopyTask(args.steps * args.batch * dp, args.seq_len, model.config.vocab_size)
+    data = CopyTask(args.steps * args.batch * args.grad_accum * dp, args.seq_len, model.config.vocab_size)
 
     class SequenceParallelTrainer(transformers.Trainer):
         """Every rank of a sequence group gets the same batches (split over the data-parallel ranks only)
@@ -106,11 +113,12 @@ def main(argv: list[str] | None = None) -> int:
             return torch.utils.data.DataLoader(torch.utils.data.Subset(data, indices), batch_size=args.batch)
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            if shard is None:
-                outputs = model(**inputs, use_cache=False)
-            else:
+            if shard is None:  # transformers' own loss (its token count over the ranks and micro-batches)
+                return super().compute_loss(model, {**inputs, "use_cache": False}, return_outputs, num_items_in_batch)
+            else:  # the Trainer counted each sequence once per rank of its sequence group
+                step = num_items_in_batch / args.sp if args.grad_accum > 1 else None
                 outputs = model(**shard_inputs(shard, inputs["input_ids"], inputs["labels"],
-                                               loss_group=dist.group.WORLD))
+                                               loss_group=dist.group.WORLD, step_tokens=step))
             return (outputs.loss, outputs) if return_outputs else outputs.loss
 
     trainer = SequenceParallelTrainer(model=model, args=targs, train_dataset=data)

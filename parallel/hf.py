@@ -98,8 +98,8 @@ def sequence_parallel(model: torch.nn.Module, group: dist.ProcessGroup, mode: st
 
 
 def shard_inputs(shard: HFShard, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
-                 doc_ids: torch.Tensor | None = None,
-                 loss_group: dist.ProcessGroup | None = None) -> dict[str, torch.Tensor | bool]:
+                 doc_ids: torch.Tensor | None = None, loss_group: dist.ProcessGroup | None = None,
+                 step_tokens: torch.Tensor | float | None = None) -> dict[str, torch.Tensor | bool]:
     """This rank's part of a batch, as keyword arguments of the model's forward.
 
     Args:
@@ -113,6 +113,10 @@ def shard_inputs(shard: HFShard, input_ids: torch.Tensor, labels: torch.Tensor |
         loss_group: the ranks whose gradients are averaged (DDP / FSDP2: usually the whole world);
             default the sequence group (ring x Ulysses in hybrid). The global count of target tokens
             over it sets ``num_items_in_batch``.
+        step_tokens: with gradient accumulation, the target tokens of the whole optimizer step (every
+            micro-batch, every data-parallel rank, each sequence counted once) instead of this
+            micro-batch's: each micro-batch's loss is then its share of the step's token mean and the
+            accumulated gradients are those of the whole step (no division by the accumulation steps).
 
     Returns:
         ``input_ids``, ``position_ids``, ``labels`` and ``shift_labels`` (already shifted),
@@ -129,8 +133,11 @@ def shard_inputs(shard: HFShard, input_ids: torch.Tensor, labels: torch.Tensor |
     count = (part["labels"] != IGNORE_INDEX).sum().to(torch.float32)
     ranks = 1
     for group in groups:  # hybrid: over the ring, then over Ulysses = over the whole grid
-        dist.all_reduce(count, group=group)
+        if step_tokens is None:
+            dist.all_reduce(count, group=group)
         ranks *= dist.get_world_size(group)
+    if step_tokens is not None:
+        count = torch.as_tensor(step_tokens, dtype=torch.float32, device=count.device)
     labels_local = part["labels"].contiguous()
     return {"input_ids": part["tokens"].contiguous(), "position_ids": part["position_ids"].to(input_ids.device),
             "labels": labels_local, "shift_labels": labels_local,

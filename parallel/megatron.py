@@ -173,7 +173,11 @@ def cpu_compat() -> None:
         return
     from megatron.core.models.common.embeddings import rotary_pos_embedding
 
-    def pos_emb_on_this_cp_rank(pos_emb: torch.Tensor, seq_dim: int, cp_group) -> torch.Tensor:
+    def pos_emb_on_this_cp_rank(pos_emb: torch.Tensor, seq_dim: int, cp_group=None) -> torch.Tensor:
+        if cp_group is None:  # megatron-core < 0.14 passes no group: its global context-parallel one
+            from megatron.core import parallel_state
+
+            cp_group = parallel_state.get_context_parallel_group()
         size, rank = cp_group.size(), cp_group.rank()
         idx = torch.tensor([rank, 2 * size - rank - 1])  # zigzag: chunks rank and 2*cp-1-rank
         pos_emb = pos_emb.view(*pos_emb.shape[:seq_dim], 2 * size, -1, *pos_emb.shape[seq_dim + 1 :])

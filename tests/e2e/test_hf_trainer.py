@@ -29,3 +29,28 @@ def test_trainer_with_sequence_parallel_2_trains_the_losses_of_one_process(tmp_p
     got = json.loads((tmp_path / "sp2" / "losses.json").read_text())
     assert got["world"] == 2 and got["sp"] == 2 and len(got["losses"]) == len(ref) == 8
     assert max(abs(a - b) / abs(a) for a, b in zip(ref, got["losses"])) < 1e-5, (ref, got["losses"])
+
+
+def test_trainer_accumulating_under_accelerate_launch_trains_the_losses_of_one_big_batch(tmp_path, env_cpu):
+    """`accelerate launch` (2 processes; CPU over gloo) of the example with sequence parallel 2 and 2 micro-batches
+    of 2 sequences per step trains the losses of one process taking the same 4 sequences in one micro-batch:
+    each micro-batch's loss is its share of the step's token mean (fp32 regrouping, ~1e-7; 1e-5 catches a
+    micro-batch normalised by its own tokens or divided by the accumulation twice)."""
+    import shutil
+
+    if shutil.which("accelerate") is None:
+        pytest.skip("the accelerate command is not installed")
+    one = subprocess.run([sys.executable, SCRIPT, "--sp", "1", "--batch", "4", "--output", str(tmp_path / "big")],
+                         env=env_cpu, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert one.returncode == 0, one.stderr[-3000:]
+    from helpers import free_port
+
+    acc = subprocess.run(["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                          "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
+                          SCRIPT, "--sp", "2", "--batch", "2", "--grad-accum", "2", "--output", str(tmp_path / "acc")],
+                         env=env_cpu, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert acc.returncode == 0, acc.stderr[-3000:]
+    ref = json.loads((tmp_path / "big" / "losses.json").read_text())["losses"]
+    got = json.loads((tmp_path / "acc" / "losses.json").read_text())
+    assert got["world"] == 2 and got["sp"] == 2 and len(got["losses"]) == len(ref) == 8
+    assert max(abs(a - b) / abs(a) for a, b in zip(ref, got["losses"])) < 1e-5, (ref, got["losses"])

@@ -74,7 +74,7 @@ def slurm(tmp_path_factory):
         f"NodeName={host} CPUs={os.cpu_count()} RealMemory={mem_mb} State=UNKNOWN",
         f"PartitionName=test Nodes={host} Default=YES MaxTime=INFINITE State=UP OverSubscribe=YES", ""]))
     env = {k: v for k, v in os.environ.items() if k != "WANDB_MODE"}  # the recipes' default: wandb offline
-    env.update(SLURM_CONF=str(conf), OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    env.update(SLURM_CONF=str(conf), OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", LONGSHARD_TEST_SLURM_LOGS=str(root))
     subprocess.run(["slurmctld", "-f", str(conf)], env=env, check=True, capture_output=True)
     subprocess.run(["slurmd", "-f", str(conf)], env=env, check=True, capture_output=True)
     deadline = time.time() + 60
@@ -106,6 +106,13 @@ def _wait(env: dict, jid: str, done, what: str, timeout: float = 300) -> dict[st
             return job
         time.sleep(1)
     raise AssertionError(f"job {jid}: {what} not reached: {job}")
+
+
+def _diagnosis(env: dict, job: dict[str, str], log: str) -> str:
+    """What a failed job left: its record, the job's output and the daemons' last log lines."""
+    root = Path(env["LONGSHARD_TEST_SLURM_LOGS"]) / "log"
+    daemons = "".join(f"\n--- {f.name}:\n" + f.read_text()[-1500:] for f in sorted(root.glob("*.log")))
+    return f"{job}\n--- job output:\n{log[-3000:]}{daemons}"
 
 
 def _submit(tmp_path: Path, env: dict, name: str) -> tuple[str, Path, Path]:
@@ -142,7 +149,7 @@ def test_a_real_slurm_job_is_preempted_requeued_and_resumed_or_cancelled_with_a_
     _run("scontrol", "update", f"JobId={jid}", "StartTime=now", env=env)  # Slurm holds a re-queued job ~2 min
     job = _wait(env, jid, lambda j: j["JobState"] in ("COMPLETED", "FAILED", "CANCELLED"), "the end")
     log = "".join(p.read_text() for p in logs.glob("*.out"))
-    assert job["JobState"] == "COMPLETED" and job["ExitCode"] == "0:0", log[-3000:]
+    assert job["JobState"] == "COMPLETED" and job["ExitCode"] == "0:0", _diagnosis(env, job, log)
     report = json.loads((out / "report.json").read_text())
     assert report["resumed_from_step"] == stop and report["preempted_at_step"] is None
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
