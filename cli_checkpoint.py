@@ -137,19 +137,30 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _eval_to_wandb(cfg, checkpoint: str, res: dict) -> None:
-    """One wandb run (grouped with the training runs of the recipe) with the scalars, the passkey grid
-    as a table and the plot as an image."""
+    """The scalars, the passkey grid as a table and the plot as an image, logged to the training run's own
+    wandb run when its folder holds one (its id: no second run in the training folder), else to a new run
+    grouped with the recipe's."""
     import wandb
+    from longshard.train.metrics import wandb_run_id
 
-    run = wandb.init(mode=cfg.logging.wandb, dir=str(cfg.output_dir), project=cfg.logging.project,
-                     name=f"eval-{Path(checkpoint).name}", group=cfg.name, job_type="eval")
-    run.log({f"eval/{k}": v for k, v in res.items() if isinstance(v, (int, float))})
+    # the training folder: the checkpoint's grandparent (output_dir/checkpoints/step_N) or the saved output_dir
+    folders = [Path(checkpoint).resolve().parent.parent, Path(cfg.output_dir)]
+    found = next(((f, i) for f in folders if f.is_dir() and (i := wandb_run_id(f, create=False))), None)
+    if found is not None:
+        run = wandb.init(mode=cfg.logging.wandb, dir=str(found[0]), project=cfg.logging.project, id=found[1],
+                         resume="allow", settings=wandb.Settings(quiet=True))
+    else:
+        run = wandb.init(mode=cfg.logging.wandb, dir=str(cfg.output_dir), project=cfg.logging.project,
+                         name=f"eval-{Path(checkpoint).name}", group=cfg.name, job_type="eval",
+                         settings=wandb.Settings(quiet=True))
+    # the names training logs (val_loss, mqar_acc, passkey_acc@L, ...): one name per figure in both
+    run.log({k: v for k, v in res.items() if isinstance(v, (int, float))})
     grid = res.get("passkey_grid")
     if grid:
         rows = [[int(n), float(d), acc] for n, row in grid.items() for d, acc in row.items()]
-        run.log({"eval/passkey_grid": wandb.Table(columns=["length", "depth", "accuracy"], data=rows)})
+        run.log({"passkey_grid": wandb.Table(columns=["length", "depth", "accuracy"], data=rows)})
     if res.get("plot"):
-        run.log({"eval/plot": wandb.Image(res["plot"])})
+        run.log({"passkey_grid_plot": wandb.Image(res["plot"])})
     run.finish()
 
 

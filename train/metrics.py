@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import resource
 from pathlib import Path
 from typing import Any
 
 import torch
-from longshard.files import append_text
+from longshard.files import append_text, read_regular, write_file
 from longshard.models.config import ModelConfig
 from torch import nn
 
@@ -87,6 +88,7 @@ class MetricsLogger:
             self.wandb_run = wandb.init(  # quiet: no 35-line run summary at exit (the report says it)
                 mode=wandb_mode, dir=str(output_dir), project=project, name=run_name, group=group,
                 config=config, reinit="finish_previous", settings=wandb.Settings(quiet=True),
+                id=wandb_run_id(output_dir), resume="allow",  # a resumed run (or a rerun) continues it
             )
             self._wandb_dir = str(Path(self.wandb_run.dir).parent)
         if progress:
@@ -159,6 +161,31 @@ class MetricsLogger:
             self.bar = None
         self._wandb("finish", lambda run: run.finish())
         self.wandb_run = None
+
+
+WANDB_ID_FILE = "longshard_run_id"  # inside output_dir/wandb/: set aside with it by checkpoint.resume=none
+_WANDB_ID = re.compile(r"^[a-z0-9]{8,64}$")
+
+
+def wandb_run_id(output_dir: str | Path, create: bool = True) -> str | None:
+    """The wandb run id of the run in ``output_dir``: every ``train`` of that folder (a resume, a rerun of a
+    finished run) and every ``eval`` of its checkpoints log to that one wandb run instead of adding another.
+    Created on first use (``create``); an unreadable or malformed id file is replaced by a new id."""
+    file = Path(output_dir) / "wandb" / WANDB_ID_FILE
+    try:
+        found = read_regular(file, 256).decode().strip()
+        if _WANDB_ID.match(found):
+            return found
+    except (OSError, ValueError, UnicodeDecodeError):
+        pass
+    if not create:
+        return None
+    import secrets
+
+    new = secrets.token_hex(8)
+    file.parent.mkdir(parents=True, exist_ok=True)
+    write_file(file, new + "\n")
+    return new
 
 
 def human_summary(report: dict[str, Any]) -> str:

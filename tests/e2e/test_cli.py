@@ -102,6 +102,10 @@ def test_eval_and_export(lm_run, tmp_path):
     assert res["ppl@64"] > 1 and res["ppl@256"] > 1 and 0 <= res["mqar_acc"] <= 1
     assert plot.read_bytes()[:4] == b"\x89PNG"
     assert any((out / "wandb").glob("offline-run-*")), "no offline wandb eval run"
+    # training and both evaluations log to the one wandb run of the training folder (its id), not to new runs
+    run_id = (out / "wandb" / "longshard_run_id").read_text().strip()
+    assert {p.name.rsplit("-", 1)[1] for p in (out / "wandb").glob("offline-run-*")} == {run_id}
+    assert len(list((out / "wandb").glob("offline-run-*"))) >= 3
 
     proc = _cli("export-hf", str(ckpt), "--output", str(tmp_path / "hf"), env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -157,6 +157,9 @@ def test_a_real_slurm_job_is_preempted_requeued_and_resumed_or_cancelled_with_a_
     assert sorted(counts) == list(range(1, 2001)), "a step was lost"
     assert all(n == 1 for s, n in counts.items() if s != 2000), "a step was recomputed"  # 2000: + final eval
     assert "Traceback" not in log and log.count("pre-empted (SIGTERM): wrote the checkpoint") == 2  # both ranks
+    # the batch script says the stop was clean (after slurmstepd's CANCELLED line) and how to skip Slurm's hold
+    assert log.count("the training step stopped cleanly after writing its checkpoint") == 1
+    assert f"re-queueing job {jid}" in log and "StartTime=now" in log
     # (2) scancel: checkpoint and stop, no re-queue
     jid, out, logs = _submit(tmp_path, env, "cancel")
     _run("scancel", jid, env=env)
@@ -166,3 +169,8 @@ def test_a_real_slurm_job_is_preempted_requeued_and_resumed_or_cancelled_with_a_
     stop = report["preempted_at_step"]
     assert stop is not None and (out / "checkpoints" / f"step_{stop:08d}" / "trainer_state.json").is_file()
     assert _job(env, jid)["Restarts"] == "0"
+    deadline = time.time() + 60  # the batch script writes its last lines as the step ends, after the state changes
+    while "cancelled, not re-queued" not in (log := "".join(p.read_text() for p in logs.glob("*.out"))) \
+            and time.time() < deadline:
+        time.sleep(0.5)
+    assert "stopped cleanly after writing its checkpoint" in log and "cancelled, not re-queued" in log, log[-3000:]
