@@ -199,8 +199,8 @@ def human_summary(report: dict[str, Any]) -> str:
         (f" (resumed from step {start})" if start else "") + \
         (f", {skipped} update(s) skipped (non-finite; steps {report.get('skipped_at')})" if skipped else "")
     if report.get("preempted_at_step") is not None:
-        head = f"{report['name']} stopped at step {report['preempted_at_step']} (pre-empted; resume with " \
-               "checkpoint.resume=auto)"
+        head = f"{report['name']} stopped cleanly at step {report['preempted_at_step']}, checkpoint " \
+               f"{report.get('checkpoint')} (pre-empted; resume with checkpoint.resume=auto)"
     lines = [f"{head} in {report['wall_s']:.1f} s ({report['world_size']} process(es) on {report['device']}, "
              f"{layout})"]
     if losses:

@@ -159,6 +159,7 @@ def test_a_real_slurm_job_is_preempted_requeued_and_resumed_or_cancelled_with_a_
     assert "Traceback" not in log and log.count("pre-empted (SIGTERM): wrote the checkpoint") == 2  # both ranks
     # the batch script says the stop was clean (after slurmstepd's CANCELLED line) and how to skip Slurm's hold
     assert log.count("the training step stopped cleanly after writing its checkpoint") == 1
+    assert f"stopped cleanly at step {stop}, checkpoint {out / 'checkpoints' / f'step_{stop:08d}'}" in log
     assert f"re-queueing job {jid}" in log and "StartTime=now" in log
     # (2) scancel: checkpoint and stop, no re-queue
     jid, out, logs = _submit(tmp_path, env, "cancel")
