@@ -1,4 +1,4 @@
-"""The ``longshard`` command: train, data, launch, eval, generate, heads, export-hf."""
+"""The ``longshard`` command: train, data, launch, eval, generate, heads, export-hf, plan, recipes, config."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from longshard.cli_checkpoint import _eval, _export_hf, _generate, _heads
+from longshard.cli_recipes import add_parsers as add_recipe_parsers
 from longshard.errors import EXIT_CHECKPOINT, EXIT_INVALID_INPUT, CheckpointError, ConfigError
 
 log = logging.getLogger("longshard")
@@ -323,6 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="load the export with transformers (attn_implementation=longshard for a sparse model) and "
                    "check it gives the checkpoint's logits")
     x.set_defaults(func=_export_hf)
+    add_recipe_parsers(sub)
     return p
 
 

@@ -41,7 +41,7 @@ from longshard.train.faults import (
     is_collective_error,
     maybe_inject_fault,
 )
-from longshard.train.metrics import MetricsLogger, peak_memory_bytes
+from longshard.train.metrics import MetricsLogger, peak_memory_bytes, window_memory
 from longshard.train.run_lock import RunLocks
 
 if TYPE_CHECKING:  # the loop runs what the trainer builds
@@ -97,9 +97,10 @@ class StepInputs:
     Args:
         autocast: the compute dtype (None = fp32).
         tokens_per_step: global batch x sequence length.
-        flops_per_token: training FLOPs per token.
+        flops_per_token: training FLOPs per token (the attention each variant performs: ``mfu``).
         peak_tflops: the device's peak (None = unknown: no MFU).
         kept_fraction: attention kept fraction at the training length.
+        flops_per_token_torchtitan: torchtitan's count (full S x S attention: ``mfu_pct``).
     """
 
     autocast: torch.dtype | None
@@ -107,6 +108,7 @@ class StepInputs:
     flops_per_token: float
     peak_tflops: float | None
     kept_fraction: float
+    flops_per_token_torchtitan: float = 0.0
 
 
 class TrainLoop:
@@ -217,6 +219,7 @@ class TrainLoop:
         if cfg.eval.every and step % cfg.eval.every == 0 and step != cfg.train.steps:
             rec.update(self.run_eval())
         if step % cfg.train.log_every == 0 or step == cfg.train.steps:
+            rec.update(window_memory(self.env.device))  # peaks of this logging window, then reset
             self.metrics.log(step, rec)
         if cfg.checkpoint.every and step % cfg.checkpoint.every == 0:
             return rec, self.guarded(lambda: self.save(step), step, "checkpoint save")
@@ -229,12 +232,14 @@ class TrainLoop:
         A rank whose windows hold damaged tokens makes every rank stop with that error (none hangs).
         """
         cfg, env, sp = self.cfg, self.env, self.run.sp
+        t0 = time.time()
         try:
             micro, bad_data = self.loader.next_step(), None
         except ConfigError as e:
             micro, bad_data = [], e
         if sp is not None:  # every rank of a sequence group got the same samples: keep its shard
             micro = [sp.shard(b["tokens"], b["labels"], b["doc_ids"] if cfg.data.doc_mask else None) for b in micro]
+        self._data_s = time.time() - t0
         n_local = sum(int((b["labels"] != -100).sum()) for b in micro)
         counts = torch.tensor([float(n_local), float(bad_data is not None)], device=env.device)
         dist.all_reduce(counts)  # the token count, and whether any rank's batch could not be read
@@ -310,6 +315,11 @@ class TrainLoop:
             "loss": loss, "aux_loss": aux, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tps,
             "tflops_per_device": x.flops_per_token * tps / world / 1e12,
             "mfu": (x.flops_per_token * tps / world / 1e12 / x.peak_tflops) if x.peak_tflops else None,
+            # torchtitan's names and units: per-device tokens/s, MFU in percent of its FLOPs count
+            "tps": tps / world,
+            "mfu_pct": (100 * x.flops_per_token_torchtitan * tps / world / 1e12 / x.peak_tflops)
+            if x.peak_tflops else None,
+            "data_loading_s": getattr(self, "_data_s", 0.0),
             "peak_mem_gb": peak_memory_bytes(self.env.device) / 1e9, "step_time_s": dt,
             "tokens_seen": step * x.tokens_per_step, "attn_kept_fraction": x.kept_fraction,
             "offloaded_act_gb": offload.offloaded_bytes / 1e9 if offload else 0.0,

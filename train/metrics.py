@@ -38,6 +38,27 @@ def flops_per_token(cfg: ModelConfig, seq_len: int, model: nn.Module | None = No
     return 6.0 * n + attn
 
 
+def flops_per_token_torchtitan(cfg: ModelConfig, seq_len: int) -> float:
+    """Training FLOPs per token as torchtitan counts them (``mfu_pct``): 6 x matmul params + 12·L·H·D·S,
+    the attention's full S x S product whatever the mask or the variant (no causal half, no sparsity)."""
+    n = cfg.num_params(include_embedding=False)
+    if cfg.tie_embeddings:
+        n += cfg.vocab_size * cfg.dim
+    return 6.0 * n + 12.0 * cfg.n_layers * cfg.n_query_heads * cfg.head_dim * seq_len
+
+
+def window_memory(device: torch.device) -> dict[str, float]:
+    """torchtitan's memory figures since the last call, in GiB (CUDA; nothing elsewhere): the most memory the
+    caching allocator reserved and the most held by live tensors; their peaks are reset for the next window."""
+    if device.type != "cuda":
+        return {}
+    stats = torch.cuda.memory_stats(device)
+    out = {"memory/max_reserved_gib": stats.get("reserved_bytes.all.peak", 0) / 2**30,
+           "memory/max_active_gib": stats.get("active_bytes.all.peak", 0) / 2**30}
+    torch.cuda.reset_peak_memory_stats(device)
+    return out
+
+
 def peak_tflops(device: torch.device, override: float | None) -> float | None:
     """Peak TFLOP/s for MFU; None when unknown (e.g. CPU)."""
     if override:

@@ -53,7 +53,7 @@ from longshard.train.faults import (
 from longshard.train.fingerprint import fingerprint
 from longshard.train.hf_init import build_model, finish_after_parallelize, load_whole
 from longshard.train.loop import NonFiniteLossError, StepInputs, TrainLoop, TrainState
-from longshard.train.metrics import MetricsLogger, flops_per_token, peak_tflops
+from longshard.train.metrics import MetricsLogger, flops_per_token, flops_per_token_torchtitan, peak_tflops
 from longshard.train.precision import activation_bytes, compute_dtype, warn_if_slow_cpu_bf16
 from longshard.train.resolve import check_layout, check_passkey_lengths, resolve_model_config
 from longshard.train.resolve import passkey_lengths as default_passkey_lengths
@@ -367,7 +367,8 @@ def _train_locked(cfg: Config, env: DistEnv, layout: RunLayout, lock: RunLocks,
         run_eval = partial(evaluate_config, run.dmodel, cfg, val_dataset=val_ds, tokenizer=tokenizer, device=env.device,
                            sp=run.sp)
         inputs = StepInputs(autocast, cfg.train.global_batch_size * cfg.train.seq_len, run.flops_per_token,
-                            peak_tflops(env.device, cfg.train.peak_tflops), run.kept_fraction)
+                            peak_tflops(env.device, cfg.train.peak_tflops), run.kept_fraction,
+                            flops_per_token_torchtitan(mcfg, cfg.train.seq_len))
         state = TrainState(start_step, history, resume_from)
         TrainLoop(cfg, env, run, loader, ckpt, metrics, state, inputs, run_eval).fit(watch, lock)
 
@@ -386,6 +387,8 @@ def _train_locked(cfg: Config, env: DistEnv, layout: RunLayout, lock: RunLocks,
             "skipped_steps": len(state.skipped),  # updates left out (non-finite loss/gradient, fp16 overflow)
             "skipped_at": state.skipped,
             "conversion": run.conversion,
+            "mfu_conventions": {"mfu": "fraction; 6N + 3 x the attention each variant performs (causal half, kept "
+                                "blocks)", "mfu_pct": "percent; torchtitan's 6N + 12*L*H*D*S (full attention)"},
             **eval_results,
             "world_size": env.world_size,
             "seq_len": cfg.train.seq_len,

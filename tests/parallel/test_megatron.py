@@ -120,3 +120,18 @@ def test_megatron_example_losses_equal_across_layouts(tmp_path, env_cpu):
     for a, b in zip(reports[1], reports[4]):
         assert abs(a - b) / a <= 1e-5, reports
     assert reports[1][-1] < reports[1][0]
+
+
+def test_module_level_specs_for_megatron_dash_dash_spec():
+    """`pretrain_gpt.py --spec longshard.parallel.megatron_specs s2_layer_spec`: megatron-core's own
+    import_module reads a ModuleSpec per registered variant (its default options) whose core attention is
+    ours."""
+    from longshard.models.attention import available_attention
+    from longshard.parallel.megatron import MegatronCoreAttention
+    from megatron.core.transformer.spec_utils import ModuleSpec, import_module
+
+    for variant in available_attention():
+        spec = import_module(("longshard.parallel.megatron_specs", f"{variant}_layer_spec"))
+        assert isinstance(spec, ModuleSpec)
+        core = spec.submodules.self_attention.submodules.core_attention
+        assert core.module is MegatronCoreAttention and core.params["attention"] == variant

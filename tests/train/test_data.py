@@ -239,3 +239,40 @@ def test_prepare_on_a_full_or_read_only_disk_is_named(small_disk):
     ro = small_disk("1m", read_only=True)
     with pytest.raises(ConfigError, match=r"--output: cannot create \S+: Read-only file system \(errno 30\)"):
         prepare_default(ro / "d", 100_000)
+
+
+def test_batched_encoding_writes_the_files_of_one_document_at_a_time(tmp_path, monkeypatch):
+    """`data prepare` encodes documents in batches (tokenizers' encode_batch); with batches of a few hundred
+    bytes (so 40 documents span many) the train/val files and meta.json equal those of encoding one document
+    at a time, the held-out split included."""
+    tokenizers = pytest.importorskip("tokenizers")
+    import importlib
+
+    from longshard.train.data.prepare import prepare
+
+    prepare_mod = importlib.import_module("longshard.train.data.prepare")
+    from longshard.train.data.tokenizer import HFTokenizer
+
+    tok = tokenizers.Tokenizer(tokenizers.models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel()
+    tok.train_from_iterator(["the quick brown fox", "jumps over the lazy dog"] * 50,
+                            tokenizers.trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"]))
+    tok.save(str(tmp_path / "tokenizer.json"))
+    hf = HFTokenizer(tmp_path)
+    docs = [f"document {i}: " + "the quick brown fox jumps " * (1 + i % 7) for i in range(40)]
+
+    class OneByOne:
+        name, vocab_size, bos_id, eos_id = hf.name, hf.vocab_size, hf.bos_id, hf.eos_id
+
+        def encode_batch(self, texts):
+            assert len(texts) == 1
+            return [hf.encode(t) for t in texts]
+
+    monkeypatch.setattr(prepare_mod, "BATCH_BYTES", 1)  # one document per batch
+    prepare(tmp_path / "one", docs, OneByOne(), val_fraction=0.1)
+    monkeypatch.setattr(prepare_mod, "BATCH_BYTES", 300)
+    assert max(map(len, prepare_mod._batches(docs))) > 1
+    prepare(tmp_path / "batched", docs, hf, val_fraction=0.1)
+    for name in ("train.bin", "val.bin", "meta.json"):
+        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "batched" / name).read_bytes(), name
+    assert json.loads((tmp_path / "batched" / "meta.json").read_text())["splits"]["val"]["n_docs"] > 0

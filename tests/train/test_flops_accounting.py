@@ -42,3 +42,19 @@ def test_sparse_counts_kept_blocks_and_linear_is_flat_in_s():
     assert _attn_term(mixed, S) < dense
     nosa = [{"name": "nosa", "options": {"block": 16}}]
     assert _attn_term(nosa, 8192) == _attn_term(nosa, 4096)  # a fixed block budget per query
+
+
+def test_torchtitan_count_is_its_formula_on_llama3_8b_and_twice_our_dense_attention_term():
+    """`mfu_pct` uses torchtitan's count: 6 x (params without the input embedding) + 12·L·H·D·S. On Llama-3-8B
+    (32 layers, 32/8 heads of 128, FFN 14336, vocab 128256) at 8192 tokens that is 6 x 7.50e9 + 12·32·32·128·8192;
+    its attention term is twice our dense one (the full S x S product against our causal half)."""
+    from longshard.train.metrics import flops_per_token_torchtitan
+
+    cfg = ModelConfig(vocab_size=128256, dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, ffn_hidden_dim=14336,
+                      max_seq_len=8192)
+    S = 8192
+    per_layer = 4096 * 4096 * 2 + 4096 * 1024 * 2 + 3 * 4096 * 14336 + 2 * 4096  # q,o + k,v + SwiGLU + 2 norms
+    n = 32 * per_layer + 4096 + 128256 * 4096  # + final norm + output projection (untied)
+    assert flops_per_token_torchtitan(cfg, S) == 6 * n + 12 * 32 * 32 * 128 * S
+    ours_attention = flops_per_token(cfg, S) - 6 * n
+    assert flops_per_token_torchtitan(cfg, S) - 6 * n == 2 * ours_attention

@@ -145,19 +145,40 @@ def prepare(
     return meta
 
 
+BATCH_BYTES = 16 * 2**20  # text handed to the tokenizer at once (its threads share it); bounds the memory
+
+
+def _batches(documents: Iterable[str], max_docs: int = 4096) -> Iterator[list[str]]:
+    """Consecutive documents in lists of at most ``max_docs`` and about :data:`BATCH_BYTES` of text."""
+    max_bytes = BATCH_BYTES
+    batch: list[str] = []
+    size = 0
+    for text in documents:
+        batch.append(text)
+        size += len(text)
+        if size >= max_bytes or len(batch) >= max_docs:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
+
+
 def _write(tmp: Path, documents: Iterable[str], tokenizer: Tokenizer, val_fraction: float,
            sources: list[str] | None) -> dict:
     dtype = np.uint16 if tokenizer.vocab_size <= 65535 else np.uint32
     counts = {"train": [0, 0], "val": [0, 0]}
+    i = 0
     with open(tmp / "train.bin", "wb") as ftrain, open(tmp / "val.bin", "wb") as fval:
-        for i, text in enumerate(documents):
-            ids = np.asarray([tokenizer.bos_id, *tokenizer.encode(text), tokenizer.eos_id], dtype=dtype)
-            # Hold out whole documents, keeping val at ~val_fraction of all tokens (deterministic).
-            seen = counts["train"][0] + counts["val"][0]
-            split = "val" if i > 0 and counts["val"][0] < val_fraction * seen else "train"
-            (fval if split == "val" else ftrain).write(ids.tobytes())
-            counts[split][0] += ids.size
-            counts[split][1] += 1
+        for batch in _batches(documents):
+            for encoded in tokenizer.encode_batch(batch):  # in document order: the split is as one by one
+                ids = np.asarray([tokenizer.bos_id, *encoded, tokenizer.eos_id], dtype=dtype)
+                # Hold out whole documents, keeping val at ~val_fraction of all tokens (deterministic).
+                seen = counts["train"][0] + counts["val"][0]
+                split = "val" if i > 0 and counts["val"][0] < val_fraction * seen else "train"
+                (fval if split == "val" else ftrain).write(ids.tobytes())
+                counts[split][0] += ids.size
+                counts[split][1] += 1
+                i += 1
     if counts["train"][0] == 0:
         raise ConfigError("data prepare --input", "no documents were found: the prepared data would be empty.")
     meta = {
