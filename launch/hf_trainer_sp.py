@@ -128,6 +128,9 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.output).mkdir(parents=True, exist_ok=True)
         (Path(args.output) / "losses.json").write_text(json.dumps({"sp": args.sp, "mode": args.mode,
                                                                    "world": world, "losses": losses}))
+    if dist.is_initialized():  # every rank leaves together; an undestroyed gloo group can abort at exit
+        dist.barrier()
+        dist.destroy_process_group()
     return 0
 
 

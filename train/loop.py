@@ -44,9 +44,9 @@ from longshard.train.faults import (
 from longshard.train.metrics import MetricsLogger, peak_memory_bytes, window_memory
 from longshard.train.run_lock import RunLocks
 
-if TYPE_CHECKING:  # the loop runs what the trainer builds
+if TYPE_CHECKING:
     from longshard.parallel import DistEnv
-    from longshard.train.trainer import TrainingRun
+    from longshard.train.run import TrainingRun  # what the trainer builds and the loop runs
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +117,7 @@ class TrainLoop:
     Args:
         cfg: the validated configuration.
         env: this rank's distributed environment.
-        run: the built :class:`~longshard.train.trainer.TrainingRun` (model, module, shard, engine).
+        run: the built :class:`~longshard.train.run.TrainingRun` (model, module, shard, engine).
         loader: the training batches (its position is checkpointed).
         ckpt: the checkpointer.
         metrics: the metrics logger (rank 0 writes).

@@ -29,7 +29,7 @@ from longshard.parallel import (
 from longshard.parallel.deepspeed_engine import deepspeed_config, import_deepspeed
 from longshard.parallel.deepspeed_engine import initialize as ds_initialize
 from longshard.parallel.env import all_agree, all_sum
-from longshard.parallel.layout import CommCounter, SeqShard
+from longshard.parallel.layout import CommCounter
 from longshard.parallel.ring import sparse_exchange_traffic
 from longshard.parallel.tensor_parallel import check_tensor_parallel
 from longshard.train.checkpoint import Checkpointer, CheckpointError
@@ -57,6 +57,7 @@ from longshard.train.metrics import MetricsLogger, flops_per_token, flops_per_to
 from longshard.train.precision import activation_bytes, compute_dtype, warn_if_slow_cpu_bf16
 from longshard.train.resolve import check_layout, check_passkey_lengths, resolve_model_config
 from longshard.train.resolve import passkey_lengths as default_passkey_lengths
+from longshard.train.run import TrainingRun
 from longshard.train.run_lock import RunLocks, set_aside_previous_run
 from longshard.train.schedule import build_scheduler
 
@@ -143,33 +144,6 @@ def attention_kept_fraction(model: Transformer, seq_len: int) -> float:
     at ``seq_len`` (as each variant declares: 1.0 for dense and linear, block-sparse from its pattern)."""
     fracs = [layer.attention.core_attention.kept_fraction(seq_len) for layer in model.layers]
     return sum(fracs) / len(fracs)
-
-
-@dataclass
-class TrainingRun:
-    """What :func:`build_training` assembles: the model, its parallel form and the engine that trains it.
-
-    Args:
-        model: the single-device :class:`Transformer` (parallel wrappers applied in place).
-        dmodel: the module the loop runs (DDP / FSDP2 module / DeepSpeed engine).
-        sp: this rank's sequence shard, or None.
-        engine: backward / step / checkpoints (:mod:`longshard.train.engine`).
-        mesh: the device mesh.
-        comm: the sequence-parallel traffic counter.
-        conversion: the HF conversion's measured loss gap, or None.
-        kept_fraction: attention kept fraction at ``train.seq_len`` (metrics).
-        flops_per_token: training FLOPs per token (metrics).
-    """
-
-    model: Transformer
-    dmodel: torch.nn.Module
-    sp: SeqShard | None
-    engine: TrainEngine
-    mesh: Any
-    comm: CommCounter
-    conversion: dict[str, float] | None
-    kept_fraction: float
-    flops_per_token: float
 
 
 def build_training(cfg: Config, env: DistEnv, layout: RunLayout, val_ds) -> TrainingRun:

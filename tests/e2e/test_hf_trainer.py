@@ -17,18 +17,23 @@ pytest.importorskip("accelerate")
 SCRIPT = str(REPO / "launch" / "hf_trainer_sp.py")
 
 
+def _run(cmd: list[str], out, env: dict, cwd) -> dict:
+    """Run the example; its losses.json."""
+    proc = subprocess.run([*cmd, "--output", str(out)], env=env, capture_output=True, text=True, timeout=600, cwd=cwd)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads((out / "losses.json").read_text())
+
+
+def _same_losses(ref: dict, got: dict) -> None:
+    assert got["world"] == 2 and got["sp"] == 2 and len(got["losses"]) == len(ref["losses"]) == 8
+    assert max(abs(a - b) / abs(a) for a, b in zip(ref["losses"], got["losses"])) < 1e-5, (ref, got)
+
+
 @pytest.mark.parametrize("mode", ["ring", pytest.param("ulysses", marks=pytest.mark.slow)])
 def test_trainer_with_sequence_parallel_2_trains_the_losses_of_one_process(tmp_path, env_cpu, mode):
-    one = subprocess.run([sys.executable, SCRIPT, "--sp", "1", "--output", str(tmp_path / "sp1")], env=env_cpu,
-                         capture_output=True, text=True, timeout=600, cwd=tmp_path)
-    assert one.returncode == 0, one.stderr[-3000:]
-    two = subprocess.run(torchrun_cmd(2, SCRIPT, "--sp", "2", "--mode", mode, "--output", str(tmp_path / "sp2")),
-                         env=env_cpu, capture_output=True, text=True, timeout=600, cwd=tmp_path)
-    assert two.returncode == 0, two.stderr[-3000:]
-    ref = json.loads((tmp_path / "sp1" / "losses.json").read_text())["losses"]
-    got = json.loads((tmp_path / "sp2" / "losses.json").read_text())
-    assert got["world"] == 2 and got["sp"] == 2 and len(got["losses"]) == len(ref) == 8
-    assert max(abs(a - b) / abs(a) for a, b in zip(ref, got["losses"])) < 1e-5, (ref, got["losses"])
+    ref = _run([sys.executable, SCRIPT, "--sp", "1"], tmp_path / "sp1", env_cpu, tmp_path)
+    got = _run(torchrun_cmd(2, SCRIPT, "--sp", "2", "--mode", mode), tmp_path / "sp2", env_cpu, tmp_path)
+    _same_losses(ref, got)
 
 
 def test_trainer_accumulating_under_accelerate_launch_trains_the_losses_of_one_big_batch(tmp_path, env_cpu):
@@ -38,19 +43,12 @@ def test_trainer_accumulating_under_accelerate_launch_trains_the_losses_of_one_b
     micro-batch normalised by its own tokens or divided by the accumulation twice)."""
     import shutil
 
-    if shutil.which("accelerate") is None:
-        pytest.skip("the accelerate command is not installed")
-    one = subprocess.run([sys.executable, SCRIPT, "--sp", "1", "--batch", "4", "--output", str(tmp_path / "big")],
-                         env=env_cpu, capture_output=True, text=True, timeout=600, cwd=tmp_path)
-    assert one.returncode == 0, one.stderr[-3000:]
     from helpers import free_port
 
-    acc = subprocess.run(["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-                          "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
-                          SCRIPT, "--sp", "2", "--batch", "2", "--grad-accum", "2", "--output", str(tmp_path / "acc")],
-                         env=env_cpu, capture_output=True, text=True, timeout=600, cwd=tmp_path)
-    assert acc.returncode == 0, acc.stderr[-3000:]
-    ref = json.loads((tmp_path / "big" / "losses.json").read_text())["losses"]
-    got = json.loads((tmp_path / "acc" / "losses.json").read_text())
-    assert got["world"] == 2 and got["sp"] == 2 and len(got["losses"]) == len(ref) == 8
-    assert max(abs(a - b) / abs(a) for a, b in zip(ref, got["losses"])) < 1e-5, (ref, got["losses"])
+    if shutil.which("accelerate") is None:
+        pytest.skip("the accelerate command is not installed")
+    ref = _run([sys.executable, SCRIPT, "--sp", "1", "--batch", "4"], tmp_path / "big", env_cpu, tmp_path)
+    got = _run(["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
+                SCRIPT, "--sp", "2", "--batch", "2", "--grad-accum", "2"], tmp_path / "acc", env_cpu, tmp_path)
+    _same_losses(ref, got)
