@@ -1,4 +1,5 @@
-"""Tokens/s and MFU of a bf16 training step (forward, backward, fused AdamW), per attention variant.
+"""Tokens/s and MFU of a training step (forward, backward, AdamW), per attention variant, and each
+variant's step time as a ratio to dense in the same run.
 
 A ~1B-parameter Llama-style model (dim 2048, 16 layers, 16 / 8 heads, head dim 128, FFN 5632,
 vocab 32,000) at each sequence length, batch 1, one packed-free sequence, bf16 autocast with
@@ -8,7 +9,13 @@ token (6 x matmul parameters + 3 x the attention FLOPs each variant declares) x 
 1-process group: the context-parallel code path's overhead at sp = 1, against the dense row of
 the same run.
 
+``--shape tiny_lm`` is the tiny_lm recipe's model (4 layers, dim 192, 6 / 2 heads, vocab 320) with
+``--batch`` sequences per step (16 there) and every registered variant at its defaults (S2 with a
+stride its 6 heads cover; ``gated``: dense with element-wise output gates); ``--dtype fp32`` runs
+without autocast (the recipe's dtype).
+
     python benchmarks/train_step.py --lengths 8192 32768 --json step.json      # GPU
+    python benchmarks/train_step.py --shape tiny_lm --batch 16 --dtype fp32 --lengths 256 1024 --steps 3
     python benchmarks/train_step.py --cpu-smoke                                 # tiny, checks the script
 """
 
@@ -31,6 +38,15 @@ BIG = {"vocab_size": 32000, "dim": 2048, "n_layers": 16, "n_heads": 16, "n_kv_he
 TINY = {"vocab_size": 256, "dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "ffn_hidden_dim": 128}
 TINY_VARIANTS = {**VARIANTS, "s2": [{"name": "s2", "options": {"block": 16, "local_blocks": 2, "vert_stride": 2}}],
                  "linear": [{"name": "linear", "options": {"chunk": 16}}]}
+TINY_LM = {"vocab_size": 320, "dim": 192, "n_layers": 4, "n_heads": 6, "n_kv_heads": 2}
+# every variant at its defaults (S2: a stride its 6 heads cover), the trainable ones of issue 37 included
+ALL_VARIANTS = {
+    **{v: [{"name": v}] for v in ("dense", "moh", "dma", "nsa", "nosa", "power", "sliding_window", "streaming",
+                                  "streaming_gated", "linear")},
+    "s2": [{"name": "s2", "options": {"block": 64, "local_blocks": 2, "vert_stride": 6}}],
+    "gated": [{"name": "dense", "gate": "elementwise"}],
+}
+SHAPES = {"big": (BIG, VARIANTS), "tiny_lm": (TINY_LM, ALL_VARIANTS)}
 
 
 def _ring1(model):
@@ -45,7 +61,8 @@ def _ring1(model):
     return apply_ring(model, dist.group.WORLD)
 
 
-def measure(variant: str, S: int, sizes: dict, device: torch.device, steps: int, table: dict = VARIANTS) -> dict:
+def measure(variant: str, S: int, sizes: dict, device: torch.device, steps: int, table: dict = VARIANTS,
+            batch: int = 1, dtype: torch.dtype | None = torch.bfloat16) -> dict:
     from longshard.models import ModelConfig, Transformer
     from longshard.train.metrics import flops_per_token, peak_tflops
 
@@ -57,13 +74,14 @@ def measure(variant: str, S: int, sizes: dict, device: torch.device, steps: int,
         model = _ring1(model)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda",
                             foreach=device.type != "cuda")
-    tokens = torch.randint(0, cfg.vocab_size, (1, S + 1), device=device)
-    pos = torch.arange(S, device=device)[None]
+    tokens = torch.randint(0, cfg.vocab_size, (batch, S + 1), device=device)
+    pos = torch.arange(S, device=device)[None].expand(batch, S)
 
     def step():
-        with torch.autocast(device.type, dtype=torch.bfloat16):
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
             out = model(tokens[:, :-1], labels_BS=tokens[:, 1:], position_ids_BS=pos)
-        (out.loss_sum / out.n_tokens).backward()
+        aux = model.aux_loss()
+        ((out.loss_sum / out.n_tokens) + (aux if aux is not None else 0.0)).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
@@ -77,7 +95,7 @@ def measure(variant: str, S: int, sizes: dict, device: torch.device, steps: int,
         step()
     sync()
     wall = (time.perf_counter() - t0) / steps
-    tps = S / wall
+    tps = batch * S / wall
     peak = peak_tflops(device, None)
     return {"variant": variant, "seq_len": S, "params": sum(p.numel() for p in model.parameters()),
             "step_s": wall, "tokens_per_s": tps, "tflops": fpt * tps / 1e12,
@@ -88,20 +106,29 @@ def measure(variant: str, S: int, sizes: dict, device: torch.device, steps: int,
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--lengths", type=int, nargs="+", default=[8192, 32768])
-    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    ap.add_argument("--shape", default="big", choices=list(SHAPES), help="model: ~1B (big) or the tiny_lm recipe's")
+    ap.add_argument("--variants", nargs="+", default=None, choices=sorted({*VARIANTS, *ALL_VARIANTS}),
+                    help="default: every variant of the shape")
+    ap.add_argument("--batch", type=int, default=1, help="sequences per step")
+    ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"], help="bf16 autocast or plain fp32")
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--cpu-smoke", action="store_true", help="tiny model on CPU: checks the script runs")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu_smoke else "cpu")
-    sizes, lengths = (TINY, [128]) if args.cpu_smoke else (BIG, args.lengths)
+    sizes, table = SHAPES[args.shape]
+    sizes, lengths, table = (TINY, [128], TINY_VARIANTS) if args.cpu_smoke else (sizes, args.lengths, table)
+    variants = args.variants or list(table)
+    unknown = [v for v in variants if v not in table]
+    if unknown:
+        ap.error(f"--shape {args.shape} has no variant {', '.join(unknown)}: {', '.join(table)}")
+    dtype = torch.bfloat16 if args.dtype == "bf16" else None
     rows = []
     print(f"{'variant':8s} {'S':>7s} {'step s':>8s} {'tokens/s':>10s} {'TFLOP/s':>8s} {'MFU':>6s}")
     for S in lengths:
-        for v in args.variants:
+        for v in variants:
             try:
-                rec = measure(v, S, sizes, device, 1 if args.cpu_smoke else args.steps,
-                              TINY_VARIANTS if args.cpu_smoke else VARIANTS)
+                rec = measure(v, S, sizes, device, 1 if args.cpu_smoke else args.steps, table, args.batch, dtype)
             except torch.cuda.OutOfMemoryError as e:  # a length the variant cannot hold: say so, go on
                 rec = {"variant": v, "seq_len": S, "error": f"out of memory: {str(e)[:200]}"}
                 torch.cuda.empty_cache()
@@ -112,6 +139,11 @@ def main() -> None:
             mfu = f"{rec['mfu']:.1%}" if rec["mfu"] is not None else "-"
             print(f"{v:8s} {S:7d} {rec['step_s']:8.3f} {rec['tokens_per_s']:10.0f} {rec['tflops']:8.1f} {mfu:>6s}")
     dense = {r["seq_len"]: r for r in rows if r["variant"] == "dense" and "error" not in r}
+    for r in rows:  # the step time of each variant against dense's in this run
+        if "error" not in r and r["seq_len"] in dense:
+            r["step_vs_dense"] = r["step_s"] / dense[r["seq_len"]]["step_s"]
+    print("step time / dense: " + "; ".join(f"{r['variant']}@{r['seq_len']} {r['step_vs_dense']:.2f}x"
+                                          for r in rows if "step_vs_dense" in r))
     for r in rows:
         if r["variant"] == "ring1" and "error" not in r and r["seq_len"] in dense:
             r["overhead_vs_dense"] = r["step_s"] / dense[r["seq_len"]]["step_s"] - 1
