@@ -87,7 +87,6 @@ def model_config(hf: dict[str, Any], attention: list[AttentionSpec], rope_scalin
         n_heads=n_heads, n_kv_heads=_hf_num(hf, "num_key_value_heads", int, n_heads),
         head_dim=_hf_num(hf, "head_dim", int, dim // max(n_heads, 1)),
         ffn_hidden_dim=_hf_num(hf, "intermediate_size", int, None),
-        norm_eps=float(hf.get("rms_norm_eps") or 1e-6) if isinstance(hf.get("rms_norm_eps"), (int, float)) else 1e-6,
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)), max_seq_len=int(max_len * factor),
         rope=RopeConfig(), attention=list(attention) if attention else [AttentionSpec()],
     )

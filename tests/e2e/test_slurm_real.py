@@ -108,6 +108,14 @@ def _wait(env: dict, jid: str, done, what: str, timeout: float = 300) -> dict[st
     raise AssertionError(f"job {jid}: {what} not reached: {job}")
 
 
+def _wait_idle(env: dict, timeout: float = 120) -> None:
+    """Until the test cluster's node is idle (no job, nothing completing)."""
+    deadline = time.time() + timeout
+    while _run("sinfo", "-h", "-o", "%T", env=env, check=False).strip() != "idle":
+        assert time.time() < deadline, "the node did not become idle"
+        time.sleep(0.5)
+
+
 def _diagnosis(env: dict, job: dict[str, str], log: str) -> str:
     """What a failed job left: its record, the job's output and the daemons' last log lines."""
     root = Path(env["LONGSHARD_TEST_SLURM_LOGS"]) / "log"
@@ -146,7 +154,10 @@ def test_a_real_slurm_job_is_preempted_requeued_and_resumed_or_cancelled_with_a_
     stop = first["preempted_at_step"]
     assert stop is not None and 0 < stop < 2000
     assert (out / "checkpoints" / f"step_{stop:08d}").is_dir()
-    _run("scontrol", "update", f"JobId={jid}", "StartTime=now", env=env)  # Slurm holds a re-queued job ~2 min
+    # Slurm holds a re-queued job ~2 min while the node is cleaned up; starting it before the node is idle
+    # again makes slurmd refuse the launch ("Job 1 already killed, do not launch batch job": FAILED)
+    _wait_idle(env)
+    _run("scontrol", "update", f"JobId={jid}", "StartTime=now", env=env)
     job = _wait(env, jid, lambda j: j["JobState"] in ("COMPLETED", "FAILED", "CANCELLED"), "the end")
     log = "".join(p.read_text() for p in logs.glob("*.out"))
     assert job["JobState"] == "COMPLETED" and job["ExitCode"] == "0:0", _diagnosis(env, job, log)
