@@ -194,9 +194,7 @@ def export_hf(
         tensors.pop("lm_head.weight", None)
     write_file(path / "config.json", json.dumps(hf_config_dict(model.cfg, arch, dtype, drop_gates), indent=2))
     _write_weights(path, tensors, max_shard_bytes)
-    if tokenizer_dir is not None:
-        for f in Path(tokenizer_dir).glob("tokenizer*"):
-            copy_file(f, path / f.name)
+    _copy_tokenizer(tokenizer_dir, path)
     return path
 
 
@@ -227,10 +225,15 @@ def export_transformers_model(model: torch.nn.Module, path: str | Path, dtype: t
     tensors = {n: t.to(dtype).contiguous().cpu() for n, t in state.items()}
     write_file(path / "config.json", json.dumps(config, indent=2))
     _write_weights(path, tensors, max_shard_bytes)
+    _copy_tokenizer(tokenizer_dir, path)
+    return path
+
+
+def _copy_tokenizer(tokenizer_dir: str | Path | None, path: Path) -> None:
+    """The tokenizer files of ``tokenizer_dir`` (if given) beside the exported weights."""
     if tokenizer_dir is not None:
         for f in Path(tokenizer_dir).glob("tokenizer*"):
             copy_file(f, path / f.name)
-    return path
 
 
 def _write_weights(path: Path, tensors: dict[str, torch.Tensor], max_shard_bytes: int) -> None:
