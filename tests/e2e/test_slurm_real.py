@@ -70,7 +70,8 @@ def slurm(tmp_path_factory):
         f"SlurmctldLogFile={root / 'log' / 'slurmctld.log'}", f"SlurmdLogFile={root / 'log' / 'slurmd.log'}",
         f"SlurmctldPort={_free_port()}", f"SlurmdPort={_free_port()}", "ProctrackType=proctrack/linuxproc",
         "TaskPlugin=task/none", "SelectType=select/cons_tres", "SelectTypeParameters=CR_Core",
-        "ReturnToService=2", "JobRequeue=1", "KillWait=30", "MpiDefault=none", "MinJobAge=600",
+        "AuthInfo=cred_expire=10", "ReturnToService=2", "JobRequeue=1", "KillWait=30", "MpiDefault=none",
+        "MinJobAge=600",
         f"NodeName={host} CPUs={os.cpu_count()} RealMemory={mem_mb} State=UNKNOWN",
         f"PartitionName=test Nodes={host} Default=YES MaxTime=INFINITE State=UP OverSubscribe=YES", ""]))
     env = {k: v for k, v in os.environ.items() if k != "WANDB_MODE"}  # the recipes' default: wandb offline
@@ -106,14 +107,6 @@ def _wait(env: dict, jid: str, done, what: str, timeout: float = 300) -> dict[st
             return job
         time.sleep(1)
     raise AssertionError(f"job {jid}: {what} not reached: {job}")
-
-
-def _wait_idle(env: dict, timeout: float = 120) -> None:
-    """Until the test cluster's node is idle (no job, nothing completing)."""
-    deadline = time.time() + timeout
-    while _run("sinfo", "-h", "-o", "%T", env=env, check=False).strip() != "idle":
-        assert time.time() < deadline, "the node did not become idle"
-        time.sleep(0.5)
 
 
 def _diagnosis(env: dict, job: dict[str, str], log: str) -> str:
@@ -154,10 +147,9 @@ def test_a_real_slurm_job_is_preempted_requeued_and_resumed_or_cancelled_with_a_
     stop = first["preempted_at_step"]
     assert stop is not None and 0 < stop < 2000
     assert (out / "checkpoints" / f"step_{stop:08d}").is_dir()
-    # Slurm holds a re-queued job ~2 min while the node is cleaned up; starting it before the node is idle
-    # again makes slurmd refuse the launch ("Job 1 already killed, do not launch batch job": FAILED)
-    _wait_idle(env)
-    _run("scontrol", "update", f"JobId={jid}", "StartTime=now", env=env)
+    # Slurm holds a re-queued job for the credential lifetime (cred_expire, 10 s here, 120 s by default); forcing
+    # an earlier start (StartTime=now) makes slurmd refuse the launch even with the node idle: the job ends FAILED
+    assert _job(env, jid)["Reason"] == "BeginTime"
     job = _wait(env, jid, lambda j: j["JobState"] in ("COMPLETED", "FAILED", "CANCELLED"), "the end")
     log = "".join(p.read_text() for p in logs.glob("*.out"))
     assert job["JobState"] == "COMPLETED" and job["ExitCode"] == "0:0", _diagnosis(env, job, log)
@@ -171,7 +163,7 @@ def test_a_real_slurm_job_is_preempted_requeued_and_resumed_or_cancelled_with_a_
     # the batch script says the stop was clean (after slurmstepd's CANCELLED line) and how to skip Slurm's hold
     assert log.count("the training step stopped cleanly after writing its checkpoint") == 1
     assert f"stopped cleanly at step {stop}, checkpoint {out / 'checkpoints' / f'step_{stop:08d}'}" in log
-    assert f"re-queueing job {jid}" in log and "StartTime=now" in log
+    assert f"re-queueing job {jid}" in log and "cred_expire" in log
     # (2) scancel: checkpoint and stop, no re-queue
     jid, out, logs = _submit(tmp_path, env, "cancel")
     _run("scancel", jid, env=env)
