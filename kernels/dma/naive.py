@@ -32,6 +32,10 @@ def dma_attention_naive(
     keep_blocks: int,
     scale: float,
     doc_ids_BS: torch.Tensor | None = None,
+    *,
+    dt_bias_K: torch.Tensor | None = None,
+    exp_bias: bool = False,
+    keep_own: bool = True,
 ) -> torch.Tensor:
     """DMA with full score matrices.
 
@@ -41,20 +45,25 @@ def dma_attention_naive(
     Args:
         q_BHSD: queries, the last Sq of the Sk positions.
         k_BKSD, v_BKSD: keys and values (B, K, Sk, D).
-        a_K, delta_KD: the bias parameters A (K,) and Delta (K, D).
+        a_K, delta_KD: the bias parameters A (K,) and Delta (K, D), or the reference's full ``dt_proj``
+            weight (K, K*D) (:func:`~longshard.kernels.dma.select.dma_key_bias`).
         block: tokens per block.
         keep_blocks: key blocks each query block reads, its own included.
         scale: softmax scale.
         doc_ids_BS: (B, Sk) document ids, or None.
+        dt_bias_K: the full ``dt_proj``'s bias (K,), or None.
+        exp_bias: the reference's ``exp(A softplus(dt))`` instead of ``A softplus(dt)``.
+        keep_own: longshard's rule (own block kept, the earlier ones ranked), or False at ``block`` 1: the
+            reference's top-w keys per query (:func:`~longshard.kernels.dma.select.select_key_blocks`).
     """
     B, H, Sq, D = q_BHSD.shape
     K, Sk = k_BKSD.shape[1], k_BKSD.shape[2]
     dt = acc_dtype(q_BHSD)
-    bias_BKS = dma_key_bias(v_BKSD, a_K, delta_KD)
-    idx, ok, q0 = select_key_blocks(bias_BKS, block, keep_blocks, Sq, Sk, doc_ids_BS)
+    bias_BKS = dma_key_bias(v_BKSD, a_K, delta_KD, dt_bias_K, exp_bias)
+    idx, ok, q0 = select_key_blocks(bias_BKS, block, keep_blocks, Sq, Sk, doc_ids_BS, keep_own)
     keep_BKSS = dma_token_mask(idx, ok, q0, block, Sq, Sk, doc_ids_BS)
     s = torch.einsum("bkgtd,bksd->bkgts", q_BHSD.to(dt).view(B, K, H // K, Sq, D), k_BKSD.to(dt)) * scale
     s = (s + bias_BKS[:, :, None, None, :].to(dt)).masked_fill(~keep_BKSS[:, :, None], float("-inf"))
-    p = torch.softmax(s, dim=-1)  # every query keeps its own position: no empty row
+    p = torch.softmax(s, dim=-1)  # every query keeps at least one key (its own is always a candidate)
     o = torch.einsum("bkgts,bksd->bkgtd", p, v_BKSD.to(dt))
     return o.reshape(B, H, Sq, D).to(q_BHSD.dtype)

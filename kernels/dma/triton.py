@@ -37,6 +37,10 @@ def dma_attention_triton(
     keep_blocks: int,
     scale: float,
     doc_ids_BS: torch.Tensor | None = None,
+    *,
+    dt_bias_K: torch.Tensor | None = None,
+    exp_bias: bool = False,
+    keep_own: bool = True,
 ) -> torch.Tensor:
     """Same result as :func:`~longshard.kernels.dma.naive.dma_attention_naive` with the Triton kernels.
 
@@ -46,9 +50,10 @@ def dma_attention_triton(
     B, H, Sq, D = q_BHSD.shape
     K, Sk = k_BKSD.shape[1], k_BKSD.shape[2]
     if Sq != Sk:
-        return dma_attention_naive(q_BHSD, k_BKSD, v_BKSD, a_K, delta_KD, block, keep_blocks, scale, doc_ids_BS)
-    bias_BKS = dma_key_bias(v_BKSD, a_K, delta_KD)
-    idx, ok, _ = select_key_blocks(bias_BKS, block, keep_blocks, Sq, Sk, doc_ids_BS)
+        return dma_attention_naive(q_BHSD, k_BKSD, v_BKSD, a_K, delta_KD, block, keep_blocks, scale, doc_ids_BS,
+                                   dt_bias_K=dt_bias_K, exp_bias=exp_bias, keep_own=keep_own)
+    bias_BKS = dma_key_bias(v_BKSD, a_K, delta_KD, dt_bias_K, exp_bias)
+    idx, ok, _ = select_key_blocks(bias_BKS, block, keep_blocks, Sq, Sk, doc_ids_BS, keep_own)
     mask_BHQN = dma_block_mask(idx, ok, math.ceil(Sk / block)).repeat_interleave(H // K, dim=1)
     o, _ = block_sparse_attention_triton_mask(q_BHSD, k_BKSD, v_BKSD, mask_BHQN, block, doc_ids_BS=doc_ids_BS,
                                               scale=scale, bias_BKS=bias_BKS)

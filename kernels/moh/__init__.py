@@ -2,6 +2,8 @@
 
 from longshard.kernels.moh.gates import MoHGates, balance_loss, moh_gates
 from longshard.kernels.moh.naive import moh_attention_naive
-from longshard.kernels.moh.routed import moh_attention_routed
+from longshard.kernels.moh.routed import moh_attention_all_heads, moh_attention_routed
 
-__all__ = ["MoHGates", "balance_loss", "moh_attention_naive", "moh_attention_routed", "moh_gates"]
+__all__ = [
+    "MoHGates", "balance_loss", "moh_attention_all_heads", "moh_attention_naive", "moh_attention_routed", "moh_gates",
+]

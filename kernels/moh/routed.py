@@ -1,5 +1,13 @@
 """MoH attention that computes only the (token, head) pairs it uses: shared heads for every token, each
-routed head for the tokens that chose it (their queries gathered against that head's causal keys)."""
+routed head for the tokens that chose it.
+
+The routed heads run batched: per (batch row, routed head) the positions of the tokens that chose it are
+compacted on the device (ascending, padded to the longest list), and the lists are read in chunks of
+``q_chunk`` entries, one attention call per chunk over every row and routed head at once; a chunk reads
+the keys up to the latest query it holds. No per-(row, head) loop and two host synchronisations per call
+(the longest list and the chunks' key lengths). With ascending lists a chunk's queries sit close to its
+last one, so a routed head costs about (its share of tokens)^2 of a dense causal head plus one chunk.
+"""
 
 from __future__ import annotations
 
@@ -7,61 +15,122 @@ import torch
 import torch.nn.functional as F
 from longshard.kernels.moh.gates import MoHGates
 from longshard.kernels.moh.naive import moh_attention_naive
-from torch.utils.checkpoint import checkpoint
 
 
-def _masked_sdpa(q_ND: torch.Tensor, k_SD: torch.Tensor, v_SD: torch.Tensor, t_N: torch.Tensor,
-                 doc_S: torch.Tensor | None, scale: float) -> torch.Tensor:
-    """Attention of N gathered queries at positions ``t_N`` over one head's keys (causal, same document)."""
-    keep = torch.arange(k_SD.shape[0], device=q_ND.device)[None, :] <= t_N[:, None]
-    if doc_S is not None:  # the keys (and their document ids) end at the chunk's last query
-        keep = keep & (doc_S[None, :] == doc_S[t_N][:, None])
-    dt = torch.promote_types(q_ND.dtype, torch.float32)
-    return F.scaled_dot_product_attention(q_ND.to(dt)[None], k_SD.to(dt)[None], v_SD.to(dt)[None],
-                                          attn_mask=keep[None], scale=scale)[0]
+def _doc_keep(doc_BS: torch.Tensor | None, keep_BXNL: torch.Tensor, t_BXN: torch.Tensor) -> torch.Tensor:
+    """``keep`` and, with packed documents, the key's document equal to the query's."""
+    if doc_BS is None:
+        return keep_BXNL
+    L = keep_BXNL.shape[-1]
+    d_query_BXN = torch.gather(doc_BS[:, None, :].expand(-1, t_BXN.shape[1], -1), 2, t_BXN)
+    return keep_BXNL & (doc_BS[:, None, None, :L] == d_query_BXN[..., None])
+
+
+def compact_choices(chosen_BRS: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions of the tokens that chose each (row, routed head), ascending, padded.
+
+    Args:
+        chosen_BRS: (B, R, S) bool.
+
+    Returns:
+        ``(t_BRN, valid_BRN)``: N = the longest list; padding entries hold position 0 and ``valid`` False.
+    """
+    S = chosen_BRS.shape[-1]
+    pos_S = torch.arange(S, device=chosen_BRS.device)
+    order_BRS = torch.where(chosen_BRS, pos_S, pos_S + S).argsort(dim=-1)  # chosen first, ascending
+    n_BR = chosen_BRS.sum(-1)
+    N = int(n_BR.max()) if n_BR.numel() else 0
+    valid_BRN = pos_S[:N] < n_BR[..., None]
+    return torch.where(valid_BRN, order_BRS[..., :N], 0), valid_BRN
+
+
+def routed_heads_attention(q_BRSD: torch.Tensor, k_BRSD: torch.Tensor, v_BRSD: torch.Tensor,
+                           chosen_BRS: torch.Tensor, scale: float, doc_ids_BS: torch.Tensor | None = None,
+                           q_chunk: int = 128) -> torch.Tensor:
+    """Causal attention of each routed head for the tokens that chose it; (B, R, S, D), 0 elsewhere.
+
+    Args:
+        q_BRSD: the routed heads' queries; k_BRSD, v_BRSD: their keys and values (GQA already expanded).
+        chosen_BRS: (B, R, S) bool, which tokens run each head.
+        scale: softmax scale.
+        doc_ids_BS: (B, S) document ids, or None.
+        q_chunk: list entries per attention call.
+    """
+    B, R, S, D = q_BRSD.shape
+    t_BRN, valid_BRN = compact_choices(chosen_BRS)
+    N = t_BRN.shape[-1]
+    if N == 0:
+        return q_BRSD.new_zeros(B, R, S, v_BRSD.shape[-1])
+    starts = list(range(0, N, q_chunk))
+    n_chunks = len(starts)  # a chunk reads the keys up to its latest query over every row and head
+    last_C = F.pad(t_BRN, (0, n_chunks * q_chunk - N)).view(B * R, n_chunks, q_chunk).amax(dim=(0, 2))
+    key_lens = (last_C + 1).tolist()  # padding entries (0) never raise it
+    parts = []
+    for c0, L in zip(starts, key_lens):
+        t_BRC = t_BRN[..., c0 : c0 + q_chunk]
+        qg = torch.gather(q_BRSD, 2, t_BRC[..., None].expand(-1, -1, -1, D))
+        keep = torch.arange(L, device=t_BRC.device) <= t_BRC[..., None]
+        keep = _doc_keep(doc_ids_BS, keep, t_BRC)
+        parts.append(F.scaled_dot_product_attention(qg, k_BRSD[:, :, :L], v_BRSD[:, :, :L], attn_mask=keep,
+                                                    scale=scale))
+    o_BRND = torch.cat(parts, dim=2)  # the dtype autocast gave the attention
+    out = o_BRND.new_zeros(B, R, S + 1, o_BRND.shape[-1])  # position S takes the padding entries
+    index_BRN = torch.where(valid_BRN, t_BRN, S)[..., None].expand(-1, -1, -1, out.shape[-1])
+    return out.scatter(2, index_BRN, o_BRND)[:, :, :S]
+
+
+def _expand_kv(t_BKSD: torch.Tensor, H: int, dtype: torch.dtype) -> torch.Tensor:
+    """(B, H, S, D): each query head's KV head (an expand + copy: its backward is a sum, no scatter)."""
+    B, K, S, D = t_BKSD.shape
+    return t_BKSD.to(dtype)[:, :, None].expand(B, K, H // K, S, D).reshape(B, H, S, D)
+
+
+def _causal(q_BHSD: torch.Tensor, k_BHSD: torch.Tensor, v_BHSD: torch.Tensor, scale: float,
+            doc_ids_BS: torch.Tensor | None) -> torch.Tensor:
+    """Causal attention (within documents when ``doc_ids_BS`` is given), one flash call."""
+    if doc_ids_BS is None:
+        return F.scaled_dot_product_attention(q_BHSD, k_BHSD, v_BHSD, is_causal=True, scale=scale)
+    pos_S = torch.arange(q_BHSD.shape[2], device=q_BHSD.device)
+    keep_BSS = (pos_S[None, :] <= pos_S[:, None]) & (doc_ids_BS[:, None, :] == doc_ids_BS[:, :, None])
+    return F.scaled_dot_product_attention(q_BHSD, k_BHSD, v_BHSD, attn_mask=keep_BSS[:, None], scale=scale)
+
+
+def moh_attention_all_heads(q_BHSD: torch.Tensor, k_BKSD: torch.Tensor, v_BKSD: torch.Tensor, gates: MoHGates,
+                            scale: float, doc_ids_BS: torch.Tensor | None = None) -> torch.Tensor:
+    """Same result as :func:`~longshard.kernels.moh.naive.moh_attention_naive` with one causal flash call
+    over every head, then the gates (the reference's way: heads not chosen are computed and zeroed).
+    Cheaper than the routed path where the gathering costs more than the skipped heads (short sequences).
+    Decoding steps (Sq < Sk) use the naive form."""
+    B, H, S, D = q_BHSD.shape
+    if S != k_BKSD.shape[2]:
+        return moh_attention_naive(q_BHSD, k_BKSD, v_BKSD, gates, scale, doc_ids_BS)
+    acc = torch.promote_types(q_BHSD.dtype, torch.float32)
+    o = _causal(q_BHSD.to(acc), _expand_kv(k_BKSD, H, acc), _expand_kv(v_BKSD, H, acc), scale, doc_ids_BS)
+    return (o * gates.g_BSH.transpose(1, 2)[..., None]).to(q_BHSD.dtype)
 
 
 def moh_attention_routed(q_BHSD: torch.Tensor, k_BKSD: torch.Tensor, v_BKSD: torch.Tensor, gates: MoHGates,
-                         scale: float, doc_ids_BS: torch.Tensor | None = None, q_chunk: int = 256) -> torch.Tensor:
+                         scale: float, doc_ids_BS: torch.Tensor | None = None, q_chunk: int = 128) -> torch.Tensor:
     """Same result as :func:`~longshard.kernels.moh.naive.moh_attention_naive`; routed heads cost only the
-    tokens that chose them, so attention FLOPs fall with the share of active heads. Shared heads without
-    packed documents are one causal flash call; otherwise each chunk of ``q_chunk`` gathered queries
-    (ascending) reads the keys up to its last query, under activation checkpointing when training (its
-    mask and probabilities are not kept). Decoding steps (Sq < Sk) use the naive form."""
+    tokens that chose them, so attention FLOPs fall with the share of active heads. Shared heads are one
+    causal attention call (with a document mask when documents are packed); the routed heads are
+    :func:`routed_heads_attention`. Decoding steps (Sq < Sk) use the naive form.
+
+    Args: as :func:`~longshard.kernels.moh.naive.moh_attention_naive`; ``q_chunk``: list entries per
+    routed attention call.
+    """
     B, H, S, D = q_BHSD.shape
-    K, Sk = k_BKSD.shape[1], k_BKSD.shape[2]
-    if S != Sk:
+    if S != k_BKSD.shape[2]:
         return moh_attention_naive(q_BHSD, k_BKSD, v_BKSD, gates, scale, doc_ids_BS)
-    G = H // K
     Hr = gates.chosen_BSR.shape[-1]
     Hs = H - Hr
     acc = torch.promote_types(q_BHSD.dtype, torch.float32)
-    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q_BHSD, k_BKSD, v_BKSD))
-    shared = None
-    if Hs and doc_ids_BS is None:  # every token runs these heads: one causal flash call for all of them
-        kv = torch.arange(Hs, device=q_BHSD.device) // G
-        shared = F.scaled_dot_product_attention(q_BHSD[:, :Hs].to(acc), k_BKSD[:, kv].to(acc), v_BKSD[:, kv].to(acc),
-                                                is_causal=True, scale=scale)
-    rows = []
-    for b in range(B):
-        doc = None if doc_ids_BS is None else doc_ids_BS[b]
-        heads = [] if shared is None else list(shared[b])
-        for h in range(len(heads), H):
-            if h < Hs:
-                t_N = torch.arange(S, device=q_BHSD.device)
-            else:
-                t_N = torch.nonzero(gates.chosen_BSR[b, :, h - Hs]).flatten()  # ascending
-            out = q_BHSD.new_zeros(S, D, dtype=acc)
-            parts = []
-            for c in range(0, t_N.numel(), q_chunk):
-                t_c = t_N[c : c + q_chunk]
-                n_keys = int(t_c[-1]) + 1  # causal: no key of this chunk's queries lies past its last one
-                args = (q_BHSD[b, h, t_c], k_BKSD[b, h // G, :n_keys], v_BKSD[b, h // G, :n_keys], t_c,
-                        None if doc is None else doc[:n_keys], scale)
-                parts.append(checkpoint(_masked_sdpa, *args, use_reentrant=False) if grad else _masked_sdpa(*args))
-            if parts:
-                out = out.index_put((t_N,), torch.cat(parts).to(out.dtype))
-            heads.append(out)
-        rows.append(torch.stack(heads))
-    o = torch.stack(rows)  # (B, H, S, D): rows of routed heads not chosen stay 0
+    k_BHSD, v_BHSD = _expand_kv(k_BKSD, H, acc), _expand_kv(v_BKSD, H, acc)
+    heads = []
+    if Hs:
+        heads.append(_causal(q_BHSD[:, :Hs].to(acc), k_BHSD[:, :Hs], v_BHSD[:, :Hs], scale, doc_ids_BS))
+    if Hr:
+        heads.append(routed_heads_attention(q_BHSD[:, Hs:].to(acc), k_BHSD[:, Hs:], v_BHSD[:, Hs:],
+                                            gates.chosen_BSR.transpose(1, 2), scale, doc_ids_BS, q_chunk))
+    o = torch.cat(heads, dim=1) if len(heads) > 1 else heads[0]  # routed rows not chosen stay 0
     return (o * gates.g_BSH.transpose(1, 2)[..., None]).to(q_BHSD.dtype)

@@ -3,7 +3,8 @@
 Shared heads run for every token; each token runs its top-k routed heads (router over the layer
 input, renormalised over the chosen heads); the head outputs are weighted per token, the shared and
 routed groups by ``2 softmax(W0 x)``, before the output projection, and a load-balance loss keeps the
-routed heads in use (see :mod:`longshard.kernels.moh`). The ``routed`` path computes only the
+routed heads in use (see :mod:`longshard.kernels.moh`): the definitions of the reference code
+(SkyworkAI/MoH), checked against it in the tests. The ``routed`` path computes only the
 (token, head) pairs used, so attention FLOPs fall with the share of active heads.
 
 Ulysses: the routing of a token needs every head, so each rank routes its own sequence shard (all
@@ -20,7 +21,14 @@ from dataclasses import dataclass
 
 import torch
 from longshard.errors import require
-from longshard.kernels.moh import MoHGates, balance_loss, moh_attention_naive, moh_attention_routed, moh_gates
+from longshard.kernels.moh import (
+    MoHGates,
+    balance_loss,
+    moh_attention_all_heads,
+    moh_attention_naive,
+    moh_attention_routed,
+    moh_gates,
+)
 from longshard.models.attention.registry import (
     AttentionBatch,
     AttentionContext,
@@ -39,10 +47,18 @@ class MoHOptions(AttentionOptions):
     Args:
         shared_heads: heads every token runs (the first ones).
         top_k: routed heads each token runs (of the remaining heads).
-        balance_coef: weight of the load-balance loss (added to the training loss).
+        balance_coef: weight of the load-balance loss (added to the training loss); the loss is in the
+            reference's units (``top_k`` when balanced; before 2026-12 longshard's was that / ``top_k``, so an
+            old ``balance_coef`` c is c / top_k now).
         router_std: standard deviation of the routers' initial weights; 0 makes a converted dense
             checkpoint compute its own heads unchanged at step 0 (only the routed heads not chosen drop).
-        path: ``auto`` (= routed), ``routed`` or ``naive`` (every head computed, then gated).
+        path: ``auto`` (``routed`` from ``routed_min_len`` tokens on, else ``all_heads``), ``routed`` (only
+            the used (token, head) pairs), ``all_heads`` (every head in one flash call, then gated, as the
+            reference computes) or ``naive`` (the explicit-softmax specification).
+        routed_min_len: sequence length from which ``auto`` runs ``routed``; None (the default): never. On
+            CPU the routed path's training step measured 1.08-1.09x the all-heads one at 1K and 4K
+            (tiny_lm, benchmarks/RESULTS.md): PyTorch's masked flash attention reads every key of a chunk,
+            so gathering the chosen tokens saves less than it costs. Not yet measured on a GPU.
     """
 
     shared_heads: int = 2
@@ -50,14 +66,17 @@ class MoHOptions(AttentionOptions):
     balance_coef: float = 0.01
     router_std: float = 0.02
     path: str = "auto"
+    routed_min_len: int | None = None
 
     def __post_init__(self) -> None:
         require(self.shared_heads >= 0, "shared_heads", f"must be >= 0, got {self.shared_heads}.")
         require(self.top_k >= 0, "top_k", f"must be >= 0, got {self.top_k}.")
         require(self.balance_coef >= 0, "balance_coef", "must be >= 0.")
         require(self.router_std >= 0, "router_std", "must be >= 0.")
-        require(self.path in ("auto", "routed", "naive"), "path", f"unknown path {self.path!r}.",
-                "use auto, routed or naive.")
+        require(self.path in ("auto", "routed", "all_heads", "naive"), "path", f"unknown path {self.path!r}.",
+                "use auto, routed, all_heads or naive.")
+        require(self.routed_min_len is None or self.routed_min_len >= 0, "routed_min_len",
+                f"must be >= 0 or null, got {self.routed_min_len}.")
 
     def tensor_parallel_problem(self) -> str | None:
         return "moh has router parameters over all heads"
@@ -79,7 +98,8 @@ class MoHAttention(CoreAttention):
         self.scale = 1.0 / math.sqrt(ctx.head_dim)
         self.w_shared = nn.Parameter(torch.empty(opts.shared_heads, ctx.model_dim))
         self.w_routed = nn.Parameter(torch.empty(routed, ctx.model_dim))
-        self.w_mix = nn.Parameter(torch.empty(2, ctx.model_dim))
+        both = opts.shared_heads > 0 and routed > 0  # a lone group has no group weights (as the reference)
+        self.w_mix = nn.Parameter(torch.empty(2, ctx.model_dim)) if both else None
         self.head_slice: tuple[int, int] | None = None
         self.reset_variant_parameters()
 
@@ -88,7 +108,8 @@ class MoHAttention(CoreAttention):
         """Routers ~ N(0, router_std^2); the group weights start equal (W0 = 0: alpha = 1, 1)."""
         self.w_shared.normal_(0.0, self.opts.router_std)
         self.w_routed.normal_(0.0, self.opts.router_std)
-        self.w_mix.zero_()
+        if self.w_mix is not None:
+            self.w_mix.zero_()
 
     @property
     def active_heads(self) -> int:
@@ -135,11 +156,20 @@ class MoHAttention(CoreAttention):
         else:
             gates = moh_gates(batch.x_BSE, self.w_shared, self.w_routed, self.w_mix, self.opts.top_k)
         self.last_aux_loss = self.opts.balance_coef * gates.balance  # Transformer.aux_loss() adds it
-        fn = moh_attention_naive if self.opts.path == "naive" else moh_attention_routed
+        fn = {"naive": moh_attention_naive, "routed": moh_attention_routed,
+              "all_heads": moh_attention_all_heads}[self.resolve_path(q_BHSD.shape[2])]
         return fn(q_BHSD, k_BHSD, v_BHSD, gates, self.scale, batch.doc_ids_BS)
 
+    def resolve_path(self, seq_len: int) -> str:
+        """The path ``auto`` stands for at this sequence length."""
+        if self.opts.path != "auto":
+            return self.opts.path
+        min_len = self.opts.routed_min_len
+        return "routed" if min_len is not None and seq_len >= min_len else "all_heads"
+
     def kept_fraction(self, seq_len: int) -> float:
-        """Share of the (token, head) pairs computed (every key of a computed pair is read)."""
+        """Share of the (token, head) pairs the model uses (what the ``routed`` path computes; every key of a
+        used pair is read)."""
         return self.active_heads / self.ctx.n_heads
 
     def attention_flops_per_token(self, seq_len: int) -> float:

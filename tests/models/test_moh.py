@@ -1,6 +1,8 @@
 """MoH (Mixture-of-Head attention): the gates as defined (exactly 1 per active head at zero routers,
-top-k renormalised, balance 1 when the router is uniform); the routed path, which computes only the
-(token, head) pairs used, against the naive reference (every head computed, then gated) in outputs
+top-k renormalised, balance top_k when the router is uniform) and against the reference code's
+formulas as written (SkyworkAI/MoH: gates, lone groups, load-balance loss); the routed path, which
+computes only the (token, head) pairs used, and the all-heads flash path, against the naive reference
+(every head computed, then gated) in outputs
 and every gradient (q, k, v and the three routers) for MHA, GQA, MQA and Qwen2.5's 14/2 heads, odd
 lengths, packed documents, fp32 and bf16; the router in bf16; what it declares; an HF conversion."""
 
@@ -13,7 +15,7 @@ import pytest
 import torch
 from helpers import assert_rel, rel_err, tiny_llama_checkpoint
 from longshard.errors import ConfigError
-from longshard.kernels.moh import moh_attention_naive, moh_attention_routed, moh_gates
+from longshard.kernels.moh import moh_attention_all_heads, moh_attention_naive, moh_attention_routed, moh_gates
 from longshard.models.attention import AttentionContext, build_attention
 from longshard.train.config import load_config
 
@@ -39,7 +41,47 @@ def test_gates_follow_the_definition():
     zero = moh_gates(x, ws * 0, wr * 0, w0 * 0, 2)  # zero routers: every active head weighs exactly 1
     assert torch.equal(zero.g_BSH[..., :2], torch.ones(2, 9, 2))
     assert torch.equal(zero.g_BSH[..., 2:], zero.chosen_BSR.float())
-    assert float(zero.balance) == pytest.approx(1.0)  # uniform router probabilities
+    assert float(zero.balance) == pytest.approx(2.0)  # uniform router probabilities: top_k, as the reference
+
+
+def _reference_gates(x, ws, wr, w0, k):
+    """The gates and load-balance loss of SkyworkAI/MoH (MoH-ViT/attention.py, ``Attention.forward``), the
+    formulas as that code writes them: softmax over the routed heads, top-k mask, renormalised (eps clamp)
+    times k; ``mean(me * ce) * E * E``; shared heads ``softmax * Hs`` (ones for a single one); the group
+    weights ``2 softmax(wg_0 x)`` only when both groups exist."""
+    E = x.shape[-1]
+    xf = x.reshape(-1, E)
+    Hs, Hr = ws.shape[0], wr.shape[0]
+    routed = l_aux = None
+    if Hr:
+        probs = torch.softmax(xf @ wr.t(), dim=1)
+        mask = torch.nn.functional.one_hot(probs.topk(k, dim=1).indices, Hr).sum(1)
+        l_aux = torch.mean(probs.mean(0) * mask.float().mean(0)) * Hr * Hr
+        routed = probs * mask
+        routed = routed / routed.sum(1, keepdim=True).clamp(min=torch.finfo(routed.dtype).eps) * k
+    shared = torch.softmax(xf @ ws.t(), dim=1) * Hs if Hs > 1 else torch.ones(xf.shape[0], Hs) * Hs
+    if Hr and Hs:
+        w = torch.softmax(xf @ w0.t(), dim=1) * 2
+        gates = torch.cat([w[:, :1] * shared, w[:, 1:] * routed], dim=1)
+    else:
+        gates = routed if Hr else shared
+    return gates.view(*x.shape[:-1], -1), l_aux
+
+
+@pytest.mark.parametrize("Hs,Hr,k", [(2, 4, 2), (1, 5, 3), (0, 6, 2), (4, 0, 0), (3, 11, 4)])
+def test_gates_and_balance_loss_match_the_reference_code(Hs, Hr, k):
+    """fp32, 1e-6: the same formulas in a different order (float rounding only). Lone groups (no shared or
+    no routed heads) carry no group weight; the balance loss is the reference's (top_k when balanced)."""
+    x = torch.randn(3, 17, 16, generator=torch.Generator().manual_seed(2))
+    ws, wr, w0 = _routers(Hs, Hr, 16)
+    ref_g, ref_aux = _reference_gates(x, ws, wr, w0, k)
+    got = moh_gates(x, ws, wr, w0 if Hs and Hr else None, k)
+    assert_rel("gates", ref_g, got.g_BSH, 1e-6)
+    if Hr:
+        assert_rel("balance", ref_aux, got.balance, 1e-6)
+    ctx = AttentionContext(layer_idx=0, n_layers=1, n_heads=Hs + Hr, n_kv_heads=1, head_dim=8, model_dim=16)
+    layer = build_attention("moh", {"shared_heads": Hs, "top_k": k}, ctx)
+    assert (layer.w_mix is None) == (not (Hs and Hr))  # no unused parameter for a lone group
 
 
 LAYOUTS = [(4, 2, 1, 2), (4, 1, 2, 1), (14, 2, 4, 3), (8, 8, 2, 3)]  # H, K, shared, top_k
@@ -58,7 +100,7 @@ def test_routed_matches_naive_with_every_gradient(H, K, Hs, k, packed, q_chunk):
     routers = [w.requires_grad_() for w in _routers(Hs, H - Hs, E)]
     doc = (torch.arange(S)[None] >= torch.tensor([[S // 3], [S // 2]])).long() if packed else None
     results = []
-    for fn in (moh_attention_naive, partial(moh_attention_routed, q_chunk=q_chunk)):
+    for fn in (moh_attention_naive, partial(moh_attention_routed, q_chunk=q_chunk), moh_attention_all_heads):
         gates = moh_gates(x, *routers, k)
         out = fn(q, kk, v, gates, 1 / math.sqrt(D), doc)
         ((out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum() + gates.balance).backward()
@@ -66,10 +108,11 @@ def test_routed_matches_naive_with_every_gradient(H, K, Hs, k, packed, q_chunk):
         results.append((out.detach(), [t.grad.clone() for t in leaves]))
         for t in leaves:
             t.grad = None
-    (o_ref, g_ref), (o, g_out) = results
-    assert_rel("out", o_ref, o, 1e-5)
-    for name, a, b in zip(("dq", "dk", "dv", "dW_shared", "dW_routed", "dW0"), g_ref, g_out):
-        assert_rel(name, a, b, 1e-5)
+    (o_ref, g_ref), (o, g_out), (o_all, g_all) = results
+    for path, (po, pg) in {"routed": (o, g_out), "all_heads": (o_all, g_all)}.items():
+        assert_rel(f"{path} out", o_ref, po, 1e-5)
+        for name, a, b in zip(("dq", "dk", "dv", "dW_shared", "dW_routed", "dW0"), g_ref, pg):
+            assert_rel(f"{path} {name}", a, b, 1e-5)
     assert g_ref[4].abs().max() > 0 and g_ref[5].abs().max() > 0  # the routers and mixing weights train
     chosen = moh_gates(x, *routers, k).chosen_BSR
     unchosen = ~chosen.transpose(1, 2)  # (B, Hr, S): those rows are exactly 0
@@ -180,6 +223,18 @@ def test_quickstart_trains_with_moh(dtype, sp, tmp_path, env_cpu):
     metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     first = next(m for m in metrics if "attn_kept_fraction" in m)
     assert first["attn_kept_fraction"] == 0.5 and first["aux_loss"] > 0
-    # the balance loss of each of the 2 layers, logged apart (1 when balanced, times balance_coef 0.01)
+    # the balance loss of each of the 2 layers, logged apart (top_k = 1 when balanced, times balance_coef 0.01)
     parts = [first["aux/layer0"], first["aux/layer1"]]
     assert sum(parts) == pytest.approx(first["aux_loss"]) and all(0.005 < p < 0.05 for p in parts)
+
+
+def test_auto_path_runs_all_heads_unless_a_routed_length_is_set():
+    """``auto`` is ``all_heads`` (measured cheaper on CPU, RESULTS.md) unless ``routed_min_len`` is set; both
+    give the naive result (test above), so the choice is only a cost."""
+    ctx = AttentionContext(layer_idx=0, n_layers=1, n_heads=6, n_kv_heads=2, head_dim=8, model_dim=16)
+    assert build_attention("moh", {}, ctx).resolve_path(1 << 20) == "all_heads"
+    core = build_attention("moh", {"routed_min_len": 1024}, ctx)
+    assert (core.resolve_path(1023), core.resolve_path(1024)) == ("all_heads", "routed")
+    assert build_attention("moh", {"path": "routed"}, ctx).resolve_path(8) == "routed"
+    with pytest.raises(ConfigError, match="routed_min_len"):
+        build_attention("moh", {"routed_min_len": -1}, ctx)
