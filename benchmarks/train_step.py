@@ -103,6 +103,17 @@ def measure(variant: str, S: int, sizes: dict, device: torch.device, steps: int,
             "peak_mem_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None}
 
 
+def _median_round(samples: list[dict]) -> dict:
+    """The round with the median step time (an error if any round failed); ``step_s_rounds`` lists all."""
+    bad = [r for r in samples if "error" in r]
+    if bad:
+        return bad[0]
+    ordered = sorted(samples, key=lambda r: r["step_s"])
+    rec = dict(ordered[(len(ordered) - 1) // 2])
+    rec["step_s_rounds"] = [r["step_s"] for r in samples]
+    return rec
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--lengths", type=int, nargs="+", default=[8192, 32768])
@@ -112,6 +123,9 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=1, help="sequences per step")
     ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"], help="bf16 autocast or plain fp32")
     ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="run the variant list this many times, interleaved; each variant's step time is the "
+                         "median over rounds (a noisy machine drifts less between a variant and dense)")
     ap.add_argument("--cpu-smoke", action="store_true", help="tiny model on CPU: checks the script runs")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
@@ -126,12 +140,17 @@ def main() -> None:
     rows = []
     print(f"{'variant':8s} {'S':>7s} {'step s':>8s} {'tokens/s':>10s} {'TFLOP/s':>8s} {'MFU':>6s}")
     for S in lengths:
+        samples: dict[str, list[dict]] = {v: [] for v in variants}
+        for _ in range(max(1, args.rounds)):  # round-robin: a slow spell of the machine hits every variant
+            for v in variants:
+                try:
+                    rec = measure(v, S, sizes, device, 1 if args.cpu_smoke else args.steps, table, args.batch, dtype)
+                except torch.cuda.OutOfMemoryError as e:  # a length the variant cannot hold: say so, go on
+                    rec = {"variant": v, "seq_len": S, "error": f"out of memory: {str(e)[:200]}"}
+                    torch.cuda.empty_cache()
+                samples[v].append(rec)
         for v in variants:
-            try:
-                rec = measure(v, S, sizes, device, 1 if args.cpu_smoke else args.steps, table, args.batch, dtype)
-            except torch.cuda.OutOfMemoryError as e:  # a length the variant cannot hold: say so, go on
-                rec = {"variant": v, "seq_len": S, "error": f"out of memory: {str(e)[:200]}"}
-                torch.cuda.empty_cache()
+            rec = _median_round(samples[v])
             rows.append(rec)
             if "error" in rec:
                 print(f"{v:8s} {S:7d} {rec['error'][:60]}")
