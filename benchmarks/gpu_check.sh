@@ -54,7 +54,7 @@ else
   ARCH=$(python3 -c "import torch;m=torch.cuda.get_device_capability()[0];print(90 if m>=9 else 80)")
   step compile 90 bash -c "python3 -m longshard.kernels.triton_compile --jobs 8 >'$OUT/compile.jsonl'"
   step pytest 150 python3 -m pytest -q -p no:cacheprovider -m "gpu or triton" tests/kernels/test_triton_kernels.py \
-       tests/kernels/test_flex.py tests/models/test_offload.py tests/kernels/test_doc_chunked.py tests/kernels/test_ring_pairs.py tests/models/test_dma.py --junitxml="$OUT/pytest.xml"
+       tests/kernels/test_flex.py tests/models/test_offload.py tests/kernels/test_doc_chunked.py tests/kernels/test_ring_pairs.py tests/kernels/test_flash_pairs.py tests/models/test_dma.py --junitxml="$OUT/pytest.xml"
   step kernels_bench 90 python3 benchmarks/kernels.py --lengths 8192 32768 --json "$OUT/kernels.json"
   step train_step 140 python3 benchmarks/train_step.py --lengths 8192 32768 --json "$OUT/train_step.json"
   echo "arch sm_$ARCH" >>"$OUT/env.txt"

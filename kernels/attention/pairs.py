@@ -5,8 +5,10 @@ same chunk (causal); packed documents restrict both. The forward returns the par
 log-sum-exp (merged across pairs with :func:`~longshard.kernels.attention.fused_cpu.merge_partials`);
 the backward takes the *merged* log-sum-exp and ``delta = rowsum(dO * O)`` of the whole attention, so
 each pair's gradients are exact without keeping any pair's probabilities (as ring-flash-attn does with
-flash-attn). Two fused backends, picked by device:
+flash-attn). Fused backends, picked by device:
 
+* CUDA with flash-attn installed: flash-attn's own forward/backward for the pairs it takes
+  (:mod:`longshard.kernels.attention.flash_pairs`), the Triton kernel below for the others;
 * CPU: PyTorch's fused flash-attention CPU kernel (documents as an additive mask of the pair);
 * CUDA (and CPU under ``TRITON_INTERPRET=1``): the block-sparse Triton kernel of
   :mod:`longshard.kernels.block_sparse.triton` with every block kept (or the causal ones), documents
@@ -176,17 +178,28 @@ class TritonPairs:
                                grad_dtype=torch.float32)[:3]
 
 
-def pair_kernel(device: torch.device, scale: float, backend: str = "auto") -> CpuPairs | TritonPairs:
-    """The fused pair backend for ``device``: ``triton`` on CUDA, ``cpu_fused`` on CPU.
+def pair_kernel(device: torch.device, scale: float, backend: str = "auto"):
+    """The fused pair backend for ``device``.
 
     Args:
         device: where the chunks live.
         scale: softmax scale.
-        backend: ``auto``, or ``triton`` / ``cpu_fused`` to force one (``triton`` on CPU needs
-            ``TRITON_INTERPRET=1``: how the CUDA path is tested without a GPU).
+        backend: ``auto`` (CUDA: flash-attn's forward/backward with the log-sum-exp when flash-attn is
+            installed, for the pairs it takes -- fp16/bf16, no packed documents -- and the Triton kernel
+            for the others; CPU: PyTorch's fused kernel), or ``flash_attn`` / ``triton`` / ``cpu_fused``
+            to force one (``triton`` on CPU needs ``TRITON_INTERPRET=1``: how the CUDA path is tested
+            without a GPU).
     """
+    from longshard.kernels.attention.flash_pairs import FlashAttnPairs, flash_attn_installed
+
     if backend == "auto":
-        backend = "triton" if device.type == "cuda" else "cpu_fused"
+        backend = ("flash_attn" if flash_attn_installed() else "triton") if device.type == "cuda" else "cpu_fused"
+    if backend == "flash_attn":
+        if not flash_attn_installed():
+            raise ValueError("pair backend flash_attn: the flash-attn package is not installed "
+                             "(pip install flash-attn --no-build-isolation), or use auto / triton")
+        fallback = pair_kernel(device, scale, "triton" if device.type == "cuda" else "cpu_fused")
+        return FlashAttnPairs(scale, fallback)
     if backend == "triton":
         from longshard.kernels.triton_support import require_triton
 
@@ -194,4 +207,4 @@ def pair_kernel(device: torch.device, scale: float, backend: str = "auto") -> Cp
         return TritonPairs(scale)
     if backend == "cpu_fused":
         return CpuPairs(scale)
-    raise ValueError(f"unknown pair backend {backend!r}: use auto, triton or cpu_fused")
+    raise ValueError(f"unknown pair backend {backend!r}: use auto, flash_attn, triton or cpu_fused")
