@@ -124,8 +124,8 @@ def main() -> None:
     ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"], help="bf16 autocast or plain fp32")
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--rounds", type=int, default=1,
-                    help="run the variant list this many times, interleaved; each variant's step time is the "
-                         "median over rounds (a noisy machine drifts less between a variant and dense)")
+                    help="run the variant list this many times, interleaved, each round starting one variant "
+                         "later (no variant always first); each variant's step time is the median over rounds")
     ap.add_argument("--cpu-smoke", action="store_true", help="tiny model on CPU: checks the script runs")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
@@ -141,8 +141,8 @@ def main() -> None:
     print(f"{'variant':8s} {'S':>7s} {'step s':>8s} {'tokens/s':>10s} {'TFLOP/s':>8s} {'MFU':>6s}")
     for S in lengths:
         samples: dict[str, list[dict]] = {v: [] for v in variants}
-        for _ in range(max(1, args.rounds)):  # round-robin: a slow spell of the machine hits every variant
-            for v in variants:
+        for i in range(max(1, args.rounds)):  # round-robin: a slow spell of the machine hits every variant;
+            for v in variants[i % len(variants):] + variants[: i % len(variants)]:  # each round starts elsewhere
                 try:
                     rec = measure(v, S, sizes, device, 1 if args.cpu_smoke else args.steps, table, args.batch, dtype)
                 except torch.cuda.OutOfMemoryError as e:  # a length the variant cannot hold: say so, go on

@@ -37,6 +37,7 @@ from longshard.parallel.deepspeed_engine import (
     weights_only_loading,
 )
 from longshard.parallel.env import all_agree, all_sum
+from longshard.train.checkpoint_keys import canonical_fqn, read_renamed, rename_fqns
 from longshard.train.checkpoint_read import (  # noqa: F401 - the checkpoint API, re-exported
     CONFIG_FILE,
     DS_TAG,
@@ -114,7 +115,8 @@ class DCPStates:
 
     def snapshot(self) -> dict:
         """The state to write (taken once: the byte estimate and the write use the same tensors)."""
-        return dict(zip(("model", "optim"), get_state_dict(self.model, self.optimizer)))
+        live = dict(zip(("model", "optim"), get_state_dict(self.model, self.optimizer)))
+        return rename_fqns(live, canonical_fqn)  # the unwrapped model's names: loadable in any layout
 
     def local_bytes(self, snapshot: dict, rank: int) -> int:
         """Bytes this rank writes: DTensor shards by every rank, replicated tensors once (rank 0)."""
@@ -137,8 +139,7 @@ class DCPStates:
 
     def read(self, path: Path) -> None:
         model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
-        state = {"model": model_sd, "optim": optim_sd}
-        read_dcp(state, path)
+        state = read_renamed({"model": model_sd, "optim": optim_sd}, path, read_dcp, checkpoint_keys(path))
         set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
 
 
@@ -393,6 +394,11 @@ class Checkpointer:
         return trainer_state
 
 
+def checkpoint_keys(path: Path) -> list[str]:
+    """The state keys a DCP checkpoint holds (its metadata, read by the safe reader)."""
+    return list(read_metadata_safe(path).state_dict_metadata)
+
+
 def load_model_weights(path: str | Path, model: nn.Module) -> None:
     """Load only the model weights of checkpoint ``path`` into an unwrapped model (any process count)."""
     path = Path(path)
@@ -403,6 +409,5 @@ def load_model_weights(path: str | Path, model: nn.Module) -> None:
     if not (path / ".metadata").is_file():
         raise CheckpointError(f"{path / '.metadata'} is missing: {path} is not a complete DCP checkpoint.")
     check_metadata_safe(path)
-    state = {"model": model.state_dict()}
-    read_dcp(state, path)
+    state = read_renamed({"model": model.state_dict()}, path, read_dcp, checkpoint_keys(path))
     model.load_state_dict(state["model"])
