@@ -164,8 +164,44 @@ def dma_record(q, k, v, block: int, reps: int, common: dict, base_name: str, bas
     return rec
 
 
+def _pair_ms(ops, q, k, v, causal: bool, reps: int) -> tuple[float, float]:
+    """Median ms of a pair's forward and of its backward from (here: its own) merged statistics."""
+    o, lse = ops.forward(q, k, v, causal)
+    do = torch.randn_like(o).to(q.dtype)
+    delta = (do.float() * o.to(q.dtype).float()).sum(-1)
+    fwd = timed(lambda: ops.forward(q, k, v, causal), reps, False)
+    bwd = timed(lambda: ops.backward(do, q, k, v, o.to(q.dtype), lse, delta, causal), reps, False)
+    return fwd, bwd
+
+
+def ring_pair_records(S: int, dtype: torch.dtype, reps: int, heads: int, head_dim: int) -> list[dict]:
+    """One ring step of an 8-rank zigzag ring at length ``S`` (a chunk of S / 16 queries against a visible
+    and against its own, causal, key chunk): flash-attn's forward/backward with the log-sum-exp against
+    the Triton pair kernel, forward and forward + backward (from merged statistics) in ms. Empty when
+    flash-attn or a GPU is missing."""
+    from longshard.kernels.attention.flash_pairs import FlashAttnPairs, flash_attn_installed
+    from longshard.kernels.attention.pairs import TritonPairs
+
+    if not (torch.cuda.is_available() and flash_attn_installed()) or dtype not in (torch.float16, torch.bfloat16):
+        return []
+    n, scale = S // 16, head_dim ** -0.5
+    q = torch.randn(1, heads, n, head_dim, device="cuda", dtype=dtype)
+    k, v = (torch.randn(1, max(1, heads // 4), n, head_dim, device="cuda", dtype=dtype) for _ in range(2))
+    out = []
+    for causal in (False, True):
+        rec = {"kernel": "ring_pair", "seq_len": S, "chunk": n, "causal": causal, "dtype": str(dtype)}
+        for name, ops in (("flash_attn", FlashAttnPairs(scale, TritonPairs(scale))), ("triton", TritonPairs(scale))):
+            rec[f"{name}_fwd_ms"], rec[f"{name}_bwd_ms"] = _pair_ms(ops, q, k, v, causal, reps)
+        rec["flash_vs_triton_fwd_bwd"] = ((rec["triton_fwd_ms"] + rec["triton_bwd_ms"])
+                                          / (rec["flash_attn_fwd_ms"] + rec["flash_attn_bwd_ms"]))
+        print(json.dumps(rec), flush=True)
+        out.append(rec)
+    return out
+
+
 def run(lengths: list[int], dtype: torch.dtype, reps: int, heads: int, head_dim: int, block: int) -> list[dict]:
-    return [r for S in lengths for r in measure_length(S, dtype, reps, heads, head_dim, block)]
+    return [r for S in lengths for r in (*measure_length(S, dtype, reps, heads, head_dim, block),
+                                         *ring_pair_records(S, dtype, reps, heads, head_dim))]
 
 
 def main(argv: list[str] | None = None) -> int:
