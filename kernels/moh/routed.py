@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from longshard.kernels.attention.doc_chunked import doc_chunked_attention
 from longshard.kernels.moh.gates import MoHGates
 from longshard.kernels.moh.naive import moh_attention_naive
 
@@ -87,12 +88,11 @@ def _expand_kv(t_BKSD: torch.Tensor, H: int, dtype: torch.dtype) -> torch.Tensor
 
 def _causal(q_BHSD: torch.Tensor, k_BHSD: torch.Tensor, v_BHSD: torch.Tensor, scale: float,
             doc_ids_BS: torch.Tensor | None) -> torch.Tensor:
-    """Causal attention (within documents when ``doc_ids_BS`` is given), one flash call."""
+    """Causal attention (within documents when ``doc_ids_BS`` is given: the dense core's query-chunked
+    document path, no S x S mask), flash kernels."""
     if doc_ids_BS is None:
         return F.scaled_dot_product_attention(q_BHSD, k_BHSD, v_BHSD, is_causal=True, scale=scale)
-    pos_S = torch.arange(q_BHSD.shape[2], device=q_BHSD.device)
-    keep_BSS = (pos_S[None, :] <= pos_S[:, None]) & (doc_ids_BS[:, None, :] == doc_ids_BS[:, :, None])
-    return F.scaled_dot_product_attention(q_BHSD, k_BHSD, v_BHSD, attn_mask=keep_BSS[:, None], scale=scale)
+    return doc_chunked_attention(q_BHSD, k_BHSD, v_BHSD, doc_ids_BS, scale)
 
 
 def moh_attention_all_heads(q_BHSD: torch.Tensor, k_BKSD: torch.Tensor, v_BKSD: torch.Tensor, gates: MoHGates,
