@@ -19,6 +19,21 @@ if triton is not None:
         return i // M, start + i % M
 
     @triton.jit
+    def _query_program(H, S, GROUP, KV_H, BLOCK: tl.constexpr, SHARE: tl.constexpr, BLOCK_M: tl.constexpr):
+        """Where a forward / dQ program works: its query block, first row, batch (64-bit), stacked head set,
+        first head, its KV head's first row, and the tile's (head in the set, position) rows."""
+        qb = tl.program_id(0) // (BLOCK // BLOCK_M)
+        start_m = qb * BLOCK + (tl.program_id(0) % (BLOCK // BLOCK_M)) * BLOCK_M
+        bp = tl.program_id(1)  # batch x stacked head set
+        HP = H // SHARE
+        b = (bp // HP).to(tl.int64)
+        hp = bp % HP
+        first = hp * SHARE
+        kv_row = (b * KV_H + first // GROUP) * S
+        local, pos = _rows(start_m, BLOCK_M, SHARE)
+        return qb, start_m, b, hp, first, kv_row, local, pos
+
+    @triton.jit
     def _keep_tile(pos_m, offs_n, S, shift, win, sink, dq_doc, dk_doc, sel, kb, HAS_WIN: tl.constexpr,
                    HAS_DOC: tl.constexpr, HAS_SEL: tl.constexpr):
         # causal with query positions ``shift`` ahead of the keys (0: the same frame; >= S: all visible)
@@ -123,15 +138,7 @@ if triton is not None:
     ):
         # one program per BLOCK_M query rows of a query block (x SHARE stacked heads); the kept key
         # blocks of that query block are walked in sub-tiles of BLOCK_N keys
-        qb = tl.program_id(0) // (BLOCK // BLOCK_M)
-        start_m = qb * BLOCK + (tl.program_id(0) % (BLOCK // BLOCK_M)) * BLOCK_M
-        bp = tl.program_id(1)  # batch x stacked head set
-        HP = H // SHARE
-        b = (bp // HP).to(tl.int64)
-        hp = bp % HP
-        first = hp * SHARE
-        kv_row = (b * KV_H + first // GROUP) * S
-        local, pos = _rows(start_m, BLOCK_M, SHARE)
+        qb, start_m, b, hp, first, kv_row, local, pos = _query_program(H, S, GROUP, KV_H, BLOCK, SHARE, BLOCK_M)
         head = first + local
         offs_d = tl.arange(0, BLOCK_D)
         m_ok = pos < S
@@ -178,15 +185,7 @@ if triton is not None:
         HAS_DOC: tl.constexpr, F32: tl.constexpr, N_SEL: tl.constexpr, HAS_SEL: tl.constexpr,
         HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     ):
-        qb = tl.program_id(0) // (BLOCK // BLOCK_M)
-        start_m = qb * BLOCK + (tl.program_id(0) % (BLOCK // BLOCK_M)) * BLOCK_M
-        bp = tl.program_id(1)
-        HP = H // SHARE
-        b = (bp // HP).to(tl.int64)
-        hp = bp % HP
-        first = hp * SHARE
-        kv_row = (b * KV_H + first // GROUP) * S
-        local, pos = _rows(start_m, BLOCK_M, SHARE)
+        qb, start_m, b, hp, first, kv_row, local, pos = _query_program(H, S, GROUP, KV_H, BLOCK, SHARE, BLOCK_M)
         head = first + local
         offs_d = tl.arange(0, BLOCK_D)
         d_ok = offs_d < D
