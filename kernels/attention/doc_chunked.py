@@ -70,7 +70,7 @@ class _FusedDocChunked(torch.autograd.Function):
         B, H, S, D = q_BHSD.shape
         rep = H // k_BKSD.shape[1]
         o_BHSD = torch.empty_like(q_BHSD)
-        lse_BHS = torch.empty(B, H, S, dtype=torch.float32, device=q_BHSD.device)
+        lse_BHS = torch.empty(B, H, S, dtype=torch.promote_types(q_BHSD.dtype, torch.float32), device=q_BHSD.device)
         for q0, q1, k0 in chunks:
             kc = k_BKSD[:, :, k0:q1].repeat_interleave(rep, 1)
             vc = v_BKSD[:, :, k0:q1].repeat_interleave(rep, 1)

@@ -78,7 +78,7 @@ def dma_attention_gather(
     grow with S. Decoding steps (Sq < Sk) use the naive form.
     """
     B, H, Sq, D = q_BHSD.shape
-    K, Sk = k_BKSD.shape[1], k_BKSD.shape[2]
+    Sk = k_BKSD.shape[2]
     if Sq != Sk:
         return dma_attention_naive(q_BHSD, k_BKSD, v_BKSD, a_K, delta_KD, block, keep_blocks, scale, doc_ids_BS,
                                    dt_bias_K=dt_bias_K, exp_bias=exp_bias, keep_own=keep_own)
@@ -89,10 +89,8 @@ def dma_attention_gather(
     outs = []
     if first:
         P = min(Sq, first * block)
-        E = qa.shape[-1]
-        ka_H = ka[:, :, None, :P].expand(B, K, H // K, P, E).reshape(B, H, P, E)
-        va_H = va[:, :, None, :P].expand(B, K, H // K, P, E).reshape(B, H, P, E)
-        outs.append(F.scaled_dot_product_attention(qa[:, :, :P], ka_H, va_H, is_causal=True, scale=scale))
+        outs.append(F.scaled_dot_product_attention(qa[:, :, :P], ka[:, :, :P], va[:, :, :P], is_causal=True,
+                                                   scale=scale, enable_gqa=True))
     if first < n:
         idx, ok, _ = select_key_blocks(bias_BKS, block, keep_blocks, Sq, Sk, doc_ids_BS, keep_own)
         q_pad = F.pad(qa, (0, 0, 0, n * block - Sq)).view(B, H, n, block, qa.shape[-1])

@@ -80,19 +80,27 @@ def routed_heads_attention(q_BRSD: torch.Tensor, k_BRSD: torch.Tensor, v_BRSD: t
     return out.scatter(2, index_BRN, o_BRND)[:, :, :S]
 
 
-def _expand_kv(t_BKSD: torch.Tensor, H: int, dtype: torch.dtype) -> torch.Tensor:
-    """(B, H, S, D): each query head's KV head (an expand + copy: its backward is a sum, no scatter)."""
-    B, K, S, D = t_BKSD.shape
-    return t_BKSD.to(dtype)[:, :, None].expand(B, K, H // K, S, D).reshape(B, H, S, D)
+def _heads_kv(t_BKSD: torch.Tensor, start: int, stop: int, H: int, dtype: torch.dtype) -> torch.Tensor:
+    """The KV heads of query heads [start, stop), as few as grouped-query attention allows: the KV heads
+    themselves when the query heads cover whole groups or lie in one group, else one copy per query head
+    (its backward sums them)."""
+    rep = H // t_BKSD.shape[1]
+    t_BKSD = t_BKSD.to(dtype)
+    if start % rep == 0 and (stop - start) % rep == 0:
+        return t_BKSD[:, start // rep : stop // rep]
+    if start // rep == (stop - 1) // rep:  # one group: its KV head serves them all
+        return t_BKSD[:, start // rep : start // rep + 1]
+    return t_BKSD.index_select(1, torch.arange(start, stop, device=t_BKSD.device) // rep)
 
 
-def _causal(q_BHSD: torch.Tensor, k_BHSD: torch.Tensor, v_BHSD: torch.Tensor, scale: float,
+def _causal(q_BHSD: torch.Tensor, k_BKSD: torch.Tensor, v_BKSD: torch.Tensor, scale: float,
             doc_ids_BS: torch.Tensor | None) -> torch.Tensor:
-    """Causal attention (within documents when ``doc_ids_BS`` is given: the dense core's query-chunked
-    document path, no S x S mask), flash kernels."""
+    """Causal attention with K dividing H, no copies of the KV heads (within documents when ``doc_ids_BS``
+    is given: the dense core's query-chunked document path, no S x S mask), flash kernels."""
     if doc_ids_BS is None:
-        return F.scaled_dot_product_attention(q_BHSD, k_BHSD, v_BHSD, is_causal=True, scale=scale)
-    return doc_chunked_attention(q_BHSD, k_BHSD, v_BHSD, doc_ids_BS, scale)
+        return F.scaled_dot_product_attention(q_BHSD, k_BKSD, v_BKSD, is_causal=True, scale=scale,
+                                              enable_gqa=True)
+    return doc_chunked_attention(q_BHSD, k_BKSD, v_BKSD, doc_ids_BS, scale)
 
 
 def moh_attention_all_heads(q_BHSD: torch.Tensor, k_BKSD: torch.Tensor, v_BKSD: torch.Tensor, gates: MoHGates,
@@ -105,7 +113,7 @@ def moh_attention_all_heads(q_BHSD: torch.Tensor, k_BKSD: torch.Tensor, v_BKSD: 
     if S != k_BKSD.shape[2]:
         return moh_attention_naive(q_BHSD, k_BKSD, v_BKSD, gates, scale, doc_ids_BS)
     acc = torch.promote_types(q_BHSD.dtype, torch.float32)
-    o = _causal(q_BHSD.to(acc), _expand_kv(k_BKSD, H, acc), _expand_kv(v_BKSD, H, acc), scale, doc_ids_BS)
+    o = _causal(q_BHSD.to(acc), k_BKSD.to(acc), v_BKSD.to(acc), scale, doc_ids_BS)
     return (o * gates.g_BSH.transpose(1, 2)[..., None]).to(q_BHSD.dtype)
 
 
@@ -125,12 +133,14 @@ def moh_attention_routed(q_BHSD: torch.Tensor, k_BKSD: torch.Tensor, v_BKSD: tor
     Hr = gates.chosen_BSR.shape[-1]
     Hs = H - Hr
     acc = torch.promote_types(q_BHSD.dtype, torch.float32)
-    k_BHSD, v_BHSD = _expand_kv(k_BKSD, H, acc), _expand_kv(v_BKSD, H, acc)
     heads = []
     if Hs:
-        heads.append(_causal(q_BHSD[:, :Hs].to(acc), k_BHSD[:, :Hs], v_BHSD[:, :Hs], scale, doc_ids_BS))
-    if Hr:
-        heads.append(routed_heads_attention(q_BHSD[:, Hs:].to(acc), k_BHSD[:, Hs:], v_BHSD[:, Hs:],
+        heads.append(_causal(q_BHSD[:, :Hs].to(acc), _heads_kv(k_BKSD, 0, Hs, H, acc), _heads_kv(v_BKSD, 0, Hs, H, acc),
+                             scale, doc_ids_BS))
+    if Hr:  # the routed path's kernels take one KV head per query head
+        idx = torch.arange(Hs, H, device=k_BKSD.device) // (H // k_BKSD.shape[1])
+        k_BRSD, v_BRSD = k_BKSD.to(acc).index_select(1, idx), v_BKSD.to(acc).index_select(1, idx)
+        heads.append(routed_heads_attention(q_BHSD[:, Hs:].to(acc), k_BRSD, v_BRSD,
                                             gates.chosen_BSR.transpose(1, 2), scale, doc_ids_BS, q_chunk))
     o = torch.cat(heads, dim=1) if len(heads) > 1 else heads[0]  # routed rows not chosen stay 0
     return (o * gates.g_BSH.transpose(1, 2)[..., None]).to(q_BHSD.dtype)

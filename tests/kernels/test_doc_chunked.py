@@ -76,6 +76,24 @@ def test_doc_chunked_bf16(fused):
         assert_rel(label, a, b.float(), BF16_TOL)
 
 
+def test_doc_chunked_fp64():
+    """fp64 in (gradient checks, reference runs): the fused kernel's log-sum-exp is fp64 too (it was
+    allocated fp32 and the fused backward refused it). 1e-6: PyTorch's fused CPU kernel takes its exp from
+    a fast approximation (~1e-7 relative, observed 1.1e-7) even in fp64; a wrong key moves it by > 1e-2."""
+    B, H, Hk, S, D, scale = 2, 4, 2, 41, 8, 0.3
+    q, k, v, go = _inputs(B, H, Hk, S, D, seed=6, dtype=torch.float64)
+    doc = (torch.arange(S)[None] // 13).expand(B, S).contiguous()
+    rep = H // Hk
+    ref = attention_naive(q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1), causal_doc_mask(S, S, doc),
+                          scale)
+    out = doc_chunked_attention(q, k, v, doc, scale, chunk=16, fused=True)
+    assert out.dtype == torch.float64
+    assert_rel("o", ref, out, 1e-6)
+    ref_grads = torch.autograd.grad(ref, (q, k, v), go)
+    for label, a, b in zip(("dq", "dk", "dv"), ref_grads, torch.autograd.grad(out, (q, k, v), go), strict=True):
+        assert_rel(label, a, b, 1e-6)
+
+
 def test_dense_core_never_builds_a_full_mask():
     """The dense core with packed documents allocates nothing of S x S elements (forward or backward)."""
     from longshard.train.memory import TensorMemoryTracker

@@ -84,7 +84,8 @@ def test_gates_and_balance_loss_match_the_reference_code(Hs, Hr, k):
     assert (layer.w_mix is None) == (not (Hs and Hr))  # no unused parameter for a lone group
 
 
-LAYOUTS = [(4, 2, 1, 2), (4, 1, 2, 1), (14, 2, 4, 3), (8, 8, 2, 3)]  # H, K, shared, top_k
+LAYOUTS = [(4, 2, 1, 2), (4, 1, 2, 1), (14, 2, 4, 3), (8, 8, 2, 3), (6, 2, 4, 1)]  # H, K, shared, top_k
+# (the shared heads of (6, 2, 4, 1) span one and a third KV groups: their KV heads are copied per head)
 
 
 @pytest.mark.parametrize("H,K,Hs,k", LAYOUTS)
