@@ -1,10 +1,13 @@
-"""NSA branches in memory linear in S: per-query gathered selected blocks, block-sparse sliding window."""
+"""NSA branches in memory linear in S: per-query gathered selected blocks (causal flash for the queries
+that select every block), the sliding window through the band kernels of the ``sliding_window`` variant."""
 
 from __future__ import annotations
 
 import torch
-from longshard.kernels.block_sparse import block_sparse_attention_gather
-from longshard.kernels.block_sparse.pattern import sink_window_pattern
+import torch.nn.functional as F
+from longshard.kernels.attention.doc_chunked import doc_chunked_attention
+from longshard.kernels.block_sparse.chunked import band_far_attention_chunked
+from longshard.kernels.block_sparse.pattern import sink_window_spec
 from longshard.kernels.block_sparse.triton import (
     block_sparse_attention_triton_mask,
     selection_block_mask,
@@ -21,9 +24,10 @@ from longshard.kernels.nsa.select import (
 from torch.utils.checkpoint import checkpoint
 
 
-def _selected_gather(q, k, v, idx, ok, geo: NSAGeometry, scale: float, doc_ids_BS, q_chunk: int = 256,
+def _selected_gather(q, k, v, idx, ok, geo: NSAGeometry, scale: float, doc_ids_BS, q_chunk: int = 64,
                      bias_BKSN: torch.Tensor | None = None):
-    """Each query attends to the tokens of its own n selected blocks (gathered, not masked).
+    """Each query attends to the tokens of its own n selected blocks (gathered, not masked); the leading
+    queries that select every block they may see run as one causal flash call.
 
     Queries are processed in chunks, each under activation checkpointing when training, so the
     gathered keys/values of only one chunk are alive at a time. ``bias_BKSN`` (optional, same shape
@@ -31,7 +35,11 @@ def _selected_gather(q, k, v, idx, ok, geo: NSAGeometry, scale: float, doc_ids_B
     """
     Sq = q.shape[2]
     outs = []
-    for start in range(0, Sq, q_chunk):
+    full = _all_selected(geo, Sq, k.shape[2]) if bias_BKSN is None else 0
+    if full:  # these queries select every block they may see: causal attention, flash kernels
+        outs.append(_causal_prefix(q[:, :, :full], k[:, :, :full], v[:, :, :full], scale,
+                                   None if doc_ids_BS is None else doc_ids_BS[:, :full]))
+    for start in range(full, Sq, q_chunk):
         sl = slice(start, min(start + q_chunk, Sq))
         bias = None if bias_BKSN is None else bias_BKSN[:, :, sl]
         args = (q[:, :, sl], k, v, idx[:, :, sl], ok[:, :, sl], start, Sq)
@@ -41,6 +49,20 @@ def _selected_gather(q, k, v, idx, ok, geo: NSAGeometry, scale: float, doc_ids_B
         else:
             outs.append(_selected_chunk(*args, geo, scale, doc_ids_BS, bias))
     return torch.cat(outs, dim=2)
+
+
+def _all_selected(geo: NSAGeometry, q_len: int, k_len: int) -> int:
+    """How many leading queries select every block at or before them (their visible blocks number at most
+    ``n_select``, so the top-n takes them all): for these the selected branch is causal attention. 0 for
+    decoding (q_len < k_len)."""
+    return min(q_len, geo.n_select * geo.select_block) if q_len == k_len else 0
+
+
+def _causal_prefix(q_BHPD, k_BKPD, v_BKPD, scale: float, doc_ids_BP: torch.Tensor | None) -> torch.Tensor:
+    """Causal attention (within documents) of the first P positions, K dividing H, in the queries' dtype."""
+    if doc_ids_BP is None:
+        return F.scaled_dot_product_attention(q_BHPD, k_BKPD, v_BKPD, is_causal=True, scale=scale, enable_gqa=True)
+    return doc_chunked_attention(q_BHPD, k_BKPD, v_BKPD, doc_ids_BP, scale)
 
 
 def _selected_triton(q, k, v, idx, ok, geo: NSAGeometry, scale: float, doc_ids_BS):
@@ -56,28 +78,43 @@ def _selected_triton(q, k, v, idx, ok, geo: NSAGeometry, scale: float, doc_ids_B
 
 def _selected_chunk(q, k, v, idx, ok, start: int, q_total: int, geo: NSAGeometry, scale: float, doc_ids_BS,
                     bias_BKSN: torch.Tensor | None = None):
+    """One query chunk: the union U of the blocks its tokens selected (per row and KV head) is gathered
+    once, every query of the group scores all U blocks in one matmul, and a token mask keeps each query
+    to its own blocks (with their bias, if any). Exact: the same keys and logits as a per-query gather,
+    computed as dense matmuls instead of one tiny product per query."""
     B, H, Sc, D = q.shape
     Hkv, Sk = k.shape[1], k.shape[2]
-    G, ls, n = H // Hkv, geo.select_block, idx.shape[-1]
-    pos = (idx[..., None] * ls + torch.arange(ls, device=q.device)).reshape(B, Hkv, Sc, n * ls)
-    tok_ok = ok.repeat_interleave(ls, dim=-1) & (pos < Sk)
+    G, ls = H // Hkv, geo.select_block
+    n_blk = -(-Sk // ls)
+    slot_BKSN = torch.where(ok, idx, n_blk)  # invalid slots go to a spare column
+    sel_BKSJ = torch.zeros(B, Hkv, Sc, n_blk + 1, dtype=torch.bool, device=q.device)
+    sel_BKSJ = sel_BKSJ.scatter(-1, slot_BKSN, True)[..., :n_blk]
+    union_BKJ = sel_BKSJ.any(dim=2)
+    U = max(1, int(union_BKJ.sum(-1).max()))
+    j_J = torch.arange(n_blk, device=q.device)
+    blk_BKU = torch.where(union_BKJ, j_J, j_J + n_blk).argsort(dim=-1)[..., :U]  # union blocks first, ascending
+    tok_ok = torch.gather(sel_BKSJ, -1, blk_BKU[:, :, None].expand(B, Hkv, Sc, U))  # padding entries: never
+    tok_ok = tok_ok.repeat_interleave(ls, dim=-1)  # (B, Hkv, Sc, U * ls)
+    pos_BKL = (blk_BKU[..., None] * ls + torch.arange(ls, device=q.device)).flatten(2)
     t = query_positions(q_total, Sk, q.device)[start : start + Sc]
-    tok_ok = tok_ok & (pos <= t[None, None, :, None])
-    pos = pos.clamp_max(Sk - 1)
+    tok_ok = tok_ok & (pos_BKL[:, :, None, :] < Sk) & (pos_BKL[:, :, None, :] <= t[None, None, :, None])
+    pos_BKL = pos_BKL.clamp_max(Sk - 1)
     if doc_ids_BS is not None:
-        d_key = torch.gather(doc_ids_BS[:, None].expand(B, Hkv, Sk), 2, pos.flatten(2)).view_as(pos)
+        d_key = torch.gather(doc_ids_BS[:, None].expand(B, Hkv, Sk), 2, pos_BKL)
         d_q = doc_ids_BS[:, Sk - q_total + start : Sk - q_total + start + Sc]
-        tok_ok = tok_ok & (d_key == d_q[:, None, :, None])
-    flat = pos.flatten(2)[..., None].expand(B, Hkv, Sc * n * ls, D)
-    kg = torch.gather(k, 2, flat).view(B, Hkv, Sc, n * ls, D)
-    vg = torch.gather(v, 2, flat).view(B, Hkv, Sc, n * ls, D)
-    qg = q.reshape(B, Hkv, G, Sc, D)
-    s = torch.einsum("bkgtd,bktnd->bkgtn", qg.float(), kg.float()) * scale
-    if bias_BKSN is not None:
-        s = s + bias_BKSN.float().repeat_interleave(ls, dim=-1)[:, :, None]
+        tok_ok = tok_ok & (d_key[:, :, None, :] == d_q[:, None, :, None])
+    flat = pos_BKL[..., None].expand(B, Hkv, U * ls, D)
+    kg, vg = torch.gather(k, 2, flat).float(), torch.gather(v, 2, flat).float()
+    qg = q.reshape(B, Hkv, G * Sc, D).float()
+    s = (qg @ kg.transpose(-1, -2) * scale).view(B, Hkv, G, Sc, U * ls)
+    if bias_BKSN is not None:  # each slot's bias onto its block's keys
+        b_BKSJ = torch.zeros(B, Hkv, Sc, n_blk + 1, dtype=torch.float32, device=q.device)
+        b_BKSJ = b_BKSJ.scatter(-1, slot_BKSN, bias_BKSN.float())[..., :n_blk]
+        b_BKSU = torch.gather(b_BKSJ, -1, blk_BKU[:, :, None].expand(B, Hkv, Sc, U))
+        s = s + b_BKSU.repeat_interleave(ls, dim=-1)[:, :, None]
     s = s.masked_fill(~tok_ok[:, :, None], float("-inf"))
     p = torch.softmax(s, dim=-1)  # the query's own block is always selected: no empty row
-    o = torch.einsum("bkgtn,bktnd->bkgtd", p, vg.float())
+    o = (p.view(B, Hkv, G * Sc, U * ls) @ vg).view(B, Hkv, G, Sc, D)
     return o.reshape(B, H, Sc, D).to(q.dtype)
 
 
@@ -111,6 +148,6 @@ def nsa_branches_gather(
     o_slc = selected(q_BHSD, k_BHSD, v_BHSD, idx, ok, geo, scale, doc_ids_BS)
     H = q_BHSD.shape[1]
     blk = min(geo.select_block, 64)
-    pattern = sink_window_pattern(-(-Sk // blk), blk, H, torch.ones(H, dtype=torch.bool), 0, geo.window)
-    o_win = block_sparse_attention_gather(q_BHSD, k_BHSD, v_BHSD, pattern.to(q_BHSD.device), doc_ids_BS, scale)
+    spec = sink_window_spec(blk, torch.ones(H, dtype=torch.bool), 0, geo.window)  # the sliding_window variant's
+    o_win = band_far_attention_chunked(q_BHSD, k_BHSD, v_BHSD, spec, doc_ids_BS, scale=scale)
     return o_cmp, o_slc, o_win

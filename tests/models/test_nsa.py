@@ -25,7 +25,7 @@ def _module(path, H=4, kv=2, D=8, E=16, seed=0):
     return m
 
 
-@pytest.mark.parametrize("S", [1, 5, 23, 40, 300])  # 300 > one query chunk (256)
+@pytest.mark.parametrize("S", [1, 5, 23, 40, 300])  # 300: several query chunks (64) after the causal prefix (12)
 @pytest.mark.parametrize("kv", [2, 1])
 @pytest.mark.parametrize("packed", [False, True])
 def test_gather_matches_naive_with_all_grads(S, kv, packed):
