@@ -41,6 +41,8 @@ def _report(path) -> dict:
     return json.loads((path / "report.json").read_text())
 
 
+@pytest.mark.slow  # default suite under ~15 min on 2 cores: HF continue-training stays covered by
+# test_continue_hf.py and sequence parallel under transformers by test_hf_trainer.py (53 s)
 def test_longshard_train_continues_a_mistral_checkpoint_with_s2_and_sequence_parallel_2(tmp_path, env_cpu):
     model = tiny_hf("mistral", (4, 2), vocab=320, max_position_embeddings=64)
     model.save_pretrained(tmp_path / "mistral")

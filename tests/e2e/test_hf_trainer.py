@@ -36,6 +36,8 @@ def test_trainer_with_sequence_parallel_2_trains_the_losses_of_one_process(tmp_p
     _same_losses(ref, got)
 
 
+@pytest.mark.slow  # default suite under ~15 min on 2 cores: the Trainer under torchrun with sequence
+# parallel 2 stays in it (test_trainer_with_sequence_parallel_2_trains_the_losses_of_one_process[ring]) (23 s)
 def test_trainer_accumulating_under_accelerate_launch_trains_the_losses_of_one_big_batch(tmp_path, env_cpu):
     """`accelerate launch` (2 processes; CPU over gloo) of the example with sequence parallel 2 and 2 micro-batches
     of 2 sequences per step trains the losses of one process taking the same 4 sequences in one micro-batch:

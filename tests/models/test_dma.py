@@ -260,7 +260,7 @@ def test_declares_ulysses_only_and_no_tensor_parallelism():
 
 
 @pytest.mark.dist
-@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize("dtype", ["fp32", pytest.param("bf16", marks=pytest.mark.slow)])  # bf16: -m slow (13 s)
 def test_quickstart_trains_with_dma_under_ulysses(dtype, tmp_path, env_cpu):
     """The main job with every layer `dma` on its 2 ranks (Ulysses: each rank its heads over the whole
     sequence); the loss goes down and the run reports DMA's kept fraction."""

@@ -37,8 +37,11 @@ def test_attention_saved_bytes_per_token_flat(path, dtype):
 
 
 @pytest.mark.dist
-@pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("nproc,modes", [(2, ["ulysses", "ring"]), (4, ["hybrid"])], ids=["sp2", "hybrid4"])
+@pytest.mark.parametrize("nproc,modes,bf16", [  # both dtypes and both layouts in the default suite; the other
+    (2, ["ulysses", "ring"], False), (4, ["hybrid"], True),  # two pairs (17 s each) run with -m slow
+    pytest.param(2, ["ulysses", "ring"], True, marks=pytest.mark.slow),
+    pytest.param(4, ["hybrid"], False, marks=pytest.mark.slow),
+], ids=["sp2-fp32", "hybrid4-bf16", "sp2-bf16", "hybrid4-fp32"])
 def test_sequence_parallel_saved_bytes_per_token_flat(tmp_path, env_cpu, nproc, modes, bf16):
     """Every path under Ulysses, the ring (dense ring, sparsity-aware exchange for s2/sliding window,
     linear state passing) and hybrid saves O(local tokens) for backward: bytes/token at S and 2S

@@ -111,7 +111,7 @@ def test_power_options_are_checked_by_name():
 
 
 @pytest.mark.dist
-@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize("dtype", [pytest.param("fp32", marks=pytest.mark.slow), "bf16"])  # fp32: -m slow (15 s)
 def test_quickstart_trains_with_power_attention_sequence_parallel(dtype, tmp_path, env_cpu):
     """The main job with every layer `power`: 2 ranks, the sparsity-aware exchange moves only the blocks
     the pattern reads (fewer bytes than a dense ring, measured = analytic), the loss goes down."""

@@ -15,8 +15,9 @@ from longshard.train.config import load_config
 pytestmark = pytest.mark.dist
 
 
-@pytest.mark.parametrize("script", ["ulysses_check.py", "ring_check.py", "sparse_ring_check.py"])
-@pytest.mark.parametrize("nproc", [2, 3, 4])
+@pytest.mark.parametrize("nproc,script", [  # Ulysses on 3 ranks (14 s) runs with -m slow; the rings keep 3
+    (n, s) if (n, s) != (3, "ulysses_check.py") else pytest.param(n, s, marks=pytest.mark.slow)
+    for s in ("ulysses_check.py", "ring_check.py", "sparse_ring_check.py") for n in (2, 3, 4)])
 def test_sharded_matches_single_process(script, nproc, env_cpu):
     proc = subprocess.run(torchrun_cmd(nproc, str(REPO / "tests" / "dist" / script)), env=env_cpu,
                           capture_output=True, text=True, timeout=600)

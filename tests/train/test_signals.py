@@ -68,6 +68,8 @@ def test_a_stop_does_not_wait_for_the_optimizer_step_and_resume_is_exact(tmp_pat
     assert resumed["losses"] == _losses(tmp_path / "straight")
 
 
+@pytest.mark.slow  # default suite under ~15 min on 2 cores: the same collective timeout naming the hung rank
+# stays covered by test_faults.py::test_a_rank_stalled_in_a_checkpoint_save_is_named_and_not_blamed_on_memory (42 s)
 def test_hung_rank_times_out_with_an_error_naming_it(tmp_path, data_dir, env_cpu):
     """Rank 1 hangs at step 2: rank 0's collective times out after parallel.collective_timeout_s with an
     error naming rank, step and phase (no endless hang, no bare backend trace)."""
