@@ -1,5 +1,6 @@
-"""NSA branches in memory linear in S: per-query gathered selected blocks (causal flash for the queries
-that select every block), the sliding window through the band kernels of the ``sliding_window`` variant."""
+"""NSA branches in memory linear in S: the selected blocks per query chunk (causal flash for the queries
+that select every block they may see, else the union of the chunk's selected blocks under a token mask),
+the sliding window through the band kernels of the ``sliding_window`` variant."""
 
 from __future__ import annotations
 
@@ -26,12 +27,11 @@ from torch.utils.checkpoint import checkpoint
 
 def _selected_gather(q, k, v, idx, ok, geo: NSAGeometry, scale: float, doc_ids_BS, q_chunk: int = 64,
                      bias_BKSN: torch.Tensor | None = None):
-    """Each query attends to the tokens of its own n selected blocks (gathered, not masked); the leading
-    queries that select every block they may see run as one causal flash call.
-
-    Queries are processed in chunks, each under activation checkpointing when training, so the
-    gathered keys/values of only one chunk are alive at a time. ``bias_BKSN`` (optional, same shape
-    as ``idx``) is added to the logits of every token of the corresponding selected block.
+    """Each query attends to the tokens of its own n selected blocks. Without a bias, the leading queries
+    that select every block they may see run as one causal flash call; the others run in chunks of
+    ``q_chunk`` (:func:`_selected_chunk`), each under activation checkpointing when training, so the
+    gathered keys/values of only one chunk are alive at a time. ``bias_BKSN`` (optional, same shape as
+    ``idx``) is added to the logits of every token of the corresponding selected block.
     """
     Sq = q.shape[2]
     outs = []
@@ -81,7 +81,7 @@ def _selected_chunk(q, k, v, idx, ok, start: int, q_total: int, geo: NSAGeometry
     """One query chunk: the union U of the blocks its tokens selected (per row and KV head) is gathered
     once, every query of the group scores all U blocks in one matmul, and a token mask keeps each query
     to its own blocks (with their bias, if any). Exact: the same keys and logits as a per-query gather,
-    computed as dense matmuls instead of one tiny product per query."""
+    computed as one flash call (or, with a bias, dense matmuls) instead of one tiny product per query."""
     B, H, Sc, D = q.shape
     Hkv, Sk = k.shape[1], k.shape[2]
     G, ls = H // Hkv, geo.select_block
@@ -104,17 +104,24 @@ def _selected_chunk(q, k, v, idx, ok, start: int, q_total: int, geo: NSAGeometry
         d_q = doc_ids_BS[:, Sk - q_total + start : Sk - q_total + start + Sc]
         tok_ok = tok_ok & (d_key[:, :, None, :] == d_q[:, None, :, None])
     flat = pos_BKL[..., None].expand(B, Hkv, U * ls, D)
-    kg, vg = torch.gather(k, 2, flat).float(), torch.gather(v, 2, flat).float()
+    kg_BKLD, vg_BKLD = torch.gather(k, 2, flat), torch.gather(v, 2, flat)
+    if bias_BKSN is None:  # flash kernel under the token mask: a KV group's heads against its gathered keys
+        L = U * ls
+        o = F.scaled_dot_product_attention(q.reshape(B * Hkv, G, Sc, D), kg_BKLD.view(B * Hkv, 1, L, D),
+                                           vg_BKLD.view(B * Hkv, 1, L, D), attn_mask=tok_ok.view(B * Hkv, 1, Sc, L),
+                                           scale=scale, enable_gqa=True)
+        return o.view(B, H, Sc, D).to(q.dtype)
+    # a per-block bias (NOSA's importance) trains through an explicit fp32 softmax (SDPA does not
+    # differentiate its mask)
     qg = q.reshape(B, Hkv, G * Sc, D).float()
-    s = (qg @ kg.transpose(-1, -2) * scale).view(B, Hkv, G, Sc, U * ls)
-    if bias_BKSN is not None:  # each slot's bias onto its block's keys
-        b_BKSJ = torch.zeros(B, Hkv, Sc, n_blk + 1, dtype=torch.float32, device=q.device)
-        b_BKSJ = b_BKSJ.scatter(-1, slot_BKSN, bias_BKSN.float())[..., :n_blk]
-        b_BKSU = torch.gather(b_BKSJ, -1, blk_BKU[:, :, None].expand(B, Hkv, Sc, U))
-        s = s + b_BKSU.repeat_interleave(ls, dim=-1)[:, :, None]
+    s = (qg @ kg_BKLD.float().transpose(-1, -2) * scale).view(B, Hkv, G, Sc, U * ls)
+    b_BKSJ = torch.zeros(B, Hkv, Sc, n_blk + 1, dtype=torch.float32, device=q.device)
+    b_BKSJ = b_BKSJ.scatter(-1, slot_BKSN, bias_BKSN.float())[..., :n_blk]
+    b_BKSU = torch.gather(b_BKSJ, -1, blk_BKU[:, :, None].expand(B, Hkv, Sc, U))
+    s = s + b_BKSU.repeat_interleave(ls, dim=-1)[:, :, None]
     s = s.masked_fill(~tok_ok[:, :, None], float("-inf"))
     p = torch.softmax(s, dim=-1)  # the query's own block is always selected: no empty row
-    o = (p.view(B, Hkv, G * Sc, U * ls) @ vg).view(B, Hkv, G, Sc, D)
+    o = (p.view(B, Hkv, G * Sc, U * ls) @ vg_BKLD.float()).view(B, Hkv, G, Sc, D)
     return o.reshape(B, H, Sc, D).to(q.dtype)
 
 
@@ -131,8 +138,8 @@ def nsa_branches_gather(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Same outputs as :func:`longshard.kernels.nsa.naive.nsa_branches_naive`, without S x S masks.
 
-    The compressed branch costs S x S/d; the selected branch S x n x l'; the window S x w
-    (through the block-sparse gather kernel). Decoding steps (Sq < Sk) use the naive branches.
+    The compressed branch costs S x S/d; the selected branch S x (the union of a 64-query chunk's
+    selected blocks) x l'; the window S x w (the band kernels). Decoding steps (Sq < Sk) use the naive branches.
     ``triton`` (default: on CUDA when installed and l' is a kernel tile size) runs the selected
     branch through the Triton block-sparse kernel with per-token selection.
     """
