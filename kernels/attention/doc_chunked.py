@@ -147,3 +147,12 @@ def doc_chunked_attention(
         else:
             outs.append(_sdpa_chunk(*args))
     return torch.cat(outs, dim=2)
+
+
+def causal_attention(q_BHSD: torch.Tensor, k_BKSD: torch.Tensor, v_BKSD: torch.Tensor, scale: float,
+                     doc_ids_BS: torch.Tensor | None = None) -> torch.Tensor:
+    """Causal attention (Sq == Sk) with K dividing H and no copies of the KV heads: one SDPA call (flash
+    kernels), or :func:`doc_chunked_attention` within documents when ``doc_ids_BS`` is given."""
+    if doc_ids_BS is None:
+        return F.scaled_dot_product_attention(q_BHSD, k_BKSD, v_BKSD, is_causal=True, scale=scale, enable_gqa=True)
+    return doc_chunked_attention(q_BHSD, k_BKSD, v_BKSD, doc_ids_BS, scale)

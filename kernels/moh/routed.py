@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from longshard.kernels.attention.doc_chunked import doc_chunked_attention
+from longshard.kernels.attention.doc_chunked import causal_attention
 from longshard.kernels.moh.gates import MoHGates
 from longshard.kernels.moh.naive import moh_attention_naive
 
@@ -80,27 +80,20 @@ def routed_heads_attention(q_BRSD: torch.Tensor, k_BRSD: torch.Tensor, v_BRSD: t
     return out.scatter(2, index_BRN, o_BRND)[:, :, :S]
 
 
+def _kv_per_head(t_BKSD: torch.Tensor, start: int, stop: int, H: int, dtype: torch.dtype) -> torch.Tensor:
+    """(B, stop - start, S, D): the KV head of each query head in [start, stop), copied (its backward sums)."""
+    return t_BKSD.to(dtype).index_select(1, torch.arange(start, stop, device=t_BKSD.device) // (H // t_BKSD.shape[1]))
+
+
 def _heads_kv(t_BKSD: torch.Tensor, start: int, stop: int, H: int, dtype: torch.dtype) -> torch.Tensor:
     """The KV heads of query heads [start, stop), as few as grouped-query attention allows: the KV heads
-    themselves when the query heads cover whole groups or lie in one group, else one copy per query head
-    (its backward sums them)."""
+    themselves when the query heads cover whole groups or lie in one group, else one copy per query head."""
     rep = H // t_BKSD.shape[1]
-    t_BKSD = t_BKSD.to(dtype)
     if start % rep == 0 and (stop - start) % rep == 0:
-        return t_BKSD[:, start // rep : stop // rep]
+        return t_BKSD[:, start // rep : stop // rep].to(dtype)
     if start // rep == (stop - 1) // rep:  # one group: its KV head serves them all
-        return t_BKSD[:, start // rep : start // rep + 1]
-    return t_BKSD.index_select(1, torch.arange(start, stop, device=t_BKSD.device) // rep)
-
-
-def _causal(q_BHSD: torch.Tensor, k_BKSD: torch.Tensor, v_BKSD: torch.Tensor, scale: float,
-            doc_ids_BS: torch.Tensor | None) -> torch.Tensor:
-    """Causal attention with K dividing H, no copies of the KV heads (within documents when ``doc_ids_BS``
-    is given: the dense core's query-chunked document path, no S x S mask), flash kernels."""
-    if doc_ids_BS is None:
-        return F.scaled_dot_product_attention(q_BHSD, k_BKSD, v_BKSD, is_causal=True, scale=scale,
-                                              enable_gqa=True)
-    return doc_chunked_attention(q_BHSD, k_BKSD, v_BKSD, doc_ids_BS, scale)
+        return t_BKSD[:, start // rep : start // rep + 1].to(dtype)
+    return _kv_per_head(t_BKSD, start, stop, H, dtype)
 
 
 def moh_attention_all_heads(q_BHSD: torch.Tensor, k_BKSD: torch.Tensor, v_BKSD: torch.Tensor, gates: MoHGates,
@@ -113,7 +106,7 @@ def moh_attention_all_heads(q_BHSD: torch.Tensor, k_BKSD: torch.Tensor, v_BKSD: 
     if S != k_BKSD.shape[2]:
         return moh_attention_naive(q_BHSD, k_BKSD, v_BKSD, gates, scale, doc_ids_BS)
     acc = torch.promote_types(q_BHSD.dtype, torch.float32)
-    o = _causal(q_BHSD.to(acc), k_BKSD.to(acc), v_BKSD.to(acc), scale, doc_ids_BS)
+    o = causal_attention(q_BHSD.to(acc), k_BKSD.to(acc), v_BKSD.to(acc), scale, doc_ids_BS)
     return (o * gates.g_BSH.transpose(1, 2)[..., None]).to(q_BHSD.dtype)
 
 
@@ -135,11 +128,10 @@ def moh_attention_routed(q_BHSD: torch.Tensor, k_BKSD: torch.Tensor, v_BKSD: tor
     acc = torch.promote_types(q_BHSD.dtype, torch.float32)
     heads = []
     if Hs:
-        heads.append(_causal(q_BHSD[:, :Hs].to(acc), _heads_kv(k_BKSD, 0, Hs, H, acc), _heads_kv(v_BKSD, 0, Hs, H, acc),
-                             scale, doc_ids_BS))
+        heads.append(causal_attention(q_BHSD[:, :Hs].to(acc), _heads_kv(k_BKSD, 0, Hs, H, acc),
+                                      _heads_kv(v_BKSD, 0, Hs, H, acc), scale, doc_ids_BS))
     if Hr:  # the routed path's kernels take one KV head per query head
-        idx = torch.arange(Hs, H, device=k_BKSD.device) // (H // k_BKSD.shape[1])
-        k_BRSD, v_BRSD = k_BKSD.to(acc).index_select(1, idx), v_BKSD.to(acc).index_select(1, idx)
+        k_BRSD, v_BRSD = _kv_per_head(k_BKSD, Hs, H, H, acc), _kv_per_head(v_BKSD, Hs, H, H, acc)
         heads.append(routed_heads_attention(q_BHSD[:, Hs:].to(acc), k_BRSD, v_BRSD,
                                             gates.chosen_BSR.transpose(1, 2), scale, doc_ids_BS, q_chunk))
     o = torch.cat(heads, dim=1) if len(heads) > 1 else heads[0]  # routed rows not chosen stay 0

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from longshard.kernels.attention.doc_chunked import doc_chunked_attention
+from longshard.kernels.attention.doc_chunked import causal_attention
 from longshard.kernels.block_sparse.chunked import band_far_attention_chunked
 from longshard.kernels.block_sparse.pattern import sink_window_spec
 from longshard.kernels.block_sparse.triton import (
@@ -37,8 +37,8 @@ def _selected_gather(q, k, v, idx, ok, geo: NSAGeometry, scale: float, doc_ids_B
     outs = []
     full = _all_selected(geo, Sq, k.shape[2]) if bias_BKSN is None else 0
     if full:  # these queries select every block they may see: causal attention, flash kernels
-        outs.append(_causal_prefix(q[:, :, :full], k[:, :, :full], v[:, :, :full], scale,
-                                   None if doc_ids_BS is None else doc_ids_BS[:, :full]))
+        outs.append(causal_attention(q[:, :, :full], k[:, :, :full], v[:, :, :full], scale,
+                                     None if doc_ids_BS is None else doc_ids_BS[:, :full]))
     for start in range(full, Sq, q_chunk):
         sl = slice(start, min(start + q_chunk, Sq))
         bias = None if bias_BKSN is None else bias_BKSN[:, :, sl]
@@ -56,13 +56,6 @@ def _all_selected(geo: NSAGeometry, q_len: int, k_len: int) -> int:
     ``n_select``, so the top-n takes them all): for these the selected branch is causal attention. 0 for
     decoding (q_len < k_len)."""
     return min(q_len, geo.n_select * geo.select_block) if q_len == k_len else 0
-
-
-def _causal_prefix(q_BHPD, k_BKPD, v_BKPD, scale: float, doc_ids_BP: torch.Tensor | None) -> torch.Tensor:
-    """Causal attention (within documents) of the first P positions, K dividing H, in the queries' dtype."""
-    if doc_ids_BP is None:
-        return F.scaled_dot_product_attention(q_BHPD, k_BKPD, v_BKPD, is_causal=True, scale=scale, enable_gqa=True)
-    return doc_chunked_attention(q_BHPD, k_BKPD, v_BKPD, doc_ids_BP, scale)
 
 
 def _selected_triton(q, k, v, idx, ok, geo: NSAGeometry, scale: float, doc_ids_BS):

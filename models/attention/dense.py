@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from longshard.errors import require
-from longshard.kernels.attention.doc_chunked import doc_chunked_attention
+from longshard.kernels.attention.doc_chunked import causal_attention
 from longshard.kernels.attention.naive import attention_naive, causal_doc_mask
 from longshard.models.attention.registry import (
     AttentionBatch,
@@ -100,13 +100,8 @@ class DenseAttention(CoreAttention):
             return attention_naive(q_BHSD, k_BHSD, v_BHSD, mask, self.scale)
         if backend == "flash":
             return self._flash(q_BHSD, k_BHSD, v_BHSD, doc)
-        if q_BHSD.shape[2] == k_BHSD.shape[2]:
-            if doc is None:
-                return F.scaled_dot_product_attention(
-                    q_BHSD, k_BHSD, v_BHSD, is_causal=True, scale=self.scale, enable_gqa=True
-                )
-            # packed documents: query chunks over document-bounded keys, never an S x S mask
-            return doc_chunked_attention(q_BHSD, k_BHSD, v_BHSD, doc, self.scale)
+        if q_BHSD.shape[2] == k_BHSD.shape[2]:  # packed documents: query chunks, never an S x S mask
+            return causal_attention(q_BHSD, k_BHSD, v_BHSD, self.scale, doc)
         mask = causal_doc_mask(q_BHSD.shape[2], k_BHSD.shape[2], doc)
         return F.scaled_dot_product_attention(
             q_BHSD, k_BHSD, v_BHSD, attn_mask=mask, scale=self.scale, enable_gqa=True
