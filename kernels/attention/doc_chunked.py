@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from longshard.kernels.attention.fused_cpu import additive_mask, fused_cpu_ops
+from longshard.kernels.attention.fused_cpu import acc_dtype, additive_mask, fused_cpu_ops
 from torch.utils.checkpoint import checkpoint
 
 MASK_BYTES = 64 * 2**20  # one chunk's additive mask (B x C x N) stays below this
@@ -70,7 +70,7 @@ class _FusedDocChunked(torch.autograd.Function):
         B, H, S, D = q_BHSD.shape
         rep = H // k_BKSD.shape[1]
         o_BHSD = torch.empty_like(q_BHSD)
-        lse_BHS = torch.empty(B, H, S, dtype=torch.promote_types(q_BHSD.dtype, torch.float32), device=q_BHSD.device)
+        lse_BHS = torch.empty(B, H, S, dtype=acc_dtype(q_BHSD), device=q_BHSD.device)
         for q0, q1, k0 in chunks:
             kc = k_BKSD[:, :, k0:q1].repeat_interleave(rep, 1)
             vc = v_BKSD[:, :, k0:q1].repeat_interleave(rep, 1)

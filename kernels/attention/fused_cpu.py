@@ -26,6 +26,12 @@ def fused_cpu_ops() -> tuple[Callable, Callable] | None:
     return (fwd, bwd) if fwd is not None and bwd is not None else None
 
 
+def acc_dtype(t: torch.Tensor) -> torch.dtype:
+    """The dtype attention accumulates and keeps its log-sum-exp in: fp32, fp64 for fp64 inputs (gradient
+    checks; the fused backward refuses a log-sum-exp of another dtype than its inputs')."""
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
 def additive_mask(keep: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Boolean keep mask -> additive mask of ``dtype`` (0 kept, -inf dropped), same (broadcast) shape."""
     return torch.zeros(keep.shape, dtype=dtype, device=keep.device).masked_fill_(~keep, float("-inf"))
@@ -34,7 +40,7 @@ def additive_mask(keep: torch.Tensor, dtype: torch.dtype = torch.float32) -> tor
 def merge_partials(
     o1: torch.Tensor, lse1: torch.Tensor, o2: torch.Tensor, lse2: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Softmax-merge two partial attentions over disjoint key sets (fp32 result).
+    """Softmax-merge two partial attentions over disjoint key sets (result in :func:`acc_dtype`).
 
     Args:
         o1, o2: (..., S, D) partial outputs, each normalised over its own keys.
@@ -46,4 +52,5 @@ def merge_partials(
     lse = torch.logaddexp(lse1, lse2)
     w1 = torch.exp(lse1 - lse).nan_to_num(0.0)[..., None]
     w2 = torch.exp(lse2 - lse).nan_to_num(0.0)[..., None]
-    return o1.float() * w1 + o2.float() * w2, lse
+    acc = acc_dtype(o1)
+    return o1.to(acc) * w1 + o2.to(acc) * w2, lse

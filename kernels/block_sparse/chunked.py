@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from longshard.kernels.attention.fused_cpu import additive_mask, fused_cpu_ops, merge_partials
+from longshard.kernels.attention.fused_cpu import acc_dtype, additive_mask, fused_cpu_ops, merge_partials
 from longshard.kernels.block_sparse.banded import require_no_full_heads
 from longshard.kernels.block_sparse.pattern import BandFarSpec, kept_first
 
@@ -131,6 +131,7 @@ class _FusedChunked(torch.autograd.Function):
     def forward(ctx, q_BHSD, k_BHSD, v_BHSD, plan: _Plan, scale: float):
         fwd, _ = fused_cpu_ops()
         H = q_BHSD.shape[1]
+        acc = acc_dtype(q_BHSD)  # the fused backward takes the log-sum-exp in its inputs' precision
         outs, lses = [], []
         for c0 in plan.starts:
             c = plan.chunk(c0)
@@ -141,9 +142,9 @@ class _FusedChunked(torch.autograd.Function):
                 o_f, lse_f = fwd(q_c, _far(k_BHSD, c, H), _far(v_BHSD, c, H), 0.0, False,
                                  attn_mask=additive_mask(c.far_keep, q_BHSD.dtype), scale=scale)
                 lse_f = lse_f.masked_fill(~c.far_keep.any(-1), float("-inf"))  # rows without far keys
-                o, lse = merge_partials(o, lse.float(), o_f, lse_f.float())
+                o, lse = merge_partials(o, lse.to(acc), o_f, lse_f.to(acc))
             outs.append(o.to(q_BHSD.dtype).contiguous())
-            lses.append(lse.float().contiguous())
+            lses.append(lse.to(acc).contiguous())
         ctx.save_for_backward(q_BHSD, k_BHSD, v_BHSD, *outs, *lses)
         ctx.plan, ctx.scale = plan, scale  # masks are rebuilt per chunk in backward
         return torch.cat(outs, dim=2)
@@ -156,7 +157,7 @@ class _FusedChunked(torch.autograd.Function):
         n_c = len(plan.starts)
         B, H, S, D = q.shape
         Hkv = k.shape[1]
-        acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+        acc = acc_dtype(q)
         dq = torch.empty_like(q)
         dk_H = torch.zeros(B, H, S, D, dtype=acc, device=q.device)
         dv_H = torch.zeros(B, H, S, v.shape[-1], dtype=acc, device=q.device)

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from longshard.kernels.attention.fused_cpu import additive_mask, fused_cpu_ops
+from longshard.kernels.attention.fused_cpu import acc_dtype, additive_mask, fused_cpu_ops
 from longshard.kernels.block_sparse.pattern import SparsePattern, kept_first, token_keep
 from torch.utils.checkpoint import checkpoint
 
@@ -110,7 +110,7 @@ class _FusedGathered(torch.autograd.Function):
                          attn_mask=additive_mask(keep, q_BHLD.dtype), scale=scale)
             row_ok = keep.any(-1)  # a row with no key reads nothing: output 0
             outs.append(torch.where(row_ok[..., None], o, torch.zeros((), dtype=o.dtype)))
-            lses.append(lse.float().masked_fill(~row_ok, float("-inf")))
+            lses.append(lse.to(acc_dtype(q_BHLD)).masked_fill(~row_ok, float("-inf")))
         o = torch.cat(outs, dim=2)
         lse = torch.cat(lses, dim=2)
         ctx.save_for_backward(q_BHLD, k_BKND, v_BKND, o, lse)
@@ -123,7 +123,7 @@ class _FusedGathered(torch.autograd.Function):
         q, k, v, o, lse = ctx.saved_tensors
         B, H, L, D = q.shape
         Hkv, N = k.shape[1], k.shape[2]
-        acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+        acc = acc_dtype(q)
         dq = torch.zeros_like(q)
         dk_H = torch.zeros(B, H, N, D, dtype=acc, device=q.device)
         dv_H = torch.zeros(B, H, N, v.shape[-1], dtype=acc, device=q.device)

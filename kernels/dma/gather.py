@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from longshard.kernels.attention.fused_cpu import acc_dtype
 from longshard.kernels.dma.naive import dma_attention_naive
-from longshard.kernels.dma.select import acc_dtype, dma_key_bias, select_key_blocks
+from longshard.kernels.dma.select import dma_key_bias, select_key_blocks
 from torch.utils.checkpoint import checkpoint
 
 

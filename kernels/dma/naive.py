@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import torch
-from longshard.kernels.dma.select import acc_dtype, dma_key_bias, select_key_blocks
+from longshard.kernels.attention.fused_cpu import acc_dtype
+from longshard.kernels.dma.select import dma_key_bias, select_key_blocks
 
 
 def dma_token_mask(idx_BKQM: torch.Tensor, ok_BKQM: torch.Tensor, q0: int, block: int, q_len: int, k_len: int,

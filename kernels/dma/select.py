@@ -20,11 +20,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-
-
-def acc_dtype(t: torch.Tensor) -> torch.dtype:
-    """The dtype DMA accumulates in: fp32, or fp64 for fp64 inputs (gradient checks)."""
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
+from longshard.kernels.attention.fused_cpu import acc_dtype
 
 
 def dma_key_bias(v_BKSD: torch.Tensor, a_K: torch.Tensor, delta: torch.Tensor, dt_bias_K: torch.Tensor | None = None,

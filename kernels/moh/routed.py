@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from longshard.kernels.attention.doc_chunked import causal_attention
+from longshard.kernels.attention.fused_cpu import acc_dtype
 from longshard.kernels.moh.gates import MoHGates
 from longshard.kernels.moh.naive import moh_attention_naive
 
@@ -105,7 +106,7 @@ def moh_attention_all_heads(q_BHSD: torch.Tensor, k_BKSD: torch.Tensor, v_BKSD: 
     B, H, S, D = q_BHSD.shape
     if S != k_BKSD.shape[2]:
         return moh_attention_naive(q_BHSD, k_BKSD, v_BKSD, gates, scale, doc_ids_BS)
-    acc = torch.promote_types(q_BHSD.dtype, torch.float32)
+    acc = acc_dtype(q_BHSD)
     o = causal_attention(q_BHSD.to(acc), k_BKSD.to(acc), v_BKSD.to(acc), scale, doc_ids_BS)
     return (o * gates.g_BSH.transpose(1, 2)[..., None]).to(q_BHSD.dtype)
 
@@ -125,7 +126,7 @@ def moh_attention_routed(q_BHSD: torch.Tensor, k_BKSD: torch.Tensor, v_BKSD: tor
         return moh_attention_naive(q_BHSD, k_BKSD, v_BKSD, gates, scale, doc_ids_BS)
     Hr = gates.chosen_BSR.shape[-1]
     Hs = H - Hr
-    acc = torch.promote_types(q_BHSD.dtype, torch.float32)
+    acc = acc_dtype(q_BHSD)
     heads = []
     if Hs:
         heads.append(causal_attention(q_BHSD[:, :Hs].to(acc), _heads_kv(k_BKSD, 0, Hs, H, acc),

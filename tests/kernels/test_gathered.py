@@ -58,6 +58,28 @@ def test_buffer_attention_equals_single_device(variant, packed, fused):
         assert_rel(label, a, b, TOL)
 
 
+def test_buffer_attention_fp64_on_the_fused_kernel():
+    """fp64 inputs through the fused CPU kernel: the log-sum-exp it keeps for backward stays fp64 (it was cast
+    to fp32 and the fused backward refused it). 1e-6: the fused kernel's exp is a fast approximation (~1e-7
+    relative) even in fp64; a wrong key moves outputs by > 1e-2."""
+    name, opts, H, Hkv = VARIANTS[1]
+    core = build_attention(name, opts, AttentionContext(layer_idx=0, n_layers=1, n_heads=H, n_kv_heads=Hkv,
+                                                        head_dim=8))
+    S = 40
+    pat = core.pattern(S // 8, torch.device("cpu"))
+    g = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(2, h, S, 8, generator=g, dtype=torch.float64).requires_grad_() for h in (H, Hkv, Hkv))
+    ref = block_sparse_attention_naive(q, k, v, pat)
+    out = gathered_block_attention(q, k, v, pat, BufferLayout(torch.arange(S), torch.arange(S).expand(Hkv, S)),
+                                   chunk_blocks=2, fused=True)
+    assert out.dtype == torch.float64
+    assert_rel("o", ref, out, 1e-6)
+    go = torch.randn(ref.shape, generator=g, dtype=torch.float64)
+    for label, a, b in zip(("dq", "dk", "dv"), torch.autograd.grad(ref, (q, k, v), go),
+                           torch.autograd.grad(out, (q, k, v), go), strict=True):
+        assert_rel(label, a, b, 1e-6)
+
+
 def test_buffer_attention_bf16_keeps_dtype():
     name, opts, H, Hkv = VARIANTS[0]
     core = build_attention(name, opts, AttentionContext(layer_idx=0, n_layers=1, n_heads=H, n_kv_heads=Hkv,

@@ -53,6 +53,27 @@ def test_gather_matches_naive_with_all_grads(S, kv, packed):
     assert all(r is not None for r in results[0][:5])
 
 
+def test_gather_matches_naive_in_fp64():
+    """fp64 (gradient checks) through every CPU branch: the causal prefix, the union chunks and the window's
+    band kernels on the fused CPU flash kernel, whose log-sum-exp must stay fp64. 1e-6: that kernel's exp
+    is a fast approximation (~1e-7 relative) even in fp64."""
+    H, kv, D, E, S = 4, 2, 8, 16, 40
+    ref, fast = _module("naive", H, kv, D, E).double(), _module("gather", H, kv, D, E).double()
+    fast.load_state_dict(ref.state_dict())
+    g = torch.Generator().manual_seed(7)
+    q = torch.randn(2, H, S, D, generator=g, dtype=torch.float64, requires_grad=True)
+    k, v = (torch.randn(2, kv, S, D, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    x = torch.randn(2, S, E, generator=g, dtype=torch.float64)
+    go = torch.randn(2, H, S, D, generator=g, dtype=torch.float64)
+    results = []
+    for m in (ref, fast):
+        o = m(q, k, v, AttentionBatch(x_BSE=x))
+        results.append((o, *torch.autograd.grad(o, [q, k, v], go)))
+    for name, a, b in zip(["o", "dq", "dk", "dv"], *results):
+        assert b.dtype == torch.float64
+        assert_rel(name, a, b, 1e-6)
+
+
 def test_selection_rules():
     geo = NSAGeometry(4, 2, 4, n_select=3, n_local=1, window=4)
     S, H, kv = 40, 4, 2
